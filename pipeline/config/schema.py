@@ -1,0 +1,145 @@
+"""Typed schemas of every configuration group.
+
+These dataclasses are registered in Hydra's ConfigStore (see `store.py`), so a misspelt key or a value of
+the wrong type fails while Hydra composes the config. `validate()` then checks values that types cannot
+express (ranges, relations between keys) and names the offending key. Library code only ever receives
+these plain, picklable dataclasses, never a Hydra DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+BUILTIN_MODEL = "builtin:tiny-diffusiongemma"
+BUILTIN_PROMPTS = "builtin:prompts"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the key and says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    # A local directory in the Hugging Face layout, an s3:// prefix holding one, or a builtin model.
+    path: str = BUILTIN_MODEL
+    # Model family; "auto" reads config.json's model_type.
+    family: str = "auto"
+    # Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
+    dtype: str = "auto"
+    # Device for the sampler: auto (CUDA when the actor has a GPU), cpu or cuda.
+    device: str = "auto"
+    # Where models downloaded from s3:// are cached on each node (default ~/.cache/canvasflow/models).
+    cache_dir: str | None = None
+    # Longest prompt (in tokens) a row may have; longer prompts become error rows. Default: the model's
+    # context window minus sampler.max_new_tokens, capped at 4096 (it sizes the per-slot KV cache).
+    max_prompt_tokens: int | None = None
+
+
+@dataclass
+class SamplerConfig:
+    # Knobs of the DiffusionGemma reference. None means: the model's generation_config.json, else the
+    # reference defaults (256, 48, 0.4, 0.8, 0.1, 1, 0.005).
+    max_new_tokens: int | None = None
+    max_denoising_steps: int | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    entropy_bound: float | None = None
+    stability_threshold: int | None = None
+    confidence_threshold: float | None = None
+    # Tokens per canvas; None means the model config's canvas_length.
+    canvas_length: int | None = None
+    # Base seed of the keyed random numbers: a row's draws depend on (seed, row id, canvas, step, position).
+    seed: int = 0
+    # Rows denoised together per actor (KV-cache slots).
+    batch_size: int = 8
+    # continuous: a finished row leaves its slot at once and a queued row takes it.
+    # static: every row runs until the slowest of its batch finishes (the reference's behaviour).
+    batching: str = "continuous"
+    # Vocabulary head / step kernels: auto (Triton on CUDA, torch elsewhere), torch or triton.
+    backend: str = "auto"
+    # Stop a canvas early once it is stable and confident; false runs max_denoising_steps every canvas.
+    adaptive_stopping: bool = True
+    # Self-correction: accepted tokens may be revised in later steps (the reference). false keeps every
+    # accepted token fixed for the rest of the canvas (an ablation).
+    revise_accepted: bool = True
+    # Record each row's argmax canvas after every step (debugging; costs memory).
+    record_drafts: bool = False
+
+
+@dataclass
+class DataConfig:
+    # JSONL / Parquet file or directory, a saved Hugging Face dataset directory, local or s3://,
+    # "hf:<name>" for datasets.load_dataset, or the shipped prompts.
+    path: str = BUILTIN_PROMPTS
+    # auto (from the path), jsonl, parquet, hf_disk (save_to_disk directory), hf (load_dataset).
+    format: str = "auto"
+    # Column holding the prompt string.
+    prompt_column: str = "prompt"
+    # Column holding chat messages ([{"role", "content"}, ...]); used instead of prompt_column when set.
+    messages_column: str | None = None
+    # Column with a unique row id; None derives a stable id from each row's content and position.
+    id_column: str | None = None
+    # Render string prompts with the tokenizer's chat template as a single user turn (when it has one).
+    apply_chat_template: bool = True
+    # Arguments for datasets.load_dataset when format=hf (e.g. {name: ..., split: train}).
+    hf_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Split of a saved DatasetDict (format hf_disk / hf).
+    split: str | None = None
+    # Only the first N input rows (None: all).
+    limit: int | None = None
+
+
+@dataclass
+class OutputConfig:
+    # Local directory or s3://bucket/prefix; the run is written to <uri>/<run.id>/.
+    uri: str = "./outputs"
+    # Endpoint of an S3-compatible store (SeaweedFS, MinIO, R2, ...); None uses AWS.
+    endpoint_url: str | None = None
+    # Region for S3; None uses the standard AWS configuration chain.
+    region: str | None = None
+    # Parquet compression codec.
+    compression: str = "zstd"
+
+
+@dataclass
+class ClusterConfig:
+    # local: start a Ray instance in this process. ray: connect to a running cluster at `address`.
+    mode: str = "local"
+    # Ray address for mode=ray ("auto" finds the cluster this job was submitted to).
+    address: str | None = None
+    # Actors, each loading the model once.
+    num_workers: int = 2
+    # GPUs per actor; None means 1 when the cluster has GPUs, else 0.
+    num_gpus_per_worker: float | None = None
+    # CPUs per actor.
+    num_cpus_per_worker: float = 1.0
+    # torch threads per actor on CPU; None divides the machine's cores between local actors.
+    torch_threads: int | None = None
+
+
+@dataclass
+class RunConfig:
+    # Run id: the output goes to <output.uri>/<id>/. None derives it from the input and config, so that
+    # running the same command again resumes the same run.
+    id: str | None = None
+    # Allow reusing an existing run id with a different input or config (its old outputs are removed).
+    overwrite: bool = False
+    # Rows per shard: the unit of work, retry and commit.
+    shard_size: int = 64
+    # Attempts per shard after a worker failure before the shard is reported as failed.
+    max_shard_attempts: int = 3
+    # Seconds between progress lines.
+    progress_interval_s: float = 5.0
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # Optional per-row verify/postprocess stage: {_target_: "module.callable", ...kwargs}.
+    postprocess: dict[str, Any] | None = None

@@ -1,0 +1,93 @@
+"""Value checks that types cannot express. Every error names the full key and says how to fix it."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pipeline.config.schema import ConfigError, JobConfig
+from pipeline.sampler.settings import SettingsError, check_knobs
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.family": ("auto", "diffusion_gemma"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.device": ("auto", "cpu", "cuda"),
+    "sampler.batching": ("continuous", "static"),
+    "sampler.backend": ("auto", "torch", "triton"),
+    "data.format": ("auto", "jsonl", "parquet", "hf_disk", "hf"),
+    "output.compression": ("zstd", "snappy", "gzip", "lz4", "brotli", "none"),
+    "cluster.mode": ("local", "ray"),
+}
+
+
+def _get(job: JobConfig, key: str) -> Any:
+    node: Any = job
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _fail(key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} {why}")
+
+
+def validate_job(job: JobConfig) -> JobConfig:
+    """Raises ConfigError on the first invalid value; returns `job` unchanged otherwise."""
+    for key, allowed in CHOICES.items():
+        value = _get(job, key)
+        if value not in allowed:
+            raise _fail(key, value, f"is not one of {', '.join(allowed)}")
+
+    positive_ints = (
+        "sampler.batch_size",
+        "cluster.num_workers",
+        "run.shard_size",
+        "run.max_shard_attempts",
+    )
+    for key in positive_ints:
+        value = _get(job, key)
+        if value <= 0:
+            raise _fail(key, value, "must be a positive integer")
+    for key in ("model.max_prompt_tokens", "sampler.canvas_length", "data.limit", "cluster.torch_threads"):
+        value = _get(job, key)
+        if value is not None and value <= 0:
+            raise _fail(key, value, "must be a positive integer (or null for the default)")
+    if job.cluster.num_gpus_per_worker is not None and job.cluster.num_gpus_per_worker < 0:
+        raise _fail("cluster.num_gpus_per_worker", job.cluster.num_gpus_per_worker, "must be >= 0")
+    if job.cluster.num_cpus_per_worker < 0:
+        raise _fail("cluster.num_cpus_per_worker", job.cluster.num_cpus_per_worker, "must be >= 0")
+    if job.run.progress_interval_s <= 0:
+        raise _fail("run.progress_interval_s", job.run.progress_interval_s, "must be > 0")
+
+    try:
+        check_knobs(vars(job.sampler), prefix="sampler.")
+    except SettingsError as e:
+        raise ConfigError(str(e)) from None
+
+    for key in ("model.path", "data.path", "data.prompt_column", "output.uri"):
+        if not str(_get(job, key)).strip():
+            raise _fail(key, _get(job, key), "must not be empty")
+    if job.run.id is not None and not RUN_ID_PATTERN.match(job.run.id):
+        raise _fail(
+            "run.id",
+            job.run.id,
+            "must start with a letter or digit and use only letters, digits, '.', '_' and '-' (128 at most)",
+        )
+    if job.cluster.mode == "ray" and not job.cluster.address:
+        raise _fail(
+            "cluster.address",
+            job.cluster.address,
+            "is required with cluster=ray: give the head's address (e.g. ray://head:10001) or 'auto'",
+        )
+    if job.output.uri.startswith("s3://") and len(job.output.uri) <= len("s3://"):
+        raise _fail("output.uri", job.output.uri, "needs a bucket: s3://bucket/prefix")
+    if job.postprocess is not None:
+        target = job.postprocess.get("_target_")
+        if not isinstance(target, str) or "." not in target:
+            raise _fail(
+                "postprocess._target_",
+                target,
+                "must name a callable as 'module.function' (e.g. pipeline.tasks.checker.check_row)",
+            )
+    return job

@@ -1,0 +1,316 @@
+"""DiffusionGemma's text model as the sampler needs it: hidden states in, no sampling.
+
+The weights are transformers' own modules (so any Hugging Face checkpoint loads, with its tied encoder and
+decoder); this file owns the orchestration that `generate` does not offer:
+
+- a static KV cache with one slot per batch row ([slots, kv_heads, capacity, head_dim] per layer), allocated
+  once and reused as rows come and go (continuous batching);
+- per-row positions, so a row's computation never depends on its neighbours (batch invariance);
+- `encode`: the causal encoder writes a prompt or a finished canvas into a slot;
+- `denoise`: the bidirectional decoder reads the slot's prefix and the canvas, writing nothing permanent.
+
+Semantics follow transformers' DiffusionGemma: sliding layers see a causal window of `sliding_window`
+tokens in the encoder, and the last `sliding_window - 1` prefix tokens plus the whole canvas in the decoder
+(what its DynamicSlidingWindowLayer keeps); full layers see everything; attention scaling is 1 (q/k are
+RMS-normed); full layers use k=v. `tests/models/test_diffusion_gemma.py` checks logits against transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models.moe import moe_forward
+
+# Prefill lengths are padded to a multiple of this, so every dense product sees at least this many rows:
+# CPU GEMM kernels change their reduction order for very small row counts, which would make a row's
+# numbers depend on how many rows share its batch.
+TOKEN_PAD = 16
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    sliding: bool
+    head_dim: int
+    num_kv_heads: int
+    k_eq_v: bool
+
+
+class SlotKVCache:
+    """Keys and values per layer, [slots, kv_heads, capacity, head_dim], and the cached length per slot.
+
+    Positions at or beyond a slot's length hold scratch data (the canvas being denoised, prompt padding);
+    attention masks them out, and they are always finite, so masked weights of exactly zero stay zero.
+    """
+
+    def __init__(
+        self,
+        specs: list[LayerSpec],
+        slots: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.slots = slots
+        self.capacity = capacity
+        self.keys = [
+            torch.zeros(slots, s.num_kv_heads, capacity, s.head_dim, dtype=dtype, device=device)
+            for s in specs
+        ]
+        self.values = [
+            torch.zeros(slots, s.num_kv_heads, capacity, s.head_dim, dtype=dtype, device=device)
+            for s in specs
+        ]
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copies slot `src` into slot `dst` (used to keep active rows in a prefix of the slots)."""
+        if src == dst:
+            return
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[dst].copy_(k[src])
+            v[dst].copy_(v[src])
+        self.lengths[dst] = self.lengths[src]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, T, H, d]; cos/sin [B, T, d]
+    cos = cos.unsqueeze(2)
+    sin = sin.unsqueeze(2)
+    return x * cos + _rotate_half(x) * sin
+
+
+class DiffusionGemmaTextModel(nn.Module):
+    """Encoder/decoder forward over a DiffusionGemma checkpoint's (shared) text weights."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        decoder = hf_model.model.decoder
+        text_config = hf_model.config.text_config
+        self.text_config = text_config
+        self.canvas_length = int(hf_model.config.canvas_length)
+        self.embed_tokens = decoder.embed_tokens
+        self.layers = decoder.layers
+        self.norm = decoder.norm
+        self.rotary_emb = decoder.rotary_emb
+        self.self_conditioning = decoder.self_conditioning
+        self.softcap = text_config.final_logit_softcapping
+        self.sliding_window = int(text_config.sliding_window)
+        self.num_heads = int(text_config.num_attention_heads)
+        self.layer_types = list(text_config.layer_types)
+        self.specs = []
+        for layer in self.layers:
+            attn = layer.self_attn
+            self.specs.append(
+                LayerSpec(
+                    sliding=attn.is_sliding,
+                    head_dim=attn.head_dim,
+                    num_kv_heads=attn.k_proj.out_features // attn.head_dim,
+                    k_eq_v=attn.v_proj is None,
+                )
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The tied embedding / vocabulary head, [V, D]."""
+        return self.embed_tokens.weight
+
+    @property
+    def embed_scale(self) -> float:
+        return float(self.embed_tokens.scalar_embed_scale)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.embed_tokens.weight.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embed_tokens.weight.shape[1])
+
+    @property
+    def context_window(self) -> int:
+        return int(self.text_config.max_position_embeddings)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, slots: int, capacity: int) -> SlotKVCache:
+        return SlotKVCache(self.specs, slots, capacity, self.dtype, self.device)
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(
+        self,
+        cache: SlotKVCache,
+        slots: torch.Tensor,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        prefix: bool = False,
+    ) -> None:
+        """Causally encodes `tokens` [B, T] (row b valid up to lengths[b]) after each slot's cached prefix,
+        writing keys/values at positions cache.lengths[slot] + t, then advances the slot lengths. `prefix=True`
+        promises that `slots` is 0..B-1, so the cache is sliced instead of gathered."""
+        batch, width = tokens.shape
+        start = cache.lengths[slots]  # [B]
+        positions = start[:, None] + torch.arange(width, device=tokens.device)[None, :]  # [B, T]
+        if int((start + width).max()) > cache.capacity:  # one sync per encode, not per step
+            raise ValueError(
+                f"KV cache capacity {cache.capacity} is too small for {int((start + width).max())} tokens"
+            )
+        kv_pos = torch.arange(cache.capacity, device=tokens.device)  # [C]
+        valid_len = start + lengths  # [B]
+        # [B, 1, T, C]: causal over the slot, restricted to the row's valid tokens; a padded query also sees
+        # itself so that no softmax row is empty.
+        causal = (kv_pos[None, None, :] <= positions[:, :, None]) & (
+            kv_pos[None, None, :] < valid_len[:, None, None]
+        )
+        window = kv_pos[None, None, :] > positions[:, :, None] - self.sliding_window
+        self_key = kv_pos[None, None, :] == positions[:, :, None]
+        masks = {
+            "full": (causal | self_key)[:, None],
+            "sliding": ((causal & window) | self_key)[:, None],
+        }
+        hidden = self.embed_tokens(tokens)
+        self._run_layers(hidden, cache, slots, positions, masks, prefix)
+        cache.lengths[slots] = valid_len
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        cache: SlotKVCache,
+        slots: torch.Tensor,
+        canvas: torch.Tensor,
+        soft_embeddings: torch.Tensor | None,
+        *,
+        prefix: bool = False,
+    ) -> torch.Tensor:
+        """Decoder forward over `canvas` [B, L] attending bidirectionally to each slot's prefix and the canvas.
+
+        `soft_embeddings` [B, L, D] is softmax(z) @ E of the previous step (zeros or None at the first step).
+        Returns the final normed hidden states [B, L, D]; the cache lengths are unchanged.
+        """
+        batch, length = canvas.shape
+        start = cache.lengths[slots]
+        positions = start[:, None] + torch.arange(length, device=canvas.device)[None, :]
+        kv_pos = torch.arange(cache.capacity, device=canvas.device)[None, :]  # [1, C]
+        visible = kv_pos < (start + length)[:, None]  # prefix + canvas scratch
+        recent = kv_pos >= (start - (self.sliding_window - 1))[:, None]  # includes the canvas
+        masks = {"full": visible[:, None, None, :], "sliding": (visible & recent)[:, None, None, :]}
+        inputs = self.embed_tokens(canvas)
+        if soft_embeddings is None:
+            soft = torch.zeros_like(inputs)
+        else:
+            soft = soft_embeddings.to(inputs.dtype) * self.embed_tokens.embed_scale.to(inputs.dtype)
+        hidden = self.self_conditioning(inputs, soft)
+        return self._run_layers(hidden, cache, slots, positions, masks, prefix)
+
+    # ----------------------------------------------------------------------------------------------
+    def _run_layers(
+        self,
+        hidden: torch.Tensor,
+        cache: SlotKVCache,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        masks: dict[str, torch.Tensor],
+        prefix: bool,
+    ) -> torch.Tensor:
+        """Both modes write this call's keys/values at `positions`: the encoder commits them (the caller
+        advances the lengths), the decoder only fills the scratch region past the slot's length."""
+        rope = {lt: self.rotary_emb(hidden, positions, lt) for lt in set(self.layer_types)}
+        for i, layer in enumerate(self.layers):
+            spec = self.specs[i]
+            cos, sin = rope[self.layer_types[i]]
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            x = self._attention(
+                layer.self_attn,
+                spec,
+                x,
+                cos,
+                sin,
+                cache,
+                i,
+                slots,
+                positions,
+                prefix,
+                masks["sliding" if spec.sliding else "full"],
+            )
+            x = layer.post_attention_layernorm(x)
+            hidden = residual + x
+
+            residual = hidden
+            dense = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+            flat = residual.reshape(-1, residual.shape[-1])
+            _, top_w, top_i = layer.router(flat)
+            experts = moe_forward(layer.experts, layer.pre_feedforward_layernorm_2(flat), top_i, top_w)
+            experts = layer.post_feedforward_layernorm_2(experts.reshape(residual.shape))
+            hidden = residual + layer.post_feedforward_layernorm(dense + experts)
+            hidden = hidden * layer.layer_scalar
+        return self.norm(hidden)
+
+    def _attention(
+        self,
+        attn: nn.Module,
+        spec: LayerSpec,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: SlotKVCache,
+        layer_idx: int,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        prefix: bool,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        batch, width, _ = x.shape
+        q = attn.q_proj(x).view(batch, width, -1, spec.head_dim)
+        q = _rope(attn.q_norm(q), cos, sin)
+        k_raw = attn.k_proj(x).view(batch, width, -1, spec.head_dim)
+        v = k_raw if spec.k_eq_v else attn.v_proj(x).view(batch, width, -1, spec.head_dim)
+        k = _rope(attn.k_norm(k_raw), cos, sin)
+        v = attn.v_norm(v)
+
+        keys, values = cache.keys[layer_idx], cache.values[layer_idx]
+        row = slots[:, None]
+        keys[row, :, positions] = k  # [B, T, Hkv, d] into [S, Hkv, C, d]
+        values[row, :, positions] = v
+        if prefix:
+            k_all, v_all = keys[:batch], values[:batch]
+        else:
+            k_all, v_all = keys[slots], values[slots]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k_all,
+            v_all,
+            attn_mask=mask,
+            scale=1.0,
+            enable_gqa=k_all.shape[1] != q.shape[2],
+        )  # [B, H, T, d]
+        out = out.transpose(1, 2).reshape(batch, width, -1)
+        return attn.o_proj(out)
+
+
+def softcapped_logits(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """transformers' head: product in the weights' dtype, then float32 soft-capping. [.., V] float32."""
+    logits = F.linear(hidden, embedding).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits

@@ -1,0 +1,382 @@
+"""The parallel diffusion sampler (DiffusionGemma's entropy-bound sampler) with continuous batching.
+
+For each row, canvas after canvas:
+  1. the causal encoder writes the prompt (or the previous canvas) into the row's KV-cache slot;
+  2. the canvas starts as uniform noise; each step the bidirectional decoder reads the slot and the canvas,
+     and the vocabulary head gives per position a sampled token, the argmax and the entropy of the
+     temperature-scaled distribution (linear schedule t_max -> t_min) and the self-conditioning input;
+  3. entropy-bound acceptance keeps the lowest-entropy sampled tokens, the rest are re-noised;
+  4. the canvas stops when its argmax is stable for `stability_threshold` steps and its mean entropy is
+     below `confidence_threshold`, or after `max_denoising_steps`; its argmax is emitted;
+  5. an EOS ends the row, so does `max_new_tokens`; otherwise the canvas is encoded and the next begins.
+
+Continuous batching: rows live in KV-cache slots allocated once; a row leaves its slot the moment it
+finishes and a queued row takes it, at any canvas index, so the batch stays full while work remains. Active
+rows always occupy slots 0..A-1 (a leaving row's slot is refilled by moving the last one), so the decoder
+reads the cache through views, not gathers. Static batching (`batching="static"`, static.py) reproduces
+the reference's behaviour instead: every row of a batch runs until the slowest one finishes.
+
+The sampler knows nothing of Ray, Hydra or files: token ids in, token ids and counters out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.kernels import rng
+from pipeline.kernels.backend import resolve_backend
+from pipeline.kernels.step import denoise_step
+from pipeline.kernels.vocab_head import softcap_logits, vocab_head
+from pipeline.sampler.draws import GlobalDraws, KeyedDraws
+from pipeline.sampler.settings import SamplerSettings
+
+logger = logging.getLogger(__name__)
+
+PROMPT_PAD = 16  # prompt lengths are padded to a multiple of this (see models.diffusion_gemma.TOKEN_PAD)
+
+
+@dataclass
+class Request:
+    row_id: str
+    prompt_ids: Sequence[int]
+
+
+@dataclass
+class Result:
+    row_id: str
+    token_ids: list[int]  # the completion: EOS and everything after it removed, at most max_new_tokens
+    finish_reason: str  # "eos" or "length"
+    denoising_steps: int  # decoder forward passes spent on this row
+    canvases: int
+    drafts: list[list[list[int]]] | None = None  # per canvas, per step: the argmax canvas
+
+
+@dataclass
+class SamplerStats:
+    decoder_row_steps: int = 0  # rows x decoder passes actually computed (padding rows included)
+    decoder_calls: int = 0
+    encoder_calls: int = 0
+    encoder_tokens: int = 0  # padded tokens pushed through the encoder
+
+    def add(self, other: SamplerStats) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _Row:
+    request: Request
+    k0: int
+    k1: int
+    order: int
+    canvas: int = 0
+    step: int = 0
+    steps_total: int = 0
+    tokens: list[int] = field(default_factory=list)
+    drafts: list[list[list[int]]] | None = None
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class DiffusionSampler:
+    """Generates completions for token-id prompts with a DiffusionGemma text model.
+
+    `model` is a `pipeline.models.diffusion_gemma.DiffusionGemmaTextModel` (anything with its `new_cache`,
+    `encode`, `denoise`, `embedding`, `softcap`, `vocab_size` and `device`). `max_batch` is the number of
+    KV-cache slots, `max_prompt_tokens` the longest prompt the cache must hold.
+    """
+
+    def __init__(
+        self,
+        model,
+        settings: SamplerSettings,
+        *,
+        max_batch: int = 8,
+        max_prompt_tokens: int = 512,
+        backend: str = "auto",
+        random_mode: str = "keyed",
+    ) -> None:
+        if max_batch <= 0:
+            raise ValueError(f"max_batch={max_batch} must be positive")
+        if random_mode not in ("keyed", "torch_global"):
+            raise ValueError(f"random_mode={random_mode!r} is not one of keyed, torch_global")
+        self.model = model
+        self.settings = settings
+        self.max_batch = max_batch
+        self.max_prompt_tokens = max_prompt_tokens
+        self.device = model.device
+        self.backend = resolve_backend(backend, self.device.type)
+        self.length = settings.canvas_length
+        self.vocab_size = model.vocab_size
+        self.eos = set(settings.eos_token_ids)
+        self.draws = (KeyedDraws if random_mode == "keyed" else GlobalDraws)(self.vocab_size, self.length)
+        self.capacity = round_up(max_prompt_tokens, PROMPT_PAD) + settings.max_canvases * self.length
+        self.stats = SamplerStats()
+        self._cache = None
+        self._state: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------ public
+    def generate(
+        self,
+        requests: Sequence[Request],
+        *,
+        batching: str = "continuous",
+        on_result: Callable[[Result], None] | None = None,
+    ) -> list[Result]:
+        """Results in request order. `on_result` is called as each row finishes."""
+        for req in requests:
+            if not 0 < len(req.prompt_ids) <= self.max_prompt_tokens:
+                raise ValueError(
+                    f"row {req.row_id!r}: prompt has {len(req.prompt_ids)} tokens; it must have between 1 and "
+                    f"max_prompt_tokens={self.max_prompt_tokens}"
+                )
+        if batching == "continuous":
+            if not self.draws.keyed:
+                raise ValueError(
+                    "random_mode='torch_global' reproduces the reference only with batching='static'"
+                )
+            results = self._run_continuous(requests, on_result)
+        elif batching == "static":
+            from pipeline.sampler.static import run_static
+
+            results = run_static(self, requests, on_result)
+        else:
+            raise ValueError(f"batching={batching!r} is not one of continuous, static")
+        return results
+
+    # ---------------------------------------------------------------------------------------- storage
+    def _ensure_storage(self) -> None:
+        if self._cache is not None:
+            return
+        slots, length, dim = self.max_batch, self.length, self.model.hidden_size
+        dev = self.device
+        self._cache = self.model.new_cache(slots, self.capacity)
+        history = max(self.settings.stability_threshold, 0)
+        self._state = {
+            "canvas": torch.zeros(slots, length, dtype=torch.long, device=dev),
+            "argmax": torch.zeros(slots, length, dtype=torch.long, device=dev),
+            "soft": torch.zeros(slots, length, dim, dtype=self.model.dtype, device=dev),
+            "history": torch.full((slots, history, length), -1, dtype=torch.long, device=dev),
+            "frozen": torch.zeros(slots, length, dtype=torch.bool, device=dev),
+            "step": torch.zeros(slots, dtype=torch.long, device=dev),
+            "canvas_idx": torch.zeros(slots, dtype=torch.long, device=dev),
+            "k0": torch.zeros(slots, dtype=torch.long, device=dev),
+            "k1": torch.zeros(slots, dtype=torch.long, device=dev),
+        }
+        logger.debug("sampler: %d slots, KV cache %.1f MiB", slots, self._cache.nbytes() / 2**20)
+
+    def _move_slot(self, src: int, dst: int) -> None:
+        self._cache.move(src, dst)
+        for tensor in self._state.values():
+            tensor[dst] = tensor[src]
+
+    def _start_canvas(self, slots: torch.Tensor) -> None:
+        """Fresh noise canvas, zero self-conditioning, empty history for `slots` (their canvas_idx set)."""
+        st = self._state
+        if self.draws.keyed:
+            st["canvas"][slots] = self.draws.initial_canvas(
+                st["k0"][slots], st["k1"][slots], st["canvas_idx"][slots]
+            )
+        else:
+            st["canvas"][slots] = self.draws.initial_canvas(len(slots), self.device)
+        st["argmax"][slots] = st["canvas"][slots]
+        st["soft"][slots] = 0
+        st["history"][slots] = -1
+        st["frozen"][slots] = False
+        st["step"][slots] = 0
+
+    def _encode(self, slots: torch.Tensor, token_rows: list[list[int]], prefix: bool) -> None:
+        width = round_up(max(len(t) for t in token_rows), PROMPT_PAD)
+        tokens = torch.full((len(token_rows), width), self.settings.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(token_rows):
+            tokens[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        lengths = torch.tensor([len(t) for t in token_rows], dtype=torch.long, device=self.device)
+        self.model.encode(self._cache, slots, tokens.to(self.device), lengths, prefix=prefix)
+        self.stats.encoder_calls += 1
+        self.stats.encoder_tokens += tokens.numel()
+
+    # ------------------------------------------------------------------------------------------- step
+    def _temperature(self, step: torch.Tensor) -> torch.Tensor:
+        """Per-row temperature, computed with the reference's float32 expression over remaining steps."""
+        s = self.settings
+        remaining = (s.max_denoising_steps - step).to(torch.int32)
+        return s.t_min + (s.t_max - s.t_min) * (remaining / s.max_denoising_steps)
+
+    def _denoise(self, active: int, live: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoder step for slots 0..active-1; rows with live=False keep their state (static batching).
+        Returns the stop flags [active] (stable and confident) as a device tensor."""
+        st, s = self._state, self.settings
+        slots = torch.arange(active, device=self.device)
+        canvas = st["canvas"][:active]
+        hidden = self.model.denoise(self._cache, slots, canvas, st["soft"][:active], prefix=True)  # [A, L, D]
+        self.stats.decoder_calls += 1
+        self.stats.decoder_row_steps += active
+        temperature = self._temperature(st["step"][:active])  # [A] float32
+        embedding = self.model.embedding
+        if self.draws.keyed:
+            step_idx, canvas_idx = st["step"][:active], st["canvas_idx"][:active]
+            k0, k1 = st["k0"][:active], st["k1"][:active]
+            head = vocab_head(
+                hidden.reshape(-1, hidden.shape[-1]),
+                embedding,
+                softcap=self.model.softcap,
+                temperature=temperature.repeat_interleave(self.length),
+                sample_state=self.draws.sample_state(k0, k1, canvas_idx, step_idx),
+                want_soft=True,
+                backend=self.backend,
+            )
+            sampled, argmax = head.sampled.view(active, -1), head.argmax.view(active, -1)
+            entropy, soft = head.entropy.view(active, -1), head.soft.view(active, self.length, -1)
+            noise = self.draws.noise(k0, k1, canvas_idx, step_idx)
+        else:
+            processed = softcap_logits(hidden, embedding, self.model.softcap) / temperature[:, None, None]
+            probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+            sampled = self.draws.sample(probs)
+            argmax = torch.argmax(processed, dim=-1)
+            entropy = torch.distributions.Categorical(logits=processed).entropy()
+            sc = processed.to(embedding.dtype).softmax(dim=-1, dtype=torch.float32).to(embedding.dtype)
+            soft = sc @ embedding
+            noise = self.draws.noise(active, self.device)
+        frozen = None if s.revise_accepted else st["frozen"][:active]
+        out = denoise_step(
+            canvas,
+            sampled,
+            argmax,
+            entropy,
+            noise,
+            st["history"][:active],
+            entropy_bound=s.entropy_bound,
+            confidence_threshold=s.confidence_threshold,
+            frozen=frozen,
+            backend=self.backend,
+        )
+        emitted = argmax if frozen is None else torch.where(out.frozen, canvas, argmax)
+        updates = {"canvas": out.canvas, "argmax": emitted, "soft": soft, "history": out.history}
+        if frozen is not None:
+            updates["frozen"] = out.frozen
+        for name, value in updates.items():
+            target = st[name][:active]
+            if live is None:
+                target.copy_(value)
+            else:
+                shape = (active,) + (1,) * (value.dim() - 1)
+                target.copy_(torch.where(live.view(shape), value, target))
+        if live is None:
+            st["step"][:active] += 1
+        else:
+            st["step"][:active] += live.long()
+        if not s.adaptive_stopping:
+            return torch.zeros(active, dtype=torch.bool, device=self.device)
+        return out.stable & out.confident
+
+    # ------------------------------------------------------------------------------------- continuous
+    def _new_row(self, req: Request, order: int) -> _Row:
+        k0, k1 = rng.row_key(self.settings.seed, req.row_id)
+        return _Row(
+            request=req, k0=k0, k1=k1, order=order, drafts=[] if self.settings.record_drafts else None
+        )
+
+    def _admit(self, rows: list[_Row], incoming: list[_Row]) -> None:
+        first = len(rows)
+        slots = torch.arange(first, first + len(incoming), device=self.device)
+        st = self._state
+        st["k0"][slots] = torch.tensor([r.k0 for r in incoming], dtype=torch.long, device=self.device)
+        st["k1"][slots] = torch.tensor([r.k1 for r in incoming], dtype=torch.long, device=self.device)
+        st["canvas_idx"][slots] = 0
+        self._cache.lengths[slots] = 0
+        self._encode(slots, [list(r.request.prompt_ids) for r in incoming], prefix=first == 0)
+        self._start_canvas(slots)
+        rows.extend(incoming)
+
+    def _finish_canvas(self, row: _Row, emitted: list[int]) -> Result | None:
+        """Appends the emitted canvas; returns the row's Result if the row is finished."""
+        row.canvas += 1
+        cut = next((i for i, t in enumerate(emitted) if t in self.eos), None)
+        row.tokens.extend(emitted if cut is None else emitted[:cut])
+        if cut is None and row.canvas < self.settings.max_canvases:
+            return None
+        return Result(
+            row_id=row.request.row_id,
+            token_ids=row.tokens[: self.settings.max_new_tokens],
+            finish_reason="eos" if cut is not None else "length",
+            denoising_steps=row.steps_total,
+            canvases=row.canvas,
+            drafts=row.drafts,
+        )
+
+    def _run_continuous(self, requests: Sequence[Request], on_result) -> list[Result]:
+        self._ensure_storage()
+        queue = deque(self._new_row(r, i) for i, r in enumerate(requests))
+        results: list[Result | None] = [None] * len(requests)
+        rows: list[_Row] = []  # rows[i] lives in slot i
+        max_steps = self.settings.max_denoising_steps
+        while queue or rows:
+            if queue and len(rows) < self.max_batch:
+                incoming = [queue.popleft() for _ in range(min(self.max_batch - len(rows), len(queue)))]
+                self._admit(rows, incoming)
+                for r in incoming:
+                    if r.drafts is not None:
+                        r.drafts.append([])
+            active = len(rows)
+            stop = self._denoise(active).tolist()  # the one host synchronisation per step
+            drafts = self._state["argmax"][:active].tolist() if self.settings.record_drafts else None
+            done = []
+            for i, row in enumerate(rows):
+                row.step += 1
+                row.steps_total += 1
+                if drafts is not None:
+                    row.drafts[-1].append(drafts[i])
+                if stop[i] or row.step >= max_steps:
+                    done.append(i)
+            if not done:
+                continue
+            emitted = self._state["argmax"][torch.tensor(done, device=self.device)].tolist()
+            leaving, continuing = [], []
+            for i, canvas_tokens in zip(done, emitted, strict=True):
+                result = self._finish_canvas(rows[i], canvas_tokens)
+                if result is None:
+                    continuing.append((rows[i], canvas_tokens))
+                else:
+                    leaving.append(i)
+                    results[rows[i].order] = result
+                    if on_result is not None:
+                        on_result(result)
+            self._compact(rows, set(leaving))
+            if continuing:
+                self._next_canvas(rows, continuing)
+        return [r for r in results if r is not None]
+
+    def _compact(self, rows: list[_Row], leaving: set[int]) -> None:
+        """Removes leaving rows; the last surviving rows move into the freed slots."""
+        if not leaving:
+            return
+        survivors = [i for i in range(len(rows)) if i not in leaving]
+        keep = len(survivors)
+        holes = sorted(i for i in leaving if i < keep)
+        movers = [i for i in survivors if i >= keep]
+        new_rows = list(rows)
+        for hole, src in zip(holes, movers, strict=True):
+            self._move_slot(src, hole)
+            new_rows[hole] = rows[src]
+        rows[:] = new_rows[:keep]
+
+    def _next_canvas(self, rows: list[_Row], continuing: list[tuple[_Row, list[int]]]) -> None:
+        slot_of = {id(r): i for i, r in enumerate(rows)}
+        slot_list = [slot_of[id(r)] for r, _ in continuing]
+        slots = torch.tensor(slot_list, device=self.device)
+        self._encode(
+            slots, [tokens for _, tokens in continuing], prefix=slot_list == list(range(len(slot_list)))
+        )
+        self._state["canvas_idx"][slots] += 1
+        self._start_canvas(slots)
+        for row, _ in continuing:
+            row.step = 0
+            if row.drafts is not None:
+                row.drafts.append([])

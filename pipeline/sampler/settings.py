@@ -1,0 +1,183 @@
+"""Sampler settings: the DiffusionGemma knobs, their defaults and their validation.
+
+Values come, in order of precedence, from the user, from the model's `generation_config.json` (both
+formats seen in the wild: flat keys with a `sampler_config` object, and the nested
+`linear_temperature_schedule_config` / `diffusion_stopping_config` objects), and from the reference
+defaults of transformers' `DiffusionGemmaGenerationConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+# transformers' DiffusionGemmaGenerationConfig._get_default_generation_params
+REFERENCE_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 256,
+    "max_denoising_steps": 48,
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "entropy_bound": 0.1,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+}
+KNOBS = tuple(REFERENCE_DEFAULTS)
+
+
+class SettingsError(ValueError):
+    """A sampler setting is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Everything the sampler needs to know, fully resolved. Picklable; no defaults left to guess."""
+
+    max_new_tokens: int
+    max_denoising_steps: int
+    t_min: float
+    t_max: float
+    entropy_bound: float
+    stability_threshold: int
+    confidence_threshold: float
+    canvas_length: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    seed: int = 0
+    adaptive_stopping: bool = True
+    revise_accepted: bool = True
+    record_drafts: bool = False
+
+    def __post_init__(self) -> None:
+        check_knobs({f.name: getattr(self, f.name) for f in fields(self)}, prefix="sampler.")
+        if self.canvas_length <= 0:
+            raise SettingsError(f"sampler.canvas_length={self.canvas_length} must be a positive integer")
+
+    @property
+    def max_canvases(self) -> int:
+        return math.ceil(self.max_new_tokens / self.canvas_length)
+
+    def temperature(self, step: int) -> float:
+        """Temperature at 0-based step `step` (the reference counts remaining steps N..1)."""
+        remaining = self.max_denoising_steps - step
+        return self.t_min + (self.t_max - self.t_min) * (remaining / self.max_denoising_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_knobs(values: Mapping[str, Any], prefix: str = "sampler.") -> None:
+    """Checks the knobs present (not None) in `values`; relations are checked when both sides are set."""
+
+    def bad(key: str, why: str) -> SettingsError:
+        return SettingsError(f"{prefix}{key}={values[key]!r} {why}")
+
+    def given(key: str) -> bool:
+        return values.get(key) is not None
+
+    for key in ("max_new_tokens", "max_denoising_steps"):
+        if given(key) and (not _is_int(values[key]) or values[key] <= 0):
+            raise bad(key, "must be a positive integer")
+    if given("stability_threshold") and (
+        not _is_int(values["stability_threshold"]) or values["stability_threshold"] < 0
+    ):
+        raise bad("stability_threshold", "must be an integer >= 0")
+    for key in ("t_min", "t_max"):
+        if given(key) and (not _is_number(values[key]) or values[key] < 0):
+            raise bad(key, "must be a number >= 0")
+    for key in ("entropy_bound", "confidence_threshold"):
+        if given(key) and (not _is_number(values[key]) or values[key] <= 0):
+            raise bad(key, "must be a number > 0")
+    if given("t_min") and given("t_max") and values["t_max"] <= values["t_min"]:
+        raise SettingsError(
+            f"{prefix}t_max={values['t_max']} must be greater than {prefix}t_min={values['t_min']} "
+            "(the temperature falls linearly from t_max to t_min)"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_generation_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Extracts the sampler knobs and special tokens from a generation_config.json mapping.
+
+    Accepts flat keys (`t_min`, `stability_threshold`, ...) with `sampler_config: {entropy_bound}`, and the
+    nested form `linear_temperature_schedule_config: {t_min, t_max}`,
+    `diffusion_stopping_config: {stability_threshold, confidence_threshold}`. Unset values are omitted.
+    """
+    out: dict[str, Any] = {}
+    for key in KNOBS:
+        if raw.get(key) is not None:
+            out[key] = raw[key]
+    nested = {
+        "sampler_config": ("entropy_bound",),
+        "linear_temperature_schedule_config": ("t_min", "t_max", "max_denoising_steps"),
+        "diffusion_stopping_config": ("stability_threshold", "confidence_threshold"),
+    }
+    for section, keys in nested.items():
+        block = raw.get(section)
+        if isinstance(block, Mapping):
+            for key in keys:
+                if block.get(key) is not None and key not in out:
+                    out[key] = block[key]
+    eos = raw.get("eos_token_id")
+    if eos is not None:
+        out["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    if raw.get("pad_token_id") is not None:
+        out["pad_token_id"] = int(raw["pad_token_id"])
+    return out
+
+
+def read_generation_config(model_dir: str) -> dict[str, Any]:
+    """Parsed knobs of `<model_dir>/generation_config.json`, or {} when the file does not exist."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"{path} is not valid JSON: {e}") from e
+    return parse_generation_config(raw)
+
+
+def resolve_settings(
+    user: Mapping[str, Any],
+    generation_config: Mapping[str, Any],
+    *,
+    canvas_length: int,
+    eos_token_ids: tuple[int, ...],
+    pad_token_id: int,
+) -> SamplerSettings:
+    """User values (None = unset) over the model's generation config over the reference defaults."""
+    check_knobs(user)
+    values: dict[str, Any] = {}
+    for key in KNOBS:
+        if user.get(key) is not None:
+            values[key] = user[key]
+        elif generation_config.get(key) is not None:
+            values[key] = generation_config[key]
+        else:
+            values[key] = REFERENCE_DEFAULTS[key]
+    # The reference validates floats strictly; accept ints where a float is meant.
+    for key in ("t_min", "t_max", "entropy_bound", "confidence_threshold"):
+        if _is_number(values[key]):
+            values[key] = float(values[key])
+    extras = {
+        k: user[k] for k in ("seed", "adaptive_stopping", "revise_accepted", "record_drafts") if k in user
+    }
+    return SamplerSettings(
+        **values,
+        canvas_length=int(user.get("canvas_length") or canvas_length),
+        eos_token_ids=tuple(generation_config.get("eos_token_ids", eos_token_ids)),
+        pad_token_id=int(generation_config.get("pad_token_id", pad_token_id)),
+        **extras,
+    )
