@@ -133,7 +133,9 @@ def build_tiny_model(
     """Builds a randomly initialised tiny checkpoint (deterministic for a seed) in the HF layout."""
     import torch
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
