@@ -4,35 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config.schema import (
-    ClusterConfig,
-    DataConfig,
-    JobConfig,
-    ModelConfig,
-    OutputConfig,
-    RunConfig,
-    SamplerConfig,
-)
+from pipeline.config.schema import JobConfig
 from pipeline.config.validate import validate_job
-
-_GROUP_SCHEMAS = {
-    "model": ModelConfig,
-    "sampler": SamplerConfig,
-    "data": DataConfig,
-    "output": OutputConfig,
-    "cluster": ClusterConfig,
-}
 
 
 def register_configs() -> None:
-    """Stores the job schema (`canvasflow_schema`) and one schema per group (`<group>/schema`)."""
+    """Stores the job schema as `canvasflow_schema`: the first entry of conf/config.yaml's defaults, it types
+    every group, so a misspelt key or a wrong type fails while Hydra composes."""
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="canvasflow_schema", node=JobConfig)
-    for group, node in _GROUP_SCHEMAS.items():
-        cs.store(group=group, name="schema", node=node)
-    cs.store(group="run", name="schema", node=RunConfig)
+    ConfigStore.instance().store(name="canvasflow_schema", node=JobConfig)
 
 
 def to_job_config(cfg: Any) -> JobConfig:

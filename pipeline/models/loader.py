@@ -102,7 +102,9 @@ def resolve_model_dir(
         return fetch_s3(path, cache_dir=str(cache / "models"), endpoint_url=endpoint_url, region=region)
     local = Path(path).expanduser()
     if not local.is_dir():
-        raise ModelError(f"model.path={path!r} is not a directory; give a Hugging Face model directory or s3:// URI")
+        raise ModelError(
+            f"model.path={path!r} is not a directory; give a Hugging Face model directory or s3:// URI"
+        )
     if not (local / "config.json").exists():
         raise ModelError(f"model.path={path!r} has no config.json; is it a Hugging Face model directory?")
     return str(local)
@@ -139,7 +141,9 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("model.device=cuda but no CUDA device is visible to this process; use model.device=auto")
+        raise ModelError(
+            "model.device=cuda but no CUDA device is visible to this process; use model.device=auto"
+        )
     return device
 
 
@@ -170,7 +174,6 @@ def load_model(
     region: str | None = None,
 ) -> LoadedModel:
     """Loads weights and tokenizer of the model at `path` (see module docstring) for the sampler."""
-    import torch
     from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.utils import logging as hf_logging
 

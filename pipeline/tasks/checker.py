@@ -25,3 +25,6 @@ def check_row(row: dict[str, Any], *, drop_incorrect: bool = False) -> dict[str,
     matches = sum(a == b for a, b in zip(got, answer, strict=False))
     score = matches / max(len(answer), len(got), 1)
     return {"task": task, "expected": answer, "is_correct": correct, "score": float(score)}
+
+
+check_row.columns = {"task": "string", "expected": "string", "is_correct": "bool", "score": "double"}

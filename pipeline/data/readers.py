@@ -1,0 +1,246 @@
+"""Reads a prompt dataset into records, one per input row, bad rows included.
+
+Sources: JSONL and Parquet files or directories of them (local or s3://), a Hugging Face dataset saved with
+`save_to_disk`, `datasets.load_dataset` arguments (format=hf), and the shipped prompts. Every input row (or
+non-blank JSONL line) yields exactly one record; a row that cannot be used carries an `error` and goes to
+the run's errors/ instead of the output. Problems with the input as a whole (unreadable file, missing prompt
+column) raise InputError before any GPU work.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.config.schema import BUILTIN_PROMPTS, DataConfig
+from pipeline.data.records import RecordBuilder, RecordTable
+from pipeline.io.store import StoreError, is_s3, open_store, read_uri, split_s3_uri
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts" / "prompts.jsonl"
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+class InputError(ValueError):
+    """The input as a whole is unusable; the message names the file or column."""
+
+
+def resolve_path(path: str) -> str:
+    return str(SHIPPED_PROMPTS) if path == BUILTIN_PROMPTS else path
+
+
+def detect_format(path: str, requested: str, files: list[str]) -> str:
+    if requested != "auto":
+        return requested
+    if path.startswith("hf:"):
+        return "hf"
+    if (
+        not is_s3(path)
+        and Path(path).is_dir()
+        and any(
+            (Path(path) / marker).exists()
+            for marker in ("dataset_info.json", "state.json", "dataset_dict.json")
+        )
+    ):
+        return "hf_disk"
+    suffixes = {_suffix(f) for f in files}
+    if suffixes and suffixes <= {"jsonl"}:
+        return "jsonl"
+    if suffixes and suffixes <= {"parquet"}:
+        return "parquet"
+    raise InputError(
+        f"data.path={path!r}: cannot tell the format from {sorted(suffixes) or 'no data files'}; "
+        "set data.format to jsonl, parquet, hf_disk or hf"
+    )
+
+
+def _suffix(name: str) -> str | None:
+    lower = name.lower()
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if lower.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> list[str]:
+    """The data files at `path`: the file itself, or the JSONL/Parquet files under a directory/prefix."""
+    if path.startswith("hf:"):
+        return []
+    if is_s3(path):
+        bucket, key = split_s3_uri(path)
+        store = open_store(f"s3://{bucket}", endpoint_url=endpoint_url, region=region)
+        try:
+            keys = store.list(key)
+        except StoreError as e:
+            raise InputError(f"data.path={path!r} cannot be listed: {e}") from None
+        if key in keys:
+            return [path]
+        files = [f"s3://{bucket}/{k}" for k in keys if _suffix(k)]
+        if not files:
+            raise InputError(f"data.path={path!r}: no .jsonl or .parquet objects under this prefix")
+        return files
+    local = Path(path).expanduser()
+    if local.is_file():
+        return [str(local)]
+    if local.is_dir():
+        files = sorted(str(p) for p in local.rglob("*") if p.is_file() and _suffix(p.name))
+        return files
+    raise InputError(f"data.path={path!r} does not exist")
+
+
+def read_input(
+    data: DataConfig, *, endpoint_url: str | None = None, region: str | None = None
+) -> RecordTable:
+    """All records of the input, in input order, with a fingerprint of their content."""
+    path = resolve_path(data.path)
+    files = list_files(path, endpoint_url=endpoint_url, region=region)
+    fmt = detect_format(path, data.format, files)
+    builder = RecordBuilder(data)
+    if fmt == "jsonl":
+        rows = _jsonl_rows(files, endpoint_url, region)
+    elif fmt == "parquet":
+        rows = _arrow_rows(_read_parquet(files, endpoint_url, region), data)
+    elif fmt == "hf_disk":
+        rows = _arrow_rows(_load_hf_disk(path, data), data)
+    elif fmt == "hf":
+        rows = _arrow_rows(_load_hf(path, data), data)
+    else:
+        raise InputError(f"data.format={fmt!r} is not one of jsonl, parquet, hf_disk, hf")
+    for index, (row, error, raw) in enumerate(rows):
+        if data.limit is not None and index >= data.limit:
+            break
+        builder.add(index, row, error, raw)
+    table = builder.finish()
+    if table.num_rows == 0:
+        raise InputError(f"data.path={data.path!r} holds no rows")
+    if builder.rows_with_prompt == 0 and not builder.all_unparseable:
+        column = data.messages_column or data.prompt_column
+        raise InputError(
+            f"no row of {data.path!r} has the prompt column {column!r}; columns seen: "
+            f"{', '.join(sorted(builder.columns_seen)) or 'none'}. Set data.prompt_column (or data.messages_column)."
+        )
+    return RecordTable(table=table, fingerprint=builder.fingerprint(), files=files, format=fmt)
+
+
+# ------------------------------------------------------------------------------------------------ jsonl
+def _jsonl_rows(files: list[str], endpoint_url: str | None, region: str | None) -> Iterator[tuple]:
+    """(row dict | None, error | None, raw text) per non-blank line."""
+    for file in files:
+        try:
+            payload = read_uri(file, endpoint_url=endpoint_url, region=region)
+        except StoreError as e:
+            raise InputError(f"cannot read input file: {e}") from None
+        if file.endswith(".gz"):
+            import gzip
+
+            payload = gzip.decompress(payload)
+        name = os.path.basename(file)
+        for number, line in enumerate(payload.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            raw = line.decode("utf-8", errors="replace")
+            where = f"{name}:{number}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield None, f"{where}: invalid UTF-8 at byte {e.start}", raw
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield None, f"{where}: malformed JSON ({e.msg} at column {e.colno})", raw
+                continue
+            if not isinstance(obj, dict):
+                yield None, f"{where}: a JSONL line must be an object, got {type(obj).__name__}", raw
+                continue
+            yield obj, None, raw
+
+
+# ---------------------------------------------------------------------------------------------- parquet
+def _read_parquet(files: list[str], endpoint_url: str | None, region: str | None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for file in files:
+        try:
+            payload = read_uri(file, endpoint_url=endpoint_url, region=region)
+            tables.append(pq.read_table(io.BytesIO(payload)))
+        except StoreError as e:
+            raise InputError(f"cannot read input file: {e}") from None
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{file} is not a readable Parquet file: {e}") from None
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as e:
+        raise InputError(f"the Parquet files under the input have incompatible schemas: {e}") from None
+
+
+def _arrow_rows(table, data: DataConfig) -> Iterator[tuple]:
+    column = data.messages_column or data.prompt_column
+    if column not in table.column_names:
+        raise InputError(
+            f"the input has no column {column!r}; its columns are: {', '.join(table.column_names)}. "
+            f"Set data.{'messages_column' if data.messages_column else 'prompt_column'}."
+        )
+    if data.id_column and data.id_column not in table.column_names:
+        raise InputError(
+            f"data.id_column={data.id_column!r} is not a column of the input ({', '.join(table.column_names)})"
+        )
+    for batch in table.to_batches(max_chunksize=4096):
+        for row in batch.to_pylist():
+            yield row, None, None
+
+
+# ------------------------------------------------------------------------------------ hugging face datasets
+def _select_split(dataset: Any, data: DataConfig, where: str):
+    from datasets import DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        if data.split is None:
+            if len(dataset) == 1:
+                return next(iter(dataset.values()))
+            raise InputError(f"{where} has splits {list(dataset)}; choose one with data.split")
+        if data.split not in dataset:
+            raise InputError(f"data.split={data.split!r} is not a split of {where} ({list(dataset)})")
+        return dataset[data.split]
+    return dataset
+
+
+def _load_hf_disk(path: str, data: DataConfig):
+    if is_s3(path):
+        raise InputError(
+            "data.format=hf_disk reads local directories; copy the dataset locally or export Parquet"
+        )
+    from datasets import load_from_disk
+
+    try:
+        dataset = load_from_disk(path)
+    except Exception as e:  # noqa: BLE001 - surfaced with the path
+        raise InputError(f"cannot load the saved dataset at {path}: {e}") from None
+    return _select_split(dataset, data, path).data.table
+
+
+def _load_hf(path: str, data: DataConfig):
+    from datasets import load_dataset
+
+    kwargs = dict(data.hf_kwargs)
+    if path.startswith("hf:"):
+        kwargs.setdefault("path", path[len("hf:") :])
+    if data.split is not None:
+        kwargs.setdefault("split", data.split)
+    if "path" not in kwargs:
+        raise InputError("data.format=hf needs data.path=hf:<name> or data.hf_kwargs.path")
+    try:
+        dataset = load_dataset(**kwargs)
+    except Exception as e:  # noqa: BLE001 - surfaced with the arguments
+        raise InputError(f"datasets.load_dataset({kwargs}) failed: {e}") from None
+    return _select_split(dataset, data, str(kwargs["path"])).data.table

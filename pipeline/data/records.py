@@ -1,0 +1,175 @@
+"""Normalised input records: one per input row, with a stable id, the prompt (or chat messages) and, for
+rows that cannot be generated from, the reason.
+
+Ids: the value of `data.id_column` when declared (later duplicates become error rows), else derived from the
+row's position and content, so the same input always gets the same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config.schema import DataConfig
+
+RECORD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source_index", pa.int64()),  # position in the input (non-blank JSONL lines, table rows)
+        ("prompt", pa.string()),  # the prompt string, or the chat messages as JSON
+        ("is_chat", pa.bool_()),
+        ("metadata", pa.string()),  # the row's other columns as JSON (carried to the output)
+        ("error", pa.string()),  # why the row cannot be generated from; null for good rows
+        ("raw", pa.string()),  # the offending input, truncated, for error rows
+    ]
+)
+RAW_LIMIT = 2000
+
+
+@dataclass
+class RecordTable:
+    table: pa.Table  # RECORD_SCHEMA
+    fingerprint: str  # sha256 of the normalised records
+    files: list[str]
+    format: str
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def num_errors(self) -> int:
+        return self.table.num_rows - self.table.column("error").null_count
+
+
+def derived_id(index: int, content: str) -> str:
+    return hashlib.sha256(f"{index}\x1f{content}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _check_text(value: Any, what: str) -> tuple[str | None, str | None]:
+    """(text, None) or (None, reason)."""
+    if value is None:
+        return None, f"{what} is null"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"{what} is not valid UTF-8 (byte {e.start})"
+    if not isinstance(value, str):
+        return None, f"{what} must be a string, got {type(value).__name__}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, f"{what} is not valid UTF-8 (it holds a lone surrogate)"
+    if not value.strip():
+        return None, f"{what} is empty"
+    return value, None
+
+
+def _check_messages(value: Any) -> tuple[str | None, str | None]:
+    if not isinstance(value, list) or not value:
+        return None, "messages must be a non-empty list of {role, content} objects"
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return None, f"messages[{i}] must be an object with a string 'role'"
+        _, problem = _check_text(message.get("content"), f"messages[{i}].content")
+        if problem:
+            return None, problem
+    return _json([{"role": m["role"], "content": m["content"]} for m in value]), None
+
+
+class RecordBuilder:
+    def __init__(self, data: DataConfig) -> None:
+        self.data = data
+        self.columns: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
+        self.hash = hashlib.sha256()
+        self.seen_ids: dict[str, int] = {}
+        self.columns_seen: set[str] = set()
+        self.rows_with_prompt = 0
+        self.parsed_rows = 0
+
+    @property
+    def all_unparseable(self) -> bool:
+        return self.parsed_rows == 0
+
+    def add(self, index: int, row: dict[str, Any] | None, error: str | None, raw: str | None) -> None:
+        rid, prompt, is_chat, metadata = None, None, False, None
+        if row is not None:
+            self.parsed_rows += 1
+            self.columns_seen.update(row)
+            rid, id_error = self._declared_id(index, row)
+            prompt, is_chat, content_error = self._content(row)
+            error = id_error or content_error
+            extra = {k: v for k, v in row.items() if k not in self._reserved()}
+            metadata = _json(extra) if extra else None
+            if error:
+                raw = raw or _json(row)
+        if rid is None:
+            rid = derived_id(index, prompt if prompt is not None else (raw or ""))
+        if error is None:
+            if rid in self.seen_ids:
+                error = f"duplicate id {rid!r} (first seen at input row {self.seen_ids[rid]})"
+                raw = raw or (_json(row) if row is not None else None)
+            else:
+                self.seen_ids[rid] = index
+        record = {
+            "id": rid,
+            "source_index": index,
+            "prompt": prompt if error is None else None,
+            "is_chat": is_chat,
+            "metadata": metadata,
+            "error": error,
+            "raw": raw[:RAW_LIMIT] if (error and raw) else None,
+        }
+        for name, value in record.items():
+            self.columns[name].append(value)
+        self.hash.update(_json([rid, record["prompt"], is_chat, metadata, error]).encode("utf-8", "replace"))
+
+    def _reserved(self) -> set[str]:
+        names = {self.data.messages_column or self.data.prompt_column}
+        if self.data.id_column:
+            names.add(self.data.id_column)
+        return names
+
+    def _declared_id(self, index: int, row: dict[str, Any]) -> tuple[str | None, str | None]:
+        column = self.data.id_column
+        if not column:
+            return None, None
+        value = row.get(column)
+        if value is None:
+            return None, f"missing id (column {column!r})"
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            return None, f"id in column {column!r} must be a string or an integer, got {type(value).__name__}"
+        text = str(value)
+        if not text.strip():
+            return None, f"empty id (column {column!r})"
+        return text, None
+
+    def _content(self, row: dict[str, Any]) -> tuple[str | None, bool, str | None]:
+        if self.data.messages_column:
+            column = self.data.messages_column
+            if column not in row:
+                return None, True, f"missing column {column!r}"
+            self.rows_with_prompt += 1
+            messages, problem = _check_messages(row[column])
+            return messages, True, problem
+        column = self.data.prompt_column
+        if column not in row:
+            return None, False, f"missing column {column!r}"
+        self.rows_with_prompt += 1
+        prompt, problem = _check_text(row[column], f"prompt (column {column!r})")
+        return prompt, False, problem
+
+    def finish(self) -> pa.Table:
+        return pa.Table.from_pydict(self.columns, schema=RECORD_SCHEMA)
+
+    def fingerprint(self) -> str:
+        return self.hash.hexdigest()

@@ -1,0 +1,213 @@
+"""Prompts in, output rows out: tokenisation, the diffusion sampler, detokenisation and postprocessing.
+
+`Generator` is built once per process (it loads the model) from a picklable `GenerationSpec`; the Ray
+workers and the one-process `pipeline.LLM` API both use it, so both produce the same rows. Rows that cannot
+be generated (prompt too long, template failure, postprocess error or filter) come back as error rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.data.prompts import prompt_ids
+from pipeline.postprocess import load_postprocess
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPT_TOKENS_CAP = 4096
+
+
+@dataclass
+class PromptRecord:
+    id: str
+    prompt: str
+    is_chat: bool = False
+    source_index: int = -1
+    metadata: str | None = None
+
+
+@dataclass
+class GenerationSpec:
+    """Everything a process needs to build a Generator; plain values only (sent to Ray actors)."""
+
+    model_path: str
+    dtype: str = "auto"
+    device: str = "auto"
+    cache_dir: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    sampler: dict[str, Any] = field(default_factory=dict)  # user knob overrides (None = unset)
+    batch_size: int = 8
+    batching: str = "continuous"
+    backend: str = "auto"
+    max_prompt_tokens: int | None = None
+    apply_chat_template: bool = True
+    run_id: str = ""
+    postprocess: dict[str, Any] | None = None
+
+
+@dataclass
+class GenerationOutput:
+    rows: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+    tokens: int = 0
+    denoising_steps: int = 0
+    canvases: int = 0
+    filtered: int = 0
+    wall_s: float = 0.0
+
+
+def max_prompt_tokens_for(requested: int | None, context_window: int, max_new_tokens: int) -> int:
+    """The prompt budget: requested, or the context window minus max_new_tokens capped at 4096."""
+    room = context_window - max_new_tokens
+    if room <= 0:
+        raise ValueError(
+            f"sampler.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+            f"window of {context_window} tokens"
+        )
+    if requested is None:
+        return min(room, MAX_PROMPT_TOKENS_CAP)
+    if requested > room:
+        raise ValueError(
+            f"model.max_prompt_tokens={requested} plus sampler.max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context window of {context_window} tokens"
+        )
+    return requested
+
+
+class Generator:
+    def __init__(self, spec: GenerationSpec) -> None:
+        from pipeline.models.loader import load_model
+        from pipeline.sampler.engine import DiffusionSampler
+        from pipeline.sampler.settings import resolve_settings
+
+        self.spec = spec
+        self.loaded = load_model(
+            spec.model_path,
+            dtype=spec.dtype,
+            device=spec.device,
+            cache_dir=spec.cache_dir,
+            endpoint_url=spec.endpoint_url,
+            region=spec.region,
+        )
+        info = self.loaded.info
+        user = {k: v for k, v in spec.sampler.items() if v is not None}
+        self.settings = resolve_settings(
+            user,
+            info.generation_config,
+            canvas_length=info.canvas_length,
+            eos_token_ids=info.eos_token_ids,
+            pad_token_id=info.pad_token_id,
+        )
+        self.max_prompt_tokens = max_prompt_tokens_for(
+            spec.max_prompt_tokens, info.context_window, self.settings.max_new_tokens
+        )
+        self.sampler = DiffusionSampler(
+            self.loaded.model,
+            self.settings,
+            max_batch=spec.batch_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+            backend=spec.backend,
+        )
+        self.tokenizer = self.loaded.tokenizer
+        self.postprocess, self.postprocess_name, self.postprocess_columns = load_postprocess(spec.postprocess)
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.info.name
+
+    def _error(self, record: PromptRecord, stage: str, reason: str) -> dict[str, Any]:
+        return {
+            "id": record.id,
+            "source_index": record.source_index,
+            "stage": stage,
+            "reason": reason,
+            "raw": record.prompt[:2000],
+            "run_id": self.spec.run_id,
+        }
+
+    def generate(
+        self, records: list[PromptRecord], on_row: Callable[[int, int], None] | None = None
+    ) -> GenerationOutput:
+        """Generates every record; `on_row(tokens, steps)` is called as each row finishes."""
+        from pipeline.sampler.engine import Request
+
+        start = time.perf_counter()
+        out = GenerationOutput(rows=[], errors=[])
+        requests, kept, lengths = [], [], []
+        for record in records:
+            try:
+                ids = prompt_ids(
+                    self.tokenizer,
+                    record.prompt,
+                    is_chat=record.is_chat,
+                    apply_chat_template=self.spec.apply_chat_template,
+                )
+            except Exception as e:  # noqa: BLE001 - a bad row never stops the job
+                out.errors.append(self._error(record, "tokenize", f"cannot render the prompt: {e}"))
+                continue
+            if not ids:
+                out.errors.append(self._error(record, "tokenize", "the prompt has no tokens"))
+            elif len(ids) > self.max_prompt_tokens:
+                out.errors.append(
+                    self._error(
+                        record,
+                        "tokenize",
+                        f"prompt has {len(ids)} tokens, more than fit: model.max_prompt_tokens={self.max_prompt_tokens} "
+                        f"(context window {self.loaded.info.context_window}, "
+                        f"sampler.max_new_tokens={self.settings.max_new_tokens})",
+                    )
+                )
+            else:
+                requests.append(Request(record.id, ids))
+                kept.append(record)
+                lengths.append(len(ids))
+
+        def finished(result) -> None:
+            if on_row is not None:
+                on_row(len(result.token_ids), result.denoising_steps)
+
+        results = self.sampler.generate(requests, batching=self.spec.batching, on_result=finished)
+        for record, n_prompt, result in zip(kept, lengths, results, strict=True):
+            row = {
+                "id": record.id,
+                "prompt": record.prompt,
+                "completion": self.tokenizer.decode(result.token_ids, skip_special_tokens=True),
+                "completion_tokens": len(result.token_ids),
+                "prompt_tokens": n_prompt,
+                "denoising_steps": result.denoising_steps,
+                "canvases": result.canvases,
+                "finish_reason": result.finish_reason,
+                "model": self.model_name,
+                "seed": self.settings.seed,
+                "run_id": self.spec.run_id,
+                "source_index": record.source_index,
+                "metadata": record.metadata,
+            }
+            if result.drafts is not None:
+                row["drafts"] = [[self.tokenizer.decode(d) for d in canvas] for canvas in result.drafts]
+            out.tokens += row["completion_tokens"]
+            out.denoising_steps += result.denoising_steps
+            out.canvases += result.canvases
+            if self.postprocess is not None:
+                try:
+                    extra = self.postprocess(dict(row))
+                except Exception as e:  # noqa: BLE001 - a bad row never stops the job
+                    out.errors.append(
+                        self._error(record, "postprocess", f"{self.postprocess_name} raised {e!r}")
+                    )
+                    continue
+                if extra is None:
+                    out.filtered += 1
+                    out.errors.append(
+                        self._error(record, "postprocess", f"filtered out by {self.postprocess_name}")
+                    )
+                    continue
+                row.update(extra)
+            out.rows.append(row)
+        out.wall_s = time.perf_counter() - start
+        return out

@@ -1,0 +1,204 @@
+"""The run layout on storage and its exactly-once commit protocol.
+
+    <output.uri>/<run_id>/
+      _run.json                 identity of the run: input and config fingerprints, shard plan
+      _config.yaml              fully resolved config (no secrets)
+      data/part-<shard>.parquet output rows of a shard (attempt-free name: a retry rewrites the same key)
+      errors/part-<shard>.parquet rejected rows of a shard, with reasons
+      _commits/shard-<shard>.json the commit point: a shard is committed iff this marker exists
+      _manifest.json, stats.json, README.md, then _SUCCESS (last, only when every shard is committed)
+
+A shard's parts are written first and its marker last; objects are written atomically (see store.py). On a
+rerun, shards with a marker are skipped and every data/errors object without one is deleted, so each input
+row ends up exactly once in data/ or errors/. Markers record the parts' sizes and checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.io.parts import ERROR_SCHEMA, to_parquet_bytes, to_table
+from pipeline.io.store import Store
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "_run.json"
+SUCCESS = "_SUCCESS"
+MANIFEST = "_manifest.json"
+COMMITS = "_commits/"
+
+
+def data_key(shard: int) -> str:
+    return f"data/part-{shard:05d}.parquet"
+
+
+def errors_key(shard: int) -> str:
+    return f"errors/part-{shard:05d}.parquet"
+
+
+def commit_key(shard: int) -> str:
+    return f"{COMMITS}shard-{shard:05d}.json"
+
+
+class RunConflictError(RuntimeError):
+    """The run id is taken by a run with a different input or config."""
+
+
+@dataclass
+class ShardCommit:
+    shard: int
+    rows: int
+    error_rows: int
+    data_key: str | None
+    errors_key: str | None
+    data_bytes: int
+    errors_bytes: int
+    data_sha256: str | None
+    errors_sha256: str | None
+    tokens: int
+    denoising_steps: int
+    canvases: int
+    filtered: int
+    finish_reasons: dict[str, int]
+    errors_by_stage: dict[str, int]
+    worker: str
+    attempt: int
+    wall_s: float
+    committed_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(vars(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardCommit:
+        return cls(**json.loads(text))
+
+
+class RunStore:
+    """One run's directory/prefix, with the commit protocol."""
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    # --------------------------------------------------------------------------------------- identity
+    def read_run_file(self) -> dict[str, Any] | None:
+        if not self.store.exists(RUN_FILE):
+            return None
+        return json.loads(self.store.read_text(RUN_FILE))
+
+    def write_run_file(self, identity: dict[str, Any]) -> None:
+        self.store.write_text(RUN_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+    def is_complete(self) -> bool:
+        return self.store.exists(SUCCESS)
+
+    def check_identity(self, identity: dict[str, Any], *, overwrite: bool) -> str:
+        """ "new", "resume" or "complete"; raises RunConflictError (or wipes the run, with overwrite)."""
+        existing = self.read_run_file()
+        if existing is None:
+            leftovers = self.store.list("")
+            if leftovers and not overwrite:
+                raise RunConflictError(
+                    f"{self.uri} is not empty but holds no canvasflow run ({len(leftovers)} objects, e.g. "
+                    f"{leftovers[0]!r}); choose another run.id or output.uri, or set run.overwrite=true"
+                )
+            if leftovers:
+                self.store.delete(leftovers)
+            return "new"
+        keys = ("input_fingerprint", "config_fingerprint", "shard_size", "num_rows")
+        different = [k for k in keys if existing.get(k) != identity.get(k)]
+        if different:
+            if not overwrite:
+                what = ", ".join(
+                    f"{k} {str(existing.get(k))[:12]} -> {str(identity.get(k))[:12]}" for k in different
+                )
+                raise RunConflictError(
+                    f"run.id={self.run_id!r} at {self.uri} was started with a different input or config "
+                    f"({what}). Use a new run.id to keep both, or run.overwrite=true to replace the old run."
+                )
+            removed = self.store.delete_prefix("")
+            logger.warning(
+                "run.overwrite=true: removed %d objects of the previous run at %s", removed, self.uri
+            )
+            return "new"
+        return "complete" if self.is_complete() else "resume"
+
+    # ------------------------------------------------------------------------------------------ shards
+    def committed(self) -> dict[int, ShardCommit]:
+        commits = {}
+        for key in self.store.list(COMMITS):
+            commit = ShardCommit.from_json(self.store.read_text(key))
+            commits[commit.shard] = commit
+        return commits
+
+    def clean_uncommitted(self, committed: dict[int, ShardCommit]) -> list[str]:
+        """Deletes data/ and errors/ objects that no commit marker names (partial or orphaned writes)."""
+        keep = {k for c in committed.values() for k in (c.data_key, c.errors_key) if k}
+        stale = [k for k in self.store.list("data/") + self.store.list("errors/") if k not in keep]
+        if stale:
+            self.store.delete(stale)
+        return stale
+
+    def commit_shard(
+        self,
+        shard: int,
+        output_table,
+        error_rows: list[dict[str, Any]],
+        *,
+        compression: str,
+        stats: dict[str, Any],
+        worker: str,
+        attempt: int,
+    ) -> ShardCommit:
+        """Writes the shard's parts, then its commit marker (the commit point)."""
+        data_payload = to_parquet_bytes(output_table, compression) if output_table.num_rows else None
+        errors_payload = (
+            to_parquet_bytes(to_table(error_rows, ERROR_SCHEMA), compression) if error_rows else None
+        )
+        if data_payload is not None:
+            self.store.write_bytes(data_key(shard), data_payload)
+        if errors_payload is not None:
+            self.store.write_bytes(errors_key(shard), errors_payload)
+        commit = ShardCommit(
+            shard=shard,
+            rows=output_table.num_rows,
+            error_rows=len(error_rows),
+            data_key=data_key(shard) if data_payload is not None else None,
+            errors_key=errors_key(shard) if errors_payload is not None else None,
+            data_bytes=len(data_payload or b""),
+            errors_bytes=len(errors_payload or b""),
+            data_sha256=hashlib.sha256(data_payload).hexdigest() if data_payload else None,
+            errors_sha256=hashlib.sha256(errors_payload).hexdigest() if errors_payload else None,
+            tokens=int(stats.get("tokens", 0)),
+            denoising_steps=int(stats.get("denoising_steps", 0)),
+            canvases=int(stats.get("canvases", 0)),
+            filtered=int(stats.get("filtered", 0)),
+            finish_reasons=dict(stats.get("finish_reasons", {})),
+            errors_by_stage=dict(stats.get("errors_by_stage", {})),
+            worker=worker,
+            attempt=attempt,
+            wall_s=float(stats.get("wall_s", 0.0)),
+            committed_at=time.time(),
+        )
+        self.store.write_text(commit_key(shard), commit.to_json())
+        return commit
+
+    # ------------------------------------------------------------------------------------------- final
+    def finalize(self, manifest: dict[str, Any], stats: dict[str, Any], card: str) -> None:
+        """Writes manifest, stats and dataset card, then _SUCCESS last."""
+        self.store.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        self.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        self.store.write_text("README.md", card)
+        self.store.write_text(
+            SUCCESS, json.dumps({"run_id": self.run_id, "completed_at": time.time()}) + "\n"
+        )

@@ -1,0 +1,77 @@
+"""Arrow schemas of the run's output and error rows, and their Parquet serialisation."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),  # the prompt as given (chat messages as JSON)
+        ("completion", pa.string()),
+        ("completion_tokens", pa.int32()),  # tokens of the completion (EOS excluded)
+        ("prompt_tokens", pa.int32()),  # tokens of the rendered prompt
+        ("denoising_steps", pa.int32()),  # decoder forward passes spent on the row
+        ("canvases", pa.int32()),
+        ("finish_reason", pa.string()),  # eos | length
+        ("model", pa.string()),
+        ("seed", pa.int64()),
+        ("run_id", pa.string()),
+        ("source_index", pa.int64()),  # position of the row in the input
+        ("metadata", pa.string()),  # the input row's other columns, as JSON
+    ]
+)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source_index", pa.int64()),
+        ("stage", pa.string()),  # read | tokenize | postprocess
+        ("reason", pa.string()),
+        ("raw", pa.string()),  # the offending input, truncated
+        ("run_id", pa.string()),
+    ]
+)
+
+TYPE_NAMES = {"string": pa.string(), "bool": pa.bool_(), "double": pa.float64(), "int64": pa.int64()}
+
+
+def output_schema(
+    extra_columns: dict[str, str] | None = None, rows: list[dict[str, Any]] | None = None
+) -> pa.Schema:
+    """The base schema plus postprocess columns (declared types, else inferred; all-null ones as string)."""
+    schema = OUTPUT_SCHEMA
+    declared = {name: TYPE_NAMES[t] for name, t in (extra_columns or {}).items()}
+    names = list(declared)
+    for row in rows or []:
+        for key in row:
+            if key not in OUTPUT_SCHEMA.names and key not in names:
+                names.append(key)
+    for name in names:
+        if name in declared:
+            field_type = declared[name]
+        elif name == "drafts":
+            field_type = pa.list_(pa.list_(pa.string()))
+        else:
+            values = [r.get(name) for r in rows or [] if r.get(name) is not None]
+            field_type = pa.array(values).type if values else pa.string()
+        schema = schema.append(pa.field(name, field_type))
+    return schema
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def to_parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression=None if compression == "none" else compression)
+    return sink.getvalue()
+
+
+def from_parquet_bytes(payload: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(payload))

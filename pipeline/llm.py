@@ -1,0 +1,156 @@
+"""One-process Python API for notebooks and tests, in the spirit of vLLM's `LLM.generate`.
+
+    from pipeline import LLM
+    llm = LLM("builtin:tiny-diffusiongemma", max_denoising_steps=32)
+    outs = llm.generate(["Add: 482+519", "Sort: 3 1 2"])
+    outs[0].completion, outs[0].denoising_steps
+
+The model is loaded once; results carry the same fields as the pipeline's output rows and, with the same
+seed and settings, the same completions (randomness is keyed by row id, so give ids to match a run).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pipeline.config.schema import BUILTIN_MODEL
+from pipeline.data.records import derived_id
+from pipeline.generation import GenerationSpec, Generator, PromptRecord
+
+SAMPLER_KNOBS = (
+    "max_new_tokens",
+    "max_denoising_steps",
+    "t_min",
+    "t_max",
+    "entropy_bound",
+    "stability_threshold",
+    "confidence_threshold",
+    "canvas_length",
+    "seed",
+    "adaptive_stopping",
+    "revise_accepted",
+    "record_drafts",
+)
+
+
+@dataclass
+class Completion:
+    id: str
+    prompt: str
+    completion: str
+    completion_tokens: int
+    prompt_tokens: int
+    denoising_steps: int
+    canvases: int
+    finish_reason: str
+    model: str
+    seed: int
+    extra: dict[str, Any] = field(default_factory=dict)  # postprocess columns, drafts
+    error: str | None = None  # set (and completion empty) when the row could not be generated
+
+
+class LLM:
+    """Loads a diffusion LM once and generates for lists of prompts.
+
+    Args:
+        model: a Hugging Face model directory, an s3:// prefix, or a builtin (default: the tiny model).
+        dtype, device: as `model.dtype` / `model.device` of the job config ("auto" picks for the device).
+        batch_size: KV-cache slots (rows denoised together).
+        apply_chat_template: render plain prompts as one user turn of the tokenizer's chat template.
+        postprocess: optional `{"_target_": "module.fn", ...}` verify/postprocess stage.
+        **sampler: sampler knobs (max_new_tokens, max_denoising_steps, t_min, t_max, entropy_bound,
+            stability_threshold, confidence_threshold, canvas_length, seed, adaptive_stopping,
+            revise_accepted, record_drafts); unset knobs come from the model's generation_config.json.
+    """
+
+    def __init__(
+        self,
+        model: str = BUILTIN_MODEL,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 8,
+        batching: str = "continuous",
+        backend: str = "auto",
+        max_prompt_tokens: int | None = None,
+        apply_chat_template: bool = True,
+        postprocess: dict[str, Any] | None = None,
+        endpoint_url: str | None = None,
+        **sampler: Any,
+    ) -> None:
+        unknown = sorted(set(sampler) - set(SAMPLER_KNOBS))
+        if unknown:
+            raise TypeError(f"unknown sampler setting(s) {unknown}; valid ones: {', '.join(SAMPLER_KNOBS)}")
+        self.spec = GenerationSpec(
+            model_path=model,
+            dtype=dtype,
+            device=device,
+            endpoint_url=endpoint_url,
+            sampler=dict(sampler),
+            batch_size=batch_size,
+            batching=batching,
+            backend=backend,
+            max_prompt_tokens=max_prompt_tokens,
+            apply_chat_template=apply_chat_template,
+            run_id="",
+            postprocess=postprocess,
+        )
+        self.generator = Generator(self.spec)
+
+    @property
+    def settings(self):
+        """The resolved sampler settings (user values over the model's generation config)."""
+        return self.generator.settings
+
+    @property
+    def tokenizer(self):
+        return self.generator.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[dict[str, str]]],
+        *,
+        ids: Sequence[str] | None = None,
+    ) -> list[Completion]:
+        """Completions in prompt order. A prompt is a string or a chat (a list of {role, content} messages).
+        `ids` key each row's randomness (default: derived from position and content, as the pipeline does)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if ids is not None and len(ids) != len(prompts):
+            raise ValueError(f"ids has {len(ids)} entries for {len(prompts)} prompts")
+        records = []
+        for i, prompt in enumerate(prompts):
+            is_chat = not isinstance(prompt, str)
+            text = json.dumps(list(prompt), ensure_ascii=False, sort_keys=True) if is_chat else prompt
+            rid = str(ids[i]) if ids is not None else derived_id(i, text)
+            records.append(PromptRecord(rid, text, is_chat, i))
+        out = self.generator.generate(records)
+        names = {f.name for f in fields(Completion)} - {"extra", "error"}
+        by_index: dict[int, Completion] = {}
+        for row in out.rows:
+            base = {k: row[k] for k in names}
+            extra = {
+                k: v
+                for k, v in row.items()
+                if k not in names and k not in ("run_id", "source_index", "metadata")
+            }
+            by_index[row["source_index"]] = Completion(**base, extra=extra)
+        for err in out.errors:
+            record = records[err["source_index"]]
+            by_index[err["source_index"]] = Completion(
+                id=record.id,
+                prompt=record.prompt,
+                completion="",
+                completion_tokens=0,
+                prompt_tokens=0,
+                denoising_steps=0,
+                canvases=0,
+                finish_reason="error",
+                model=self.generator.model_name,
+                seed=self.settings.seed,
+                error=err["reason"],
+            )
+        return [by_index[i] for i in range(len(records))]

@@ -1,0 +1,46 @@
+"""Per-row verify/postprocess stage, configured as `postprocess: {_target_: module.callable, **kwargs}`.
+
+The callable gets each output row as a dict and returns the columns to add (a dict) or None to filter the
+row out (filtered rows are recorded in errors/ with stage "postprocess", so no input row disappears). It may
+declare its columns' Arrow types as a `columns` attribute ({name: "string" | "bool" | "double" | "int64"});
+otherwise they are inferred. An exception on a row turns that row into an error row.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+PostprocessFn = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+
+
+class PostprocessError(ValueError):
+    """The postprocess target cannot be loaded; the message names it."""
+
+
+def load_postprocess(spec: dict[str, Any] | None) -> tuple[PostprocessFn | None, str | None, dict[str, str]]:
+    """(callable, its dotted name, declared column types) for a `{_target_: ..., kwargs}` spec."""
+    if not spec:
+        return None, None, {}
+    spec = dict(spec)
+    target = spec.pop("_target_", None)
+    if not isinstance(target, str) or "." not in target:
+        raise PostprocessError(f"postprocess._target_={target!r} must be 'module.callable'")
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PostprocessError(
+            f"postprocess._target_={target!r}: cannot import {module_name!r}: {e}"
+        ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise PostprocessError(
+            f"postprocess._target_={target!r}: {attr!r} is not a callable of {module_name}"
+        )
+    columns = dict(getattr(fn, "columns", {}) or {})
+    if spec:
+        fn = functools.partial(fn, **spec)
+    return fn, target, columns

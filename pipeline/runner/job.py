@@ -1,0 +1,334 @@
+"""The driver of a generation job: validate everything up front, plan shards, run the worker pool, commit.
+
+`run(job)` returns the process exit code: 0 when the run is complete (`_SUCCESS` written), 1 when some
+shards failed (everything committed is kept; rerun the same command to retry them), 2 when the job could
+not start (bad config, unreadable input, unreachable output, model that does not load) — in which case no
+GPU work was done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config.schema import ConfigError, JobConfig
+from pipeline.data.readers import InputError, read_input, resolve_path
+from pipeline.generation import GenerationSpec, max_prompt_tokens_for
+from pipeline.io.commit import RunConflictError, RunStore
+from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
+from pipeline.models.loader import ModelError, ModelInfo, inspect_model, resolve_model_dir
+from pipeline.postprocess import PostprocessError, load_postprocess
+from pipeline.runner.identity import config_fingerprint, derive_run_id, local_model_identity, model_identity
+from pipeline.runner.pool import ShardTask, WorkerStartError
+from pipeline.runner.report import Progress, build_manifest, build_stats, log_summary
+from pipeline.sampler.settings import SettingsError, resolve_settings
+
+logger = logging.getLogger("canvasflow")
+
+STARTUP_ERRORS = (
+    ConfigError,
+    InputError,
+    StoreError,
+    ModelError,
+    RunConflictError,
+    SettingsError,
+    PostprocessError,
+)
+
+
+@dataclass
+class Prepared:
+    job: JobConfig
+    run_id: str
+    run_store: RunStore
+    records: Any  # RecordTable
+    spec: GenerationSpec
+    model_info: ModelInfo
+    settings: dict[str, Any]
+    identity: dict[str, Any]
+    status: str  # new | resume | complete
+
+
+def run_from_hydra(cfg: Any) -> int:
+    from pipeline.config import to_job_config
+
+    _ensure_logging()
+    try:
+        job = to_job_config(cfg)
+    except ConfigError as e:
+        logger.error("invalid configuration: %s", e)
+        return 2
+    return run(job, resolved_yaml=_yaml(cfg))
+
+
+def _yaml(cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def _ensure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    logger.setLevel(logging.INFO)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def _inspect_model(job: JobConfig) -> tuple[ModelInfo, str]:
+    """ModelInfo and identity digest, reading only config files (an s3:// model is not downloaded here)."""
+    path = job.model.path
+    if not is_s3(path):
+        model_dir = resolve_model_dir(path, cache_dir=job.model.cache_dir)
+        return inspect_model(
+            model_dir, name=path if path.startswith("builtin:") else None
+        ), local_model_identity(model_dir)
+    bucket, prefix = split_s3_uri(path)
+    store = S3Store(f"s3://{bucket}/{prefix}", S3Options(job.output.endpoint_url, job.output.region))
+    try:
+        keys = store.list("")
+        if "config.json" not in keys:
+            raise ModelError(f"model.path={path!r} has no config.json")
+        texts = {
+            name: store.read_text(name) if name in keys else ""
+            for name in ("config.json", "generation_config.json")
+        }
+    except StoreError as e:
+        raise ModelError(f"model.path={path!r} cannot be read: {e}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in texts.items():
+            if text:
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    f.write(text)
+        info = inspect_model(tmp, name=path.rstrip("/").rsplit("/", 1)[-1])
+    info.model_dir = path
+    weights = {k: 0 for k in keys if k.endswith(".safetensors")}
+    return info, model_identity(path, texts["config.json"], texts["generation_config.json"], weights)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
+    """Every check that can fail before GPU work: model config, settings, postprocess, output, input."""
+    info, model_id = _inspect_model(job)
+    knobs = {
+        k: getattr(job.sampler, k)
+        for k in (
+            "max_new_tokens",
+            "max_denoising_steps",
+            "t_min",
+            "t_max",
+            "entropy_bound",
+            "stability_threshold",
+            "confidence_threshold",
+            "canvas_length",
+            "seed",
+            "adaptive_stopping",
+            "revise_accepted",
+            "record_drafts",
+        )
+    }
+    try:
+        settings = resolve_settings(
+            {k: v for k, v in knobs.items() if v is not None},
+            info.generation_config,
+            canvas_length=info.canvas_length,
+            eos_token_ids=info.eos_token_ids,
+            pad_token_id=info.pad_token_id,
+        )
+        max_prompt = max_prompt_tokens_for(
+            job.model.max_prompt_tokens, info.context_window, settings.max_new_tokens
+        )
+    except (SettingsError, ValueError) as e:
+        raise ConfigError(
+            f"{e} (sampler values not set in the config come from the model's generation_config.json in "
+            f"{info.model_dir}, else the DiffusionGemma reference defaults)"
+        ) from None
+    load_postprocess(job.postprocess)
+
+    store = open_store(job.output.uri, endpoint_url=job.output.endpoint_url, region=job.output.region)
+    store.check_writable()
+    logger.info("reading input %s", job.data.path)
+    records = read_input(job.data, endpoint_url=job.output.endpoint_url, region=job.output.region)
+    logger.info(
+        "input: %d rows (%d rejected while reading) from %d file(s)",
+        records.num_rows,
+        records.num_errors,
+        len(records.files),
+    )
+
+    settings_dict = settings.to_dict()
+    config_fp = config_fingerprint(job, model_id, settings_dict)
+    run_id = job.run.id or derive_run_id(resolve_path(job.data.path), records.fingerprint, config_fp)
+    run_store = RunStore(store.child(run_id), run_id)
+    num_shards = -(-records.num_rows // job.run.shard_size)
+    identity = {
+        "run_id": run_id,
+        "input_path": job.data.path,
+        "input_fingerprint": records.fingerprint,
+        "config_fingerprint": config_fp,
+        "model": info.name,
+        "model_identity": model_id,
+        "num_rows": records.num_rows,
+        "shard_size": job.run.shard_size,
+        "num_shards": num_shards,
+        "created_at": time.time(),
+    }
+    status = run_store.check_identity(identity, overwrite=job.run.overwrite)
+    if status == "new":
+        run_store.write_run_file(identity)
+    if resolved_yaml is not None:
+        run_store.store.write_text("_config.yaml", resolved_yaml)
+    spec = GenerationSpec(
+        model_path=job.model.path,
+        dtype=job.model.dtype,
+        device=job.model.device,
+        cache_dir=job.model.cache_dir,
+        endpoint_url=job.output.endpoint_url,
+        region=job.output.region,
+        sampler=knobs,
+        batch_size=job.sampler.batch_size,
+        batching=job.sampler.batching,
+        backend=job.sampler.backend,
+        max_prompt_tokens=max_prompt,
+        apply_chat_template=job.data.apply_chat_template,
+        run_id=run_id,
+        postprocess=job.postprocess,
+    )
+    return Prepared(job, run_id, run_store, records, spec, info, settings_dict, identity, status)
+
+
+# --------------------------------------------------------------------------------------------------- run
+def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
+    _ensure_logging()
+    started = time.time()
+    if resolved_yaml is None:
+        from omegaconf import OmegaConf
+
+        resolved_yaml = OmegaConf.to_yaml(OmegaConf.structured(job))
+    try:
+        prep = prepare(job, resolved_yaml)
+    except STARTUP_ERRORS as e:
+        logger.error("%s", e)
+        return 2
+    run_store = prep.run_store
+    logger.info("run %s -> %s", prep.run_id, run_store.uri)
+    if prep.status == "complete":
+        logger.info("run %s is already complete (_SUCCESS present); nothing to do", prep.run_id)
+        log_summary(json.loads(run_store.store.read_text("stats.json")), run_store.uri)
+        return 0
+
+    committed = run_store.committed()
+    stale = run_store.clean_uncommitted(committed)
+    if committed or stale:
+        logger.info(
+            "resuming: %d of %d shards already committed; removed %d uncommitted objects",
+            len(committed),
+            prep.identity["num_shards"],
+            len(stale),
+        )
+    size, total = job.run.shard_size, prep.records.num_rows
+    tasks = [
+        ShardTask(shard=i, start=i * size, stop=min(total, (i + 1) * size))
+        for i in range(prep.identity["num_shards"])
+        if i not in committed
+    ]
+    progress = Progress(
+        total_rows=total,
+        done_rows=sum(c.rows + c.error_rows for c in committed.values()),
+        interval_s=job.run.progress_interval_s,
+    )
+    new_commits: dict[int, Any] = {}
+    failed = []
+    worker_infos: list[dict[str, Any]] = []
+    if tasks:
+        try:
+            failed, worker_infos = _run_workers(prep, tasks, new_commits, progress)
+        except (*STARTUP_ERRORS, WorkerStartError) as e:
+            logger.error("%s", e)
+            return 2
+
+    all_commits = run_store.committed()
+    stats = build_stats(prep, all_commits, new_commits, worker_infos, started, failed)
+    if failed:
+        run_store.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        logger.error(
+            "%d shard(s) failed (%s); %d of %d shards are committed and kept. Rerun the same command to retry.",
+            len(failed),
+            ", ".join(str(t.shard) for t in failed[:10]),
+            len(all_commits),
+            prep.identity["num_shards"],
+        )
+        return 1
+    from pipeline.io.card import render_card
+
+    manifest = build_manifest(prep, all_commits)
+    run_store.finalize(manifest, stats, render_card(run_store.uri, manifest, stats))
+    log_summary(stats, run_store.uri)
+    return 0
+
+
+def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: Progress):
+    import ray
+
+    from pipeline.runner.pool import run_pool, start_workers
+    from pipeline.runner.ray_setup import connect, worker_options
+    from pipeline.runner.worker import ProgressBoard, ShardWorker
+
+    job = prep.job
+    started_ray = connect(job.cluster)
+    try:
+        count = min(job.cluster.num_workers, len(tasks))
+        options, threads = worker_options(job.cluster, count)
+        board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+        worker_cls = ray.remote(ShardWorker)
+
+        def make_worker(index: int):
+            return worker_cls.options(**options).remote(
+                prep.spec,
+                prep.run_store,
+                compression=job.output.compression,
+                name=f"w{index}",
+                torch_threads=threads,
+                board=board,
+            )
+
+        logger.info("starting %d worker(s) (%s)", count, ", ".join(f"{k}={v}" for k, v in options.items()))
+        workers, infos = start_workers(make_worker, count)
+        for info in infos:
+            logger.info(
+                "worker %s ready on %s (%s%s, %s kernels, model loaded in %.1fs)",
+                info["worker"],
+                info["host"],
+                info["device"],
+                f" {info['gpu']}" if info["gpu"] else "",
+                info["backend"],
+                info["load_s"],
+            )
+        progress.start(ray, board)
+
+        def on_commit(commit: dict[str, Any]) -> None:
+            new_commits[commit["shard"]] = commit
+            progress.shard_done(commit)
+
+        failed = run_pool(
+            workers,
+            make_worker,
+            tasks,
+            prep.records.table,
+            max_attempts=job.run.max_shard_attempts,
+            on_commit=on_commit,
+            on_tick=progress.tick,
+            tick_s=min(1.0, job.run.progress_interval_s),
+        )
+        progress.final()
+        for worker in workers:
+            ray.kill(worker)
+        return failed, infos
+    finally:
+        if started_ray:
+            ray.shutdown()

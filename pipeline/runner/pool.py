@@ -1,0 +1,122 @@
+"""A fixed pool of shard workers: dispatch, bounded retries, worker replacement.
+
+Each worker (Ray actor) holds one shard at a time. A shard whose worker dies (process killed, node lost) or
+whose processing raises is queued again, up to `max_attempts` attempts; a dead worker is replaced by a new
+one (which loads the model again). Shards that keep failing are returned with their last error; the others
+are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardTask:
+    shard: int
+    start: int  # first record (row of the record table)
+    stop: int
+    attempts: int = 0
+    last_error: str | None = None
+
+
+class WorkerStartError(RuntimeError):
+    """A worker could not start (e.g. the model failed to load)."""
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1][:500] if text else type(error).__name__
+
+
+def start_workers(make_worker: Callable[[int], Any], count: int) -> tuple[list[Any], list[dict[str, Any]]]:
+    import ray
+
+    workers = [make_worker(i) for i in range(count)]
+    infos = []
+    for i, worker in enumerate(workers):
+        try:
+            infos.append(ray.get(worker.ready.remote()))
+        except Exception as e:  # noqa: BLE001 - reported with the worker's own message
+            for w in workers:
+                ray.kill(w)
+            raise WorkerStartError(f"worker {i} failed to start: {_short(e)}") from None
+    return workers, infos
+
+
+def run_pool(
+    workers: list[Any],
+    make_worker: Callable[[int], Any],
+    tasks: list[ShardTask],
+    records: Any,
+    *,
+    max_attempts: int,
+    on_commit: Callable[[dict[str, Any]], None],
+    on_tick: Callable[[], None],
+    tick_s: float,
+) -> list[ShardTask]:
+    """Runs every task; returns the tasks that failed `max_attempts` times."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    queue = deque(tasks)
+    idle = list(range(len(workers)))[::-1]
+    inflight: dict[Any, tuple[ShardTask, int]] = {}
+    failed: list[ShardTask] = []
+    while queue or inflight:
+        while idle and queue:
+            index = idle.pop()
+            task = queue.popleft()
+            task.attempts += 1
+            chunk = records.slice(task.start, task.stop - task.start)
+            inflight[workers[index].process.remote(task.shard, chunk, task.attempts)] = (task, index)
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_s)
+        on_tick()
+        for ref in ready:
+            task, index = inflight.pop(ref)
+            try:
+                on_commit(ray.get(ref))
+                idle.append(index)
+                continue
+            except RayActorError as e:
+                task.last_error = f"worker died: {_short(e)}"
+                logger.warning(
+                    "worker %d died while processing shard %d (attempt %d/%d); starting a replacement",
+                    index,
+                    task.shard,
+                    task.attempts,
+                    max_attempts,
+                )
+                ray.kill(workers[index])
+                workers[index] = make_worker(index)
+                idle.append(index)
+            except Exception as e:  # noqa: BLE001 - the shard failed inside the worker
+                task.last_error = _short(e)
+                logger.warning(
+                    "shard %d failed on worker %d (attempt %d/%d): %s",
+                    task.shard,
+                    index,
+                    task.attempts,
+                    max_attempts,
+                    task.last_error,
+                )
+                idle.append(index)
+            if task.attempts < max_attempts:
+                time.sleep(min(2.0 ** (task.attempts - 1), 10.0) * 0.1)
+                queue.append(task)
+            else:
+                logger.error(
+                    "shard %d failed %d times; giving up on it: %s",
+                    task.shard,
+                    task.attempts,
+                    task.last_error,
+                )
+                failed.append(task)
+    return failed

@@ -1,0 +1,55 @@
+"""Connecting to Ray (a local instance, or the cluster a job was submitted to) and sizing worker actors."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config.schema import ClusterConfig
+
+logger = logging.getLogger("canvasflow")
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def connect(cluster: ClusterConfig) -> bool:
+    """Initialises Ray unless this process already did; returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cluster.mode == "local":
+        python_path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
+        cpus = max(os.cpu_count() or 1, math.ceil(cluster.num_workers * cluster.num_cpus_per_worker) + 1)
+        logger.info("starting a local Ray instance (%d CPUs)", cpus)
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": {"PYTHONPATH": python_path, "TOKENIZERS_PARALLELISM": "false"}},
+        )
+    else:
+        logger.info("connecting to the Ray cluster at %s", cluster.address)
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+    return True
+
+
+def worker_options(cluster: ClusterConfig, count: int) -> tuple[dict[str, Any], int | None]:
+    """Ray actor options for one worker and the torch thread count it should use."""
+    import ray
+
+    gpus = cluster.num_gpus_per_worker
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    options = {
+        "num_cpus": cluster.num_cpus_per_worker,
+        "num_gpus": gpus,
+        "max_restarts": 0,
+        "max_task_retries": 0,
+    }
+    threads = cluster.torch_threads
+    if threads is None and cluster.mode == "local" and not gpus:
+        threads = max(1, (os.cpu_count() or 1) // max(count, 1))
+    return options, threads

@@ -1,0 +1,181 @@
+"""Progress lines while a job runs, and the run's stats.json, manifest and end-of-run summary."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+logger = logging.getLogger("canvasflow")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Logs rows done, rows/s, tokens/s, ETA and per-worker counts every `interval_s` seconds."""
+
+    def __init__(self, total_rows: int, done_rows: int, interval_s: float) -> None:
+        self.total = total_rows
+        self.done_before = done_rows
+        self.interval = interval_s
+        self.board = None
+        self.ray = None
+        self.started = time.monotonic()
+        self.last = self.started
+        self.committed_rows = 0
+        self.snapshot: dict[str, dict[str, float]] = {}
+
+    def start(self, ray, board) -> None:
+        self.ray, self.board = ray, board
+        self.started = self.last = time.monotonic()
+
+    def shard_done(self, commit: dict[str, Any]) -> None:
+        self.committed_rows += commit["rows"] + commit["error_rows"]
+
+    def _refresh(self) -> None:
+        if self.board is None:
+            return
+        with contextlib.suppress(Exception):  # progress is best effort; the job goes on
+            self.snapshot = self.ray.get(self.board.snapshot.remote(), timeout=5)
+
+    def tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
+        self._refresh()
+        rows = max(self.committed_rows, int(sum(w["rows"] for w in self.snapshot.values())))
+        tokens = sum(w["tokens"] for w in self.snapshot.values())
+        steps = sum(w["steps"] for w in self.snapshot.values())
+        elapsed = max(now - self.started, 1e-9)
+        done = self.done_before + rows
+        rate = rows / elapsed
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        workers = ", ".join(f"{name}: {int(w['rows'])} rows" for name, w in sorted(self.snapshot.items()))
+        logger.info(
+            "progress: %d/%d rows (%.1f%%) | %.2f rows/s | %.1f tok/s | %.1f passes/row | ETA %s%s",
+            done,
+            self.total,
+            100.0 * done / max(self.total, 1),
+            rate,
+            tokens / elapsed,
+            steps / max(rows, 1),
+            _duration(eta) if eta != float("inf") else "-",
+            f" | {workers}" if workers else "",
+        )
+
+    def final(self) -> None:
+        self.tick(force=True)
+
+
+def _merge(counters: list[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for c in counters:
+        total.update(c)
+    return dict(total)
+
+
+def build_stats(
+    prep, all_commits: dict, new_commits: dict, worker_infos, started: float, failed
+) -> dict[str, Any]:
+    commits = list(all_commits.values())
+    rows_out = sum(c.rows for c in commits)
+    tokens = sum(c.tokens for c in commits)
+    steps = sum(c.denoising_steps for c in commits)
+    canvases = sum(c.canvases for c in commits)
+    wall = time.time() - started
+    this_tokens = sum(c["tokens"] for c in new_commits.values())
+    this_rows = sum(c["rows"] + c["error_rows"] for c in new_commits.values())
+    per_worker: dict[str, dict[str, float]] = {}
+    for c in new_commits.values():
+        w = per_worker.setdefault(
+            c["worker"], {"shards": 0, "rows": 0, "error_rows": 0, "tokens": 0, "busy_s": 0.0}
+        )
+        w["shards"] += 1
+        w["rows"] += c["rows"]
+        w["error_rows"] += c["error_rows"]
+        w["tokens"] += c["tokens"]
+        w["busy_s"] = round(w["busy_s"] + c["wall_s"], 3)
+    for w in per_worker.values():
+        w["tokens_per_s"] = round(w["tokens"] / w["busy_s"], 2) if w["busy_s"] else 0.0
+    return {
+        "run_id": prep.run_id,
+        "model": prep.model_info.name,
+        "rows_in": prep.records.num_rows,
+        "rows_out": rows_out,
+        "rows_error": sum(c.error_rows for c in commits),
+        "rows_filtered": sum(c.filtered for c in commits),
+        "errors_by_stage": _merge([c.errors_by_stage for c in commits]),
+        "finish_reasons": _merge([c.finish_reasons for c in commits]),
+        "tokens_generated": tokens,
+        "denoising_steps": steps,
+        "canvases": canvases,
+        "mean_steps_per_canvas": round(steps / canvases, 3) if canvases else None,
+        "tokens_per_forward": round(tokens / steps, 3) if steps else None,
+        "shards": {
+            "total": prep.identity["num_shards"],
+            "committed": len(all_commits),
+            "committed_this_invocation": len(new_commits),
+            "skipped_already_committed": len(all_commits) - len(new_commits),
+            "failed": [t.shard for t in failed],
+            "retried": sum(1 for c in new_commits.values() if c["attempt"] > 1),
+        },
+        "this_invocation": {
+            "wall_time_s": round(wall, 3),
+            "rows": this_rows,
+            "tokens": this_tokens,
+            "rows_per_s": round(this_rows / wall, 3) if wall else None,
+            "tokens_per_s": round(this_tokens / wall, 3) if wall else None,
+        },
+        "per_worker": per_worker,
+        "workers": worker_infos,
+        "sampler": prep.settings,
+    }
+
+
+def build_manifest(prep, all_commits: dict) -> dict[str, Any]:
+    from pipeline import __version__
+
+    parts = [vars(all_commits[s]) for s in sorted(all_commits)]
+    return {
+        "run_id": prep.run_id,
+        "canvasflow_version": __version__,
+        "completed_at": time.time(),
+        "model": prep.model_info.name,
+        "model_identity": prep.identity["model_identity"],
+        "input": {
+            "path": prep.job.data.path,
+            "fingerprint": prep.records.fingerprint,
+            "files": prep.records.files,
+            "format": prep.records.format,
+            "rows": prep.records.num_rows,
+        },
+        "config_fingerprint": prep.identity["config_fingerprint"],
+        "sampler": prep.settings,
+        "shard_size": prep.job.run.shard_size,
+        "parts": parts,
+        "rows_out": sum(p["rows"] for p in parts),
+        "rows_error": sum(p["error_rows"] for p in parts),
+    }
+
+
+def log_summary(stats: dict[str, Any], uri: str) -> None:
+    inv = stats.get("this_invocation", {})
+    logger.info(
+        "done: %d rows in -> %d rows out, %d rejected | %d tokens, %d decoder passes (%.2f tokens/pass) | "
+        "%.1fs this run, %.1f tok/s",
+        stats["rows_in"],
+        stats["rows_out"],
+        stats["rows_error"],
+        stats["tokens_generated"],
+        stats["denoising_steps"],
+        stats["tokens_per_forward"] or 0.0,
+        inv.get("wall_time_s", 0.0),
+        inv.get("tokens_per_s") or 0.0,
+    )
+    logger.info("output: %s/data/ (dataset card: %s/README.md)", uri.rstrip("/"), uri.rstrip("/"))

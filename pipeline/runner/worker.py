@@ -1,0 +1,128 @@
+"""The GPU stage: a Ray actor that loads the model once and turns shards of records into committed parts.
+
+It follows Ray Data LLM's stage shape: heavy imports and model loading in `__init__` (once per actor, which
+is why the driver keeps a fixed pool of them), then `process` per unit of work. Rows rejected while reading
+the input are written to errors/ here too, so a shard's commit covers every one of its input rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class ProgressBoard:
+    """A tiny Ray actor collecting per-worker counters; workers report, the driver reads."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, dict[str, float]] = {}
+
+    def report(self, worker: str, rows: int, tokens: int, steps: int) -> None:
+        entry = self.workers.setdefault(worker, {"rows": 0, "tokens": 0, "steps": 0, "updated": 0.0})
+        entry["rows"] += rows
+        entry["tokens"] += tokens
+        entry["steps"] += steps
+        entry["updated"] = time.time()
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {k: dict(v) for k, v in self.workers.items()}
+
+
+class ShardWorker:
+    def __init__(
+        self, spec, run_store, *, compression: str, name: str, torch_threads: int | None, board=None
+    ):
+        import torch
+
+        from pipeline.generation import Generator
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.name = name
+        self.run_store = run_store
+        self.compression = compression
+        self.board = board
+        started = time.perf_counter()
+        self.generator = Generator(spec)
+        self.load_s = time.perf_counter() - started
+        self._pending = [0, 0, 0]
+        self._last_flush = time.monotonic()
+
+    def ready(self) -> dict[str, Any]:
+        import torch
+
+        device = self.generator.loaded.model.device
+        return {
+            "worker": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "backend": self.generator.sampler.backend,
+            "load_s": round(self.load_s, 2),
+        }
+
+    def _report(self, rows: int, tokens: int, steps: int, force: bool = False) -> None:
+        if self.board is None:
+            return
+        self._pending[0] += rows
+        self._pending[1] += tokens
+        self._pending[2] += steps
+        now = time.monotonic()
+        if force or now - self._last_flush > 1.0:
+            if any(self._pending):
+                self.board.report.remote(self.name, *self._pending)
+            self._pending = [0, 0, 0]
+            self._last_flush = now
+
+    def process(self, shard: int, records, attempt: int) -> dict[str, Any]:
+        """Generates and commits one shard; `records` is an Arrow table in pipeline.data.records' schema."""
+        from pipeline.generation import PromptRecord
+        from pipeline.io.parts import output_schema, to_table
+
+        started = time.perf_counter()
+        rows = records.to_pylist()
+        read_errors = [
+            {
+                "id": r["id"],
+                "source_index": r["source_index"],
+                "stage": "read",
+                "reason": r["error"],
+                "raw": r["raw"],
+                "run_id": self.run_store.run_id,
+            }
+            for r in rows
+            if r["error"] is not None
+        ]
+        good = [
+            PromptRecord(r["id"], r["prompt"], bool(r["is_chat"]), r["source_index"], r["metadata"])
+            for r in rows
+            if r["error"] is None
+        ]
+        if read_errors:
+            self._report(len(read_errors), 0, 0)
+        out = self.generator.generate(good, on_row=lambda tokens, steps: self._report(1, tokens, steps))
+        errors = sorted(read_errors + out.errors, key=lambda e: e["source_index"])
+        generated = sorted(out.rows, key=lambda r: r["source_index"])
+        schema = output_schema(self.generator.postprocess_columns, generated)
+        table = to_table(generated, schema)
+        stats = {
+            "tokens": out.tokens,
+            "denoising_steps": out.denoising_steps,
+            "canvases": out.canvases,
+            "filtered": out.filtered,
+            "wall_s": time.perf_counter() - started,
+            "finish_reasons": dict(Counter(r["finish_reason"] for r in generated)),
+            "errors_by_stage": dict(Counter(e["stage"] for e in errors)),
+        }
+        self._report(len(out.errors), 0, 0, force=True)
+        commit = self.run_store.commit_shard(
+            shard, table, errors, compression=self.compression, stats=stats, worker=self.name, attempt=attempt
+        )
+        return vars(commit)
