@@ -11,7 +11,10 @@ Definition (all arithmetic on unsigned 32-bit words, multiplication modulo 2**32
     row state     = absorb(absorb(absorb(absorb(absorb(0, k0), k1), stream), canvas), step)
     position state= absorb(row state, position)
     token in [0,n)= (position state * n) >> 32                       (initial canvas, re-noising)
-    Gumbel(v)     = -log(-log(u)), u = ((absorb(position state, v) >> 8) + 0.5) / 2**24   (sampling)
+    Gumbel(v)     = -log(-log(u)), u = ((absorb(position state, v) >> 9) + 0.5) / 2**23   (sampling)
+
+u keeps 23 bits so that the + 0.5 is exact in float32: u lies strictly inside (0, 1) and the noise is finite
+(with 24 bits, word >> 8 = 2**24 - 1 rounds to u = 1.0 and gives +inf noise once in 2**24 draws).
 
 torch has no uint32, so words live in int64 tensors holding values in [0, 2**32); products are split into
 16-bit halves so that no intermediate exceeds 2**49.
@@ -82,5 +85,5 @@ def uniform_tokens(state: torch.Tensor, n: int) -> torch.Tensor:
 def gumbel(state: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
     """Gumbel noise [..., V] float32 for position words `state` [...] and vocabulary ids `vocab` [V]."""
     h = absorb(state[..., None], vocab)
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    u = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
     return -torch.log(-torch.log(u))

@@ -29,6 +29,8 @@ class StepOutput:
 
 
 def entropy_bound_accept(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
+    # The same call as transformers (its default, unstable sort), so that which of several exactly tied
+    # positions is accepted also matches it on the same device. Fused kernels may order ties by position.
     sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
     cumulative = torch.cumsum(sorted_entropy, dim=-1)
     selected = cumulative - sorted_entropy <= entropy_bound

@@ -1,0 +1,131 @@
+"""The native forward computes transformers' DiffusionGemma function: logits compared on tiny configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
+
+from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel, softcapped_logits
+from pipeline.models.moe import moe_forward
+from tests.support.models import build_checkpoint
+
+FP32_TOLERANCE = dict(atol=2e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # A sliding window shorter than prompt + canvas, so both window rules (encoder and decoder) matter.
+    return build_checkpoint(
+        tmp_path_factory.mktemp("native") / "m", canvas_length=16, text_overrides={"sliding_window": 8}
+    )
+
+
+def _reference(hf, prompt, canvas1, canvas2, self_cond):
+    """transformers' logits for: canvas1 after the prompt; canvas1 with self-conditioning; canvas2 after
+    prompt + canvas1 (encoded into the cache)."""
+    batch, prompt_len = prompt.shape
+    length = canvas1.shape[1]
+    cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
+    first = hf(input_ids=prompt, cache=cache, decoder_input_ids=canvas1)
+    positions = torch.arange(prompt_len, prompt_len + length)[None]
+    with_sc = hf(
+        cache=first.cache,
+        decoder_input_ids=canvas1,
+        self_conditioning_logits=self_cond,
+        decoder_position_ids=positions,
+    ).logits
+    enc = hf.model.encoder(input_ids=canvas1, cache=first.cache, position_ids=positions)
+    second = hf(
+        cache=enc.cache,
+        decoder_input_ids=canvas2,
+        decoder_position_ids=torch.arange(prompt_len + length, prompt_len + 2 * length)[None],
+    ).logits
+    return first.logits, with_sc, second
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("slots", [[0, 1], [3, 1]], ids=["prefix-slots", "scattered-slots"])
+def test_logits_match_transformers(checkpoint, dtype, slots):
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=dtype).eval()
+    native = DiffusionGemmaTextModel(hf)
+    gen = torch.Generator().manual_seed(0)
+    vocab, length, prompt_len = native.vocab_size, native.canvas_length, 13
+    prompt = torch.randint(5, vocab, (2, prompt_len), generator=gen)
+    canvas1 = torch.randint(0, vocab, (2, length), generator=gen)
+    canvas2 = torch.randint(0, vocab, (2, length), generator=gen)
+    self_cond = torch.randn(2, length, vocab, generator=gen).to(dtype)
+    with torch.no_grad():
+        expected = _reference(hf, prompt, canvas1, canvas2, self_cond)
+
+    cache = native.new_cache(4, 64)
+    index = torch.tensor(slots)
+    prefix = slots == [0, 1]
+    padded = torch.cat([prompt, torch.zeros(2, 3, dtype=torch.long)], dim=1)  # padding past the row's length
+    native.encode(cache, index, padded, torch.tensor([prompt_len, prompt_len]), prefix=prefix)
+    soft = self_cond.softmax(-1, dtype=torch.float32).to(dtype) @ native.embedding
+    got = [
+        softcapped_logits(
+            native.denoise(cache, index, canvas1, None, prefix=prefix), native.embedding, native.softcap
+        ),
+        softcapped_logits(
+            native.denoise(cache, index, canvas1, soft, prefix=prefix), native.embedding, native.softcap
+        ),
+    ]
+    native.encode(cache, index, canvas1, torch.tensor([length, length]), prefix=prefix)
+    got.append(
+        softcapped_logits(
+            native.denoise(cache, index, canvas2, None, prefix=prefix), native.embedding, native.softcap
+        )
+    )
+    assert cache.lengths[index].tolist() == [prompt_len + length] * 2
+    names = ["canvas", "self-conditioned", "second canvas"]
+    if dtype == torch.float32:
+        for name, ours, ref in zip(names, got, expected, strict=True):
+            torch.testing.assert_close(ours, ref, **FP32_TOLERANCE, msg=lambda m, n=name: f"{n}: {m}")
+        return
+    # bf16: our rounding error (against transformers in float32) must be of the size of transformers' own.
+    hf32 = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        exact = _reference(hf32, prompt, canvas1, canvas2, self_cond.float())
+    for name, ours, ref, truth in zip(names, got, expected, exact, strict=True):
+        ours_err = (ours - truth).abs().mean().item()
+        ref_err = (ref.float() - truth).abs().mean().item()
+        assert ours_err <= 1.5 * ref_err + 1e-3, (
+            f"{name}: bf16 error {ours_err:.4f} vs transformers' {ref_err:.4f}"
+        )
+
+
+def test_rows_of_different_lengths_are_independent(checkpoint):
+    """A row's logits do not depend on the other rows of its batch (their lengths, their content)."""
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint).eval()
+    native = DiffusionGemmaTextModel(hf)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 13, 20]
+    prompts = [torch.randint(5, native.vocab_size, (n,), generator=gen) for n in lengths]
+    canvas = torch.randint(0, native.vocab_size, (3, native.canvas_length), generator=gen)
+    batch_cache = native.new_cache(3, 64)
+    tokens = torch.zeros(3, 32, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    native.encode(batch_cache, torch.arange(3), tokens, torch.tensor(lengths), prefix=True)
+    together = native.denoise(batch_cache, torch.arange(3), canvas, None, prefix=True)
+    for i, p in enumerate(prompts):
+        alone_cache = native.new_cache(3, 64)
+        row = torch.zeros(1, 32, dtype=torch.long)
+        row[0, : len(p)] = p
+        native.encode(alone_cache, torch.tensor([0]), row, torch.tensor([len(p)]), prefix=True)
+        alone = native.denoise(alone_cache, torch.tensor([0]), canvas[i : i + 1], None, prefix=True)
+        assert torch.equal(alone[0], together[i]), f"row {i} changed with its neighbours"
+
+
+def test_grouped_and_dense_moe_agree(checkpoint):
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint).eval()
+    layer = hf.model.decoder.layers[0]
+    x = torch.randn(37, hf.config.text_config.hidden_size, generator=torch.Generator().manual_seed(2))
+    _, weights, index = layer.router(x)
+    dense = moe_forward(layer.experts, x, index, weights, path="dense")
+    grouped = moe_forward(layer.experts, x, index, weights, path="grouped")
+    reference = layer.experts(x, index, weights)  # transformers' own expert loop
+    torch.testing.assert_close(dense, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped, reference, atol=1e-5, rtol=1e-5)

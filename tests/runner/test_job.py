@@ -1,0 +1,214 @@
+"""The real job: local Ray workers, the tiny model, Parquet read back and checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config.schema import (
+    ClusterConfig,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    OutputConfig,
+    RunConfig,
+    SamplerConfig,
+)
+from pipeline.data.readers import read_input
+from pipeline.runner.job import run
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray
+
+STEPS, NEW_TOKENS = 6, 48  # 2 canvases of 32, kept short: these tests check the pipeline, not quality
+
+
+def make_job(tmp_path: Path, data_path: str, **overrides) -> JobConfig:
+    job = JobConfig(
+        model=ModelConfig(path="builtin:tiny-diffusiongemma-random"),
+        sampler=SamplerConfig(max_denoising_steps=STEPS, max_new_tokens=NEW_TOKENS, batch_size=4),
+        data=DataConfig(path=data_path, id_column=None),
+        output=OutputConfig(uri=str(tmp_path / "out")),
+        cluster=ClusterConfig(num_workers=2),
+        run=RunConfig(id="test-run", shard_size=6, progress_interval_s=0.5),
+    )
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(job, section), name, value)
+    return job
+
+
+def write_prompts(path: Path, count: int, extra: list[str] | None = None) -> str:
+    lines = [json.dumps({"prompt": f"Add: {i}+{2 * i}", "n": i}) for i in range(count)]
+    path.write_text("\n".join(lines + (extra or [])) + "\n")
+    return str(path)
+
+
+def read_parts(run_dir: Path, kind: str = "data"):
+    files = sorted((run_dir / kind).glob("*.parquet"))
+    return pads.dataset([str(f) for f in files], format="parquet").to_table() if files else None
+
+
+def test_job_writes_one_row_per_prompt(tmp_path, ray_local):
+    data = write_prompts(tmp_path / "prompts.jsonl", 20)
+    job = make_job(tmp_path, data)
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    table = read_parts(run_dir)
+    rows = table.to_pylist()
+    expected_ids = read_input(job.data).table.column("id").to_pylist()
+    assert len(rows) == 20
+    assert sorted(r["id"] for r in rows) == sorted(expected_ids)
+    assert len({r["id"] for r in rows}) == 20
+    for r in rows:
+        assert 1 <= r["denoising_steps"] <= STEPS * r["canvases"]
+        assert r["finish_reason"] in ("eos", "length")
+        assert r["completion_tokens"] <= NEW_TOKENS
+        assert r["run_id"] == "test-run" and r["model"] == "builtin:tiny-diffusiongemma-random"
+    # Completions are the model's tokens, decoded: the one-process API gives the same rows for the same ids.
+    from pipeline import LLM
+
+    llm = LLM("builtin:tiny-diffusiongemma-random", max_denoising_steps=STEPS, max_new_tokens=NEW_TOKENS)
+    by_id = {r["id"]: r for r in rows}
+    inputs = read_input(job.data).table.to_pylist()
+    direct = llm.generate([r["prompt"] for r in inputs], ids=[r["id"] for r in inputs])
+    for d in direct:
+        assert by_id[d.id]["completion"] == d.completion
+        assert by_id[d.id]["denoising_steps"] == d.denoising_steps
+    assert any(r["completion"] for r in rows)
+
+    # The run's files, written last-to-first as the contract says.
+    for name in ("_manifest.json", "_config.yaml", "stats.json", "README.md", "_SUCCESS", "_run.json"):
+        assert (run_dir / name).exists(), name
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    assert sum(p["rows"] for p in manifest["parts"]) == 20 and len(manifest["parts"]) == 4
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["rows_out"] == 20 and stats["rows_error"] == 0
+    assert stats["denoising_steps"] == sum(r["denoising_steps"] for r in rows)
+    assert set(stats["per_worker"]) == {"w0", "w1"}
+    assert "load_dataset" in (run_dir / "README.md").read_text()
+
+    from datasets import load_dataset
+
+    loaded = load_dataset("parquet", data_files=str(run_dir / "data" / "*.parquet"), split="train")
+    assert loaded.num_rows == 20
+
+
+def test_rerun_of_a_complete_run_does_nothing_and_a_changed_config_is_refused(tmp_path, ray_local):
+    data = write_prompts(tmp_path / "p.jsonl", 6)
+    assert run(make_job(tmp_path, data)) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    before = (run_dir / "_SUCCESS").read_text()
+    assert run(make_job(tmp_path, data)) == 0
+    assert (run_dir / "_SUCCESS").read_text() == before, "a complete run is not redone"
+    changed = make_job(tmp_path, data, sampler__seed=7)
+    assert run(changed) == 2, "a different config under the same run id is refused"
+    assert (run_dir / "_SUCCESS").read_text() == before
+    assert run(make_job(tmp_path, data, sampler__seed=7, run__overwrite=True)) == 0
+    assert read_parts(run_dir).column("seed").to_pylist() == [7] * 6
+
+
+def test_resume_regenerates_only_uncommitted_shards(tmp_path, ray_local):
+    data = write_prompts(tmp_path / "p.jsonl", 18)
+    assert run(make_job(tmp_path, data)) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    complete = {r["id"]: r["completion"] for r in read_parts(run_dir).to_pylist()}
+    # Simulate a crash after shard 1 wrote its part but before it committed, and one mid-write leftover.
+    (run_dir / "_commits" / "shard-00001.json").unlink()
+    (run_dir / "_SUCCESS").unlink()
+    (run_dir / "data" / "part-00009.parquet").write_bytes(b"partial garbage")
+    assert run(make_job(tmp_path, data)) == 0
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["shards"]["committed_this_invocation"] == 1
+    assert stats["shards"]["skipped_already_committed"] == 2
+    assert not (run_dir / "data" / "part-00009.parquet").exists(), "uncommitted objects are cleaned up"
+    rows = read_parts(run_dir).to_pylist()
+    assert {r["id"]: r["completion"] for r in rows} == complete, "exactly once, same content"
+
+
+def test_bad_rows_go_to_errors_and_the_job_completes(tmp_path, ray_local):
+    too_long = json.dumps({"prompt": "x" * 200})
+    data = write_prompts(
+        tmp_path / "p.jsonl",
+        8,
+        extra=["{broken", json.dumps({"prompt": 5}), too_long, json.dumps({"prompt": ""})],
+    )
+    job = make_job(tmp_path, data, model__max_prompt_tokens=64)
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    assert read_parts(run_dir).num_rows == 8
+    errors = read_parts(run_dir, "errors").to_pylist()
+    assert sorted(e["source_index"] for e in errors) == [8, 9, 10, 11]
+    by_index = {e["source_index"]: e for e in errors}
+    assert by_index[8]["stage"] == "read" and "malformed JSON" in by_index[8]["reason"]
+    assert "must be a string" in by_index[9]["reason"]
+    assert by_index[10]["stage"] == "tokenize" and "more than fit" in by_index[10]["reason"]
+    assert "is empty" in by_index[11]["reason"]
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["rows_in"] == 12 and stats["rows_out"] + stats["rows_error"] == 12
+
+
+def test_postprocess_adds_columns_and_filters(tmp_path, ray_local):
+    data = write_prompts(tmp_path / "p.jsonl", 6)
+    postprocess = {"_target_": "pipeline.tasks.checker.check_row", "drop_incorrect": False}
+    job = make_job(tmp_path, data)
+    job.postprocess = postprocess
+    assert run(job) == 0
+    table = read_parts(tmp_path / "out" / "test-run")
+    assert {"task", "expected", "is_correct", "score"} <= set(table.column_names)
+    assert table.schema.field("is_correct").type == "bool"
+    assert set(table.column("task").to_pylist()) == {"addition"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"output__uri": "/proc/canvasflow-not-writable"}, "cannot write"),
+        ({"data__prompt_column": "question"}, "prompt column 'question'"),
+        ({"model__path": "/no/such/model"}, "is not a directory"),
+        ({"sampler__t_max": 0.3}, "sampler.t_max=0.3 must be greater than sampler.t_min=0.4"),
+    ],
+)
+def test_startup_errors_exit_2_before_any_work(tmp_path, caplog, overrides, message):
+    data = write_prompts(tmp_path / "p.jsonl", 3)
+    assert run(make_job(tmp_path, data, **overrides)) == 2
+    assert message in caplog.text
+    assert not (tmp_path / "out" / "test-run" / "data").exists()
+
+
+def test_cli_on_a_user_jsonl_with_a_custom_prompt_column(tmp_path):
+    data = tmp_path / "my.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"question": f"Reverse: word{i}", "source": "me"}) for i in range(5))
+    )
+    out = tmp_path / "x"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "generate.py"),
+            f"data.path={data}",
+            "data.prompt_column=question",
+            f"output.uri={out}",
+            "run.id=r1",
+            "model.path=builtin:tiny-diffusiongemma-random",
+            f"sampler.max_denoising_steps={STEPS}",
+            "sampler.max_new_tokens=32",
+            "cluster.num_workers=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "progress:" in result.stdout + result.stderr
+    assert f"output: {out}/r1/data/" in result.stdout + result.stderr
+    table = pq.read_table(out / "r1" / "data" / "part-00000.parquet")
+    assert table.num_rows == 5
+    assert json.loads(table.column("metadata")[0].as_py()) == {"source": "me"}

@@ -1,0 +1,126 @@
+"""Continuous batching and batch invariance: a row's completion depends only on (seed, row id, prompt)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DiffusionGemmaForBlockDiffusion
+
+from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
+from pipeline.sampler.engine import DiffusionSampler, Request
+from pipeline.sampler.settings import SamplerSettings
+from tests.support.models import build_checkpoint
+
+LENGTH = 16
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp("batching") / "m", canvas_length=LENGTH, sharpness=12.0)
+    return DiffusionGemmaTextModel(DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval())
+
+
+@pytest.fixture(scope="module")
+def requests_():
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(20):
+        n = int(torch.randint(1, 30, (1,), generator=gen))
+        out.append(Request(f"row-{i}", torch.randint(7, 128, (n,), generator=gen).tolist()))
+    return out
+
+
+def _settings(**overrides) -> SamplerSettings:
+    values = dict(
+        max_new_tokens=4 * LENGTH,
+        max_denoising_steps=12,
+        t_min=0.4,
+        t_max=0.8,
+        entropy_bound=0.3,
+        stability_threshold=1,
+        confidence_threshold=0.3,
+        canvas_length=LENGTH,
+        eos_token_ids=(1,),
+        pad_token_id=0,
+    )
+    values.update(overrides)
+    return SamplerSettings(**values)
+
+
+def _run(model, requests, *, batch, batching="continuous", **overrides):
+    sampler = DiffusionSampler(
+        model, _settings(**overrides), max_batch=batch, max_prompt_tokens=32, backend="torch"
+    )
+    results = sampler.generate(requests, batching=batching)
+    return {r.row_id: (r.token_ids, r.denoising_steps, r.canvases, r.finish_reason) for r in results}, sampler
+
+
+def test_outputs_do_not_depend_on_batching(model, requests_):
+    baseline, _ = _run(model, requests_, batch=8)
+    variants = {
+        "batch 1": _run(model, requests_, batch=1)[0],
+        "batch 3": _run(model, requests_, batch=3)[0],
+        "batch 5, reversed": _run(model, list(reversed(requests_)), batch=5)[0],
+        "static batch 8": _run(model, requests_, batch=8, batching="static")[0],
+        "static batch 20, reversed": _run(model, list(reversed(requests_)), batch=20, batching="static")[0],
+    }
+    for name, outputs in variants.items():
+        changed = [rid for rid in baseline if outputs[rid] != baseline[rid]]
+        assert not changed, f"{name}: rows {changed} differ"
+    reasons = {v[3] for v in baseline.values()}
+    assert reasons == {"eos", "length"}, "the workload mixes rows ending by EOS and by length"
+
+
+def test_continuous_batching_computes_fewer_row_steps(model, requests_):
+    _, continuous = _run(model, requests_, batch=8)
+    outputs, static = _run(model, requests_, batch=8, batching="static")
+    spent = sum(v[1] for v in outputs.values())
+    assert continuous.stats.decoder_row_steps == spent, "continuous batching computes exactly what rows need"
+    assert static.stats.decoder_row_steps > spent
+
+
+def test_results_are_in_request_order_and_report_counters(model, requests_):
+    sampler = DiffusionSampler(model, _settings(), max_batch=4, max_prompt_tokens=32, backend="torch")
+    seen = []
+    results = sampler.generate(requests_, on_result=lambda r: seen.append(r.row_id))
+    assert [r.row_id for r in results] == [r.row_id for r in requests_]
+    assert sorted(seen) == sorted(r.row_id for r in requests_)
+    for r in results:
+        assert 1 <= r.canvases <= 4
+        assert r.canvases <= r.denoising_steps <= 12 * r.canvases
+        assert len(r.token_ids) <= 4 * LENGTH
+        assert 1 not in r.token_ids, "EOS is not part of the completion"
+
+
+def test_max_new_tokens_not_a_multiple_of_the_canvas(model, requests_):
+    outputs, _ = _run(model, requests_[:6], batch=4, max_new_tokens=LENGTH + 5)
+    for tokens, _, canvases, reason in outputs.values():
+        assert len(tokens) <= LENGTH + 5 and canvases <= 2
+        if reason == "length":
+            assert len(tokens) == LENGTH + 5
+
+
+def test_drafts_and_no_revision_ablation(model, requests_):
+    sampler = DiffusionSampler(
+        model,
+        _settings(record_drafts=True, revise_accepted=False),
+        max_batch=4,
+        max_prompt_tokens=32,
+        backend="torch",
+    )
+    results = sampler.generate(requests_[:5])
+    for r in results:
+        assert len(r.drafts) == r.canvases
+        assert sum(len(c) for c in r.drafts) == r.denoising_steps
+        assert all(len(step) == LENGTH for canvas in r.drafts for step in canvas)
+        last = r.drafts[0][-1]  # the emitted first canvas is the last draft of that canvas
+        cut = next((i for i, t in enumerate(last) if t == 1), None)
+        assert r.token_ids[: len(last[:cut])] == last[:cut]
+
+
+def test_prompt_outside_the_cache_budget_is_rejected(model):
+    sampler = DiffusionSampler(model, _settings(), max_batch=2, max_prompt_tokens=8, backend="torch")
+    with pytest.raises(ValueError, match="row 'long'.*9 tokens.*max_prompt_tokens=8"):
+        sampler.generate([Request("long", list(range(5, 14)))])
+    with pytest.raises(ValueError, match="between 1 and"):
+        sampler.generate([Request("empty", [])])

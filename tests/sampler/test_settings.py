@@ -1,0 +1,108 @@
+"""Sampler settings: both generation_config.json formats, precedence, validation naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.sampler.settings import (
+    REFERENCE_DEFAULTS,
+    SamplerSettings,
+    SettingsError,
+    parse_generation_config,
+    read_generation_config,
+    resolve_settings,
+)
+
+FLAT = {
+    "max_new_tokens": 512,
+    "max_denoising_steps": 32,
+    "t_min": 0.3,
+    "t_max": 0.9,
+    "stability_threshold": 2,
+    "confidence_threshold": 0.01,
+    "sampler_config": {"entropy_bound": 0.2, "_cls_name": "EntropyBoundSamplerConfig"},
+    "eos_token_id": [1, 106],
+    "pad_token_id": 0,
+}
+NESTED = {
+    "max_new_tokens": 512,
+    "max_denoising_steps": 32,
+    "linear_temperature_schedule_config": {"t_min": 0.3, "t_max": 0.9},
+    "diffusion_stopping_config": {"stability_threshold": 2, "confidence_threshold": 0.01},
+    "sampler_config": {"entropy_bound": 0.2},
+    "eos_token_id": [1, 106],
+    "pad_token_id": 0,
+}
+
+
+@pytest.mark.parametrize("raw", [FLAT, NESTED], ids=["flat", "nested"])
+def test_both_generation_config_formats(raw, tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps(raw))
+    parsed = read_generation_config(str(tmp_path))
+    assert parsed == {
+        "max_new_tokens": 512,
+        "max_denoising_steps": 32,
+        "t_min": 0.3,
+        "t_max": 0.9,
+        "entropy_bound": 0.2,
+        "stability_threshold": 2,
+        "confidence_threshold": 0.01,
+        "eos_token_ids": (1, 106),
+        "pad_token_id": 0,
+    }
+
+
+def test_precedence_user_over_model_over_reference():
+    model = parse_generation_config({"t_min": 0.3, "max_denoising_steps": 20})
+    settings = resolve_settings(
+        {"max_denoising_steps": 7}, model, canvas_length=32, eos_token_ids=(1,), pad_token_id=0
+    )
+    assert settings.max_denoising_steps == 7
+    assert settings.t_min == 0.3
+    assert settings.t_max == REFERENCE_DEFAULTS["t_max"]
+    assert settings.max_canvases == 8  # 256 / 32
+
+
+def test_temperature_schedule_counts_remaining_steps():
+    s = resolve_settings(
+        {"max_denoising_steps": 4, "t_min": 0.4, "t_max": 0.8},
+        {},
+        canvas_length=8,
+        eos_token_ids=(1,),
+        pad_token_id=0,
+    )
+    assert [round(s.temperature(i), 6) for i in range(4)] == [0.8, 0.7, 0.6, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"t_min": 0.5, "t_max": 0.4}, "sampler.t_max=0.4 must be greater than sampler.t_min=0.5"),
+        ({"max_denoising_steps": 0}, "sampler.max_denoising_steps=0 must be a positive integer"),
+        ({"entropy_bound": -1.0}, "sampler.entropy_bound=-1.0 must be a number > 0"),
+        ({"stability_threshold": -2}, "sampler.stability_threshold=-2 must be an integer >= 0"),
+        ({"confidence_threshold": 0}, "sampler.confidence_threshold=0 must be a number > 0"),
+        ({"max_new_tokens": 1.5}, "sampler.max_new_tokens=1.5 must be a positive integer"),
+    ],
+)
+def test_invalid_values_name_the_key(values, message):
+    with pytest.raises(SettingsError, match=message.replace(".", r"\.").replace("+", r"\+")):
+        resolve_settings(values, {}, canvas_length=8, eos_token_ids=(1,), pad_token_id=0)
+
+
+def test_settings_validate_themselves():
+    with pytest.raises(SettingsError, match="canvas_length"):
+        SamplerSettings(
+            max_new_tokens=8,
+            max_denoising_steps=4,
+            t_min=0.4,
+            t_max=0.8,
+            entropy_bound=0.1,
+            stability_threshold=1,
+            confidence_threshold=0.1,
+            canvas_length=0,
+            eos_token_ids=(1,),
+            pad_token_id=0,
+        )
