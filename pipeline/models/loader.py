@@ -188,7 +188,7 @@ def load_model(
         hf_model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=torch_dtype)
     except Exception as e:  # noqa: BLE001 - surfaced with the path
         raise ModelError(f"cannot load the weights from {model_dir}: {e}") from e
-    hf_model.eval()
+    hf_model.eval().requires_grad_(False)
     native = DiffusionGemmaTextModel(hf_model).to(device_name)
     del hf_model  # the vision tower is not needed; the text weights live on in `native`
     return LoadedModel(info=info, model=native, tokenizer=load_tokenizer(model_dir))

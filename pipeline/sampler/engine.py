@@ -123,6 +123,7 @@ class DiffusionSampler:
         self._state: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------ public
+    @torch.no_grad()
     def generate(
         self,
         requests: Sequence[Request],
@@ -283,17 +284,36 @@ class DiffusionSampler:
             request=req, k0=k0, k1=k1, order=order, drafts=[] if self.settings.record_drafts else None
         )
 
-    def _admit(self, rows: list[_Row], incoming: list[_Row]) -> None:
-        first = len(rows)
-        slots = torch.arange(first, first + len(incoming), device=self.device)
-        st = self._state
-        st["k0"][slots] = torch.tensor([r.k0 for r in incoming], dtype=torch.long, device=self.device)
-        st["k1"][slots] = torch.tensor([r.k1 for r in incoming], dtype=torch.long, device=self.device)
-        st["canvas_idx"][slots] = 0
-        self._cache.lengths[slots] = 0
-        self._encode(slots, [list(r.request.prompt_ids) for r in incoming], prefix=first == 0)
+    def _refill(self, rows: list[_Row], queue: deque, continuing: list[tuple[_Row, list[int]]]) -> None:
+        """One encoder call for everything that needs one before the next step: the emitted canvases of rows
+        that go on (appended to their slots) and the prompts of queued rows taking the free slots."""
+        incoming = [queue.popleft() for _ in range(min(self.max_batch - len(rows), len(queue)))]
+        if not continuing and not incoming:
+            return
+        st, dev = self._state, self.device
+        slot_of = {id(r): i for i, r in enumerate(rows)}
+        appended = [slot_of[id(r)] for r, _ in continuing]
+        admitted = list(range(len(rows), len(rows) + len(incoming)))
+        if appended:
+            index = torch.tensor(appended, device=dev)
+            st["canvas_idx"][index] += 1
+        if admitted:
+            index = torch.tensor(admitted, device=dev)
+            st["k0"][index] = torch.tensor([r.k0 for r in incoming], dtype=torch.long, device=dev)
+            st["k1"][index] = torch.tensor([r.k1 for r in incoming], dtype=torch.long, device=dev)
+            st["canvas_idx"][index] = 0
+            self._cache.lengths[index] = 0
+        slot_list = appended + admitted
+        slots = torch.tensor(slot_list, device=dev)
+        tokens = [t for _, t in continuing] + [list(r.request.prompt_ids) for r in incoming]
+        self._encode(slots, tokens, prefix=slot_list == list(range(len(slot_list))))
         self._start_canvas(slots)
+        for row, _ in continuing:
+            row.step = 0
         rows.extend(incoming)
+        for row in [r for r, _ in continuing] + incoming:
+            if row.drafts is not None:
+                row.drafts.append([])
 
     def _finish_canvas(self, row: _Row, emitted: list[int]) -> Result | None:
         """Appends the emitted canvas; returns the row's Result if the row is finished."""
@@ -317,13 +337,8 @@ class DiffusionSampler:
         results: list[Result | None] = [None] * len(requests)
         rows: list[_Row] = []  # rows[i] lives in slot i
         max_steps = self.settings.max_denoising_steps
-        while queue or rows:
-            if queue and len(rows) < self.max_batch:
-                incoming = [queue.popleft() for _ in range(min(self.max_batch - len(rows), len(queue)))]
-                self._admit(rows, incoming)
-                for r in incoming:
-                    if r.drafts is not None:
-                        r.drafts.append([])
+        self._refill(rows, queue, [])
+        while rows:
             active = len(rows)
             stop = self._denoise(active).tolist()  # the one host synchronisation per step
             drafts = self._state["argmax"][:active].tolist() if self.settings.record_drafts else None
@@ -338,19 +353,18 @@ class DiffusionSampler:
             if not done:
                 continue
             emitted = self._state["argmax"][torch.tensor(done, device=self.device)].tolist()
-            leaving, continuing = [], []
+            leaving, continuing = set(), []
             for i, canvas_tokens in zip(done, emitted, strict=True):
                 result = self._finish_canvas(rows[i], canvas_tokens)
                 if result is None:
                     continuing.append((rows[i], canvas_tokens))
                 else:
-                    leaving.append(i)
+                    leaving.add(i)
                     results[rows[i].order] = result
                     if on_result is not None:
                         on_result(result)
-            self._compact(rows, set(leaving))
-            if continuing:
-                self._next_canvas(rows, continuing)
+            self._compact(rows, leaving)
+            self._refill(rows, queue, continuing)
         return [r for r in results if r is not None]
 
     def _compact(self, rows: list[_Row], leaving: set[int]) -> None:
@@ -366,17 +380,3 @@ class DiffusionSampler:
             self._move_slot(src, hole)
             new_rows[hole] = rows[src]
         rows[:] = new_rows[:keep]
-
-    def _next_canvas(self, rows: list[_Row], continuing: list[tuple[_Row, list[int]]]) -> None:
-        slot_of = {id(r): i for i, r in enumerate(rows)}
-        slot_list = [slot_of[id(r)] for r, _ in continuing]
-        slots = torch.tensor(slot_list, device=self.device)
-        self._encode(
-            slots, [tokens for _, tokens in continuing], prefix=slot_list == list(range(len(slot_list)))
-        )
-        self._state["canvas_idx"][slots] += 1
-        self._start_canvas(slots)
-        for row, _ in continuing:
-            row.step = 0
-            if row.drafts is not None:
-                row.drafts.append([])
