@@ -1,10 +1,9 @@
 """Object storage behind one small interface: a local directory or an S3 (-compatible) prefix.
 
-Keys are '/'-separated paths relative to the store's root. `write_bytes` is atomic: a reader sees the whole
-object or nothing (local: write to a temporary file, fsync, rename; S3: a single PUT). S3 calls go through
-boto3 with the standard credential chain (environment, profile, instance role) and are retried with
-exponential backoff on throttling, 5xx answers and dropped or refused connections. Credentials are never
-logged or stored; `describe()` shows only the location.
+Keys are '/'-separated and relative to the root; `list(prefix)` matches by string prefix on both backends, as
+S3 does. `write_bytes` is atomic (local: temporary file, fsync, rename; S3: one PUT). S3 calls use boto3's
+standard credential chain and `call_with_retries`, the only retry layer (botocore's own is off): throttling,
+5xx, dropped and refused connections, with jittered backoff. Credentials never appear in logs or messages.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -23,6 +23,9 @@ from typing import TypeVar
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+TMP_PREFIX = ".tmp-"  # local temporary files; never listed
+CHUNK = 8 << 20  # streaming copies: bytes per read
+
 
 class StoreError(RuntimeError):
     """A storage operation failed; the message names the location (never the credentials)."""
@@ -32,9 +35,11 @@ class StoreError(RuntimeError):
 class S3Options:
     endpoint_url: str | None = None
     region: str | None = None
-    max_attempts: int = 8  # per call, botocore's own retries included
+    max_attempts: int = 8  # HTTP attempts per call (botocore's own retries are off)
     base_delay_s: float = 0.25
     max_delay_s: float = 8.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -68,7 +73,7 @@ class Store(ABC):
 
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
-        """Keys under `prefix` (recursive), relative to the root, sorted."""
+        """Keys starting with `prefix` (recursive), relative to the root, sorted."""
 
     @abstractmethod
     def delete(self, keys: list[str]) -> None:
@@ -77,6 +82,16 @@ class Store(ABC):
     @abstractmethod
     def check_writable(self) -> None:
         """Raises StoreError naming the location if objects cannot be written and deleted there."""
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """Like `list`, with each object's size in bytes."""
+        raise NotImplementedError
+
+    def download_file(self, key: str, dest: str | os.PathLike[str]) -> int:
+        """Copies one object to the local file `dest`, streaming (never whole in memory); returns its size."""
+        data = self.read_bytes(key)
+        Path(dest).write_bytes(data)
+        return len(data)
 
     def describe(self, key: str = "") -> str:
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
@@ -99,7 +114,8 @@ class Store(ABC):
 
 class LocalStore(Store):
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).expanduser().absolute()
+        # Resolved, so that keys (resolved in `_path`) compare right under a symlinked root (/tmp on macOS).
+        self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
@@ -112,7 +128,7 @@ class LocalStore(Store):
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -122,6 +138,7 @@ class LocalStore(Store):
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            fsync_dir(path.parent)  # the rename itself survives a crash of the machine
         except OSError as e:
             raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
 
@@ -138,20 +155,40 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self._path(prefix.rstrip("/")) if prefix else self.root
-        if base.is_file():
-            return [prefix]
+        return sorted(self._walk(prefix))
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        return {key: (self.root / key).stat().st_size for key in self.list(prefix)}
+
+    def _walk(self, prefix: str) -> list[str]:
+        folder, _, _ = prefix.rpartition("/")  # only this folder can hold keys starting with `prefix`
+        base = self._path(folder) if folder else self.root
         if not base.is_dir():
             return []
-        return sorted(
-            p.relative_to(self.root).as_posix()
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
-        )
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                key = name if rel == "." else f"{rel}/{name}"
+                if not name.startswith(TMP_PREFIX) and key.startswith(prefix):
+                    keys.append(key)
+        return keys
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
-            self._path(key).unlink(missing_ok=True)
+            path = self._path(key)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot delete {path}: {e.strerror or e}") from e
+
+    def download_file(self, key: str, dest: str | os.PathLike[str]) -> int:
+        path = self._path(key)
+        try:
+            shutil.copyfile(path, dest)
+        except OSError as e:
+            raise StoreError(f"cannot copy {path} to {dest}: {e.strerror or e}") from e
+        return path.stat().st_size
 
     def check_writable(self) -> None:
         probe = f".canvasflow-probe-{os.getpid()}-{random.randrange(1 << 30)}"
@@ -160,6 +197,20 @@ class LocalStore(Store):
 
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self._path(prefix))
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Makes a rename or a new file in the directory `path` durable (best effort where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. Windows); the data itself was fsynced
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class S3Store(Store):
@@ -182,20 +233,40 @@ class S3Store(Store):
         return self._client
 
     def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}".lstrip("/") if self.prefix else key
+        key = key.lstrip("/")
+        return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         return call_with_retries(what, fn, self.options)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._call(f"write {self.describe(key)}", lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data))
+        def put() -> None:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+        self._call(f"write {self.describe(key)}", put)
 
     def read_bytes(self, key: str) -> bytes:
         def get() -> bytes:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
         return self._call(f"read {self.describe(key)}", get)
+
+    def download_file(self, key: str, dest: str | os.PathLike[str]) -> int:
+        """Streams the object into `dest` (fsynced); a retried attempt starts the file over."""
+
+        def get() -> int:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            size = 0
+            with open(dest, "wb") as f:
+                # iter_chunks raises IncompleteReadError if the connection ends before Content-Length bytes.
+                for chunk in body.iter_chunks(CHUNK):
+                    f.write(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            return size
+
+        return self._call(f"download {self.describe(key)} to {dest}", get)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -206,43 +277,60 @@ class S3Store(Store):
                 return True
             except ClientError as e:
                 if _error_code(e) in ("404", "NoSuchKey", "NotFound"):
-                    return False
+                    return False  # note: a missing bucket also answers 404 to HEAD
                 raise
 
         return self._call(f"check {self.describe(key)}", head)
 
     def list(self, prefix: str = "") -> list[str]:
-        full = self._key(prefix)
-        strip = f"{self.prefix}/" if self.prefix else ""
+        return list(self.list_sizes(prefix))
 
-        def page_all() -> list[str]:
-            keys: list[str] = []
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        full = self._key(prefix)
+        strip = len(f"{self.prefix}/") if self.prefix else 0
+
+        def page_all() -> dict[str, int]:
+            sizes: dict[str, int] = {}
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for item in page.get("Contents", []):
-                    keys.append(item["Key"][len(strip) :])
-            return keys
+                    sizes[item["Key"][strip:]] = int(item["Size"])
+            return sizes
 
-        return sorted(self._call(f"list {self.describe(prefix)}", page_all))
+        # The whole listing is one retried unit: a failure on page 7 starts over (pages are not resumable
+        # across a dropped connection without trusting a continuation token from the failed attempt).
+        return dict(sorted(self._call(f"list {self.describe(prefix)}", page_all).items()))
 
     def delete(self, keys: list[str]) -> None:
-        for start in range(0, len(keys), 1000):
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             chunk = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
-            if chunk:
-                self._call(
-                    f"delete under {self.uri}",
-                    lambda chunk=chunk: self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk}),
+            if not chunk:
+                continue
+
+            def delete_chunk(chunk: list[dict[str, str]] = chunk) -> list[dict]:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}
+                )
+                return response.get("Errors", [])
+
+            errors = self._call(f"delete under {self.uri}", delete_chunk)
+            if errors:  # per-key failures come back in a 200 answer, not as an exception
+                first = errors[0]
+                raise StoreError(
+                    f"cannot delete {len(errors)} object(s) under {self.uri}, e.g. "
+                    f"s3://{self.bucket}/{first.get('Key')}: {first.get('Code')}: {first.get('Message')}"
                 )
 
     def check_writable(self) -> None:
         probe = f".canvasflow-probe-{os.getpid()}-{random.randrange(1 << 30)}"
+        where = f" (endpoint {self.options.endpoint_url})" if self.options.endpoint_url else ""
         try:
             self.write_bytes(probe, b"ok")
             self.delete([probe])
         except StoreError as e:
             raise StoreError(
-                f"output location {self.uri} is not writable: {e}. Check that bucket '{self.bucket}' exists, "
-                "output.endpoint_url and the credentials in the environment / AWS configuration."
+                f"output location {self.uri}{where} is not writable: {e}. Check that bucket '{self.bucket}' "
+                "exists, output.endpoint_url and the credentials in the environment / AWS configuration."
             ) from None
 
     def child(self, prefix: str) -> S3Store:
@@ -254,9 +342,10 @@ def make_s3_client(options: S3Options):
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=60,
+        # One HTTP attempt per botocore call: call_with_retries owns the policy (backoff, logging, counts).
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=options.connect_timeout_s,
+        read_timeout=options.read_timeout_s,
         s3={"addressing_style": "path"} if options.endpoint_url else None,
     )
     session = boto3.session.Session()
@@ -271,42 +360,69 @@ def _error_code(error: Exception) -> str:
 RETRYABLE_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
     "InternalError", "ServiceUnavailable", "503", "500", "502", "504",
+}  # fmt: skip
+
+_HINTS = {
+    "NoSuchBucket": "the bucket does not exist: create it or fix the bucket name",
+    "InvalidAccessKeyId": "check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) and endpoint_url",
+    "SignatureDoesNotMatch": "check the credentials (AWS_SECRET_ACCESS_KEY / AWS_PROFILE) and endpoint_url",
+    "AccessDenied": "the credentials in use may not access this location",
+    "ExpiredToken": "the session credentials have expired: refresh them",
+    "NoCredentialsError": "no credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+    "EndpointConnectionError": "is the endpoint URL right and the server up?",
 }
 
 
 def is_retryable(error: Exception) -> bool:
     from botocore.exceptions import (
+        ChecksumError,
         ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        ReadTimeoutError,
+        FlexibleChecksumError,
+        HTTPClientError,
+        IncompleteReadError,
+        SSLError,
     )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    if isinstance(error, (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)):
+    if isinstance(error, SSLError):  # a TLS connection cut midway is transient; a bad certificate is not
+        return "CERTIFICATE_VERIFY_FAILED" not in str(error)
+    # ConnectionError: refused / unreachable / connect timeout. HTTPClientError: connection closed, read
+    # timeout, error while streaming a body. IncompleteReadError: body shorter than Content-Length.
+    if isinstance(error, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
         return True
+    if isinstance(error, (ChecksumError, FlexibleChecksumError)):
+        return True  # corrupted in transit
     if isinstance(error, ClientError):
         status = (getattr(error, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return _error_code(error) in RETRYABLE_CODES or status >= 500 or status == 429
-    return isinstance(error, (ConnectionError, TimeoutError))
+        return _error_code(error) in RETRYABLE_CODES or status >= 500 or status in (408, 429)
+    return isinstance(error, (ConnectionError, TimeoutError))  # the builtins (OSError), e.g. a reset
 
 
 def call_with_retries(what: str, fn: Callable[[], T], options: S3Options) -> T:
-    """Runs `fn`, retrying transient S3 failures with jittered exponential backoff."""
+    """Runs `fn`, retrying transient S3 failures with jittered exponential backoff, at most
+    `options.max_attempts` times. botocore and OS errors end as StoreError naming `what`; other exceptions
+    (bugs) propagate unchanged."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     delay = options.base_delay_s
     for attempt in range(1, options.max_attempts + 1):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - classified below
-            if not is_retryable(e) or attempt == options.max_attempts:
+        except (BotoCoreError, ClientError, OSError) as e:
+            if not is_retryable(e) or attempt >= options.max_attempts:
                 code = _error_code(e)
                 detail = f"{code}: {e}" if code else str(e)
-                raise StoreError(f"cannot {what} (after {attempt} attempt(s)): {detail}") from e
-            logger.warning("S3: %s failed (%s); retry %d/%d in %.1fs", what, type(e).__name__, attempt,
-                           options.max_attempts - 1, delay)
-            time.sleep(delay * (0.5 + random.random()))
+                hint = _HINTS.get(code) or _HINTS.get(type(e).__name__)
+                raise StoreError(
+                    f"cannot {what} (after {attempt} attempt(s)): {detail}" + (f" ({hint})" if hint else "")
+                ) from e
+            pause = delay * (0.5 + random.random())
+            reason = _error_code(e) or type(e).__name__
+            logger.warning("S3: %s failed (%s); retry %d/%d in %.2fs", what, reason, attempt,
+                           options.max_attempts - 1, pause)  # fmt: skip
+            time.sleep(pause)
             delay = min(delay * 2, options.max_delay_s)
-    raise AssertionError("unreachable")
+    raise StoreError(f"cannot {what}: S3Options.max_attempts={options.max_attempts} must be at least 1")
 
 
 def open_store(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> Store:

@@ -1,0 +1,340 @@
+"""pipeline.io.store: LocalStore and S3Store (on a real SeaweedFS) behave the same; S3 calls survive
+throttling, 5xx answers, dropped and refused connections (counted through a fault proxy); permanent failures
+are quick and name the location without leaking credentials; local writes are atomic."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import pipeline.io.store as store_module
+from pipeline.io.store import LocalStore, S3Options, S3Store, Store, StoreError, read_uri
+from tests.support.seaweed import SeaweedError, free_ports, inet_sockets, start_seaweedfs
+
+KEYS = {
+    "b.txt": b"bee",
+    "a/2.txt": b"two",
+    "a/1.txt": b"one",
+    "a/sub/x.bin": bytes(range(256)) * 3,
+    "ab.txt": b"",
+    "dir with space/\u00e9+&=.txt": "\u00e9t\u00e9".encode(),
+}
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """The same tests on both backends; the S3 store is rooted below the bucket to exercise key prefixes."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "root")
+    return request.getfixturevalue("s3_bucket").store("base/dir")
+
+
+def fill(store: Store) -> None:
+    for key, data in KEYS.items():
+        store.write_bytes(key, data)
+
+
+# -- both backends -------------------------------------------------------------------------------------------
+
+
+def test_write_read_exists_overwrite(store: Store) -> None:
+    assert not store.exists("a/1.txt")
+    store.write_bytes("a/1.txt", b"first")
+    store.write_text("notes.md", "d\u00e9j\u00e0 vu\n")
+    assert store.exists("a/1.txt") and store.exists("notes.md")
+    assert not store.exists("a") and not store.exists("a/1")  # folders and key prefixes are not objects
+    assert store.read_bytes("a/1.txt") == b"first"
+    assert store.read_text("notes.md") == "d\u00e9j\u00e0 vu\n"
+    store.write_bytes("a/1.txt", b"second")
+    assert store.read_bytes("a/1.txt") == b"second"
+
+
+def test_read_missing_key_names_it(store: Store) -> None:
+    with pytest.raises(StoreError, match="missing/key.json"):
+        store.read_bytes("missing/key.json")
+
+
+def test_list_is_recursive_sorted_relative_and_filters_by_string_prefix(store: Store) -> None:
+    assert store.list() == []
+    fill(store)
+    assert store.list() == sorted(KEYS)
+    assert store.list("a/") == ["a/1.txt", "a/2.txt", "a/sub/x.bin"]
+    assert store.list("a") == ["a/1.txt", "a/2.txt", "a/sub/x.bin", "ab.txt"]  # a string prefix, as in S3
+    assert store.list("a/sub/x") == ["a/sub/x.bin"]
+    assert store.list("a/1.txt") == ["a/1.txt"]
+    assert store.list("dir with space/") == ["dir with space/\u00e9+&=.txt"]
+    assert store.list("nothing/") == [] and store.list("zzz") == []
+    assert store.list_sizes("a/") == {"a/1.txt": 3, "a/2.txt": 3, "a/sub/x.bin": 768}
+    assert all(store.read_bytes(key) == data for key, data in KEYS.items())
+
+
+def test_delete_and_delete_prefix(store: Store) -> None:
+    fill(store)
+    store.delete(["b.txt", "never/written.txt"])  # missing keys are fine
+    assert "b.txt" not in store.list()
+    assert store.delete_prefix("a/") == 3
+    assert store.list() == ["ab.txt", "dir with space/\u00e9+&=.txt"]
+    assert store.delete_prefix("") == 2
+    assert store.list() == []
+    store.delete([])
+
+
+def test_child_is_rooted_below_its_parent(store: Store) -> None:
+    child = store.child("runs/r1")
+    child.write_text("data/part-0.parquet", "x")
+    assert store.list() == ["runs/r1/data/part-0.parquet"]
+    assert child.list() == ["data/part-0.parquet"]
+    assert child.read_text("data/part-0.parquet") == "x"
+    assert child.describe("data/part-0.parquet") == store.describe("runs/r1/data/part-0.parquet")
+    assert child.delete_prefix("") == 1 and store.list() == []
+
+
+def test_download_file_copies_to_a_local_path(store: Store, tmp_path: Path) -> None:
+    fill(store)
+    dest = tmp_path / "copy.bin"
+    assert store.download_file("a/sub/x.bin", dest) == 768
+    assert dest.read_bytes() == KEYS["a/sub/x.bin"]
+    with pytest.raises(StoreError, match="nope.bin"):
+        store.download_file("nope.bin", tmp_path / "nope.bin")
+
+
+def test_check_writable_leaves_nothing_behind(store: Store) -> None:
+    store.check_writable()
+    assert store.list() == []
+
+
+def test_store_pickles_for_workers(store: Store) -> None:
+    store.write_text("k", "v")  # an S3Store now holds a boto3 client, which does not pickle
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.read_text("k") == "v" and clone.uri == store.uri
+
+
+# -- local only ----------------------------------------------------------------------------------------------
+
+
+def test_local_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path)
+    store.write_bytes("d/part.parquet", b"old")
+    seen = []
+    real_fsync = os.fsync
+
+    def fsync_while_looking(fd: int) -> None:  # runs while the new bytes sit in the temporary file
+        if os.path.isfile(os.readlink(f"/proc/self/fd/{fd}")):
+            seen.append((store.read_bytes("d/part.parquet"), store.list()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_module.os, "fsync", fsync_while_looking)
+    store.write_bytes("d/part.parquet", b"new" * 100_000)
+    assert seen == [(b"old", ["d/part.parquet"])]  # the final name showed the old object; no temp file listed
+    assert store.read_bytes("d/part.parquet") == b"new" * 100_000
+
+
+def test_local_failed_write_keeps_old_object_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path)
+    store.write_bytes("d/part.parquet", b"old")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "fsync", disk_full)
+    with pytest.raises(StoreError, match=r"cannot write .*d/part.parquet: No space left on device"):
+        store.write_bytes("d/part.parquet", b"new")
+    monkeypatch.undo()
+    assert store.read_bytes("d/part.parquet") == b"old"
+    assert sorted(os.listdir(tmp_path / "d")) == ["part.parquet"]
+
+
+def test_local_keys_cannot_escape_the_root(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root")
+    for key in ("../outside.txt", "a/../../outside.txt", "/etc/hostname"):
+        with pytest.raises(StoreError, match="escapes the store root"):
+            store.write_bytes(key, b"x")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_local_root_behind_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    store = LocalStore(tmp_path / "link" / "out")
+    store.write_text("a/b.txt", "x")
+    assert store.list() == ["a/b.txt"] and (tmp_path / "real" / "out" / "a" / "b.txt").read_text() == "x"
+
+
+def test_local_check_writable_names_the_location(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    store = LocalStore(tmp_path / "file" / "out")
+    with pytest.raises(StoreError, match=f"cannot write {tmp_path / 'file' / 'out'}"):
+        store.check_writable()
+
+
+def test_read_uri_local_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="nothing-here.jsonl"):
+        read_uri(str(tmp_path / "nothing-here.jsonl"))
+
+
+# -- S3 only -------------------------------------------------------------------------------------------------
+
+FAULTS = {
+    "503-slowdown": lambda proxy, method: proxy.fail_next(2, 503, "SlowDown", method=method),
+    "500-internal-error": lambda proxy, method: proxy.fail_next(2, 500, "InternalError", method=method),
+    "dropped-mid-response": lambda proxy, method: proxy.drop_next(2, method=method),
+}
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("fault", FAULTS)
+def test_s3_calls_retry_through_faults(fault, s3_bucket, s3_fault_proxy, caplog) -> None:
+    store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint)
+    payload = os.urandom(300_000)
+    operations = [  # (HTTP method, call, check); each call meets two faults, then goes through
+        ("PUT", lambda: store.write_bytes("p/obj.bin", payload), lambda result: result is None),
+        ("GET", lambda: store.read_bytes("p/obj.bin"), lambda result: result == payload),
+        ("HEAD", lambda: store.exists("p/obj.bin"), lambda result: result is True),
+        ("GET", lambda: store.list("p/"), lambda result: result == ["p/obj.bin"]),
+        ("POST", lambda: store.delete(["p/obj.bin"]), lambda result: result is None),
+    ]
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.store"):
+        for method, call, check in operations:
+            s3_fault_proxy.reset_counts()
+            FAULTS[fault](s3_fault_proxy, method)
+            assert check(call()), method
+            assert s3_fault_proxy.count() == 3, (method, s3_fault_proxy.requests)  # two faults, one success
+            assert s3_fault_proxy.count(fault=None) == 1
+    assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2 * len(operations)
+    assert s3_bucket.keys() == []
+
+
+@pytest.mark.s3
+def test_s3_refused_connections_are_retried_until_the_endpoint_is_back(s3_bucket, s3_fault_proxy, caplog):
+    store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint, max_attempts=30, max_delay_s=0.2)
+    store.write_text("before", "x")  # boto3 now pools a keep-alive connection; the outage cuts it too
+    s3_fault_proxy.reset_counts()
+    started = time.monotonic()
+    s3_fault_proxy.refuse_connections(1.5)
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.store"):
+        store.write_text("after", "y")
+    assert time.monotonic() - started >= 1.4
+    assert s3_fault_proxy.count("PUT") == 1  # refused attempts never got through; the retry did
+    refused = [r for r in caplog.records if "EndpointConnectionError" in r.getMessage()]
+    assert len(refused) >= 2
+    assert s3_bucket.keys() == ["base/after", "base/before"]
+
+
+@pytest.mark.s3
+def test_s3_persistent_fault_gives_up_after_max_attempts(s3_bucket, s3_fault_proxy) -> None:
+    store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint, max_attempts=3)
+    s3_fault_proxy.fail_next(100, 503, "SlowDown")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=r"cannot write s3://.*/base/k \(after 3 attempt\(s\)\): SlowDown"):
+        store.write_text("k", "v")
+    assert s3_fault_proxy.count() == 3
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.s3
+def test_s3_missing_bucket_fails_fast_naming_it(s3_env) -> None:
+    store = S3Store("s3://no-such-bucket-7f3a/prefix", S3Options(endpoint_url=s3_env.endpoint))
+    started = time.monotonic()
+    with pytest.raises(StoreError) as error:
+        store.write_text("k", "v")
+    message = str(error.value)
+    assert "s3://no-such-bucket-7f3a/prefix/k" in message and "NoSuchBucket" in message
+    assert "(after 1 attempt(s))" in message and "bucket does not exist" in message
+    with pytest.raises(StoreError, match=r"output location s3://no-such-bucket-7f3a/prefix \(endpoint http"):
+        store.check_writable()
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(
+    "variable, value, code",
+    [
+        ("AWS_SECRET_ACCESS_KEY", "wrong-secret-0f9e8d7c6b5a", "SignatureDoesNotMatch"),
+        ("AWS_ACCESS_KEY_ID", "AKIAUNKNOWN0000", "InvalidAccessKeyId"),
+    ],
+)
+def test_s3_bad_credentials_fail_fast_without_leaking_secrets(
+    s3_bucket, monkeypatch, caplog, variable, value, code
+) -> None:
+    real_secret = s3_bucket.server.secret_key
+    monkeypatch.setenv(variable, value)
+    store = s3_bucket.store("base", max_attempts=8, base_delay_s=1.0)  # a retry would take >= 0.5 s
+    started = time.monotonic()
+    with caplog.at_level(logging.DEBUG), pytest.raises(StoreError) as error:
+        store.check_writable()
+    assert time.monotonic() - started < 2
+    message = str(error.value)
+    assert s3_bucket.name in message and code in message and "check the credentials" in message
+    for secret in (real_secret, "wrong-secret-0f9e8d7c6b5a"):
+        assert secret not in message and secret not in caplog.text
+
+
+@pytest.mark.s3
+def test_s3_check_writable_on_an_unreachable_endpoint_names_the_location(s3_env) -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    endpoint = f"http://127.0.0.1:{port}"
+    store = S3Store(
+        "s3://some-bucket/out", S3Options(endpoint_url=endpoint, max_attempts=2, base_delay_s=0.05)
+    )
+    started = time.monotonic()
+    with pytest.raises(StoreError) as error:
+        store.check_writable()
+    message = str(error.value)
+    assert "s3://some-bucket/out" in message and endpoint in message and "some-bucket" in message
+    assert "after 2 attempt(s)" in message and "is the endpoint URL right" in message
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.s3
+def test_s3_list_and_delete_span_several_pages(s3_bucket) -> None:
+    store = s3_bucket.store("many")
+    keys = [f"k/{i:05d}" for i in range(1003)]  # > 1000: ListObjectsV2 pages and DeleteObjects batches
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: store.write_bytes(key, b"x"), keys))
+    store.write_bytes("other", b"y")
+    assert store.list("k/") == keys
+    assert store.delete_prefix("k/") == len(keys)
+    assert store.list() == ["other"]
+
+
+@pytest.mark.s3
+def test_s3_read_uri_and_store_on_bucket_root(s3_bucket) -> None:
+    s3_bucket.put("in/prompts.jsonl", b'{"prompt": "hi"}\n')
+    assert (
+        read_uri(f"{s3_bucket.uri}/in/prompts.jsonl", endpoint_url=s3_bucket.endpoint)
+        == b'{"prompt": "hi"}\n'
+    )
+    assert s3_bucket.store().list() == ["in/prompts.jsonl"]
+
+
+@pytest.mark.s3
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_seaweedfs_uses_loopback_only(seaweedfs) -> None:
+    sockets = inet_sockets(seaweedfs.process.pid)
+    assert len([s for s in sockets if s[2].endswith(":0")]) >= 8, sockets  # the listeners, at least
+    loopback = ("127.0.0.1:", "::ffff:127.0.0.1:", "0.0.0.0:0", ":::0")
+    for proto, local, remote in sockets:
+        assert local.startswith(loopback[:2]) and remote.startswith(loopback), (proto, local, remote)
+
+
+def test_seaweed_start_failure_shows_its_log_without_the_secret(tmp_path: Path) -> None:
+    fake = tmp_path / "weed"
+    fake.write_text(
+        "#!/bin/sh\ncat s3.json\necho 'listen tcp 127.0.0.1:1: bind: address already in use'\nexit 3\n"
+    )
+    fake.chmod(0o755)
+    with pytest.raises(SeaweedError) as error:
+        start_seaweedfs(tmp_path / "work", weed=str(fake), timeout_s=20)
+    message = str(error.value)
+    assert "weed exited with status 3" in message and "address already in use" in message
+    assert '"secretKey": "***"' in message
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["weed-0", "weed-1", "weed-2"]  # retried

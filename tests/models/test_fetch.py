@@ -1,0 +1,221 @@
+"""pipeline.models.fetch: an s3:// model is downloaded once per node (several processes at once: one
+download, counted through a proxy), reused without S3, fetched again when a download was killed or a copy
+damaged; local directories pass through; missing models fail with messages naming them."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.io.store import S3Store, split_s3_uri
+from pipeline.models.fetch import MARKER, PARTIAL, cache_path, resolve_model_dir
+from pipeline.models.loader import ModelError
+
+_rng = random.Random(0)
+MODEL = {
+    "config.json": json.dumps({"model_type": "diffusion_gemma", "canvas_length": 16}).encode(),
+    "generation_config.json": b"{}",
+    "tokenizer.json": _rng.randbytes(50_000),
+    "model-00001-of-00002.safetensors": _rng.randbytes(3_000_000),
+    "model-00002-of-00002.safetensors": _rng.randbytes(1_200_000),
+    "empty.txt": b"",
+    "extra/notes.md": b"nested keys become nested files\n",
+}
+PREFIX = "models/tiny-v1"
+
+
+@pytest.fixture
+def s3_model(s3_bucket) -> str:
+    for name, data in MODEL.items():
+        s3_bucket.put(f"{PREFIX}/{name}", data)
+    s3_bucket.put("models/tiny-v1-other/config.json", b"{}")  # a sibling prefix that must not be mixed in
+    return f"{s3_bucket.uri}/{PREFIX}"
+
+
+def assert_is_the_model(model_dir: str) -> None:
+    root = Path(model_dir)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert files == sorted([*MODEL, MARKER])
+    for name, data in MODEL.items():
+        assert (root / name).read_bytes() == data, name
+
+
+def leftovers(target: Path) -> list[str]:
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(target.name + PARTIAL))
+
+
+def object_gets(proxy) -> int:
+    return proxy.count("GET", path_contains=f"/{PREFIX}/")  # object paths; the listing is /bucket?list-type=2
+
+
+# -- local ---------------------------------------------------------------------------------------------------
+
+
+def test_local_directory_passes_through(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model_dir(str(tmp_path), cache_dir=None, endpoint_url=None, region=None) == str(tmp_path)
+
+
+def test_local_errors_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"model.path='.*/nowhere' is not a directory"):
+        resolve_model_dir(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelError, match=r"model.path='.*' has no config.json"):
+        resolve_model_dir(str(tmp_path))
+
+
+# -- S3 ------------------------------------------------------------------------------------------------------
+
+
+def _resolve_in_child(uri: str, cache_dir: str, endpoint: str, barrier, results) -> None:
+    barrier.wait(timeout=120)  # all processes ask at the same moment, as actors starting on one node
+    results.put(resolve_model_dir(uri, cache_dir=cache_dir, endpoint_url=endpoint, region="us-east-1"))
+
+
+def collect(processes, results, timeout_s: float = 120) -> list[str]:
+    """One result per process; fails at once when a process dies instead of waiting out the timeout."""
+    found: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while len(found) < len(processes):
+        try:
+            found.append(results.get(timeout=0.5))
+        except queue.Empty:
+            failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            assert not failed, f"worker processes failed with exit codes {failed}"
+            assert time.monotonic() < deadline, f"workers gave {len(found)} results in {timeout_s}s"
+    return found
+
+
+@pytest.mark.s3
+def test_processes_starting_together_download_once(s3_model, s3_fault_proxy, tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    workers = 4
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    args = (s3_model, str(tmp_path / "cache"), s3_fault_proxy.endpoint, barrier, results)
+    processes = [ctx.Process(target=_resolve_in_child, args=args) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    paths = collect(processes, results)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert len(set(paths)) == 1
+    target = Path(paths[0])
+    assert target == cache_path(
+        s3_model, cache_dir=str(tmp_path / "cache"), endpoint_url=s3_fault_proxy.endpoint
+    )
+    bucket, prefix = split_s3_uri(s3_model)  # the layout: <cache>/<bucket>/<prefix>-<hash>
+    assert target.parent == tmp_path / "cache" / bucket / Path(prefix).parent
+    assert target.name.startswith(f"{Path(prefix).name}-")
+    assert_is_the_model(paths[0])
+    assert object_gets(s3_fault_proxy) == len(MODEL)  # every object fetched exactly once, by one process
+    assert s3_fault_proxy.count() == len(MODEL) + 1  # plus one listing; the others made no S3 call at all
+    assert leftovers(target) == []
+
+
+@pytest.mark.s3
+def test_completed_copy_is_reused_without_s3(s3_model, s3_fault_proxy, tmp_path: Path) -> None:
+    options = {"cache_dir": str(tmp_path), "endpoint_url": s3_fault_proxy.endpoint, "region": None}
+    first = resolve_model_dir(s3_model, **options)
+    requests = s3_fault_proxy.count()
+    s3_fault_proxy.refuse_connections(600)  # S3 is unreachable now: reuse must not need it
+    assert resolve_model_dir(s3_model, **options) == first
+    assert s3_fault_proxy.count() == requests
+    assert_is_the_model(first)
+
+
+def _download_then_die(uri: str, cache_dir: str, endpoint: str) -> None:
+    real = S3Store.download_file
+
+    def half_then_killed(self, key, dest):
+        size = real(self, key, dest)
+        if key.endswith("00001-of-00002.safetensors"):
+            with open(dest, "r+b") as f:
+                f.truncate(size // 2)  # a shard half on disk...
+            os.kill(os.getpid(), signal.SIGKILL)  # ...when the node kills the process
+        return size
+
+    S3Store.download_file = half_then_killed
+    resolve_model_dir(uri, cache_dir=cache_dir, endpoint_url=endpoint)
+
+
+@pytest.mark.s3
+def test_killed_download_never_looks_complete_and_is_redone(s3_model, s3_fault_proxy, tmp_path: Path) -> None:
+    cache_dir, endpoint = str(tmp_path / "cache"), s3_fault_proxy.endpoint
+    process = multiprocessing.get_context("spawn").Process(
+        target=_download_then_die, args=(s3_model, cache_dir, endpoint)
+    )
+    process.start()
+    process.join(timeout=120)
+    assert process.exitcode == -signal.SIGKILL
+    target = cache_path(s3_model, cache_dir=cache_dir, endpoint_url=endpoint)
+    assert not target.exists()
+    assert len(leftovers(target)) == 1  # the killed attempt's temporary directory, never renamed
+
+    s3_fault_proxy.reset_counts()
+    assert resolve_model_dir(s3_model, cache_dir=cache_dir, endpoint_url=endpoint) == str(target)
+    assert_is_the_model(str(target))
+    assert object_gets(s3_fault_proxy) == len(MODEL)  # downloaded again, completely
+    assert leftovers(target) == []  # and the leftover was removed
+
+
+@pytest.mark.s3
+def test_short_download_is_rejected_and_leaves_nothing(s3_model, s3_env, tmp_path, monkeypatch) -> None:
+    real = S3Store.download_file
+
+    def short(self, key, dest):
+        size = real(self, key, dest)
+        if key == "tokenizer.json":
+            with open(dest, "r+b") as f:
+                f.truncate(size - 1)
+        return size
+
+    monkeypatch.setattr(S3Store, "download_file", short)
+    with pytest.raises(ModelError, match=r"cannot be downloaded: .*tokenizer.json: got 49999 bytes.* 50000"):
+        resolve_model_dir(s3_model, cache_dir=str(tmp_path), endpoint_url=s3_env.endpoint)
+    target = cache_path(s3_model, cache_dir=str(tmp_path), endpoint_url=s3_env.endpoint)
+    assert not target.exists() and leftovers(target) == []
+
+
+@pytest.mark.s3
+def test_damaged_copy_is_fetched_again(s3_model, s3_fault_proxy, tmp_path: Path) -> None:
+    options = {"cache_dir": str(tmp_path), "endpoint_url": s3_fault_proxy.endpoint}
+    model_dir = Path(resolve_model_dir(s3_model, **options))
+    (model_dir / "model-00002-of-00002.safetensors").write_bytes(b"truncated")
+    s3_fault_proxy.reset_counts()
+    assert resolve_model_dir(s3_model, **options) == str(model_dir)
+    assert_is_the_model(str(model_dir))
+    assert object_gets(s3_fault_proxy) == len(MODEL)
+
+
+@pytest.mark.s3
+def test_dropped_connections_during_download_are_retried(s3_model, s3_fault_proxy, tmp_path: Path) -> None:
+    s3_fault_proxy.drop_next(3, method="GET")  # the listing, then objects cut mid-body
+    model_dir = resolve_model_dir(s3_model, cache_dir=str(tmp_path), endpoint_url=s3_fault_proxy.endpoint)
+    assert_is_the_model(model_dir)
+    assert s3_fault_proxy.count("GET", fault="drop") == 3
+    assert s3_fault_proxy.count("GET", fault=None) == len(MODEL) + 1
+
+
+@pytest.mark.s3
+def test_s3_errors_name_the_model(s3_bucket, tmp_path: Path) -> None:
+    s3_bucket.put("no-config/model.safetensors", b"x")
+    options = {"cache_dir": str(tmp_path), "endpoint_url": s3_bucket.endpoint}
+    with pytest.raises(
+        ModelError, match=rf"model.path='{s3_bucket.uri}/empty': no objects under this prefix"
+    ):
+        resolve_model_dir(f"{s3_bucket.uri}/empty", **options)
+    with pytest.raises(ModelError, match=rf"model.path='{s3_bucket.uri}/no-config' has no config.json"):
+        resolve_model_dir(f"{s3_bucket.uri}/no-config", **options)
+    with pytest.raises(ModelError, match=r"s3://no-such-bucket-4e1d/m.*NoSuchBucket"):
+        resolve_model_dir("s3://no-such-bucket-4e1d/m", **options)
+    with pytest.raises(ModelError, match="must not contain empty, '.' or '..' segments"):
+        resolve_model_dir(f"{s3_bucket.uri}/a/../b", **options)
+    assert sorted(p.name for p in (tmp_path / s3_bucket.name).iterdir() if not p.name.endswith(".lock")) == []
