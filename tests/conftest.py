@@ -10,8 +10,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.s3_faults import FaultProxy
-from tests.support.seaweed import S3Bucket, SeaweedFS, find_weed, start_seaweedfs
+# =============================================================================================================
+# CPU threads: the test machine has 2 cores shared by pytest, Ray workers and SeaweedFS. One intra-op thread
+# per process avoids oversubscription, which makes the tiny models' CPU matmuls tens of times slower.
+# =============================================================================================================
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from tests.support.s3_faults import FaultProxy  # noqa: E402
+from tests.support.seaweed import S3Bucket, SeaweedFS, find_weed, start_seaweedfs  # noqa: E402
 
 # ============================================================================================================
 # S3: a real SeaweedFS server on 127.0.0.1 (tests/support/seaweed.py), fresh buckets, a fault proxy

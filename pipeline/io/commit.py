@@ -193,6 +193,21 @@ class RunStore:
         self.store.write_text(commit_key(shard), commit.to_json())
         return commit
 
+    def verify(self, committed: dict[int, ShardCommit]) -> list[int]:
+        """Shards whose committed parts are missing or have another size than their marker records (e.g.
+        removed by hand); such shards must be regenerated before the run can be complete."""
+        sizes = {**self.store.list_sizes("data/"), **self.store.list_sizes("errors/")}
+        broken = []
+        for shard, c in committed.items():
+            for key, size in ((c.data_key, c.data_bytes), (c.errors_key, c.errors_bytes)):
+                if key and sizes.get(key) != size:
+                    broken.append(shard)
+                    break
+        return broken
+
+    def uncommit(self, shards: list[int]) -> None:
+        self.store.delete([commit_key(s) for s in shards])
+
     # ------------------------------------------------------------------------------------------- final
     def finalize(self, manifest: dict[str, Any], stats: dict[str, Any], card: str) -> None:
         """Writes manifest, stats and dataset card, then _SUCCESS last."""

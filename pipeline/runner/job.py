@@ -223,6 +223,11 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
         return 0
 
     committed = run_store.committed()
+    broken = run_store.verify(committed)
+    if broken:
+        logger.warning("shards %s are committed but their parts are missing or altered; regenerating them", broken)
+        run_store.uncommit(broken)
+        committed = {k: v for k, v in committed.items() if k not in broken}
     stale = run_store.clean_uncommitted(committed)
     if committed or stale:
         logger.info(
@@ -253,6 +258,11 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
             return 2
 
     all_commits = run_store.committed()
+    missing = run_store.verify(all_commits)
+    if missing and not failed:  # a part vanished after its commit (e.g. a concurrent cleanup): never claim success
+        failed = [ShardTask(shard=s, start=0, stop=0, last_error="part missing after commit") for s in missing]
+        run_store.uncommit(missing)
+        all_commits = run_store.committed()
     stats = build_stats(prep, all_commits, new_commits, worker_infos, started, failed)
     if failed:
         run_store.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,293 @@
+"""Crashes and bad input, through the real command line, on local disk and on a real S3 server (SeaweedFS).
+
+Every test ends by checking the contract: each input row exactly once, in data/ or errors/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray
+
+COMMON = [
+    "model.path=builtin:tiny-diffusiongemma-random",
+    "sampler.max_denoising_steps=4",
+    "sampler.max_new_tokens=32",
+    "cluster.num_workers=1",
+    "run.progress_interval_s=1",
+]
+
+
+class Output:
+    """Where a test run writes, on local disk or S3, and how the test reads it back (not via the code under test)."""
+
+    def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        if kind == "local":
+            self.root = tmp_path / "out"
+            self.uri, self.args = str(self.root), []
+        else:
+            bucket = request.getfixturevalue("s3_bucket")
+            self.bucket = bucket
+            self.uri = f"{bucket.uri}/runs"
+            self.args = ["output=s3", f"output.endpoint_url={bucket.endpoint}"]
+        self.cli = [f"output.uri={self.uri}", *self.args]
+
+    def keys(self, run_id: str) -> list[str]:
+        if self.kind == "local":
+            base = self.root / run_id
+            return (
+                sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+                if base.exists()
+                else []
+            )
+        prefix = f"runs/{run_id}/"
+        return [k[len(prefix) :] for k in self.bucket.keys() if k.startswith(prefix)]  # noqa: SIM118 (a bucket)
+
+    def read(self, run_id: str, key: str) -> bytes:
+        if self.kind == "local":
+            return (self.root / run_id / key).read_bytes()
+        body = self.bucket.server.client().get_object(Bucket=self.bucket.name, Key=f"runs/{run_id}/{key}")[
+            "Body"
+        ]
+        return body.read()
+
+    def rows(self, run_id: str, folder: str) -> list[dict]:
+        out = []
+        for key in self.keys(run_id):
+            if key.startswith(f"{folder}/") and key.endswith(".parquet"):
+                out.extend(pq.read_table(io.BytesIO(self.read(run_id, key))).to_pylist())
+        return out
+
+    def commits(self, run_id: str) -> dict[str, dict]:
+        return {k: json.loads(self.read(run_id, k)) for k in self.keys(run_id) if k.startswith("_commits/")}
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def output(request, tmp_path):
+    return Output(request.param, tmp_path, request)
+
+
+def write_prompts(path: Path, count: int, extra: list[str] | None = None) -> Path:
+    lines = [json.dumps({"prompt": f"Sort: {i % 10} {i % 7} {i % 3}", "k": i}) for i in range(count)]
+    path.write_text("\n".join(lines + (extra or [])) + "\n")
+    return path
+
+
+def start_job(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "generate.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def workers() -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any("ShardWorker" in c for c in p.info["cmdline"] or [])
+    ]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Test hygiene after a SIGKILL: Ray's agents of the killed driver outlive it; end its whole group, and
+    wait until no worker of it is left (a worker may still commit the shard it was writing, which is fine:
+    the test counts commits only once nothing can write any more)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for p in workers():
+        p.kill()
+
+
+def assert_exactly_once(output: Output, run_id: str, expected_rows: int) -> tuple[list[dict], list[dict]]:
+    keys = output.keys(run_id)
+    assert "_SUCCESS" in keys and "_manifest.json" in keys
+    data, errors = output.rows(run_id, "data"), output.rows(run_id, "errors")
+    indices = sorted(r["source_index"] for r in data + errors)
+    assert indices == list(range(expected_rows)), "every input row exactly once, as an output or an error row"
+    assert len({r["id"] for r in data}) == len(data)
+    manifest = json.loads(output.read(run_id, "_manifest.json"))
+    listed = {p["data_key"] for p in manifest["parts"] if p["data_key"]}
+    assert listed == {k for k in keys if k.startswith("data/")}, "data/ holds the committed parts only"
+    return data, errors
+
+
+def test_full_run_with_every_bad_row_kind(output, tmp_path):
+    extra = [
+        "{malformed",
+        json.dumps({"prompt": None}),
+        json.dumps({"prompt": ["not", "text"]}),
+        json.dumps({"prompt": "   "}),
+        json.dumps({"other": "x"}),
+        json.dumps({"prompt": "y" * 300}),
+    ]
+    data_file = write_prompts(tmp_path / "in.jsonl", 10, extra)
+    with open(data_file, "ab") as f:
+        f.write(b'{"prompt": "bad \xff utf-8"}\n')
+    code, log = finish(
+        start_job(
+            [
+                f"data.path={data_file}",
+                "run.id=r",
+                "run.shard_size=4",
+                "model.max_prompt_tokens=128",
+                *COMMON,
+                *output.cli,
+            ],
+            tmp_path,
+        )
+    )
+    assert code == 0, log[-3000:]
+    data, errors = assert_exactly_once(output, "r", 17)
+    assert len(data) == 10 and len(errors) == 7
+    reasons = {e["source_index"]: e["reason"] for e in errors}
+    for index, text in {
+        10: "malformed JSON",
+        11: "is null",
+        12: "must be a string",
+        13: "is empty",
+        14: "missing column 'prompt'",
+        15: "more than fit",
+        16: "invalid UTF-8",
+    }.items():
+        assert text in reasons[index], (index, reasons[index])
+    for row in data:  # read back row by row
+        assert row["completion_tokens"] == len(row["completion"]) or row["completion_tokens"] > 0
+        assert row["run_id"] == "r" and json.loads(row["metadata"])["k"] == row["source_index"]
+    stats = json.loads(output.read("r", "stats.json"))
+    assert stats["rows_in"] == 17 and stats["rows_error"] == 7
+    assert stats["errors_by_stage"] == {"read": 6, "tokenize": 1}
+
+
+def test_worker_killed_mid_run_is_retried(output, tmp_path):
+    data_file = write_prompts(tmp_path / "in.jsonl", 24)
+    proc = start_job(
+        [f"data.path={data_file}", "run.id=w", "run.shard_size=3", *COMMON, *output.cli], tmp_path
+    )
+    killed = []
+
+    def kill_a_busy_worker() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(output.commits("w")) >= 2:
+                for p in workers():
+                    p.send_signal(signal.SIGKILL)
+                    killed.append(p.pid)
+                if killed:
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_busy_worker)
+    killer.start()
+    code, log = finish(proc)
+    killer.join()
+    assert killed, "a worker process was killed mid-run"
+    assert code == 0, log[-3000:]
+    assert "died while processing shard" in log
+    assert_exactly_once(output, "w", 24)
+    assert any(c["attempt"] > 1 for c in output.commits("w").values())
+
+
+def test_driver_killed_then_rerun_resumes_without_redoing_committed_shards(output, tmp_path):
+    data_file = write_prompts(tmp_path / "in.jsonl", 24)
+    args = [f"data.path={data_file}", "run.id=d", "run.shard_size=2", *COMMON, *output.cli]
+    first = start_job(args, tmp_path)
+    wait_for(lambda: len(output.commits("d")) >= 3, 300, "three committed shards")
+    first.send_signal(signal.SIGKILL)  # the driver only: no cleanup handler runs
+    first.wait(timeout=30)
+    kill_group(first)
+    before = output.commits("d")
+    assert 3 <= len(before) < 12 and "_SUCCESS" not in output.keys("d")
+
+    code, log = finish(start_job(args, tmp_path))
+    assert code == 0, log[-3000:]
+    assert_exactly_once(output, "d", 24)
+    stats = json.loads(output.read("d", "stats.json"))
+    assert stats["shards"]["skipped_already_committed"] == len(before)
+    assert stats["shards"]["committed_this_invocation"] == 12 - len(before)
+    after = output.commits("d")
+    for key, commit in before.items():  # committed shards were not regenerated
+        assert after[key]["committed_at"] == commit["committed_at"]
+    print(
+        f"kill-and-resume ({output.kind}): {len(before)} shards committed before SIGKILL, "
+        f"{stats['shards']['committed_this_invocation']} generated on rerun, {stats['rows_out']} rows, no duplicates"
+    )
+
+
+@pytest.mark.s3
+def test_endpoint_refusing_connections_is_retried(s3_bucket, s3_fault_proxy, tmp_path):
+    data_file = write_prompts(tmp_path / "in.jsonl", 12)
+    args = [
+        f"data.path={data_file}",
+        "run.id=e",
+        "run.shard_size=2",
+        *COMMON,
+        "output=s3",
+        f"output.uri={s3_bucket.uri}/runs",
+        f"output.endpoint_url={s3_fault_proxy.endpoint}",
+    ]
+    proc = start_job(args, tmp_path)
+    out = Output.__new__(Output)
+    out.kind, out.bucket = "s3", s3_bucket
+    wait_for(lambda: len(out.commits("e")) >= 1, 300, "a first commit")
+    s3_fault_proxy.refuse_connections(4)
+    code, log = finish(proc)
+    assert code == 0, log[-3000:]
+    assert "retry" in log, "the outage was met and retried"
+    assert_exactly_once(out, "e", 12)
+
+
+def test_unreachable_output_fails_at_startup(tmp_path):
+    data_file = write_prompts(tmp_path / "in.jsonl", 3)
+    code, log = finish(
+        start_job(
+            [
+                f"data.path={data_file}",
+                "output=s3",
+                "output.uri=s3://no-such-bucket/x",
+                "output.endpoint_url=http://127.0.0.1:9",
+                *COMMON,
+            ],
+            tmp_path,
+        ),
+        timeout=300,
+    )
+    assert code == 2, log[-3000:]
+    assert "s3://no-such-bucket/x" in log
+    assert "starting a local Ray" not in log, "the job stopped before any worker was started"
