@@ -143,3 +143,23 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     # Optional per-row verify/postprocess stage: {_target_: "module.callable", ...kwargs}.
     postprocess: dict[str, Any] | None = None
+
+
+@dataclass
+class NightlyConfig:
+    # Scheduled date (YYYY-MM-DD); None means today in `timezone`. The run id is <run_prefix>-<date>.
+    date: str | None = None
+    # IANA time zone in which "today" is taken (the schedule's time zone).
+    timezone: str = "UTC"
+    run_prefix: str = "nightly"
+    # Delete complete nights older than this many days (None keeps everything). Incomplete runs are kept.
+    retention_days: int | None = None
+    # A lock whose holder has not heartbeated for this long is considered abandoned and taken over.
+    lock_stale_s: float = 300.0
+    # Run a night even though a newer one is already complete (a backfill); LATEST is not moved back.
+    allow_late: bool = False
+
+
+@dataclass
+class NightlyJobConfig(JobConfig):
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)

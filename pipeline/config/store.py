@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config.schema import JobConfig
+from pipeline.config.schema import ConfigError, JobConfig, NightlyJobConfig
 from pipeline.config.validate import validate_job
 
 
@@ -14,16 +14,19 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="canvasflow_schema", node=JobConfig)
+    ConfigStore.instance().store(name="canvasflow_nightly_schema", node=NightlyJobConfig)
 
 
-def to_job_config(cfg: Any) -> JobConfig:
-    """Converts a composed Hydra config to a validated JobConfig (raises ConfigError naming the key)."""
+def to_job_config(cfg: Any, schema: type[JobConfig] = JobConfig) -> JobConfig:
+    """Converts a composed Hydra config to a validated `schema` instance (raises ConfigError naming the key)."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     if isinstance(cfg, JobConfig):
         return validate_job(cfg)
-    base = OmegaConf.structured(JobConfig)
-    merged = OmegaConf.merge(base, cfg)
-    job = OmegaConf.to_object(merged)
-    assert isinstance(job, JobConfig)
+    try:
+        job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).replace("\n", " ")) from None
+    assert isinstance(job, schema)
     return validate_job(job)

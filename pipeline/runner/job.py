@@ -66,6 +66,20 @@ def run_from_hydra(cfg: Any) -> int:
     return run(job, resolved_yaml=_yaml(cfg))
 
 
+def nightly_from_hydra(cfg: Any) -> int:
+    from pipeline.config import to_job_config
+    from pipeline.config.schema import NightlyJobConfig
+    from pipeline.runner.nightly import run_nightly
+
+    _ensure_logging()
+    try:
+        job = to_job_config(cfg, NightlyJobConfig)
+    except ConfigError as e:
+        logger.error("invalid configuration: %s", e)
+        return 2
+    return run_nightly(job, job.nightly, resolved_yaml=_yaml(cfg))
+
+
 def _yaml(cfg: Any) -> str:
     from omegaconf import OmegaConf
 
@@ -225,7 +239,9 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
     committed = run_store.committed()
     broken = run_store.verify(committed)
     if broken:
-        logger.warning("shards %s are committed but their parts are missing or altered; regenerating them", broken)
+        logger.warning(
+            "shards %s are committed but their parts are missing or altered; regenerating them", broken
+        )
         run_store.uncommit(broken)
         committed = {k: v for k, v in committed.items() if k not in broken}
     stale = run_store.clean_uncommitted(committed)
@@ -259,8 +275,12 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
 
     all_commits = run_store.committed()
     missing = run_store.verify(all_commits)
-    if missing and not failed:  # a part vanished after its commit (e.g. a concurrent cleanup): never claim success
-        failed = [ShardTask(shard=s, start=0, stop=0, last_error="part missing after commit") for s in missing]
+    if (
+        missing and not failed
+    ):  # a part vanished after its commit (e.g. a concurrent cleanup): never claim success
+        failed = [
+            ShardTask(shard=s, start=0, stop=0, last_error="part missing after commit") for s in missing
+        ]
         run_store.uncommit(missing)
         all_commits = run_store.committed()
     stats = build_stats(prep, all_commits, new_commits, worker_infos, started, failed)

@@ -1,0 +1,32 @@
+"""A nightly generation run: run id from the scheduled date, LATEST after success, optional retention.
+
+    python jobs/nightly.py output.uri=s3://bucket/nightly output=s3 nightly.timezone=Europe/Paris
+    python jobs/nightly.py nightly.date=2026-11-26        # retry or backfill a given night
+
+Exit codes: 0 complete, 1 shards failed (rerun resumes), 2 could not start, 3 refused (overlap or late).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline.config import register_configs  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="nightly")
+def main(cfg: DictConfig) -> None:
+    from pipeline.runner.job import nightly_from_hydra
+
+    code = nightly_from_hydra(cfg)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Nightly runs: one run per scheduled date, resumed (never duplicated) when the night is retried.
+
+    <output.uri>/nightly-2026-11-27/   the night's run (run id from the scheduled date in nightly.timezone)
+    <output.uri>/LATEST                the newest night with _SUCCESS, updated only after it
+    <output.uri>/_locks/nightly.lock   held while a night runs; refreshed by a heartbeat
+
+A run is refused (exit code 3) when another live run holds the lock, or when it is late: a newer night is
+already complete. A lock is taken over when its holder stopped heartbeating for `lock_stale_s`, or is a dead
+process on this host (a crashed attempt of a retried night). The schedule's own concurrency policy
+(CronJob `concurrencyPolicy: Forbid`) is the first line; the lock also covers manual runs and reschedules.
+Retention deletes only complete runs older than `retention_days`, never LATEST or an incomplete run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig
+from pipeline.io.store import Store, StoreError, open_store
+
+logger = logging.getLogger("canvasflow")
+REFUSED = 3
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class Refused(RuntimeError):
+    """This run must not start now; the message says why and what to do."""
+
+
+def scheduled_date(nightly: NightlyConfig, now: dt.datetime | None = None) -> dt.date:
+    try:
+        zone = ZoneInfo(nightly.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"nightly.timezone={nightly.timezone!r} is not an IANA time zone (e.g. UTC, Europe/Paris)"
+        ) from None
+    if nightly.date:
+        if not DATE.match(nightly.date):
+            raise ConfigError(f"nightly.date={nightly.date!r} must be YYYY-MM-DD")
+        return dt.date.fromisoformat(nightly.date)
+    return (now or dt.datetime.now(dt.timezone.utc)).astimezone(zone).date()
+
+
+def run_id_for(nightly: NightlyConfig, date: dt.date) -> str:
+    return f"{nightly.run_prefix}-{date.isoformat()}"
+
+
+def date_of(nightly: NightlyConfig, run_id: str) -> dt.date | None:
+    prefix = f"{nightly.run_prefix}-"
+    tail = run_id[len(prefix) :] if run_id.startswith(prefix) else ""
+    return dt.date.fromisoformat(tail) if DATE.match(tail) else None
+
+
+@dataclass
+class Lease:
+    """The lock object: who holds it and when it last proved alive."""
+
+    store: Store
+    key: str
+    token: str
+    run_id: str
+    stale_s: float
+    _stop: threading.Event | None = None
+    _thread: threading.Thread | None = None
+
+    def _payload(self) -> str:
+        return json.dumps(
+            {
+                "token": self.token,
+                "run_id": self.run_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "heartbeat_at": time.time(),
+            }
+        )
+
+    def _holder(self) -> dict | None:
+        if not self.store.exists(self.key):
+            return None
+        try:
+            return json.loads(self.store.read_text(self.key))
+        except (StoreError, ValueError):
+            return None
+
+    def _is_stale(self, holder: dict) -> bool:
+        if time.time() - float(holder.get("heartbeat_at", 0)) > self.stale_s:
+            return True
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError):
+                return False
+        return False
+
+    def acquire(self) -> None:
+        holder = self._holder()
+        if holder is not None and not self._is_stale(holder):
+            age = time.time() - float(holder.get("heartbeat_at", 0))
+            raise Refused(
+                f"another run holds {self.store.describe(self.key)}: {holder.get('run_id')} on {holder.get('host')} "
+                f"(pid {holder.get('pid')}, heartbeat {age:.0f}s ago). Overlapping nightly runs are refused; "
+                f"it is taken over once its heartbeat is older than nightly.lock_stale_s={self.stale_s:g}s."
+            )
+        if holder is not None:
+            logger.warning(
+                "taking over the stale lock of %s (host %s, pid %s)",
+                holder.get("run_id"),
+                holder.get("host"),
+                holder.get("pid"),
+            )
+        self.store.write_text(self.key, self._payload())
+        time.sleep(0.5)  # a concurrent writer would have replaced our token by now: check we still hold it
+        current = self._holder()
+        if current is None or current.get("token") != self.token:
+            raise Refused(
+                f"lost the race for {self.store.describe(self.key)} to {current and current.get('run_id')}"
+            )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name="nightly-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        interval = max(1.0, self.stale_s / 4)
+        while not self._stop.wait(interval):
+            try:
+                self.store.write_text(self.key, self._payload())
+            except StoreError as e:  # the next beat retries; a long outage makes the lock stale, as it should
+                logger.warning("lock heartbeat failed: %s", e)
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+        holder = self._holder()
+        if holder is not None and holder.get("token") == self.token:
+            self.store.delete([self.key])
+
+
+def read_latest(store: Store) -> dict | None:
+    if not store.exists("LATEST"):
+        return None
+    text = store.read_text("LATEST").strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"run_id": text}
+
+
+def apply_retention(
+    store: Store, nightly: NightlyConfig, today: dt.date, latest_run: str | None
+) -> list[str]:
+    """Deletes complete nights older than retention_days (never LATEST, never an incomplete run)."""
+    if nightly.retention_days is None:
+        return []
+    cutoff = today - dt.timedelta(days=nightly.retention_days)
+    runs = {key.split("/", 1)[0] for key in store.list(f"{nightly.run_prefix}-") if "/" in key}
+    removed = []
+    for run_id in sorted(runs):
+        date = date_of(nightly, run_id)
+        if date is None or date >= cutoff or run_id == latest_run:
+            continue
+        if not store.exists(f"{run_id}/_SUCCESS"):
+            logger.info("retention: keeping %s (incomplete)", run_id)
+            continue
+        count = store.delete_prefix(f"{run_id}/")
+        removed.append(run_id)
+        logger.info(
+            "retention: removed %s (%d objects, older than %d days)", run_id, count, nightly.retention_days
+        )
+    return removed
+
+
+def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | None = None) -> int:
+    from pipeline.runner.job import run
+
+    try:
+        date = scheduled_date(nightly)
+        if job.run.id is not None:
+            raise ConfigError(
+                f"run.id={job.run.id!r} must not be set for nightly runs: it derives from the date"
+            )
+        store = open_store(job.output.uri, endpoint_url=job.output.endpoint_url, region=job.output.region)
+        latest = read_latest(store)
+    except (ConfigError, StoreError) as e:
+        logger.error("%s", e)
+        return 2
+    run_id = run_id_for(nightly, date)
+    latest_date = date_of(nightly, latest["run_id"]) if latest else None
+    if latest_date is not None and latest_date > date and not nightly.allow_late:
+        logger.error(
+            "refusing to run %s late: the newer night %s is already complete (LATEST). Set nightly.allow_late=true "
+            "to backfill it anyway; LATEST will keep pointing at the newest night.",
+            run_id,
+            latest["run_id"],
+        )
+        return REFUSED
+    lease = Lease(
+        store, f"_locks/{nightly.run_prefix}.lock", secrets.token_hex(8), run_id, nightly.lock_stale_s
+    )
+    try:
+        lease.acquire()
+    except Refused as e:
+        logger.error("%s", e)
+        return REFUSED
+    logger.info("nightly %s (scheduled date %s, %s)", run_id, date.isoformat(), nightly.timezone)
+    try:
+        job.run.id = run_id
+        code = run(job, resolved_yaml=resolved_yaml)
+        if code != 0:
+            return code
+        if latest_date is None or date >= latest_date:
+            store.write_text(
+                "LATEST",
+                json.dumps(
+                    {
+                        "run_id": run_id,
+                        "uri": f"{store.uri.rstrip('/')}/{run_id}",
+                        "date": date.isoformat(),
+                        "updated_at": time.time(),
+                    }
+                )
+                + "\n",
+            )
+            logger.info("LATEST -> %s", run_id)
+        apply_retention(store, nightly, date, read_latest(store)["run_id"])
+        return 0
+    finally:
+        lease.release()

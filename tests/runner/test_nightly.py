@@ -1,0 +1,174 @@
+"""Nightly runs: one complete run per date, retries resume, LATEST only after _SUCCESS, locks and retention."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config.schema import NightlyConfig
+from pipeline.io.store import LocalStore
+from pipeline.runner.nightly import Lease, Refused, apply_retention, run_id_for, scheduled_date
+from tests.runner.test_faults import kill_group, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_scheduled_date_follows_the_time_zone():
+    late_evening_utc = dt.datetime(2026, 11, 27, 23, 30, tzinfo=dt.timezone.utc)
+    assert scheduled_date(NightlyConfig(timezone="UTC"), late_evening_utc) == dt.date(2026, 11, 27)
+    assert scheduled_date(NightlyConfig(timezone="Europe/Paris"), late_evening_utc) == dt.date(2026, 11, 28)
+    assert scheduled_date(NightlyConfig(date="2026-01-02")) == dt.date(2026, 1, 2)
+    assert run_id_for(NightlyConfig(), dt.date(2026, 1, 2)) == "nightly-2026-01-02"
+
+
+def _lock(store, key="_locks/n.lock", stale_s=30.0) -> Lease:
+    return Lease(store, key, os.urandom(4).hex(), "nightly-x", stale_s)
+
+
+def test_a_live_lock_refuses_an_overlapping_run_and_a_stale_one_is_taken_over(tmp_path):
+    store = LocalStore(tmp_path)
+    first = _lock(store)
+    first.acquire()
+    with pytest.raises(Refused, match="another run holds .* Overlapping nightly runs are refused"):
+        _lock(store).acquire()
+    first.release()
+    assert not store.exists("_locks/n.lock")
+    # A crashed holder on this host (dead pid) is stale at once; a silent remote one once its heartbeat is old.
+    store.write_text(
+        "_locks/n.lock",
+        json.dumps(
+            {
+                "token": "t",
+                "run_id": "old",
+                "host": socket.gethostname(),
+                "pid": 2**22 + 17,
+                "heartbeat_at": time.time(),
+            }
+        ),
+    )
+    taker = _lock(store)
+    taker.acquire()
+    taker.release()
+    store.write_text(
+        "_locks/n.lock",
+        json.dumps(
+            {"token": "t", "run_id": "old", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time() - 100}
+        ),
+    )
+    with pytest.raises(Refused):
+        _lock(store, stale_s=1000).acquire()
+    taker = _lock(store, stale_s=30)
+    taker.acquire()
+    taker.release()
+
+
+def test_retention_removes_only_old_complete_runs(tmp_path):
+    store = LocalStore(tmp_path)
+    for day, complete in [(1, True), (2, False), (3, True), (9, True), (10, True)]:
+        run = f"nightly-2026-11-{day:02d}"
+        store.write_text(f"{run}/data/part-00000.parquet", "x")
+        if complete:
+            store.write_text(f"{run}/_SUCCESS", "{}")
+    removed = apply_retention(
+        store, NightlyConfig(retention_days=5), dt.date(2026, 11, 10), "nightly-2026-11-03"
+    )
+    assert removed == ["nightly-2026-11-01"]
+    kept = {k.split("/")[0] for k in store.list("")}
+    assert kept == {"nightly-2026-11-02", "nightly-2026-11-03", "nightly-2026-11-09", "nightly-2026-11-10"}
+
+
+def _nightly(out: Path, data: Path, date: str, cwd: Path, *extra: str) -> subprocess.Popen:
+    args = [
+        f"output.uri={out}",
+        f"data.path={data}",
+        f"nightly.date={date}",
+        "run.shard_size=2",
+        "model.path=builtin:tiny-diffusiongemma-random",
+        "sampler.max_denoising_steps=4",
+        "sampler.max_new_tokens=32",
+        "cluster.num_workers=1",
+        *extra,
+    ]
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "nightly.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.ray
+def test_nightly_retry_resumes_the_same_night_and_latest_moves_only_forward(tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Reverse: word{i}"}) + "\n" for i in range(16)))
+    out = tmp_path / "nightly"
+    commits = out / "nightly-2026-11-26" / "_commits"
+
+    first = _nightly(out, data, "2026-11-26", tmp_path)
+    wait_for(
+        lambda: commits.exists() and len(list(commits.iterdir())) >= 2, 300, "two commits of the first try"
+    )
+    first.send_signal(signal.SIGKILL)
+    kill_group(first)
+    assert not (out / "LATEST").exists(), "LATEST moves only after _SUCCESS"
+    assert (out / "_locks" / "nightly.lock").exists(), "the killed run left its lock behind"
+    done_before = len(list(commits.iterdir()))
+
+    retry = _nightly(out, data, "2026-11-26", tmp_path)
+    log, _ = retry.communicate(timeout=600)
+    assert retry.returncode == 0, log[-3000:]
+    assert "taking over the stale lock" in log
+    stats = json.loads((out / "nightly-2026-11-26" / "stats.json").read_text())
+    assert stats["shards"]["skipped_already_committed"] == done_before
+    assert json.loads((out / "LATEST").read_text())["run_id"] == "nightly-2026-11-26"
+
+    following = _nightly(out, data, "2026-11-27", tmp_path)
+    log, _ = following.communicate(timeout=600)
+    assert following.returncode == 0, log[-3000:]
+    assert json.loads((out / "LATEST").read_text())["run_id"] == "nightly-2026-11-27"
+
+    late = _nightly(out, data, "2026-11-25", tmp_path)
+    log, _ = late.communicate(timeout=300)
+    assert late.returncode == 3 and "refusing to run nightly-2026-11-25 late" in log
+
+    runs = sorted(p.name for p in out.iterdir() if p.name.startswith("nightly-"))
+    assert runs == ["nightly-2026-11-26", "nightly-2026-11-27"], "one run per date, no second run for a retry"
+    for run in runs:
+        assert (out / run / "_SUCCESS").exists()
+        manifest = json.loads((out / run / "_manifest.json").read_text())
+        assert manifest["rows_out"] + manifest["rows_error"] == 16
+    assert not (out / "_locks" / "nightly.lock").exists()
+
+
+def test_overlapping_nightly_is_refused(tmp_path):
+    out = tmp_path / "nightly"
+    LocalStore(out).write_text(
+        "_locks/nightly.lock",
+        json.dumps(
+            {
+                "token": "live",
+                "run_id": "nightly-2026-11-26",
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "heartbeat_at": time.time(),
+            }
+        ),
+    )
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"prompt": "x"}) + "\n")
+    proc = _nightly(out, data, "2026-11-27", tmp_path)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, log[-2000:]
+    assert "another run holds" in log and "nightly-2026-11-26" in log
+    assert not (out / "nightly-2026-11-27").exists(), "nothing was generated"
