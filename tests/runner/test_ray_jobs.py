@@ -1,0 +1,120 @@
+"""Submitting the job to a running Ray cluster with the Ray Jobs API, as docs/cluster.md tells users to.
+
+A real head (`ray start --head`) on 127.0.0.1 with its own ports, temp dir and auth token; the job is the
+tiny-model CPU job, submitted with `ray job submit --working-dir .`, followed with `ray job status` and
+`ray job logs`, and its Parquet read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pyarrow.dataset as pads
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli() -> str:
+    path = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if path is None:
+        pytest.fail("the `ray` command is missing: pip install 'ray[default]'", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rayhead")
+    token = base / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "OMP_NUM_THREADS": "1"}
+    dashboard = free_port()
+    temp_dir = (
+        Path("/tmp") / f"cf-ray-{secrets.token_hex(3)}"
+    )  # short: Ray's socket paths have a length limit
+    args = [
+        ray_cli(), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=3",
+        "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}", f"--temp-dir={temp_dir}",
+    ]  # fmt: skip
+    with open(base / "head.log", "w") as log:
+        head = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # answering (401 without a token): up
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"ray head did not start:\n{(base / 'head.log').read_text()[-3000:]}", pytrace=False
+                )
+            time.sleep(1)
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    for proc in psutil.process_iter(["cmdline"]):  # the head's daemons, which outlive `ray start --block`
+        if any(str(temp_dir) in part for part in proc.info["cmdline"] or []):
+            proc.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray(env, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [ray_cli(), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "out"
+    submitted = ray(
+        env, "job", "submit", "--address", address, "--working-dir", ".", "--submission-id", "canvasflow-test",
+        "--no-wait", "--", "python", "jobs/generate.py", "cluster=ray", "data.limit=8", f"output.uri={out}",
+        "run.id=rj", "run.shard_size=4", "cluster.num_workers=2", "model.path=builtin:tiny-diffusiongemma-random",
+        "sampler.max_denoising_steps=4", "sampler.max_new_tokens=32",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    deadline = time.monotonic() + 480
+    while True:
+        status = ray(env, "job", "status", "--address", address, "canvasflow-test")
+        text = status.stdout + status.stderr
+        if "succeeded" in text or "failed" in text.lower() or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    logs = ray(env, "job", "logs", "--address", address, "canvasflow-test").stdout
+    assert "Job 'canvasflow-test' succeeded" in text, text[-2000:] + logs[-3000:]
+    assert "connecting to the Ray cluster at auto" in logs
+    assert "progress: 8/8 rows" in logs and "done: 8 rows in -> 8 rows out" in logs
+    table = pads.dataset(str(out / "rj" / "data"), format="parquet").to_table()
+    assert table.num_rows == 8
+    stats = json.loads((out / "rj" / "stats.json").read_text())
+    assert set(stats["per_worker"]) == {"w0", "w1"}
