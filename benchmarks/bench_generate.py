@@ -1,0 +1,329 @@
+"""Generation throughput: transformers' `generate` vs canvasflow's sampler, same model, same prompts, one run.
+
+    python benchmarks/bench_generate.py                    # DiffusionGemma-26B-A4B text shape, random bf16
+    python benchmarks/bench_generate.py --shape small      # a small shape for quick runs
+    python benchmarks/bench_generate.py --shape tiny --device cpu --batches 1 4   # CPU smoke run
+
+Workload (the issue's): prompt 128 tokens, one 256-token canvas, 16 denoising steps with adaptive stopping off
+(fixed step count), at growing batch sizes until each side runs out of memory; then an adaptive run on a
+workload with heterogeneous stopping (static vs continuous batching, forward passes per generated token).
+Prints tokens/s, ms per step, model FLOP utilisation against the device's measured bf16 matmul rate, peak
+memory and the ratios; appends every result to benchmarks/results/generate.jsonl (device, commit, date).
+Needs only torch, triton and transformers (no Ray, no Hydra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import append_results, matmul_tflops  # noqa: E402
+
+RESULTS = str(Path(__file__).resolve().parent / "results" / "generate.jsonl")
+LAYERS_26B = (["sliding_attention"] * 5 + ["full_attention"]) * 5
+SHAPES = {
+    # google/diffusiongemma-26B-A4B-it text model (public config.json)
+    "26b-a4b": dict(
+        vocab_size=262_144,
+        hidden_size=2816,
+        intermediate_size=2112,
+        num_hidden_layers=30,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        num_global_key_value_heads=2,
+        head_dim=256,
+        global_head_dim=512,
+        num_experts=128,
+        top_k_experts=8,
+        moe_intermediate_size=704,
+        sliding_window=1024,
+        layer_types=LAYERS_26B,
+        max_position_embeddings=131_072,
+    ),
+    "small": dict(
+        vocab_size=65_536,
+        hidden_size=1024,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_global_key_value_heads=2,
+        head_dim=128,
+        global_head_dim=256,
+        num_experts=32,
+        top_k_experts=4,
+        moe_intermediate_size=512,
+        sliding_window=512,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        max_position_embeddings=8192,
+    ),
+    "tiny": dict(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        head_dim=32,
+        global_head_dim=64,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=64,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=2048,
+    ),
+}
+VISION = dict(
+    model_type="gemma4_vision",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    patch_size=4,
+    position_embedding_size=64,
+)
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype, canvas: int):
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    config = DiffusionGemmaConfig(
+        text_config=dict(SHAPES[shape]), vision_config=dict(VISION), canvas_length=canvas
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def active_params(model) -> tuple[int, int]:
+    """(non-embedding parameters active per token, embedding parameters)."""
+    text = model.config.text_config
+    total = expert = 0
+    for name, p in model.model.decoder.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        total += p.numel()
+        if ".experts." in name:
+            expert += p.numel()
+    active = total - expert + expert * text.top_k_experts // text.num_experts
+    return active, model.model.decoder.embed_tokens.weight.numel()
+
+
+def step_flops(model, batch: int, canvas: int, prompt: int) -> float:
+    """Model FLOPs of one denoising step: 2 x active params per canvas token, attention over prefix + canvas,
+    and the two vocabulary products (logits, self-conditioning)."""
+    text = model.config.text_config
+    active, embedding = active_params(model)
+    tokens = batch * canvas
+    attention = sum(
+        4 * tokens * (prompt + canvas) * text.num_attention_heads * layer.self_attn.head_dim
+        for layer in model.model.decoder.layers
+    )
+    return 2 * active * tokens + attention + 2 * 2 * tokens * embedding
+
+
+def timed(fn, device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    return out, time.perf_counter() - start, peak
+
+
+def run_transformers(model, prompts, steps: int, adaptive: bool):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    canvas = model.config.canvas_length
+    # confidence_threshold ~0 means "never confident": a fixed number of steps, as the reference counts them.
+    knobs = dict(
+        max_new_tokens=canvas,
+        max_denoising_steps=steps,
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.5 if adaptive else 1e-30,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    out = model.generate(prompts, **knobs)
+    valid = (out.sequences[:, prompts.shape[1] :] != 0).sum(-1).float()
+    passes = (valid / out.tokens_per_forward).sum().item()
+    return int(valid.sum().item()), passes
+
+
+def run_canvasflow(native, prompts, steps: int, adaptive: bool, batching: str, backend: str, slots: int):
+    from pipeline.sampler.engine import DiffusionSampler, Request
+    from pipeline.sampler.settings import SamplerSettings
+
+    canvas = native.canvas_length
+    settings = SamplerSettings(
+        max_new_tokens=canvas,
+        max_denoising_steps=steps,
+        t_min=0.4,
+        t_max=0.8,
+        entropy_bound=0.1,
+        stability_threshold=1,
+        confidence_threshold=0.5,
+        canvas_length=canvas,
+        eos_token_ids=(1,),
+        pad_token_id=0,
+        adaptive_stopping=adaptive,
+    )
+    sampler = DiffusionSampler(
+        native, settings, max_batch=slots, max_prompt_tokens=prompts.shape[1], backend=backend
+    )
+    requests = [Request(f"r{i}", row.tolist()) for i, row in enumerate(prompts.cpu())]
+    results = sampler.generate(requests, batching=batching)
+    return sum(len(r.token_ids) for r in results), sum(r.denoising_steps for r in results), sampler.stats
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="26b-a4b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32, 48, 64, 96, 128])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--canvas", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument(
+        "--adaptive-rows", type=int, default=64, help="rows of the adaptive workload (0: skip)"
+    )
+    parser.add_argument("--sharpness", type=float, default=60.0, help="final-norm scale of the adaptive run")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_generate.py: --device cuda but no CUDA device is visible; nothing was measured.")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    rate = matmul_tflops() if args.device == "cuda" else None
+    started = time.perf_counter()
+    model = build_model(args.shape, args.device, dtype, args.canvas)
+    from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
+
+    native = DiffusionGemmaTextModel(model)
+    print(
+        f"model {args.shape} on {args.device}: built in {time.perf_counter() - started:.1f}s; "
+        f"matmul rate {rate and round(rate)} TFLOP/s"
+    )
+    vocab = model.config.text_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    header = f"{'impl':<12}{'batch':>6}{'tok/s':>10}{'ms/step':>10}{'MFU %':>8}{'peak GiB':>10}{'vs HF':>8}"
+    print(header)
+    records, best = [], {}
+    alive = {"transformers": True, "canvasflow": True}
+    for batch in args.batches:
+        prompts = torch.randint(3, vocab, (batch, args.prompt), generator=gen).to(args.device)
+        flops = step_flops(model, batch, args.canvas, args.prompt)
+        row = {}
+        for impl in ("transformers", "canvasflow"):
+            if not alive[impl]:
+                continue
+            fn = (
+                (lambda p=prompts: run_transformers(model, p, args.steps, False))
+                if impl == "transformers"
+                else (
+                    lambda p=prompts, b=batch: run_canvasflow(
+                        native, p, args.steps, False, "static", args.backend, b
+                    )
+                )
+            )
+            try:
+                fn() if batch == args.batches[0] else None  # warm-up (allocations, autotuning) once
+                _, wall, peak = timed(fn, args.device)
+            except Exception as e:  # noqa: BLE001 - out of memory ends this implementation's sweep
+                if not is_oom(e):
+                    raise
+                alive[impl] = False
+                print(f"{impl:<12}{batch:>6}  out of memory")
+                gc.collect()
+                torch.cuda.empty_cache() if args.device == "cuda" else None
+                continue
+            ms_step = wall * 1e3 / args.steps
+            tok_s = batch * args.canvas / wall
+            mfu = 100 * flops / (ms_step * 1e-3) / (rate * 1e12) if rate else None
+            row[impl] = tok_s
+            ratio = tok_s / row["transformers"] if "transformers" in row and impl == "canvasflow" else None
+            print(
+                f"{impl:<12}{batch:>6}{tok_s:>10.1f}{ms_step:>10.1f}{mfu or 0:>8.1f}{peak / 2**30:>10.2f}"
+                f"{ratio or 0:>8.2f}"
+            )
+            best[impl] = max(best.get(impl, 0), tok_s)
+            records.append(
+                {
+                    "bench": "generate",
+                    "shape": args.shape,
+                    "impl": impl,
+                    "batch": batch,
+                    "steps": args.steps,
+                    "prompt": args.prompt,
+                    "canvas": args.canvas,
+                    "adaptive": False,
+                    "tokens_per_s": tok_s,
+                    "ms_per_step": ms_step,
+                    "mfu_percent": mfu,
+                    "peak_gib": peak / 2**30,
+                    "matmul_tflops": rate,
+                    "vs_transformers": ratio,
+                }
+            )
+    if best.get("transformers"):
+        print(
+            f"best batch: canvasflow {best.get('canvasflow', 0):.1f} tok/s vs transformers "
+            f"{best['transformers']:.1f} tok/s: {best.get('canvasflow', 0) / best['transformers']:.2f}x"
+        )
+
+    if args.adaptive_rows:
+        with torch.no_grad():
+            model.model.decoder.norm.weight.mul_(args.sharpness)  # confident rows that stop at varied steps
+        prompts = torch.randint(3, vocab, (args.adaptive_rows, args.prompt), generator=gen).to(args.device)
+        slots = min(max(b for b in args.batches), args.adaptive_rows)
+        print(f"adaptive stopping, {args.adaptive_rows} rows, {slots} slots:")
+        for batching in ("static", "continuous"):
+            (tokens, passes, stats), wall, _ = timed(
+                lambda m=batching: run_canvasflow(native, prompts, args.steps, True, m, args.backend, slots),
+                args.device,
+            )
+            per_token = stats.decoder_row_steps / max(tokens, 1)
+            print(
+                f"  {batching:<11} {tokens / wall:>9.1f} tok/s  {per_token:.4f} row-passes computed per token "
+                f"({passes} needed by rows, {stats.decoder_row_steps} computed)"
+            )
+            records.append(
+                {
+                    "bench": "generate-adaptive",
+                    "shape": args.shape,
+                    "batching": batching,
+                    "rows": args.adaptive_rows,
+                    "slots": slots,
+                    "tokens_per_s": tokens / wall,
+                    "row_passes_computed": stats.decoder_row_steps,
+                    "row_passes_needed": passes,
+                    "passes_per_token": per_token,
+                }
+            )
+    append_results(RESULTS, records)
+    print(f"total {time.perf_counter() - started:.0f}s; results appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
