@@ -164,6 +164,7 @@ class DiffusionGemmaTextModel(nn.Module):
         lengths: torch.Tensor,
         *,
         prefix: bool = False,
+        kv_limit: int | None = None,
     ) -> None:
         """Causally encodes `tokens` [B, T] (row b valid up to lengths[b]) after each slot's cached prefix,
         writing keys/values at positions cache.lengths[slot] + t, then advances the slot lengths. `prefix=True`
@@ -175,7 +176,7 @@ class DiffusionGemmaTextModel(nn.Module):
             raise ValueError(
                 f"KV cache capacity {cache.capacity} is too small for {int((start + width).max())} tokens"
             )
-        kv_pos = torch.arange(cache.capacity, device=tokens.device)  # [C]
+        kv_pos = torch.arange(kv_limit or cache.capacity, device=tokens.device)  # [C]
         valid_len = start + lengths  # [B]
         # [B, 1, T, C]: causal over the slot, restricted to the row's valid tokens; a padded query also sees
         # itself so that no softmax row is empty.
@@ -189,7 +190,7 @@ class DiffusionGemmaTextModel(nn.Module):
             "sliding": ((causal & window) | self_key)[:, None],
         }
         hidden = self.embed_tokens(tokens)
-        self._run_layers(hidden, cache, slots, positions, masks, prefix)
+        self._run_layers(hidden, cache, slots, positions, masks, prefix, kv_pos.shape[0])
         cache.lengths[slots] = valid_len
 
     @torch.no_grad()
@@ -201,6 +202,7 @@ class DiffusionGemmaTextModel(nn.Module):
         soft_embeddings: torch.Tensor | None,
         *,
         prefix: bool = False,
+        kv_limit: int | None = None,
     ) -> torch.Tensor:
         """Decoder forward over `canvas` [B, L] attending bidirectionally to each slot's prefix and the canvas.
 
@@ -210,7 +212,7 @@ class DiffusionGemmaTextModel(nn.Module):
         batch, length = canvas.shape
         start = cache.lengths[slots]
         positions = start[:, None] + torch.arange(length, device=canvas.device)[None, :]
-        kv_pos = torch.arange(cache.capacity, device=canvas.device)[None, :]  # [1, C]
+        kv_pos = torch.arange(kv_limit or cache.capacity, device=canvas.device)[None, :]  # [1, C]
         visible = kv_pos < (start + length)[:, None]  # prefix + canvas scratch
         recent = kv_pos >= (start - (self.sliding_window - 1))[:, None]  # includes the canvas
         masks = {"full": visible[:, None, None, :], "sliding": (visible & recent)[:, None, None, :]}
@@ -220,7 +222,7 @@ class DiffusionGemmaTextModel(nn.Module):
         else:
             soft = soft_embeddings.to(inputs.dtype) * self.embed_tokens.embed_scale.to(inputs.dtype)
         hidden = self.self_conditioning(inputs, soft)
-        return self._run_layers(hidden, cache, slots, positions, masks, prefix)
+        return self._run_layers(hidden, cache, slots, positions, masks, prefix, kv_pos.shape[-1])
 
     # ----------------------------------------------------------------------------------------------
     def _run_layers(
@@ -231,8 +233,10 @@ class DiffusionGemmaTextModel(nn.Module):
         positions: torch.Tensor,
         masks: dict[str, torch.Tensor],
         prefix: bool,
+        kv_limit: int,
     ) -> torch.Tensor:
-        """Both modes write this call's keys/values at `positions`: the encoder commits them (the caller
+        """Attention reads cache positions [0, kv_limit) (the whole capacity unless the caller knows that no
+        active row reaches further). Both modes write this call's keys/values at `positions`: the encoder commits them (the caller
         advances the lengths), the decoder only fills the scratch region past the slot's length."""
         rope = {lt: self.rotary_emb(hidden, positions, lt) for lt in set(self.layer_types)}
         for i, layer in enumerate(self.layers):
@@ -252,6 +256,7 @@ class DiffusionGemmaTextModel(nn.Module):
                 positions,
                 prefix,
                 masks["sliding" if spec.sliding else "full"],
+                kv_limit,
             )
             x = layer.post_attention_layernorm(x)
             hidden = residual + x
@@ -279,6 +284,7 @@ class DiffusionGemmaTextModel(nn.Module):
         positions: torch.Tensor,
         prefix: bool,
         mask: torch.Tensor,
+        kv_limit: int,
     ) -> torch.Tensor:
         batch, width, _ = x.shape
         q = attn.q_proj(x).view(batch, width, -1, spec.head_dim)
@@ -293,9 +299,9 @@ class DiffusionGemmaTextModel(nn.Module):
         keys[row, :, positions] = k  # [B, T, Hkv, d] into [S, Hkv, C, d]
         values[row, :, positions] = v
         if prefix:
-            k_all, v_all = keys[:batch], values[:batch]
+            k_all, v_all = keys[:batch, :, :kv_limit], values[:batch, :, :kv_limit]
         else:
-            k_all, v_all = keys[slots], values[slots]
+            k_all, v_all = keys[slots, :, :kv_limit], values[slots, :, :kv_limit]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k_all,

@@ -38,6 +38,7 @@ from pipeline.sampler.settings import SamplerSettings
 logger = logging.getLogger(__name__)
 
 PROMPT_PAD = 16  # prompt lengths are padded to a multiple of this (see models.diffusion_gemma.TOKEN_PAD)
+KV_LIMIT_ROUND = 256  # on CUDA, attention reads the slots up to the longest active row, rounded up to this
 
 
 @dataclass
@@ -77,6 +78,7 @@ class _Row:
     canvas: int = 0
     step: int = 0
     steps_total: int = 0
+    cached: int = 0  # tokens in the row's KV-cache slot (prompt + encoded canvases)
     tokens: list[int] = field(default_factory=list)
     drafts: list[list[list[int]]] | None = None
 
@@ -193,13 +195,32 @@ class DiffusionSampler:
         st["frozen"][slots] = False
         st["step"][slots] = 0
 
-    def _encode(self, slots: torch.Tensor, token_rows: list[list[int]], prefix: bool) -> None:
+    def kv_limit(self, longest: int) -> int | None:
+        """How far into the slots attention must read, for rows caching at most `longest` tokens (canvas
+        scratch included). On CUDA it is rounded up to a multiple of 256; on CPU attention always reads the
+        whole capacity, so that a row's numbers never depend on the other rows of its batch."""
+        if self.device.type != "cuda":
+            return None
+        return min(self.capacity, round_up(longest, KV_LIMIT_ROUND))
+
+    def _encode(
+        self, slots: torch.Tensor, token_rows: list[list[int]], prefix: bool, cached: list[int] | None = None
+    ) -> None:
+        """Encodes `token_rows` after each slot's cached tokens (`cached`: their host-side counts)."""
         width = round_up(max(len(t) for t in token_rows), PROMPT_PAD)
         tokens = torch.full((len(token_rows), width), self.settings.pad_token_id, dtype=torch.long)
         for i, row in enumerate(token_rows):
             tokens[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
         lengths = torch.tensor([len(t) for t in token_rows], dtype=torch.long, device=self.device)
-        self.model.encode(self._cache, slots, tokens.to(self.device), lengths, prefix=prefix)
+        longest = max(cached or [0]) + width
+        self.model.encode(
+            self._cache,
+            slots,
+            tokens.to(self.device),
+            lengths,
+            prefix=prefix,
+            kv_limit=self.kv_limit(longest),
+        )
         self.stats.encoder_calls += 1
         self.stats.encoder_tokens += tokens.numel()
 
@@ -210,13 +231,21 @@ class DiffusionSampler:
         remaining = (s.max_denoising_steps - step).to(torch.int32)
         return s.t_min + (s.t_max - s.t_min) * (remaining / s.max_denoising_steps)
 
-    def _denoise(self, active: int, live: torch.Tensor | None = None) -> torch.Tensor:
+    def _denoise(self, active: int, live: torch.Tensor | None = None, longest: int = 0) -> torch.Tensor:
         """One decoder step for slots 0..active-1; rows with live=False keep their state (static batching).
-        Returns the stop flags [active] (stable and confident) as a device tensor."""
+        `longest` is the most tokens any of the rows caches. Returns the stop flags [active] (stable and
+        confident) as a device tensor."""
         st, s = self._state, self.settings
         slots = torch.arange(active, device=self.device)
         canvas = st["canvas"][:active]
-        hidden = self.model.denoise(self._cache, slots, canvas, st["soft"][:active], prefix=True)  # [A, L, D]
+        hidden = self.model.denoise(
+            self._cache,
+            slots,
+            canvas,
+            st["soft"][:active],
+            prefix=True,
+            kv_limit=self.kv_limit(longest + self.length),
+        )  # [A, L, D]
         self.stats.decoder_calls += 1
         self.stats.decoder_row_steps += active
         temperature = self._temperature(st["step"][:active])  # [A] float32
@@ -306,7 +335,12 @@ class DiffusionSampler:
         slot_list = appended + admitted
         slots = torch.tensor(slot_list, device=dev)
         tokens = [t for _, t in continuing] + [list(r.request.prompt_ids) for r in incoming]
-        self._encode(slots, tokens, prefix=slot_list == list(range(len(slot_list))))
+        cached = [r.cached for r, _ in continuing] + [0] * len(incoming)
+        self._encode(slots, tokens, prefix=slot_list == list(range(len(slot_list))), cached=cached)
+        for row, canvas_tokens in continuing:
+            row.cached += len(canvas_tokens)
+        for row in incoming:
+            row.cached = len(row.request.prompt_ids)
         self._start_canvas(slots)
         for row, _ in continuing:
             row.step = 0
@@ -340,7 +374,8 @@ class DiffusionSampler:
         self._refill(rows, queue, [])
         while rows:
             active = len(rows)
-            stop = self._denoise(active).tolist()  # the one host synchronisation per step
+            longest = max(r.cached for r in rows)
+            stop = self._denoise(active, longest=longest).tolist()  # the one host synchronisation per step
             drafts = self._state["argmax"][:active].tolist() if self.settings.record_drafts else None
             done = []
             for i, row in enumerate(rows):

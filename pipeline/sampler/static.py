@@ -46,6 +46,7 @@ def _run_batch(
     st["k1"][:size] = torch.tensor([r.k1 for r in rows], dtype=torch.long, device=dev)
     sp._cache.lengths[:size] = 0
     sp._encode(slots, [list(r.prompt_ids) for r in batch], prefix=True)
+    cached = max(len(r.prompt_ids) for r in batch)  # the longest row's cached tokens
     finished = [False] * size
     reasons = ["length"] * size
 
@@ -61,7 +62,7 @@ def _run_batch(
             for i, row in enumerate(rows):
                 if not (counted[i] or finished[i]):
                     row.steps_total += 1
-            stopped |= sp._denoise(size, live=~stopped)
+            stopped |= sp._denoise(size, live=~stopped, longest=cached)
             if settings.record_drafts:
                 argmax = st["argmax"][:size].tolist()
                 for i, row in enumerate(rows):
@@ -86,7 +87,8 @@ def _run_batch(
             to_encode.append(canvas_tokens)
         if all(finished) or canvas == settings.max_canvases - 1:
             break
-        sp._encode(slots, to_encode, prefix=True)
+        sp._encode(slots, to_encode, prefix=True, cached=[cached] * size)
+        cached += settings.canvas_length
 
     results = []
     for i, row in enumerate(rows):

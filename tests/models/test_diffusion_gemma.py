@@ -129,3 +129,18 @@ def test_grouped_and_dense_moe_agree(checkpoint):
     reference = layer.experts(x, index, weights)  # transformers' own expert loop
     torch.testing.assert_close(dense, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grouped, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_reading_only_the_used_part_of_the_slots_gives_the_same_logits(checkpoint):
+    """kv_limit (used on CUDA) must cover every key a row attends to: results equal the full-capacity read."""
+    native = DiffusionGemmaTextModel(DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint).eval())
+    gen = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([9, 21])
+    tokens = torch.randint(5, native.vocab_size, (2, 32), generator=gen)
+    canvas = torch.randint(0, native.vocab_size, (2, native.canvas_length), generator=gen)
+    outs = []
+    for limit in (None, 48):
+        cache = native.new_cache(2, 128)
+        native.encode(cache, torch.arange(2), tokens, lengths, prefix=True, kv_limit=limit and 32)
+        outs.append(native.denoise(cache, torch.arange(2), canvas, None, prefix=True, kv_limit=limit))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)

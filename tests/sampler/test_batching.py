@@ -124,3 +124,22 @@ def test_prompt_outside_the_cache_budget_is_rejected(model):
         sampler.generate([Request("long", list(range(5, 14)))])
     with pytest.raises(ValueError, match="between 1 and"):
         sampler.generate([Request("empty", [])])
+
+
+def test_attention_limited_to_the_longest_row_keeps_completions(model, requests_):
+    """The CUDA path reads the slots only up to the longest active row (rounded up); forced on here."""
+    limits = []
+
+    class Limited(DiffusionSampler):
+        def kv_limit(self, longest):
+            limits.append(min(self.capacity, -(-longest // 16) * 16))
+            return limits[-1]
+
+    baseline, _ = _run(model, requests_, batch=5)
+    limited = Limited(model, _settings(), max_batch=5, max_prompt_tokens=32, backend="torch")
+    outputs = {
+        r.row_id: (r.token_ids, r.denoising_steps, r.canvases, r.finish_reason)
+        for r in limited.generate(requests_)
+    }
+    assert outputs == baseline
+    assert min(limits) < limited.capacity, "the limit did cut the read"
