@@ -19,21 +19,7 @@ from typing import Any
 from pipeline.config.schema import BUILTIN_MODEL
 from pipeline.data.records import derived_id
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
-
-SAMPLER_KNOBS = (
-    "max_new_tokens",
-    "max_denoising_steps",
-    "t_min",
-    "t_max",
-    "entropy_bound",
-    "stability_threshold",
-    "confidence_threshold",
-    "canvas_length",
-    "seed",
-    "adaptive_stopping",
-    "revise_accepted",
-    "record_drafts",
-)
+from pipeline.sampler.settings import USER_KNOBS
 
 
 @dataclass
@@ -81,9 +67,9 @@ class LLM:
         endpoint_url: str | None = None,
         **sampler: Any,
     ) -> None:
-        unknown = sorted(set(sampler) - set(SAMPLER_KNOBS))
+        unknown = sorted(set(sampler) - set(USER_KNOBS))
         if unknown:
-            raise TypeError(f"unknown sampler setting(s) {unknown}; valid ones: {', '.join(SAMPLER_KNOBS)}")
+            raise TypeError(f"unknown sampler setting(s) {unknown}; valid ones: {', '.join(USER_KNOBS)}")
         self.spec = GenerationSpec(
             model_path=model,
             dtype=dtype,

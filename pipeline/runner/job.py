@@ -26,7 +26,7 @@ from pipeline.postprocess import PostprocessError, load_postprocess
 from pipeline.runner.identity import config_fingerprint, derive_run_id, local_model_identity, model_identity
 from pipeline.runner.pool import ShardTask, WorkerStartError
 from pipeline.runner.report import Progress, build_manifest, build_stats, log_summary
-from pipeline.sampler.settings import SettingsError, resolve_settings
+from pipeline.sampler.settings import USER_KNOBS, SettingsError, resolve_settings
 
 logger = logging.getLogger("canvasflow")
 
@@ -129,23 +129,7 @@ def _inspect_model(job: JobConfig) -> tuple[ModelInfo, str]:
 def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
     """Every check that can fail before GPU work: model config, settings, postprocess, output, input."""
     info, model_id = _inspect_model(job)
-    knobs = {
-        k: getattr(job.sampler, k)
-        for k in (
-            "max_new_tokens",
-            "max_denoising_steps",
-            "t_min",
-            "t_max",
-            "entropy_bound",
-            "stability_threshold",
-            "confidence_threshold",
-            "canvas_length",
-            "seed",
-            "adaptive_stopping",
-            "revise_accepted",
-            "record_drafts",
-        )
-    }
+    knobs = {k: getattr(job.sampler, k) for k in USER_KNOBS}
     try:
         settings = resolve_settings(
             {k: v for k, v in knobs.items() if v is not None},

@@ -26,6 +26,8 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
     "confidence_threshold": 0.005,
 }
 KNOBS = tuple(REFERENCE_DEFAULTS)
+# Everything a user may set for the sampler's behaviour (batching and backend are engine choices, not these).
+USER_KNOBS = (*KNOBS, "canvas_length", "seed", "adaptive_stopping", "revise_accepted", "record_drafts")
 
 
 class SettingsError(ValueError):
