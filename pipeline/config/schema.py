@@ -29,7 +29,8 @@ class ModelConfig:
     dtype: str = "auto"
     # Device for the sampler: auto (CUDA when the actor has a GPU), cpu or cuda.
     device: str = "auto"
-    # Where models downloaded from s3:// are cached on each node (default ~/.cache/canvasflow/models).
+    # Where models downloaded from s3:// are cached on each node: a node-local disk (default
+    # $CANVASFLOW_CACHE/models, i.e. ~/.cache/canvasflow/models).
     cache_dir: str | None = None
     # Longest prompt (in tokens) a row may have; longer prompts become error rows. Default: the model's
     # context window minus sampler.max_new_tokens, capped at 4096 (it sizes the per-slot KV cache).
@@ -116,6 +117,9 @@ class ClusterConfig:
     num_cpus_per_worker: float = 1.0
     # torch threads per actor on CPU; None divides the machine's cores between local actors.
     torch_threads: int | None = None
+    # Give up (exit code 2) when the workers cannot all start within this time, e.g. because the cluster
+    # has fewer free GPUs than num_workers x num_gpus_per_worker.
+    worker_start_timeout_s: float = 600.0
 
 
 @dataclass

@@ -35,7 +35,8 @@ class ModelError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CANVASFLOW_CACHE", Path.home() / ".cache" / "canvasflow"))
+    """$CANVASFLOW_CACHE, else ~/.cache/canvasflow (an empty variable counts as unset)."""
+    return Path(os.environ.get("CANVASFLOW_CACHE") or Path.home() / ".cache" / "canvasflow")
 
 
 @dataclass
@@ -85,21 +86,22 @@ def resolve_model_dir(
     endpoint_url: str | None = None,
     region: str | None = None,
 ) -> str:
-    """A local directory holding the model (downloading or building it when needed)."""
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    """A local directory holding the model (downloading or building it when needed). Models from s3:// are
+    cached in `cache_dir` (default: <cache>/models), builtins built on first use in <cache>/builtin."""
     if path == BUILTIN_TINY:
         shipped = ASSETS / "tiny-diffusiongemma"
         if (shipped / "config.json").exists():
             return str(shipped)
-        return str(_build_random_tiny(cache))
+        return str(_build_random_tiny(default_cache_dir()))
     if path == BUILTIN_TINY_RANDOM:
-        return str(_build_random_tiny(cache))
+        return str(_build_random_tiny(default_cache_dir()))
     if path.startswith("builtin:"):
         raise ModelError(f"model.path={path!r}: unknown builtin; use {BUILTIN_TINY} or {BUILTIN_TINY_RANDOM}")
     if path.startswith("s3://"):
         from pipeline.models.fetch import resolve_model_dir as fetch_s3
 
-        return fetch_s3(path, cache_dir=str(cache / "models"), endpoint_url=endpoint_url, region=region)
+        models = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "models"
+        return fetch_s3(path, cache_dir=str(models), endpoint_url=endpoint_url, region=region)
     local = Path(path).expanduser()
     if not local.is_dir():
         raise ModelError(

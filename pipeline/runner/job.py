@@ -312,7 +312,7 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
             )
 
         logger.info("starting %d worker(s) (%s)", count, ", ".join(f"{k}={v}" for k, v in options.items()))
-        workers, infos = start_workers(make_worker, count)
+        workers, infos = start_workers(make_worker, count, job.cluster.worker_start_timeout_s, options)
         for info in infos:
             logger.info(
                 "worker %s ready on %s (%s%s, %s kernels, model loaded in %.1fs)",

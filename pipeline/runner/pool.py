@@ -36,14 +36,30 @@ def _short(error: BaseException) -> str:
     return text[-1][:500] if text else type(error).__name__
 
 
-def start_workers(make_worker: Callable[[int], Any], count: int) -> tuple[list[Any], list[dict[str, Any]]]:
+def start_workers(
+    make_worker: Callable[[int], Any], count: int, timeout_s: float, options: dict[str, Any]
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Starts `count` workers (each loads the model) and waits until all are ready, at most `timeout_s`."""
     import ray
+    from ray.exceptions import GetTimeoutError
 
     workers = [make_worker(i) for i in range(count)]
+    refs = [w.ready.remote() for w in workers]
     infos = []
-    for i, worker in enumerate(workers):
+    deadline = time.monotonic() + timeout_s
+    for i, ref in enumerate(refs):
         try:
-            infos.append(ray.get(worker.ready.remote()))
+            infos.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
+        except GetTimeoutError:
+            for w in workers:
+                ray.kill(w)
+            free = ray.available_resources()
+            raise WorkerStartError(
+                f"{count - i} of {count} workers did not start within cluster.worker_start_timeout_s={timeout_s:g}s. "
+                f"Each asks for {options.get('num_cpus')} CPU and {options.get('num_gpus')} GPU; the cluster has "
+                f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free. Lower cluster.num_workers, or "
+                "wait for (or add) nodes."
+            ) from None
         except Exception as e:  # noqa: BLE001 - reported with the worker's own message
             for w in workers:
                 ray.kill(w)

@@ -43,6 +43,11 @@ def worker_options(cluster: ClusterConfig, count: int) -> tuple[dict[str, Any], 
     gpus = cluster.num_gpus_per_worker
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        if not gpus and cluster.mode == "ray":
+            logger.warning(
+                "the Ray cluster has no GPU right now, so workers run on CPU. On an autoscaling cluster whose GPU "
+                "nodes are not up yet, set cluster.num_gpus_per_worker=1 so that workers wait for GPU nodes."
+            )
     options = {
         "num_cpus": cluster.num_cpus_per_worker,
         "num_gpus": gpus,

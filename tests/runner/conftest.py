@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 
@@ -16,13 +14,7 @@ def ray_local():
             num_cpus=4,
             include_dashboard=False,
             logging_level="ERROR",
-            runtime_env={
-                "env_vars": {
-                    "OMP_NUM_THREADS": "1",
-                    "TOKENIZERS_PARALLELISM": "false",
-                    "CANVASFLOW_CACHE": os.environ.get("CANVASFLOW_CACHE", ""),
-                }
-            },
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
         )
     yield ray
     ray.shutdown()

@@ -212,3 +212,11 @@ def test_cli_on_a_user_jsonl_with_a_custom_prompt_column(tmp_path):
     table = pq.read_table(out / "r1" / "data" / "part-00000.parquet")
     assert table.num_rows == 5
     assert json.loads(table.column("metadata")[0].as_py()) == {"source": "me"}
+
+
+def test_workers_that_cannot_be_placed_fail_clearly(tmp_path, caplog, ray_local):
+    data = write_prompts(tmp_path / "p.jsonl", 3)
+    job = make_job(tmp_path, data, cluster__num_gpus_per_worker=1.0, cluster__worker_start_timeout_s=3.0)
+    assert run(job) == 2
+    assert "did not start within cluster.worker_start_timeout_s=3s" in caplog.text
+    assert "1.0 GPU" in caplog.text and "0 GPU free" in caplog.text
