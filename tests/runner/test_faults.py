@@ -193,6 +193,11 @@ def test_full_run_with_every_bad_row_kind(output, tmp_path):
     stats = json.loads(output.read("r", "stats.json"))
     assert stats["rows_in"] == 17 and stats["rows_error"] == 7
     assert stats["errors_by_stage"] == {"read": 6, "tokenize": 1}
+    if output.kind == "s3":  # the credentials came from the environment and went nowhere
+        secret = output.bucket.server.secret_key
+        assert secret not in log
+        for key in output.keys("r"):
+            assert secret.encode() not in output.read("r", key), key
 
 
 def test_worker_killed_mid_run_is_retried(output, tmp_path):
