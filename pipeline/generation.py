@@ -44,6 +44,7 @@ class GenerationSpec:
     batch_size: int = 8
     batching: str = "continuous"
     backend: str = "auto"
+    cuda_graphs: bool = True
     max_prompt_tokens: int | None = None
     apply_chat_template: bool = True
     run_id: str = ""
@@ -112,6 +113,7 @@ class Generator:
             max_batch=spec.batch_size,
             max_prompt_tokens=self.max_prompt_tokens,
             backend=spec.backend,
+            step_graphs="auto" if spec.cuda_graphs else "off",
         )
         self.tokenizer = self.loaded.tokenizer
         self.postprocess, self.postprocess_name, self.postprocess_columns = load_postprocess(spec.postprocess)

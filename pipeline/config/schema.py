@@ -66,6 +66,8 @@ class SamplerConfig:
     revise_accepted: bool = True
     # Record each row's argmax canvas after every step (debugging; costs memory).
     record_drafts: bool = False
+    # On CUDA, replay the decoder step as CUDA graphs of bucketed batch sizes (continuous batching).
+    cuda_graphs: bool = True
 
 
 @dataclass

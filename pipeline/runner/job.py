@@ -192,6 +192,7 @@ def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
         batch_size=job.sampler.batch_size,
         batching=job.sampler.batching,
         backend=job.sampler.backend,
+        cuda_graphs=job.sampler.cuda_graphs,
         max_prompt_tokens=max_prompt,
         apply_chat_template=job.data.apply_chat_template,
         run_id=run_id,

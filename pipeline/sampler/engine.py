@@ -33,6 +33,7 @@ from pipeline.kernels.backend import resolve_backend
 from pipeline.kernels.step import denoise_step
 from pipeline.kernels.vocab_head import softcap_logits, vocab_head
 from pipeline.sampler.draws import GlobalDraws, KeyedDraws
+from pipeline.sampler.graphs import make_step_graphs
 from pipeline.sampler.settings import SamplerSettings
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,9 @@ class DiffusionSampler:
 
     `model` is a `pipeline.models.diffusion_gemma.DiffusionGemmaTextModel` (anything with its `new_cache`,
     `encode`, `denoise`, `embedding`, `softcap`, `vocab_size` and `device`). `max_batch` is the number of
-    KV-cache slots, `max_prompt_tokens` the longest prompt the cache must hold.
+    KV-cache slots, `max_prompt_tokens` the longest prompt the cache must hold. `step_graphs`: "auto" runs
+    the decoder step as CUDA graphs of bucketed batch sizes on CUDA, "off" never, "eager" pads to the buckets
+    without capturing (the same padding logic, testable on CPU).
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class DiffusionSampler:
         max_prompt_tokens: int = 512,
         backend: str = "auto",
         random_mode: str = "keyed",
+        step_graphs: str = "auto",
     ) -> None:
         if max_batch <= 0:
             raise ValueError(f"max_batch={max_batch} must be positive")
@@ -123,6 +127,7 @@ class DiffusionSampler:
         self.stats = SamplerStats()
         self._cache = None
         self._state: dict[str, torch.Tensor] = {}
+        self.graphs = make_step_graphs(self, step_graphs)
 
     # ------------------------------------------------------------------------------------------ public
     @torch.no_grad()
@@ -234,20 +239,26 @@ class DiffusionSampler:
     def _denoise(self, active: int, live: torch.Tensor | None = None, longest: int = 0) -> torch.Tensor:
         """One decoder step for slots 0..active-1; rows with live=False keep their state (static batching).
         `longest` is the most tokens any of the rows caches. Returns the stop flags [active] (stable and
-        confident) as a device tensor."""
+        confident) as a device tensor. In continuous batching the step may run as a CUDA graph of a bucketed
+        batch size (graphs.py); padding rows then occupy free slots and their results are ignored."""
+        kv_limit = self.kv_limit(longest + self.length)
+        self.stats.decoder_calls += 1
+        if live is None and self.graphs is not None:
+            bucket = self.graphs.bucket(active)
+            self.stats.decoder_row_steps += bucket
+            return self.graphs.run(active, bucket, kv_limit)
+        self.stats.decoder_row_steps += active
+        return self._step(active, live, kv_limit)
+
+    def _step(self, active: int, live: torch.Tensor | None, kv_limit: int | None) -> torch.Tensor:
+        """The step's tensor work only (no host synchronisation, no Python-side state), so that it can be
+        captured in a CUDA graph."""
         st, s = self._state, self.settings
         slots = torch.arange(active, device=self.device)
         canvas = st["canvas"][:active]
         hidden = self.model.denoise(
-            self._cache,
-            slots,
-            canvas,
-            st["soft"][:active],
-            prefix=True,
-            kv_limit=self.kv_limit(longest + self.length),
+            self._cache, slots, canvas, st["soft"][:active], prefix=True, kv_limit=kv_limit
         )  # [A, L, D]
-        self.stats.decoder_calls += 1
-        self.stats.decoder_row_steps += active
         temperature = self._temperature(st["step"][:active])  # [A] float32
         embedding = self.model.embedding
         if self.draws.keyed:
@@ -414,4 +425,7 @@ class DiffusionSampler:
         for hole, src in zip(holes, movers, strict=True):
             self._move_slot(src, hole)
             new_rows[hole] = rows[src]
+        # Freed slots may be computed as padding rows of a bucketed step: give them an empty, valid state.
+        self._cache.lengths[keep : len(rows)] = 0
+        self._state["step"][keep : len(rows)] = 0
         rows[:] = new_rows[:keep]

@@ -143,3 +143,22 @@ def test_attention_limited_to_the_longest_row_keeps_completions(model, requests_
     }
     assert outputs == baseline
     assert min(limits) < limited.capacity, "the limit did cut the read"
+
+
+def test_bucketed_steps_with_padding_rows_keep_completions(model, requests_):
+    """The CUDA-graph path pads each step to a bucketed batch size with free slots; run eagerly here, the
+    padding must change nothing for the real rows."""
+    baseline, _ = _run(model, requests_, batch=6)
+    padded = DiffusionSampler(
+        model, _settings(), max_batch=6, max_prompt_tokens=32, backend="torch", step_graphs="eager"
+    )
+    assert padded.graphs is not None and padded.graphs.buckets == [1, 2, 4, 6]
+    outputs = {
+        r.row_id: (r.token_ids, r.denoising_steps, r.canvases, r.finish_reason)
+        for r in padded.generate(requests_)
+    }
+    assert outputs == baseline
+    assert padded.stats.decoder_row_steps > sum(v[1] for v in outputs.values()), "padding rows were computed"
+    assert DiffusionSampler(model, _settings(), max_batch=6, max_prompt_tokens=32).graphs is None, (
+        "off on CPU"
+    )
