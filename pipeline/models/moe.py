@@ -11,10 +11,14 @@ Weights: gate_up_proj [E, 2I, D], down_proj [E, D, I] (DiffusionGemmaTextExperts
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
+logger = logging.getLogger(__name__)
 DENSE_MAX_EXPERTS = 8
+_grouped_mm_broken: set[tuple[str, torch.dtype]] = set()
 
 
 def moe_forward(
@@ -61,11 +65,31 @@ def _grouped(
     counts.index_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     xs = x.index_select(0, token_of)  # [N*k, D], grouped by expert
-    gate_up = torch._grouped_mm(xs, experts.gate_up_proj.transpose(1, 2), offs=offsets)
+    gate_up = _grouped_linear(xs, experts.gate_up_proj, offsets, counts)
     gate, up = gate_up.chunk(2, dim=-1)
     hidden = experts.act_fn(gate) * up
-    ys = torch._grouped_mm(hidden, experts.down_proj.transpose(1, 2), offs=offsets)  # [N*k, D]
+    ys = _grouped_linear(hidden, experts.down_proj, offsets, counts)  # [N*k, D]
     ys = ys * top_weight.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
     out = torch.zeros(num_tokens, x.shape[1], dtype=ys.dtype, device=x.device)
     out.index_add_(0, token_of, ys)
     return out.to(x.dtype)
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor):
+    """x [M, K] grouped by expert, weight [E, out, K] -> [M, out]. torch._grouped_mm where the device and
+    dtype support it (bf16 on Hopper); otherwise one product per expert, which needs the group sizes on
+    the host (one synchronisation) and says so once."""
+    key = (x.device.type, x.dtype)
+    if key not in _grouped_mm_broken:
+        try:
+            return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+        except (RuntimeError, NotImplementedError) as e:
+            _grouped_mm_broken.add(key)
+            logger.warning(
+                "grouped GEMM unavailable for %s on %s (%s); using one product per expert",
+                x.dtype,
+                x.device.type,
+                str(e).splitlines()[0][:200],
+            )
+    parts = torch.split(x, counts.tolist())
+    return torch.cat([part @ weight[e].t() for e, part in enumerate(parts)])
