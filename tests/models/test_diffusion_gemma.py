@@ -129,6 +129,14 @@ def test_grouped_and_dense_moe_agree(checkpoint):
     reference = layer.experts(x, index, weights)  # transformers' own expert loop
     torch.testing.assert_close(dense, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grouped, reference, atol=1e-5, rtol=1e-5)
+    from pipeline.models import moe
+
+    moe._grouped_mm_broken.add((x.device.type, x.dtype))  # where torch._grouped_mm is unavailable
+    try:
+        looped = moe_forward(layer.experts, x, index, weights, path="grouped")
+    finally:
+        moe._grouped_mm_broken.discard((x.device.type, x.dtype))
+    torch.testing.assert_close(looped, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_reading_only_the_used_part_of_the_slots_gives_the_same_logits(checkpoint):
