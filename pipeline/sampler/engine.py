@@ -298,7 +298,9 @@ class DiffusionSampler:
             frozen=frozen,
             backend=self.backend,
         )
-        emitted = argmax if frozen is None else torch.where(out.frozen, canvas, argmax)
+        # With the ablation, frozen positions emit their kept token: the one in the new canvas (accepted now
+        # or earlier), not the step's input canvas, where a position accepted this step still holds noise.
+        emitted = argmax if frozen is None else torch.where(out.frozen, out.canvas, argmax)
         updates = {"canvas": out.canvas, "argmax": emitted, "soft": soft, "history": out.history}
         if frozen is not None:
             updates["frozen"] = out.frozen

@@ -162,3 +162,26 @@ def test_bucketed_steps_with_padding_rows_keep_completions(model, requests_):
     assert DiffusionSampler(model, _settings(), max_batch=6, max_prompt_tokens=32).graphs is None, (
         "off on CPU"
     )
+
+
+def test_no_revision_emits_the_tokens_it_accepted():
+    """revise_accepted=False: a position accepted on the canvas's last step emits the accepted token, not the
+    noise that the step's input canvas still held there."""
+    from tests.support.models import ScriptedModel
+
+    vocab, length = 50, 8
+    peaked = torch.full((2, length, vocab), -30.0)
+    peaked[:, torch.arange(length), torch.arange(length) + 10] = 30.0  # position i certainly says token 10+i
+    settings = _settings(
+        max_new_tokens=length,
+        max_denoising_steps=1,
+        entropy_bound=1e6,
+        canvas_length=length,
+        revise_accepted=False,
+        eos_token_ids=(1,),
+    )
+    sampler = DiffusionSampler(
+        ScriptedModel([peaked]), settings, max_batch=2, max_prompt_tokens=4, backend="torch"
+    )
+    results = sampler.generate([Request("a", [5, 6]), Request("b", [7])])
+    assert [r.token_ids for r in results] == [list(range(10, 10 + length))] * 2

@@ -69,10 +69,10 @@ class ScriptedModel:
     def new_cache(self, slots: int, capacity: int) -> _Cache:
         return _Cache(slots)
 
-    def encode(self, cache, slots, tokens, lengths, *, prefix=False) -> None:
+    def encode(self, cache, slots, tokens, lengths, *, prefix=False, kv_limit=None) -> None:
         cache.lengths[slots] += lengths
 
-    def denoise(self, cache, slots, canvas, soft_embeddings, *, prefix=False) -> torch.Tensor:
+    def denoise(self, cache, slots, canvas, soft_embeddings, *, prefix=False, kv_limit=None) -> torch.Tensor:
         self.canvases_seen.append(canvas.clone())
         logits = self.script[self.calls]
         self.calls += 1

@@ -1,0 +1,32 @@
+"""Exact-match accuracy per task against decoder forward passes per row, over a grid of sampler settings.
+
+python jobs/eval_quality.py                                # shipped model, default grid -> outputs/eval_quality
+python jobs/eval_quality.py eval.rows_per_task=200 eval.ablate_all=true
+python jobs/eval_quality.py eval.model=/path/to/checkpoint 'eval.grid=[{},{max_denoising_steps: 8}]'
+
+Writes quality.csv, quality.md, quality.png and samples.jsonl (the default point's rows) to eval.out_dir.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline.training.config import register_configs  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval_quality")
+def main(cfg: DictConfig) -> None:
+    from pipeline.training.config import to_eval_config
+    from pipeline.training.quality import run_eval
+
+    print(run_eval(to_eval_config(cfg)))
+
+
+if __name__ == "__main__":
+    main()
