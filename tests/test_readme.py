@@ -1,0 +1,35 @@
+"""The README's Python example runs and prints what the README says it prints."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_python_api_example_prints_what_the_readme_shows():
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    expected = [line[2:] for line in code.splitlines() if line.startswith("# ")]
+    assert expected, "the example documents its output in '# ' comment lines"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, str(README), "exec"), {})
+    assert printed.getvalue().splitlines() == expected
+
+
+def test_readme_starts_with_the_two_commands():
+    first_block = README.read_text(encoding="utf-8").split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
+    assert commands == [
+        'python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt torch==2.13.0 -e ".[test]" '
+        "&& .venv/bin/python jobs/generate.py",
+        ".venv/bin/python -m pytest",
+    ]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert '.venv/bin/pip install -q -c constraints.txt torch==2.13.0 -e ".[test]"' in ci
+    assert "\n.venv/bin/python -m pytest\n" in ci, "CI runs the README's test command"
