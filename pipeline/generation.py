@@ -82,7 +82,7 @@ def max_prompt_tokens_for(requested: int | None, context_window: int, max_new_to
 
 class Generator:
     def __init__(self, spec: GenerationSpec) -> None:
-        from pipeline.models.loader import load_model
+        from pipeline.models.loader import MASK_FAMILIES, load_model
         from pipeline.sampler.engine import DiffusionSampler
         from pipeline.sampler.settings import resolve_settings
 
@@ -96,6 +96,9 @@ class Generator:
             region=spec.region,
         )
         info = self.loaded.info
+        if info.family in MASK_FAMILIES:  # LLaDA, Dream: the mask-diffusion sampler (pipeline/sampler/mask)
+            self._init_mask_sampler(spec)
+            return
         user = {k: v for k, v in spec.sampler.items() if v is not None}
         self.settings = resolve_settings(
             user,
@@ -114,6 +117,31 @@ class Generator:
             max_prompt_tokens=self.max_prompt_tokens,
             backend=spec.backend,
             step_graphs="auto" if spec.cuda_graphs else "off",
+        )
+        self.tokenizer = self.loaded.tokenizer
+        self.postprocess, self.postprocess_name, self.postprocess_columns = load_postprocess(spec.postprocess)
+
+    def _init_mask_sampler(self, spec: GenerationSpec) -> None:
+        from pipeline.sampler.mask.engine import MaskDiffusionSampler
+        from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
+
+        info = self.loaded.info
+        self.settings = resolve_mask_settings(
+            mask_user_values(spec.sampler, info.family),
+            info.generation_config,
+            mask_token_id=info.mask_token_id,
+            eos_token_ids=info.eos_token_ids,
+            pad_token_id=info.pad_token_id,
+        )
+        self.max_prompt_tokens = max_prompt_tokens_for(
+            spec.max_prompt_tokens, info.context_window, self.settings.max_new_tokens
+        )
+        self.sampler = MaskDiffusionSampler(
+            self.loaded.model,
+            self.settings,
+            max_batch=spec.batch_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+            backend=spec.backend,
         )
         self.tokenizer = self.loaded.tokenizer
         self.postprocess, self.postprocess_name, self.postprocess_columns = load_postprocess(spec.postprocess)

@@ -50,6 +50,8 @@ class LLM:
         **sampler: sampler knobs (max_new_tokens, max_denoising_steps, t_min, t_max, entropy_bound,
             stability_threshold, confidence_threshold, canvas_length, seed, adaptive_stopping,
             revise_accepted, record_drafts); unset knobs come from the model's generation_config.json.
+            LLaDA / Dream models take max_new_tokens, seed, record_drafts and `mask={"steps": ...,
+            "block_length": ..., "cache": "dual", ...}` (the sampler.mask.* knobs).
     """
 
     def __init__(
@@ -68,9 +70,11 @@ class LLM:
         endpoint_url: str | None = None,
         **sampler: Any,
     ) -> None:
-        unknown = sorted(set(sampler) - set(USER_KNOBS))
+        # mask: a dict of the mask-diffusion knobs (LLaDA, Dream), as sampler.mask.* in the job config
+        valid = (*USER_KNOBS, "mask")
+        unknown = sorted(set(sampler) - set(valid))
         if unknown:
-            raise TypeError(f"unknown sampler setting(s) {unknown}; valid ones: {', '.join(USER_KNOBS)}")
+            raise TypeError(f"unknown sampler setting(s) {unknown}; valid ones: {', '.join(valid)}")
         self.spec = GenerationSpec(
             model_path=model,
             dtype=dtype,

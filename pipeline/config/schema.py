@@ -38,6 +38,30 @@ class ModelConfig:
 
 
 @dataclass
+class MaskSamplerConfig:
+    # Mask-diffusion models (LLaDA, Dream; pipeline/sampler/mask/settings.py). None means: the model's
+    # generation_config.json, else LLaDA's generate defaults (steps = max_new_tokens, block_length 32,
+    # low_confidence, temperature 0, cfg_scale 0, no threshold, no self-correction, no cache).
+    # Denoising steps over all blocks (a multiple of max_new_tokens / block_length).
+    steps: int | None = None
+    # Semi-autoregressive block length (max_new_tokens must be a multiple of it).
+    block_length: int | None = None
+    # Confidence ranking masked positions: low_confidence, margin, entropy or random.
+    remasking: str | None = None
+    # 0: argmax; > 0: Gumbel-max sampling (keyed noise).
+    temperature: float | None = None
+    # Unsupervised classifier-free guidance scale (0: off).
+    cfg_scale: float | None = None
+    # Parallel decoding: commit every masked position of the block with confidence >= threshold, at least
+    # one per step (Fast-dLLM); null follows the step schedule.
+    threshold: float | None = None
+    # Self-correction: mask again committed tokens of the current block whose probability fell below this.
+    remask_threshold: float | None = None
+    # Block KV caching: none (exact), prefix, dual.
+    cache: str | None = None
+
+
+@dataclass
 class SamplerConfig:
     # Knobs of the DiffusionGemma reference. None means: the model's generation_config.json, else the
     # reference defaults (256, 48, 0.4, 0.8, 0.1, 1, 0.005).
@@ -68,6 +92,8 @@ class SamplerConfig:
     record_drafts: bool = False
     # On CUDA, replay the decoder step as CUDA graphs of bucketed batch sizes (continuous batching).
     cuda_graphs: bool = True
+    # Knobs of the mask-diffusion sampler (model families llada, dream); DiffusionGemma models ignore them.
+    mask: MaskSamplerConfig = field(default_factory=MaskSamplerConfig)
 
 
 @dataclass

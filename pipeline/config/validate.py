@@ -6,11 +6,12 @@ import re
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig
+from pipeline.sampler.mask.settings import MaskSettingsError, check_mask_knobs
 from pipeline.sampler.settings import SettingsError, check_knobs
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.family": ("auto", "diffusion_gemma"),
+    "model.family": ("auto", "diffusion_gemma", "llada", "dream"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.device": ("auto", "cpu", "cuda"),
     "sampler.batching": ("continuous", "static"),
@@ -62,7 +63,8 @@ def validate_job(job: JobConfig) -> JobConfig:
 
     try:
         check_knobs(vars(job.sampler), prefix="sampler.")
-    except SettingsError as e:
+        check_mask_knobs(vars(job.sampler.mask), prefix="sampler.mask.")
+    except (SettingsError, MaskSettingsError) as e:
         raise ConfigError(str(e)) from None
 
     for key in ("model.path", "data.path", "data.prompt_column", "output.uri"):

@@ -34,6 +34,8 @@ MIX_C2 = 0x846CA68B
 STREAM_INIT = 1
 STREAM_SAMPLE = 2
 STREAM_RENOISE = 3
+STREAM_MASK_SAMPLE = 4  # mask sampler: Gumbel noise of the predictions (canvas = block, step = step in block)
+STREAM_MASK_ORDER = 5  # mask sampler: uniform confidences of remasking="random"
 
 
 def row_key(seed: int, row_id: str) -> tuple[int, int]:

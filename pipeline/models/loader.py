@@ -7,6 +7,9 @@
                                       if the package carries no trained checkpoint
   builtin:tiny-diffusiongemma-random  a randomly initialised tiny model, built deterministically on first
                                       use into the cache directory
+  builtin:tiny-llada                  the shipped trained tiny LLaDA-architecture model, or a random one
+
+Mask-diffusion families (model_type "llada", "Dream") load without remote code through mask_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ logger = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUILTIN_TINY = "builtin:tiny-diffusiongemma"
 BUILTIN_TINY_RANDOM = "builtin:tiny-diffusiongemma-random"
-SUPPORTED_TYPES = ("diffusion_gemma",)
+BUILTIN_TINY_LLADA = "builtin:tiny-llada"
+# config.json model_type -> model family (model.family in the job config)
+FAMILY_OF_TYPE = {"diffusion_gemma": "diffusion_gemma", "llada": "llada", "Dream": "dream"}
+SUPPORTED_TYPES = tuple(FAMILY_OF_TYPE)
+MASK_FAMILIES = ("llada", "dream")
 
 
 class ModelError(ValueError):
@@ -50,6 +57,8 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     generation_config: dict[str, Any] = field(default_factory=dict)
+    family: str = "diffusion_gemma"
+    mask_token_id: int | None = None  # mask-diffusion families
 
 
 @dataclass
@@ -59,10 +68,19 @@ class LoadedModel:
     tokenizer: Any  # transformers PreTrainedTokenizerBase
 
 
-def _build_random_tiny(cache_dir: Path) -> Path:
+def _build_random_tiny(cache_dir: Path, family: str = "diffusion_gemma") -> Path:
     from pipeline.models.tiny import build_tiny_model
 
-    target = cache_dir / "builtin" / "tiny-diffusiongemma-random-v1"
+    if family == "diffusion_gemma":
+        target, build = cache_dir / "builtin" / "tiny-diffusiongemma-random-v1", build_tiny_model
+    else:
+        target = cache_dir / "builtin" / f"tiny-{family}-random-v1"
+
+        def build(out: Path, seed: int) -> Path:
+            from pipeline.models.tiny_mask import build_tiny_mask_model
+
+            return build_tiny_mask_model(out, family=family, seed=seed)
+
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +89,7 @@ def _build_random_tiny(cache_dir: Path) -> Path:
         if not (target / ".complete").exists():
             tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            build_tiny_model(tmp, seed=0)
+            build(tmp, seed=0)
             (tmp / ".complete").write_text("ok\n")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
@@ -95,8 +113,15 @@ def resolve_model_dir(
         return str(_build_random_tiny(default_cache_dir()))
     if path == BUILTIN_TINY_RANDOM:
         return str(_build_random_tiny(default_cache_dir()))
+    if path == BUILTIN_TINY_LLADA:
+        shipped = ASSETS / "tiny-llada"
+        if (shipped / "config.json").exists():
+            return str(shipped)
+        return str(_build_random_tiny(default_cache_dir(), "llada"))
     if path.startswith("builtin:"):
-        raise ModelError(f"model.path={path!r}: unknown builtin; use {BUILTIN_TINY} or {BUILTIN_TINY_RANDOM}")
+        raise ModelError(
+            f"model.path={path!r}: unknown builtin; use {BUILTIN_TINY}, {BUILTIN_TINY_RANDOM} or {BUILTIN_TINY_LLADA}"
+        )
     if path.startswith("s3://"):
         from pipeline.models.fetch import resolve_model_dir as fetch_s3
 
@@ -121,6 +146,8 @@ def inspect_model(model_dir: str, name: str | None = None) -> ModelInfo:
         raise ModelError(
             f"{model_dir}: model_type {model_type!r} is not supported; canvasflow runs {', '.join(SUPPORTED_TYPES)}"
         )
+    if FAMILY_OF_TYPE[model_type] in MASK_FAMILIES:
+        return _inspect_mask_model(model_dir, config, name)
     text = config.get("text_config", {})
     eos = text.get("eos_token_id", 1)
     generation = read_generation_config(model_dir)
@@ -134,6 +161,33 @@ def inspect_model(model_dir: str, name: str | None = None) -> ModelInfo:
         eos_token_ids=tuple(generation.get("eos_token_ids", eos if isinstance(eos, list) else [eos])),
         pad_token_id=int(generation.get("pad_token_id", text.get("pad_token_id", 0) or 0)),
         generation_config=generation,
+    )
+
+
+def _inspect_mask_model(model_dir: str, config: dict[str, Any], name: str | None) -> ModelInfo:
+    from pipeline.models.mask_checkpoint import spec_for
+    from pipeline.sampler.mask.settings import read_mask_generation_config
+
+    try:
+        spec = spec_for(model_dir, config)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    eos = config.get("eos_token_id")
+    generation = read_mask_generation_config(model_dir)
+    default_eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
+    pad = config.get("pad_token_id")
+    return ModelInfo(
+        model_dir=model_dir,
+        name=name or Path(model_dir).name,
+        model_type=config["model_type"],
+        canvas_length=0,  # no canvases: blocks of sampler.mask.block_length
+        vocab_size=spec.vocab_size,
+        context_window=spec.context_window,
+        eos_token_ids=tuple(generation.get("eos_token_ids", default_eos)),
+        pad_token_id=int(generation.get("pad_token_id", pad if pad is not None else (default_eos or [0])[0])),
+        generation_config=generation,
+        family=spec.family,
+        mask_token_id=spec.mask_token_id,
     )
 
 
@@ -157,11 +211,17 @@ def pick_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
+def load_tokenizer(model_dir: str, *, remote_code_free: bool = False):
+    """The model's tokenizer. `remote_code_free` (mask families, whose config.json and tokenizer_config.json
+    name custom classes) reads tokenizer.json, or vocab.json + merges.txt (Qwen2's BPE, Dream), directly."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2TokenizerFast
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        if not remote_code_free:
+            return AutoTokenizer.from_pretrained(model_dir)
+        if (Path(model_dir) / "tokenizer.json").exists():
+            return PreTrainedTokenizerFast.from_pretrained(model_dir)
+        return Qwen2TokenizerFast.from_pretrained(model_dir)
     except Exception as e:  # noqa: BLE001 - surfaced with the path
         raise ModelError(f"cannot load the tokenizer from {model_dir}: {e}") from e
 
@@ -185,6 +245,16 @@ def load_model(
     info = inspect_model(model_dir, name=path if path.startswith("builtin:") else None)
     device_name = pick_device(device)
     torch_dtype = pick_dtype(dtype, device_name)
+    if info.family in MASK_FAMILIES:
+        from pipeline.models.mask_checkpoint import load_mask_model
+
+        try:
+            native = load_mask_model(model_dir, dtype=torch_dtype, device=device_name)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load the weights from {model_dir}: {e}") from e
+        return LoadedModel(
+            info=info, model=native, tokenizer=load_tokenizer(model_dir, remote_code_free=True)
+        )
     hf_logging.disable_progress_bar()
     try:
         hf_model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=torch_dtype)

@@ -8,6 +8,7 @@ GPU work was done.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,11 +22,12 @@ from pipeline.data.readers import InputError, read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
 from pipeline.io.commit import RunConflictError, RunStore
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
-from pipeline.models.loader import ModelError, ModelInfo, inspect_model, resolve_model_dir
+from pipeline.models.loader import MASK_FAMILIES, ModelError, ModelInfo, inspect_model, resolve_model_dir
 from pipeline.postprocess import PostprocessError, load_postprocess
 from pipeline.runner.identity import config_fingerprint, derive_run_id, local_model_identity, model_identity
 from pipeline.runner.pool import ShardTask, WorkerStartError
 from pipeline.runner.report import Progress, build_manifest, build_stats, log_summary
+from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
 from pipeline.sampler.settings import USER_KNOBS, SettingsError, resolve_settings
 
 logger = logging.getLogger("canvasflow")
@@ -130,14 +132,29 @@ def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
     """Every check that can fail before GPU work: model config, settings, postprocess, output, input."""
     info, model_id = _inspect_model(job)
     knobs = {k: getattr(job.sampler, k) for k in USER_KNOBS}
-    try:
-        settings = resolve_settings(
-            {k: v for k, v in knobs.items() if v is not None},
-            info.generation_config,
-            canvas_length=info.canvas_length,
-            eos_token_ids=info.eos_token_ids,
-            pad_token_id=info.pad_token_id,
+    knobs["mask"] = dataclasses.asdict(job.sampler.mask)
+    if job.model.family not in ("auto", info.family):
+        raise ConfigError(
+            f"model.family={job.model.family!r} but {info.model_dir} holds a {info.family} model "
+            f"(model_type {info.model_type!r}); use model.family=auto or {info.family}"
         )
+    try:
+        if info.family in MASK_FAMILIES:  # LLaDA, Dream: sampler.mask.* (pipeline/sampler/mask/settings.py)
+            settings = resolve_mask_settings(
+                mask_user_values(knobs, info.family),
+                info.generation_config,
+                mask_token_id=info.mask_token_id,
+                eos_token_ids=info.eos_token_ids,
+                pad_token_id=info.pad_token_id,
+            )
+        else:
+            settings = resolve_settings(
+                {k: v for k, v in knobs.items() if v is not None},
+                info.generation_config,
+                canvas_length=info.canvas_length,
+                eos_token_ids=info.eos_token_ids,
+                pad_token_id=info.pad_token_id,
+            )
         max_prompt = max_prompt_tokens_for(
             job.model.max_prompt_tokens, info.context_window, settings.max_new_tokens
         )

@@ -81,17 +81,17 @@ def check_knobs(values: Mapping[str, Any], prefix: str = "sampler.") -> None:
         return values.get(key) is not None
 
     for key in ("max_new_tokens", "max_denoising_steps"):
-        if given(key) and (not _is_int(values[key]) or values[key] <= 0):
+        if given(key) and (not is_int(values[key]) or values[key] <= 0):
             raise bad(key, "must be a positive integer")
     if given("stability_threshold") and (
-        not _is_int(values["stability_threshold"]) or values["stability_threshold"] < 0
+        not is_int(values["stability_threshold"]) or values["stability_threshold"] < 0
     ):
         raise bad("stability_threshold", "must be an integer >= 0")
     for key in ("t_min", "t_max"):
-        if given(key) and (not _is_number(values[key]) or values[key] < 0):
+        if given(key) and (not is_number(values[key]) or values[key] < 0):
             raise bad(key, "must be a number >= 0")
     for key in ("entropy_bound", "confidence_threshold"):
-        if given(key) and (not _is_number(values[key]) or values[key] <= 0):
+        if given(key) and (not is_number(values[key]) or values[key] <= 0):
             raise bad(key, "must be a number > 0")
     if given("t_min") and given("t_max") and values["t_max"] <= values["t_min"]:
         raise SettingsError(
@@ -100,11 +100,11 @@ def check_knobs(values: Mapping[str, Any], prefix: str = "sampler.") -> None:
         )
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -138,17 +138,21 @@ def parse_generation_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_generation_config(model_dir: str) -> dict[str, Any]:
-    """Parsed knobs of `<model_dir>/generation_config.json`, or {} when the file does not exist."""
+def read_generation_json(model_dir: str) -> dict[str, Any]:
+    """The raw `<model_dir>/generation_config.json`, or {} when the file does not exist."""
     path = os.path.join(model_dir, "generation_config.json")
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
         try:
-            raw = json.load(f)
+            return json.load(f)
         except json.JSONDecodeError as e:
             raise SettingsError(f"{path} is not valid JSON: {e}") from e
-    return parse_generation_config(raw)
+
+
+def read_generation_config(model_dir: str) -> dict[str, Any]:
+    """Parsed knobs of `<model_dir>/generation_config.json`, or {} when the file does not exist."""
+    return parse_generation_config(read_generation_json(model_dir))
 
 
 def resolve_settings(
@@ -171,7 +175,7 @@ def resolve_settings(
             values[key] = REFERENCE_DEFAULTS[key]
     # The reference validates floats strictly; accept ints where a float is meant.
     for key in ("t_min", "t_max", "entropy_bound", "confidence_threshold"):
-        if _is_number(values[key]):
+        if is_number(values[key]):
             values[key] = float(values[key])
     extras = {
         k: user[k] for k in ("seed", "adaptive_stopping", "revise_accepted", "record_drafts") if k in user

@@ -1,0 +1,127 @@
+"""Loads and writes mask-diffusion checkpoints (LLaDA, Dream) in their published Hugging Face layout.
+
+No remote code runs: config.json is read as JSON, the weights with safetensors (`model.safetensors`, or the
+shards named by `model.safetensors.index.json`), each tensor renamed from its published name to the native
+module's (llada.py / dream.py) and cast to the requested dtype. The module is built on the meta device and
+takes the loaded tensors as its parameters, so an 8B checkpoint is never materialised twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from pipeline.models import dream, llada
+from pipeline.models.bidirectional import BidirectionalLM, MaskLMSpec, rope_inv_freq
+
+logger = logging.getLogger(__name__)
+
+FAMILIES: dict[str, ModuleType] = {llada.MODEL_TYPE: llada, dream.MODEL_TYPE: dream}
+INDEX_FILE = "model.safetensors.index.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def family_module(model_type: str) -> ModuleType:
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not a mask-diffusion family ({', '.join(FAMILIES)})")
+    return FAMILIES[model_type]
+
+
+def read_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def spec_for(model_dir: str | os.PathLike[str], config: dict[str, Any] | None = None) -> MaskLMSpec:
+    config = config if config is not None else read_config(model_dir)
+    return family_module(config.get("model_type", "")).spec_from_config(config, str(model_dir))
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """Published tensor name -> the file holding it."""
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / WEIGHTS_FILE
+    if not single.exists():
+        raise ValueError(f"{model_dir} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+
+
+def load_mask_model(
+    model_dir: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> BidirectionalLM:
+    """The native module with the checkpoint's weights (every published tensor accounted for)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    spec = spec_for(model_dir)
+    family = family_module(read_config(model_dir)["model_type"])
+    with torch.device("meta"):
+        model = BidirectionalLM(spec)
+    wanted = {family.published_name(name): name for name in model.state_dict()}
+    files = _weight_files(model_dir)
+    missing = sorted(set(wanted) - set(files))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s): {shown}")
+    unused = sorted(set(files) - set(wanted))
+    if unused:
+        logger.warning(
+            "%s: ignoring %d tensor(s) not used by the model: %s", model_dir, len(unused), unused[:5]
+        )
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for published in wanted:
+        by_file.setdefault(files[published], []).append(published)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for published in names:
+                tensor = f.get_tensor(published).to(device=device, dtype=dtype)
+                native = wanted[published]
+                expected = model.state_dict()[native].shape
+                if tensor.shape != expected:
+                    raise ValueError(
+                        f"{model_dir}: tensor {published} has shape {tuple(tensor.shape)}; the config implies "
+                        f"{tuple(expected)}"
+                    )
+                state[native] = tensor
+    model.load_state_dict(state, assign=True, strict=True)
+    model.register_buffer("inv_freq", rope_inv_freq(spec, device), persistent=False)  # was built on meta
+    return model.eval().requires_grad_(False)
+
+
+def save_mask_checkpoint(
+    model: BidirectionalLM, out_dir: str | os.PathLike[str], config: dict[str, Any]
+) -> Path:
+    """Writes config.json and model.safetensors (published names, contiguous CPU tensors) to `out_dir`."""
+    from safetensors.torch import save_file
+
+    family = family_module(config["model_type"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        family.published_name(name): t.detach().to("cpu").contiguous()
+        for name, t in model.state_dict().items()
+    }
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(out / "config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return out

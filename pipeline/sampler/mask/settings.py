@@ -1,0 +1,215 @@
+"""Settings of the mask-diffusion sampler (LLaDA, Dream): knobs, defaults, validation.
+
+Values come, in order of precedence, from the user (`sampler.mask.*`, `sampler.max_new_tokens`,
+`sampler.seed`), from the model's generation_config.json (same key names; LLaDA's `gen_length` is read as
+max_new_tokens), and from LLaDA's published `generate` (gen_length 128, steps = gen_length, temperature 0,
+cfg_scale 0, low_confidence remasking) with the semi-autoregressive block length of its Instruct examples
+(32). A default block length or step count that does not fit a smaller max_new_tokens shrinks to it; values
+given explicitly are validated as given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.sampler.settings import SettingsError, is_int, is_number, read_generation_json
+
+CONFIDENCE_RULES = ("low_confidence", "margin", "entropy", "random")
+CACHE_MODES = ("none", "prefix", "dual")
+DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 128,
+    "steps": None,  # = max_new_tokens: one token per step
+    "block_length": 32,
+    "remasking": "low_confidence",
+    "temperature": 0.0,
+    "cfg_scale": 0.0,
+    "threshold": None,
+    "remask_threshold": 0.0,
+    "cache": "none",
+}
+KNOBS = tuple(DEFAULTS)
+
+
+class MaskSettingsError(ValueError):
+    """A mask-sampler setting is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """Everything the mask sampler needs, fully resolved. Picklable.
+
+    max_new_tokens   generated tokens per row (LLaDA's gen_length), a multiple of block_length
+    steps            denoising steps over all blocks (a multiple of the number of blocks); with `threshold`
+                     only the self-correction budget depends on it
+    block_length     semi-autoregressive block: blocks are decoded left to right
+    remasking        confidence that ranks masked positions: low_confidence (probability of the predicted
+                     token), margin (top-1 minus top-2 probability), entropy (negative entropy), random
+    temperature      0: argmax; > 0: Gumbel-max sampling of logits / temperature (keyed noise)
+    cfg_scale        unsupervised classifier-free guidance: un + (cfg_scale + 1) * (cond - un), where the
+                     unconditional row has its prompt masked; 0 disables
+    threshold        None: per step the k most confident positions on the linear schedule; a number in (0, 1]:
+                     every masked position of the block with confidence >= threshold, at least one (Fast-dLLM)
+    remask_threshold 0 disables; > 0: ReMDM-style self-correction: tokens committed earlier in the current
+                     block whose probability fell below it are masked again (fewer than committed per step,
+                     never in a block's last scheduled step)
+    cache            none (exact: the whole sequence every step), prefix (prefix keys/values computed at each
+                     block start and reused within the block), dual (prefix and masked suffix reused; only the
+                     block is recomputed)
+    """
+
+    max_new_tokens: int
+    steps: int
+    block_length: int
+    mask_token_id: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    threshold: float | None = None
+    remask_threshold: float = 0.0
+    cache: str = "none"
+    seed: int = 0
+    record_drafts: bool = False
+
+    def __post_init__(self) -> None:
+        check_mask_knobs(asdict(self))
+        blocks = self.max_new_tokens // self.block_length
+        if self.max_new_tokens % self.block_length:
+            raise MaskSettingsError(
+                f"sampler.max_new_tokens={self.max_new_tokens} must be a multiple of "
+                f"sampler.mask.block_length={self.block_length}"
+            )
+        if self.steps % blocks:
+            raise MaskSettingsError(
+                f"sampler.mask.steps={self.steps} must be a multiple of the number of blocks ({blocks} = "
+                f"max_new_tokens {self.max_new_tokens} / block_length {self.block_length})"
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.max_new_tokens // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_mask_knobs(values: Mapping[str, Any], prefix: str = "sampler.mask.") -> None:
+    """Checks the knobs present (not None) in `values`."""
+
+    def bad(key: str, why: str, name: str | None = None) -> MaskSettingsError:
+        return MaskSettingsError(f"{name or prefix + key}={values[key]!r} {why}")
+
+    def given(key: str) -> bool:
+        return values.get(key) is not None
+
+    if given("max_new_tokens") and (not is_int(values["max_new_tokens"]) or values["max_new_tokens"] <= 0):
+        raise bad("max_new_tokens", "must be a positive integer", "sampler.max_new_tokens")
+    for key in ("steps", "block_length"):
+        if given(key) and (not is_int(values[key]) or values[key] <= 0):
+            raise bad(key, "must be a positive integer")
+    if given("remasking") and values["remasking"] not in CONFIDENCE_RULES:
+        raise bad("remasking", f"is not one of {', '.join(CONFIDENCE_RULES)}")
+    if given("cache") and values["cache"] not in CACHE_MODES:
+        raise bad("cache", f"is not one of {', '.join(CACHE_MODES)}")
+    for key in ("temperature", "cfg_scale", "remask_threshold"):
+        if given(key) and (not is_number(values[key]) or values[key] < 0):
+            raise bad(key, "must be a number >= 0")
+    if given("remask_threshold") and values["remask_threshold"] > 1:
+        raise bad("remask_threshold", "is a probability: it must be in [0, 1]")
+    if given("threshold") and (not is_number(values["threshold"]) or not 0 < values["threshold"] <= 1):
+        raise bad("threshold", "must be a number in (0, 1] (or null for the step schedule)")
+
+
+def read_mask_generation_config(model_dir: str) -> dict[str, Any]:
+    """Mask knobs and special tokens of `<model_dir>/generation_config.json` ({} when there is none)."""
+    try:
+        raw = read_generation_json(model_dir)
+    except SettingsError as e:
+        raise MaskSettingsError(str(e)) from None
+    out = {k: raw[k] for k in KNOBS if raw.get(k) is not None}
+    if raw.get("gen_length") is not None and "max_new_tokens" not in out:
+        out["max_new_tokens"] = raw["gen_length"]
+    eos = raw.get("eos_token_id")
+    if eos is not None:
+        out["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    if raw.get("pad_token_id") is not None:
+        out["pad_token_id"] = int(raw["pad_token_id"])
+    return out
+
+
+# Knobs of the DiffusionGemma sampler that mean nothing to a mask-diffusion model.
+DIFFUSION_GEMMA_ONLY = (
+    "max_denoising_steps",
+    "t_min",
+    "t_max",
+    "entropy_bound",
+    "stability_threshold",
+    "confidence_threshold",
+    "canvas_length",
+)
+
+
+def mask_user_values(sampler: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """The mask sampler's user values from the job's sampler knobs (`mask` nested, plus max_new_tokens, seed,
+    record_drafts); a DiffusionGemma-only knob that is set is an error naming it."""
+    set_elsewhere = [k for k in DIFFUSION_GEMMA_ONLY if sampler.get(k) is not None]
+    if set_elsewhere:
+        raise MaskSettingsError(
+            f"sampler.{set_elsewhere[0]}={sampler[set_elsewhere[0]]!r} is a DiffusionGemma setting; a {family} "
+            "model is sampled with sampler.mask.* (steps, block_length, remasking, threshold, cache, ...)"
+        )
+    values = {k: v for k, v in (sampler.get("mask") or {}).items() if v is not None}
+    unknown = sorted(set(values) - set(KNOBS))
+    if unknown:
+        raise MaskSettingsError(
+            f"sampler.mask.{unknown[0]} is not a mask-sampler setting ({', '.join(KNOBS)})"
+        )
+    for key in ("max_new_tokens", "seed", "record_drafts"):
+        if sampler.get(key) is not None:
+            values[key] = sampler[key]
+    return values
+
+
+def resolve_mask_settings(
+    user: Mapping[str, Any],
+    generation_config: Mapping[str, Any],
+    *,
+    mask_token_id: int,
+    eos_token_ids: tuple[int, ...],
+    pad_token_id: int,
+) -> MaskSettings:
+    """User values (None = unset) over the model's generation config over the defaults (module docstring)."""
+    check_mask_knobs(user)
+    check_mask_knobs(generation_config, prefix="generation_config.json: ")
+    values: dict[str, Any] = {}
+    explicit: set[str] = set()
+    for key in KNOBS:
+        for source in (user, generation_config):
+            if source.get(key) is not None:
+                values[key] = source[key]
+                explicit.add(key)
+                break
+        else:
+            values[key] = DEFAULTS[key]
+    length = values["max_new_tokens"]
+    if "block_length" not in explicit:
+        values["block_length"] = min(values["block_length"], length)
+    if values["steps"] is None:
+        values["steps"] = length
+    for key in ("temperature", "cfg_scale", "remask_threshold"):
+        values[key] = float(values[key])
+    return MaskSettings(
+        **values,
+        mask_token_id=mask_token_id,
+        eos_token_ids=tuple(generation_config.get("eos_token_ids", eos_token_ids)),
+        pad_token_id=int(generation_config.get("pad_token_id", pad_token_id)),
+        seed=int(user.get("seed") or 0),
+        record_drafts=bool(user.get("record_drafts") or False),
+    )

@@ -1,0 +1,89 @@
+"""The real job with a LLaDA-family model (local Ray workers): the same output schema as DiffusionGemma's,
+the same rows as the one-process API, and start-up errors that name the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config.schema import MaskSamplerConfig
+from pipeline.io.parts import OUTPUT_SCHEMA
+from pipeline.runner.job import run
+from tests.runner.test_job import make_job, read_parts, write_prompts
+from tests.support.mask_models import build_mask_checkpoint
+
+pytestmark = pytest.mark.ray
+
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def llada_dir(tmp_path_factory):
+    return build_mask_checkpoint(tmp_path_factory.mktemp("llada") / "tiny-llada", std=0.1, eos_like=28)
+
+
+def _llada_job(tmp_path, data, model_path, **overrides):
+    job = make_job(tmp_path, data, model__path=str(model_path), **overrides)
+    job.sampler.max_denoising_steps = None
+    job.sampler.max_new_tokens = NEW_TOKENS
+    job.sampler.mask = MaskSamplerConfig(steps=8, block_length=8, cache="dual", threshold=0.5)
+    return job
+
+
+def test_llada_job_writes_the_same_schema(tmp_path, ray_local, llada_dir):
+    data = write_prompts(tmp_path / "prompts.jsonl", 10)
+    job = _llada_job(tmp_path, data, llada_dir)
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    table = read_parts(run_dir)
+    rows = table.to_pylist()
+    assert len(rows) == 10
+
+    # the schema every DiffusionGemma run writes (tests/runner/test_job.py reads it back from parts)
+    assert table.schema.remove_metadata().equals(OUTPUT_SCHEMA), "one output schema for every model family"
+    for r in rows:
+        assert r["finish_reason"] in ("eos", "length") and r["model"] == "tiny-llada"
+        assert r["completion_tokens"] <= NEW_TOKENS and 1 <= r["denoising_steps"] <= NEW_TOKENS
+        assert 1 <= r["canvases"] <= 2
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["rows_out"] == 10 and stats["denoising_steps"] == sum(r["denoising_steps"] for r in rows)
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    assert manifest["sampler"]["cache"] == "dual" and manifest["sampler"]["block_length"] == 8
+
+    from pipeline import LLM
+    from pipeline.data.readers import read_input
+
+    llm = LLM(
+        str(llada_dir),
+        max_new_tokens=NEW_TOKENS,
+        mask={"steps": 8, "block_length": 8, "cache": "dual", "threshold": 0.5},
+    )
+    inputs = read_input(job.data).table.to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    for out in llm.generate([r["prompt"] for r in inputs], ids=[r["id"] for r in inputs]):
+        assert (out.completion, out.denoising_steps) == (
+            by_id[out.id]["completion"],
+            by_id[out.id]["denoising_steps"],
+        )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sampler__t_min": 0.1}, "sampler.t_min=0.1 is a DiffusionGemma setting"),
+        ({"model__family": "diffusion_gemma"}, "model.family='diffusion_gemma' but"),
+        (
+            {"sampler__max_new_tokens": 20},
+            "sampler.max_new_tokens=20 must be a multiple of sampler.mask.block_length=8",
+        ),
+    ],
+)
+def test_llada_startup_errors_name_the_key(tmp_path, caplog, llada_dir, overrides, message):
+    data = write_prompts(tmp_path / "p.jsonl", 3)
+    job = _llada_job(tmp_path, data, llada_dir)
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(job, section), name, value)
+    assert run(job) == 2
+    assert message in caplog.text

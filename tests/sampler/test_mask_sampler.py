@@ -1,0 +1,324 @@
+"""The mask-diffusion sampler against LLaDA's published algorithm, and its batching, caching, threshold
+decoding, self-correction and EOS behaviour.
+
+Faithfulness runs in float64 (model and reference), so that the comparison is of decisions, not of rounding:
+with caching off, temperature 0, the reference's confidence rules and blocks, canvasflow's completions
+(continuous or static batching, rows of different prompt lengths at per-row positions) equal
+`reference_generate`'s (a left-padded batch with an attention mask) token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models.mask_checkpoint import load_mask_model
+from pipeline.sampler.engine import Request
+from pipeline.sampler.mask.decide import decide, eos_stop
+from pipeline.sampler.mask.engine import MaskDiffusionSampler
+from pipeline.sampler.mask.settings import MaskSettings, MaskSettingsError, resolve_mask_settings
+from tests.support.mask_models import ReferenceModel, build_mask_checkpoint, reference_generate, until_eos
+
+EOS = 0  # <|endoftext|> of the tiny tokenizers
+EOS_LIKE = {"llada": 28, "dream": 7}  # tokens the seed-0 std-0.1 models predict now and then
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def family_dir(request, tmp_path_factory):
+    family = request.param
+    path = tmp_path_factory.mktemp(family) / "m"
+    return family, build_mask_checkpoint(path, family=family, std=0.1, eos_like=EOS_LIKE[family])
+
+
+@pytest.fixture(scope="module")
+def llada_fp32(tmp_path_factory):
+    path = build_mask_checkpoint(tmp_path_factory.mktemp("fp32") / "m", family="llada", std=0.1, eos_like=28)
+    return load_mask_model(path)
+
+
+def _prompts(count: int = 5, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [3, 11, 1, 8, 14, 5, 9, 2][:count]
+    return [torch.randint(6, 100, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _settings(model, **overrides) -> MaskSettings:
+    values = dict(
+        max_new_tokens=16,
+        steps=8,
+        block_length=8,
+        mask_token_id=model.mask_token_id,
+        eos_token_ids=(EOS,),
+        pad_token_id=EOS,
+    )
+    values.update(overrides)
+    return MaskSettings(**values)
+
+
+def _run(model, prompts, *, batch=3, batching="continuous", order=None, **overrides):
+    sampler = MaskDiffusionSampler(
+        model, _settings(model, **overrides), max_batch=batch, max_prompt_tokens=16
+    )
+    indices = order if order is not None else range(len(prompts))
+    results = sampler.generate([Request(f"row-{i}", prompts[i]) for i in indices], batching=batching)
+    return {r.row_id: r for r in results}, sampler
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        dict(max_new_tokens=16, steps=8, block_length=8),
+        dict(max_new_tokens=16, steps=16, block_length=4),
+        dict(max_new_tokens=12, steps=5, block_length=12),  # 12 tokens over 5 steps: 3, 3, 2, 2, 2
+    ],
+    ids=["2x8-4steps", "4x4-4steps", "1x12-5steps"],
+)
+@pytest.mark.parametrize("rule", ["low_confidence", "margin", "entropy"])
+def test_completions_equal_llada_generate(family_dir, schedule, rule):
+    family, path = family_dir
+    model = load_mask_model(path).double()
+    prompts = _prompts()
+    expected = reference_generate(
+        ReferenceModel(path),
+        prompts,
+        gen_length=schedule["max_new_tokens"],
+        steps=schedule["steps"],
+        block_length=schedule["block_length"],
+        mask_id=model.mask_token_id,
+        pad_id=EOS,
+        remasking=rule,
+    )
+    for batching in ("continuous", "static"):
+        got, _ = _run(model, prompts, batching=batching, remasking=rule, **schedule)
+        for i, tokens in enumerate(expected):
+            result = got[f"row-{i}"]
+            assert (result.token_ids, result.finish_reason) == until_eos(tokens, {EOS}), (batching, i)
+
+
+def test_guidance_equals_llada_generate(family_dir):
+    family, path = family_dir
+    model = load_mask_model(path).double()
+    prompts = _prompts(4, seed=3)
+    expected = reference_generate(
+        ReferenceModel(path),
+        prompts,
+        gen_length=16,
+        steps=8,
+        block_length=8,
+        mask_id=model.mask_token_id,
+        pad_id=EOS,
+        cfg_scale=1.5,
+    )
+    got, _ = _run(model, prompts, cfg_scale=1.5)
+    for i, tokens in enumerate(expected):
+        assert (got[f"row-{i}"].token_ids, got[f"row-{i}"].finish_reason) == until_eos(tokens, {EOS})
+    # the unconditional twins keep their own cache slots: one step per block is exact with caching too
+    exact, _ = _run(model, prompts, cfg_scale=1.5, steps=2)
+    for cache in ("prefix", "dual"):
+        cached, _ = _run(model, prompts, cfg_scale=1.5, steps=2, cache=cache)
+        assert {k: r.token_ids for k, r in cached.items()} == {k: r.token_ids for k, r in exact.items()}
+
+
+def test_the_workload_mixes_eos_and_length(family_dir):
+    """EOS ends a row as soon as everything before it is decided: fewer passes than the schedule, fewer
+    blocks; other rows run to max_new_tokens."""
+    _, path = family_dir
+    model = load_mask_model(path).double()
+    got, sampler = _run(model, _prompts(8), max_new_tokens=32, steps=16, block_length=8)
+    reasons = {r.finish_reason for r in got.values()}
+    assert reasons == {"eos", "length"}
+    for r in got.values():
+        assert EOS not in r.token_ids
+        if r.finish_reason == "length":
+            assert (r.denoising_steps, r.canvases, len(r.token_ids)) == (16, 4, 32)
+        else:
+            assert r.denoising_steps <= 16 and len(r.token_ids) < 32
+    assert any(r.canvases < 4 and r.denoising_steps < 16 for r in got.values() if r.finish_reason == "eos")
+    assert sampler.stats.row_forwards == sum(r.denoising_steps for r in got.values())
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_caching_with_one_step_per_block_is_exact(llada_fp32, cache):
+    """A block decoded in one step only uses the block-start forward, which is exact."""
+    prompts = _prompts(6)
+    exact, _ = _run(llada_fp32, prompts, steps=2, block_length=8)
+    cached, _ = _run(llada_fp32, prompts, steps=2, block_length=8, cache=cache)
+    assert {k: r.token_ids for k, r in cached.items()} == {k: r.token_ids for k, r in exact.items()}
+
+
+def test_caching_saves_forward_flops(llada_fp32):
+    prompts = _prompts(4)
+    flops = {}
+    for cache in ("none", "prefix", "dual"):
+        got, sampler = _run(llada_fp32, prompts, max_new_tokens=64, steps=64, block_length=16, cache=cache)
+        assert all(r.denoising_steps >= 1 for r in got.values())
+        flops[cache] = sampler.stats.flops(llada_fp32)
+    assert flops["dual"] < flops["prefix"] < flops["none"]
+    assert flops["dual"] < 0.5 * flops["none"]
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(cache="none"),
+        dict(cache="prefix", temperature=0.8),
+        dict(cache="dual", threshold=0.3, remasking="margin"),
+        dict(cache="none", cfg_scale=1.0, remasking="random", temperature=1.0),
+        dict(cache="dual", remask_threshold=0.2, steps=24),
+    ],
+    ids=["exact", "prefix-sampled", "dual-threshold", "guided-random", "dual-selfcorrect"],
+)
+def test_outputs_do_not_depend_on_batching(llada_fp32, knobs):
+    prompts = _prompts(8)
+    baseline, _ = _run(llada_fp32, prompts, batch=8, max_new_tokens=24, **{"steps": 12, **knobs})
+    variants = {
+        "batch 1": dict(batch=1),
+        "batch 3": dict(batch=3),
+        "batch 5 reversed": dict(batch=5, order=list(reversed(range(8)))),
+        "static batch 3": dict(batch=3, batching="static"),
+    }
+    for name, variant in variants.items():
+        got, _ = _run(llada_fp32, prompts, max_new_tokens=24, **{"steps": 12, **knobs}, **variant)
+        changed = [
+            k
+            for k in baseline
+            if (got[k].token_ids, got[k].denoising_steps)
+            != (baseline[k].token_ids, baseline[k].denoising_steps)
+        ]
+        assert not changed, f"{name}: rows {changed} differ"
+
+
+def test_temperature_samples_with_keyed_noise(llada_fp32):
+    prompts = _prompts(6)
+    greedy, _ = _run(llada_fp32, prompts)
+    a, _ = _run(llada_fp32, prompts, temperature=1.0)
+    b, _ = _run(llada_fp32, prompts, temperature=1.0)
+    other_seed, _ = _run(llada_fp32, prompts, temperature=1.0, seed=1)
+    tokens = lambda got: [got[k].token_ids for k in sorted(got)]  # noqa: E731
+    assert tokens(a) == tokens(b)
+    assert tokens(a) != tokens(greedy) and tokens(a) != tokens(other_seed)
+
+
+def test_threshold_decoding_commits_at_least_one_per_step(llada_fp32):
+    prompts = _prompts(6)
+    scheduled, _ = _run(llada_fp32, prompts, max_new_tokens=24, steps=24, block_length=8)
+    for threshold in (0.01, 0.99):
+        got, _ = _run(
+            llada_fp32,
+            prompts,
+            max_new_tokens=24,
+            steps=24,
+            block_length=8,
+            threshold=threshold,
+            record_drafts=True,
+        )
+        for r in got.values():
+            for block, drafts in enumerate(r.drafts):
+                region = slice(block * 8, (block + 1) * 8)
+                masked = [8] + [d[region].count(llada_fp32.mask_token_id) for d in drafts]
+                assert all(a - b >= 1 for a, b in zip(masked, masked[1:], strict=False)), masked
+        if threshold == 0.99:  # few positions are that confident: about one token per step
+            assert sum(r.denoising_steps for r in got.values()) >= 0.8 * sum(
+                r.denoising_steps for r in scheduled.values()
+            )
+        else:
+            assert sum(r.denoising_steps for r in got.values()) < 0.5 * sum(
+                r.denoising_steps for r in scheduled.values()
+            )
+
+
+def test_threshold_rule_is_fast_dllms():
+    """Fast-dLLM: top-k over the masked positions (k = all of them), then every pick but the first whose
+    confidence is below the threshold is dropped."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        logits = torch.randn(3, 10, 17, generator=gen) * 3
+        block = torch.where(
+            torch.rand(3, 10, generator=gen) < 0.6, 0, torch.randint(1, 17, (3, 10), generator=gen)
+        )
+        block[1] = 0  # every position masked in one row
+        out = decide(
+            logits, block, mask_id=0, steps_left=torch.ones(3, dtype=torch.long), rule="low_confidence",
+            temperature=0.0, threshold=0.5, remask_threshold=0.0, allow_remask=torch.ones(3, dtype=torch.bool),
+            keys=None,
+        )  # fmt: skip
+        probs = logits.index_fill(-1, torch.tensor([0]), float("-inf")).softmax(-1)
+        conf = torch.where(block == 0, probs.max(-1).values, float("-inf"))
+        for row in range(3):
+            count = int((block[row] == 0).sum())
+            expected = torch.zeros(10, dtype=torch.bool)
+            if count:
+                _, chosen = torch.topk(conf[row], k=count)
+                expected[chosen[0]] = True
+                expected[chosen[1:][conf[row][chosen[1:]] >= 0.5]] = True
+            assert torch.equal(out.transferred[row], expected)
+
+
+def test_self_correction_remasks_low_probability_tokens():
+    logits = torch.full((2, 6, 8), -5.0)
+    logits[:, :, 3] = 5.0  # every position predicts token 3 confidently
+    block = torch.tensor([[0, 0, 0, 5, 6, 3], [0, 0, 0, 5, 6, 3]])  # committed 5, 6 (now improbable) and 3
+    common = dict(
+        mask_id=0, rule="low_confidence", temperature=0.0, threshold=None, remask_threshold=0.1, keys=None
+    )
+    out = decide(
+        logits, block, steps_left=torch.tensor([1, 3]), allow_remask=torch.tensor([True, True]), **common
+    )
+    # row 0 commits its 3 masked positions, so up to 2 may be remasked: 5 and 6; token 3 is probable and stays
+    assert out.remasked[0].tolist() == [False, False, False, True, True, False]
+    assert out.tokens[0].tolist() == [3, 3, 3, 0, 0, 3]
+    # row 1 commits ceil(3 / 3) = 1: no budget, net progress first
+    assert not out.remasked[1].any() and int(out.transferred[1].sum()) == 1
+    out = decide(
+        logits, block, steps_left=torch.tensor([1, 1]), allow_remask=torch.tensor([False, False]), **common
+    )
+    assert not out.remasked.any()
+
+
+def test_self_correction_in_the_sampler_remasks_and_finishes(llada_fp32):
+    prompts = _prompts(4)
+    got, _ = _run(
+        llada_fp32,
+        prompts,
+        max_new_tokens=16,
+        steps=8,
+        block_length=8,
+        remask_threshold=0.5,
+        record_drafts=True,
+    )
+    mask, remasks = llada_fp32.mask_token_id, 0
+    for r in got.values():
+        assert r.denoising_steps <= 8
+        for drafts in r.drafts:
+            for before, after in zip(drafts, drafts[1:], strict=False):
+                remasks += sum(a != mask and b == mask for a, b in zip(before, after, strict=True))
+    assert remasks > 0
+
+
+def test_eos_stop_needs_everything_before_decided():
+    mask = 9
+    generated = torch.tensor([[4, 0, 5, mask], [4, mask, 0, 5], [4, 5, 6, 7], [0, 0, 0, 0]])
+    stop, position = eos_stop(
+        generated, mask_id=mask, eos_ids=torch.tensor([0]), final_end=torch.tensor([4, 4, 4, 0])
+    )
+    assert stop.tolist() == [True, False, False, False] and position.tolist() == [1, 4, 4, 4]
+
+
+def test_settings_resolution_and_errors():
+    tokens = dict(mask_token_id=2, eos_token_ids=(0,), pad_token_id=0)
+    s = resolve_mask_settings({"max_new_tokens": 16}, {"block_length": 8, "steps": 4}, **tokens)
+    assert (s.max_new_tokens, s.block_length, s.steps, s.steps_per_block) == (16, 8, 4, 2)
+    s = resolve_mask_settings({"max_new_tokens": 16}, {}, **tokens)  # the default block (32) shrinks to fit
+    assert (s.block_length, s.steps, s.cache, s.remasking) == (16, 16, "none", "low_confidence")
+    with pytest.raises(
+        MaskSettingsError, match="max_new_tokens=20 must be a multiple of sampler.mask.block_length=8"
+    ):
+        resolve_mask_settings({"max_new_tokens": 20, "block_length": 8}, {}, **tokens)
+    with pytest.raises(
+        MaskSettingsError, match="sampler.mask.steps=6 must be a multiple of the number of blocks"
+    ):
+        resolve_mask_settings({"max_new_tokens": 16, "block_length": 4, "steps": 6}, {}, **tokens)
+    with pytest.raises(MaskSettingsError, match="sampler.mask.cache='full' is not one of none, prefix, dual"):
+        resolve_mask_settings({"cache": "full"}, {}, **tokens)
+    with pytest.raises(MaskSettingsError, match="sampler.mask.threshold=1.5"):
+        resolve_mask_settings({"threshold": 1.5}, {}, **tokens)
