@@ -151,48 +151,57 @@ def assert_exactly_once(output: Output, run_id: str, expected_rows: int) -> tupl
 def test_full_run_with_every_bad_row_kind(output, tmp_path):
     extra = [
         "{malformed",
-        json.dumps({"prompt": None}),
-        json.dumps({"prompt": ["not", "text"]}),
-        json.dumps({"prompt": "   "}),
-        json.dumps({"other": "x"}),
-        json.dumps({"prompt": "y" * 300}),
+        json.dumps({"prompt": None, "uid": "n"}),
+        json.dumps({"prompt": ["x"], "uid": "l"}),
+        json.dumps({"prompt": "   ", "uid": "w"}),
+        json.dumps({"other": "x", "uid": "m"}),
+        json.dumps({"prompt": "y" * 300, "uid": "y"}),
+        json.dumps({"prompt": "dup", "uid": "k3"}),
     ]
-    data_file = write_prompts(tmp_path / "in.jsonl", 10, extra)
-    with open(data_file, "ab") as f:
-        f.write(b'{"prompt": "bad \xff utf-8"}\n')
-    code, log = finish(
-        start_job(
-            [
-                f"data.path={data_file}",
-                "run.id=r",
-                "run.shard_size=4",
-                "model.max_prompt_tokens=128",
-                *COMMON,
-                *output.cli,
-            ],
-            tmp_path,
-        )
-    )
+    lines = [
+        json.dumps({"prompt": f"Sort: {i % 10} {i % 7} {i % 3}", "k": i, "uid": f"k{i}"}) for i in range(10)
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines + extra) + "\n")
+    with open(source, "ab") as f:
+        f.write(b'{"prompt": "bad \xff utf-8", "uid": "u"}\n')
+    data_path = str(source)
+    if output.kind == "s3":  # the input comes from the object store too
+        output.bucket.put("inputs/in.jsonl", source.read_bytes())
+        data_path = f"{output.bucket.uri}/inputs/in.jsonl"
+    args = [
+        f"data.path={data_path}",
+        "data.id_column=uid",
+        "run.id=r",
+        "run.shard_size=4",
+        "model.max_prompt_tokens=128",
+        *COMMON,
+        *output.cli,
+    ]
+    code, log = finish(start_job(args, tmp_path))
     assert code == 0, log[-3000:]
-    data, errors = assert_exactly_once(output, "r", 17)
-    assert len(data) == 10 and len(errors) == 7
+    data, errors = assert_exactly_once(output, "r", 18)
+    assert len(data) == 10 and len(errors) == 8
+    assert sorted(r["id"] for r in data) == sorted(f"k{i}" for i in range(10)), "declared ids are kept"
     reasons = {e["source_index"]: e["reason"] for e in errors}
-    for index, text in {
+    expected = {
         10: "malformed JSON",
         11: "is null",
         12: "must be a string",
         13: "is empty",
         14: "missing column 'prompt'",
         15: "more than fit",
-        16: "invalid UTF-8",
-    }.items():
+        16: "duplicate id 'k3'",
+        17: "invalid UTF-8",
+    }
+    for index, text in expected.items():
         assert text in reasons[index], (index, reasons[index])
     for row in data:  # read back row by row
         assert row["completion_tokens"] == len(row["completion"]) or row["completion_tokens"] > 0
         assert row["run_id"] == "r" and json.loads(row["metadata"])["k"] == row["source_index"]
     stats = json.loads(output.read("r", "stats.json"))
-    assert stats["rows_in"] == 17 and stats["rows_error"] == 7
-    assert stats["errors_by_stage"] == {"read": 6, "tokenize": 1}
+    assert stats["rows_in"] == 18 and stats["rows_error"] == 8
+    assert stats["errors_by_stage"] == {"read": 7, "tokenize": 1}
     if output.kind == "s3":  # the credentials came from the environment and went nowhere
         secret = output.bucket.server.secret_key
         assert secret not in log
@@ -253,6 +262,38 @@ def test_driver_killed_then_rerun_resumes_without_redoing_committed_shards(outpu
         f"kill-and-resume ({output.kind}): {len(before)} shards committed before SIGKILL, "
         f"{stats['shards']['committed_this_invocation']} generated on rerun, {stats['rows_out']} rows, no duplicates"
     )
+
+
+def test_a_shard_that_keeps_failing_is_reported_and_committed_work_is_kept(output, tmp_path):
+    data_file = write_prompts(tmp_path / "in.jsonl", 12)
+    text = data_file.read_text().splitlines()
+    text[7] = json.dumps({"prompt": "Sort: 1 2 CRASH", "k": 7})  # shard 3 (rows 6-7) kills its worker, always
+    data_file.write_text("\n".join(text) + "\n")
+    code, log = finish(
+        start_job(
+            [
+                f"data.path={data_file}",
+                "run.id=f",
+                "run.shard_size=2",
+                "run.max_shard_attempts=2",
+                "postprocess=task_checker",
+                "postprocess._target_=tests.support.crashers.crash_on",
+                "~postprocess.drop_incorrect",
+                "+postprocess.marker=CRASH",
+                *COMMON,
+                *output.cli,
+            ],
+            tmp_path,
+        )
+    )
+    assert code == 1, log[-3000:]
+    assert "shard 3 failed 2 times" in log and "Rerun the same command to retry" in log
+    keys = output.keys("f")
+    assert "_SUCCESS" not in keys and "_manifest.json" not in keys
+    assert sorted(output.commits("f")) == [f"_commits/shard-{i:05d}.json" for i in (0, 1, 2, 4, 5)]
+    stats = json.loads(output.read("f", "stats.json"))
+    assert stats["shards"]["failed"] == [3]
+    assert sorted(r["source_index"] for r in output.rows("f", "data")) == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11]
 
 
 @pytest.mark.s3
