@@ -46,7 +46,16 @@ def ray_head(tmp_path_factory):
     base = tmp_path_factory.mktemp("rayhead")
     token = base / "auth_token"
     token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "OMP_NUM_THREADS": "1"}
+    # `python` in the job's entrypoint must be this environment's, as a cluster image's is on its PATH
+    # (CI calls .venv/bin/python without activating the venv).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {
+        **os.environ,
+        "PATH": path,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "OMP_NUM_THREADS": "1",
+    }
     dashboard = free_port()
     temp_dir = (
         Path("/tmp") / f"cf-ray-{secrets.token_hex(3)}"
