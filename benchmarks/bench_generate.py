@@ -3,6 +3,8 @@
     python benchmarks/bench_generate.py                    # DiffusionGemma-26B-A4B text shape, random bf16
     python benchmarks/bench_generate.py --shape small      # a small shape for quick runs
     python benchmarks/bench_generate.py --shape tiny --device cpu --batches 1 4   # CPU smoke run
+    python benchmarks/bench_generate.py --family llada     # LLaDA-8B shape: exact path vs prefix/dual caches
+    python benchmarks/bench_generate.py --family llada --shape tiny --device cpu --batches 4 --canvas 32 --block 8
 
 Workload (the issue's): prompt 128 tokens, one 256-token canvas, 16 denoising steps with adaptive stopping off
 (fixed step count), at growing batch sizes until each side runs out of memory; then an adaptive run on a
@@ -10,6 +12,10 @@ workload with heterogeneous stopping (static vs continuous batching, forward pas
 Prints tokens/s, ms per step, model FLOP utilisation against the device's measured bf16 matmul rate, peak
 memory and the ratios; appends every result to benchmarks/results/generate.jsonl (device, commit, date).
 Needs only torch, triton and transformers (no Ray, no Hydra).
+
+With `--family llada|dream` it measures the mask-diffusion sampler instead (benchmarks/generate_mask.py):
+forward FLOPs saved and speed-up of the prefix and dual block caches over the exact path, at `--shape`
+26b-a4b (meaning the family's published full shape: LLaDA-8B, Dream-7B), small or tiny.
 """
 
 from __future__ import annotations
@@ -202,10 +208,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="26b-a4b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32, 48, 64, 96, 128])
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=None, help="default 1 8 16 32 48 64 96 128 (mask: 1 8 32)"
+    )
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--canvas", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--canvas", type=int, default=None, help="new tokens (default 256; mask: 128)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default 16; mask families: canvas / 2)"
+    )
+    parser.add_argument("--family", default="diffusiongemma", choices=["diffusiongemma", "llada", "dream"])
+    parser.add_argument("--block", type=int, default=32, help="block_length of the mask families")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument(
         "--adaptive-rows", type=int, default=64, help="rows of the adaptive workload (0: skip)"
@@ -216,6 +228,17 @@ def main() -> None:
         sys.exit("bench_generate.py: --device cuda but no CUDA device is visible; nothing was measured.")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     rate = matmul_tflops() if args.device == "cuda" else None
+    if args.family != "diffusiongemma":
+        from benchmarks.generate_mask import run_mask_bench
+
+        args.batches = args.batches or [1, 8, 32]
+        args.canvas = args.canvas or 128
+        append_results(RESULTS, run_mask_bench(args, rate))
+        print(f"results appended to {RESULTS}")
+        return
+    args.steps = args.steps or 16
+    args.batches = args.batches or [1, 8, 16, 32, 48, 64, 96, 128]
+    args.canvas = args.canvas or 256
     started = time.perf_counter()
     model = build_model(args.shape, args.device, dtype, args.canvas)
     from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
