@@ -9,6 +9,8 @@ layout (pipeline.models.tiny_mask), so `builtin:tiny-llada` loads it through the
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -156,6 +158,7 @@ def train(cfg: MaskTrainConfig) -> Path:
         tokenizer, seed=cfg.seed, mix=cfg.mix, batch_size=cfg.batch_size, canvas_length=cfg.answer_length
     )
     started = time.perf_counter()
+    losses: list[dict[str, float]] = []
     model.train()
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
@@ -170,6 +173,7 @@ def train(cfg: MaskTrainConfig) -> Path:
         optimizer.step()
         elapsed = time.perf_counter() - started
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            losses.append({"step": step, "loss": result.loss.item(), "masked_accuracy": result.accuracy})
             logger.info(
                 "step %d/%d loss %.4f masked-acc %.3f lr %.2e %.1fs",
                 step, cfg.steps, result.loss.item(), result.accuracy, lr_at(step, cfg), elapsed,
@@ -177,6 +181,7 @@ def train(cfg: MaskTrainConfig) -> Path:
         if cfg.time_budget_s is not None and elapsed > cfg.time_budget_s:
             logger.info("time budget of %.0fs reached at step %d; stopping", cfg.time_budget_s, step + 1)
             break
+    steps_done, train_s = step + 1, time.perf_counter() - started
     model.eval().requires_grad_(False)
     path = write_tiny_checkpoint(model, out, generation_config=generation_config(cfg))
     settings = MaskSettings(
@@ -189,4 +194,14 @@ def train(cfg: MaskTrainConfig) -> Path:
     )
     scores, _ = evaluate(model, tokenizer, settings, heldout_instances(cfg.eval_rows_per_task, cfg.eval_seed))
     logger.info("held-out (exact path): %s; checkpoint in %s", format_scores(scores), path)
+    log = {
+        "config": dataclasses.asdict(cfg),
+        "torch": torch.__version__,
+        "steps_done": steps_done,
+        "train_s": train_s,
+        "steps_per_s": steps_done / train_s,
+        "losses": losses,
+        "heldout_exact_path": {task: dataclasses.asdict(score) for task, score in scores.items()},
+    }
+    (path / "training_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
     return path

@@ -27,6 +27,10 @@ def test_a_short_run_writes_a_loadable_llada_checkpoint(tmp_path):
     assert (generation["max_new_tokens"], generation["block_length"]) == (16, 8)
     loaded = load_model(str(path), device="cpu")
     assert loaded.info.family == "llada" and loaded.model.spec.num_layers == 1
+    log = json.loads((path / "training_log.json").read_text())
+    assert log["config"]["steps"] == 3 and log["steps_done"] == 3
+    assert [entry["step"] for entry in log["losses"]] == [0, 2]  # every log_every steps and the last
+    assert set(log["heldout_exact_path"]) >= {"addition", "sort", "all"}
 
 
 def test_bad_values_name_the_key():
