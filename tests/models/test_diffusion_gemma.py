@@ -1,16 +1,21 @@
-"""The native forward computes transformers' DiffusionGemma function: logits compared on tiny configs."""
+"""The native forward computes transformers' DiffusionGemma function: logits compared on tiny configs (CPU)
+and on the released 26B-A4B text shape (GPU)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DynamicCache
 
+from benchmarks.bench_generate import SHAPES, VISION
 from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel, softcapped_logits
 from pipeline.models.moe import moe_forward
 from tests.support.models import build_checkpoint
 
 FP32_TOLERANCE = dict(atol=2e-4, rtol=1e-4)
+NAMES = ["canvas", "self-conditioned", "second canvas"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +49,35 @@ def _reference(hf, prompt, canvas1, canvas2, self_cond):
     return first.logits, with_sc, second
 
 
+def _ours(native, prompt, canvas1, canvas2, self_cond, slots):
+    """canvasflow's logits for the same three forwards as _reference (rows in cache slots `slots`)."""
+    prompt_len, length = prompt.shape[1], canvas1.shape[1]
+    device, dtype = prompt.device, native.embedding.dtype
+    cache = native.new_cache(max(slots) + 2, -(-(prompt_len + 2 * length + 16) // 64) * 64)
+    index = torch.tensor(slots, device=device)
+    prefix = slots == list(range(len(slots)))
+    rows = len(slots)
+    padded = torch.cat([prompt, torch.zeros(rows, 3, dtype=torch.long, device=device)], dim=1)  # padding past
+    native.encode(cache, index, padded, torch.full((rows,), prompt_len, device=device), prefix=prefix)
+    soft = self_cond.softmax(-1, dtype=torch.float32).to(dtype) @ native.embedding
+    got = [
+        softcapped_logits(
+            native.denoise(cache, index, canvas1, None, prefix=prefix), native.embedding, native.softcap
+        ),
+        softcapped_logits(
+            native.denoise(cache, index, canvas1, soft, prefix=prefix), native.embedding, native.softcap
+        ),
+    ]
+    native.encode(cache, index, canvas1, torch.full((rows,), length, device=device), prefix=prefix)
+    got.append(
+        softcapped_logits(
+            native.denoise(cache, index, canvas2, None, prefix=prefix), native.embedding, native.softcap
+        )
+    )
+    assert cache.lengths[index].tolist() == [prompt_len + length] * rows
+    return got
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("slots", [[0, 1], [3, 1]], ids=["prefix-slots", "scattered-slots"])
 def test_logits_match_transformers(checkpoint, dtype, slots):
@@ -58,27 +92,7 @@ def test_logits_match_transformers(checkpoint, dtype, slots):
     with torch.no_grad():
         expected = _reference(hf, prompt, canvas1, canvas2, self_cond)
 
-    cache = native.new_cache(4, 64)
-    index = torch.tensor(slots)
-    prefix = slots == [0, 1]
-    padded = torch.cat([prompt, torch.zeros(2, 3, dtype=torch.long)], dim=1)  # padding past the row's length
-    native.encode(cache, index, padded, torch.tensor([prompt_len, prompt_len]), prefix=prefix)
-    soft = self_cond.softmax(-1, dtype=torch.float32).to(dtype) @ native.embedding
-    got = [
-        softcapped_logits(
-            native.denoise(cache, index, canvas1, None, prefix=prefix), native.embedding, native.softcap
-        ),
-        softcapped_logits(
-            native.denoise(cache, index, canvas1, soft, prefix=prefix), native.embedding, native.softcap
-        ),
-    ]
-    native.encode(cache, index, canvas1, torch.tensor([length, length]), prefix=prefix)
-    got.append(
-        softcapped_logits(
-            native.denoise(cache, index, canvas2, None, prefix=prefix), native.embedding, native.softcap
-        )
-    )
-    assert cache.lengths[index].tolist() == [prompt_len + length] * 2
+    got = _ours(native, prompt, canvas1, canvas2, self_cond, slots)
     names = ["canvas", "self-conditioned", "second canvas"]
     if dtype == torch.float32:
         for name, ours, ref in zip(names, got, expected, strict=True):
@@ -152,3 +166,47 @@ def test_reading_only_the_used_part_of_the_slots_gives_the_same_logits(checkpoin
         native.encode(cache, torch.arange(2), tokens, lengths, prefix=True, kv_limit=limit and 32)
         outs.append(native.denoise(cache, torch.arange(2), canvas, None, prefix=True, kv_limit=limit))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def _bf16_error_check(native_bf16, hf_bf16, hf_fp32, prompt, canvas1, canvas2, self_cond, slots):
+    """Our bf16 error against float32 truth (transformers' float32 forward of the same weights) must be of the
+    size of transformers' own bf16 error."""
+    with torch.no_grad():
+        expected = _reference(hf_bf16, prompt, canvas1, canvas2, self_cond)
+        exact = _reference(hf_fp32, prompt, canvas1, canvas2, self_cond.float())
+    got = _ours(native_bf16, prompt, canvas1, canvas2, self_cond, slots)
+    for name, ours, ref, truth in zip(NAMES, got, expected, exact, strict=True):
+        ours_err = (ours.float() - truth).abs().mean().item()
+        ref_err = (ref.float() - truth).abs().mean().item()
+        assert ours_err <= 1.5 * ref_err + 1e-3, (
+            f"{name}: bf16 error {ours_err:.4f} vs transformers' {ref_err:.4f}"
+        )
+
+
+@pytest.mark.parametrize(
+    "shape, device, layers, prompt_len",
+    [
+        pytest.param("tiny", "cpu", 2, 13, id="bench-tiny-cpu"),
+        pytest.param("26b-a4b", "cuda", 6, 128, id="26b-a4b-6-layers", marks=pytest.mark.gpu),
+    ],
+)
+def test_benchmark_shapes_match_transformers_in_bf16(shape, device, layers, prompt_len):
+    """The shapes bench_generate.py measures (the 26B-A4B one: its first six layers, five sliding and one
+    global, 128 experts top-8, vocabulary 262,144, canvas 256), random bf16 weights built on the device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    text = dict(SHAPES[shape], num_hidden_layers=layers, layer_types=SHAPES[shape]["layer_types"][:layers])
+    canvas = 256 if device == "cuda" else 16
+    config = DiffusionGemmaConfig(text_config=text, vision_config=dict(VISION), canvas_length=canvas)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=torch.bfloat16).eval()
+    hf32 = copy.deepcopy(hf).float()
+    native = DiffusionGemmaTextModel(hf)
+    gen = torch.Generator(device=device).manual_seed(0)
+    vocab = native.vocab_size
+    prompt = torch.randint(5, vocab, (2, prompt_len), generator=gen, device=device)
+    canvas1 = torch.randint(0, vocab, (2, canvas), generator=gen, device=device)
+    canvas2 = torch.randint(0, vocab, (2, canvas), generator=gen, device=device)
+    self_cond = torch.randn(2, canvas, vocab, generator=gen, device=device).to(torch.bfloat16)
+    _bf16_error_check(native, hf, hf32, prompt, canvas1, canvas2, self_cond, [1, 0])
