@@ -197,7 +197,7 @@ def run_canvasflow(native, prompts, steps: int, adaptive: bool, batching: str, b
     )
     requests = [Request(f"r{i}", row.tolist()) for i, row in enumerate(prompts.cpu())]
     results = sampler.generate(requests, batching=batching)
-    return sum(len(r.token_ids) for r in results), sum(r.denoising_steps for r in results), sampler.stats
+    return sum(len(r.token_ids) for r in results), [r.denoising_steps for r in results], sampler.stats
 
 
 def is_oom(error: BaseException) -> bool:
@@ -222,7 +222,12 @@ def main() -> None:
     parser.add_argument(
         "--adaptive-rows", type=int, default=64, help="rows of the adaptive workload (0: skip)"
     )
-    parser.add_argument("--sharpness", type=float, default=60.0, help="final-norm scale of the adaptive run")
+    parser.add_argument(
+        "--sharpness",
+        type=float,
+        default=20.0,
+        help="final-norm scale of the adaptive run (tiny shape: 20 stops rows at varied steps, 60 at none)",
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_generate.py: --device cuda but no CUDA device is visible; nothing was measured.")
@@ -322,11 +327,12 @@ def main() -> None:
         slots = min(max(b for b in args.batches), args.adaptive_rows)
         print(f"adaptive stopping, {args.adaptive_rows} rows, {slots} slots:")
         for batching in ("static", "continuous"):
-            (tokens, passes, stats), wall, _ = timed(
+            (tokens, row_passes, stats), wall, _ = timed(
                 lambda m=batching: run_canvasflow(native, prompts, args.steps, True, m, args.backend, slots),
                 args.device,
             )
             per_token = stats.decoder_row_steps / max(tokens, 1)
+            passes = sum(row_passes)
             print(
                 f"  {batching:<11} {tokens / wall:>9.1f} tok/s  {per_token:.4f} row-passes computed per token "
                 f"({passes} needed by rows, {stats.decoder_row_steps} computed)"
@@ -342,8 +348,13 @@ def main() -> None:
                     "row_passes_computed": stats.decoder_row_steps,
                     "row_passes_needed": passes,
                     "passes_per_token": per_token,
+                    "row_passes_min": min(row_passes),
+                    "row_passes_max": max(row_passes),
                 }
             )
+        spread = f"{min(row_passes)}-{max(row_passes)}"
+        print(f"  passes per row {spread} (mean {passes / len(row_passes):.1f}): ", end="")
+        print("heterogeneous" if min(row_passes) < max(row_passes) else "homogeneous: tune --sharpness")
     append_results(RESULTS, records)
     print(f"total {time.perf_counter() - started:.0f}s; results appended to {RESULTS}")
 
