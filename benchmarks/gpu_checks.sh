@@ -9,7 +9,7 @@
 #   QUICK=1 bash benchmarks/gpu_checks.sh                 # small shapes: a smoke run of every step
 #
 # With a 10-minute limit per command (the device tool), run "tests vocab-head" and "generate llada" as two
-# calls: each stays under 7 minutes.
+# calls: each stays under 8 minutes (limits 240 + 150 s and 360 + 120 s).
 #
 # Exit status: 0 when every step passed, else the number of failed steps. Each step's table is in its log.
 set -uo pipefail
