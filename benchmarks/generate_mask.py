@@ -36,7 +36,7 @@ MASK_SHAPES: dict[str, dict[str, Any]] = {
         tie_embeddings=False, mask_token_id=151_666, shift_logits=True, context_window=4096,
     ),
 }  # fmt: skip
-SMALL = dict(hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16, num_kv_heads=16)
+SMALL = dict(hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16)
 TINY = dict(
     vocab_size=4096, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
     mask_token_id=4000,
@@ -47,7 +47,7 @@ def mask_spec(family: str, shape: str) -> MaskLMSpec:
     """`shape`: "full" (the published 8B/7B shape), "small" or "tiny" (same family conventions)."""
     values = dict(MASK_SHAPES["llada-8b" if family == "llada" else "dream-7b"])
     if shape == "small":
-        values.update(SMALL, num_kv_heads=SMALL["num_kv_heads"] if family == "llada" else 4)
+        values.update(SMALL, num_kv_heads=16 if family == "llada" else 4)  # Dream keeps its grouped KV heads
     elif shape == "tiny":
         values.update(TINY)
     elif shape != "full":

@@ -78,6 +78,17 @@ def _ours(native, prompt, canvas1, canvas2, self_cond, slots):
     return got
 
 
+def _assert_bf16_error_like_transformers(got, expected, exact):
+    """Our bf16 error against float32 truth (transformers' float32 forward of the same weights) must be of the
+    size of transformers' own bf16 error (`expected`)."""
+    for name, ours, ref, truth in zip(NAMES, got, expected, exact, strict=True):
+        ours_err = (ours.float() - truth).abs().mean().item()
+        ref_err = (ref.float() - truth).abs().mean().item()
+        assert ours_err <= 1.5 * ref_err + 1e-3, (
+            f"{name}: bf16 error {ours_err:.4f} vs transformers' {ref_err:.4f}"
+        )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("slots", [[0, 1], [3, 1]], ids=["prefix-slots", "scattered-slots"])
 def test_logits_match_transformers(checkpoint, dtype, slots):
@@ -93,21 +104,14 @@ def test_logits_match_transformers(checkpoint, dtype, slots):
         expected = _reference(hf, prompt, canvas1, canvas2, self_cond)
 
     got = _ours(native, prompt, canvas1, canvas2, self_cond, slots)
-    names = ["canvas", "self-conditioned", "second canvas"]
     if dtype == torch.float32:
-        for name, ours, ref in zip(names, got, expected, strict=True):
+        for name, ours, ref in zip(NAMES, got, expected, strict=True):
             torch.testing.assert_close(ours, ref, **FP32_TOLERANCE, msg=lambda m, n=name: f"{n}: {m}")
         return
-    # bf16: our rounding error (against transformers in float32) must be of the size of transformers' own.
     hf32 = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
         exact = _reference(hf32, prompt, canvas1, canvas2, self_cond.float())
-    for name, ours, ref, truth in zip(names, got, expected, exact, strict=True):
-        ours_err = (ours - truth).abs().mean().item()
-        ref_err = (ref.float() - truth).abs().mean().item()
-        assert ours_err <= 1.5 * ref_err + 1e-3, (
-            f"{name}: bf16 error {ours_err:.4f} vs transformers' {ref_err:.4f}"
-        )
+    _assert_bf16_error_like_transformers(got, expected, exact)
 
 
 def test_rows_of_different_lengths_are_independent(checkpoint):
@@ -168,21 +172,6 @@ def test_reading_only_the_used_part_of_the_slots_gives_the_same_logits(checkpoin
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
 
 
-def _bf16_error_check(native_bf16, hf_bf16, hf_fp32, prompt, canvas1, canvas2, self_cond, slots):
-    """Our bf16 error against float32 truth (transformers' float32 forward of the same weights) must be of the
-    size of transformers' own bf16 error."""
-    with torch.no_grad():
-        expected = _reference(hf_bf16, prompt, canvas1, canvas2, self_cond)
-        exact = _reference(hf_fp32, prompt, canvas1, canvas2, self_cond.float())
-    got = _ours(native_bf16, prompt, canvas1, canvas2, self_cond, slots)
-    for name, ours, ref, truth in zip(NAMES, got, expected, exact, strict=True):
-        ours_err = (ours.float() - truth).abs().mean().item()
-        ref_err = (ref.float() - truth).abs().mean().item()
-        assert ours_err <= 1.5 * ref_err + 1e-3, (
-            f"{name}: bf16 error {ours_err:.4f} vs transformers' {ref_err:.4f}"
-        )
-
-
 @pytest.mark.parametrize(
     "shape, device, layers, prompt_len",
     [
@@ -209,4 +198,8 @@ def test_benchmark_shapes_match_transformers_in_bf16(shape, device, layers, prom
     canvas1 = torch.randint(0, vocab, (2, canvas), generator=gen, device=device)
     canvas2 = torch.randint(0, vocab, (2, canvas), generator=gen, device=device)
     self_cond = torch.randn(2, canvas, vocab, generator=gen, device=device).to(torch.bfloat16)
-    _bf16_error_check(native, hf, hf32, prompt, canvas1, canvas2, self_cond, [1, 0])
+    with torch.no_grad():
+        expected = _reference(hf, prompt, canvas1, canvas2, self_cond)
+        exact = _reference(hf32, prompt, canvas1, canvas2, self_cond.float())
+    got = _ours(native, prompt, canvas1, canvas2, self_cond, [1, 0])
+    _assert_bf16_error_like_transformers(got, expected, exact)

@@ -9,13 +9,13 @@ CACHE_TOLERANCE of the exact path's accuracy on this set.
 """
 
 import pytest
-import torch
 
-from pipeline.models.loader import ASSETS, BUILTIN_TINY_LLADA, load_model
+from pipeline.models.loader import BUILTIN_TINY_LLADA
 from pipeline.sampler.mask.settings import resolve_mask_settings
 from pipeline.tasks.generators import sample_instances
 from pipeline.training.evaluate import HELDOUT_SIZES
 from pipeline.training.mask_train import evaluate
+from tests.support.models import load_shipped
 
 SEED = 2027  # the same fixed held-out set as the DiffusionGemma tiny model's quality test
 ROWS = {"addition": 256, "sort": 128}
@@ -31,13 +31,7 @@ MIN_FLOPS_SAVED = {"prefix": 0.60, "dual": 0.70}
 
 @pytest.fixture(scope="module")
 def loaded():
-    assert (ASSETS / "tiny-llada" / "model.safetensors").exists(), (
-        "the trained tiny LLaDA model is not shipped"
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(BUILTIN_TINY_LLADA, device="cpu")
-    torch.set_num_threads(threads)
+    yield from load_shipped(BUILTIN_TINY_LLADA, "tiny-llada")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ that reshuffle which rows succeed; a broken sampler loses far more than that.
 import time
 
 import pytest
-import torch
 
-from pipeline.models.loader import ASSETS, BUILTIN_TINY, load_model
+from pipeline.models.loader import BUILTIN_TINY
 from pipeline.sampler.settings import resolve_settings
 from pipeline.tasks.generators import sample_instances
 from pipeline.training.evaluate import HELDOUT_SIZES, evaluate
+from tests.support.models import load_shipped
 
 SEED = 2027  # the fixed held-out set: 256 additions of two 3-digit numbers and 128 sorts
 ROWS = {"addition": 256, "sort": 128}
@@ -32,11 +32,7 @@ PASS_CEILINGS = {"addition": 3.0, "sort": 6.0}
 
 @pytest.fixture(scope="module")
 def loaded():
-    assert (ASSETS / "tiny-diffusiongemma" / "model.safetensors").exists(), "the trained model is not shipped"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(BUILTIN_TINY, device="cpu")
-    torch.set_num_threads(threads)
+    yield from load_shipped(BUILTIN_TINY, "tiny-diffusiongemma")
 
 
 @pytest.fixture(scope="module")

@@ -77,3 +77,17 @@ class ScriptedModel:
         logits = self.script[self.calls]
         self.calls += 1
         return logits[: canvas.shape[0]].clone()
+
+
+def load_shipped(builtin: str, asset: str):
+    """Yields a shipped trained model (pipeline/assets/<asset>) loaded through the normal loader on the CPU,
+    with one torch thread while it is in use (for module-scoped fixtures)."""
+    from pipeline.models.loader import ASSETS, load_model
+
+    assert (ASSETS / asset / "model.safetensors").exists(), f"the trained model {asset} is not shipped"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield load_model(builtin, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
