@@ -27,6 +27,7 @@ from pipeline.kernels.step import step_reference
 from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
 from pipeline.sampler.engine import DiffusionSampler, Request
 from pipeline.sampler.settings import SamplerSettings
+from tests.support.hf_compat import cache_kw
 from tests.support.models import ScriptedModel, build_checkpoint
 
 EOS = 1
@@ -151,7 +152,7 @@ def test_denoising_steps_with_frozen_rows_equal_transformers(tiny_dir):
             decoder_position_ids=None,
             self_conditioning_logits=sc,
             mask_mapping=None,
-            cache=None,
+            **cache_kw(None),
             finished_denoising=finished,
             cur_step=cur_step,
             sampler=sampler,
