@@ -64,7 +64,7 @@ def vocab_head_reference(
         hi = min(num, lo + chunk)
         z = softcap_logits(hidden[lo:hi], embedding, softcap) / temperature[lo:hi, None]
         argmax[lo:hi] = z.argmax(dim=-1)
-        entropy[lo:hi] = torch.distributions.Categorical(logits=z).entropy()
+        entropy[lo:hi] = torch.distributions.Categorical(logits=z, validate_args=False).entropy()
         if sampled is not None:
             sampled[lo:hi] = (z + rng.gumbel(sample_state[lo:hi], vocab_ids)).argmax(dim=-1)
         if soft is not None:
