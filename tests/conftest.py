@@ -21,6 +21,14 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# =============================================================================================================
+# Triton kernels run on a CUDA device when there is one, else in Triton's interpreter on the CPU (any test may
+# ask for backend="triton"). `@triton.jit` decides at decoration time whether to interpret, so TRITON_INTERPRET
+# must be set before any kernel module is imported: here, before pytest imports the test modules.
+# =============================================================================================================
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tests.support.s3_faults import FaultProxy  # noqa: E402
 from tests.support.seaweed import S3Bucket, SeaweedFS, find_weed, start_seaweedfs  # noqa: E402
 

@@ -16,10 +16,16 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(requested: str, device_type: str) -> str:
-    """Returns "torch" or "triton" for `requested` in auto|torch|triton on `device_type` (cpu/cuda)."""
+def check_backend(requested: str) -> str:
+    """`requested` if it names a backend (auto|torch|triton), else a ValueError naming it."""
     if requested not in ("auto", "torch", "triton"):
         raise ValueError(f"sampler.backend={requested!r} is not one of auto, torch, triton")
+    return requested
+
+
+def resolve_backend(requested: str, device_type: str) -> str:
+    """Returns "torch" or "triton" for `requested` in auto|torch|triton on `device_type` (cpu/cuda)."""
+    check_backend(requested)
     if requested == "auto":
         chosen = "triton" if device_type == "cuda" and triton_available() else "torch"
         why = "CUDA device with Triton" if chosen == "triton" else f"no Triton path on {device_type}"

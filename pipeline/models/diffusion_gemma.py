@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.kernels import norms
+from pipeline.kernels.backend import check_backend, resolve_backend
 from pipeline.models.moe import moe_forward
 
 # Prefill lengths are padded to a multiple of this, so every dense product sees at least this many rows:
@@ -79,23 +81,12 @@ class SlotKVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, T, H, d]; cos/sin [B, T, d]
-    cos = cos.unsqueeze(2)
-    sin = sin.unsqueeze(2)
-    return x * cos + _rotate_half(x) * sin
-
-
 class DiffusionGemmaTextModel(nn.Module):
     """Encoder/decoder forward over a DiffusionGemma checkpoint's (shared) text weights."""
 
-    def __init__(self, hf_model: nn.Module) -> None:
+    def __init__(self, hf_model: nn.Module, *, backend: str = "auto") -> None:
         super().__init__()
+        self.backend = check_backend(backend)
         decoder = hf_model.model.decoder
         text_config = hf_model.config.text_config
         self.text_config = text_config
@@ -109,6 +100,10 @@ class DiffusionGemmaTextModel(nn.Module):
         self.sliding_window = int(text_config.sliding_window)
         self.num_heads = int(text_config.num_attention_heads)
         self.layer_types = list(text_config.layer_types)
+        self.eps = float(text_config.rms_norm_eps)
+        odd = [n for n, m in decoder.named_modules() if hasattr(m, "with_scale") and m.eps != self.eps]
+        if odd:  # the fused norms take one eps per layer
+            raise ValueError(f"RMS norms {odd[:3]} do not use the config's rms_norm_eps={self.eps}")
         self.specs = []
         for layer in self.layers:
             attn = layer.self_attn
@@ -150,6 +145,14 @@ class DiffusionGemmaTextModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    def kernel_backend(self) -> str:
+        """The kernels of this model's norms on its current device: "torch" or "triton"."""
+        return resolve_backend(self.backend, self.device.type)
+
+    def set_backend(self, backend: str) -> None:
+        """Chooses the kernels of the forward (the sampler passes its own `backend` setting)."""
+        self.backend = check_backend(backend)
 
     def new_cache(self, slots: int, capacity: int) -> SlotKVCache:
         return SlotKVCache(self.specs, slots, capacity, self.dtype, self.device)
@@ -236,40 +239,40 @@ class DiffusionGemmaTextModel(nn.Module):
         kv_limit: int,
     ) -> torch.Tensor:
         """Attention reads cache positions [0, kv_limit) (the whole capacity unless the caller knows that no
-        active row reaches further). Both modes write this call's keys/values at `positions`: the encoder commits them (the caller
-        advances the lengths), the decoder only fills the scratch region past the slot's length."""
+        active row reaches further). Both modes write this call's keys/values at `positions`: the encoder
+        commits them (the caller advances the lengths), the decoder only fills the scratch region past the
+        slot's length. The norms run fused (kernels/norms) with the Triton backend: each layer's input norm
+        is computed by the previous layer's tail, and the three norms of the feed-forward half in one pass."""
+        backend = self.kernel_backend()
+        eps = self.eps
         rope = {lt: self.rotary_emb(hidden, positions, lt) for lt in set(self.layer_types)}
+        shape = hidden.shape
+        hidden = hidden.reshape(-1, shape[-1])  # [B*T, D]
+        first = self.layers[0].input_layernorm
+        x = norms.rms_norm(hidden, _scale(first), eps, backend=backend)
         for i, layer in enumerate(self.layers):
             spec = self.specs[i]
             cos, sin = rope[self.layer_types[i]]
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            x = self._attention(
-                layer.self_attn,
-                spec,
-                x,
-                cos,
-                sin,
-                cache,
-                i,
-                slots,
-                positions,
-                prefix,
-                masks["sliding" if spec.sliding else "full"],
-                kv_limit,
-            )
-            x = layer.post_attention_layernorm(x)
-            hidden = residual + x
-
-            residual = hidden
-            dense = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
-            flat = residual.reshape(-1, residual.shape[-1])
-            _, top_w, top_i = layer.router(flat)
-            experts = moe_forward(layer.experts, layer.pre_feedforward_layernorm_2(flat), top_i, top_w)
-            experts = layer.post_feedforward_layernorm_2(experts.reshape(residual.shape))
-            hidden = residual + layer.post_feedforward_layernorm(dense + experts)
-            hidden = hidden * layer.layer_scalar
-        return self.norm(hidden)
+            mask = masks["sliding" if spec.sliding else "full"]
+            attn_args = (cache, i, slots, positions, prefix, mask, kv_limit, backend)
+            attn_out = self._attention(layer.self_attn, spec, x.view(shape), cos, sin, *attn_args)
+            router = layer.router
+            hidden, mlp_in, moe_in, router_in = norms.attention_tail(
+                attn_out.reshape(hidden.shape), hidden, _scale(layer.post_attention_layernorm),
+                _scale(layer.pre_feedforward_layernorm), _scale(layer.pre_feedforward_layernorm_2),
+                router.scale, router.scalar_root_size, eps, backend=backend,
+            )  # fmt: skip
+            dense = layer.mlp(mlp_in)
+            top_w, top_i = route(router, router_in)
+            experts = moe_forward(layer.experts, moe_in, top_i, top_w)
+            last = i + 1 == len(self.layers)
+            hidden, x = norms.ffn_tail(
+                dense, experts, hidden, _scale(layer.post_feedforward_layernorm_1),
+                _scale(layer.post_feedforward_layernorm_2), _scale(layer.post_feedforward_layernorm),
+                layer.layer_scalar, eps, _scale(self.norm if last else self.layers[i + 1].input_layernorm),
+                backend=backend,
+            )  # fmt: skip
+        return x.view(shape)  # the last tail applied the final norm
 
     def _attention(
         self,
@@ -285,14 +288,16 @@ class DiffusionGemmaTextModel(nn.Module):
         prefix: bool,
         mask: torch.Tensor,
         kv_limit: int,
+        backend: str,
     ) -> torch.Tensor:
         batch, width, _ = x.shape
+        eps = self.eps
         q = attn.q_proj(x).view(batch, width, -1, spec.head_dim)
-        q = _rope(attn.q_norm(q), cos, sin)
+        q = norms.head_norm_rope(q, _scale(attn.q_norm), cos, sin, eps, backend=backend)
         k_raw = attn.k_proj(x).view(batch, width, -1, spec.head_dim)
         v = k_raw if spec.k_eq_v else attn.v_proj(x).view(batch, width, -1, spec.head_dim)
-        k = _rope(attn.k_norm(k_raw), cos, sin)
-        v = attn.v_norm(v)
+        k = norms.head_norm_rope(k_raw, _scale(attn.k_norm), cos, sin, eps, backend=backend)
+        v = norms.head_norm_rope(v, _scale(attn.v_norm), None, None, eps, backend=backend)
 
         keys, values = cache.keys[layer_idx], cache.values[layer_idx]
         row = slots[:, None]
@@ -312,6 +317,20 @@ class DiffusionGemmaTextModel(nn.Module):
         )  # [B, H, T, d]
         out = out.transpose(1, 2).reshape(batch, width, -1)
         return attn.o_proj(out)
+
+
+def _scale(norm: nn.Module) -> torch.Tensor | None:
+    """The weight of a DiffusionGemmaRMSNorm, None for one without (with_scale=False)."""
+    return norm.weight if getattr(norm, "with_scale", True) else None
+
+
+def route(router: nn.Module, router_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' DiffusionGemmaTextRouter after its input scaling (norm * scale * D**-0.5, which
+    norms.attention_tail computes): top-k weights [N, k] float32 and expert ids [N, k]."""
+    probs = F.softmax(router.proj(router_in), dim=-1, dtype=torch.float32)
+    top_w, top_i = torch.topk(probs, k=router.config.top_k_experts, dim=-1)
+    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    return top_w * router.per_expert_scale[top_i], top_i
 
 
 def softcapped_logits(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -119,6 +119,8 @@ class DiffusionSampler:
         self.max_prompt_tokens = max_prompt_tokens
         self.device = model.device
         self.backend = resolve_backend(backend, self.device.type)
+        if hasattr(model, "set_backend"):  # the model's fused norms follow the sampler's kernel choice
+            model.set_backend(self.backend)
         self.length = settings.canvas_length
         self.vocab_size = model.vocab_size
         self.eos = set(settings.eos_token_ids)

@@ -12,6 +12,7 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, 
 from benchmarks.bench_generate import SHAPES, VISION
 from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel, softcapped_logits
 from pipeline.models.moe import moe_forward
+from tests.support.hf_compat import cache_kw, cache_of
 from tests.support.models import build_checkpoint
 
 FP32_TOLERANCE = dict(atol=2e-4, rtol=1e-4)
@@ -32,17 +33,17 @@ def _reference(hf, prompt, canvas1, canvas2, self_cond):
     batch, prompt_len = prompt.shape
     length = canvas1.shape[1]
     cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
-    first = hf(input_ids=prompt, cache=cache, decoder_input_ids=canvas1)
+    first = hf(input_ids=prompt, **cache_kw(cache), decoder_input_ids=canvas1)
     positions = torch.arange(prompt_len, prompt_len + length)[None]
     with_sc = hf(
-        cache=first.cache,
+        **cache_kw(cache_of(first)),
         decoder_input_ids=canvas1,
         self_conditioning_logits=self_cond,
         decoder_position_ids=positions,
     ).logits
-    enc = hf.model.encoder(input_ids=canvas1, cache=first.cache, position_ids=positions)
+    enc = hf.model.encoder(input_ids=canvas1, **cache_kw(cache_of(first)), position_ids=positions)
     second = hf(
-        cache=enc.cache,
+        **cache_kw(cache_of(enc)),
         decoder_input_ids=canvas2,
         decoder_position_ids=torch.arange(prompt_len + length, prompt_len + 2 * length)[None],
     ).logits
@@ -89,11 +90,19 @@ def _assert_bf16_error_like_transformers(got, expected, exact):
         )
 
 
+# The model's norms on either kernel backend (Triton: fused, interpreted on a CPU; see tests/conftest.py).
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton"], ids=["torch-norms", "fused-norms"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("slots", [[0, 1], [3, 1]], ids=["prefix-slots", "scattered-slots"])
-def test_logits_match_transformers(checkpoint, dtype, slots):
+@pytest.mark.parametrize(
+    "slots, backend",
+    [([0, 1], "torch"), ([3, 1], "torch"), ([3, 1], "triton")],  # the interpreter is slow: one fused case
+    ids=["prefix-slots-torch-norms", "scattered-slots-torch-norms", "scattered-slots-fused-norms"],
+)
+def test_logits_match_transformers(checkpoint, dtype, slots, backend):
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=dtype).eval()
-    native = DiffusionGemmaTextModel(hf)
+    native = DiffusionGemmaTextModel(hf, backend=backend)
     gen = torch.Generator().manual_seed(0)
     vocab, length, prompt_len = native.vocab_size, native.canvas_length, 13
     prompt = torch.randint(5, vocab, (2, prompt_len), generator=gen)
@@ -172,6 +181,7 @@ def test_reading_only_the_used_part_of_the_slots_gives_the_same_logits(checkpoin
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
 
 
+@BACKENDS
 @pytest.mark.parametrize(
     "shape, device, layers, prompt_len",
     [
@@ -179,7 +189,7 @@ def test_reading_only_the_used_part_of_the_slots_gives_the_same_logits(checkpoin
         pytest.param("26b-a4b", "cuda", 6, 128, id="26b-a4b-6-layers", marks=pytest.mark.gpu),
     ],
 )
-def test_benchmark_shapes_match_transformers_in_bf16(shape, device, layers, prompt_len):
+def test_benchmark_shapes_match_transformers_in_bf16(shape, device, layers, prompt_len, backend):
     """The shapes bench_generate.py measures (the 26B-A4B one: its first six layers, five sliding and one
     global, 128 experts top-8, vocabulary 262,144, canvas 256), random bf16 weights built on the device."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -191,7 +201,7 @@ def test_benchmark_shapes_match_transformers_in_bf16(shape, device, layers, prom
     with torch.device(device):
         hf = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=torch.bfloat16).eval()
     hf32 = copy.deepcopy(hf).float()
-    native = DiffusionGemmaTextModel(hf)
+    native = DiffusionGemmaTextModel(hf, backend=backend)
     gen = torch.Generator(device=device).manual_seed(0)
     vocab = native.vocab_size
     prompt = torch.randint(5, vocab, (2, prompt_len), generator=gen, device=device)

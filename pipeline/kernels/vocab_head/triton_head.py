@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels.rng_triton import GUMBEL_ESTIMATE_ERROR, absorb, gumbel, gumbel_estimate, libdevice
+from pipeline.kernels.rounding_triton import to_elem
 from pipeline.kernels.vocab_head.reference import HeadOutput
 
 logger = logging.getLogger(__name__)
@@ -83,24 +84,6 @@ def _tanh(x, CUDA: tl.constexpr):
         big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
         big = tl.where(x < 0.0, -big, big)
         return tl.where(a < 0.625, poly, big)
-
-
-@triton.jit
-def _round_bf16(x):
-    """float32 -> nearest bfloat16 (ties to even), kept in float32: what the GPU's cast does, done by hand
-    because the interpreter's cast truncates."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _to_elem(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """float32 x rounded to `dtype` (E's dtype), as torch's x.to(E.dtype)."""
-    if ROUND_BF16:
-        return _round_bf16(x).to(dtype)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -198,11 +181,11 @@ def _head_chunk_kernel(
                     smp = tl.where(y_max > best, vocab_offset + start + y_arg, smp)
                     best = tl.maximum(best, y_max)
         if SOFT:
-            tl.store(row_ptr + offs, _to_elem(z, dtype, ROUND_BF16), mask=mask)
+            tl.store(row_ptr + offs, to_elem(z, dtype, ROUND_BF16), mask=mask)
 
     # Pass 2: p = exp(zq - max zq) in E's dtype; max zq = rounded max z, since rounding is monotonic.
     if SOFT:
-        new_soft_max = _to_elem(run_max, dtype, ROUND_BF16).to(tl.float32)
+        new_soft_max = to_elem(run_max, dtype, ROUND_BF16).to(tl.float32)
         total = 0.0
         for start in range(0, width, BLOCK_V):
             offs = start + cols
@@ -210,7 +193,7 @@ def _head_chunk_kernel(
             zq = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             p = tl.where(mask, tl.exp(zq - new_soft_max), 0.0)
             total += tl.sum(p, axis=0)
-            tl.store(row_ptr + offs, _to_elem(p, dtype, ROUND_BF16), mask=mask)
+            tl.store(row_ptr + offs, to_elem(p, dtype, ROUND_BF16), mask=mask)
         rescale = tl.exp(soft_max - new_soft_max)  # 0 on the first chunk
         soft_sum = soft_sum * rescale + total
         soft_max = new_soft_max
@@ -277,7 +260,9 @@ def _vocab_head_forward(
     chunk = min(vocab, vocab_chunk or _default_vocab_chunk(num))
     block_v = block_v or min(MAX_BLOCK_V, triton.next_power_of_2(chunk))
     num_warps = 8 if block_v >= 2048 else 4
-    cuda = hidden.is_cuda
+    # Compiled for a GPU unless the tensors are on the CPU (Triton's interpreter); meta tensors count as a GPU,
+    # so that pipeline.kernels.aot can record the launches of a real shape without one.
+    cuda = hidden.device.type != "cpu"
     want_soft = out.soft is not None
     has_softcap = bool(softcap)
     # float32(1 / float32(softcap)): the factor torch on CUDA multiplies by when it divides by the softcap

@@ -1,0 +1,181 @@
+"""The fused norm kernels against the torch reference (transformers' op order): odd shapes on any device (the
+interpreter on CPU), DiffusionGemma-26B-A4B's shapes on a GPU; every output poisoned with NaN first.
+
+Tolerances: bf16, each element equal to the reference or one unit in the last place away (float32 sums of
+squares in another order than torch's mean), and at most 1% of them differ; float32 within 1e-5 relative
+(+1e-6). One-ulp bf16 differences compound through the chained norms of a tail, so they are counted there.
+"""
+
+import pytest
+import torch
+
+from pipeline.kernels import norms
+from pipeline.kernels.norms import reference
+from pipeline.kernels.norms.triton_norms import attention_tail_triton, ffn_tail_triton, head_norm_rope_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+EPS = 1e-6
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, name: str, *, max_fraction: float = 0.01) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    assert not torch.isnan(got).any(), f"{name}: unwritten (NaN) elements"
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+        return
+    g, w = got.float(), want.float()
+    ulp = torch.where(w == 0, torch.full_like(w, 2.0**-133), 2.0 ** (torch.floor(torch.log2(w.abs())) - 7))
+    far = (g - w).abs() > ulp
+    assert not far.any(), (
+        f"{name}: {int(far.sum())} elements more than one ulp off, e.g. {g[far][:4]} vs {w[far][:4]}"
+    )
+    fraction = (g != w).float().mean().item()
+    assert fraction <= max_fraction, (
+        f"{name}: {fraction:.2%} of elements one ulp off (at most {max_fraction:.0%})"
+    )
+
+
+def _rows(num, dim, dtype, seed, scales=(1.0, 3.0, 0.5)):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(num, dim, generator=g) * s for s in scales]
+    weights = [1.0 + 0.3 * torch.randn(dim, generator=g) for _ in range(5)]
+    return [t.to(DEVICE, dtype) for t in rows], [w.to(DEVICE, dtype) for w in weights]
+
+
+def _nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+ROW_SHAPES = {"N37-D100": (37, 100), "N5-D72": (5, 72), "N1-D1": (1, 1)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", ROW_SHAPES.values(), ids=ROW_SHAPES.keys())
+def test_attention_tail_matches_reference(shape, dtype):
+    num, dim = shape
+    (attn, residual, _), (post, pre, pre2, scale, _) = _rows(num, dim, dtype, seed=1)
+    args = (attn, residual, post, pre, pre2, scale, dim**-0.5, EPS)
+    out = tuple(_nan_like(residual) for _ in range(4))
+    attention_tail_triton(*args, out=out)
+    want = reference.attention_tail(*args)
+    for name, g, w in zip(("hidden", "mlp_in", "moe_in", "router_in"), out, want, strict=True):
+        _assert_close(g, w, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", ROW_SHAPES.values(), ids=ROW_SHAPES.keys())
+@pytest.mark.parametrize("with_next", [True, False], ids=["next-norm", "last-layer"])
+def test_ffn_tail_matches_reference(shape, dtype, with_next):
+    num, dim = shape
+    (dense, experts, residual), (w1, w2, w, nxt, _) = _rows(num, dim, dtype, seed=2)
+    scalar = torch.tensor([0.7], dtype=dtype, device=DEVICE)
+    next_weight = nxt if with_next else None
+    args = (dense, experts, residual, w1, w2, w, scalar, EPS, next_weight)
+    out = (_nan_like(residual), _nan_like(residual) if with_next else None)
+    ffn_tail_triton(*args, out=out)
+    want = reference.ffn_tail(*args)
+    _assert_close(out[0], want[0], "hidden", max_fraction=0.02)
+    if with_next:
+        _assert_close(out[1], want[1], "next input", max_fraction=0.02)
+
+
+def test_ffn_tail_rounds_a_float32_layer_scalar_like_the_in_place_product():
+    (dense, experts, residual), (w1, w2, w, _, _) = _rows(9, 40, torch.bfloat16, seed=3)
+    scalar = torch.tensor([0.3], dtype=torch.float32, device=DEVICE)
+    got, _ = norms.ffn_tail(dense, experts, residual, w1, w2, w, scalar, EPS, backend="triton")
+    want, _ = reference.ffn_tail(dense, experts, residual, w1, w2, w, scalar, EPS)
+    assert want.dtype == torch.bfloat16
+    _assert_close(got, want, "hidden", max_fraction=0.02)
+
+
+HEAD_SHAPES = {  # (batch, tokens, heads, head_dim): rows not a multiple of the block, d not a power of two
+    "B2-T5-H3-d24": (2, 5, 3, 24),
+    "B3-T7-H5-d40": (3, 7, 5, 40),
+    "B1-T1-H1-d2": (1, 1, 1, 2),
+}
+HEAD_MODES = {  # (weight, rope, norm): q/k, v, a norm without rope, a rope without norm
+    "q-k": (True, True, True),
+    "v": (False, False, True),
+    "norm-only": (True, False, True),
+    "rope-only": (False, True, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("mode", HEAD_MODES.values(), ids=HEAD_MODES.keys())
+@pytest.mark.parametrize("shape", HEAD_SHAPES.values(), ids=HEAD_SHAPES.keys())
+def test_head_norm_rope_matches_reference(shape, mode, dtype):
+    batch, tokens, heads, dim = shape
+    with_weight, rope, norm = mode
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(batch, tokens, heads, dim, generator=g) * 2).to(DEVICE, dtype)
+    weight = (1 + 0.3 * torch.randn(dim, generator=g)).to(DEVICE, dtype) if with_weight else None
+    angles = torch.randn(batch, tokens, dim // 2, generator=g) * 3
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = (angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)) if rope else (None, None)
+    eps = EPS if norm else None
+    out = _nan_like(x)
+    head_norm_rope_triton(x, weight, cos, sin, eps, out=out)
+    _assert_close(out, reference.head_norm_rope(x, weight, cos, sin, eps), "heads")
+
+
+def test_rms_norm_dispatch_matches_reference():
+    (x, _, _), (w, _, _, _, _) = _rows(11, 56, torch.bfloat16, seed=5)
+    for weight in (w, None):
+        _assert_close(
+            norms.rms_norm(x, weight, EPS, backend="triton"), reference.rms_norm(x, weight, EPS), "rms"
+        )
+        assert torch.equal(
+            norms.rms_norm(x, weight, EPS, backend="torch"), reference.rms_norm(x, weight, EPS)
+        )
+
+
+def test_rejects_bad_inputs():
+    (a, b, _), (w, _, _, _, _) = _rows(4, 8, torch.float32, seed=6)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        norms.rms_norm(a, w, EPS, backend="cuda")
+    with pytest.raises(ValueError, match=r"post_weight must be \[8\]"):
+        norms.attention_tail(a, b, w[:4], w, w, w, 0.5, EPS, backend="triton")
+    with pytest.raises(ValueError, match="residual must be"):
+        norms.attention_tail(a, b[:3], w, w, w, w, 0.5, EPS, backend="triton")
+    with pytest.raises(ValueError, match="contiguous"):
+        norms.ffn_tail(a, b.t().contiguous().t(), b, w, w, w, w[:1], EPS, backend="triton")
+    with pytest.raises(ValueError, match="layer_scalar must hold one value"):
+        norms.ffn_tail(a, b, b, w, w, w, w, EPS, backend="triton")
+    x = a.reshape(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="both cos and sin"):
+        norms.head_norm_rope(x, None, a.reshape(1, 4, 8), None, EPS, backend="triton")
+    with pytest.raises(ValueError, match=r"cos must be \[1, 4, 8\]"):
+        norms.head_norm_rope(x, None, a, a, EPS, backend="triton")
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [256, 512], ids=["sliding-d256", "global-d512"])
+def test_real_shapes_match_reference(head_dim):
+    """DiffusionGemma-26B-A4B at batch 32: 8,192 canvas positions, hidden 2,816, 16 query heads, bf16."""
+    num, dim, heads = 8192, 2816, 16
+    (attn, residual, dense), (post, pre, pre2, scale, nxt) = _rows(num, dim, torch.bfloat16, seed=7)
+    args = (attn, residual, post, pre, pre2, scale, dim**-0.5, EPS)
+    out = tuple(_nan_like(residual) for _ in range(4))
+    attention_tail_triton(*args, out=out)
+    for name, g, w in zip(
+        ("hidden", "mlp_in", "moe_in", "router_in"), out, reference.attention_tail(*args), strict=True
+    ):
+        _assert_close(g, w, name)
+    scalar = torch.ones(1, dtype=torch.bfloat16, device=DEVICE)
+    args = (dense, attn, residual, post, pre, pre2, scalar, EPS, nxt)
+    out = (_nan_like(residual), _nan_like(residual))
+    ffn_tail_triton(*args, out=out)
+    for name, g, w in zip(("hidden", "next"), out, reference.ffn_tail(*args), strict=True):
+        _assert_close(g, w, name, max_fraction=0.02)
+    x = torch.randn(32, 256, heads, head_dim, device=DEVICE).to(torch.bfloat16)
+    angles = torch.rand(32, 256, head_dim // 2, device=DEVICE) * 100
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    weight = (1 + 0.3 * torch.randn(head_dim, device=DEVICE)).to(torch.bfloat16)
+    out = _nan_like(x)
+    head_norm_rope_triton(x, weight, cos, sin, EPS, out=out)
+    _assert_close(out, reference.head_norm_rope(x, weight, cos, sin, EPS), "heads")
