@@ -24,9 +24,13 @@ def check_backend(requested: str) -> str:
 
 
 def resolve_backend(requested: str, device_type: str) -> str:
-    """Returns "torch" or "triton" for `requested` in auto|torch|triton on `device_type` (cpu/cuda)."""
+    """Returns "torch" or "triton" for `requested` in auto|torch|triton on `device_type` (cpu/cuda; "meta",
+    shapes only, stands in for a GPU: the tools that record launches without one run on it)."""
     check_backend(requested)
-    if requested == "auto":
+    if device_type == "meta":
+        chosen = "torch" if requested == "torch" else "triton"
+        why = "meta tensors stand in for a GPU"
+    elif requested == "auto":
         chosen = "triton" if device_type == "cuda" and triton_available() else "torch"
         why = "CUDA device with Triton" if chosen == "triton" else f"no Triton path on {device_type}"
     elif requested == "triton":

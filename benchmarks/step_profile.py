@@ -1,0 +1,221 @@
+"""Where a decoder step's time must go, without a GPU: the step of canvasflow's sampler at a real shape, run
+on meta tensors (shapes only), every aten operation and Triton launch recorded with its FLOPs and the bytes
+it must move, each given its roofline floor max(FLOP / matmul rate, bytes / bandwidth), and summed by kind.
+
+    python benchmarks/step_profile.py                       # 26B-A4B, batch 32, torch vs triton kernels
+    python benchmarks/step_profile.py --batch 8 --shape small
+    python benchmarks/step_profile.py --tflops 724 --bandwidth 4.3   # the ceilings to divide by (H200 here)
+
+This is a model, not a measurement: it counts what each kernel must read and write once (views are free,
+in-place outputs count once) and assumes every kernel runs at the ceiling. It shows how many kernels a step
+launches, how many bytes the elementwise passes move and how far the step is from the matmul floor, before
+and after a change to the op sequence: the measured figures come from bench_generate.py on the GPU.
+Needs torch and transformers (and triton for the triton column); appends to results/step_profile.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_generate import build_model  # noqa: E402
+from benchmarks.common import append_results  # noqa: E402
+
+RESULTS = str(Path(__file__).resolve().parent / "results" / "step_profile.jsonl")
+FREE = {  # aten ops that move no data (views, metadata)
+    "view", "_unsafe_view", "alias", "t", "transpose", "expand", "slice", "unsqueeze", "squeeze", "select",
+    "permute", "as_strided", "split", "split_with_sizes", "chunk", "unbind", "detach", "lift_fresh",
+    "_reshape_alias", "reshape", "empty", "empty_like", "empty_strided", "view_as_real", "unfold",
+}  # fmt: skip
+MATMULS = {"mm", "addmm", "bmm", "_grouped_mm", "matmul", "linear", "baddbmm"}
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _matmul_flops(name: str, args, out) -> int:
+    if name == "_grouped_mm":  # [M, K] x [G, K, N] -> [M, N]
+        a, b = args[0], args[1]
+        return 2 * a.shape[0] * a.shape[1] * b.shape[-1]
+    a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
+    return 2 * out.numel() * a.shape[-1]
+
+
+def _attention_flops(args) -> int:
+    q, k = args[0], args[1]  # [B, H, T, d], [B, Hkv, S, d]
+    batch, heads, tokens, dim = q.shape
+    return 4 * batch * heads * tokens * k.shape[-2] * dim
+
+
+class OpProfile(TorchDispatchMode):
+    """Counts kernels, FLOPs and bytes per kind of aten op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.ops: list[tuple[str, str, float, float]] = []  # (kind, op, flops, bytes)
+
+    def add(self, kind: str, op: str, flops: float, nbytes: float) -> None:
+        row = self.rows[kind]
+        row["kernels"] += 1
+        row["flops"] += flops
+        row["bytes"] += nbytes
+        self.ops.append((kind, op, flops, nbytes))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.__name__.split(".")[0]
+        if name in FREE:
+            return out
+        inputs, _ = tree_flatten((args, kwargs))
+        outputs, _ = tree_flatten(out)
+        in_place = name.endswith("_") or "out" in kwargs
+        nbytes = _bytes(inputs) + (0 if in_place else _bytes(outputs))
+        if name in MATMULS:
+            self.add("matmul", name, _matmul_flops(name, args, outputs[0]), nbytes)
+        elif "attention" in name:
+            self.add("attention", name, _attention_flops(args), nbytes)
+        elif name in ("index_put_", "index", "index_select", "index_add_", "gather", "scatter", "scatter_"):
+            self.add("gather/scatter", name, 0, nbytes)
+        elif name in (
+            "sort",
+            "argsort",
+            "topk",
+            "cumsum",
+            "_softmax",
+            "sum",
+            "mean",
+            "amax",
+            "max",
+            "argmax",
+        ):
+            self.add("reduction/sort", name, 0, nbytes)
+        else:
+            self.add("elementwise", name, 0, nbytes)
+        return out
+
+
+def _triton_launches(profile: OpProfile, run) -> None:
+    """Runs `run()` with every Triton kernel of the package recorded (not launched) and adds each launch:
+    bytes = its tensor arguments, each moved once (the vocabulary head's logits chunk twice, read + write)."""
+    from pipeline.kernels.aot import recording
+    from pipeline.kernels.norms import triton_norms
+    from pipeline.kernels.step import triton_step
+    from pipeline.kernels.vocab_head import triton_head
+
+    with (
+        recording(triton_head, "_head_chunk_kernel") as head,
+        recording(triton_step, "_step_kernel") as step,
+        recording(triton_norms, "_attention_tail_kernel", "_ffn_tail_kernel", "_head_kernel") as norm,
+    ):
+        run()
+    for name, args, _ in head + step + norm:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        nbytes = _bytes(tensors) + (_bytes(tensors[:1]) if name == "_head_chunk_kernel" else 0)
+        profile.add("triton: " + name.strip("_").removesuffix("_kernel"), name, 0, nbytes)
+
+
+def profile_step(shape: str, batch: int, canvas: int, prompt: int, backend: str) -> OpProfile:
+    from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
+    from pipeline.sampler.engine import DiffusionSampler
+    from pipeline.sampler.settings import SamplerSettings
+
+    model = DiffusionGemmaTextModel(build_model(shape, "meta", torch.bfloat16, canvas), backend=backend)
+    settings = SamplerSettings(
+        max_new_tokens=canvas, max_denoising_steps=16, t_min=0.4, t_max=0.8, entropy_bound=0.1,
+        stability_threshold=1, confidence_threshold=0.5, canvas_length=canvas, eos_token_ids=(1,), pad_token_id=0,
+    )  # fmt: skip
+    sampler = DiffusionSampler(
+        model, settings, max_batch=batch, max_prompt_tokens=prompt, backend=backend, step_graphs="off"
+    )
+    sampler._ensure_storage()
+    profile = OpProfile()
+    kv_limit = sampler.capacity  # prompt + canvas, as the CUDA path reads (rounded up to 256 there)
+
+    def run() -> None:
+        with profile:
+            sampler._step(batch, None, kv_limit)
+
+    if backend == "triton":
+        _triton_launches(profile, run)
+    else:
+        run()
+    return profile
+
+
+def floor_ms(flops: float, nbytes: float, tflops: float, bandwidth: float) -> float:
+    return max(flops / (tflops * 1e12), nbytes / (bandwidth * 1e12)) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="26b-a4b", choices=["26b-a4b", "small", "tiny"])
+    parser.add_argument("--batch", type=int, default=32, help="rows per step (default 32)")
+    parser.add_argument("--canvas", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument(
+        "--tflops", type=float, default=724.0, help="bf16 matmul rate (default: H200, measured)"
+    )
+    parser.add_argument(
+        "--bandwidth", type=float, default=4.3, help="memory bandwidth in TB/s (default: H200)"
+    )
+    parser.add_argument("--backends", nargs="+", default=["torch", "triton"], choices=["torch", "triton"])
+    parser.add_argument(
+        "--no-record", action="store_true", help="do not append to results/step_profile.jsonl"
+    )
+    args = parser.parse_args(argv)
+
+    profiles = {b: profile_step(args.shape, args.batch, args.canvas, args.prompt, b) for b in args.backends}
+    kinds = sorted({k for p in profiles.values() for k in p.rows}, key=lambda k: (k.startswith("triton"), k))
+    rate = (args.tflops, args.bandwidth)
+    print(
+        f"decoder step, {args.shape}, batch {args.batch} x canvas {args.canvas} after a {args.prompt}-token prompt;"
+        f" floors at {args.tflops:g} TFLOP/s and {args.bandwidth:g} TB/s (a model, not a measurement)"
+    )
+    header = f"{'kind':<22}" + "".join(f"{b + ' kernels':>15}{'GB':>8}{'floor ms':>10}" for b in profiles)
+    print(header)
+    records, totals = [], {b: [0, 0.0, 0.0, 0.0] for b in profiles}
+    for kind in kinds:
+        line = f"{kind:<22}"
+        for b, p in profiles.items():
+            row = p.rows.get(kind)
+            if row is None:
+                line += f"{'-':>15}{'-':>8}{'-':>10}"
+                continue
+            ms = sum(floor_ms(f, n, *rate) for k, _, f, n in p.ops if k == kind)
+            line += f"{int(row['kernels']):>15}{row['bytes'] / 1e9:>8.2f}{ms:>10.2f}"
+            t = totals[b]
+            t[0] += int(row["kernels"])
+            t[1] += row["bytes"]
+            t[2] += row["flops"]
+            t[3] += ms
+            records.append(dict(backend=b, kind=kind, kernels=int(row["kernels"]), bytes=row["bytes"],
+                                flops=row["flops"], floor_ms=ms))  # fmt: skip
+        print(line)
+    print(f"{'total':<22}" + "".join(f"{t[0]:>15}{t[1] / 1e9:>8.2f}{t[3]:>10.2f}" for t in totals.values()))
+    for b, t in totals.items():
+        matmul_ms = t[2] / (args.tflops * 1e12) * 1e3
+        print(
+            f"{b}: {t[2] / 1e12:.1f} TFLOP, matmul floor {matmul_ms:.1f} ms; sum of per-kernel floors "
+            f"{t[3]:.1f} ms -> at most {matmul_ms / t[3]:.0%} model FLOP utilisation if every kernel ran at its "
+            "ceiling"
+        )
+    if not args.no_record:
+        config = dict(device="meta (roofline model)", shape=args.shape, batch=args.batch, canvas=args.canvas,
+                      prompt=args.prompt, tflops=args.tflops, bandwidth=args.bandwidth)  # fmt: skip
+        append_results(RESULTS, [dict(config, **r) for r in records])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
