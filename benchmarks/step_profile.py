@@ -105,10 +105,12 @@ class OpProfile(TorchDispatchMode):
         return out
 
 
-def _triton_launches(profile: OpProfile, run) -> None:
+def _triton_launches(profile: OpProfile, run, span: int) -> None:
     """Runs `run()` with every Triton kernel of the package recorded (not launched) and adds each launch:
-    bytes = its tensor arguments, each moved once (the vocabulary head's logits chunk twice, read + write)."""
+    bytes = its tensor arguments, each moved once (the vocabulary head's logits chunk twice, read + write;
+    the canvas attention only the `span` keys and values of each row, not the whole cache)."""
     from pipeline.kernels.aot import recording
+    from pipeline.kernels.attention import triton_attention
     from pipeline.kernels.norms import triton_norms
     from pipeline.kernels.step import triton_step
     from pipeline.kernels.vocab_head import triton_head
@@ -117,12 +119,19 @@ def _triton_launches(profile: OpProfile, run) -> None:
         recording(triton_head, "_head_chunk_kernel") as head,
         recording(triton_step, "_step_kernel") as step,
         recording(triton_norms, "_attention_tail_kernel", "_ffn_tail_kernel", "_head_kernel") as norm,
+        recording(triton_attention, "_canvas_attention_kernel") as attention,
     ):
         run()
-    for name, args, _ in head + step + norm:
+    for name, args, _ in head + step + norm + attention:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         nbytes = _bytes(tensors) + (_bytes(tensors[:1]) if name == "_head_chunk_kernel" else 0)
-        profile.add("triton: " + name.strip("_").removesuffix("_kernel"), name, 0, nbytes)
+        flops = 0
+        if name == "_canvas_attention_kernel":  # reads only the rows' key ranges of the cache, not all of it
+            q, keys, _, _, lo, hi, out = tensors
+            kv_bytes = 2 * q.shape[0] * keys.shape[1] * span * keys.shape[3] * keys.element_size()
+            nbytes = _bytes([q, out]) + kv_bytes
+            flops = 4 * q.shape[0] * q.shape[2] * q.shape[1] * span * q.shape[3]
+        profile.add("triton: " + name.strip("_").removesuffix("_kernel"), name, flops, nbytes)
 
 
 def profile_step(shape: str, batch: int, canvas: int, prompt: int, backend: str) -> OpProfile:
@@ -147,7 +156,7 @@ def profile_step(shape: str, batch: int, canvas: int, prompt: int, backend: str)
             sampler._step(batch, None, kv_limit)
 
     if backend == "triton":
-        _triton_launches(profile, run)
+        _triton_launches(profile, run, span=sampler.capacity)
     else:
         run()
     return profile
@@ -182,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         f"decoder step, {args.shape}, batch {args.batch} x canvas {args.canvas} after a {args.prompt}-token prompt;"
         f" floors at {args.tflops:g} TFLOP/s and {args.bandwidth:g} TB/s (a model, not a measurement)"
     )
-    header = f"{'kind':<22}" + "".join(f"{b + ' kernels':>15}{'GB':>8}{'floor ms':>10}" for b in profiles)
+    header = f"{'kind':<24}" + "".join(f"{b + ' kernels':>15}{'GB':>8}{'floor ms':>10}" for b in profiles)
     print(header)
     records, totals = [], {b: [0, 0.0, 0.0, 0.0] for b in profiles}
     for kind in kinds:
-        line = f"{kind:<22}"
+        line = f"{kind:<24}"
         for b, p in profiles.items():
             row = p.rows.get(kind)
             if row is None:
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append(dict(backend=b, kind=kind, kernels=int(row["kernels"]), bytes=row["bytes"],
                                 flops=row["flops"], floor_ms=ms))  # fmt: skip
         print(line)
-    print(f"{'total':<22}" + "".join(f"{t[0]:>15}{t[1] / 1e9:>8.2f}{t[3]:>10.2f}" for t in totals.values()))
+    print(f"{'total':<24}" + "".join(f"{t[0]:>15}{t[1] / 1e9:>8.2f}{t[3]:>10.2f}" for t in totals.values()))
     for b, t in totals.items():
         matmul_ms = t[2] / (args.tflops * 1e12) * 1e3
         print(

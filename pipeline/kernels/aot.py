@@ -204,6 +204,7 @@ def supported_launches() -> list[Launch]:
     """Every distinct launch the launchers make at the shapes canvasflow supports, deduplicated."""
     import torch
 
+    from pipeline.kernels.attention import triton_attention
     from pipeline.kernels.norms import triton_norms
     from pipeline.kernels.step import triton_step
     from pipeline.kernels.vocab_head import triton_head
@@ -268,6 +269,16 @@ def supported_launches() -> list[Launch]:
             triton_norms, "_head_kernel", name + f" heads {heads}", per_head
         )
 
+    def canvas_attention(batch, tokens, heads, kv_heads, head_dim, dtype):
+        def call():
+            q = torch.empty(batch, tokens, heads, head_dim, dtype=dtype, device="meta")
+            cache = torch.empty(batch, kv_heads, 1024, head_dim, dtype=dtype, device="meta")
+            index = torch.empty(batch, dtype=torch.int64, device="meta")
+            triton_attention.canvas_attention_triton(q, cache, cache, index, index, index, scale=1.0)
+
+        name = f"canvas attention B={batch} T={tokens} H={heads}/{kv_heads} d={head_dim} {dtype}"
+        return record(triton_attention, "_canvas_attention_kernel", name.replace("torch.", ""), call)
+
     gemma_vocab, gemma_dim = 262_144, 2816  # DiffusionGemma-26B-A4B
     launches: list[Launch] = []
     for num in (256, 2048, 8192):  # the canvas positions of 1, 8 and 32 rows
@@ -281,6 +292,10 @@ def supported_launches() -> list[Launch]:
     # 26B-A4B: 16 query heads; sliding layers 8 kv heads of 256, global layers 2 of 512. Tiny: 4 and 2 of 32.
     launches += layer_norms(8192, gemma_dim, ((256, 16), (256, 8), (512, 16), (512, 2)), torch.bfloat16)
     launches += layer_norms(64, 128, ((32, 4), (32, 2)), torch.float32)
+    launches += canvas_attention(32, 256, 16, 8, 256, torch.bfloat16)  # 26B-A4B sliding layers
+    launches += canvas_attention(32, 256, 16, 2, 512, torch.bfloat16)  # 26B-A4B global layers
+    launches += canvas_attention(32, 256, 8, 4, 128, torch.bfloat16)  # bench_generate's small shape
+    launches += canvas_attention(8, 32, 4, 2, 32, torch.float32)  # the shipped tiny model
     unique: dict[tuple, Launch] = {}
     cases: dict[tuple, list[str]] = {}
     for launch in launches:

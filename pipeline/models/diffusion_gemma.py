@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.kernels import norms
+from pipeline.kernels import attention, norms
 from pipeline.kernels.backend import check_backend, resolve_backend
 from pipeline.models.moe import moe_forward
 
@@ -215,17 +215,17 @@ class DiffusionGemmaTextModel(nn.Module):
         batch, length = canvas.shape
         start = cache.lengths[slots]
         positions = start[:, None] + torch.arange(length, device=canvas.device)[None, :]
-        kv_pos = torch.arange(kv_limit or cache.capacity, device=canvas.device)[None, :]  # [1, C]
-        visible = kv_pos < (start + length)[:, None]  # prefix + canvas scratch
-        recent = kv_pos >= (start - (self.sliding_window - 1))[:, None]  # includes the canvas
-        masks = {"full": visible[:, None, None, :], "sliding": (visible & recent)[:, None, None, :]}
+        # Every query of a row sees one range of its slot: the prefix (sliding layers: its last window - 1
+        # tokens) and the canvas scratch after it. [B] each; the attention kernels build no mask from them.
+        end = start + length
+        ranges = {"full": (torch.zeros_like(start), end), "sliding": (start - (self.sliding_window - 1), end)}
         inputs = self.embed_tokens(canvas)
         if soft_embeddings is None:
             soft = torch.zeros_like(inputs)
         else:
             soft = soft_embeddings.to(inputs.dtype) * self.embed_tokens.embed_scale.to(inputs.dtype)
         hidden = self.self_conditioning(inputs, soft)
-        return self._run_layers(hidden, cache, slots, positions, masks, prefix, kv_pos.shape[-1])
+        return self._run_layers(hidden, cache, slots, positions, ranges, prefix, kv_limit or cache.capacity)
 
     # ----------------------------------------------------------------------------------------------
     def _run_layers(
@@ -234,14 +234,15 @@ class DiffusionGemmaTextModel(nn.Module):
         cache: SlotKVCache,
         slots: torch.Tensor,
         positions: torch.Tensor,
-        masks: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
         prefix: bool,
         kv_limit: int,
     ) -> torch.Tensor:
         """Attention reads cache positions [0, kv_limit) (the whole capacity unless the caller knows that no
         active row reaches further). Both modes write this call's keys/values at `positions`: the encoder
         commits them (the caller advances the lengths), the decoder only fills the scratch region past the
-        slot's length. The norms run fused (kernels/norms) with the Triton backend: each layer's input norm
+        slot's length. `masks` per layer kind: the encoder's boolean masks [B, 1, T, C], or the decoder's key
+        ranges (lo, hi), one per row (canvas attention, kernels/attention). The norms run fused (kernels/norms) with the Triton backend: each layer's input norm
         is computed by the previous layer's tail, and the three norms of the feed-forward half in one pass."""
         backend = self.kernel_backend()
         eps = self.eps
@@ -286,7 +287,7 @@ class DiffusionGemmaTextModel(nn.Module):
         slots: torch.Tensor,
         positions: torch.Tensor,
         prefix: bool,
-        mask: torch.Tensor,
+        mask: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         kv_limit: int,
         backend: str,
     ) -> torch.Tensor:
@@ -303,6 +304,12 @@ class DiffusionGemmaTextModel(nn.Module):
         row = slots[:, None]
         keys[row, :, positions] = k  # [B, T, Hkv, d] into [S, Hkv, C, d]
         values[row, :, positions] = v
+        if isinstance(mask, tuple):  # the decoder: one key range per row
+            lo, hi = mask
+            out = attention.canvas_attention(
+                q, keys, values, slots, lo, hi, scale=1.0, prefix=prefix, kv_limit=kv_limit, backend=backend
+            )  # [B, T, H, d]
+            return attn.o_proj(out.reshape(batch, width, -1))
         if prefix:
             k_all, v_all = keys[:batch, :, :kv_limit], values[:batch, :, :kv_limit]
         else:

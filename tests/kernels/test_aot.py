@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = {"_head_chunk_kernel", "_step_kernel", "_attention_tail_kernel", "_ffn_tail_kernel", "_head_kernel"}
+KERNELS = {
+    "_head_chunk_kernel", "_step_kernel", "_attention_tail_kernel", "_ffn_tail_kernel", "_head_kernel",
+    "_canvas_attention_kernel",
+}  # fmt: skip
 
 
 def _ptxas_available() -> bool:

@@ -10,6 +10,7 @@ import torch
 
 from benchmarks.bench_generate import build_model
 from pipeline.kernels.aot import recording
+from pipeline.kernels.attention import triton_attention
 from pipeline.kernels.norms import triton_norms
 from pipeline.kernels.step import triton_step
 from pipeline.kernels.vocab_head import triton_head
@@ -43,6 +44,7 @@ def test_decoder_step_has_no_host_synchronisation(backend):
         recording(triton_head, "_head_chunk_kernel") as head,
         recording(triton_step, "_step_kernel") as step,
         recording(triton_norms, "_attention_tail_kernel", "_ffn_tail_kernel", "_head_kernel") as norms,
+        recording(triton_attention, "_canvas_attention_kernel") as attention,
     ):
         stop = sampler._step(4, None, sampler.capacity)
     assert stop.shape == (4,) and stop.dtype == torch.bool
@@ -51,5 +53,6 @@ def test_decoder_step_has_no_host_synchronisation(backend):
         assert len(step) == 1 and len(head) == 262_144 // triton_head._default_vocab_chunk(4 * 256)
         assert [n for n, _, _ in norms].count("_attention_tail_kernel") == layers
         assert [n for n, _, _ in norms].count("_ffn_tail_kernel") == layers
+        assert len(attention) == layers
     else:
-        assert not (head or step or norms)
+        assert not (head or step or norms or attention)

@@ -328,7 +328,7 @@ def _matmul_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> t
     """[acc +] a @ b in float32 for a [N, C] and b [C, D] in E's dtype (half products summed in float32)."""
     if a.dtype == torch.float32:
         return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
-    if a.is_cuda and _has_out_dtype(a.device):
+    if a.device.type != "cpu" and _has_out_dtype(a.device):  # CUDA (and meta, for the step profile)
         if acc is None:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.addmm(acc, a, b, out_dtype=torch.float32)

@@ -1,0 +1,108 @@
+"""The canvas attention kernel against the reference (scaled_dot_product_attention with a mask) and against
+float64 truth: odd shapes on any device (the interpreter on CPU), DiffusionGemma-26B-A4B's on a GPU, the output
+poisoned with NaN first.
+
+Tolerances: float32 within 1e-5 (+1e-5 relative) of the reference; bf16 no further from the float64 truth
+than the reference's bf16 math path is (x 1.5, + 1e-3): the kernel keeps scores in float32 and rounds only
+the probabilities, where the math path rounds scores and probabilities.
+"""
+
+import pytest
+import torch
+
+from pipeline.kernels.attention import canvas_attention, canvas_attention_reference
+from pipeline.kernels.attention.triton_attention import canvas_attention_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+# (batch, tokens, heads, kv_heads, head_dim, slots, capacity): tokens not a multiple of BLOCK_M, head_dim not a
+# power of two, one or several query heads per key/value head, scattered slots.
+SHAPES = {
+    "B3-T20-H4/2-d24": (3, 20, 4, 2, 24, 5, 70),
+    "B2-T7-H4/1-d40": (2, 7, 4, 1, 40, 3, 33),
+    "B2-T70-H2/2-d32": (2, 70, 2, 2, 32, 2, 200),
+}
+
+
+def _inputs(shape, dtype, seed):
+    batch, tokens, heads, kv_heads, dim, slots, capacity = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, tokens, heads, dim, generator=g)
+    keys = torch.randn(slots, kv_heads, capacity, dim, generator=g)
+    values = torch.randn(slots, kv_heads, capacity, dim, generator=g)
+    slot = torch.randperm(slots, generator=g)[:batch]
+    hi = torch.randint(tokens, capacity + 1, (batch,), generator=g)
+    lo = hi - tokens - torch.randint(0, 40, (batch,), generator=g)  # some below 0 (a short prefix, sliding)
+    to = dict(device=DEVICE)
+    return (
+        q.to(**to, dtype=dtype),
+        keys.to(**to, dtype=dtype),
+        values.to(**to, dtype=dtype),
+        slot.to(**to),
+        lo.to(**to),
+        hi.to(**to),
+    )
+
+
+def _truth(q, keys, values, slot, lo, hi, scale):
+    args = [t.double() for t in (q, keys, values)] + [slot, lo, hi]
+    return canvas_attention_reference(*args, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_reference(shape, dtype):
+    q, keys, values, slot, lo, hi = _inputs(shape, dtype, seed=0)
+    out = torch.full_like(q, float("nan"))
+    canvas_attention_triton(q, keys, values, slot, lo.clamp(min=0), hi, scale=0.3, out=out)
+    assert not torch.isnan(out).any()
+    ref = canvas_attention_reference(q, keys, values, slot, lo, hi, scale=0.3)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        return
+    truth = _truth(q, keys, values, slot, lo, hi, 0.3)
+    ours, theirs = (out.double() - truth).abs().mean().item(), (ref.double() - truth).abs().mean().item()
+    assert ours <= 1.5 * theirs + 1e-3, f"bf16 error {ours:.2e} vs the math path's {theirs:.2e}"
+
+
+def test_dispatcher_clamps_the_range_and_checks_inputs():
+    q, keys, values, slot, lo, hi = _inputs(SHAPES["B3-T20-H4/2-d24"], torch.float32, seed=1)
+    got = canvas_attention(q, keys, values, slot, lo, hi, scale=1.0, backend="triton")  # lo < 0 in some rows
+    torch.testing.assert_close(
+        got, canvas_attention(q, keys, values, slot, lo, hi, scale=1.0), atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="not one of torch, triton"):
+        canvas_attention(q, keys, values, slot, lo, hi, scale=1.0, backend="cuda")
+    with pytest.raises(ValueError, match="query heads not a multiple"):
+        canvas_attention(q[:, :, :3], keys, values, slot, lo, hi, scale=1.0)
+    with pytest.raises(ValueError, match="lo must be int64"):
+        canvas_attention(q, keys, values, slot, lo.int(), hi, scale=1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        canvas_attention(
+            q, keys.transpose(0, 1).contiguous().transpose(0, 1), values, slot, lo, hi, scale=1.0
+        )
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_heads, head_dim", [(8, 256), (2, 512)], ids=["sliding-d256", "global-d512"])
+def test_real_shape(kv_heads, head_dim):
+    """Batch 32, canvas 256 after a 128-token prompt, 16 query heads, bf16; the whole capacity 1,024."""
+    batch, tokens = 32, 256
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    q = torch.randn(batch, tokens, 16, head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
+    keys, values = (
+        torch.randn(batch, kv_heads, 1024, head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
+        for _ in range(2)
+    )
+    slot = torch.arange(batch, device=DEVICE)
+    hi = torch.full((batch,), 128 + tokens, device=DEVICE)
+    lo = torch.zeros(batch, dtype=torch.int64, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    canvas_attention_triton(q, keys, values, slot, lo, hi, scale=1.0, out=out)
+    assert not torch.isnan(out).any()
+    ref = canvas_attention_reference(q, keys, values, slot, lo, hi, scale=1.0)
+    truth = _truth(q, keys, values, slot, lo, hi, 1.0)
+    ours, theirs = (out.double() - truth).abs().mean().item(), (ref.double() - truth).abs().mean().item()
+    assert ours <= 1.5 * theirs + 1e-3, f"bf16 error {ours:.2e} vs the math path's {theirs:.2e}"
