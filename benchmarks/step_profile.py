@@ -109,20 +109,11 @@ def _triton_launches(profile: OpProfile, run, span: int) -> None:
     """Runs `run()` with every Triton kernel of the package recorded (not launched) and adds each launch:
     bytes = its tensor arguments, each moved once (the vocabulary head's logits chunk twice, read + write;
     the canvas attention only the `span` keys and values of each row, not the whole cache)."""
-    from pipeline.kernels.aot import recording
-    from pipeline.kernels.attention import triton_attention
-    from pipeline.kernels.norms import triton_norms
-    from pipeline.kernels.step import triton_step
-    from pipeline.kernels.vocab_head import triton_head
+    from pipeline.kernels.aot import recording_all
 
-    with (
-        recording(triton_head, "_head_chunk_kernel") as head,
-        recording(triton_step, "_step_kernel") as step,
-        recording(triton_norms, "_attention_tail_kernel", "_ffn_tail_kernel", "_head_kernel") as norm,
-        recording(triton_attention, "_canvas_attention_kernel") as attention,
-    ):
+    with recording_all() as calls:
         run()
-    for name, args, _ in head + step + norm + attention:
+    for name, args, _ in calls:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         nbytes = _bytes(tensors) + (_bytes(tensors[:1]) if name == "_head_chunk_kernel" else 0)
         flops = 0

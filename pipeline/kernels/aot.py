@@ -114,11 +114,22 @@ class Build:
         return out
 
 
+# Every @triton.jit kernel the package launches, by module (tests/kernels/test_aot.py checks the list).
+KERNELS = {
+    "pipeline.kernels.vocab_head.triton_head": ("_head_chunk_kernel",),
+    "pipeline.kernels.step.triton_step": ("_step_kernel",),
+    "pipeline.kernels.norms.triton_norms": ("_attention_tail_kernel", "_ffn_tail_kernel", "_head_kernel"),
+    "pipeline.kernels.attention.triton_attention": ("_canvas_attention_kernel",),
+    "pipeline.kernels.experts.triton_experts": ("_gelu_mul_kernel", "_combine_kernel"),
+}
+
+
 @contextlib.contextmanager
-def recording(module, *names: str) -> Iterator[list[tuple[str, tuple, dict]]]:
-    """Replaces the kernels `module.<name>` by recorders; yields the list of (name, args, kwargs) launched."""
+def recording(module, *names: str, calls: list | None = None) -> Iterator[list[tuple[str, tuple, dict]]]:
+    """Replaces the kernels `module.<name>` by recorders; yields the list of (name, args, kwargs) launched
+    (`calls`, if given, is appended to instead)."""
     kernels = {name: getattr(module, name) for name in names}
-    calls: list[tuple[str, tuple, dict]] = []
+    calls = [] if calls is None else calls
 
     class _Recorder:
         def __init__(self, name: str) -> None:
@@ -134,6 +145,16 @@ def recording(module, *names: str) -> Iterator[list[tuple[str, tuple, dict]]]:
     finally:
         for name, kernel in kernels.items():
             setattr(module, name, kernel)
+
+
+@contextlib.contextmanager
+def recording_all() -> Iterator[list[tuple[str, tuple, dict]]]:
+    """Every kernel of KERNELS recorded instead of launched; yields the shared list of (name, args, kwargs)."""
+    calls: list[tuple[str, tuple, dict]] = []
+    with contextlib.ExitStack() as stack:
+        for module_name, names in KERNELS.items():
+            stack.enter_context(recording(importlib.import_module(module_name), *names, calls=calls))
+        yield calls
 
 
 def _specialise(module: str, kernel, case: str, args: tuple, kwargs: dict) -> Launch:
@@ -205,6 +226,7 @@ def supported_launches() -> list[Launch]:
     import torch
 
     from pipeline.kernels.attention import triton_attention
+    from pipeline.kernels.experts import triton_experts
     from pipeline.kernels.norms import triton_norms
     from pipeline.kernels.step import triton_step
     from pipeline.kernels.vocab_head import triton_head
@@ -279,6 +301,20 @@ def supported_launches() -> list[Launch]:
         name = f"canvas attention B={batch} T={tokens} H={heads}/{kv_heads} d={head_dim} {dtype}"
         return record(triton_attention, "_canvas_attention_kernel", name.replace("torch.", ""), call)
 
+    def expert_pieces(num, top_k, dim, expert_dim, mlp_dim, dtype):
+        def call():
+            gate_up = torch.empty(num * top_k, 2 * expert_dim, dtype=dtype, device="meta")
+            triton_experts.gelu_mul_triton(*gate_up.chunk(2, dim=-1))  # the experts' halves, strided
+            dense = torch.empty(num, mlp_dim, dtype=dtype, device="meta")
+            triton_experts.gelu_mul_triton(dense, dense)  # the dense MLP's two products
+            ys = torch.empty(num * top_k, dim, dtype=dtype, device="meta")
+            inverse = torch.empty(num * top_k, dtype=torch.int64, device="meta")
+            weights = torch.empty(num, top_k, dtype=torch.float32, device="meta")
+            triton_experts.combine_triton(ys, inverse, weights)
+
+        name = f"experts N={num} k={top_k} D={dim} I={expert_dim} {dtype}".replace("torch.", "")
+        return record(triton_experts, ("_gelu_mul_kernel", "_combine_kernel"), name, call)
+
     gemma_vocab, gemma_dim = 262_144, 2816  # DiffusionGemma-26B-A4B
     launches: list[Launch] = []
     for num in (256, 2048, 8192):  # the canvas positions of 1, 8 and 32 rows
@@ -296,6 +332,8 @@ def supported_launches() -> list[Launch]:
     launches += canvas_attention(32, 256, 16, 2, 512, torch.bfloat16)  # 26B-A4B global layers
     launches += canvas_attention(32, 256, 8, 4, 128, torch.bfloat16)  # bench_generate's small shape
     launches += canvas_attention(8, 32, 4, 2, 32, torch.float32)  # the shipped tiny model
+    launches += expert_pieces(8192, 8, gemma_dim, 704, 2112, torch.bfloat16)  # 26B-A4B, batch 32
+    launches += expert_pieces(64, 2, 128, 64, 256, torch.float32)  # tiny
     unique: dict[tuple, Launch] = {}
     cases: dict[tuple, list[str]] = {}
     for launch in launches:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.kernels import attention, norms
+from pipeline.kernels import experts as expert_kernels
 from pipeline.kernels.backend import check_backend, resolve_backend
 from pipeline.models.moe import moe_forward
 
@@ -101,6 +102,8 @@ class DiffusionGemmaTextModel(nn.Module):
         self.num_heads = int(text_config.num_attention_heads)
         self.layer_types = list(text_config.layer_types)
         self.eps = float(text_config.rms_norm_eps)
+        # The fused MLP / expert activations implement gelu-tanh, DiffusionGemma's activation; others stay in torch.
+        self.gelu_tanh = getattr(text_config, "hidden_activation", None) == "gelu_pytorch_tanh"
         odd = [n for n, m in decoder.named_modules() if hasattr(m, "with_scale") and m.eps != self.eps]
         if odd:  # the fused norms take one eps per layer
             raise ValueError(f"RMS norms {odd[:3]} do not use the config's rms_norm_eps={self.eps}")
@@ -263,9 +266,10 @@ class DiffusionGemmaTextModel(nn.Module):
                 _scale(layer.pre_feedforward_layernorm), _scale(layer.pre_feedforward_layernorm_2),
                 router.scale, router.scalar_root_size, eps, backend=backend,
             )  # fmt: skip
-            dense = layer.mlp(mlp_in)
+            mlp_backend = backend if self.gelu_tanh else "torch"
+            dense = _mlp(layer.mlp, mlp_in, mlp_backend)
             top_w, top_i = route(router, router_in)
-            experts = moe_forward(layer.experts, moe_in, top_i, top_w)
+            experts = moe_forward(layer.experts, moe_in, top_i, top_w, backend=mlp_backend)
             last = i + 1 == len(self.layers)
             hidden, x = norms.ffn_tail(
                 dense, experts, hidden, _scale(layer.post_feedforward_layernorm_1),
@@ -329,6 +333,13 @@ class DiffusionGemmaTextModel(nn.Module):
 def _scale(norm: nn.Module) -> torch.Tensor | None:
     """The weight of a DiffusionGemmaRMSNorm, None for one without (with_scale=False)."""
     return norm.weight if getattr(norm, "with_scale", True) else None
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """transformers' DiffusionGemmaText4MLP, with its gelu-tanh and product fused on the Triton backend."""
+    if backend == "torch":
+        return mlp(x)
+    return mlp.down_proj(expert_kernels.gelu_mul(mlp.gate_proj(x), mlp.up_proj(x), backend=backend))
 
 
 def route(router: nn.Module, router_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,9 @@ Weights: gate_up_proj [E, 2I, D], down_proj [E, D, I] (DiffusionGemmaTextExperts
   experts: each token's result is computed the same way whatever else is in the batch (batch invariance),
   at E/k times the expert FLOPs, which tiny models do not notice.
 - grouped: assignments sorted by expert and two grouped GEMMs (`torch._grouped_mm`), the GPU path. No host
-  synchronisation: group offsets are computed on the device.
+  synchronisation: group offsets are computed on the device. With backend="triton" (gelu-tanh experts, as
+  DiffusionGemma's), the activation and the weighted combination of each token's k outputs run fused
+  (kernels/experts): no [N*k, D] weighted copy, no scatter-add with atomics.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import logging
 
 import torch
 from torch import nn
+
+from pipeline.kernels import experts as expert_kernels
 
 logger = logging.getLogger(__name__)
 DENSE_MAX_EXPERTS = 8
@@ -28,14 +32,16 @@ def moe_forward(
     top_weight: torch.Tensor,
     *,
     path: str = "auto",
+    backend: str = "torch",
 ) -> torch.Tensor:
-    """x [N, D], top_index/top_weight [N, k] -> [N, D] in x's dtype."""
+    """x [N, D], top_index/top_weight [N, k] -> [N, D] in x's dtype. `backend` "triton" fuses the grouped
+    path's elementwise work and requires gelu-tanh experts."""
     if path == "auto":
         path = "dense" if x.device.type == "cpu" or experts.num_experts <= DENSE_MAX_EXPERTS else "grouped"
     if path == "dense":
         return _dense(experts, x, top_index, top_weight)
     if path == "grouped":
-        return _grouped(experts, x, top_index, top_weight)
+        return _grouped(experts, x, top_index, top_weight, backend)
     raise ValueError(f"unknown MoE path {path!r}; use auto, dense or grouped")
 
 
@@ -54,7 +60,7 @@ def _dense(
 
 
 def _grouped(
-    experts: nn.Module, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor
+    experts: nn.Module, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor, backend: str
 ) -> torch.Tensor:
     num_tokens, top_k = top_index.shape
     num_experts = experts.num_experts
@@ -67,6 +73,12 @@ def _grouped(
     xs = x.index_select(0, token_of)  # [N*k, D], grouped by expert
     gate_up = _grouped_linear(xs, experts.gate_up_proj, offsets, counts)
     gate, up = gate_up.chunk(2, dim=-1)
+    if backend == "triton":
+        hidden = expert_kernels.gelu_mul(gate, up, backend=backend)
+        ys = _grouped_linear(hidden, experts.down_proj, offsets, counts)  # [N*k, D]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)  # where assignment n*k+j sits in ys
+        return expert_kernels.combine(ys, inverse, top_weight, backend=backend).to(x.dtype)
     hidden = experts.act_fn(gate) * up
     ys = _grouped_linear(hidden, experts.down_proj, offsets, counts)  # [N*k, D]
     ys = ys * top_weight.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)

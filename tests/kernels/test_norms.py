@@ -12,29 +12,12 @@ import torch
 from pipeline.kernels import norms
 from pipeline.kernels.norms import reference
 from pipeline.kernels.norms.triton_norms import attention_tail_triton, ffn_tail_triton, head_norm_rope_triton
+from tests.support.tolerance import assert_close_ulp as _assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 EPS = 1e-6
-
-
-def _assert_close(got: torch.Tensor, want: torch.Tensor, name: str, *, max_fraction: float = 0.01) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype, name
-    assert not torch.isnan(got).any(), f"{name}: unwritten (NaN) elements"
-    if got.dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
-        return
-    g, w = got.float(), want.float()
-    ulp = torch.where(w == 0, torch.full_like(w, 2.0**-133), 2.0 ** (torch.floor(torch.log2(w.abs())) - 7))
-    far = (g - w).abs() > ulp
-    assert not far.any(), (
-        f"{name}: {int(far.sum())} elements more than one ulp off, e.g. {g[far][:4]} vs {w[far][:4]}"
-    )
-    fraction = (g != w).float().mean().item()
-    assert fraction <= max_fraction, (
-        f"{name}: {fraction:.2%} of elements one ulp off (at most {max_fraction:.0%})"
-    )
 
 
 def _rows(num, dim, dtype, seed, scales=(1.0, 3.0, 0.5)):

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.kernels.rounding_triton import to_elem
+from pipeline.kernels.triton_math import to_elem
 
 
 @triton.jit

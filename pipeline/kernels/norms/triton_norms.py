@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels.rng_triton import libdevice
-from pipeline.kernels.rounding_triton import rounded, to_elem
+from pipeline.kernels.triton_math import rounded, to_elem
 
 # A row program holds the whole row; 4,096 float32 values in 8 warps are 16 registers a thread per tensor.
 MAX_ROW = 16384

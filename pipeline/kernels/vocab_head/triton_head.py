@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.kernels.rng_triton import GUMBEL_ESTIMATE_ERROR, absorb, gumbel, gumbel_estimate, libdevice
-from pipeline.kernels.rounding_triton import to_elem
+from pipeline.kernels.rng_triton import GUMBEL_ESTIMATE_ERROR, absorb, gumbel, gumbel_estimate
+from pipeline.kernels.triton_math import tanh, to_elem
 from pipeline.kernels.vocab_head.reference import HeadOutput
 
 logger = logging.getLogger(__name__)
@@ -70,23 +70,6 @@ _SOFT_SUM = tl.constexpr(5)  # sum of e^(zq - soft max)
 
 
 @triton.jit
-def _tanh(x, CUDA: tl.constexpr):
-    if CUDA:
-        return libdevice.tanh(x)
-    else:
-        # The interpreter has no libdevice: Cephes tanhf (odd polynomial below 0.625, else via exp), ~2 ulp.
-        a = tl.abs(x)
-        s = x * x
-        poly = (
-            (((-5.70498872745e-3 * s + 2.06390887954e-2) * s - 5.37397155531e-2) * s + 1.33314422036e-1) * s
-            - 3.33332819422e-1
-        ) * s * x + x
-        big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
-        big = tl.where(x < 0.0, -big, big)
-        return tl.where(a < 0.625, poly, big)
-
-
-@triton.jit
 def _scaled_logits(x, softcap, inv_softcap, temperature, HAS_SOFTCAP: tl.constexpr, CUDA: tl.constexpr):
     """z = tanh(x / softcap) * softcap / temperature, rounded step by step as torch does on the device."""
     if HAS_SOFTCAP:
@@ -94,7 +77,7 @@ def _scaled_logits(x, softcap, inv_softcap, temperature, HAS_SOFTCAP: tl.constex
             x = x * inv_softcap  # torch on CUDA divides by a Python scalar as a product with its reciprocal
         else:
             x = tl.math.div_rn(x, softcap)
-        x = _tanh(x, CUDA) * softcap
+        x = tanh(x, CUDA) * softcap
     return tl.math.div_rn(x, temperature)
 
 

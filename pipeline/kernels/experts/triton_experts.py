@@ -1,0 +1,102 @@
+"""Fused pieces of the grouped mixture of experts (Triton), with the semantics of reference.py.
+
+- `_gelu_mul_kernel`: gelu_tanh(gate) * up from the [M, 2I] gate/up product in one pass (transformers: a
+  gelu pass and a product pass over [M, I], each written out).
+- `_combine_kernel`: each token's k expert outputs weighted and summed in float32, one program per token and
+  block of D: reads every expert output once and writes [N, D] once, with no atomics (so deterministic),
+  where the unfused path multiplies [N*k, D] by the weights (a read and a write of N*k*D) and then
+  scatter-adds it with atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pipeline.kernels.triton_math import rounded, tanh, to_elem
+
+COMBINE_BLOCK = 1024
+GELU_BLOCK = 2048
+_BETA = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+_KAPPA = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _gelu_mul_kernel(
+    gate_ptr,  # [M, I] rows `stride` apart
+    up_ptr,  # [M, I] rows `stride` apart
+    out_ptr,  # [M, I] contiguous
+    num_elements,
+    width,
+    stride,
+    CUDA: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_elements
+    src = (offs // width) * stride + offs % width
+    dtype = out_ptr.dtype.element_ty
+    g = tl.load(gate_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    inner = _BETA * (g + _KAPPA * (g * g * g))  # torch's gelu(approximate="tanh"), float32 inside
+    act = rounded(0.5 * g * (1.0 + tanh(inner, CUDA)), dtype, ROUND_BF16)
+    tl.store(out_ptr + offs, to_elem(act * u, dtype, ROUND_BF16), mask=mask)
+
+
+@triton.jit
+def _combine_kernel(
+    ys_ptr,  # [N*k, D] expert outputs, grouped by expert
+    inverse_ptr,  # [N*k] int64: row of ys holding token n's j-th assignment, at n * k + j
+    weight_ptr,  # [N, k] float32
+    out_ptr,  # [N, D]
+    width,
+    TOP_K: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < width
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(inverse_ptr + token * TOP_K + j)
+        w = tl.load(weight_ptr + token * TOP_K + j)
+        acc += w * tl.load(ys_ptr + row * width + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * width + offs, to_elem(acc, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+
+
+def _flags(x: torch.Tensor) -> dict:
+    cuda = x.device.type != "cpu"  # meta tensors count as a GPU (pipeline.kernels.aot)
+    return dict(CUDA=cuda, ROUND_BF16=x.dtype == torch.bfloat16 and not cuda)
+
+
+def gelu_mul_triton(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gate, up [M, I] with unit column stride and one row stride (views of a [M, 2I] product qualify)."""
+    rows, width = gate.shape
+    if out is None:
+        out = torch.empty(rows, width, dtype=gate.dtype, device=gate.device)
+    if rows and width:
+        flags = _flags(gate)
+        _gelu_mul_kernel[(triton.cdiv(rows * width, GELU_BLOCK),)](
+            gate, up, out, rows * width, width, gate.stride(0), **flags, BLOCK=GELU_BLOCK, num_warps=8
+        )
+    return out
+
+
+def combine_triton(
+    ys: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ys [N*k, D] contiguous, inverse [N*k] int64, weights [N, k] float32 -> [N, D] in ys' dtype."""
+    num, top_k = weights.shape
+    width = ys.shape[1]
+    if out is None:
+        out = torch.empty(num, width, dtype=ys.dtype, device=ys.device)
+    if num and width:
+        block = min(COMBINE_BLOCK, triton.next_power_of_2(width))
+        _combine_kernel[(num, triton.cdiv(width, block))](
+            ys, inverse, weights, out, width,
+            TOP_K=top_k, ROUND_BF16=_flags(ys)["ROUND_BF16"], BLOCK_D=block, num_warps=4,
+        )  # fmt: skip
+    return out
