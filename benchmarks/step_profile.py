@@ -125,12 +125,14 @@ def _triton_launches(profile: OpProfile, run, span: int) -> None:
         profile.add("triton: " + name.strip("_").removesuffix("_kernel"), name, flops, nbytes)
 
 
-def profile_step(shape: str, batch: int, canvas: int, prompt: int, backend: str) -> OpProfile:
+def build_sampler(shape: str, device: str, batch: int, canvas: int, prompt: int, backend: str):
+    """canvasflow's sampler over bench_generate's model `shape` (random bf16 weights) on `device`, its
+    storage allocated for `batch` rows of `prompt` tokens plus one canvas; CUDA graphs off."""
     from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
     from pipeline.sampler.engine import DiffusionSampler
     from pipeline.sampler.settings import SamplerSettings
 
-    model = DiffusionGemmaTextModel(build_model(shape, "meta", torch.bfloat16, canvas), backend=backend)
+    model = DiffusionGemmaTextModel(build_model(shape, device, torch.bfloat16, canvas), backend=backend)
     settings = SamplerSettings(
         max_new_tokens=canvas, max_denoising_steps=16, t_min=0.4, t_max=0.8, entropy_bound=0.1,
         stability_threshold=1, confidence_threshold=0.5, canvas_length=canvas, eos_token_ids=(1,), pad_token_id=0,
@@ -139,6 +141,11 @@ def profile_step(shape: str, batch: int, canvas: int, prompt: int, backend: str)
         model, settings, max_batch=batch, max_prompt_tokens=prompt, backend=backend, step_graphs="off"
     )
     sampler._ensure_storage()
+    return sampler
+
+
+def profile_step(shape: str, batch: int, canvas: int, prompt: int, backend: str) -> OpProfile:
+    sampler = build_sampler(shape, "meta", batch, canvas, prompt, backend)
     profile = OpProfile()
     kv_limit = sampler.capacity  # prompt + canvas, as the CUDA path reads (rounded up to 256 there)
 
