@@ -125,9 +125,12 @@ def _triton_launches(profile: OpProfile, run, span: int) -> None:
         profile.add("triton: " + name.strip("_").removesuffix("_kernel"), name, flops, nbytes)
 
 
-def build_sampler(shape: str, device: str, batch: int, canvas: int, prompt: int, backend: str):
+def build_sampler(
+    shape: str, device: str, batch: int, canvas: int, prompt: int, backend: str, forward: str | None = None
+):
     """canvasflow's sampler over bench_generate's model `shape` (random bf16 weights) on `device`, its
-    storage allocated for `batch` rows of `prompt` tokens plus one canvas; CUDA graphs off."""
+    storage allocated for `batch` rows of `prompt` tokens plus one canvas; CUDA graphs off. `backend` is the
+    sampler's kernels; `forward` (default: the same) the model forward's."""
     from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
     from pipeline.sampler.engine import DiffusionSampler
     from pipeline.sampler.settings import SamplerSettings
@@ -140,12 +143,16 @@ def build_sampler(shape: str, device: str, batch: int, canvas: int, prompt: int,
     sampler = DiffusionSampler(
         model, settings, max_batch=batch, max_prompt_tokens=prompt, backend=backend, step_graphs="off"
     )
+    if forward is not None:
+        model.set_backend(forward)
     sampler._ensure_storage()
     return sampler
 
 
-def profile_step(shape: str, batch: int, canvas: int, prompt: int, backend: str) -> OpProfile:
-    sampler = build_sampler(shape, "meta", batch, canvas, prompt, backend)
+def profile_step(
+    shape: str, batch: int, canvas: int, prompt: int, backend: str, forward: str | None = None
+) -> OpProfile:
+    sampler = build_sampler(shape, "meta", batch, canvas, prompt, backend, forward)
     profile = OpProfile()
     kv_limit = sampler.capacity  # prompt + canvas, as the CUDA path reads (rounded up to 256 there)
 
@@ -153,7 +160,7 @@ def profile_step(shape: str, batch: int, canvas: int, prompt: int, backend: str)
         with profile:
             sampler._step(batch, None, kv_limit)
 
-    if backend == "triton":
+    if "triton" in (backend, forward):
         _triton_launches(profile, run, span=sampler.capacity)
     else:
         run()
@@ -176,21 +183,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bandwidth", type=float, default=4.3, help="memory bandwidth in TB/s (default: H200)"
     )
-    parser.add_argument("--backends", nargs="+", default=["torch", "triton"], choices=["torch", "triton"])
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["torch/torch", "triton/torch", "triton/triton"],
+        help="SAMPLER/FORWARD kernel backends to compare (default: all torch; the Triton sampler kernels with "
+        "the torch forward, as before the fused forward kernels; all Triton)",
+    )
     parser.add_argument(
         "--no-record", action="store_true", help="do not append to results/step_profile.jsonl"
     )
     args = parser.parse_args(argv)
 
-    profiles = {b: profile_step(args.shape, args.batch, args.canvas, args.prompt, b) for b in args.backends}
+    profiles = {}
+    for config in args.configs:
+        sampler_kernels, _, forward = config.partition("/")
+        if {sampler_kernels, forward or sampler_kernels} - {"torch", "triton"}:
+            parser.error(f"--configs {config!r}: give SAMPLER/FORWARD, each torch or triton")
+        profiles[config] = profile_step(
+            args.shape, args.batch, args.canvas, args.prompt, sampler_kernels, forward or sampler_kernels
+        )
     kinds = sorted({k for p in profiles.values() for k in p.rows}, key=lambda k: (k.startswith("triton"), k))
     rate = (args.tflops, args.bandwidth)
     print(
         f"decoder step, {args.shape}, batch {args.batch} x canvas {args.canvas} after a {args.prompt}-token prompt;"
         f" floors at {args.tflops:g} TFLOP/s and {args.bandwidth:g} TB/s (a model, not a measurement)"
     )
-    header = f"{'kind':<24}" + "".join(f"{b + ' kernels':>15}{'GB':>8}{'floor ms':>10}" for b in profiles)
-    print(header)
+    print(f"{'sampler/forward kernels':<24}" + "".join(f"{b:>33}" for b in profiles))
+    print(f"{'kind':<24}" + f"{'kernels':>15}{'GB':>8}{'floor ms':>10}" * len(profiles))
     records, totals = [], {b: [0, 0.0, 0.0, 0.0] for b in profiles}
     for kind in kinds:
         line = f"{kind:<24}"
@@ -206,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
             t[1] += row["bytes"]
             t[2] += row["flops"]
             t[3] += ms
-            records.append(dict(backend=b, kind=kind, kernels=int(row["kernels"]), bytes=row["bytes"],
+            records.append(dict(kernels_config=b, kind=kind, kernels=int(row["kernels"]), bytes=row["bytes"],
                                 flops=row["flops"], floor_ms=ms))  # fmt: skip
         print(line)
     print(f"{'total':<24}" + "".join(f"{t[0]:>15}{t[1] / 1e9:>8.2f}{t[3]:>10.2f}" for t in totals.values()))
     for b, t in totals.items():
         matmul_ms = t[2] / (args.tflops * 1e12) * 1e3
         print(
-            f"{b}: {t[2] / 1e12:.1f} TFLOP, matmul floor {matmul_ms:.1f} ms; sum of per-kernel floors "
+            f"{b} kernels: {t[2] / 1e12:.1f} TFLOP, matmul floor {matmul_ms:.1f} ms; sum of per-kernel floors "
             f"{t[3]:.1f} ms -> at most {matmul_ms / t[3]:.0%} model FLOP utilisation if every kernel ran at its "
             "ceiling"
         )
