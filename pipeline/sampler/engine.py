@@ -243,7 +243,9 @@ class DiffusionSampler:
         `longest` is the most tokens any of the rows caches. Returns the stop flags [active] (stable and
         confident) as a device tensor. In continuous batching the step may run as a CUDA graph of a bucketed
         batch size (graphs.py); padding rows then occupy free slots and their results are ignored."""
-        kv_limit = self.kv_limit(longest + self.length)
+        # The Triton canvas attention reads each row's key range itself: no read limit, so one CUDA graph per
+        # batch bucket serves every prefix length.
+        kv_limit = None if self.backend == "triton" else self.kv_limit(longest + self.length)
         self.stats.decoder_calls += 1
         if live is None and self.graphs is not None:
             bucket = self.graphs.bucket(active)
