@@ -284,6 +284,8 @@ def supported_launches() -> list[Launch]:
                 trig = torch.empty(1, num, head_dim, dtype=dtype, device="meta")
                 triton_norms.head_norm_rope_triton(x, vector(head_dim), trig, trig, 1e-6)  # q, k
                 triton_norms.head_norm_rope_triton(x, None, None, None, 1e-6)  # v
+            rows = torch.empty(1, num, 1, dim, dtype=dtype, device="meta")  # rms_norm: the first input norm
+            triton_norms.head_norm_rope_triton(rows, vector(), None, None, 1e-6)
 
         name = f"layer norms N={num} D={dim} {str(dtype).removeprefix('torch.')}"
         tail_kernels = ("_attention_tail_kernel", "_ffn_tail_kernel")

@@ -245,8 +245,9 @@ class DiffusionGemmaTextModel(nn.Module):
         active row reaches further). Both modes write this call's keys/values at `positions`: the encoder
         commits them (the caller advances the lengths), the decoder only fills the scratch region past the
         slot's length. `masks` per layer kind: the encoder's boolean masks [B, 1, T, C], or the decoder's key
-        ranges (lo, hi), one per row (canvas attention, kernels/attention). The norms run fused (kernels/norms) with the Triton backend: each layer's input norm
-        is computed by the previous layer's tail, and the three norms of the feed-forward half in one pass."""
+        ranges (lo, hi), one per row (canvas attention, kernels/attention). With the Triton backend the norms
+        run fused (kernels/norms): each layer's input norm is computed by the previous layer's tail (the last
+        tail computes the final norm), and the three norms of the feed-forward half share one pass."""
         backend = self.kernel_backend()
         eps = self.eps
         rope = {lt: self.rotary_emb(hidden, positions, lt) for lt in set(self.layer_types)}
@@ -270,14 +271,15 @@ class DiffusionGemmaTextModel(nn.Module):
             dense = _mlp(layer.mlp, mlp_in, mlp_backend)
             top_w, top_i = route(router, router_in)
             experts = moe_forward(layer.experts, moe_in, top_i, top_w, backend=mlp_backend)
-            last = i + 1 == len(self.layers)
+            next_norm = self.norm if i + 1 == len(self.layers) else self.layers[i + 1].input_layernorm
             hidden, x = norms.ffn_tail(
                 dense, experts, hidden, _scale(layer.post_feedforward_layernorm_1),
                 _scale(layer.post_feedforward_layernorm_2), _scale(layer.post_feedforward_layernorm),
-                layer.layer_scalar, eps, _scale(self.norm if last else self.layers[i + 1].input_layernorm),
-                backend=backend,
+                layer.layer_scalar, eps, _scale(next_norm), backend=backend,
             )  # fmt: skip
-        return x.view(shape)  # the last tail applied the final norm
+            if x is None:  # the next norm has no scale: the tail did not fuse it
+                x = norms.rms_norm(hidden, None, eps, backend=backend)
+        return x.view(shape)  # the final norm of the last hidden states
 
     def _attention(
         self,
