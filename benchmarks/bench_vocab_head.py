@@ -10,6 +10,8 @@ Reports the median time by CUDA events (and the 20%/80% quantiles), TFLOP/s coun
 products (2 x 2NVD) against the device's measured bf16 matmul rate, peak extra memory, and the speed-up over
 the reference; appends one JSON line per result to benchmarks/results/vocab_head.jsonl. Needs only torch and
 triton:  python benchmarks/bench_vocab_head.py [--quick]
+A smoke run on the CPU (tiny shapes, Triton's interpreter, wall-clock timing, no memory figures, nothing
+recorded):  python benchmarks/bench_vocab_head.py --device cpu
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,25 +81,42 @@ PATHS: dict[str, Callable] = {
 }
 
 
-def make_inputs(num: int, vocab: int, dim: int, seed: int = 0):
+def make_inputs(num: int, vocab: int, dim: int, seed: int = 0, device: str = "cuda"):
     """hidden [N, D] and embedding [V, D] bf16 with logits of standard deviation ~5, temperature [N] in
     [0.4, 0.8] float32, sample_state [N] int64 words."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    hidden = torch.randn(num, dim, device="cuda", generator=g).bfloat16()
-    embedding = (torch.randn(vocab, dim, device="cuda", generator=g) * (5.0 / dim**0.5)).bfloat16()
-    temperature = 0.4 + 0.4 * torch.rand(num, device="cuda", generator=g)
-    state = torch.randint(0, 2**32, (num,), device="cuda", generator=g)
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(num, dim, device=device, generator=g).bfloat16()
+    embedding = (torch.randn(vocab, dim, device=device, generator=g) * (5.0 / dim**0.5)).bfloat16()
+    temperature = 0.4 + 0.4 * torch.rand(num, device=device, generator=g)
+    state = torch.randint(0, 2**32, (num,), device=device, generator=g)
     return hidden, embedding, temperature, state
+
+
+def _wall_time(fn: Callable, *, warmup: int, reps: int) -> dict[str, float]:
+    """The CPU smoke run's timing (cuda_time's keys)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return {"median_ms": pick(0.5), "min_ms": times[0], "q20_ms": pick(0.2), "q80_ms": pick(0.8)}
 
 
 def measure(path: str, num: int, vocab: int, dim: int, args, rate: float) -> dict:
     """One path at one N: timing, TFLOP/s and peak extra memory, or the out-of-memory error."""
-    inputs = make_inputs(num, vocab, dim)
+    inputs = make_inputs(num, vocab, dim, device=args.device)
     fn = PATHS[path]
     row = {"bench": "vocab_head", "path": path, "N": num, "V": vocab, "D": dim, "dtype": "bfloat16"}
     try:
-        _, extra = peak_extra_memory(lambda: fn(*inputs))
-        timing = cuda_time(lambda: fn(*inputs), warmup=args.warmup, reps=args.reps)
+        if args.device == "cuda":
+            _, extra = peak_extra_memory(lambda: fn(*inputs))
+            timing = cuda_time(lambda: fn(*inputs), warmup=args.warmup, reps=args.reps)
+        else:
+            extra, timing = 0, _wall_time(lambda: fn(*inputs), warmup=1, reps=2)
     except torch.cuda.OutOfMemoryError as e:
         return {**row, "error": f"out of memory: {str(e).splitlines()[0]}"}
     tflops = 2 * (2 * num * vocab * dim) / (timing["median_ms"] * 1e-3) / 1e12  # both vocabulary products
@@ -110,7 +130,7 @@ def measure(path: str, num: int, vocab: int, dim: int, args, rate: float) -> dic
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (N 64/256, V 32768, D 1024)")
     parser.add_argument("--n", type=int, nargs="+", help="positions per step (default 256 2048 8192)")
@@ -119,13 +139,22 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--output", default=RESULTS, help="JSON-lines file the results are appended to")
     parser.add_argument("--no-record", action="store_true", help="print only, append nothing")
-    args = parser.parse_args()
-    require_cuda("bench_vocab_head.py")
-
-    vocab, dim = (32768, 1024) if args.quick else (262144, 2816)
-    sizes = args.n or ([64, 256] if args.quick else [256, 2048, 8192])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        require_cuda("bench_vocab_head.py")
+        vocab, dim = (32768, 1024) if args.quick else (262144, 2816)
+        sizes = args.n or ([64, 256] if args.quick else [256, 2048, 8192])
+        rate = matmul_tflops()
+    else:  # Triton's interpreter: tiny shapes, and the rate of a CPU product for the "of mm" column
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        vocab, dim, sizes, args.no_record = 1000, 72, args.n or [37], True
+        started = time.perf_counter()
+        a = torch.randn(512, 512)
+        for _ in range(4):
+            a @ a
+        rate = 4 * 2 * 512**3 / (time.perf_counter() - started) / 1e12
     env = environment()
-    rate = matmul_tflops()
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
     print(f"measured bf16 matmul rate: {rate:.0f} TFLOP/s | V={vocab} D={dim} | TFLOP/s count 2 x 2NVD\n")
     header = f"{'N':>6} {'path':<14} {'median ms':>10} {'q20':>9} {'q80':>9} {'TFLOP/s':>8} {'of mm':>6} "
@@ -135,7 +164,8 @@ def main() -> None:
         results = {}
         for path in args.paths:
             results[path] = measure(path, num, vocab, dim, args, rate)
-            torch.cuda.empty_cache()  # the reference's [N, V] tensors must not count against the next path
+            if args.device == "cuda":
+                torch.cuda.empty_cache()  # the reference's [N, V] tensors must not count against the next path
         base = results.get("reference", {}).get("median_ms")
         for path, r in results.items():
             if "error" in r:

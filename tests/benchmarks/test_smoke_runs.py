@@ -1,10 +1,11 @@
-"""The step-profile scripts run end to end: the roofline model on meta tensors (both backends, every Triton
-launch recorded) and the measured profile's smoke mode on the CPU (the GPU run is the same code with CUDA
-events and the CUDA activity)."""
+"""The GPU benchmark scripts run end to end before a GPU ever sees them: the step's roofline model on meta
+tensors (every Triton launch recorded), and the CPU smoke modes of the measured step profile and the
+vocabulary-head benchmark (the GPU runs are the same code with CUDA events, memory figures and the CUDA
+profiler activity)."""
 
 from __future__ import annotations
 
-from benchmarks import profile_step_gpu, step_profile
+from benchmarks import bench_vocab_head, profile_step_gpu, step_profile
 
 
 def test_roofline_model_counts_the_fused_kernels(capsys):
@@ -30,3 +31,10 @@ def test_measured_profile_runs_on_cpu(capsys):
     assert profile_step_gpu.main([*args, "--canvas", "32", "--rows", "5", "--no-record"]) == 0
     out = capsys.readouterr().out
     assert "aten::" in out and "ms per decoder step" in out and "roofline floor" in out
+
+
+def test_vocab_head_benchmark_runs_on_cpu(capsys):
+    bench_vocab_head.main(["--device", "cpu", "--n", "19"])
+    out = capsys.readouterr().out
+    for path in ("reference", "torch-chunked", "triton"):
+        assert f"    19 {path}" in out
