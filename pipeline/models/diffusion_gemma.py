@@ -150,8 +150,11 @@ class DiffusionGemmaTextModel(nn.Module):
         return self.embed_tokens.weight.device
 
     def kernel_backend(self) -> str:
-        """The kernels of this model's norms on its current device: "torch" or "triton"."""
-        return resolve_backend(self.backend, self.device.type)
+        """The kernels of this model's forward on its current device: "torch" or "triton" (torch where the
+        rows are wider than the fused kernels hold)."""
+        chosen = resolve_backend(self.backend, self.device.type)
+        widest = max([self.hidden_size] + [spec.head_dim for spec in self.specs])
+        return "torch" if widest > norms.MAX_ROW else chosen
 
     def set_backend(self, backend: str) -> None:
         """Chooses the kernels of the forward (the sampler passes its own `backend` setting)."""

@@ -127,6 +127,9 @@ def test_rejects_bad_inputs():
         norms.ffn_tail(a, b.t().contiguous().t(), b, w, w, w, w[:1], EPS, backend="triton")
     with pytest.raises(ValueError, match="layer_scalar must hold one value"):
         norms.ffn_tail(a, b, b, w, w, w, w, EPS, backend="triton")
+    wide, w_wide = torch.zeros(1, norms.MAX_ROW + 1), torch.ones(norms.MAX_ROW + 1)
+    with pytest.raises(ValueError, match="exceed the fused kernels"):
+        norms.attention_tail(wide, wide, w_wide, w_wide, w_wide, w_wide, 0.5, EPS, backend="triton")
     x = a.reshape(1, 4, 1, 8)
     with pytest.raises(ValueError, match="both cos and sin"):
         norms.head_norm_rope(x, None, a.reshape(1, 4, 8), None, EPS, backend="triton")

@@ -8,6 +8,9 @@ import torch
 
 from pipeline.kernels.norms import reference
 
+# The fused kernels hold a whole row (or head) in one program: up to this many elements.
+MAX_ROW = 16384
+
 
 def _check_backend(backend: str) -> None:
     if backend not in ("torch", "triton"):
@@ -16,6 +19,8 @@ def _check_backend(backend: str) -> None:
 
 def _check_rows(name: str, width: int, **tensors: torch.Tensor | None) -> None:
     """Every tensor is [N, width] (or [width] for weights: names ending in _weight / scale) and contiguous."""
+    if width > MAX_ROW:
+        raise ValueError(f"{name}: rows of {width} exceed the fused kernels' {MAX_ROW}; use backend='torch'")
     shape = None
     for arg, t in tensors.items():
         if t is None:
@@ -113,7 +118,11 @@ def head_norm_rope(
             raise ValueError(
                 f"head_norm_rope: {name} must be [{batch}, {tokens}, {head_dim}]; got {tuple(t.shape)}"
             )
-    if head_dim % 2:
+    if head_dim > MAX_ROW:
+        raise ValueError(
+            f"head_norm_rope: rows of {head_dim} exceed the fused kernels' {MAX_ROW}; use backend='torch'"
+        )
+    if cos is not None and head_dim % 2:
         raise ValueError(f"head_norm_rope: head_dim {head_dim} must be even for the rotary embedding")
     if weight is not None and tuple(weight.shape) != (head_dim,):
         raise ValueError(f"head_norm_rope: weight must be [{head_dim}]; got {tuple(weight.shape)}")

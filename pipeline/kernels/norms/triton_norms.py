@@ -24,8 +24,8 @@ import triton.language as tl
 from pipeline.kernels.rng_triton import libdevice
 from pipeline.kernels.triton_math import rounded, to_elem
 
-# A row program holds the whole row; 4,096 float32 values in 8 warps are 16 registers a thread per tensor.
-MAX_ROW = 16384
+# A row program holds the whole row (at most norms.MAX_ROW); 4,096 float32 values in 8 warps are 16 registers
+# a thread per tensor.
 HEAD_BLOCK_ELEMENTS = 4096  # rows x head_dim per program of _head_kernel
 
 
