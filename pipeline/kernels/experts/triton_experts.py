@@ -17,7 +17,7 @@ import triton.language as tl
 from pipeline.kernels.triton_math import rounded, tanh, to_elem
 
 COMBINE_BLOCK = 1024
-GELU_BLOCK = 2048
+GELU_BLOCK = 1024
 _BETA = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 _KAPPA = tl.constexpr(0.044715)
 
@@ -27,22 +27,21 @@ def _gelu_mul_kernel(
     gate_ptr,  # [M, I] rows `stride` apart
     up_ptr,  # [M, I] rows `stride` apart
     out_ptr,  # [M, I] contiguous
-    num_elements,
     width,
     stride,
     CUDA: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_elements
-    src = (offs // width) * stride + offs % width
+    row = tl.program_id(0).to(tl.int64)  # a 2D grid (rows x blocks of a row): no per-element division
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
     dtype = out_ptr.dtype.element_ty
-    g = tl.load(gate_ptr + src, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
     inner = _BETA * (g + _KAPPA * (g * g * g))  # torch's gelu(approximate="tanh"), float32 inside
     act = rounded(0.5 * g * (1.0 + tanh(inner, CUDA)), dtype, ROUND_BF16)
-    tl.store(out_ptr + offs, to_elem(act * u, dtype, ROUND_BF16), mask=mask)
+    tl.store(out_ptr + row * width + cols, to_elem(act * u, dtype, ROUND_BF16), mask=mask)
 
 
 @triton.jit
@@ -78,9 +77,9 @@ def gelu_mul_triton(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor |
     if out is None:
         out = torch.empty(rows, width, dtype=gate.dtype, device=gate.device)
     if rows and width:
-        flags = _flags(gate)
-        _gelu_mul_kernel[(triton.cdiv(rows * width, GELU_BLOCK),)](
-            gate, up, out, rows * width, width, gate.stride(0), **flags, BLOCK=GELU_BLOCK, num_warps=8
+        block = min(GELU_BLOCK, triton.next_power_of_2(width))
+        _gelu_mul_kernel[(rows, triton.cdiv(width, block))](
+            gate, up, out, width, gate.stride(0), **_flags(gate), BLOCK=block, num_warps=max(1, block // 256)
         )
     return out
 
