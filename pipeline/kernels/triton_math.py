@@ -37,7 +37,7 @@ def round_bf16(x):
     because the interpreter's cast truncates."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # a NaN stays NaN (not inf)
 
 
 @triton.jit

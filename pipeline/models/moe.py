@@ -36,6 +36,8 @@ def moe_forward(
 ) -> torch.Tensor:
     """x [N, D], top_index/top_weight [N, k] -> [N, D] in x's dtype. `backend` "triton" fuses the grouped
     path's elementwise work and requires gelu-tanh experts."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend={backend!r} is not one of torch, triton")
     if path == "auto":
         path = "dense" if x.device.type == "cpu" or experts.num_experts <= DENSE_MAX_EXPERTS else "grouped"
     if path == "dense":

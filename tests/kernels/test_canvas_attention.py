@@ -66,6 +66,17 @@ def test_matches_reference(shape, dtype):
     assert ours <= 1.5 * theirs + 1e-3, f"bf16 error {ours:.2e} vs the math path's {theirs:.2e}"
 
 
+def test_ranges_past_the_slot_are_clipped_and_empty_ranges_give_zeros():
+    q, keys, values, slot, lo, hi = _inputs(SHAPES["B2-T7-H4/1-d40"], torch.float32, seed=3)
+    capacity = keys.shape[2]
+    past = torch.full_like(hi, capacity + 9)  # past the slot: the next slot's keys must not be read
+    got = canvas_attention(q, keys, values, slot, lo, past, scale=1.0, backend="triton")
+    want = canvas_attention(q, keys, values, slot, lo, past, scale=1.0)  # the mask ends at the capacity
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    empty = canvas_attention(q, keys, values, slot, hi, hi, scale=1.0, backend="triton")
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
 def test_dispatcher_clamps_the_range_and_checks_inputs():
     q, keys, values, slot, lo, hi = _inputs(SHAPES["B3-T20-H4/2-d24"], torch.float32, seed=1)
     got = canvas_attention(q, keys, values, slot, lo, hi, scale=1.0, backend="triton")  # lo < 0 in some rows
@@ -78,6 +89,8 @@ def test_dispatcher_clamps_the_range_and_checks_inputs():
         canvas_attention(q[:, :, :3], keys, values, slot, lo, hi, scale=1.0)
     with pytest.raises(ValueError, match="lo must be int64"):
         canvas_attention(q, keys, values, slot, lo.int(), hi, scale=1.0)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        canvas_attention(q.double(), keys, values, slot, lo, hi, scale=1.0, backend="triton")
     with pytest.raises(ValueError, match="contiguous"):
         canvas_attention(
             q, keys.transpose(0, 1).contiguous().transpose(0, 1), values, slot, lo, hi, scale=1.0

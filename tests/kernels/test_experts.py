@@ -63,6 +63,12 @@ def test_inputs_are_checked():
         experts.combine(a, torch.arange(4), torch.ones(2, 3), backend="triton")
     with pytest.raises(ValueError, match="not one of torch, triton"):
         experts.combine(a, torch.arange(4), torch.ones(2, 2), backend="cuda")
+    with pytest.raises(ValueError, match="inverse must be int64"):
+        experts.combine(a, torch.arange(4, dtype=torch.int32), torch.ones(2, 2), backend="triton")
+    with pytest.raises(ValueError, match="gate and up must be"):
+        experts.gelu_mul(a, a.double(), backend="triton")
+    with pytest.raises(ValueError, match="backend='fast' is not one of torch, triton"):
+        moe_forward(None, a, torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), backend="fast")
 
 
 def _experts(shape: str, device: str, dtype: torch.dtype):

@@ -104,6 +104,22 @@ def test_head_norm_rope_matches_reference(shape, mode, dtype):
     _assert_close(out, reference.head_norm_rope(x, weight, cos, sin, eps), "heads")
 
 
+def test_strided_inputs_are_read_by_their_strides():
+    """A slice of a wider tensor (rows not head_dim apart) gives the reference's result, not its neighbours'."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 3, 2, 32, generator=g).to(DEVICE)[..., :16]
+    w = torch.ones(16, device=DEVICE)
+    _assert_close(
+        norms.head_norm_rope(x, w, None, None, EPS, backend="triton"),
+        reference.head_norm_rope(x, w, None, None, EPS),
+        "heads",
+    )
+    rows = torch.randn(5, 64, generator=g).to(DEVICE)[:, :32]
+    _assert_close(
+        norms.rms_norm(rows, None, EPS, backend="triton"), reference.rms_norm(rows, None, EPS), "rms"
+    )
+
+
 def test_rms_norm_dispatch_matches_reference():
     (x, _, _), (w, _, _, _, _) = _rows(11, 56, torch.bfloat16, seed=5)
     for weight in (w, None):
@@ -127,6 +143,19 @@ def test_rejects_bad_inputs():
         norms.ffn_tail(a, b.t().contiguous().t(), b, w, w, w, w[:1], EPS, backend="triton")
     with pytest.raises(ValueError, match="layer_scalar must hold one value"):
         norms.ffn_tail(a, b, b, w, w, w, w, EPS, backend="triton")
+    with pytest.raises(ValueError, match="post_weight is required"):
+        norms.attention_tail(a, b, None, w, w, w, 0.5, EPS, backend="triton")
+    with pytest.raises(ValueError, match="share one dtype"):
+        norms.attention_tail(a, b.double(), w, w, w, w, 0.5, EPS, backend="triton")
+    hidden, *_ = norms.attention_tail(
+        a, b, w.double(), w, w, w, 0.5, EPS, backend="triton"
+    )  # float64 weights
+    _assert_close(hidden, reference.attention_tail(a, b, w.double(), w, w, w, 0.5, EPS)[0], "mixed weights")
+    with pytest.raises(ValueError, match="cos must be torch.float32 like x"):
+        x4 = a.reshape(1, 4, 1, 8)
+        norms.head_norm_rope(
+            x4, None, a.reshape(1, 4, 8).double(), a.reshape(1, 4, 8).double(), EPS, backend="triton"
+        )
     wide, w_wide = torch.zeros(1, norms.MAX_ROW + 1), torch.ones(norms.MAX_ROW + 1)
     with pytest.raises(ValueError, match="exceed the fused kernels"):
         norms.attention_tail(wide, wide, w_wide, w_wide, w_wide, w_wide, 0.5, EPS, backend="triton")

@@ -23,7 +23,7 @@ def canvas_attention(
     backend: str = "torch",
 ) -> torch.Tensor:
     """q [B, T, H, d]; keys/values [S, H_kv, C, d]; slots, lo, hi [B] int64 -> [B, T, H, d]. Row b attends to
-    positions lo[b] <= j < hi[b] of slot slots[b]. `prefix` and `kv_limit` only shape the reference's read
+    positions lo[b] <= j < hi[b] of slot slots[b] (clipped to [0, C); an empty range gives zeros). `prefix` and `kv_limit` only shape the reference's read
     (the kernel reads exactly [lo, hi))."""
     _check_inputs(q, keys, values, slots, lo, hi)
     if backend == "torch":
@@ -33,7 +33,9 @@ def canvas_attention(
     if backend == "triton":
         from pipeline.kernels.attention.triton_attention import canvas_attention_triton
 
-        return canvas_attention_triton(q.contiguous(), keys, values, slots, lo.clamp(min=0), hi, scale=scale)
+        capacity = keys.shape[2]  # the kernel reads exactly [lo, hi) of the slot: keep it inside the slot
+        lo, hi = lo.clamp(min=0), hi.clamp(max=capacity)
+        return canvas_attention_triton(q.contiguous(), keys, values, slots, lo, hi, scale=scale)
     raise ValueError(f"backend={backend!r} is not one of torch, triton")
 
 
@@ -53,6 +55,10 @@ def _check_inputs(q, keys, values, slots, lo, hi) -> None:
             raise ValueError(
                 f"{name} must be int64 [B]={q.shape[0]} on {q.device}; got {t.dtype} {tuple(t.shape)}"
             )
+    if not q.dtype == keys.dtype == values.dtype:
+        raise ValueError(
+            f"q, keys and values must share a dtype; got {q.dtype}, {keys.dtype}, {values.dtype}"
+        )
     if not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("the key/value cache tensors must be contiguous [S, H_kv, C, d]")
 

@@ -45,8 +45,8 @@ def _canvas_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    row_head = tl.program_id(1)
+    row_head = tl.program_id(0)  # batch x heads on axis 0 (axis 1 is limited to 65,535 programs)
+    block_m = tl.program_id(1)
     row = row_head // heads
     head = row_head % heads
     kv_head = head // (heads // kv_heads)
@@ -83,8 +83,9 @@ def _canvas_attention_kernel(
             s = tl.dot(q, tl.trans(k))
         s = tl.where(visible[None, :], s * scale, float("-inf"))  # [M, N] float32
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
-        alpha = tl.exp(run_max - new_max)
-        p = tl.exp(s - new_max[:, None])
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)  # no -inf - -inf for a row with no key yet
+        alpha = tl.exp(run_max - base)
+        p = tl.exp(s - base[:, None])
         run_sum = run_sum * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)  # [N, D]
         p_elem = to_elem(p, v.dtype, ROUND_BF16)
@@ -97,7 +98,7 @@ def _canvas_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p_elem, v)
         run_max = new_max
-    out = acc / run_sum[:, None]
+    out = acc / tl.where(run_sum > 0.0, run_sum, 1.0)[:, None]  # an empty range gives zeros, as SDPA
     tl.store(out_ptr + q_rows[:, None] + offs_d[None, :], to_elem(out, dtype, ROUND_BF16), mask=q_mask)
 
 
@@ -132,7 +133,7 @@ def canvas_attention_triton(
     if batch and tokens:
         block_m, block_n, block_d, warps = _launch_params(head_dim)
         cuda = q.device.type != "cpu"  # meta tensors count as a GPU (pipeline.kernels.aot)
-        _canvas_attention_kernel[(triton.cdiv(tokens, block_m), batch * heads)](
+        _canvas_attention_kernel[(batch * heads, triton.cdiv(tokens, block_m))](
             q, keys, values, slots, lo, hi, out,
             tokens, heads, keys.shape[1], keys.shape[2], head_dim, float(scale),
             IEEE=q.dtype == torch.float32, ROUND_BF16=q.dtype == torch.bfloat16 and not cuda,

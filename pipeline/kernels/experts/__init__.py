@@ -10,8 +10,10 @@ from pipeline.kernels.experts import reference
 
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "torch") -> torch.Tensor:
     """gelu_tanh(gate) * up for gate, up [M, I] (views of one [M, 2I] product are fine)."""
-    if gate.shape != up.shape or gate.ndim != 2:
-        raise ValueError(f"gate and up must be [M, I] alike; got {tuple(gate.shape)} and {tuple(up.shape)}")
+    if gate.shape != up.shape or gate.ndim != 2 or gate.dtype != up.dtype:
+        raise ValueError(
+            f"gate and up must be [M, I] alike; got {gate.dtype} {tuple(gate.shape)} and {up.dtype} {tuple(up.shape)}"
+        )
     if backend == "torch":
         return reference.gelu_mul(gate, up)
     if backend != "triton":
@@ -35,6 +37,8 @@ def combine(
             f"ys must be [N*k, D] and inverse [N*k] for weights [N, k]={tuple(weights.shape)}; got "
             f"{tuple(ys.shape)} and {tuple(inverse.shape)}"
         )
+    if inverse.dtype != torch.int64:
+        raise ValueError(f"inverse must be int64 (row offsets of ys); got {inverse.dtype}")
     if backend == "torch":
         return reference.combine(ys, inverse, weights)
     if backend != "triton":

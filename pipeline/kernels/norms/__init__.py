@@ -17,15 +17,24 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is not one of torch, triton")
 
 
-def _check_rows(name: str, width: int, **tensors: torch.Tensor | None) -> None:
-    """Every tensor is [N, width] (or [width] for weights: names ending in _weight / scale) and contiguous."""
+def _check_rows(
+    name: str, width: int, optional: tuple[str, ...] = (), **tensors: torch.Tensor | None
+) -> None:
+    """Every tensor is [N, width] (or [width] for weights: names ending in _weight / scale) and contiguous,
+    the [N, width] ones of one dtype; only the `optional` ones may be None."""
     if width > MAX_ROW:
         raise ValueError(f"{name}: rows of {width} exceed the fused kernels' {MAX_ROW}; use backend='torch'")
     shape = None
+    vectors = ("weight", "scale", "weight_1", "weight_2")  # weights may be of another dtype (read as float32)
+    dtypes = {t.dtype for arg, t in tensors.items() if t is not None and not arg.endswith(vectors)}
+    if len(dtypes) > 1:
+        raise ValueError(f"{name}: inputs must share one dtype; got {sorted(str(d) for d in dtypes)}")
     for arg, t in tensors.items():
         if t is None:
+            if arg not in optional:
+                raise ValueError(f"{name}: {arg} is required by the fused kernel; got None")
             continue
-        vector = arg.endswith(("weight", "scale", "weight_1", "weight_2"))
+        vector = arg.endswith(vectors)
         want = (width,) if vector else None
         if vector and tuple(t.shape) != want:
             raise ValueError(f"{name}: {arg} must be [{width}]; got {tuple(t.shape)}")
@@ -84,7 +93,7 @@ def ffn_tail(
     if backend == "torch":
         return reference.ffn_tail(*args)
     _check_rows(
-        "ffn_tail", residual.shape[-1], dense=dense, experts=experts, residual=residual, weight_1=weight_1,
+        "ffn_tail", residual.shape[-1], ("next_weight",), dense=dense, experts=experts, residual=residual, weight_1=weight_1,
         weight_2=weight_2, weight=weight, next_weight=next_weight,
     )  # fmt: skip
     if layer_scalar.numel() != 1:
@@ -113,6 +122,9 @@ def head_norm_rope(
     batch, tokens, _, head_dim = x.shape
     if (cos is None) != (sin is None):
         raise ValueError("head_norm_rope: give both cos and sin, or neither")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"head_norm_rope: {name} must be {x.dtype} like x; got {t.dtype}")
     for name, t in (("cos", cos), ("sin", sin)):
         if t is not None and tuple(t.shape) != (batch, tokens, head_dim):
             raise ValueError(

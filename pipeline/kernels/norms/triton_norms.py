@@ -242,7 +242,7 @@ def head_norm_rope_triton(x, weight, cos, sin, eps, *, out=None):
     """x [B, T, H, d]; cos/sin [B, T, d] or None; `out`: a preallocated contiguous result, else a new one."""
     batch, tokens, heads, head_dim = x.shape
     rows = batch * tokens * heads
-    flat = x.reshape(rows, head_dim)
+    flat = x.contiguous().reshape(rows, head_dim)  # rows exactly head_dim apart
     if out is None:
         out = torch.empty(batch, tokens, heads, head_dim, dtype=x.dtype, device=x.device)
     if rows:
@@ -255,6 +255,6 @@ def head_norm_rope_triton(x, weight, cos, sin, eps, *, out=None):
             flat, weight if weight is not None else flat, cos if rope else flat, sin if rope else flat, out,
             rows, heads, head_dim, _f32(1.0 / head_dim), float(eps) if eps is not None else 0.0,
             NORM=eps is not None, HAS_WEIGHT=weight is not None, ROPE=rope, **_flags(x),
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if block_d <= 4096 else block_d // 1024,
         )  # fmt: skip
     return out
