@@ -108,15 +108,19 @@ class OpProfile(TorchDispatchMode):
 def _triton_launches(profile: OpProfile, run, span: int) -> None:
     """Runs `run()` with every Triton kernel of the package recorded (not launched) and adds each launch:
     bytes = its tensor arguments, each moved once (the vocabulary head's logits chunk twice, read + write;
-    the canvas attention only the `span` keys and values of each row, not the whole cache)."""
+    the canvas attention only the `span` keys and values of each row, not the whole cache; the head norms
+    their input and as much output, also when they store into the cache)."""
     from pipeline.kernels.aot import recording_all
 
     with recording_all() as calls:
         run()
-    for name, args, _ in calls:
+    for name, args, kwargs in calls:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         nbytes = _bytes(tensors) + (_bytes(tensors[:1]) if name == "_head_chunk_kernel" else 0)
         flops = 0
+        if name == "_head_kernel":  # x in, as many bytes out (into the KV cache or not), cos/sin with rope
+            x, _, cos, sin = tensors[:4]
+            nbytes = 2 * _bytes([x]) + (_bytes([cos, sin]) if kwargs["ROPE"] else 0)
         if name == "_canvas_attention_kernel":  # reads only the rows' key ranges of the cache, not all of it
             q, keys, _, _, lo, hi, out = tensors
             kv_bytes = 2 * q.shape[0] * keys.shape[1] * span * keys.shape[3] * keys.element_size()

@@ -284,6 +284,14 @@ def supported_launches() -> list[Launch]:
                 trig = torch.empty(1, num, head_dim, dtype=dtype, device="meta")
                 triton_norms.head_norm_rope_triton(x, vector(head_dim), trig, trig, 1e-6)  # q, k
                 triton_norms.head_norm_rope_triton(x, None, None, None, 1e-6)  # v
+                cache = torch.empty(
+                    4, count, 1024, head_dim, dtype=dtype, device="meta"
+                )  # k, v into the cache
+                slots = torch.empty(1, dtype=torch.int64, device="meta")
+                positions = torch.empty(1, num, dtype=torch.int64, device="meta")
+                store = dict(cache=cache, slots=slots, positions=positions)
+                triton_norms.head_norm_rope_triton(x, vector(head_dim), trig, trig, 1e-6, **store)
+                triton_norms.head_norm_rope_triton(x, None, None, None, 1e-6, **store)
             rows = torch.empty(1, num, 1, dim, dtype=dtype, device="meta")  # rms_norm: the first input norm
             triton_norms.head_norm_rope_triton(rows, vector(), None, None, 1e-6)
 

@@ -306,13 +306,12 @@ class DiffusionGemmaTextModel(nn.Module):
         q = norms.head_norm_rope(q, _scale(attn.q_norm), cos, sin, eps, backend=backend)
         k_raw = attn.k_proj(x).view(batch, width, -1, spec.head_dim)
         v = k_raw if spec.k_eq_v else attn.v_proj(x).view(batch, width, -1, spec.head_dim)
-        k = norms.head_norm_rope(k_raw, _scale(attn.k_norm), cos, sin, eps, backend=backend)
-        v = norms.head_norm_rope(v, _scale(attn.v_norm), None, None, eps, backend=backend)
-
         keys, values = cache.keys[layer_idx], cache.values[layer_idx]
-        row = slots[:, None]
-        keys[row, :, positions] = k  # [B, T, Hkv, d] into [S, Hkv, C, d]
-        values[row, :, positions] = v
+        # Normed (and rotated) keys and values go straight into the slots at `positions`: [B, T, Hkv, d] into
+        # [S, Hkv, C, d] (the Triton kernel stores them there; the reference assigns by index).
+        store = dict(slots=slots, positions=positions, backend=backend)
+        norms.head_norm_rope_to_cache(k_raw, _scale(attn.k_norm), cos, sin, eps, keys, **store)
+        norms.head_norm_rope_to_cache(v, _scale(attn.v_norm), None, None, eps, values, **store)
         if isinstance(mask, tuple):  # the decoder: one key range per row
             lo, hi = mask
             out = attention.canvas_attention(

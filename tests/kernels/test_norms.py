@@ -104,6 +104,40 @@ def test_head_norm_rope_matches_reference(shape, mode, dtype):
     _assert_close(out, reference.head_norm_rope(x, weight, cos, sin, eps), "heads")
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("mode", [HEAD_MODES["q-k"], HEAD_MODES["v"]], ids=["keys", "values"])
+def test_head_norm_rope_into_the_cache_matches_the_indexed_assignment(mode, dtype):
+    """Rows land at cache[slots[b], h, positions[b, t]] (scattered slots, per-row offsets) and nowhere else."""
+    batch, tokens, heads, dim, num_slots, capacity = 3, 5, 2, 24, 5, 40
+    with_weight, rope, _ = mode
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(batch, tokens, heads, dim, generator=g).to(DEVICE, dtype)
+    weight = (1 + 0.3 * torch.randn(dim, generator=g)).to(DEVICE, dtype) if with_weight else None
+    angles = torch.randn(batch, tokens, dim // 2, generator=g)
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = (angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)) if rope else (None, None)
+    slots = torch.tensor([4, 0, 2], device=DEVICE)
+    positions = torch.tensor([[3], [17], [30]], device=DEVICE) + torch.arange(tokens, device=DEVICE)
+    before = torch.randn(num_slots, heads, capacity, dim, generator=g).to(DEVICE, dtype)
+    got, want = before.clone(), before.clone()
+    norms.head_norm_rope_to_cache(x, weight, cos, sin, EPS, got, slots, positions, backend="triton")
+    norms.head_norm_rope_to_cache(x, weight, cos, sin, EPS, want, slots, positions, backend="torch")
+    written = torch.zeros(num_slots, capacity, dtype=torch.bool, device=DEVICE)
+    written[slots[:, None], positions] = True
+    assert torch.equal(got.transpose(1, 2)[~written], before.transpose(1, 2)[~written]), (
+        "wrote outside the rows"
+    )
+    _assert_close(got, want, "cache")
+    with pytest.raises(ValueError, match=r"cache must be \[S, 2, C, 24\]"):
+        norms.head_norm_rope_to_cache(
+            x, weight, cos, sin, EPS, got[:, :1], slots, positions, backend="triton"
+        )
+    with pytest.raises(ValueError, match="positions"):
+        norms.head_norm_rope_to_cache(
+            x, weight, cos, sin, EPS, got, slots, positions[:, :2], backend="triton"
+        )
+
+
 def test_strided_inputs_are_read_by_their_strides():
     """A slice of a wider tensor (rows not head_dim apart) gives the reference's result, not its neighbours'."""
     g = torch.Generator().manual_seed(8)

@@ -103,20 +103,8 @@ def ffn_tail(
     return ffn_tail_triton(*args)
 
 
-def head_norm_rope(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    eps: float | None,
-    *,
-    backend: str = "torch",
-) -> torch.Tensor:
-    """x [B, T, H, d] -> [B, T, H, d]: per-head RMS norm (eps None: none; weight None: unscaled), then the
-    rotary embedding with cos/sin [B, T, d] (None: none)."""
-    _check_backend(backend)
-    if backend == "torch":
-        return reference.head_norm_rope(x, weight, cos, sin, eps)
+def _check_heads(x: torch.Tensor, weight, cos, sin) -> None:
+    """The inputs of the fused per-head kernel: x [B, T, H, d], weight [d], cos/sin [B, T, d] of x's dtype."""
     if x.ndim != 4:
         raise ValueError(f"head_norm_rope: x must be [B, T, H, d]; got {tuple(x.shape)}")
     batch, tokens, _, head_dim = x.shape
@@ -138,9 +126,64 @@ def head_norm_rope(
         raise ValueError(f"head_norm_rope: head_dim {head_dim} must be even for the rotary embedding")
     if weight is not None and tuple(weight.shape) != (head_dim,):
         raise ValueError(f"head_norm_rope: weight must be [{head_dim}]; got {tuple(weight.shape)}")
+
+
+def head_norm_rope(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float | None,
+    *,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """x [B, T, H, d] -> [B, T, H, d]: per-head RMS norm (eps None: none; weight None: unscaled), then the
+    rotary embedding with cos/sin [B, T, d] (None: none)."""
+    _check_backend(backend)
+    if backend == "torch":
+        return reference.head_norm_rope(x, weight, cos, sin, eps)
+    _check_heads(x, weight, cos, sin)
     from pipeline.kernels.norms.triton_norms import head_norm_rope_triton
 
     return head_norm_rope_triton(x, weight, cos, sin, eps)
+
+
+def head_norm_rope_to_cache(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float | None,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """head_norm_rope of x [B, T, H, d] stored into cache [S, H, C, d] at [slots[b], h, positions[b, t]]
+    (the keys or values of a KV cache); returns the cache. The Triton kernel writes there directly."""
+    _check_backend(backend)
+    if x.ndim != 4:
+        raise ValueError(f"head_norm_rope_to_cache: x must be [B, T, H, d]; got {tuple(x.shape)}")
+    batch, tokens, heads, head_dim = x.shape
+    if cache.ndim != 4 or cache.shape[1] != heads or cache.shape[3] != head_dim or cache.dtype != x.dtype:
+        raise ValueError(
+            f"head_norm_rope_to_cache: cache must be [S, {heads}, C, {head_dim}] {x.dtype}; got "
+            f"{cache.dtype} {tuple(cache.shape)}"
+        )
+    if slots.shape != (batch,) or positions.shape != (batch, tokens):
+        raise ValueError(
+            f"head_norm_rope_to_cache: slots must be [{batch}] and positions [{batch}, {tokens}]; got "
+            f"{tuple(slots.shape)} and {tuple(positions.shape)}"
+        )
+    if backend == "torch":
+        return reference.head_norm_rope_to_cache(x, weight, cos, sin, eps, cache, slots, positions)
+    if not cache.is_contiguous() or slots.dtype != torch.int64 or positions.dtype != torch.int64:
+        raise ValueError("head_norm_rope_to_cache: the cache must be contiguous, slots and positions int64")
+    _check_heads(x, weight, cos, sin)
+    from pipeline.kernels.norms.triton_norms import head_norm_rope_triton
+
+    return head_norm_rope_triton(x, weight, cos, sin, eps, cache=cache, slots=slots, positions=positions)
 
 
 def rms_norm(
@@ -155,4 +198,4 @@ def rms_norm(
     return out.reshape(shape)
 
 
-__all__ = ["attention_tail", "ffn_tail", "head_norm_rope", "rms_norm"]
+__all__ = ["attention_tail", "ffn_tail", "head_norm_rope", "head_norm_rope_to_cache", "rms_norm"]

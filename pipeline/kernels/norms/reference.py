@@ -10,7 +10,8 @@ for tensors of that dtype.
   ffn_tail            : hidden = (residual + post_ff_norm(post_ff_norm_1(dense) + post_ff_norm_2(experts)))
                         * layer_scalar, and optionally the next layer's input norm of it
   head_norm_rope      : per attention head, rms_norm over head_dim, then the rotary embedding
-                        x * cos + rotate_half(x) * sin (cos, sin: [B, T, head_dim]); either step optional
+                        x * cos + rotate_half(x) * sin (cos, sin: [B, T, head_dim]); either step optional;
+                        head_norm_rope_to_cache writes the result into a KV cache's slots and positions
 """
 
 from __future__ import annotations
@@ -81,3 +82,18 @@ def head_norm_rope(
         return x
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * cos + rotate_half(x) * sin
+
+
+def head_norm_rope_to_cache(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float | None,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """head_norm_rope of x [B, T, H, d] written to cache [S, H, C, d] at [slots[b], :, positions[b, t]]."""
+    cache[slots[:, None], :, positions] = head_norm_rope(x, weight, cos, sin, eps)
+    return cache

@@ -135,12 +135,17 @@ def _head_kernel(
     weight_ptr,  # [d] (HAS_WEIGHT)
     cos_ptr,  # [R / heads, d] (ROPE)
     sin_ptr,  # [R / heads, d] (ROPE)
-    out_ptr,  # [R, d]
+    out_ptr,  # [R, d], or a KV cache [S, heads, C, d] (TO_CACHE)
+    slot_ptr,  # [B] int64 cache slot of each batch row (TO_CACHE)
+    pos_ptr,  # [B * tokens] int64 cache position of each token (TO_CACHE)
     num_rows,
     heads,
     head_dim,
+    tokens,
+    capacity,
     inv_d,
     eps,
+    TO_CACHE: tl.constexpr,
     NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ROPE: tl.constexpr,
@@ -184,7 +189,14 @@ def _head_kernel(
         c = tl.load(cos_ptr + trig, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + trig, mask=mask, other=0.0).to(tl.float32)
         y = rounded(y * c, dtype, ROUND_BF16) + rounded(yp * s, dtype, ROUND_BF16)
-    tl.store(out_ptr + base + cols[None, :], to_elem(y, dtype, ROUND_BF16), mask=mask)
+    if TO_CACHE:  # row (b, t, h) goes to cache[slot[b], h, pos[b, t]]: the KV write, without index_put
+        token = rows // heads  # b * tokens + t
+        slot = tl.load(slot_ptr + token // tokens, mask=row_ok, other=0)
+        pos = tl.load(pos_ptr + token, mask=row_ok, other=0)
+        dst = ((slot * heads + rows % heads) * capacity + pos) * head_dim  # [R] int64
+    else:
+        dst = rows.to(tl.int64) * head_dim
+    tl.store(out_ptr + dst[:, None] + cols[None, :], to_elem(y, dtype, ROUND_BF16), mask=mask)
 
 
 def _f32(x: float) -> float:
@@ -238,13 +250,22 @@ def ffn_tail_triton(
     return hidden, nxt
 
 
-def head_norm_rope_triton(x, weight, cos, sin, eps, *, out=None):
-    """x [B, T, H, d]; cos/sin [B, T, d] or None; `out`: a preallocated contiguous result, else a new one."""
+def head_norm_rope_triton(x, weight, cos, sin, eps, *, out=None, cache=None, slots=None, positions=None):
+    """x [B, T, H, d]; cos/sin [B, T, d] or None. Returns a new [B, T, H, d] result (or fills `out`, a
+    preallocated contiguous one); with `cache` [S, H, C, d], `slots` [B] and `positions` [B, T] (int64),
+    writes row (b, t, h) to cache[slots[b], h, positions[b, t]] instead and returns the cache."""
     batch, tokens, heads, head_dim = x.shape
     rows = batch * tokens * heads
     flat = x.contiguous().reshape(rows, head_dim)  # rows exactly head_dim apart
-    if out is None:
-        out = torch.empty(batch, tokens, heads, head_dim, dtype=x.dtype, device=x.device)
+    to_cache = cache is not None
+    if to_cache:
+        out, capacity = cache, cache.shape[2]
+        slots, positions = slots.contiguous(), positions.contiguous()
+    else:
+        capacity = 0
+        slots = positions = flat  # unused
+        if out is None:
+            out = torch.empty(batch, tokens, heads, head_dim, dtype=x.dtype, device=x.device)
     if rows:
         block_d = triton.next_power_of_2(head_dim)
         block_r = max(1, min(triton.next_power_of_2(rows), HEAD_BLOCK_ELEMENTS // block_d))
@@ -253,8 +274,8 @@ def head_norm_rope_triton(x, weight, cos, sin, eps, *, out=None):
             cos, sin = cos.contiguous(), sin.contiguous()
         _head_kernel[(triton.cdiv(rows, block_r),)](
             flat, weight if weight is not None else flat, cos if rope else flat, sin if rope else flat, out,
-            rows, heads, head_dim, _f32(1.0 / head_dim), float(eps) if eps is not None else 0.0,
-            NORM=eps is not None, HAS_WEIGHT=weight is not None, ROPE=rope, **_flags(x),
+            slots, positions, rows, heads, head_dim, tokens, capacity, _f32(1.0 / head_dim),
+            float(eps) if eps is not None else 0.0, TO_CACHE=to_cache, NORM=eps is not None, HAS_WEIGHT=weight is not None, ROPE=rope, **_flags(x),
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if block_d <= 4096 else block_d // 1024,
         )  # fmt: skip
     return out
