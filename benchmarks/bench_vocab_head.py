@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     matmul_tflops,
     peak_extra_memory,
     require_cuda,
+    wall_time,
 )
 
 SOFTCAP = 30.0  # DiffusionGemma's final_logit_softcapping
@@ -92,20 +93,6 @@ def make_inputs(num: int, vocab: int, dim: int, seed: int = 0, device: str = "cu
     return hidden, embedding, temperature, state
 
 
-def _wall_time(fn: Callable, *, warmup: int, reps: int) -> dict[str, float]:
-    """The CPU smoke run's timing (cuda_time's keys)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1e3)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return {"median_ms": pick(0.5), "min_ms": times[0], "q20_ms": pick(0.2), "q80_ms": pick(0.8)}
-
-
 def measure(path: str, num: int, vocab: int, dim: int, args, rate: float) -> dict:
     """One path at one N: timing, TFLOP/s and peak extra memory, or the out-of-memory error."""
     inputs = make_inputs(num, vocab, dim, device=args.device)
@@ -116,7 +103,7 @@ def measure(path: str, num: int, vocab: int, dim: int, args, rate: float) -> dic
             _, extra = peak_extra_memory(lambda: fn(*inputs))
             timing = cuda_time(lambda: fn(*inputs), warmup=args.warmup, reps=args.reps)
         else:
-            extra, timing = 0, _wall_time(lambda: fn(*inputs), warmup=1, reps=2)
+            extra, timing = 0, wall_time(lambda: fn(*inputs), warmup=1, reps=2)
     except torch.cuda.OutOfMemoryError as e:
         return {**row, "error": f"out of memory: {str(e).splitlines()[0]}"}
     tflops = 2 * (2 * num * vocab * dim) / (timing["median_ms"] * 1e-3) / 1e12  # both vocabulary products

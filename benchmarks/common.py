@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -54,6 +55,23 @@ def cuda_time(
     for q in quantiles:
         out[f"q{round(q * 100)}_ms"] = torch.quantile(times, q).item()
     return out
+
+
+def wall_time(fn: Callable[[], Any], *, warmup: int = 1, reps: int = 3) -> dict[str, float]:
+    """cuda_time's figures from the host's clock, for the CPU smoke runs of the GPU benchmarks."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
+    times.sort()
+
+    def pick(q: float) -> float:
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    return {"median_ms": pick(0.5), "min_ms": times[0], "q20_ms": pick(0.2), "q80_ms": pick(0.8)}
 
 
 def matmul_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 8192, reps: int = 20) -> float:

@@ -15,29 +15,17 @@ and the top rows to results/profile_step_gpu.jsonl; the full table goes to stdou
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import append_results, cuda_time, require_cuda  # noqa: E402
+from benchmarks.common import append_results, cuda_time, require_cuda, wall_time  # noqa: E402
 from benchmarks.step_profile import build_sampler, floor_ms, profile_step  # noqa: E402
 
 RESULTS = str(Path(__file__).resolve().parent / "results" / "profile_step_gpu.jsonl")
-
-
-def _cpu_time(fn, reps: int) -> dict[str, float]:
-    fn()
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1e3)
-    return {"median_ms": statistics.median(times), "q20_ms": min(times), "q80_ms": max(times)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     def step() -> None:
         sampler._step(batch, None, kv_limit)
 
-    timing = cuda_time(step, warmup=3, reps=10) if cuda else _cpu_time(step, reps=3)
+    timing = cuda_time(step, warmup=3, reps=10) if cuda else wall_time(step, warmup=1, reps=3)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
