@@ -4,10 +4,12 @@
   also in the interpreter, whose bfloat16 cast truncates (ROUND_BF16 set for bfloat16 on the CPU). Kernels
   that reproduce torch's roundings step by step use these.
 - `tanh`: libdevice's tanhf (what torch calls on CUDA) compiled, a Cephes-style float32 tanh interpreted.
+- `device_flags`: the CUDA / ROUND_BF16 constants a launcher passes for its tensors.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -53,3 +55,11 @@ def to_elem(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
 def rounded(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
     """float32 x rounded to `dtype` and back: the value torch holds after storing x in a `dtype` tensor."""
     return to_elem(x, dtype, ROUND_BF16).to(tl.float32)
+
+
+def device_flags(x: torch.Tensor) -> dict[str, bool]:
+    """CUDA: compiled for a GPU (any device but the CPU, whose kernels run in the interpreter; meta tensors
+    count as a GPU, so that pipeline.kernels.aot can record launches without one). ROUND_BF16: bfloat16
+    rounded by hand, where the interpreter's cast would truncate."""
+    cuda = x.device.type != "cpu"
+    return {"CUDA": cuda, "ROUND_BF16": x.dtype == torch.bfloat16 and not cuda}

@@ -118,6 +118,8 @@ class DiffusionGemmaTextModel(nn.Module):
                     k_eq_v=attn.v_proj is None,
                 )
             )
+        # The widest row a fused norm kernel would hold (hidden size or a head); see kernel_backend.
+        self._widest_row = max([int(text_config.hidden_size)] + [spec.head_dim for spec in self.specs])
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -153,8 +155,7 @@ class DiffusionGemmaTextModel(nn.Module):
         """The kernels of this model's forward on its current device: "torch" or "triton" (torch where the
         rows are wider than the fused kernels hold)."""
         chosen = resolve_backend(self.backend, self.device.type)
-        widest = max([self.hidden_size] + [spec.head_dim for spec in self.specs])
-        return "torch" if widest > norms.MAX_ROW else chosen
+        return "torch" if self._widest_row > norms.MAX_ROW else chosen
 
     def set_backend(self, backend: str) -> None:
         """Chooses the kernels of the forward (the sampler passes its own `backend` setting)."""

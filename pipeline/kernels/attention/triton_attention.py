@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.kernels.triton_math import to_elem
+from pipeline.kernels.triton_math import device_flags, to_elem
 
 
 @triton.jit
@@ -132,11 +132,10 @@ def canvas_attention_triton(
         out = torch.empty_like(q)
     if batch and tokens:
         block_m, block_n, block_d, warps = _launch_params(head_dim)
-        cuda = q.device.type != "cpu"  # meta tensors count as a GPU (pipeline.kernels.aot)
         _canvas_attention_kernel[(batch * heads, triton.cdiv(tokens, block_m))](
             q, keys, values, slots, lo, hi, out,
             tokens, heads, keys.shape[1], keys.shape[2], head_dim, float(scale),
-            IEEE=q.dtype == torch.float32, ROUND_BF16=q.dtype == torch.bfloat16 and not cuda,
+            IEEE=q.dtype == torch.float32, ROUND_BF16=device_flags(q)["ROUND_BF16"],
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=2,
         )  # fmt: skip
     return out

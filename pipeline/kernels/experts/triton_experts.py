@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.kernels.triton_math import rounded, tanh, to_elem
+from pipeline.kernels.triton_math import device_flags, rounded, tanh, to_elem
 
 COMBINE_BLOCK = 1024
 GELU_BLOCK = 1024
@@ -66,11 +66,6 @@ def _combine_kernel(
     tl.store(out_ptr + token * width + offs, to_elem(acc, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
-def _flags(x: torch.Tensor) -> dict:
-    cuda = x.device.type != "cpu"  # meta tensors count as a GPU (pipeline.kernels.aot)
-    return dict(CUDA=cuda, ROUND_BF16=x.dtype == torch.bfloat16 and not cuda)
-
-
 def gelu_mul_triton(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """gate, up [M, I] with unit column stride and one row stride (views of a [M, 2I] product qualify)."""
     rows, width = gate.shape
@@ -79,7 +74,14 @@ def gelu_mul_triton(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor |
     if rows and width:
         block = min(GELU_BLOCK, triton.next_power_of_2(width))
         _gelu_mul_kernel[(rows, triton.cdiv(width, block))](
-            gate, up, out, width, gate.stride(0), **_flags(gate), BLOCK=block, num_warps=max(1, block // 256)
+            gate,
+            up,
+            out,
+            width,
+            gate.stride(0),
+            **device_flags(gate),
+            BLOCK=block,
+            num_warps=max(1, block // 256),
         )
     return out
 
@@ -96,6 +98,6 @@ def combine_triton(
         block = min(COMBINE_BLOCK, triton.next_power_of_2(width))
         _combine_kernel[(num, triton.cdiv(width, block))](
             ys, inverse, weights, out, width,
-            TOP_K=top_k, ROUND_BF16=_flags(ys)["ROUND_BF16"], BLOCK_D=block, num_warps=4,
+            TOP_K=top_k, ROUND_BF16=device_flags(ys)["ROUND_BF16"], BLOCK_D=block, num_warps=4,
         )  # fmt: skip
     return out

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels.rng_triton import libdevice
-from pipeline.kernels.triton_math import rounded, to_elem
+from pipeline.kernels.triton_math import device_flags, rounded, to_elem
 
 # A row program holds the whole row (at most norms.MAX_ROW); 4,096 float32 values in 8 warps are 16 registers
 # a thread per tensor.
@@ -209,11 +209,6 @@ def _row_launch(width: int) -> tuple[int, int]:
     return block, max(1, min(16, block // 512))
 
 
-def _flags(x: torch.Tensor) -> dict:
-    cuda = x.device.type != "cpu"  # meta tensors count as a GPU (pipeline.kernels.aot records launches)
-    return dict(CUDA=cuda, ROUND_BF16=x.dtype == torch.bfloat16 and not cuda)
-
-
 def attention_tail_triton(
     attn_out, residual, post_weight, pre_weight, pre2_weight, router_scale, router_root, eps, *, out=None
 ):
@@ -225,7 +220,7 @@ def attention_tail_triton(
         _attention_tail_kernel[(num,)](
             attn_out, residual, post_weight, pre_weight, pre2_weight, router_scale, *outs,
             width, _f32(1.0 / width), float(eps), float(router_root),
-            **_flags(residual), BLOCK_D=block, num_warps=warps,
+            **device_flags(residual), BLOCK_D=block, num_warps=warps,
         )  # fmt: skip
     return outs
 
@@ -245,7 +240,7 @@ def ffn_tail_triton(
             dense, experts, residual, weight_1, weight_2, weight, layer_scalar,
             next_weight if next_weight is not None else weight, hidden, nxt if nxt is not None else hidden,
             width, _f32(1.0 / width), float(eps),
-            HAS_NEXT=next_weight is not None, **_flags(residual), BLOCK_D=block, num_warps=warps,
+            HAS_NEXT=next_weight is not None, **device_flags(residual), BLOCK_D=block, num_warps=warps,
         )  # fmt: skip
     return hidden, nxt
 
@@ -275,7 +270,7 @@ def head_norm_rope_triton(x, weight, cos, sin, eps, *, out=None, cache=None, slo
         _head_kernel[(triton.cdiv(rows, block_r),)](
             flat, weight if weight is not None else flat, cos if rope else flat, sin if rope else flat, out,
             slots, positions, rows, heads, head_dim, tokens, capacity, _f32(1.0 / head_dim),
-            float(eps) if eps is not None else 0.0, TO_CACHE=to_cache, NORM=eps is not None, HAS_WEIGHT=weight is not None, ROPE=rope, **_flags(x),
+            float(eps) if eps is not None else 0.0, TO_CACHE=to_cache, NORM=eps is not None, HAS_WEIGHT=weight is not None, ROPE=rope, **device_flags(x),
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if block_d <= 4096 else block_d // 1024,
         )  # fmt: skip
     return out

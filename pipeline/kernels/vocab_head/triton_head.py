@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels.rng_triton import GUMBEL_ESTIMATE_ERROR, absorb, gumbel, gumbel_estimate
-from pipeline.kernels.triton_math import tanh, to_elem
+from pipeline.kernels.triton_math import device_flags, tanh, to_elem
 from pipeline.kernels.vocab_head.reference import HeadOutput
 
 logger = logging.getLogger(__name__)
@@ -243,9 +243,7 @@ def _vocab_head_forward(
     chunk = min(vocab, vocab_chunk or _default_vocab_chunk(num))
     block_v = block_v or min(MAX_BLOCK_V, triton.next_power_of_2(chunk))
     num_warps = 8 if block_v >= 2048 else 4
-    # Compiled for a GPU unless the tensors are on the CPU (Triton's interpreter); meta tensors count as a GPU,
-    # so that pipeline.kernels.aot can record the launches of a real shape without one.
-    cuda = hidden.device.type != "cpu"
+    flags = device_flags(embedding)
     want_soft = out.soft is not None
     has_softcap = bool(softcap)
     # float32(1 / float32(softcap)): the factor torch on CUDA multiplies by when it divides by the softcap
@@ -282,8 +280,7 @@ def _vocab_head_forward(
             SOFT=want_soft,
             FIRST=lo == 0,
             LAST=hi == vocab,
-            ROUND_BF16=embedding.dtype == torch.bfloat16 and not cuda,  # the interpreter's cast truncates
-            CUDA=cuda,
+            **flags,
             BLOCK_V=block_v,
             num_warps=num_warps,
         )
