@@ -121,6 +121,7 @@ KERNELS = {
     "pipeline.kernels.norms.triton_norms": ("_attention_tail_kernel", "_ffn_tail_kernel", "_head_kernel"),
     "pipeline.kernels.attention.triton_attention": ("_canvas_attention_kernel",),
     "pipeline.kernels.experts.triton_experts": ("_gelu_mul_kernel", "_combine_kernel"),
+    "pipeline.kernels.experts.triton_gemm": ("_expert_gemm_kernel",),
 }
 
 
@@ -226,7 +227,7 @@ def supported_launches() -> list[Launch]:
     import torch
 
     from pipeline.kernels.attention import triton_attention
-    from pipeline.kernels.experts import triton_experts
+    from pipeline.kernels.experts import triton_experts, triton_gemm
     from pipeline.kernels.norms import triton_norms
     from pipeline.kernels.step import triton_step
     from pipeline.kernels.vocab_head import triton_head
@@ -311,7 +312,7 @@ def supported_launches() -> list[Launch]:
         name = f"canvas attention B={batch} T={tokens} H={heads}/{kv_heads} d={head_dim} {dtype}"
         return record(triton_attention, "_canvas_attention_kernel", name.replace("torch.", ""), call)
 
-    def expert_pieces(num, top_k, dim, expert_dim, mlp_dim, dtype):
+    def expert_pieces(num, top_k, dim, expert_dim, mlp_dim, num_experts, dtype):
         def call():
             gate_up = torch.empty(num * top_k, 2 * expert_dim, dtype=dtype, device="meta")
             triton_experts.gelu_mul_triton(*gate_up.chunk(2, dim=-1))  # the experts' halves, strided
@@ -322,8 +323,19 @@ def supported_launches() -> list[Launch]:
             weights = torch.empty(num, top_k, dtype=torch.float32, device="meta")
             triton_experts.combine_triton(ys, inverse, weights)
 
+        def products():
+            x = torch.empty(num, dim, dtype=dtype, device="meta")
+            rows = torch.empty(num * top_k, dtype=torch.int64, device="meta")
+            offsets = torch.empty(num_experts, dtype=torch.int32, device="meta")
+            gate_up = torch.empty(num_experts, 2 * expert_dim, dim, dtype=dtype, device="meta")
+            hidden = triton_gemm.expert_gemm_triton(x, rows, gate_up, offsets, gelu=True)
+            down = torch.empty(num_experts, dim, expert_dim, dtype=dtype, device="meta")
+            triton_gemm.expert_gemm_triton(hidden, None, down, offsets, gelu=False)
+
         name = f"experts N={num} k={top_k} D={dim} I={expert_dim} {dtype}".replace("torch.", "")
-        return record(triton_experts, ("_gelu_mul_kernel", "_combine_kernel"), name, call)
+        return record(triton_experts, ("_gelu_mul_kernel", "_combine_kernel"), name, call) + record(
+            triton_gemm, "_expert_gemm_kernel", f"{name} E={num_experts}", products
+        )
 
     gemma_vocab, gemma_dim = 262_144, 2816  # DiffusionGemma-26B-A4B
     launches: list[Launch] = []
@@ -342,8 +354,8 @@ def supported_launches() -> list[Launch]:
     launches += canvas_attention(32, 256, 16, 2, 512, torch.bfloat16)  # 26B-A4B global layers
     launches += canvas_attention(32, 256, 8, 4, 128, torch.bfloat16)  # bench_generate's small shape
     launches += canvas_attention(8, 32, 4, 2, 32, torch.float32)  # the shipped tiny model
-    launches += expert_pieces(8192, 8, gemma_dim, 704, 2112, torch.bfloat16)  # 26B-A4B, batch 32
-    launches += expert_pieces(64, 2, 128, 64, 256, torch.float32)  # tiny
+    launches += expert_pieces(8192, 8, gemma_dim, 704, 2112, 128, torch.bfloat16)  # 26B-A4B, batch 32
+    launches += expert_pieces(64, 2, 128, 64, 256, 16, torch.float32)  # tiny
     unique: dict[tuple, Launch] = {}
     cases: dict[tuple, list[str]] = {}
     for launch in launches:
