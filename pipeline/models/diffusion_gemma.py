@@ -26,7 +26,7 @@ from torch import nn
 from pipeline.kernels import attention, norms
 from pipeline.kernels import experts as expert_kernels
 from pipeline.kernels.backend import check_backend, resolve_backend
-from pipeline.models.moe import moe_forward
+from pipeline.models.moe import check_gemm, moe_forward
 
 # Prefill lengths are padded to a multiple of this, so every dense product sees at least this many rows:
 # CPU GEMM kernels change their reduction order for very small row counts, which would make a row's
@@ -85,9 +85,10 @@ class SlotKVCache:
 class DiffusionGemmaTextModel(nn.Module):
     """Encoder/decoder forward over a DiffusionGemma checkpoint's (shared) text weights."""
 
-    def __init__(self, hf_model: nn.Module, *, backend: str = "auto") -> None:
+    def __init__(self, hf_model: nn.Module, *, backend: str = "auto", moe_gemm: str = "auto") -> None:
         super().__init__()
         self.backend = check_backend(backend)
+        self.moe_gemm = check_gemm(moe_gemm)  # the grouped experts' products (models/moe.py)
         decoder = hf_model.model.decoder
         text_config = hf_model.config.text_config
         self.text_config = text_config
@@ -160,6 +161,13 @@ class DiffusionGemmaTextModel(nn.Module):
     def set_backend(self, backend: str) -> None:
         """Chooses the kernels of the forward (the sampler passes its own `backend` setting)."""
         self.backend = check_backend(backend)
+
+    def set_moe_gemm(self, gemm: str) -> None:
+        """The grouped experts' products: auto (Triton's on the Triton backend), grouped_mm or triton."""
+        self.moe_gemm = check_gemm(gemm)
+
+    def _moe_gemm(self, backend: str) -> str:
+        return "grouped_mm" if backend == "torch" else self.moe_gemm
 
     def new_cache(self, slots: int, capacity: int) -> SlotKVCache:
         return SlotKVCache(self.specs, slots, capacity, self.dtype, self.device)
@@ -274,7 +282,9 @@ class DiffusionGemmaTextModel(nn.Module):
             mlp_backend = backend if self.gelu_tanh else "torch"
             dense = _mlp(layer.mlp, mlp_in, mlp_backend)
             top_w, top_i = route(router, router_in)
-            experts = moe_forward(layer.experts, moe_in, top_i, top_w, backend=mlp_backend)
+            experts = moe_forward(
+                layer.experts, moe_in, top_i, top_w, backend=mlp_backend, gemm=self._moe_gemm(mlp_backend)
+            )
             next_norm = self.norm if i + 1 == len(self.layers) else self.layers[i + 1].input_layernorm
             hidden, x = norms.ffn_tail(
                 dense, experts, hidden, _scale(layer.post_feedforward_layernorm_1),

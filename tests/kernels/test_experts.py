@@ -69,6 +69,10 @@ def test_inputs_are_checked():
         experts.gelu_mul(a, a.double(), backend="triton")
     with pytest.raises(ValueError, match="backend='fast' is not one of torch, triton"):
         moe_forward(None, a, torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), backend="fast")
+    with pytest.raises(ValueError, match="gemm='cutlass' is not one of auto, grouped_mm, triton"):
+        moe_forward(None, a, torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), gemm="cutlass")
+    with pytest.raises(ValueError, match="needs backend='triton'"):
+        moe_forward(None, a, torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), gemm="triton")
 
 
 def _experts(shape: str, device: str, dtype: torch.dtype):
@@ -80,13 +84,14 @@ def _experts(shape: str, device: str, dtype: torch.dtype):
     return hf.model.decoder.layers[0]
 
 
+@pytest.mark.parametrize("gemm", ["grouped_mm", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_grouped_experts_on_triton_match_transformers(dtype):
+def test_grouped_experts_on_triton_match_transformers(dtype, gemm):
     layer = _experts("tiny", DEVICE, dtype)
     x = torch.randn(37, layer.hidden_size, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
     _, weights, index = layer.router(x)
     with torch.no_grad():
-        fused = moe_forward(layer.experts, x, index, weights, path="grouped", backend="triton")
+        fused = moe_forward(layer.experts, x, index, weights, path="grouped", backend="triton", gemm=gemm)
         unfused = moe_forward(layer.experts, x, index, weights, path="grouped", backend="torch")
         ours = layer.experts(x, index, weights)  # transformers' own expert loop
     if dtype == torch.float32:
@@ -103,13 +108,14 @@ def test_grouped_experts_on_triton_match_transformers(dtype):
 
 @requires_cuda
 @pytest.mark.gpu
-def test_real_shape_experts_match_transformers():
+@pytest.mark.parametrize("gemm", ["grouped_mm", "triton"])
+def test_real_shape_experts_match_transformers(gemm):
     """26B-A4B's experts (128, top-8, hidden 2,816, intermediate 704) on 8,192 tokens, bf16."""
     layer = _experts("26b-a4b", DEVICE, torch.bfloat16)
     x = torch.randn(8192, 2816, device=DEVICE).to(torch.bfloat16)
     _, weights, index = layer.router(x)
     with torch.no_grad():
-        fused = moe_forward(layer.experts, x, index, weights, path="grouped", backend="triton")
+        fused = moe_forward(layer.experts, x, index, weights, path="grouped", backend="triton", gemm=gemm)
         ours = layer.experts(x, index, weights)
         layer.float()
         truth = layer.experts(x.float(), index, weights)

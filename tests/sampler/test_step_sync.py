@@ -16,8 +16,9 @@ from pipeline.sampler.engine import DiffusionSampler
 from pipeline.sampler.settings import SamplerSettings
 
 
-def _sampler(backend: str, batch: int) -> DiffusionSampler:
-    model = DiffusionGemmaTextModel(build_model("26b-a4b", "meta", torch.bfloat16, 256), backend=backend)
+def _sampler(backend: str, batch: int, moe_gemm: str = "auto") -> DiffusionSampler:
+    hf = build_model("26b-a4b", "meta", torch.bfloat16, 256)
+    model = DiffusionGemmaTextModel(hf, backend=backend, moe_gemm=moe_gemm)
     settings = SamplerSettings(
         max_new_tokens=512, max_denoising_steps=16, t_min=0.4, t_max=0.8, entropy_bound=0.1,
         stability_threshold=2, confidence_threshold=0.5, canvas_length=256, eos_token_ids=(1,), pad_token_id=0,
@@ -33,9 +34,11 @@ def test_meta_tensors_refuse_host_reads():
             read()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_decoder_step_has_no_host_synchronisation(backend):
-    sampler = _sampler(backend, batch=4)
+@pytest.mark.parametrize(
+    "backend, moe_gemm", [("torch", "auto"), ("triton", "grouped_mm"), ("triton", "auto")]
+)
+def test_decoder_step_has_no_host_synchronisation(backend, moe_gemm):
+    sampler = _sampler(backend, batch=4, moe_gemm=moe_gemm)
     sampler._ensure_storage()
     with recording_all() as calls:
         stop = sampler._step(4, None, sampler.capacity)
@@ -53,6 +56,11 @@ def test_decoder_step_has_no_host_synchronisation(backend):
         ):
             assert launched.count(name) == layers, name
         assert launched.count("_head_kernel") == 3 * layers + 1  # q, k and v norms; the first input norm
-        assert launched.count("_gelu_mul_kernel") == 2 * layers  # dense MLP and experts
+        if moe_gemm == "grouped_mm":  # torch._grouped_mm products, gelu x up apart
+            assert launched.count("_gelu_mul_kernel") == 2 * layers  # dense MLP and experts
+            assert "_expert_gemm_kernel" not in launched
+        else:  # the experts' gelu x up inside their gate/up GEMM
+            assert launched.count("_gelu_mul_kernel") == layers  # the dense MLP's
+            assert launched.count("_expert_gemm_kernel") == 2 * layers  # gate/up and down
     else:
         assert not launched
