@@ -220,6 +220,12 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=32, help="block_length of the mask families")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument(
+        "--moe-gemm",
+        default="auto",
+        choices=["auto", "grouped_mm", "triton"],
+        help="the experts' products on the Triton backend (default auto: Triton's grouped GEMM)",
+    )
+    parser.add_argument(
         "--adaptive-rows", type=int, default=64, help="rows of the adaptive workload (0: skip)"
     )
     parser.add_argument(
@@ -248,7 +254,7 @@ def main() -> None:
     model = build_model(args.shape, args.device, dtype, args.canvas)
     from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
 
-    native = DiffusionGemmaTextModel(model)
+    native = DiffusionGemmaTextModel(model, moe_gemm=args.moe_gemm)
     print(
         f"model {args.shape} on {args.device}: built in {time.perf_counter() - started:.1f}s; "
         f"matmul rate {rate and round(rate)} TFLOP/s"
@@ -306,6 +312,7 @@ def main() -> None:
                     "prompt": args.prompt,
                     "canvas": args.canvas,
                     "adaptive": False,
+                    "moe_gemm": args.moe_gemm if impl == "canvasflow" else None,
                     "tokens_per_s": tok_s,
                     "ms_per_step": ms_step,
                     "mfu_percent": mfu,

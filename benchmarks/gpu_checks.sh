@@ -4,12 +4,16 @@
 # model logits at the 26B-A4B shape), then the benchmarks, each under its own time limit so that one slow part
 # cannot eat the others. Logs and the results files are copied to $OUT (default ./gpu-out).
 #
-#   bash benchmarks/gpu_checks.sh                         # every step (about 17 minutes at most)
-#   bash benchmarks/gpu_checks.sh tests vocab-head        # a subset: steps tests, vocab-head, generate, profile, llada
+#   bash benchmarks/gpu_checks.sh                         # every step (about 19 minutes at most)
+#   bash benchmarks/gpu_checks.sh tests vocab-head        # a subset: steps tests, vocab-head, experts, generate,
+#                                                         # profile, llada
 #   QUICK=1 bash benchmarks/gpu_checks.sh                 # small shapes: a smoke run of every step
 #
-# With a 10-minute limit per command (the device tool), run "tests vocab-head" and "generate profile" as two
-# calls: each stays under 9 minutes (limits 240 + 150 s and 360 + 150 s); "llada" after, if time is left.
+# With a 10-minute limit per command (the device tool), run "tests vocab-head experts" and "generate profile"
+# as two calls: each stays under 9 minutes (limits 240 + 150 + 90 s and 360 + 150 s); "llada" after, if time
+# is left. `experts` writes the faster of the experts' products (grouped_mm or triton) to $OUT/moe_gemm.txt
+# and benchmarks/results/moe_gemm.txt (git-ignored, so a warm device keeps it between calls); generate and
+# profile then run with it (MOE_GEMM=grouped_mm or triton overrides).
 # `profile` traces one decoder step at batch 32 (torch.profiler table, ms per step vs the roofline floor).
 #
 # Exit status: 0 when every step passed, else the number of failed steps. Each step's table is in its log.
@@ -37,23 +41,31 @@ step() {  # step NAME LIMIT_S COMMAND...: runs it with a time limit, logs to $OU
     git rev-parse HEAD 2>/dev/null || true
 } | tee "$OUT/device.txt"
 
-steps=${*:-tests vocab-head generate profile llada}
+choice_file=benchmarks/results/moe_gemm.txt
+moe_gemm() {  # the experts' products for generate / profile: $MOE_GEMM, else the experts step's choice, else auto
+    if [ -n "${MOE_GEMM:-}" ]; then echo "$MOE_GEMM"; elif [ -s "$choice_file" ]; then cat "$choice_file"; else echo auto; fi
+}
+
+steps=${*:-tests vocab-head experts generate profile llada}
 for name in $steps; do
     case "$name:${QUICK:-0}" in
     tests:1) step tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels ;;
     tests:*) step tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/models ;;
     vocab-head:1) step vocab-head 120 python3 benchmarks/bench_vocab_head.py --quick ;;
     vocab-head:*) step vocab-head 150 python3 benchmarks/bench_vocab_head.py ;;
-    generate:1) step generate 180 python3 benchmarks/bench_generate.py --shape small --batches 1 8 32 --adaptive-rows 32 ;;
-    generate:*) step generate 360 python3 benchmarks/bench_generate.py --batches 1 8 16 32 48 64 --adaptive-rows 64 ;;
-    profile:1) step profile 120 python3 benchmarks/profile_step_gpu.py --shape small ;;
-    profile:*) step profile 150 python3 benchmarks/profile_step_gpu.py ;;
+    experts:1) step experts 60 python3 benchmarks/bench_experts.py --quick --choice "$choice_file" ;;
+    experts:*) step experts 90 python3 benchmarks/bench_experts.py --choice "$choice_file" ;;
+    generate:1) step generate 180 python3 benchmarks/bench_generate.py --shape small --batches 1 8 32 --adaptive-rows 32 --moe-gemm "$(moe_gemm)" ;;
+    generate:*) step generate 360 python3 benchmarks/bench_generate.py --batches 1 8 16 32 48 64 --adaptive-rows 64 --moe-gemm "$(moe_gemm)" ;;
+    profile:1) step profile 120 python3 benchmarks/profile_step_gpu.py --shape small --moe-gemm "$(moe_gemm)" ;;
+    profile:*) step profile 150 python3 benchmarks/profile_step_gpu.py --moe-gemm "$(moe_gemm)" ;;
     llada:1) step llada 120 python3 benchmarks/bench_generate.py --family llada --shape small --batches 1 8 ;;
     llada:*) step llada 120 python3 benchmarks/bench_generate.py --family llada --batches 1 8 32 ;;
-    *) echo "unknown step $name (steps: tests vocab-head generate profile llada)" >&2; exit 64 ;;
+    *) echo "unknown step $name (steps: tests vocab-head experts generate profile llada)" >&2; exit 64 ;;
     esac
 done
 
 cp benchmarks/results/*.jsonl "$OUT"/ 2>/dev/null || true
+[ -s "$choice_file" ] && cp "$choice_file" "$OUT"/
 echo "failed steps: $failed (logs and results in $OUT)"
 exit "$failed"

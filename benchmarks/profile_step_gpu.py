@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--canvas", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--backend", default="triton", choices=["torch", "triton"])
+    parser.add_argument("--moe-gemm", default="auto", choices=["auto", "grouped_mm", "triton"])
     parser.add_argument("--rows", type=int, default=40, help="rows of the profiler table (default 40)")
     parser.add_argument("--tflops", type=float, default=724.0)
     parser.add_argument("--bandwidth", type=float, default=4.3)
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         require_cuda("profile_step_gpu.py")
 
-    sampler = build_sampler(args.shape, args.device, args.batch, args.canvas, args.prompt, args.backend)
+    sampler = build_sampler(
+        args.shape, args.device, args.batch, args.canvas, args.prompt, args.backend, moe_gemm=args.moe_gemm
+    )
     batch, device = args.batch, sampler.device
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, sampler.vocab_size, (batch, args.prompt), generator=gen).tolist()
@@ -76,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         sort_key = "self_cuda_time_total"
     print(events.table(sort_by=sort_key, row_limit=args.rows))
 
-    model = profile_step(args.shape, args.batch, args.canvas, args.prompt, args.backend)
+    model = profile_step(
+        args.shape, args.batch, args.canvas, args.prompt, args.backend, moe_gemm=args.moe_gemm
+    )
     floor = sum(floor_ms(f, n, args.tflops, args.bandwidth) for _, _, f, n in model.ops)
     flops = sum(f for _, _, f, _ in model.ops)
     measured = timing["median_ms"]
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 shape=args.shape,
                 batch=batch,
                 backend=args.backend,
+                moe_gemm=args.moe_gemm,
                 ms_per_step=measured,
                 floor_ms=floor,
                 flops=flops,

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_generate import build_model  # noqa: E402
 from benchmarks.common import append_results  # noqa: E402
+from pipeline.models.moe import GEMMS  # noqa: E402
 
 RESULTS = str(Path(__file__).resolve().parent / "results" / "step_profile.jsonl")
 FREE = {  # aten ops that move no data (views, metadata)
@@ -126,11 +127,24 @@ def _triton_launches(profile: OpProfile, run, span: int) -> None:
             kv_bytes = 2 * q.shape[0] * keys.shape[1] * span * keys.shape[3] * keys.element_size()
             nbytes = _bytes([q, out]) + kv_bytes
             flops = 4 * q.shape[0] * q.shape[2] * q.shape[1] * span * q.shape[3]
+        if name == "_expert_gemm_kernel":  # the A rows it reads (gathered: k rows a token), weights, output
+            x, rows, weight, _, out = tensors
+            a_rows = rows.shape[0] if kwargs["GATHER"] else x.shape[0]
+            nbytes = a_rows * x.shape[1] * x.element_size() + _bytes([weight, out])
+            nbytes += _bytes([rows]) if kwargs["GATHER"] else 0
+            flops = 2 * a_rows * weight.shape[1] * weight.shape[2]
         profile.add("triton: " + name.strip("_").removesuffix("_kernel"), name, flops, nbytes)
 
 
 def build_sampler(
-    shape: str, device: str, batch: int, canvas: int, prompt: int, backend: str, forward: str | None = None
+    shape: str,
+    device: str,
+    batch: int,
+    canvas: int,
+    prompt: int,
+    backend: str,
+    forward: str | None = None,
+    moe_gemm: str = "auto",
 ):
     """canvasflow's sampler over bench_generate's model `shape` (random bf16 weights) on `device`, its
     storage allocated for `batch` rows of `prompt` tokens plus one canvas; CUDA graphs off. `backend` is the
@@ -149,14 +163,21 @@ def build_sampler(
     )
     if forward is not None:
         model.set_backend(forward)
+    model.set_moe_gemm(moe_gemm)
     sampler._ensure_storage()
     return sampler
 
 
 def profile_step(
-    shape: str, batch: int, canvas: int, prompt: int, backend: str, forward: str | None = None
+    shape: str,
+    batch: int,
+    canvas: int,
+    prompt: int,
+    backend: str,
+    forward: str | None = None,
+    moe_gemm: str = "auto",
 ) -> OpProfile:
-    sampler = build_sampler(shape, "meta", batch, canvas, prompt, backend, forward)
+    sampler = build_sampler(shape, "meta", batch, canvas, prompt, backend, forward, moe_gemm)
     profile = OpProfile()
     kv_limit = sampler.capacity  # prompt + canvas, as the CUDA path reads (rounded up to 256 there)
 
@@ -190,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs",
         nargs="+",
-        default=["torch/torch", "triton/torch", "triton/triton"],
-        help="SAMPLER/FORWARD kernel backends to compare (default: all torch; the Triton sampler kernels with "
-        "the torch forward, as before the fused forward kernels; all Triton)",
+        default=["torch/torch", "triton/torch", "triton/triton/grouped_mm", "triton/triton"],
+        help="SAMPLER/FORWARD[/MOE_GEMM] kernel backends to compare (default: all torch; the Triton sampler "
+        "kernels with the torch forward, as before the fused forward kernels; all Triton with the experts on "
+        "torch._grouped_mm; all Triton)",
     )
     parser.add_argument(
         "--no-record", action="store_true", help="do not append to results/step_profile.jsonl"
@@ -201,12 +223,19 @@ def main(argv: list[str] | None = None) -> int:
 
     profiles = {}
     for config in args.configs:
-        sampler_kernels, _, forward = config.partition("/")
-        if {sampler_kernels, forward or sampler_kernels} - {"torch", "triton"}:
-            parser.error(f"--configs {config!r}: give SAMPLER/FORWARD, each torch or triton")
+        sampler_kernels, _, rest = config.partition("/")
+        forward, _, moe_gemm = rest.partition("/")
+        if {sampler_kernels, forward or sampler_kernels} - {"torch", "triton"} or (
+            moe_gemm or "auto"
+        ) not in GEMMS:
+            parser.error(
+                f"--configs {config!r}: give SAMPLER/FORWARD[/MOE_GEMM]: torch or triton, and one of "
+                f"{', '.join(GEMMS)}"
+            )
         profiles[config] = profile_step(
-            args.shape, args.batch, args.canvas, args.prompt, sampler_kernels, forward or sampler_kernels
-        )
+            args.shape, args.batch, args.canvas, args.prompt, sampler_kernels, forward or sampler_kernels,
+            moe_gemm or "auto",
+        )  # fmt: skip
     kinds = sorted({k for p in profiles.values() for k in p.rows}, key=lambda k: (k.startswith("triton"), k))
     rate = (args.tflops, args.bandwidth)
     print(

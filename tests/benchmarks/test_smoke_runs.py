@@ -5,25 +5,27 @@ profiler activity)."""
 
 from __future__ import annotations
 
-from benchmarks import bench_vocab_head, profile_step_gpu, step_profile
+from benchmarks import bench_experts, bench_vocab_head, profile_step_gpu, step_profile
 
 
 def test_roofline_model_counts_the_fused_kernels(capsys):
-    configs = ["--configs", "torch/torch", "triton/torch", "triton/triton"]
+    configs = ["--configs", "torch/torch", "triton/torch", "triton/triton/grouped_mm", "triton/triton"]
     assert step_profile.main(["--shape", "small", "--batch", "4", "--no-record", *configs]) == 0
     out = capsys.readouterr().out
     for kind in (
         "triton: attention_tail",
         "triton: canvas_attention",
         "triton: combine",
+        "triton: expert_gemm",
         "triton: head_chunk",
     ):
         assert kind in out
     totals = [line for line in out.splitlines() if "TFLOP, matmul floor" in line]
-    assert [line.split(" kernels:")[0] for line in totals] == ["torch/torch", "triton/torch", "triton/triton"]
-    # Each step of fusion lowers the floor: the sampler's kernels, then the forward's.
-    floors = [float(line.split("floors ")[1].split(" ms")[0]) for line in totals]
-    assert floors[0] > floors[1] > floors[2]
+    assert [line.split(" kernels:")[0] for line in totals] == configs[1:]
+    # Each step of fusion lowers the floor, so raises the utilisation the op sequence allows: the sampler's
+    # kernels, the forward's, the experts' products.
+    best = [int(line.split("at most ")[1].split("%")[0]) for line in totals]
+    assert best[0] < best[1] < best[2] < best[3]
 
 
 def test_measured_profile_runs_on_cpu(capsys):
@@ -38,3 +40,12 @@ def test_vocab_head_benchmark_runs_on_cpu(capsys):
     out = capsys.readouterr().out
     for path in ("reference", "torch-chunked", "triton"):
         assert f"    19 {path}" in out
+
+
+def test_experts_benchmark_runs_on_cpu_and_names_the_faster_path(capsys, tmp_path):
+    choice = tmp_path / "moe_gemm.txt"
+    bench_experts.main(["--device", "cpu", "--n", "23", "--choice", str(choice)])
+    out = capsys.readouterr().out
+    for path in ("transformers", "grouped_mm", "triton"):
+        assert f"    23 {path}" in out
+    assert choice.read_text().strip() in ("grouped_mm", "triton")
