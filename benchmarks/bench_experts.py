@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     experts, top_k = build_experts(shape, args.device, dtype)
     env = environment()
     dim, inner = experts.hidden_dim, experts.intermediate_dim
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    print(
+        f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}{' + uncommitted changes' if env['dirty'] else ''}"
+    )
     print(
         f"experts {shape}: E={experts.num_experts} k={top_k} D={dim} I={inner} {str(dtype)[6:]} | measured "
         f"matmul rate {rate and round(rate)} TFLOP/s | TFLOP/s count 2 x N x k x 3DI\n"

@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
             a @ a
         rate = 4 * 2 * 512**3 / (time.perf_counter() - started) / 1e12
     env = environment()
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    print(
+        f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}{' + uncommitted changes' if env['dirty'] else ''}"
+    )
     print(f"measured bf16 matmul rate: {rate:.0f} TFLOP/s | V={vocab} D={dim} | TFLOP/s count 2 x 2NVD\n")
     header = f"{'N':>6} {'path':<14} {'median ms':>10} {'q20':>9} {'q80':>9} {'TFLOP/s':>8} {'of mm':>6} "
     print(header + f"{'extra GiB':>10} {'vs ref':>7}")

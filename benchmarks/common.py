@@ -93,19 +93,22 @@ def peak_extra_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, torch.cuda.max_memory_allocated() - base
 
 
-def environment() -> dict[str, Any]:
-    """Device name, git commit (None outside a checkout), UTC date, torch and triton versions."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+def environment(checkout: str | None = None) -> dict[str, Any]:
+    """Device name, git commit of `checkout` (default: this one) and whether tracked files differ from it
+    (None outside a checkout), UTC date, torch and triton versions. `dirty` tells a row measured on
+    uncommitted changes from one measured on `commit`."""
+    here = checkout or os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=here, capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     try:
         import triton
 
@@ -115,6 +118,7 @@ def environment() -> dict[str, Any]:
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "commit": commit,
+        "dirty": None if status is None else bool(status),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "triton": triton_version,
