@@ -353,6 +353,8 @@ def supported_launches() -> list[Launch]:
     launches += canvas_attention(32, 256, 16, 8, 256, torch.bfloat16)  # 26B-A4B sliding layers
     launches += canvas_attention(32, 256, 16, 2, 512, torch.bfloat16)  # 26B-A4B global layers
     launches += canvas_attention(32, 256, 8, 4, 128, torch.bfloat16)  # bench_generate's small shape
+    launches += canvas_attention(32, 160, 32, 32, 128, torch.bfloat16)  # LLaDA-8B's cached window
+    launches += canvas_attention(32, 160, 28, 4, 128, torch.bfloat16)  # Dream-7B's
     launches += canvas_attention(8, 32, 4, 2, 32, torch.float32)  # the shipped tiny model
     launches += expert_pieces(8192, 8, gemma_dim, 704, 2112, 128, torch.bfloat16)  # 26B-A4B, batch 32
     launches += expert_pieces(64, 2, 128, 64, 256, 16, torch.float32)  # tiny

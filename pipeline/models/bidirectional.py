@@ -10,7 +10,10 @@ row's numbers never depend on its neighbours in the batch.
 - With a `BlockKVCache` ([slots, kv_heads, capacity, head_dim] per layer, allocated once) a call writes the
   keys/values of its tokens at their positions in the row's slot, then attends to the slot's positions
   [0, key_length): tokens computed earlier are read from the cache. The sampler's block-caching modes are
-  just choices of which window to recompute (see pipeline/sampler/mask/engine.py).
+  just choices of which window to recompute (see pipeline/sampler/mask/engine.py). That attention is
+  kernels/attention's canvas attention over the key range [0, key_length) of each row's slot: on the Triton
+  backend (`set_backend`, which the mask sampler calls) a flash attention reading the cache in place; on the
+  torch backend scaled_dot_product_attention with a mask over the gathered slots, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.kernels.attention import canvas_attention
+from pipeline.kernels.backend import check_backend, resolve_backend
 
 # Query windows are padded to a multiple of this, so that no dense product sees very few rows (CPU GEMM kernels
 # can change their reduction order for tiny row counts, see models.diffusion_gemma). 8 rather than 16: a dual-
@@ -152,6 +158,7 @@ class BidirectionalLM(nn.Module):
             None if spec.tie_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         )
         self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+        self.backend = "torch"  # the cached attention's kernels: auto, torch or triton (set_backend)
 
     # ---------------------------------------------------------------------------------------- properties
     @property
@@ -177,6 +184,13 @@ class BidirectionalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
+
+    def set_backend(self, backend: str) -> None:
+        """Chooses the cached attention's kernels (auto: Triton on CUDA); the mask sampler passes its own."""
+        self.backend = check_backend(backend)
+
+    def kernel_backend(self) -> str:
+        return resolve_backend(self.backend, self.device.type)
 
     def new_cache(self, slots: int, capacity: int) -> BlockKVCache:
         return BlockKVCache(self.spec, slots, capacity, self.dtype, self.device)
@@ -215,35 +229,36 @@ class BidirectionalLM(nn.Module):
                     f"a cached forward needs key_length and 0 < key_span < capacity={cache.capacity}; "
                     f"got key_span={key_span}"
                 )
-            columns = torch.arange(key_span, device=tokens.device)
-            mask = (columns[None, :] < key_length[:, None])[:, None, None, :]  # [B, 1, 1, K]
             write = torch.where(valid, positions, cache.scratch)  # [B, W]
-            rows = (torch.arange(batch, device=tokens.device) if slots is None else slots)[:, None]
+            cache_slots = torch.arange(batch, device=tokens.device) if slots is None else slots
+            rows = cache_slots[:, None]
+            starts = torch.zeros_like(key_length)  # every row attends to its slot's positions [0, key_length)
+            backend = self.kernel_backend()
         spec = self.spec
+        scale = 1.0 / math.sqrt(spec.head_dim)
         for i, layer in enumerate(self.layers):
             h = layer.attn_norm(x)
             q = self._rope(layer.q_proj(h).view(batch, width, spec.num_heads, spec.head_dim), cos, sin)
             k = self._rope(layer.k_proj(h).view(batch, width, spec.num_kv_heads, spec.head_dim), cos, sin)
             v = layer.v_proj(h).view(batch, width, spec.num_kv_heads, spec.head_dim)
             if cache is None:
-                k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, W, d]
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2),
+                    k.transpose(1, 2),  # [B, Hkv, W, d]
+                    v.transpose(1, 2),
+                    attn_mask=mask,
+                    scale=scale,
+                    enable_gqa=spec.num_kv_heads != spec.num_heads,
+                ).transpose(1, 2)  # [B, W, H, d]
             else:
                 keys, values = cache.keys[i], cache.values[i]
                 keys[rows, :, write] = k  # [B, W, Hkv, d] into [S, Hkv, C, d]
                 values[rows, :, write] = v
-                if slots is None:
-                    k_all, v_all = keys[:batch, :, :key_span], values[:batch, :, :key_span]
-                else:
-                    k_all, v_all = keys[slots, :, :key_span], values[slots, :, :key_span]
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                k_all,
-                v_all,
-                attn_mask=mask,
-                scale=1.0 / math.sqrt(spec.head_dim),
-                enable_gqa=spec.num_kv_heads != spec.num_heads,
-            )  # [B, H, W, d]
-            x = x + layer.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
+                out = canvas_attention(
+                    q, keys, values, cache_slots, starts, key_length, scale=scale, prefix=slots is None,
+                    kv_limit=key_span, backend=backend,
+                )  # fmt: skip
+            x = x + layer.o_proj(out.reshape(batch, width, -1))
             h = layer.mlp_norm(x)
             x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
         return self.norm(x)

@@ -99,12 +99,17 @@ def test_dispatcher_clamps_the_range_and_checks_inputs():
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_heads, head_dim", [(8, 256), (2, 512)], ids=["sliding-d256", "global-d512"])
-def test_real_shape(kv_heads, head_dim):
-    """Batch 32, canvas 256 after a 128-token prompt, 16 query heads, bf16; the whole capacity 1,024."""
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim",
+    [(16, 8, 256), (16, 2, 512), (28, 4, 128)],
+    ids=["sliding-d256", "global-d512", "dream7b-d128"],
+)
+def test_real_shape(heads, kv_heads, head_dim):
+    """Batch 32, canvas 256 after a 128-token prompt, bf16, the whole capacity 1,024: DiffusionGemma-26B-A4B's
+    two attention kinds (16 query heads), and Dream-7B's cached attention (28 query heads over 4)."""
     batch, tokens = 32, 256
     g = torch.Generator(device=DEVICE).manual_seed(2)
-    q = torch.randn(batch, tokens, 16, head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
+    q = torch.randn(batch, tokens, heads, head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
     keys, values = (
         torch.randn(batch, kv_heads, 1024, head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
         for _ in range(2)

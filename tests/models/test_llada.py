@@ -163,11 +163,14 @@ def test_missing_tensor_is_named(llada_dir, tmp_path):
         load_model(str(tmp_path), device="cpu")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("slots", [None, [2, 0]], ids=["prefix-slots", "scattered-slots"])
-def test_cached_windows_equal_the_full_forward(llada_dir, slots):
+def test_cached_windows_equal_the_full_forward(llada_dir, slots, backend):
     """With the cache holding the keys/values of an unchanged sequence, recomputing a window (block + suffix:
-    the prefix cache; the block alone: the dual cache) gives the full forward's hidden states there."""
+    the prefix cache; the block alone: the dual cache) gives the full forward's hidden states there; also
+    with the cached attention on the Triton kernel (grouped-query heads: 4 query, 2 key/value)."""
     model = load_model(str(llada_dir), device="cpu").model
+    model.set_backend(backend)
     gen = torch.Generator().manual_seed(1)
     lengths = torch.tensor([29, 21])
     tokens = torch.randint(3, model.vocab_size, (2, 32), generator=gen)

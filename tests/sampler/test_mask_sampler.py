@@ -55,9 +55,9 @@ def _settings(model, **overrides) -> MaskSettings:
     return MaskSettings(**values)
 
 
-def _run(model, prompts, *, batch=3, batching="continuous", order=None, **overrides):
+def _run(model, prompts, *, batch=3, batching="continuous", order=None, backend="auto", **overrides):
     sampler = MaskDiffusionSampler(
-        model, _settings(model, **overrides), max_batch=batch, max_prompt_tokens=16
+        model, _settings(model, **overrides), max_batch=batch, max_prompt_tokens=16, backend=backend
     )
     indices = order if order is not None else range(len(prompts))
     results = sampler.generate([Request(f"row-{i}", prompts[i]) for i in indices], batching=batching)
@@ -144,6 +144,21 @@ def test_caching_with_one_step_per_block_is_exact(llada_fp32, cache):
     exact, _ = _run(llada_fp32, prompts, steps=2, block_length=8)
     cached, _ = _run(llada_fp32, prompts, steps=2, block_length=8, cache=cache)
     assert {k: r.token_ids for k, r in cached.items()} == {k: r.token_ids for k, r in exact.items()}
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_attention_on_triton_gives_the_same_completions(family_dir, cache):
+    """The cached forward's attention on the canvas-attention kernel (the interpreter on CPU) decides every
+    token as the torch path does, for LLaDA and for Dream (grouped-query heads), with guidance's twin rows."""
+    family, path = family_dir
+    model = load_mask_model(path, dtype=torch.float32)
+    prompts = _prompts(5)
+    knobs = dict(steps=8, block_length=8, cache=cache, cfg_scale=0.5)
+    torch_run, torch_sampler = _run(model, prompts, backend="torch", **knobs)
+    triton_run, triton_sampler = _run(model, prompts, backend="triton", **knobs)
+    assert torch_sampler.backend == "torch" and triton_sampler.backend == "triton"
+    assert model.kernel_backend() == "triton"
+    assert {k: r.token_ids for k, r in triton_run.items()} == {k: r.token_ids for k, r in torch_run.items()}
 
 
 def test_caching_saves_forward_flops(llada_fp32):

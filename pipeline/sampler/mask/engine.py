@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.kernels import rng
+from pipeline.kernels.backend import check_backend, resolve_backend
 from pipeline.models.bidirectional import TOKEN_PAD, BidirectionalLM
 from pipeline.sampler.engine import Request, Result, round_up
 from pipeline.sampler.mask.decide import StepKeys, decide, eos_stop
@@ -96,10 +97,7 @@ class MaskDiffusionSampler:
     ) -> None:
         if max_batch <= 0:
             raise ValueError(f"max_batch={max_batch} must be positive")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend={backend!r} is not one of auto, torch, triton")
-        if backend == "triton":
-            logger.info("the mask sampler has no Triton kernels; using its torch path")
+        check_backend(backend)
         if settings.mask_token_id != model.mask_token_id:
             raise ValueError(
                 f"settings.mask_token_id={settings.mask_token_id} differs from the model's {model.mask_token_id}"
@@ -108,8 +106,10 @@ class MaskDiffusionSampler:
         self.settings = settings
         self.max_batch = max_batch
         self.max_prompt_tokens = max_prompt_tokens
-        self.backend = "torch"
         self.device = model.device
+        # The cached forward's attention follows the sampler's kernel choice (the rest of the step is torch).
+        self.backend = resolve_backend(backend, self.device.type)
+        model.set_backend(self.backend)
         self.shift = 1 if model.spec.shift_logits else 0
         self.width = round_up(max_prompt_tokens + settings.max_new_tokens, TOKEN_PAD)
         self.guided = settings.cfg_scale > 0
