@@ -312,6 +312,22 @@ def supported_launches() -> list[Launch]:
         name = f"canvas attention B={batch} T={tokens} H={heads}/{kv_heads} d={head_dim} {dtype}"
         return record(triton_attention, "_canvas_attention_kernel", name.replace("torch.", ""), call)
 
+    def expert_tiles(num, top_k, dim, expert_dim, num_experts, tiles):
+        """The grouped GEMM at benchmarks/bench_experts.py's tile candidates (bf16)."""
+
+        def call():
+            x = torch.empty(num, dim, dtype=torch.bfloat16, device="meta")
+            rows = torch.empty(num * top_k, dtype=torch.int64, device="meta")
+            offsets = torch.empty(num_experts, dtype=torch.int32, device="meta")
+            gate_up = torch.empty(num_experts, 2 * expert_dim, dim, dtype=torch.bfloat16, device="meta")
+            down = torch.empty(num_experts, dim, expert_dim, dtype=torch.bfloat16, device="meta")
+            hidden = torch.empty(num * top_k, expert_dim, dtype=torch.bfloat16, device="meta")
+            for t in tiles.values():
+                triton_gemm.expert_gemm_triton(x, rows, gate_up, offsets, gelu=True, tiles=t)
+                triton_gemm.expert_gemm_triton(hidden, None, down, offsets, gelu=False, tiles=t)
+
+        return record(triton_gemm, "_expert_gemm_kernel", "bench_experts tile candidates", call)
+
     def expert_pieces(num, top_k, dim, expert_dim, mlp_dim, num_experts, dtype):
         def call():
             gate_up = torch.empty(num * top_k, 2 * expert_dim, dtype=dtype, device="meta")
@@ -358,6 +374,7 @@ def supported_launches() -> list[Launch]:
     launches += canvas_attention(8, 32, 4, 2, 32, torch.float32)  # the shipped tiny model
     launches += expert_pieces(8192, 8, gemma_dim, 704, 2112, 128, torch.bfloat16)  # 26B-A4B, batch 32
     launches += expert_pieces(64, 2, 128, 64, 256, 16, torch.float32)  # tiny
+    launches += expert_tiles(8192, 8, gemma_dim, 704, 128, triton_gemm.TILE_CANDIDATES)
     unique: dict[tuple, Launch] = {}
     cases: dict[tuple, list[str]] = {}
     for launch in launches:

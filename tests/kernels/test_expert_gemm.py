@@ -14,7 +14,7 @@ from pipeline.kernels.experts.triton_gemm import expert_gemm_triton
 from tests.support.tolerance import assert_close_ulp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
 def _routing(num: int, top_k: int, num_experts: int, *, skew: str, seed: int):
@@ -38,6 +38,7 @@ CASES = {
     "N29-k4-E9-K100-O46-gaps": (29, 4, 9, 100, 46, "gaps"),
     "N70-k1-E4-K33-O18-one": (70, 1, 4, 33, 18, "one"),
     "N6-k8-E128-K64-O64": (6, 8, 128, 64, 64, "spread"),
+    "N9-k2-E3-K40-O330": (9, 2, 3, 40, 330, "spread"),  # several column tiles at the bf16 tile (128)
 }
 
 
@@ -92,11 +93,28 @@ def test_no_rows_gives_an_empty_result():
     assert expert_gemm_triton(x, rows, weight, offsets, gelu=True).shape == (0, 4)
 
 
+def test_rows_past_the_offsets_end_are_not_touched():
+    """offsets[-1] < M (rows no expert owns) leaves those output rows as they were; the kernel never reads or
+    writes past M even if offsets claimed more."""
+    x = torch.randn(10, 16, device=DEVICE)
+    weight = torch.randn(2, 8, 16, device=DEVICE)
+    rows = torch.arange(10, device=DEVICE)
+    out = torch.full((10, 8), 7.0, device=DEVICE)
+    expert_gemm_triton(
+        x, rows, weight, torch.tensor([3, 6], dtype=torch.int32, device=DEVICE), gelu=False, out=out
+    )
+    assert (out[6:] == 7.0).all() and not (out[:6] == 7.0).any()
+    with pytest.raises(ValueError, match=r"out must be contiguous"):
+        expert_gemm_triton(x, rows, weight, torch.tensor([3, 6], dtype=torch.int32), gelu=True, out=out)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_real_shape_expert_gemm_matches_reference():
-    """26B-A4B's experts (128, top-8, hidden 2,816, intermediate 704) at batch 32 (8,192 tokens), bf16."""
-    rows, offsets = _routing(8192, 8, 128, skew="spread", seed=3)
+@pytest.mark.parametrize("skew", ["spread", "gaps"])
+def test_real_shape_expert_gemm_matches_reference(skew):
+    """26B-A4B's experts (128, top-8, hidden 2,816, intermediate 704) at batch 32 (8,192 tokens), bf16;
+    routing over every expert, or with three experts left empty."""
+    rows, offsets = _routing(8192, 8, 128, skew=skew, seed=3)
     x = torch.randn(8192, 2816, device=DEVICE, dtype=torch.bfloat16)
     gate_up = torch.randn(128, 1408, 2816, device=DEVICE, dtype=torch.bfloat16) * 2816**-0.5
     down = torch.randn(128, 2816, 704, device=DEVICE, dtype=torch.bfloat16) * 704**-0.5
@@ -106,3 +124,26 @@ def test_real_shape_expert_gemm_matches_reference():
     )
     ys = expert_gemm_triton(hidden, None, down, offsets, gelu=False)
     assert_close_ulp(ys, reference.expert_gemm(hidden, None, down, offsets, gelu=False), "down", atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_captured_launch_follows_new_routing():
+    """The launch reads its tiles' experts from `offsets` on the device: a CUDA graph captured with one routing
+    and replayed after the rows and offsets tensors were overwritten with another computes the new one."""
+    x = torch.randn(2048, 2816, device=DEVICE, dtype=torch.bfloat16)
+    gate_up = torch.randn(128, 1408, 2816, device=DEVICE, dtype=torch.bfloat16) * 2816**-0.5
+    rows, offsets = _routing(2048, 8, 128, skew="spread", seed=4)
+    out = torch.empty(rows.numel(), 704, device=DEVICE, dtype=torch.bfloat16)
+    expert_gemm_triton(x, rows, gate_up, offsets, gelu=True, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        expert_gemm_triton(x, rows, gate_up, offsets, gelu=True, out=out)
+    new_rows, new_offsets = _routing(2048, 8, 128, skew="gaps", seed=5)
+    rows.copy_(new_rows)
+    offsets.copy_(new_offsets)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference.expert_gemm(x, new_rows, gate_up, new_offsets, gelu=True)
+    assert_close_ulp(out, want, "replayed gate_up", atol=1e-3)
