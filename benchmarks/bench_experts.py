@@ -12,7 +12,9 @@ Paths, each the whole expert layer from routed tokens to their combined outputs:
 Reports the median time by CUDA events (20% / 80% quantiles), TFLOP/s of the expert products (2 x N x k x
 3 x D x I) against the device's measured bf16 matmul rate, and the speed-up over grouped_mm; appends one JSON
 line per result to benchmarks/results/experts.jsonl. `--choice FILE` writes the faster canvasflow path at
-the largest N (grouped_mm or triton) for bench_generate.py --moe-gemm (gpu_checks.sh uses it). Needs torch,
+the largest N (grouped_mm or triton) for bench_generate.py --moe-gemm (gpu_checks.sh uses it). Then, on a GPU,
+each product alone at the largest N: torch's (gather + torch._grouped_mm) against the Triton GEMM at a few
+tile sizes (TILES), to choose launch_params from measurements. Needs torch,
 triton and transformers:  python benchmarks/bench_experts.py [--quick]
 A smoke run on the CPU (tiny shapes, Triton's interpreter, wall-clock timing, nothing recorded):
   python benchmarks/bench_experts.py --device cpu
@@ -38,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     require_cuda,
     wall_time,
 )
+from pipeline.kernels.experts.triton_gemm import TILE_CANDIDATES  # noqa: E402
 from pipeline.models.moe import moe_forward  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "experts.jsonl")
@@ -75,6 +78,62 @@ def run(path: str, experts, x, index, weights):
     return moe_forward(experts, x, index, weights, path="grouped", backend="triton", gemm=path)
 
 
+TILES = TILE_CANDIDATES
+
+
+def sweep_products(experts, x, index, timer, rate) -> list[dict]:
+    """Each of the two expert products alone at one N: torch's (row gather, torch._grouped_mm, and gelu x up
+    for the first) against the Triton grouped GEMM at each tile candidate. Prints a table; returns rows."""
+    from pipeline.kernels import experts as expert_kernels
+    from pipeline.kernels.experts.triton_gemm import expert_gemm_triton
+
+    top_k = index.shape[1]
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    rows = order // top_k
+    offsets = torch.cumsum(torch.bincount(flat, minlength=experts.num_experts), 0, dtype=torch.int32)
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    hidden = expert_gemm_triton(x, rows, gate_up, offsets, gelu=True)
+
+    def torch_gate_up():
+        product = torch._grouped_mm(x.index_select(0, rows), gate_up.transpose(1, 2), offs=offsets)
+        return expert_kernels.gelu_mul(*product.chunk(2, dim=-1), backend="triton")
+
+    products = {
+        "gate_up+gelu": (
+            torch_gate_up,
+            lambda t: expert_gemm_triton(x, rows, gate_up, offsets, gelu=True, tiles=t),
+        ),
+        "down": (
+            lambda: torch._grouped_mm(hidden, down.transpose(1, 2), offs=offsets),
+            lambda t: expert_gemm_triton(hidden, None, down, offsets, gelu=False, tiles=t),
+        ),
+    }
+    print(f"\nthe products alone, N={x.shape[0]} ({rows.numel()} rows):")
+    print(f"{'product':<14} {'impl':<26} {'median ms':>10} {'TFLOP/s':>8} {'of mm':>6} {'vs torch':>9}")
+    out = []
+    for product, (torch_fn, triton_fn) in products.items():
+        weight = gate_up if product.startswith("gate") else down
+        flops = 2 * rows.numel() * weight.shape[1] * weight.shape[2]
+        impls = {"torch (gather + grouped_mm)": torch_fn}
+        impls.update({f"triton {name}": (lambda t=t, f=triton_fn: f(t)) for name, t in TILES.items()})
+        base = None
+        for impl, fn in impls.items():
+            try:
+                with torch.no_grad():
+                    ms = timer(fn)["median_ms"]
+            except Exception as e:  # noqa: BLE001 - a tile that does not compile or fit is reported, not fatal
+                print(f"{product:<14} {impl:<26} failed: {str(e).splitlines()[0][:80]}")
+                continue
+            base = base or ms
+            tflops = flops / (ms * 1e-3) / 1e12
+            of_mm = f"{tflops / rate:.0%}" if rate else "-"
+            print(f"{product:<14} {impl:<26} {ms:>10.3f} {tflops:>8.1f} {of_mm:>6} {base / ms:>8.2f}x")
+            out.append(dict(bench="expert_products", product=product, impl=impl, N=x.shape[0], median_ms=ms,
+                            tflops=tflops, matmul_tflops=rate))  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small shape (32 experts, D 1024)")
@@ -82,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--choice", help="write the faster canvasflow path at the largest N to this file")
+    parser.add_argument(
+        "--no-sweep", action="store_true", help="skip timing each product alone at the tile candidates"
+    )
     parser.add_argument("--output", default=RESULTS, help="JSON-lines file the results are appended to")
     parser.add_argument("--no-record", action="store_true", help="print only, append nothing")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run")
@@ -134,6 +196,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['tflops']:>8.1f} {of_mm:>6} {vs:>14}"
             )
             rows.append(r)
+    if not args.no_sweep:
+        if args.device == "cuda":
+            timer = lambda fn: cuda_time(fn, warmup=2, reps=args.reps)  # noqa: E731
+        else:
+            timer = lambda fn: wall_time(fn, warmup=0, reps=1)  # noqa: E731
+        rows += sweep_products(experts, x, index, timer, rate)
     ours = {p: r["median_ms"] for p, r in results.items() if p != "transformers"}
     if args.choice and ours:
         choice = min(ours, key=ours.get)

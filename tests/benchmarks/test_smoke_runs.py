@@ -48,4 +48,7 @@ def test_experts_benchmark_runs_on_cpu_and_names_the_faster_path(capsys, tmp_pat
     out = capsys.readouterr().out
     for path in ("transformers", "grouped_mm", "triton"):
         assert f"    23 {path}" in out
+    for product in ("gate_up+gelu", "down"):  # each product alone, torch's and every tile candidate
+        for impl in ["torch (gather + grouped_mm)", *(f"triton {t}" for t in bench_experts.TILES)]:
+            assert f"{product:<14} {impl:<26} " in out
     assert choice.read_text().strip() in ("grouped_mm", "triton")
