@@ -4,13 +4,13 @@
 # model logits at the 26B-A4B shape), then the benchmarks, each under its own time limit so that one slow part
 # cannot eat the others. Logs and the results files are copied to $OUT (default ./gpu-out).
 #
-#   bash benchmarks/gpu_checks.sh                         # every step (about 19 minutes at most)
+#   bash benchmarks/gpu_checks.sh                         # every step (about 20 minutes at most)
 #   bash benchmarks/gpu_checks.sh tests vocab-head        # a subset: steps tests, vocab-head, experts, generate,
 #                                                         # profile, llada
 #   QUICK=1 bash benchmarks/gpu_checks.sh                 # small shapes: a smoke run of every step
 #
 # With a 10-minute limit per command (the device tool), run "tests vocab-head experts" and "generate profile"
-# as two calls: each stays under 9 minutes (limits 240 + 150 + 90 s and 360 + 150 s); "llada" after, if time
+# as two calls: each stays under 9 minutes (limits 240 + 150 + 120 s and 360 + 150 s); "llada" after, if time
 # is left. `experts` writes the faster of the experts' products (grouped_mm or triton) to $OUT/moe_gemm.txt
 # and benchmarks/results/moe_gemm.txt (git-ignored, so a warm device keeps it between calls); generate and
 # profile then run with it (MOE_GEMM=grouped_mm or triton overrides).
@@ -54,7 +54,7 @@ for name in $steps; do
     vocab-head:1) step vocab-head 120 python3 benchmarks/bench_vocab_head.py --quick ;;
     vocab-head:*) step vocab-head 150 python3 benchmarks/bench_vocab_head.py ;;
     experts:1) step experts 60 python3 benchmarks/bench_experts.py --quick --choice "$choice_file" ;;
-    experts:*) step experts 90 python3 benchmarks/bench_experts.py --choice "$choice_file" ;;
+    experts:*) step experts 120 python3 benchmarks/bench_experts.py --choice "$choice_file" ;;
     generate:1) step generate 180 python3 benchmarks/bench_generate.py --shape small --batches 1 8 32 --adaptive-rows 32 --moe-gemm "$(moe_gemm)" ;;
     generate:*) step generate 360 python3 benchmarks/bench_generate.py --batches 1 8 16 32 48 64 --adaptive-rows 64 --moe-gemm "$(moe_gemm)" ;;
     profile:1) step profile 120 python3 benchmarks/profile_step_gpu.py --shape small --moe-gemm "$(moe_gemm)" ;;
