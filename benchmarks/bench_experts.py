@@ -14,7 +14,7 @@ Reports the median time by CUDA events (20% / 80% quantiles), TFLOP/s of the exp
 line per result to benchmarks/results/experts.jsonl. `--choice FILE` writes the faster canvasflow path at
 the largest N (grouped_mm or triton) for bench_generate.py --moe-gemm (gpu_checks.sh uses it). Then, on a GPU,
 each product alone at the largest N: torch's (gather + torch._grouped_mm) against the Triton GEMM at a few
-tile sizes (TILES), to choose launch_params from measurements. Needs torch,
+tile sizes (triton_gemm.TILE_CANDIDATES), to choose launch_params from measurements. Needs torch,
 triton and transformers:  python benchmarks/bench_experts.py [--quick]
 A smoke run on the CPU (tiny shapes, Triton's interpreter, wall-clock timing, nothing recorded):
   python benchmarks/bench_experts.py --device cpu
@@ -40,7 +40,6 @@ from benchmarks.common import (  # noqa: E402
     require_cuda,
     wall_time,
 )
-from pipeline.kernels.experts.triton_gemm import TILE_CANDIDATES  # noqa: E402
 from pipeline.models.moe import moe_forward  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "experts.jsonl")
@@ -78,14 +77,11 @@ def run(path: str, experts, x, index, weights):
     return moe_forward(experts, x, index, weights, path="grouped", backend="triton", gemm=path)
 
 
-TILES = TILE_CANDIDATES
-
-
 def sweep_products(experts, x, index, timer, rate) -> list[dict]:
     """Each of the two expert products alone at one N: torch's (row gather, torch._grouped_mm, and gelu x up
     for the first) against the Triton grouped GEMM at each tile candidate. Prints a table; returns rows."""
-    from pipeline.kernels import experts as expert_kernels
-    from pipeline.kernels.experts.triton_gemm import expert_gemm_triton
+    from pipeline.kernels import experts as expert_kernels  # Triton imported after main() set the interpreter
+    from pipeline.kernels.experts.triton_gemm import TILE_CANDIDATES, expert_gemm_triton
 
     top_k = index.shape[1]
     flat = index.reshape(-1)
@@ -116,7 +112,9 @@ def sweep_products(experts, x, index, timer, rate) -> list[dict]:
         weight = gate_up if product.startswith("gate") else down
         flops = 2 * rows.numel() * weight.shape[1] * weight.shape[2]
         impls = {"torch (gather + grouped_mm)": torch_fn}
-        impls.update({f"triton {name}": (lambda t=t, f=triton_fn: f(t)) for name, t in TILES.items()})
+        impls.update(
+            {f"triton {name}": (lambda t=t, f=triton_fn: f(t)) for name, t in TILE_CANDIDATES.items()}
+        )
         base = None
         for impl, fn in impls.items():
             try:

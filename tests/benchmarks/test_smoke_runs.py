@@ -6,6 +6,7 @@ profiler activity)."""
 from __future__ import annotations
 
 from benchmarks import bench_experts, bench_vocab_head, profile_step_gpu, step_profile
+from pipeline.kernels.experts.triton_gemm import TILE_CANDIDATES
 
 
 def test_roofline_model_counts_the_fused_kernels(capsys):
@@ -49,6 +50,6 @@ def test_experts_benchmark_runs_on_cpu_and_names_the_faster_path(capsys, tmp_pat
     for path in ("transformers", "grouped_mm", "triton"):
         assert f"    23 {path}" in out
     for product in ("gate_up+gelu", "down"):  # each product alone, torch's and every tile candidate
-        for impl in ["torch (gather + grouped_mm)", *(f"triton {t}" for t in bench_experts.TILES)]:
+        for impl in ["torch (gather + grouped_mm)", *(f"triton {t}" for t in TILE_CANDIDATES)]:
             assert f"{product:<14} {impl:<26} " in out
     assert choice.read_text().strip() in ("grouped_mm", "triton")
