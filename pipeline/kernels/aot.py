@@ -302,14 +302,20 @@ def supported_launches() -> list[Launch]:
             triton_norms, "_head_kernel", name + f" heads {heads}", per_head
         )
 
-    def canvas_attention(batch, tokens, heads, kv_heads, head_dim, dtype):
+    def canvas_attention(batch, tokens, heads, kv_heads, head_dim, dtype, causal=False):
         def call():
             q = torch.empty(batch, tokens, heads, head_dim, dtype=dtype, device="meta")
             cache = torch.empty(batch, kv_heads, 1024, head_dim, dtype=dtype, device="meta")
             index = torch.empty(batch, dtype=torch.int64, device="meta")
-            triton_attention.canvas_attention_triton(q, cache, cache, index, index, index, scale=1.0)
+            for window in (None, 1024) if causal else ():  # the encoder's full and sliding layers
+                triton_attention.canvas_attention_triton(
+                    q, cache, cache, index, index, index, scale=1.0, causal=(index, index, window)
+                )
+            if not causal:
+                triton_attention.canvas_attention_triton(q, cache, cache, index, index, index, scale=1.0)
 
-        name = f"canvas attention B={batch} T={tokens} H={heads}/{kv_heads} d={head_dim} {dtype}"
+        kind = "causal (encoder)" if causal else "canvas"
+        name = f"{kind} attention B={batch} T={tokens} H={heads}/{kv_heads} d={head_dim} {dtype}"
         return record(triton_attention, "_canvas_attention_kernel", name.replace("torch.", ""), call)
 
     def expert_tiles(num, top_k, dim, expert_dim, num_experts, tiles):
@@ -368,10 +374,14 @@ def supported_launches() -> list[Launch]:
     launches += layer_norms(64, 128, ((32, 4), (32, 2)), torch.float32)
     launches += canvas_attention(32, 256, 16, 8, 256, torch.bfloat16)  # 26B-A4B sliding layers
     launches += canvas_attention(32, 256, 16, 2, 512, torch.bfloat16)  # 26B-A4B global layers
+    for tokens in (128, 256):  # 26B-A4B's encoder: a prompt, a finished canvas
+        launches += canvas_attention(32, tokens, 16, 8, 256, torch.bfloat16, causal=True)
+        launches += canvas_attention(32, tokens, 16, 2, 512, torch.bfloat16, causal=True)
     launches += canvas_attention(32, 256, 8, 4, 128, torch.bfloat16)  # bench_generate's small shape
     launches += canvas_attention(32, 160, 32, 32, 128, torch.bfloat16)  # LLaDA-8B's cached window
     launches += canvas_attention(32, 160, 28, 4, 128, torch.bfloat16)  # Dream-7B's
     launches += canvas_attention(8, 32, 4, 2, 32, torch.float32)  # the shipped tiny model
+    launches += canvas_attention(8, 32, 4, 2, 32, torch.float32, causal=True)
     launches += expert_pieces(8192, 8, gemma_dim, 704, 2112, 128, torch.bfloat16)  # 26B-A4B, batch 32
     launches += expert_pieces(64, 2, 128, 64, 256, 16, torch.float32)  # tiny
     launches += expert_tiles(8192, 8, gemma_dim, 704, 128, triton_gemm.TILE_CANDIDATES)

@@ -18,6 +18,7 @@ RMS-normed); full layers use k=v. `tests/models/test_diffusion_gemma.py` checks 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,15 @@ class LayerSpec:
     head_dim: int
     num_kv_heads: int
     k_eq_v: bool
+
+
+class Causal(NamedTuple):
+    """The encoder's attention of one layer kind: queries at qpos[b] + t, keys below valid[b], a window or None
+    (kernels/attention causal_attention)."""
+
+    qpos: torch.Tensor
+    valid: torch.Tensor
+    window: int | None
 
 
 class SlotKVCache:
@@ -194,21 +204,15 @@ class DiffusionGemmaTextModel(nn.Module):
             raise ValueError(
                 f"KV cache capacity {cache.capacity} is too small for {int((start + width).max())} tokens"
             )
-        kv_pos = torch.arange(kv_limit or cache.capacity, device=tokens.device)  # [C]
         valid_len = start + lengths  # [B]
-        # [B, 1, T, C]: causal over the slot, restricted to the row's valid tokens; a padded query also sees
-        # itself so that no softmax row is empty.
-        causal = (kv_pos[None, None, :] <= positions[:, :, None]) & (
-            kv_pos[None, None, :] < valid_len[:, None, None]
-        )
-        window = kv_pos[None, None, :] > positions[:, :, None] - self.sliding_window
-        self_key = kv_pos[None, None, :] == positions[:, :, None]
+        # Causal over the slot, restricted to the row's valid tokens (a padded query also sees itself, so that
+        # no softmax row is empty); sliding layers within their window (kernels/attention causal_attention).
         masks = {
-            "full": (causal | self_key)[:, None],
-            "sliding": ((causal & window) | self_key)[:, None],
+            "full": Causal(start, valid_len, None),
+            "sliding": Causal(start, valid_len, self.sliding_window),
         }
         hidden = self.embed_tokens(tokens)
-        self._run_layers(hidden, cache, slots, positions, masks, prefix, kv_pos.shape[0])
+        self._run_layers(hidden, cache, slots, positions, masks, prefix, kv_limit or cache.capacity)
         cache.lengths[slots] = valid_len
 
     @torch.no_grad()
@@ -249,14 +253,14 @@ class DiffusionGemmaTextModel(nn.Module):
         cache: SlotKVCache,
         slots: torch.Tensor,
         positions: torch.Tensor,
-        masks: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+        masks: dict[str, Causal | tuple[torch.Tensor, torch.Tensor]],
         prefix: bool,
         kv_limit: int,
     ) -> torch.Tensor:
         """Attention reads cache positions [0, kv_limit) (the whole capacity unless the caller knows that no
         active row reaches further). Both modes write this call's keys/values at `positions`: the encoder
         commits them (the caller advances the lengths), the decoder only fills the scratch region past the
-        slot's length. `masks` per layer kind: the encoder's boolean masks [B, 1, T, C], or the decoder's key
+        slot's length. `masks` per layer kind: the encoder's causal ranges (Causal), or the decoder's key
         ranges (lo, hi), one per row (canvas attention, kernels/attention). With the Triton backend the norms
         run fused (kernels/norms): each layer's input norm is computed by the previous layer's tail (the last
         tail computes the final norm), and the three norms of the feed-forward half share one pass."""
@@ -307,7 +311,7 @@ class DiffusionGemmaTextModel(nn.Module):
         slots: torch.Tensor,
         positions: torch.Tensor,
         prefix: bool,
-        mask: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        mask: Causal | tuple[torch.Tensor, torch.Tensor],
         kv_limit: int,
         backend: str,
     ) -> torch.Tensor:
@@ -323,26 +327,17 @@ class DiffusionGemmaTextModel(nn.Module):
         store = dict(slots=slots, positions=positions, backend=backend)
         norms.head_norm_rope_to_cache(k_raw, _scale(attn.k_norm), cos, sin, eps, keys, **store)
         norms.head_norm_rope_to_cache(v, _scale(attn.v_norm), None, None, eps, values, **store)
-        if isinstance(mask, tuple):  # the decoder: one key range per row
+        if isinstance(mask, Causal):  # the encoder
+            out = attention.causal_attention(
+                q, keys, values, slots, mask.qpos, mask.valid, window=mask.window, scale=1.0, prefix=prefix,
+                kv_limit=kv_limit, backend=backend,
+            )  # fmt: skip
+        else:  # the decoder: one key range per row
             lo, hi = mask
             out = attention.canvas_attention(
                 q, keys, values, slots, lo, hi, scale=1.0, prefix=prefix, kv_limit=kv_limit, backend=backend
             )  # [B, T, H, d]
-            return attn.o_proj(out.reshape(batch, width, -1))
-        if prefix:
-            k_all, v_all = keys[:batch, :, :kv_limit], values[:batch, :, :kv_limit]
-        else:
-            k_all, v_all = keys[slots, :, :kv_limit], values[slots, :, :kv_limit]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k_all,
-            v_all,
-            attn_mask=mask,
-            scale=1.0,
-            enable_gqa=k_all.shape[1] != q.shape[2],
-        )  # [B, H, T, d]
-        out = out.transpose(1, 2).reshape(batch, width, -1)
-        return attn.o_proj(out)
+        return attn.o_proj(out.reshape(batch, width, -1))
 
 
 def _scale(norm: nn.Module) -> torch.Tensor | None:

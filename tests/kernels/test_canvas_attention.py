@@ -10,7 +10,12 @@ the probabilities, where the math path rounds scores and probabilities.
 import pytest
 import torch
 
-from pipeline.kernels.attention import canvas_attention, canvas_attention_reference
+from pipeline.kernels.attention import (
+    canvas_attention,
+    canvas_attention_reference,
+    causal_attention,
+    causal_attention_reference,
+)
 from pipeline.kernels.attention.triton_attention import canvas_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +69,48 @@ def test_matches_reference(shape, dtype):
     truth = _truth(q, keys, values, slot, lo, hi, 0.3)
     ours, theirs = (out.double() - truth).abs().mean().item(), (ref.double() - truth).abs().mean().item()
     assert ours <= 1.5 * theirs + 1e-3, f"bf16 error {ours:.2e} vs the math path's {theirs:.2e}"
+
+
+@pytest.mark.parametrize("window", [None, 5, 64], ids=["full", "window5", "window64"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_causal_mode_matches_reference(shape, dtype, window):
+    """The encoder's attention: rows at different cached lengths (qpos), padded queries past each row's valid
+    tokens (they see the valid keys before them and themselves), full or sliding windows shorter and longer
+    than a query tile."""
+    q, keys, values, slot, _, _ = _inputs(shape, dtype, seed=3)
+    batch, tokens, capacity = q.shape[0], q.shape[1], keys.shape[2]
+    g = torch.Generator().manual_seed(4)
+    qpos = torch.randint(0, capacity - tokens + 1, (batch,), generator=g).to(DEVICE)
+    valid = qpos + torch.randint(1, tokens + 1, (batch,), generator=g).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    lo = torch.zeros_like(qpos) if window is None else (qpos - window + 1).clamp(min=0)
+    canvas_attention_triton(
+        q, keys, values, slot, lo, qpos + tokens, scale=0.3, causal=(qpos, valid, window), out=out
+    )
+    assert not torch.isnan(out).any()
+    ref = causal_attention_reference(q, keys, values, slot, qpos, valid, window=window, scale=0.3)
+    assert torch.equal(causal_attention(q, keys, values, slot, qpos, valid, window=window, scale=0.3), ref)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        return
+    args = [t.double() for t in (q, keys, values)]
+    truth = causal_attention_reference(*args, slot, qpos, valid, window=window, scale=0.3)
+    ours, theirs = (out.double() - truth).abs().mean().item(), (ref.double() - truth).abs().mean().item()
+    assert ours <= 1.5 * theirs + 1e-3, f"bf16 error {ours:.2e} vs the math path's {theirs:.2e}"
+
+
+def test_causal_dispatcher_runs_the_kernel_and_checks_inputs():
+    q, keys, values, slot, _, _ = _inputs(SHAPES["B3-T20-H4/2-d24"], torch.float32, seed=5)
+    qpos = torch.tensor([0, 11, 50], device=DEVICE)
+    valid = qpos + torch.tensor([20, 3, 9], device=DEVICE)
+    got = causal_attention(q, keys, values, slot, qpos, valid, window=7, scale=1.0, backend="triton")
+    want = causal_attention(q, keys, values, slot, qpos, valid, window=7, scale=1.0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="window=0 must be a positive"):
+        causal_attention(q, keys, values, slot, qpos, valid, window=0, scale=1.0)
+    with pytest.raises(ValueError, match="qpos must be int64"):
+        causal_attention(q, keys, values, slot, qpos.int(), valid, window=None, scale=1.0)
 
 
 def test_ranges_past_the_slot_are_clipped_and_empty_ranges_give_zeros():
@@ -122,5 +169,36 @@ def test_real_shape(heads, kv_heads, head_dim):
     assert not torch.isnan(out).any()
     ref = canvas_attention_reference(q, keys, values, slot, lo, hi, scale=1.0)
     truth = _truth(q, keys, values, slot, lo, hi, 1.0)
+    ours, theirs = (out.double() - truth).abs().mean().item(), (ref.double() - truth).abs().mean().item()
+    assert ours <= 1.5 * theirs + 1e-3, f"bf16 error {ours:.2e} vs the math path's {theirs:.2e}"
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kv_heads, head_dim, window", [(8, 256, 1024), (2, 512, None)], ids=["sliding-d256", "global-d512"]
+)
+def test_real_shape_causal(kv_heads, head_dim, window):
+    """26B-A4B's encoder on a finished canvas: batch 32, 256 queries after 384 cached positions (a sliding
+    window of 1,024 on sliding layers), a few rows shorter than the canvas, bf16; capacity 1,024."""
+    batch, tokens = 32, 256
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    q = torch.randn(batch, tokens, 16, head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
+    keys, values = (
+        torch.randn(batch, kv_heads, 1024, head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
+        for _ in range(2)
+    )
+    slot = torch.arange(batch, device=DEVICE)
+    qpos = torch.full((batch,), 384, device=DEVICE)
+    valid = qpos + torch.where(slot % 5 == 0, 100, tokens)
+    out = torch.full_like(q, float("nan"))
+    lo = torch.zeros_like(qpos) if window is None else (qpos - window + 1).clamp(min=0)
+    canvas_attention_triton(
+        q, keys, values, slot, lo, qpos + tokens, scale=1.0, causal=(qpos, valid, window), out=out
+    )
+    assert not torch.isnan(out).any()
+    ref = causal_attention_reference(q, keys, values, slot, qpos, valid, window=window, scale=1.0)
+    args = [t.double() for t in (q, keys, values)]
+    truth = causal_attention_reference(*args, slot, qpos, valid, window=window, scale=1.0)
     ours, theirs = (out.double() - truth).abs().mean().item(), (ref.double() - truth).abs().mean().item()
     assert ours <= 1.5 * theirs + 1e-3, f"bf16 error {ours:.2e} vs the math path's {theirs:.2e}"

@@ -10,6 +10,12 @@ the running max, normaliser and output in float32, probabilities rounded to the 
 product, as flash attention does), and reads q in its [B, T, H, d] layout and writes the output in it, so no
 transpose or expansion is made and nothing of size T x C reaches memory.
 
+CAUSAL mode is the encoder's attention (reference.causal_attention_reference): query t of a row sits at
+position qpos + t and sees keys j <= p below the row's valid length (or itself), within the layer's window;
+each query tile walks only the keys its queries can see, so nothing of size T x C is built either (the
+encoder's boolean masks and the math path's [B, H, T, C] float32 scores: 34 GB a layer for 32 prompts of 4,096
+tokens).
+
 Block sizes: the float32 output accumulator is BLOCK_M x d per program: 64 x 256 (sliding layers) and 32 x
 512 (global layers) are 64 KB, 64 registers a thread in 8 warps (see _launch_params; pipeline.kernels.aot
 checks the builds).
@@ -33,12 +39,16 @@ def _canvas_attention_kernel(
     lo_ptr,  # [B] int64 first visible key position (>= 0)
     hi_ptr,  # [B] int64 one past the last visible key position (> lo)
     out_ptr,  # [B, T, H, d]
+    qpos_ptr,  # [B] int64 position of query 0 (CAUSAL)
+    valid_ptr,  # [B] int64 one past the row's last valid key (CAUSAL)
     tokens,
     heads,
     kv_heads,
     capacity,
     head_dim,
     scale,
+    window,  # CAUSAL: keys j > p - window of the query at p (a huge number for full attention)
+    CAUSAL: tl.constexpr,  # the encoder: query p sees keys j <= p (j < valid, or j == p), within the window
     IEEE: tl.constexpr,  # float32 products in full precision (not tf32)
     ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -68,7 +78,14 @@ def _canvas_attention_kernel(
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Blocks aligned to BLOCK_N; the first holds key `lo`, so every block has a visible key (no empty rows).
+    if CAUSAL:  # this tile's queries see keys up to its last query, from its first query's window on
+        qpos = tl.load(qpos_ptr + row) + offs_m  # [M]
+        valid = tl.load(valid_ptr + row)
+        first = tl.load(qpos_ptr + row) + block_m * BLOCK_M
+        lo = tl.maximum(lo, first - window + 1)
+        hi = tl.minimum(hi, first + BLOCK_M)
+    # Blocks aligned to BLOCK_N from the one holding key `lo`; a query with no visible key in a block (causal
+    # tiles only) adds nothing to it (see `base` below).
     for start in range(lo - lo % BLOCK_N, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         visible = (offs_n >= lo) & (offs_n < hi)  # [N]
@@ -81,7 +98,13 @@ def _canvas_attention_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(visible[None, :], s * scale, float("-inf"))  # [M, N] float32
+        if CAUSAL:
+            j = offs_n[None, :]
+            p = qpos[:, None]
+            seen = visible[None, :] & (((j <= p) & (j < valid)) | (j == p)) & (j > p - window)
+        else:
+            seen = visible[None, :]
+        s = tl.where(seen, s * scale, float("-inf"))  # [M, N] float32
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
         base = tl.where(new_max == float("-inf"), 0.0, new_max)  # no -inf - -inf for a row with no key yet
         alpha = tl.exp(run_max - base)
@@ -123,18 +146,23 @@ def canvas_attention_triton(
     hi: torch.Tensor,
     *,
     scale: float,
+    causal: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, T, H, d] contiguous; keys/values [S, H_kv, C, d] contiguous; slots, lo, hi [B] int64 on q's
-    device with 0 <= lo < hi <= C. Returns (or writes into `out`) [B, T, H, d] in q's dtype."""
+    device with 0 <= lo < hi <= C. Returns (or writes into `out`) [B, T, H, d] in q's dtype. `causal` =
+    (positions of query 0 [B], valid key ends [B], window or None) for the encoder (see
+    reference.causal_attention_reference); lo, hi then bound each row's keys."""
     batch, tokens, heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q)
+    qpos, valid, window = causal if causal is not None else (slots, slots, None)
     if batch and tokens:
         block_m, block_n, block_d, warps = _launch_params(head_dim)
         _canvas_attention_kernel[(batch * heads, triton.cdiv(tokens, block_m))](
-            q, keys, values, slots, lo, hi, out,
+            q, keys, values, slots, lo, hi, out, qpos, valid,
             tokens, heads, keys.shape[1], keys.shape[2], head_dim, float(scale),
+            window or 2**30, CAUSAL=causal is not None,
             IEEE=q.dtype == torch.float32, ROUND_BF16=device_flags(q)["ROUND_BF16"],
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=2,
         )  # fmt: skip
