@@ -97,7 +97,9 @@ BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton"], ids=["torch-n
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "slots, backend",
-    [([0, 1], "torch"), ([3, 1], "torch"), ([3, 1], "triton")],  # the interpreter is slow: one fused case
+    # Six rows: the bf16 comparison averages over enough positions that a one-ulp difference somewhere in the
+    # tiny random model does not swing it (with two rows it moved by up to 1.7x between seeds).
+    [(list(range(6)), "torch"), ([7, 1, 4, 0, 6, 2], "torch"), ([7, 1, 4, 0, 6, 2], "triton")],
     ids=["prefix-slots-torch-norms", "scattered-slots-torch-norms", "scattered-slots-fused-norms"],
 )
 def test_logits_match_transformers(checkpoint, dtype, slots, backend):
@@ -105,10 +107,11 @@ def test_logits_match_transformers(checkpoint, dtype, slots, backend):
     native = DiffusionGemmaTextModel(hf, backend=backend)
     gen = torch.Generator().manual_seed(0)
     vocab, length, prompt_len = native.vocab_size, native.canvas_length, 13
-    prompt = torch.randint(5, vocab, (2, prompt_len), generator=gen)
-    canvas1 = torch.randint(0, vocab, (2, length), generator=gen)
-    canvas2 = torch.randint(0, vocab, (2, length), generator=gen)
-    self_cond = torch.randn(2, length, vocab, generator=gen).to(dtype)
+    rows = len(slots)
+    prompt = torch.randint(5, vocab, (rows, prompt_len), generator=gen)
+    canvas1 = torch.randint(0, vocab, (rows, length), generator=gen)
+    canvas2 = torch.randint(0, vocab, (rows, length), generator=gen)
+    self_cond = torch.randn(rows, length, vocab, generator=gen).to(dtype)
     with torch.no_grad():
         expected = _reference(hf, prompt, canvas1, canvas2, self_cond)
 
