@@ -123,7 +123,7 @@ def _triton_launches(profile: OpProfile, run, span: int) -> None:
             x, _, cos, sin = tensors[:4]
             nbytes = 2 * _bytes([x]) + (_bytes([cos, sin]) if kwargs["ROPE"] else 0)
         if name == "_canvas_attention_kernel":  # reads only the rows' key ranges of the cache, not all of it
-            q, keys, _, _, lo, hi, out = tensors
+            q, keys, _, _, lo, hi, out = tensors[:7]  # then qpos, valid (the causal mode)
             kv_bytes = 2 * q.shape[0] * keys.shape[1] * span * keys.shape[3] * keys.element_size()
             nbytes = _bytes([q, out]) + kv_bytes
             flops = 4 * q.shape[0] * q.shape[2] * q.shape[1] * span * q.shape[3]
