@@ -100,6 +100,26 @@ def test_causal_mode_matches_reference(shape, dtype, window):
     assert ours <= 1.5 * theirs + 1e-3, f"bf16 error {ours:.2e} vs the math path's {theirs:.2e}"
 
 
+@pytest.mark.parametrize(
+    "tokens, window, lengths",
+    [(1, 1, [0, 1]), (129, 1, [0, 129]), (129, 40, [0, 70]), (33, None, [33, 0])],
+    ids=["T1-window1", "T129-window1", "T129-window40", "T33-full"],
+)
+def test_causal_edges(tokens, window, lengths):
+    """Rows with no valid new token (every query padded: it sees the cached keys before it and itself), a
+    window of one (each query only itself), several query tiles, queries ending at the slot's last position."""
+    g = torch.Generator().manual_seed(6)
+    capacity = tokens + 40
+    q = torch.randn(2, tokens, 4, 24, generator=g).to(DEVICE)
+    keys, values = (torch.randn(3, 2, capacity, 24, generator=g).to(DEVICE) for _ in range(2))
+    slot = torch.tensor([2, 0], device=DEVICE)
+    qpos = torch.tensor([40, 13], device=DEVICE)  # row 0 ends at the capacity
+    valid = qpos + torch.tensor(lengths, device=DEVICE)
+    got = causal_attention(q, keys, values, slot, qpos, valid, window=window, scale=0.5, backend="triton")
+    want = causal_attention_reference(q, keys, values, slot, qpos, valid, window=window, scale=0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_causal_dispatcher_runs_the_kernel_and_checks_inputs():
     q, keys, values, slot, _, _ = _inputs(SHAPES["B3-T20-H4/2-d24"], torch.float32, seed=5)
     qpos = torch.tensor([0, 11, 50], device=DEVICE)
@@ -179,17 +199,18 @@ def test_real_shape(heads, kv_heads, head_dim):
     "kv_heads, head_dim, window", [(8, 256, 1024), (2, 512, None)], ids=["sliding-d256", "global-d512"]
 )
 def test_real_shape_causal(kv_heads, head_dim, window):
-    """26B-A4B's encoder on a finished canvas: batch 32, 256 queries after 384 cached positions (a sliding
-    window of 1,024 on sliding layers), a few rows shorter than the canvas, bf16; capacity 1,024."""
+    """26B-A4B's encoder on a finished canvas: batch 32, 256 queries after 1,200 cached positions (so the
+    sliding layers' window of 1,024 cuts the prefix), a few rows shorter than the canvas, bf16; capacity
+    2,048."""
     batch, tokens = 32, 256
     g = torch.Generator(device=DEVICE).manual_seed(3)
     q = torch.randn(batch, tokens, 16, head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
     keys, values = (
-        torch.randn(batch, kv_heads, 1024, head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
+        torch.randn(batch, kv_heads, 2048, head_dim, generator=g, device=DEVICE).to(torch.bfloat16)
         for _ in range(2)
     )
     slot = torch.arange(batch, device=DEVICE)
-    qpos = torch.full((batch,), 384, device=DEVICE)
+    qpos = torch.full((batch,), 1200, device=DEVICE)
     valid = qpos + torch.where(slot % 5 == 0, 100, tokens)
     out = torch.full_like(q, float("nan"))
     lo = torch.zeros_like(qpos) if window is None else (qpos - window + 1).clamp(min=0)

@@ -71,7 +71,7 @@ def causal_attention(
         from pipeline.kernels.attention.triton_attention import canvas_attention_triton
 
         lo = torch.zeros_like(qpos) if window is None else (qpos - (window - 1)).clamp(min=0)
-        hi = qpos + q.shape[1]
+        hi = (qpos + q.shape[1]).clamp(max=keys.shape[2])  # queries past the slot read nothing past it
         return canvas_attention_triton(
             q.contiguous(), keys, values, slots, lo, hi, scale=scale, causal=(qpos, valid, window)
         )

@@ -79,9 +79,8 @@ def _canvas_attention_kernel(
     run_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CAUSAL:  # this tile's queries see keys up to its last query, from its first query's window on
-        qpos = tl.load(qpos_ptr + row) + offs_m  # [M]
         valid = tl.load(valid_ptr + row)
-        first = tl.load(qpos_ptr + row) + block_m * BLOCK_M
+        first = tl.load(qpos_ptr + row) + block_m * BLOCK_M  # position of the tile's first query
         lo = tl.maximum(lo, first - window + 1)
         hi = tl.minimum(hi, first + BLOCK_M)
     # Blocks aligned to BLOCK_N from the one holding key `lo`; a query with no visible key in a block (causal
@@ -98,10 +97,13 @@ def _canvas_attention_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        if CAUSAL:
-            j = offs_n[None, :]
-            p = qpos[:, None]
-            seen = visible[None, :] & (((j <= p) & (j < valid)) | (j == p)) & (j > p - window)
+        if (
+            CAUSAL
+        ):  # j <= p, j < valid or j == p, j > p - window; as int32 offsets from the tile's first query
+            rel = (offs_n - first).to(tl.int32)[None, :]  # key j - first (keys lie within a window of it)
+            m = tl.arange(0, BLOCK_M)[:, None]  # query p - first
+            rel_valid = tl.minimum(tl.maximum(valid - first, -(2**30)), BLOCK_M + 1).to(tl.int32)
+            seen = visible[None, :] & (((rel <= m) & (rel < rel_valid)) | (rel == m)) & (rel + window > m)
         else:
             seen = visible[None, :]
         s = tl.where(seen, s * scale, float("-inf"))  # [M, N] float32
@@ -157,12 +159,14 @@ def canvas_attention_triton(
     if out is None:
         out = torch.empty_like(q)
     qpos, valid, window = causal if causal is not None else (slots, slots, None)
+    if window is not None and not 0 < window < 2**30:
+        raise ValueError(f"window={window} must be in [1, 2**30), or None for full attention")
     if batch and tokens:
         block_m, block_n, block_d, warps = _launch_params(head_dim)
         _canvas_attention_kernel[(batch * heads, triton.cdiv(tokens, block_m))](
             q, keys, values, slots, lo, hi, out, qpos, valid,
             tokens, heads, keys.shape[1], keys.shape[2], head_dim, float(scale),
-            window or 2**30, CAUSAL=causal is not None,
+            2**30 if window is None else window, CAUSAL=causal is not None,
             IEEE=q.dtype == torch.float32, ROUND_BF16=device_flags(q)["ROUND_BF16"],
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=2,
         )  # fmt: skip
