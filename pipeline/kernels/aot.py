@@ -318,23 +318,9 @@ def supported_launches() -> list[Launch]:
         name = f"{kind} attention B={batch} T={tokens} H={heads}/{kv_heads} d={head_dim} {dtype}"
         return record(triton_attention, "_canvas_attention_kernel", name.replace("torch.", ""), call)
 
-    def expert_tiles(num, top_k, dim, expert_dim, num_experts, tiles):
-        """The grouped GEMM at benchmarks/bench_experts.py's tile candidates (bf16)."""
+    def expert_pieces(num, top_k, dim, expert_dim, mlp_dim, num_experts, dtype, tiles=(None,)):
+        """The experts' elementwise kernels and grouped GEMM; the GEMM at each of `tiles` (None: its default)."""
 
-        def call():
-            x = torch.empty(num, dim, dtype=torch.bfloat16, device="meta")
-            rows = torch.empty(num * top_k, dtype=torch.int64, device="meta")
-            offsets = torch.empty(num_experts, dtype=torch.int32, device="meta")
-            gate_up = torch.empty(num_experts, 2 * expert_dim, dim, dtype=torch.bfloat16, device="meta")
-            down = torch.empty(num_experts, dim, expert_dim, dtype=torch.bfloat16, device="meta")
-            hidden = torch.empty(num * top_k, expert_dim, dtype=torch.bfloat16, device="meta")
-            for t in tiles.values():
-                triton_gemm.expert_gemm_triton(x, rows, gate_up, offsets, gelu=True, tiles=t)
-                triton_gemm.expert_gemm_triton(hidden, None, down, offsets, gelu=False, tiles=t)
-
-        return record(triton_gemm, "_expert_gemm_kernel", "bench_experts tile candidates", call)
-
-    def expert_pieces(num, top_k, dim, expert_dim, mlp_dim, num_experts, dtype):
         def call():
             gate_up = torch.empty(num * top_k, 2 * expert_dim, dtype=dtype, device="meta")
             triton_experts.gelu_mul_triton(*gate_up.chunk(2, dim=-1))  # the experts' halves, strided
@@ -350,9 +336,10 @@ def supported_launches() -> list[Launch]:
             rows = torch.empty(num * top_k, dtype=torch.int64, device="meta")
             offsets = torch.empty(num_experts, dtype=torch.int32, device="meta")
             gate_up = torch.empty(num_experts, 2 * expert_dim, dim, dtype=dtype, device="meta")
-            hidden = triton_gemm.expert_gemm_triton(x, rows, gate_up, offsets, gelu=True)
             down = torch.empty(num_experts, dim, expert_dim, dtype=dtype, device="meta")
-            triton_gemm.expert_gemm_triton(hidden, None, down, offsets, gelu=False)
+            for t in tiles:
+                hidden = triton_gemm.expert_gemm_triton(x, rows, gate_up, offsets, gelu=True, tiles=t)
+                triton_gemm.expert_gemm_triton(hidden, None, down, offsets, gelu=False, tiles=t)
 
         name = f"experts N={num} k={top_k} D={dim} I={expert_dim} {dtype}".replace("torch.", "")
         return record(triton_experts, ("_gelu_mul_kernel", "_combine_kernel"), name, call) + record(
@@ -382,9 +369,10 @@ def supported_launches() -> list[Launch]:
     launches += canvas_attention(32, 160, 28, 4, 128, torch.bfloat16)  # Dream-7B's
     launches += canvas_attention(8, 32, 4, 2, 32, torch.float32)  # the shipped tiny model
     launches += canvas_attention(8, 32, 4, 2, 32, torch.float32, causal=True)
-    launches += expert_pieces(8192, 8, gemma_dim, 704, 2112, 128, torch.bfloat16)  # 26B-A4B, batch 32
-    launches += expert_pieces(64, 2, 128, 64, 256, 16, torch.float32)  # tiny
-    launches += expert_tiles(8192, 8, gemma_dim, 704, 128, triton_gemm.TILE_CANDIDATES)
+    # 26B-A4B at batch 32, the GEMM also at benchmarks/bench_experts.py's tile candidates; tiny
+    candidates = (None, *triton_gemm.TILE_CANDIDATES.values())
+    launches += expert_pieces(8192, 8, gemma_dim, 704, 2112, 128, torch.bfloat16, tiles=candidates)
+    launches += expert_pieces(64, 2, 128, 64, 256, 16, torch.float32)
     unique: dict[tuple, Launch] = {}
     cases: dict[tuple, list[str]] = {}
     for launch in launches:

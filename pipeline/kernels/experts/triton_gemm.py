@@ -12,9 +12,9 @@ Two fusions over torch's `index_select` + `torch._grouped_mm` + gelu x up:
   and read back).
 - GELU (the experts' gate/up product, weight [E, 2I, K]): each program's product columns interleave the gate
   column n and the up column I + n of its output columns, one accumulator fed by one operand a step, and it
-  writes gelu_tanh(gate) * up [M, I], so the [M, 2I] product is never written and read back either. The products are rounded to the output dtype before the activation,
-  as torch rounds the grouped product's output, so the fused result equals gelu_mul(product) but for the
-  products' summation order.
+  writes gelu_tanh(gate) * up [M, I], so the [M, 2I] product is never written and read back either. The
+  products are rounded to the output dtype before the activation, as torch rounds the grouped product's
+  output, so the fused result equals gelu_mul(product) but for the products' summation order.
 
 Program order: the BLOCK_N tiles of one row tile are consecutive programs, so a row tile's gathered A rows
 are read from memory once and then from L2; one expert's weights serve its row tiles from L2 too.
@@ -135,8 +135,8 @@ def launch_params(dtype: torch.dtype) -> dict[str, int]:
     """Tile sizes and warps. bf16/fp16 on the GPU: 64-row tiles (an expert's rows are padded to a tile, ~512
     rows an expert at 26B-A4B batch 32), 128 product columns a program (64 gate/up pairs with GELU), K in
     steps of 64 over 4 pipeline stages: 96 KB of shared memory, a 64 x 128 float32 accumulator in 4 warps, one
-    m64n128k16 wgmma a step (pipeline.kernels.aot checks the builds; benchmarks/bench_experts.py --tiles times
-    others). float32 (tests, small models): 32 x 32 x 32."""
+    m64n128k16 wgmma a step (pipeline.kernels.aot checks the builds; benchmarks/bench_experts.py times the
+    TILE_CANDIDATES). float32 (tests, small models): 32 x 32 x 32."""
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
     return dict(TILE_CANDIDATES["64x128x64 w4 s4"])
