@@ -331,8 +331,10 @@ class DiffusionSampler:
         )
 
     def _refill(self, rows: list[_Row], queue: deque, continuing: list[tuple[_Row, list[int]]]) -> None:
-        """One encoder call for everything that needs one before the next step: the emitted canvases of rows
-        that go on (appended to their slots) and the prompts of queued rows taking the free slots."""
+        """Encodes what needs encoding before the next step: the emitted canvases of rows that go on
+        (appended to their slots; one call) and the prompts of queued rows taking the free slots (another).
+        Apart, because a batch is padded to its widest row: a canvas padded to a long prompt's width would
+        cost the prompt's work and could run past its slot's capacity."""
         incoming = [queue.popleft() for _ in range(min(self.max_batch - len(rows), len(queue)))]
         if not continuing and not incoming:
             return
@@ -349,11 +351,15 @@ class DiffusionSampler:
             st["k1"][index] = torch.tensor([r.k1 for r in incoming], dtype=torch.long, device=dev)
             st["canvas_idx"][index] = 0
             self._cache.lengths[index] = 0
-        slot_list = appended + admitted
-        slots = torch.tensor(slot_list, device=dev)
-        tokens = [t for _, t in continuing] + [list(r.request.prompt_ids) for r in incoming]
-        cached = [r.cached for r, _ in continuing] + [0] * len(incoming)
-        self._encode(slots, tokens, prefix=slot_list == list(range(len(slot_list))), cached=cached)
+        groups = (
+            (appended, [t for _, t in continuing], [r.cached for r, _ in continuing]),
+            (admitted, [list(r.request.prompt_ids) for r in incoming], [0] * len(incoming)),
+        )
+        for group, tokens, cached in groups:
+            if group:
+                index = torch.tensor(group, device=dev)
+                self._encode(index, tokens, prefix=group == list(range(len(group))), cached=cached)
+        slots = torch.tensor(appended + admitted, device=dev)
         for row, canvas_tokens in continuing:
             row.cached += len(canvas_tokens)
         for row in incoming:

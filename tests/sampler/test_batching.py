@@ -126,6 +126,35 @@ def test_prompt_outside_the_cache_budget_is_rejected(model):
         sampler.generate([Request("empty", [])])
 
 
+def test_a_canvas_and_a_long_prompt_encoded_together_fit_the_cache(model):
+    """A row going on to its next canvas and a prompt of max_prompt_tokens (over two canvases long) admitted
+    in the same refill: each is encoded at its own width; the canvas padded to the prompt's width would run
+    past the slot's capacity (prompt budget + canvases)."""
+    gen = torch.Generator().manual_seed(3)
+    rows = [
+        Request(f"long-{i}", torch.randint(7, 128, (3 * LENGTH,), generator=gen).tolist()) for i in range(3)
+    ]
+
+    def run(batch, eos):
+        settings = _settings(max_new_tokens=2 * LENGTH, adaptive_stopping=False, eos_token_ids=eos)
+        sampler = DiffusionSampler(
+            model, settings, max_batch=batch, max_prompt_tokens=3 * LENGTH, backend="torch"
+        )
+        results = sampler.generate(rows)
+        return [(r.token_ids, r.canvases, r.finish_reason) for r in results], sampler
+
+    alone, _ = run(1, (1,))
+    first = [tokens[:LENGTH] for tokens, _, _ in alone]
+    eos = next(t for t in first[0] if t not in first[1] and t not in first[2])
+    # rows 0 and 1 run in lockstep; row 0 ends with its first canvas, row 1 goes on as row 2 comes in
+    together, sampler = run(2, (eos,))
+    assert together == run(1, (eos,))[0]
+    assert [r[1:] for r in together] == [(1, "eos"), (2, "length"), (2, "length")]
+    assert (
+        sampler.stats.encoder_calls == 4
+    )  # rows 0-1's prompts; row 1's canvas, row 2's prompt; row 2's canvas
+
+
 def test_attention_limited_to_the_longest_row_keeps_completions(model, requests_):
     """The CUDA path reads the slots only up to the longest active row (rounded up); forced on here."""
     limits = []
