@@ -2,16 +2,21 @@
 
     python benchmarks/bench_generate.py                    # DiffusionGemma-26B-A4B text shape, random bf16
     python benchmarks/bench_generate.py --shape small      # a small shape for quick runs
-    python benchmarks/bench_generate.py --shape tiny --device cpu --batches 1 4   # CPU smoke run
+    python benchmarks/bench_generate.py --shape tiny --device cpu --batches 1 4 --canvas 32   # CPU smoke run
     python benchmarks/bench_generate.py --family llada     # LLaDA-8B shape: exact path vs prefix/dual caches
     python benchmarks/bench_generate.py --family llada --shape tiny --device cpu --batches 4 --canvas 32 --block 8
 
 Workload (the issue's): prompt 128 tokens, one 256-token canvas, 16 denoising steps with adaptive stopping off
-(fixed step count), at growing batch sizes until each side runs out of memory; then an adaptive run on a
-workload with heterogeneous stopping (static vs continuous batching, forward passes per generated token).
-Prints tokens/s, ms per step, model FLOP utilisation against the device's measured bf16 matmul rate, peak
-memory and the ratios; appends every result to benchmarks/results/generate.jsonl (device, commit, date).
-Needs only torch, triton and transformers (no Ray, no Hydra).
+(fixed step count), at growing batch sizes until each side runs out of memory. Each batch runs once to warm up
+(allocations, Triton compiles, cuBLAS heuristics; for canvasflow its CUDA graphs, captured once per sampler
+as in the pipeline's actors) and once timed, end to end (prompt encoding included). canvasflow runs with the
+pipeline's continuous batching (`--batching static`: the reference's schedule, eager steps). Then an adaptive
+run on a workload with heterogeneous stopping (benchmarks/generate_adaptive.py): static vs continuous
+batching, decoder row-passes per generated token. Prints tokens/s, ms per step, model FLOP utilisation
+against the device's measured bf16 matmul rate, peak memory and the ratios; appends each result, as soon as
+it is measured, to benchmarks/results/generate.jsonl (device, commit, date). `--budget-s` ends the sweep
+before a batch that would not fit the time left. Needs only torch, triton and transformers (no Ray, no
+Hydra).
 
 With `--family llada|dream` it measures the mask-diffusion sampler instead (benchmarks/generate_mask.py):
 forward FLOPs saved and speed-up of the prefix and dual block caches over the exact path, at `--shape`
@@ -31,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import append_results, matmul_tflops  # noqa: E402
+from pipeline.sampler.engine import Request  # noqa: E402
 
 RESULTS = str(Path(__file__).resolve().parent / "results" / "generate.jsonl")
 LAYERS_26B = (["sliding_attention"] * 5 + ["full_attention"]) * 5
@@ -152,64 +158,62 @@ def timed(fn, device: str):
     return out, time.perf_counter() - start, peak
 
 
-def run_transformers(model, prompts, steps: int, adaptive: bool):
+def run_transformers(model, prompts, steps: int) -> int:
+    """transformers' generate with a fixed step count; returns the completion tokens."""
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
     canvas = model.config.canvas_length
     # confidence_threshold ~0 means "never confident": a fixed number of steps, as the reference counts them.
-    knobs = dict(
+    out = model.generate(
+        prompts,
         max_new_tokens=canvas,
         max_denoising_steps=steps,
         t_min=0.4,
         t_max=0.8,
         stability_threshold=1,
-        confidence_threshold=0.5 if adaptive else 1e-30,
+        confidence_threshold=1e-30,
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
         eos_token_id=1,
         pad_token_id=0,
     )
-    out = model.generate(prompts, **knobs)
-    valid = (out.sequences[:, prompts.shape[1] :] != 0).sum(-1).float()
-    passes = (valid / out.tokens_per_forward).sum().item()
-    return int(valid.sum().item()), passes
+    return int((out.sequences[:, prompts.shape[1] :] != 0).sum().item())
 
 
-def run_canvasflow(native, prompts, steps: int, adaptive: bool, batching: str, backend: str, slots: int):
-    from pipeline.sampler.engine import DiffusionSampler, Request
+def canvasflow_sampler(native, args, slots: int, *, adaptive: bool, eos=(1,), canvases: int = 1):
+    """canvasflow's sampler as the pipeline's actors hold it: built once, reused for every batch (so its
+    CUDA graphs are captured once, by the warm-up run)."""
+    from pipeline.sampler.engine import DiffusionSampler
     from pipeline.sampler.settings import SamplerSettings
 
     canvas = native.canvas_length
     settings = SamplerSettings(
-        max_new_tokens=canvas,
-        max_denoising_steps=steps,
+        max_new_tokens=canvas * canvases,
+        max_denoising_steps=args.steps,
         t_min=0.4,
         t_max=0.8,
         entropy_bound=0.1,
         stability_threshold=1,
         confidence_threshold=0.5,
         canvas_length=canvas,
-        eos_token_ids=(1,),
+        eos_token_ids=tuple(eos),
         pad_token_id=0,
         adaptive_stopping=adaptive,
     )
-    sampler = DiffusionSampler(
-        native, settings, max_batch=slots, max_prompt_tokens=prompts.shape[1], backend=backend
+    return DiffusionSampler(
+        native, settings, max_batch=slots, max_prompt_tokens=args.prompt, backend=args.backend
     )
-    requests = [Request(f"r{i}", row.tolist()) for i, row in enumerate(prompts.cpu())]
-    results = sampler.generate(requests, batching=batching)
-    return sum(len(r.token_ids) for r in results), [r.denoising_steps for r in results], sampler.stats
 
 
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="26b-a4b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--batches", type=int, nargs="+", default=None, help="default 1 8 16 32 48 64 96 128 (mask: 1 8 32)"
+        "--batches", type=int, nargs="+", default=None, help="default 1 8 16 32 48 64 128 256 (mask: 1 8 32)"
     )
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--canvas", type=int, default=None, help="new tokens (default 256; mask: 128)")
@@ -226,29 +230,45 @@ def main() -> None:
         help="the experts' products on the Triton backend (default auto: Triton's grouped GEMM)",
     )
     parser.add_argument(
+        "--batching",
+        default="continuous",
+        choices=["continuous", "static"],
+        help="canvasflow's batching in the fixed-step runs (default continuous, the pipeline's: CUDA graphs)",
+    )
+    parser.add_argument(
         "--adaptive-rows", type=int, default=64, help="rows of the adaptive workload (0: skip)"
     )
     parser.add_argument(
-        "--sharpness",
-        type=float,
-        default=20.0,
-        help="final-norm scale of the adaptive run (tiny shape: 20 stops rows at varied steps, 60 at none)",
+        "--adaptive-canvases", type=int, default=4, help="most canvases per row of the adaptive workload"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop the batch sweep before a batch whose predicted time would leave less than "
+        "--reserve-s of this budget (the adaptive run comes after)",
+    )
+    parser.add_argument("--reserve-s", type=float, default=60.0, help="seconds kept for the adaptive run")
+    parser.add_argument("--no-record", action="store_true", help="print only; append nothing to the results")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_generate.py: --device cuda but no CUDA device is visible; nothing was measured.")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     rate = matmul_tflops() if args.device == "cuda" else None
+    record = (lambda rows: None) if args.no_record else (lambda rows: append_results(RESULTS, rows))
     if args.family != "diffusiongemma":
         from benchmarks.generate_mask import run_mask_bench
 
         args.batches = args.batches or [1, 8, 32]
         args.canvas = args.canvas or 128
-        append_results(RESULTS, run_mask_bench(args, rate))
-        print(f"results appended to {RESULTS}")
-        return
+        record(run_mask_bench(args, rate))
+        return 0
     args.steps = args.steps or 16
-    args.batches = args.batches or [1, 8, 16, 32, 48, 64, 96, 128]
+    args.batches = args.batches or [1, 8, 16, 32, 48, 64, 128, 256]
     args.canvas = args.canvas or 256
     started = time.perf_counter()
     model = build_model(args.shape, args.device, dtype, args.canvas)
@@ -257,41 +277,71 @@ def main() -> None:
     native = DiffusionGemmaTextModel(model, moe_gemm=args.moe_gemm)
     print(
         f"model {args.shape} on {args.device}: built in {time.perf_counter() - started:.1f}s; "
-        f"matmul rate {rate and round(rate)} TFLOP/s"
+        f"matmul rate {rate and round(rate)} TFLOP/s; canvasflow batching {args.batching}, experts {args.moe_gemm}",
+        flush=True,
     )
+    best = sweep(model, native, args, rate, record, started)
+    if best.get("transformers"):
+        print(
+            f"best batch: canvasflow {best.get('canvasflow', 0):.1f} tok/s vs transformers "
+            f"{best['transformers']:.1f} tok/s: {best.get('canvasflow', 0) / best['transformers']:.2f}x"
+        )
+    if args.adaptive_rows:
+        from benchmarks.generate_adaptive import run_adaptive
+
+        def make(slots, **knobs):
+            return canvasflow_sampler(native, args, slots, **knobs)
+
+        record(run_adaptive(model, native, args, make, timed, log=lambda line: print(line, flush=True)))
+    print(
+        f"total {time.perf_counter() - started:.0f}s" + ("" if args.no_record else f"; results in {RESULTS}")
+    )
+    return 0
+
+
+def sweep(model, native, args, rate, record, started: float) -> dict[str, float]:
+    """The fixed-step runs at growing batch sizes, each implementation until it runs out of memory; every
+    batch warms up once (allocations, Triton compiles, canvasflow's CUDA graph) before the timed run. Each
+    row is recorded as soon as it is measured. Returns the best tokens/s of each implementation."""
     vocab = model.config.text_config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    header = f"{'impl':<12}{'batch':>6}{'tok/s':>10}{'ms/step':>10}{'MFU %':>8}{'peak GiB':>10}{'vs HF':>8}"
-    print(header)
-    records, best = [], {}
+    print(f"{'impl':<12}{'batch':>6}{'tok/s':>10}{'ms/step':>10}{'MFU %':>8}{'peak GiB':>10}{'vs HF':>8}")
+    best: dict[str, float] = {}
     alive = {"transformers": True, "canvasflow": True}
+    last: tuple[int, float] | None = None  # (batch, seconds both implementations took at it)
     for batch in args.batches:
+        if args.budget_s is not None and last is not None:
+            predicted = last[1] * batch / last[0]
+            if time.perf_counter() - started + predicted > args.budget_s - args.reserve_s:
+                print(f"budget: batch {batch} would take about {predicted:.0f}s more; the sweep stops here")
+                break
+        batch_started = time.perf_counter()
         prompts = torch.randint(3, vocab, (batch, args.prompt), generator=gen).to(args.device)
         flops = step_flops(model, batch, args.canvas, args.prompt)
-        row = {}
+        row: dict[str, float] = {}
         for impl in ("transformers", "canvasflow"):
             if not alive[impl]:
                 continue
-            fn = (
-                (lambda p=prompts: run_transformers(model, p, args.steps, False))
-                if impl == "transformers"
-                else (
-                    lambda p=prompts, b=batch: run_canvasflow(
-                        native, p, args.steps, False, "static", args.backend, b
-                    )
-                )
-            )
+            sampler = None
             try:
-                fn() if batch == args.batches[0] else None  # warm-up (allocations, autotuning) once
+                if impl == "transformers":
+                    fn = lambda p=prompts: run_transformers(model, p, args.steps)  # noqa: E731
+                else:
+                    sampler = canvasflow_sampler(native, args, batch, adaptive=False)
+                    requests = [Request(f"r{i}", r.tolist()) for i, r in enumerate(prompts.cpu())]
+                    fn = lambda s=sampler, q=requests: s.generate(q, batching=args.batching)  # noqa: E731
+                fn()  # warm-up
                 _, wall, peak = timed(fn, args.device)
             except Exception as e:  # noqa: BLE001 - out of memory ends this implementation's sweep
                 if not is_oom(e):
                     raise
                 alive[impl] = False
-                print(f"{impl:<12}{batch:>6}  out of memory")
+                print(f"{impl:<12}{batch:>6}  out of memory", flush=True)
+                continue
+            finally:
+                fn = sampler = None  # the sampler's KV cache and graphs go before the next batch
                 gc.collect()
                 torch.cuda.empty_cache() if args.device == "cuda" else None
-                continue
             ms_step = wall * 1e3 / args.steps
             tok_s = batch * args.canvas / wall
             mfu = 100 * flops / (ms_step * 1e-3) / (rate * 1e12) if rate else None
@@ -299,72 +349,37 @@ def main() -> None:
             ratio = tok_s / row["transformers"] if "transformers" in row and impl == "canvasflow" else None
             print(
                 f"{impl:<12}{batch:>6}{tok_s:>10.1f}{ms_step:>10.1f}{mfu or 0:>8.1f}{peak / 2**30:>10.2f}"
-                f"{ratio or 0:>8.2f}"
+                f"{ratio or 0:>8.2f}",
+                flush=True,
             )
             best[impl] = max(best.get(impl, 0), tok_s)
-            records.append(
-                {
-                    "bench": "generate",
-                    "shape": args.shape,
-                    "impl": impl,
-                    "batch": batch,
-                    "steps": args.steps,
-                    "prompt": args.prompt,
-                    "canvas": args.canvas,
-                    "adaptive": False,
-                    "moe_gemm": args.moe_gemm if impl == "canvasflow" else None,
-                    "tokens_per_s": tok_s,
-                    "ms_per_step": ms_step,
-                    "mfu_percent": mfu,
-                    "peak_gib": peak / 2**30,
-                    "matmul_tflops": rate,
-                    "vs_transformers": ratio,
-                }
+            record(
+                [
+                    {
+                        "bench": "generate",
+                        "shape": args.shape,
+                        "impl": impl,
+                        "batch": batch,
+                        "steps": args.steps,
+                        "prompt": args.prompt,
+                        "canvas": args.canvas,
+                        "adaptive": False,
+                        "batching": args.batching if impl == "canvasflow" else None,
+                        "moe_gemm": args.moe_gemm if impl == "canvasflow" else None,
+                        "tokens_per_s": tok_s,
+                        "ms_per_step": ms_step,
+                        "mfu_percent": mfu,
+                        "peak_gib": peak / 2**30,
+                        "matmul_tflops": rate,
+                        "vs_transformers": ratio,
+                    }
+                ]
             )
-    if best.get("transformers"):
-        print(
-            f"best batch: canvasflow {best.get('canvasflow', 0):.1f} tok/s vs transformers "
-            f"{best['transformers']:.1f} tok/s: {best.get('canvasflow', 0) / best['transformers']:.2f}x"
-        )
-
-    if args.adaptive_rows:
-        with torch.no_grad():
-            model.model.decoder.norm.weight.mul_(args.sharpness)  # confident rows that stop at varied steps
-        prompts = torch.randint(3, vocab, (args.adaptive_rows, args.prompt), generator=gen).to(args.device)
-        slots = min(max(b for b in args.batches), args.adaptive_rows)
-        print(f"adaptive stopping, {args.adaptive_rows} rows, {slots} slots:")
-        for batching in ("static", "continuous"):
-            (tokens, row_passes, stats), wall, _ = timed(
-                lambda m=batching: run_canvasflow(native, prompts, args.steps, True, m, args.backend, slots),
-                args.device,
-            )
-            per_token = stats.decoder_row_steps / max(tokens, 1)
-            passes = sum(row_passes)
-            print(
-                f"  {batching:<11} {tokens / wall:>9.1f} tok/s  {per_token:.4f} row-passes computed per token "
-                f"({passes} needed by rows, {stats.decoder_row_steps} computed)"
-            )
-            records.append(
-                {
-                    "bench": "generate-adaptive",
-                    "shape": args.shape,
-                    "batching": batching,
-                    "rows": args.adaptive_rows,
-                    "slots": slots,
-                    "tokens_per_s": tokens / wall,
-                    "row_passes_computed": stats.decoder_row_steps,
-                    "row_passes_needed": passes,
-                    "passes_per_token": per_token,
-                    "row_passes_min": min(row_passes),
-                    "row_passes_max": max(row_passes),
-                }
-            )
-        spread = f"{min(row_passes)}-{max(row_passes)}"
-        print(f"  passes per row {spread} (mean {passes / len(row_passes):.1f}): ", end="")
-        print("heterogeneous" if min(row_passes) < max(row_passes) else "homogeneous: tune --sharpness")
-    append_results(RESULTS, records)
-    print(f"total {time.perf_counter() - started:.0f}s; results appended to {RESULTS}")
+        if not row:
+            break
+        last = (batch, time.perf_counter() - batch_started)
+    return best
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -94,9 +94,9 @@ def peak_extra_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
 
 
 def environment(checkout: str | None = None) -> dict[str, Any]:
-    """Device name, git commit of `checkout` (default: this one) and whether tracked files differ from it
-    (None outside a checkout), UTC date, torch and triton versions. `dirty` tells a row measured on
-    uncommitted changes from one measured on `commit`."""
+    """Device name, git commit of `checkout` (default: this one; outside a checkout $CANVASFLOW_COMMIT, if
+    set) and whether tracked files differ from it (None outside a checkout), UTC date, torch and triton
+    versions. `dirty` tells a row measured on uncommitted changes from one measured on `commit`."""
     here = checkout or os.path.dirname(os.path.abspath(__file__))
 
     def git(*args: str) -> str | None:
@@ -109,6 +109,7 @@ def environment(checkout: str | None = None) -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    commit = commit or os.environ.get("CANVASFLOW_COMMIT")  # a copy without .git (the GPU machine's)
     try:
         import triton
 

@@ -5,7 +5,7 @@ profiler activity)."""
 
 from __future__ import annotations
 
-from benchmarks import bench_experts, bench_vocab_head, profile_step_gpu, step_profile
+from benchmarks import bench_experts, bench_generate, bench_vocab_head, profile_step_gpu, step_profile
 from pipeline.kernels.experts.triton_gemm import TILE_CANDIDATES
 
 
@@ -34,6 +34,23 @@ def test_measured_profile_runs_on_cpu(capsys):
     assert profile_step_gpu.main([*args, "--canvas", "32", "--rows", "5", "--no-record"]) == 0
     out = capsys.readouterr().out
     assert "aten::" in out and "ms per decoder step" in out and "roofline floor" in out
+
+
+def test_generate_benchmark_runs_on_cpu_with_heterogeneous_stopping(capsys):
+    args = ["--device", "cpu", "--shape", "tiny", "--batches", "2", "--canvas", "32", "--prompt", "24"]
+    assert bench_generate.main([*args, "--adaptive-rows", "10", "--no-record"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers     2" in out and "canvasflow       2" in out
+    table = [line.split() for line in out.splitlines() if line.startswith(("  static  ", "  continuous  "))]
+    rows = {cells[0]: cells for cells in table}
+    assert len(table) == len(rows) == 2
+    for batching in ("static", "continuous"):
+        low, high = map(int, rows[batching][5].split("-"))  # canvases per row: min-max
+        assert low < high, "rows end after different numbers of canvases"
+        assert float(rows[batching][-1].rstrip(")")) < 16, "adaptive stopping ends canvases before 16 steps"
+    assert int(rows["continuous"][3]) == int(rows["continuous"][4]), "continuous computes only what rows need"
+    assert int(rows["static"][3]) > int(rows["static"][4]), "static computes the finished rows of a batch too"
+    assert "fewer row-passes per token than static" in out
 
 
 def test_vocab_head_benchmark_runs_on_cpu(capsys):
