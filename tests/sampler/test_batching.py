@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion
@@ -153,6 +155,44 @@ def test_a_canvas_and_a_long_prompt_encoded_together_fit_the_cache(model):
     assert (
         sampler.stats.encoder_calls == 4
     )  # rows 0-1's prompts; row 1's canvas, row 2's prompt; row 2's canvas
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5, 41])  # 5 and 41 mixed a canvas with a long prompt in one encode
+def test_random_workloads_do_not_depend_on_batching(model, seed):
+    """Random prompt budgets (some over two canvases), prompt lengths, EOS sets, lengths, step counts and
+    stopping knobs: continuous batching at a random slot count and static batching give each row the
+    completion it gets alone, within max_new_tokens and without its EOS."""
+    r = random.Random(seed)
+    budget = r.choice([8, 33, 48, 64])
+    rows = [
+        Request(f"s{seed}-{i}", [r.randint(7, 127) for _ in range(r.randint(1, budget))])
+        for i in range(r.randint(4, 9))
+    ]
+    eos = tuple(r.sample(range(1, 128), r.randint(1, 10)))
+    settings = _settings(
+        max_new_tokens=r.randint(1, 4 * LENGTH + 5),
+        max_denoising_steps=r.randint(1, 12),
+        stability_threshold=r.randint(0, 2),
+        adaptive_stopping=r.random() < 0.7,
+        revise_accepted=r.random() < 0.8,
+        eos_token_ids=eos,
+    )
+
+    def run(batch, batching):
+        sampler = DiffusionSampler(
+            model, settings, max_batch=batch, max_prompt_tokens=budget, backend="torch"
+        )
+        return [
+            (x.row_id, x.token_ids, x.finish_reason, x.canvases)
+            for x in sampler.generate(rows, batching=batching)
+        ]
+
+    alone = run(1, "continuous")
+    batch = r.randint(2, 5)
+    for name, batching in ((f"continuous batch {batch}", "continuous"), (f"static batch {batch}", "static")):
+        assert run(batch, batching) == alone, name
+    for _, tokens, _, _ in alone:
+        assert len(tokens) <= settings.max_new_tokens and not set(tokens) & set(eos)
 
 
 def test_attention_limited_to_the_longest_row_keeps_completions(model, requests_):
