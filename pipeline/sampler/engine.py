@@ -88,6 +88,12 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def finish_reason(emitted_before: int, cut: int | None, max_new_tokens: int) -> str:
+    """ "eos" if the canvas's EOS (at `cut`, after `emitted_before` tokens) falls within max_new_tokens, else
+    "length" (no EOS, or one in the part of the last canvas past max_new_tokens, which is cut off anyway)."""
+    return "eos" if cut is not None and emitted_before + cut < max_new_tokens else "length"
+
+
 class DiffusionSampler:
     """Generates completions for token-id prompts with a DiffusionGemma text model.
 
@@ -125,7 +131,10 @@ class DiffusionSampler:
         self.vocab_size = model.vocab_size
         self.eos = set(settings.eos_token_ids)
         self.draws = (KeyedDraws if random_mode == "keyed" else GlobalDraws)(self.vocab_size, self.length)
-        self.capacity = round_up(max_prompt_tokens, PROMPT_PAD) + settings.max_canvases * self.length
+        # The prompt padded, every canvas, and the padding an emitted canvas is encoded with (its write runs to
+        # round_up(L, PROMPT_PAD) past its start; for L < 8 that is more than the next canvas's room).
+        pad = round_up(self.length, PROMPT_PAD) - self.length
+        self.capacity = round_up(max_prompt_tokens, PROMPT_PAD) + settings.max_canvases * self.length + pad
         self.stats = SamplerStats()
         self._cache = None
         self._state: dict[str, torch.Tensor] = {}
@@ -235,7 +244,9 @@ class DiffusionSampler:
     def _temperature(self, step: torch.Tensor) -> torch.Tensor:
         """Per-row temperature, computed with the reference's float32 expression over remaining steps."""
         s = self.settings
-        remaining = (s.max_denoising_steps - step).to(torch.int32)
+        # A row's step is below max_denoising_steps; the padding rows of a bucketed step count on, and are
+        # clamped so that their temperature stays positive and their (ignored) numbers finite.
+        remaining = (s.max_denoising_steps - step).clamp(min=1).to(torch.int32)
         return s.t_min + (s.t_max - s.t_min) * (remaining / s.max_denoising_steps)
 
     def _denoise(self, active: int, live: torch.Tensor | None = None, longest: int = 0) -> torch.Tensor:
@@ -376,13 +387,14 @@ class DiffusionSampler:
         """Appends the emitted canvas; returns the row's Result if the row is finished."""
         row.canvas += 1
         cut = next((i for i, t in enumerate(emitted) if t in self.eos), None)
+        reason = finish_reason(len(row.tokens), cut, self.settings.max_new_tokens)
         row.tokens.extend(emitted if cut is None else emitted[:cut])
         if cut is None and row.canvas < self.settings.max_canvases:
             return None
         return Result(
             row_id=row.request.row_id,
             token_ids=row.tokens[: self.settings.max_new_tokens],
-            finish_reason="eos" if cut is not None else "length",
+            finish_reason=reason,
             denoising_steps=row.steps_total,
             canvases=row.canvas,
             drafts=row.drafts,

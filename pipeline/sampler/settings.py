@@ -178,7 +178,9 @@ def resolve_settings(
         if is_number(values[key]):
             values[key] = float(values[key])
     extras = {
-        k: user[k] for k in ("seed", "adaptive_stopping", "revise_accepted", "record_drafts") if k in user
+        k: user[k]
+        for k in ("seed", "adaptive_stopping", "revise_accepted", "record_drafts")
+        if user.get(k) is not None
     }
     return SamplerSettings(
         **values,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pipeline.sampler.engine import DiffusionSampler, Request, Result
+from pipeline.sampler.engine import DiffusionSampler, Request, Result, finish_reason
 
 
 def run_static(
@@ -54,8 +54,8 @@ def _run_batch(
         st["canvas_idx"][:size] = canvas
         sp._start_canvas(slots)
         stopped = torch.zeros(size, dtype=torch.bool, device=dev)
-        for row in rows:
-            if row.drafts is not None:
+        for i, row in enumerate(rows):
+            if row.drafts is not None and not finished[i]:
                 row.drafts.append([])
         for _ in range(settings.max_denoising_steps):
             counted = stopped.tolist()
@@ -79,10 +79,11 @@ def _run_batch(
                 to_encode.append([pad] * len(canvas_tokens))
                 continue
             cut = _first_eos(canvas_tokens, sp.eos)
+            reason = finish_reason(len(row.tokens), cut, settings.max_new_tokens)
             row.tokens.extend(canvas_tokens if cut is None else canvas_tokens[:cut])
             row.canvas += 1
             if cut is not None:
-                finished[i], reasons[i] = True, "eos"
+                finished[i], reasons[i] = True, reason
                 canvas_tokens = canvas_tokens[: cut + 1] + [pad] * (len(canvas_tokens) - cut - 1)
             to_encode.append(canvas_tokens)
         if all(finished) or canvas == settings.max_canvases - 1:

@@ -65,6 +65,18 @@ def test_precedence_user_over_model_over_reference():
     assert settings.max_canvases == 8  # 256 / 32
 
 
+def test_unset_engine_knobs_take_their_defaults():
+    """None means unset for every user value: a None adaptive_stopping must not turn adaptive stopping off."""
+    unset = dict.fromkeys(("seed", "adaptive_stopping", "revise_accepted", "record_drafts"))
+    settings = resolve_settings(unset, {}, canvas_length=32, eos_token_ids=(1,), pad_token_id=0)
+    assert (settings.seed, settings.adaptive_stopping, settings.revise_accepted, settings.record_drafts) == (
+        0,
+        True,
+        True,
+        False,
+    )
+
+
 def test_temperature_schedule_counts_remaining_steps():
     s = resolve_settings(
         {"max_denoising_steps": 4, "t_min": 0.4, "t_max": 0.8},
