@@ -83,9 +83,21 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> li
             raise InputError(f"data.path={path!r} cannot be listed: {e}") from None
         if key in keys:
             return [path]
-        files = [f"s3://{bucket}/{k}" for k in keys if _suffix(k)]
+        # A prefix is a folder: s3://b/in/prompts reads in/prompts/..., never in/prompts-old/ or
+        # in/prompts_backup.jsonl (S3 prefixes match any key that starts with them).
+        folder = f"{key}/" if key else ""
+        files = [f"s3://{bucket}/{k}" for k in keys if k.startswith(folder) and _suffix(k)]
         if not files:
-            raise InputError(f"data.path={path!r}: no .jsonl or .parquet objects under this prefix")
+            siblings = sorted({k[len(key) :].split("/")[0] for k in keys if not k.startswith(folder)})
+            hint = (
+                f" (keys next to it start with {', '.join(repr(key + s) for s in siblings[:3])}: "
+                "give the exact object or folder)"
+                if siblings
+                else ""
+            )
+            raise InputError(
+                f"data.path={path!r}: no .jsonl or .parquet objects under s3://{bucket}/{folder}{hint}"
+            )
         return files
     local = Path(path).expanduser()
     if local.is_file():
