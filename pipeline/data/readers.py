@@ -253,6 +253,17 @@ def _load_hf(path: str, data: DataConfig):
         raise InputError("data.format=hf needs data.path=hf:<name> or data.hf_kwargs.path")
     try:
         dataset = load_dataset(**kwargs)
-    except Exception as e:  # noqa: BLE001 - surfaced with the arguments
-        raise InputError(f"datasets.load_dataset({kwargs}) failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - surfaced with the argument names (values may be secrets)
+        raise InputError(
+            f"datasets.load_dataset failed for data.path={data.path!r} (arguments: {', '.join(sorted(kwargs))}): "
+            f"{_redact(str(e), kwargs)}"
+        ) from None
     return _select_split(dataset, data, str(kwargs["path"])).data.table
+
+
+def _redact(message: str, kwargs: dict[str, Any]) -> str:
+    """`message` without the values of the arguments other than path, split and name (a token, a secret)."""
+    for name, value in kwargs.items():
+        if name not in ("path", "split", "name") and isinstance(value, str) and len(value) >= 4:
+            message = message.replace(value, "***")
+    return message

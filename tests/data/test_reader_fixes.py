@@ -52,3 +52,16 @@ def test_s3_prefix_with_only_sibling_objects_fails_naming_them(s3_bucket):
     with pytest.raises(InputError, match="no .jsonl or .parquet objects under") as error:
         read_input(DataConfig(path=f"{s3_bucket.uri}/in/prompts"), endpoint_url=s3_bucket.endpoint)
     assert "in/prompts-old" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------- hf kwargs
+def test_failing_load_dataset_names_the_arguments_but_not_their_values(tmp_path):
+    secret = "hf_SECRETtoken1234"
+    config = DataConfig(
+        path=f"hf:{tmp_path / 'nothing-here'}", format="hf", hf_kwargs={"token": secret, "revision": "main"}
+    )
+    with pytest.raises(InputError) as error:
+        read_input(config)
+    message = str(error.value)
+    assert "token" in message and "revision" in message and "nothing-here" in message
+    assert secret not in message and "'main'" not in message
