@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ logger = logging.getLogger(__name__)
 SHIPPED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts" / "prompts.jsonl"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+UTF8_BOM = b"\xef\xbb\xbf"
+GZIP_MAGIC = b"\x1f\x8b"
+JSONL_HINT = (
+    'Each line must hold one JSON object, e.g. {"prompt": "..."}; convert a JSON array with '
+    "`jq -c '.[]' in.json > in.jsonl`, or set data.format if it is another format."
+)
 
 
 class InputError(ValueError):
@@ -144,40 +151,106 @@ def read_input(
 
 # ------------------------------------------------------------------------------------------------ jsonl
 def _jsonl_rows(files: list[str], endpoint_url: str | None, region: str | None) -> Iterator[tuple]:
-    """(row dict | None, error | None, raw text) per non-blank line."""
+    """(row dict | None, error | None, raw text) per non-blank line.
+
+    A file that is one JSON document (an array, a pretty-printed object) or none of whose lines is a JSON
+    object is not JSON Lines: InputError naming it, rather than one error row per line. A UTF-8 byte-order
+    mark at the start of a file is skipped; a .gz that does not decompress is an InputError.
+    """
     for file in files:
         try:
             payload = read_uri(file, endpoint_url=endpoint_url, region=region)
         except StoreError as e:
             raise InputError(f"cannot read input file: {e}") from None
-        if file.endswith(".gz"):
-            import gzip
-
-            payload = gzip.decompress(payload)
+        if file.lower().endswith(".gz"):
+            payload = _gunzip(file, payload)
+        if payload.startswith(UTF8_BOM):  # written by some editors and Windows tools; not part of the data
+            payload = payload[len(UTF8_BOM) :]
         name = os.path.basename(file)
+        pending: list[tuple] = []  # rows before the file's first JSON object, held until one is seen
+        seen_object = False
         for number, line in enumerate(payload.split(b"\n"), start=1):
             if not line.strip():
                 continue
-            raw = line.decode("utf-8", errors="replace")
-            where = f"{name}:{number}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield None, f"{where}: invalid UTF-8 at byte {e.start}", raw
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield None, f"{where}: malformed JSON ({e.msg} at column {e.colno})", raw
-                continue
-            if not isinstance(obj, dict):
-                yield None, f"{where}: a JSONL line must be an object, got {type(obj).__name__}", raw
-                continue
-            yield obj, None, raw
+            row = _jsonl_line(line, f"{name}:{number}")
+            if seen_object:
+                yield row
+            elif row[0] is None:
+                if not pending:
+                    _refuse_json_document(file, payload)
+                pending.append(row)
+            else:
+                seen_object = True
+                yield from pending
+                pending = []
+                yield row
+        if pending:
+            raise InputError(
+                f"{file} is not JSON Lines: none of its {len(pending)} non-blank line(s) is a JSON object "
+                f"(first: {pending[0][1]}). {JSONL_HINT}"
+            )
+
+
+def _refuse_json_document(file: str, payload: bytes) -> None:
+    """InputError when a file whose first line is not an object is one JSON document (an array, an object
+    over several lines): its lines are not rows. Only checked then, so a JSON Lines file is never re-parsed."""
+    try:
+        document = json.loads(payload.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return
+    raise InputError(f"{file} is not JSON Lines: it is one JSON {type(document).__name__}. {JSONL_HINT}")
+
+
+def _jsonl_line(line: bytes, where: str) -> tuple:
+    raw = line.decode("utf-8", errors="replace")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"{where}: invalid UTF-8 at byte {e.start}", raw
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"{where}: malformed JSON ({e.msg} at column {e.colno})", raw
+    except RecursionError:
+        limit = sys.getrecursionlimit()
+        return (
+            None,
+            f"{where}: JSON nested too deeply to read (about {limit} levels at most); flatten it",
+            raw,
+        )
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        return None, f"{where}: unreadable JSON value ({e})", raw
+    if not isinstance(obj, dict):
+        return None, f"{where}: a JSONL line must be an object, got {type(obj).__name__}", raw
+    return obj, None, raw
+
+
+def _gunzip(file: str, payload: bytes) -> bytes:
+    """The decompressed bytes, or InputError naming the file: a corrupt .gz is unusable as a whole."""
+    import gzip
+    import zlib
+
+    if not payload.startswith(GZIP_MAGIC):
+        raise InputError(
+            f"{file} is not gzip-compressed (it does not start with the gzip header); "
+            "if it is plain JSON Lines, rename it without .gz"
+        )
+    try:
+        return gzip.decompress(payload)
+    except EOFError:
+        raise InputError(
+            f"{file} is a truncated gzip file (the compressed data ends early, e.g. an interrupted "
+            "upload or copy); copy or re-create it and check it with `gzip -t`"
+        ) from None
+    except (OSError, zlib.error) as e:  # gzip.BadGzipFile (CRC, length, method) is an OSError
+        raise InputError(
+            f"{file} is a corrupt gzip file ({e}); re-create it and check it with `gzip -t`"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- parquet
 def _read_parquet(files: list[str], endpoint_url: str | None, region: str | None):
+    """(one table of all files, [(file, row count)] in order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

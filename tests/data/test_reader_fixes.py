@@ -4,6 +4,8 @@ valid UTF-8 and strict JSON. Real files are written and read back; S3 input runs
 
 from __future__ import annotations
 
+import gzip
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -65,3 +67,80 @@ def test_failing_load_dataset_names_the_arguments_but_not_their_values(tmp_path)
     message = str(error.value)
     assert "token" in message and "revision" in message and "nothing-here" in message
     assert secret not in message and "'main'" not in message
+
+
+# ---------------------------------------------------------------------------------------- deep nesting
+def test_deeply_nested_json_line_is_that_rows_error(tmp_path):
+    deep = '{"prompt": "Add: 1+2", "m": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = _write_lines(tmp_path / "deep.jsonl", [deep, '{"prompt": "Add: 3+4"}'])
+    rows = _rows(path)
+    assert rows[0]["error"].startswith("deep.jsonl:1: JSON nested too deeply")
+    assert rows[1]["error"] is None and rows[1]["prompt"] == "Add: 3+4"
+
+
+# ---------------------------------------------------------------------------------------- gzip
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: gzip.compress(b'{"prompt": "Add: 1+2"}\n' * 50)[:-30], "is a truncated gzip file"),
+        (lambda: b'{"prompt": "Add: 1+2"}\n', "is not gzip-compressed .* rename it without .gz"),
+        (lambda: gzip.compress(b'{"prompt": "Add: 1+2"}\n')[:-8] + b"\0" * 8, "is a corrupt gzip file"),
+    ],
+    ids=["truncated", "not-gzip", "bad-crc"],
+)
+def test_unusable_gzip_fails_at_startup_naming_the_file(tmp_path, make, message):
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(make())
+    with pytest.raises(InputError, match=message) as error:
+        read_input(DataConfig(path=str(path)))
+    assert str(path) in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------- not JSON Lines
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[{"prompt": "Add: 1+2"}, {"prompt": "Add: 3+4"}]',
+        '[\n  {"prompt": "Add: 1+2"},\n  {"prompt": "Add: 3+4"}\n]',
+        '[\n  {\n    "prompt": "Add: 1+2"\n  }\n]',
+        '{\n  "prompt": "Add: 1+2"\n}',
+    ],
+    ids=["array", "pretty-array", "pretty-array-of-multiline-objects", "pretty-object"],
+)
+def test_a_json_array_is_not_json_lines(tmp_path, text):
+    path = tmp_path / "in.json"
+    path.write_text(text + "\n")
+    with pytest.raises(InputError, match="is not JSON Lines") as error:
+        read_input(DataConfig(path=str(path)))
+    assert str(path) in str(error.value) and "jq -c" in str(error.value)
+
+
+def test_a_non_jsonl_file_among_good_ones_fails_naming_it(tmp_path):
+    _write_lines(tmp_path / "a.jsonl", ["{broken", "[1]", '{"prompt": "Add: 1+2"}', "{again"])
+    _write_lines(tmp_path / "b.json", ['["Add: 3+4"]'])
+    with pytest.raises(InputError, match=r"b\.json is not JSON Lines"):
+        read_input(DataConfig(path=str(tmp_path)))
+    (tmp_path / "b.json").unlink()
+    # Bad lines before a file's first object are still that file's row errors, in input order.
+    rows = _rows(str(tmp_path))
+    assert [r["source_index"] for r in rows] == [0, 1, 2, 3]
+    assert [r["error"] is None for r in rows] == [False, False, True, False]
+
+
+# ---------------------------------------------------------------------------------------- BOM
+def test_utf8_bom_at_the_start_of_a_jsonl_file_is_ignored(tmp_path):
+    path = _write_lines(
+        tmp_path / "bom.jsonl", [b'\xef\xbb\xbf{"prompt": "Add: 1+2"}', b'{"prompt": "Add: 3+4"}']
+    )
+    rows = _rows(path)
+    assert [(r["prompt"], r["error"]) for r in rows] == [("Add: 1+2", None), ("Add: 3+4", None)]
+    plain = _rows(
+        _write_lines(tmp_path / "plain.jsonl", ['{"prompt": "Add: 1+2"}', '{"prompt": "Add: 3+4"}'])
+    )
+    assert [r["id"] for r in rows] == [r["id"] for r in plain], "the BOM is not part of the content"
+
+
+def test_utf8_bom_at_the_start_of_a_jsonl_gz_file_is_ignored(tmp_path):
+    path = tmp_path / "bom.jsonl.gz"
+    path.write_bytes(gzip.compress(b'\xef\xbb\xbf{"prompt": "Add: 1+2"}\n'))
+    assert [(r["prompt"], r["error"]) for r in _rows(str(path))] == [("Add: 1+2", None)]
