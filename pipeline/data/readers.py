@@ -126,11 +126,14 @@ def read_input(
     if fmt == "jsonl":
         rows = _jsonl_rows(files, endpoint_url, region)
     elif fmt == "parquet":
-        rows = _arrow_rows(_read_parquet(files, endpoint_url, region), data)
+        table, sources = _read_parquet(files, endpoint_url, region)
+        rows = _arrow_rows(table, data, sources)
     elif fmt == "hf_disk":
-        rows = _arrow_rows(_load_hf_disk(path, data), data)
+        table = _load_hf_disk(path, data)
+        rows = _arrow_rows(table, data, [(path, table.num_rows)])
     elif fmt == "hf":
-        rows = _arrow_rows(_load_hf(path, data), data)
+        table = _load_hf(path, data)
+        rows = _arrow_rows(table, data, [(path, table.num_rows)])
     else:
         raise InputError(f"data.format={fmt!r} is not one of jsonl, parquet, hf_disk, hf")
     for index, (row, error, raw) in enumerate(rows):
@@ -261,15 +264,20 @@ def _read_parquet(files: list[str], endpoint_url: str | None, region: str | None
             tables.append(pq.read_table(io.BytesIO(payload)))
         except StoreError as e:
             raise InputError(f"cannot read input file: {e}") from None
-        except (pa.ArrowException, OSError) as e:
-            raise InputError(f"{file} is not a readable Parquet file: {e}") from None
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise InputError(
+                f"{file} is not a readable Parquet file ({' '.join(str(e).split())}); re-export it, or set "
+                "data.format if it is another format"
+            ) from None
     try:
-        return pa.concat_tables(tables, promote_options="permissive")
+        table = pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:
         raise InputError(f"the Parquet files under the input have incompatible schemas: {e}") from None
+    return table, [(file, t.num_rows) for file, t in zip(files, tables, strict=True)]
 
 
-def _arrow_rows(table, data: DataConfig) -> Iterator[tuple]:
+def _arrow_rows(table, data: DataConfig, sources: list[tuple[str, int]]) -> Iterator[tuple]:
+    """(row dict | None, error | None, raw | None) per table row; `sources` names the file of each row."""
     column = data.messages_column or data.prompt_column
     if column not in table.column_names:
         raise InputError(
@@ -280,9 +288,55 @@ def _arrow_rows(table, data: DataConfig) -> Iterator[tuple]:
         raise InputError(
             f"data.id_column={data.id_column!r} is not a column of the input ({', '.join(table.column_names)})"
         )
+    start = 0
     for batch in table.to_batches(max_chunksize=4096):
-        for row in batch.to_pylist():
-            yield row, None, None
+        try:
+            rows = batch.to_pylist()
+        except Exception:  # noqa: BLE001 - a value Python cannot hold (invalid UTF-8, ...): find the rows
+            for offset in range(batch.num_rows):
+                yield _arrow_row(batch, offset, _where(sources, start + offset))
+        else:
+            for row in rows:
+                yield row, None, None
+        start += batch.num_rows
+
+
+def _arrow_row(batch, offset: int, where: str) -> tuple:
+    """One row, converted column by column so that a bad value becomes this row's error naming its column."""
+    row, problems = {}, []
+    for name, array in zip(batch.schema.names, batch.columns, strict=True):
+        value = array.slice(offset, 1)
+        try:
+            row[name] = value.to_pylist()[0]
+        except UnicodeDecodeError as e:
+            problems.append(f"column {name!r} is not valid UTF-8 (byte {e.start} of the value)")
+            row[name] = _lossy(value)
+        except Exception as e:  # noqa: BLE001 - e.g. a timestamp out of Python's range
+            problems.append(f"column {name!r} holds a value Python cannot read ({type(e).__name__}: {e})")
+            row[name] = _lossy(value)
+    if not problems:
+        return row, None, None
+    raw = json.dumps(row, ensure_ascii=False, sort_keys=True, default=str)
+    return None, f"{where}: {'; '.join(problems)}; fix the value in the input", raw
+
+
+def _lossy(value) -> str:
+    """A readable rendering of a value that does not convert: its bytes, invalid UTF-8 replaced."""
+    import pyarrow as pa
+
+    binary = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}.get(value.type)
+    if binary is None:
+        return f"<unreadable {value.type}>"
+    return value.view(binary)[0].as_py().decode("utf-8", errors="replace")
+
+
+def _where(sources: list[tuple[str, int]], index: int) -> str:
+    """'file row N' (N from 0 within that file) for a row of the concatenated input."""
+    for file, rows in sources:
+        if index < rows:
+            return f"{os.path.basename(file)} row {index}"
+        index -= rows
+    return f"input row {index}"
 
 
 # ------------------------------------------------------------------------------------ hugging face datasets

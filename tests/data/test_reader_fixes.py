@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -144,3 +145,35 @@ def test_utf8_bom_at_the_start_of_a_jsonl_gz_file_is_ignored(tmp_path):
     path = tmp_path / "bom.jsonl.gz"
     path.write_bytes(gzip.compress(b'\xef\xbb\xbf{"prompt": "Add: 1+2"}\n'))
     assert [(r["prompt"], r["error"]) for r in _rows(str(path))] == [("Add: 1+2", None)]
+
+
+# ---------------------------------------------------------------------------------------- parquet
+def _string_array_with_invalid_utf8(values: list[bytes]) -> pa.Array:
+    """A string column holding the given bytes unvalidated, as a non-validating writer produces."""
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    data = pa.py_buffer(b"".join(values))
+    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()), data])
+
+
+def test_invalid_utf8_in_a_parquet_string_column_is_that_rows_error(tmp_path):
+    prompts = _string_array_with_invalid_utf8([b"Add: 1+2", b"Add: \xff\xfe", b"Add: 5+6"])
+    notes = _string_array_with_invalid_utf8([b"fine", b"fine", b"caf\xe9"])
+    pq.write_table(pa.table({"prompt": prompts, "note": notes}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"prompt": ["Add: 7+8"], "note": ["ok"]}), tmp_path / "0.parquet")
+    rows = _rows(str(tmp_path))  # 0.parquet, then a.parquet
+    assert [r["error"] is None for r in rows] == [True, True, False, False]
+    assert rows[2]["error"].startswith("a.parquet row 1: column 'prompt' is not valid UTF-8")
+    assert rows[3]["error"].startswith("a.parquet row 2: column 'note' is not valid UTF-8")
+    assert "Add: \ufffd\ufffd" in rows[2]["raw"]
+    assert [r["prompt"] for r in rows[:2]] == ["Add: 7+8", "Add: 1+2"]
+    assert [r["source_index"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_undecodable_parquet_fails_at_startup_naming_the_file(tmp_path):
+    pq.write_table(pa.table({"prompt": ["Add: 1+2"] * 1000}), tmp_path / "in.parquet", compression="snappy")
+    payload = bytearray((tmp_path / "in.parquet").read_bytes())
+    payload[200:400] = b"\xff" * 200  # inside the first data page
+    (tmp_path / "in.parquet").write_bytes(bytes(payload))
+    with pytest.raises(InputError, match="is not a readable Parquet file .*; re-export it") as error:
+        read_input(DataConfig(path=str(tmp_path / "in.parquet")))
+    assert str(tmp_path / "in.parquet") in str(error.value)
