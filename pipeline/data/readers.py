@@ -39,6 +39,11 @@ class InputError(ValueError):
     """The input as a whole is unusable; the message names the file or column."""
 
 
+def _printable(text: str) -> str:
+    """`text` with lone surrogates (from JSON escapes) written as \\udXXX, so that it can be logged."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def resolve_path(path: str) -> str:
     return str(SHIPPED_PROMPTS) if path == BUILTIN_PROMPTS else path
 
@@ -147,7 +152,8 @@ def read_input(
         column = data.messages_column or data.prompt_column
         raise InputError(
             f"no row of {data.path!r} has the prompt column {column!r}; columns seen: "
-            f"{', '.join(sorted(builder.columns_seen)) or 'none'}. Set data.prompt_column (or data.messages_column)."
+            f"{_printable(', '.join(sorted(builder.columns_seen))) or 'none'}. "
+            "Set data.prompt_column (or data.messages_column)."
         )
     return RecordTable(table=table, fingerprint=builder.fingerprint(), files=files, format=fmt)
 

@@ -54,6 +54,17 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
 
 
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+SURROGATE_HINT = "not valid UTF-8 (it holds a lone surrogate such as \\ud800, e.g. half of an escaped emoji)"
+
+
 def _check_text(value: Any, what: str) -> tuple[str | None, str | None]:
     """(text, None) or (None, reason)."""
     if value is None:
@@ -65,10 +76,8 @@ def _check_text(value: Any, what: str) -> tuple[str | None, str | None]:
             return None, f"{what} is not valid UTF-8 (byte {e.start})"
     if not isinstance(value, str):
         return None, f"{what} must be a string, got {type(value).__name__}"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return None, f"{what} is not valid UTF-8 (it holds a lone surrogate)"
+    if _has_surrogate(value):
+        return None, f"{what} is {SURROGATE_HINT}"
     if not value.strip():
         return None, f"{what} is empty"
     return value, None
@@ -80,10 +89,24 @@ def _check_messages(value: Any) -> tuple[str | None, str | None]:
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             return None, f"messages[{i}] must be an object with a string 'role'"
+        if _has_surrogate(message["role"]):
+            return None, f"messages[{i}].role is {SURROGATE_HINT}"
         _, problem = _check_text(message.get("content"), f"messages[{i}].content")
         if problem:
             return None, problem
     return _json([{"role": m["role"], "content": m["content"]} for m in value]), None
+
+
+def _valid_text(text: str) -> str:
+    """`text` with lone surrogates escaped (\\ud800), so that it can be written as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if _has_surrogate(text) else text
+
+
+def _safe_json(value: Any) -> str:
+    try:
+        return _json(value)
+    except RecursionError:
+        return "<nested too deeply to show>"
 
 
 class RecordBuilder:
@@ -107,17 +130,16 @@ class RecordBuilder:
             self.columns_seen.update(row)
             rid, id_error = self._declared_id(index, row)
             prompt, is_chat, content_error = self._content(row)
-            error = id_error or content_error
-            extra = {k: v for k, v in row.items() if k not in self._reserved()}
-            metadata = _json(extra) if extra else None
+            metadata, metadata_error = self._metadata(row)
+            error = id_error or content_error or metadata_error
             if error:
-                raw = raw or _json(row)
+                raw = raw or _safe_json(row)
         if rid is None:
             rid = derived_id(index, prompt if prompt is not None else (raw or ""))
         if error is None:
             if rid in self.seen_ids:
                 error = f"duplicate id {rid!r} (first seen at input row {self.seen_ids[rid]})"
-                raw = raw or (_json(row) if row is not None else None)
+                raw = raw or (_safe_json(row) if row is not None else None)
             else:
                 self.seen_ids[rid] = index
         record = {
@@ -127,11 +149,29 @@ class RecordBuilder:
             "is_chat": is_chat,
             "metadata": metadata,
             "error": error,
-            "raw": raw[:RAW_LIMIT] if (error and raw) else None,
+            "raw": _valid_text(raw[:RAW_LIMIT]) if (error and raw) else None,
         }
         for name, value in record.items():
             self.columns[name].append(value)
         self.hash.update(_json([rid, record["prompt"], is_chat, metadata, error]).encode("utf-8", "replace"))
+
+    def _metadata(self, row: dict[str, Any]) -> tuple[str | None, str | None]:
+        """(the other columns as JSON | None, None), or (None, reason) naming the offending column."""
+        extra = {k: v for k, v in row.items() if k not in self._reserved()}
+        if not extra:
+            return None, None
+        try:
+            text = _json(extra)
+        except RecursionError:
+            return None, "the other columns are nested too deeply to store as JSON metadata; flatten them"
+        if not _has_surrogate(text):
+            return text, None
+        for name, value in extra.items():
+            if _has_surrogate(name):
+                return None, f"a column name ({_valid_text(name)!r}) is {SURROGATE_HINT}"
+            if _has_surrogate(_json(value)):
+                return None, f"column {name!r} is {SURROGATE_HINT}; fix or drop that value in the input"
+        return None, f"the other columns are {SURROGATE_HINT}"
 
     def _reserved(self) -> set[str]:
         names = {self.data.messages_column or self.data.prompt_column}
@@ -149,6 +189,8 @@ class RecordBuilder:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             return None, f"id in column {column!r} must be a string or an integer, got {type(value).__name__}"
         text = str(value)
+        if _has_surrogate(text):
+            return None, f"id in column {column!r} is {SURROGATE_HINT}"
         if not text.strip():
             return None, f"empty id (column {column!r})"
         return text, None

@@ -5,6 +5,7 @@ valid UTF-8 and strict JSON. Real files are written and read back; S3 input runs
 from __future__ import annotations
 
 import gzip
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -177,3 +178,47 @@ def test_undecodable_parquet_fails_at_startup_naming_the_file(tmp_path):
     with pytest.raises(InputError, match="is not a readable Parquet file .*; re-export it") as error:
         read_input(DataConfig(path=str(tmp_path / "in.parquet")))
     assert str(tmp_path / "in.parquet") in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------- lone surrogates
+def test_lone_surrogate_in_an_extra_column_is_that_rows_error(tmp_path):
+    path = _write_lines(
+        tmp_path / "in.jsonl",
+        ['{"prompt": "Add: 1+2", "note": "\\ud800"}', '{"prompt": "Add: 3+4", "note": "ok"}'],
+    )
+    rows = _rows(path)
+    assert "column 'note'" in rows[0]["error"] and "lone surrogate" in rows[0]["error"]
+    assert rows[0]["raw"] == '{"prompt": "Add: 1+2", "note": "\\ud800"}', "the raw line is kept as written"
+    assert rows[1]["error"] is None and json.loads(rows[1]["metadata"]) == {"note": "ok"}
+
+
+def test_lone_surrogate_in_a_column_name_is_that_rows_error(tmp_path):
+    path = _write_lines(
+        tmp_path / "in.jsonl", ['{"prompt": "Add: 1+2", "n\\udc00": 1}', '{"prompt": "Add: 3+4"}']
+    )
+    rows = _rows(path)
+    assert "column name" in rows[0]["error"] and "lone surrogate" in rows[0]["error"]
+    assert rows[1]["error"] is None
+
+
+def test_lone_surrogate_in_the_id_column_is_that_rows_error(tmp_path):
+    path = _write_lines(
+        tmp_path / "in.jsonl", ['{"prompt": "Add: 1+2", "rid": "\\udc00"}', '{"prompt": "x", "rid": "b"}']
+    )
+    rows = _rows(path, id_column="rid")
+    assert "id in column 'rid'" in rows[0]["error"] and "lone surrogate" in rows[0]["error"]
+    assert rows[0]["id"].isascii(), "the error row gets a derived id"
+    assert rows[1]["id"] == "b" and rows[1]["error"] is None
+
+
+def test_lone_surrogate_in_a_message_role_is_that_rows_error(tmp_path):
+    path = _write_lines(
+        tmp_path / "chat.jsonl",
+        [
+            '{"messages": [{"role": "us\\ud800er", "content": "Add: 1+2"}]}',
+            '{"messages": [{"role": "user", "content": "Add: 3+4"}]}',
+        ],
+    )
+    rows = _rows(path, messages_column="messages")
+    assert "messages[0].role" in rows[0]["error"] and "lone surrogate" in rows[0]["error"]
+    assert rows[1]["error"] is None and json.loads(rows[1]["prompt"])[0]["role"] == "user"
