@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -222,3 +223,42 @@ def test_lone_surrogate_in_a_message_role_is_that_rows_error(tmp_path):
     rows = _rows(path, messages_column="messages")
     assert "messages[0].role" in rows[0]["error"] and "lone surrogate" in rows[0]["error"]
     assert rows[1]["error"] is None and json.loads(rows[1]["prompt"])[0]["role"] == "user"
+
+
+# ---------------------------------------------------------------------------------------- NaN / Infinity
+def _refuse_constant(name: str):
+    pytest.fail(f"{name} in metadata: not valid JSON")
+
+
+def test_non_finite_floats_in_metadata_are_written_as_null(tmp_path):
+    pq.write_table(
+        pa.table(
+            {
+                "prompt": ["a", "b", "c"],
+                "f": [math.nan, math.inf, 1.5],
+                "lst": [[-math.inf, 2.0], [], [3.0]],
+                "s": [{"x": math.nan}, {"x": 1.0}, {"x": None}],
+            }
+        ),
+        tmp_path / "in.parquet",
+    )
+    rows = _rows(str(tmp_path / "in.parquet"))
+    metadata = [r["metadata"] for r in rows]
+    for text in metadata:  # strict JSON: parse_constant is only called for NaN / Infinity
+        json.loads(text, parse_constant=_refuse_constant)
+    assert [json.loads(m) for m in metadata] == [
+        {"f": None, "lst": [None, 2.0], "s": {"x": None}},
+        {"f": None, "lst": [], "s": {"x": 1.0}},
+        {"f": 1.5, "lst": [3.0], "s": {"x": None}},
+    ]
+
+
+def test_non_finite_floats_in_jsonl_metadata_are_written_as_null(tmp_path):
+    path = _write_lines(tmp_path / "in.jsonl", ['{"prompt": "a", "score": NaN, "hi": Infinity, "n": 2}'])
+    (row,) = _rows(path)
+    assert row["error"] is None
+    assert json.loads(row["metadata"], parse_constant=_refuse_constant) == {
+        "score": None,
+        "hi": None,
+        "n": 2,
+    }
