@@ -151,12 +151,14 @@ class RecordBuilder:
                 raw = raw or _safe_json(row)
         if rid is None:
             rid = derived_id(index, prompt if prompt is not None else (raw or ""))
-        if error is None:
-            if rid in self.seen_ids:
+        # Every row's id counts, error rows' too: a later row with the id of a rejected one is a duplicate (the
+        # id would otherwise name two input rows, one in errors/ and one in data/).
+        if rid in self.seen_ids:
+            if error is None:
                 error = f"duplicate id {rid!r} (first seen at input row {self.seen_ids[rid]})"
                 raw = raw or (_safe_json(row) if row is not None else None)
-            else:
-                self.seen_ids[rid] = index
+        else:
+            self.seen_ids[rid] = index
         record = {
             "id": rid,
             "source_index": index,

@@ -262,3 +262,21 @@ def test_non_finite_floats_in_jsonl_metadata_are_written_as_null(tmp_path):
         "hi": None,
         "n": 2,
     }
+
+
+# ---------------------------------------------------------------------------------------- duplicate ids
+def test_duplicate_of_an_id_first_seen_on_an_error_row_is_flagged(tmp_path):
+    path = _write_lines(
+        tmp_path / "ids.jsonl",
+        [
+            '{"rid": "a", "prompt": ""}',  # an error row (empty prompt) with id a
+            '{"rid": "a", "prompt": "Add: 1+2"}',  # id a again: a duplicate, although a is not in data/
+            '{"rid": "b", "prompt": "Add: 2+2"}',
+            '{"rid": "b", "prompt": ""}',  # an error row of its own: its first error is kept
+        ],
+    )
+    rows = _rows(path, id_column="rid")
+    assert rows[0]["error"] == "prompt (column 'prompt') is empty"
+    assert rows[1]["error"] == "duplicate id 'a' (first seen at input row 0)"
+    assert rows[2]["error"] is None
+    assert rows[3]["error"] == "prompt (column 'prompt') is empty"
