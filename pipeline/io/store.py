@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import shutil
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -64,6 +64,11 @@ class Store(ABC):
 
     @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def write_if_absent(self, key: str, data: bytes) -> bool:
+        """Writes the object only if no object has that key (atomically: of concurrent writers exactly one
+        wins); True if this call created it, False if it existed."""
 
     @abstractmethod
     def read_bytes(self, key: str) -> bytes: ...
@@ -128,17 +133,30 @@ class LocalStore(Store):
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+            tmp = _write_temp(path, data)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
             fsync_dir(path.parent)  # the rename itself survives a crash of the machine
+        except OSError as e:
+            raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
+
+    def write_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _write_temp(path, data)
+            try:
+                os.link(tmp, path)  # atomic, whole content, and fails if `path` exists: first writer wins
+                created = True
+            except FileExistsError:
+                created = False
+            finally:
+                tmp.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+            return created
         except OSError as e:
             raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
 
@@ -199,6 +217,28 @@ class LocalStore(Store):
         return LocalStore(self._path(prefix))
 
 
+def _write_temp(path: Path, data: bytes) -> Path:
+    """A fsynced temporary file next to `path` holding `data`. Created like `open(..., "wb")` creates a file
+    (mode 0o666 minus the process umask, applied by the kernel), not 0o600 as `tempfile.mkstemp` would:
+    the renamed object keeps the temporary file's mode."""
+    for _ in range(100):
+        tmp = path.parent / f"{TMP_PREFIX}{path.name}.{secrets.token_hex(8)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Makes a rename or a new file in the directory `path` durable (best effort where unsupported)."""
     try:
@@ -244,6 +284,25 @@ class S3Store(Store):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
         self._call(f"write {self.describe(key)}", put)
+
+    def write_if_absent(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        if self.exists(key):  # the common case, and the only guard on stores that ignore If-None-Match
+            return False
+
+        def put() -> bool:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                if _error_code(e) in ("PreconditionFailed", "412"):
+                    return False  # another writer created it first
+                if _error_code(e) == "ConditionalRequestConflict":  # 409: a concurrent write in flight
+                    return not self.exists(key) and put()
+                raise
+
+        return self._call(f"write {self.describe(key)} (if absent)", put)
 
     def read_bytes(self, key: str) -> bytes:
         def get() -> bytes:

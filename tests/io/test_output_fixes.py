@@ -1,0 +1,68 @@
+"""Output files get the mode a plain open() gives them, and write_if_absent lets exactly one writer win."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline.io.store import LocalStore, Store
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "local":
+        return LocalStore(tmp_path / "root")
+    return request.getfixturevalue("s3_bucket").store("base/dir")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_local_objects_get_the_mode_open_would_give_them(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        store = LocalStore(tmp_path / "root")
+        store.write_bytes("data/part-00000.parquet", b"x")
+        store.write_text("stats.json", "{}")
+        store.write_bytes("stats.json", b"{}\n")  # a rewrite too
+        with open(tmp_path / "plain", "wb") as f:
+            f.write(b"x")
+        expected = (tmp_path / "plain").stat().st_mode & 0o777
+        assert expected == 0o666 & ~umask
+        for key in ("data/part-00000.parquet", "stats.json"):
+            mode = (tmp_path / "root" / key).stat().st_mode & 0o777
+            assert mode == expected, f"{key}: mode {mode:o}, open() gives {expected:o}"
+        assert store.write_if_absent("_columns/c.json", b"{}")
+    finally:
+        os.umask(old)
+    for key in ("_columns/c.json",):
+        mode = (tmp_path / "root" / key).stat().st_mode & 0o777
+        assert mode == expected, f"{key}: mode {mode:o}, open() gives {expected:o}"
+    assert not [p for p in (tmp_path / "root").rglob(".tmp-*")], "no temporary file is left behind"
+
+
+def test_write_if_absent_keeps_the_first_object(store):
+    assert store.write_if_absent("_columns/a.json", b"first")
+    assert not store.write_if_absent("_columns/a.json", b"second")
+    assert store.read_bytes("_columns/a.json") == b"first"
+    assert store.list("_columns/") == ["_columns/a.json"]
+
+
+def test_write_if_absent_has_one_winner_among_concurrent_writers(tmp_path):
+    store = LocalStore(tmp_path / "root")
+    results: dict[int, bool] = {}
+    barrier = threading.Barrier(8)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        results[i] = store.write_if_absent("k.json", f"writer {i}".encode())
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, created in results.items() if created]
+    assert len(winners) == 1
+    assert store.read_text("k.json") == f"writer {winners[0]}"
