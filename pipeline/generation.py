@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,9 @@ class GenerationSpec:
 
 @dataclass
 class GenerationOutput:
+    """Rows and error rows of one `generate` call. The counters cover every row the sampler ran, including
+    rows the postprocess stage then filtered out or rejected (those are in `errors`, not in `rows`)."""
+
     rows: list[dict[str, Any]]
     errors: list[dict[str, Any]]
     tokens: int = 0
@@ -160,6 +163,27 @@ class Generator:
             "run_id": self.spec.run_id,
         }
 
+    def _check_extra(self, extra: Any, row: dict[str, Any]) -> str | None:
+        """Why a postprocess result cannot be added to `row` (None if it can)."""
+        name = self.postprocess_name
+        if not isinstance(extra, Mapping):
+            shown = repr(extra)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            return (
+                f"{name} returned a {type(extra).__name__} ({shown}); a postprocess callable must return a "
+                "dict of the columns to add, e.g. {'score': 0.5}, or None to filter the row out"
+            )
+        bad = [k for k in extra if not isinstance(k, str) or not k]
+        if bad:
+            return f"{name} returned column names that are not non-empty strings: {bad[:5]!r}"
+        taken = [k for k in extra if k in row]
+        if taken:
+            return (
+                f"{name} returned columns the output already has: {taken[:5]}; a postprocess adds columns and "
+                "cannot replace the row's own (id, completion, provenance): rename them"
+            )
+        return None
+
     def generate(
         self, records: list[PromptRecord], on_row: Callable[[int, int], None] | None = None
     ) -> GenerationOutput:
@@ -236,6 +260,10 @@ class Generator:
                     out.errors.append(
                         self._error(record, "postprocess", f"filtered out by {self.postprocess_name}")
                     )
+                    continue
+                problem = self._check_extra(extra, row)
+                if problem is not None:
+                    out.errors.append(self._error(record, "postprocess", problem))
                     continue
                 row.update(extra)
             out.rows.append(row)

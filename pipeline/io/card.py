@@ -15,6 +15,12 @@ def render_card(run_uri: str, manifest: dict[str, Any], stats: dict[str, Any]) -
         storage = ', storage_options={"client_kwargs": {"endpoint_url": ...}}  # for non-AWS stores'
     finish = ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("finish_reasons", {}).items())) or "none"
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("errors_by_stage", {}).items())) or "none"
+    extra = manifest.get("columns") or []
+    columns_note = manifest.get("postprocess_columns_note", "")
+    if extra:
+        columns_note += ", and the postprocess columns " + ", ".join(
+            f"`{c['name']}` ({c['type']})" for c in extra
+        )
     return f"""---
 configs:
 - config_name: default
@@ -54,7 +60,7 @@ settings gives the same completion, whatever batch or machine runs it.
 
 `id`, `prompt`, `completion`, `completion_tokens`, `prompt_tokens`, `denoising_steps` (decoder passes spent
 on the row), `canvases`, `finish_reason` (`eos` or `length`), `model`, `seed`, `run_id`, `source_index`,
-`metadata` (the input row's other columns, JSON){manifest.get("postprocess_columns_note", "")}.
+`metadata` (the input row's other columns, JSON){columns_note}.
 Rejected input rows are in `errors/` with `id`, `source_index`, `stage`, `reason` and the raw input.
 
 ## Loading

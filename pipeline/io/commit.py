@@ -6,15 +6,18 @@
       data/part-<shard>.parquet output rows of a shard (attempt-free name: a retry rewrites the same key)
       errors/part-<shard>.parquet rejected rows of a shard, with reasons
       _commits/shard-<shard>.json the commit point: a shard is committed iff this marker exists
+      _columns/<digest>.json    the Arrow type of one postprocess column, fixed once for the run (columns.py)
       _manifest.json, stats.json, README.md, then _SUCCESS (last, only when every shard is committed)
 
 A shard's parts are written first and its marker last; objects are written atomically (see store.py). On a
 rerun, shards with a marker are skipped and every data/errors object without one is deleted, so each input
-row ends up exactly once in data/ or errors/. Markers record the parts' sizes and checksums.
+row ends up exactly once in data/ or errors/. Markers record the parts' sizes, checksums and data schema;
+`finalize` gives every part the run's postprocess column schema before the manifest is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.io.parts import ERROR_SCHEMA, to_parquet_bytes, to_table
+import pyarrow as pa
+
+from pipeline.io.columns import conform_table, read_run_columns, schema_signature, target_schema
+from pipeline.io.parts import ERROR_SCHEMA, from_parquet_bytes, to_parquet_bytes, to_table
 from pipeline.io.store import Store
 
 logger = logging.getLogger(__name__)
@@ -70,13 +76,15 @@ class ShardCommit:
     attempt: int
     wall_s: float
     committed_at: float
+    columns: list[list[str]] | None = None  # the data part's schema, [[name, arrow type], ...]
 
     def to_json(self) -> str:
         return json.dumps(vars(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ShardCommit:
-        return cls(**json.loads(text))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in fields})
 
 
 class RunStore:
@@ -189,6 +197,7 @@ class RunStore:
             attempt=attempt,
             wall_s=float(stats.get("wall_s", 0.0)),
             committed_at=time.time(),
+            columns=schema_signature(output_table.schema) if data_payload is not None else None,
         )
         self.store.write_text(commit_key(shard), commit.to_json())
         return commit
@@ -209,8 +218,42 @@ class RunStore:
         self.store.delete([commit_key(s) for s in shards])
 
     # ------------------------------------------------------------------------------------------- final
+    def conform_parts(self, compression: str = "zstd") -> list[int]:
+        """Rewrites the data parts whose schema is not the run's (pipeline/io/columns.py): parts written
+        before a postprocess column first appeared, or while it had no type yet (all-null, Arrow's null
+        type). Only such columns change (nulls added or typed); each rewritten part's marker is rewritten
+        after it (a crash in between leaves a marker whose size does not match: that shard is regenerated).
+        Returns the rewritten shards."""
+        run_columns = read_run_columns(self.store)
+        rewritten = []
+        for shard, commit in sorted(self.committed().items()):
+            if not commit.data_key or commit.columns is None:
+                continue
+            current = pa.schema([pa.field(n, pa.null()) for n, _ in commit.columns])
+            target = schema_signature(target_schema(current, run_columns))
+            if commit.columns == target:
+                continue
+            table = from_parquet_bytes(self.store.read_bytes(commit.data_key))
+            table = conform_table(table, target_schema(table.schema, run_columns))
+            payload = to_parquet_bytes(table, compression)
+            self.store.write_bytes(commit.data_key, payload)
+            commit.data_bytes = len(payload)
+            commit.data_sha256 = hashlib.sha256(payload).hexdigest()
+            commit.columns = schema_signature(table.schema)
+            self.store.write_text(commit_key(shard), commit.to_json())
+            rewritten.append(shard)
+        if rewritten:
+            logger.info(
+                "gave %d part(s) the run's postprocess column schema: shards %s", len(rewritten), rewritten
+            )
+        return rewritten
+
     def finalize(self, manifest: dict[str, Any], stats: dict[str, Any], card: str) -> None:
-        """Writes manifest, stats and dataset card, then _SUCCESS last."""
+        """Brings every part to the run's schema, then writes manifest, stats and dataset card, then _SUCCESS
+        last."""
+        if self.conform_parts(manifest.get("compression", "zstd")):
+            commits = self.committed()
+            manifest["parts"] = [vars(commits[s]) for s in sorted(commits)]
         self.store.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         self.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
         self.store.write_text("README.md", card)

@@ -37,30 +37,8 @@ ERROR_SCHEMA = pa.schema(
     ]
 )
 
+# The types a postprocess callable may declare for its columns (`fn.columns`; see pipeline/io/columns.py).
 TYPE_NAMES = {"string": pa.string(), "bool": pa.bool_(), "double": pa.float64(), "int64": pa.int64()}
-
-
-def output_schema(
-    extra_columns: dict[str, str] | None = None, rows: list[dict[str, Any]] | None = None
-) -> pa.Schema:
-    """The base schema plus postprocess columns (declared types, else inferred; all-null ones as string)."""
-    schema = OUTPUT_SCHEMA
-    declared = {name: TYPE_NAMES[t] for name, t in (extra_columns or {}).items()}
-    names = list(declared)
-    for row in rows or []:
-        for key in row:
-            if key not in OUTPUT_SCHEMA.names and key not in names:
-                names.append(key)
-    for name in names:
-        if name in declared:
-            field_type = declared[name]
-        elif name == "drafts":
-            field_type = pa.list_(pa.list_(pa.string()))
-        else:
-            values = [r.get(name) for r in rows or [] if r.get(name) is not None]
-            field_type = pa.array(values).type if values else pa.string()
-        schema = schema.append(pa.field(name, field_type))
-    return schema
 
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

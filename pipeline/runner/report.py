@@ -140,8 +140,10 @@ def build_stats(
 
 def build_manifest(prep, all_commits: dict) -> dict[str, Any]:
     from pipeline import __version__
+    from pipeline.io.columns import ordered, read_run_columns
 
     parts = [vars(all_commits[s]) for s in sorted(all_commits)]
+    columns = ordered(read_run_columns(prep.run_store.store))
     return {
         "run_id": prep.run_id,
         "canvasflow_version": __version__,
@@ -158,6 +160,9 @@ def build_manifest(prep, all_commits: dict) -> dict[str, Any]:
         "config_fingerprint": prep.identity["config_fingerprint"],
         "sampler": prep.settings,
         "shard_size": prep.job.run.shard_size,
+        "compression": prep.job.output.compression,
+        # the postprocess columns and their Arrow types, the same in every part
+        "columns": [{"name": c.name, "type": str(c.type), "source": c.source} for c in columns],
         "parts": parts,
         "rows_out": sum(p["rows"] for p in parts),
         "rows_error": sum(p["error_rows"] for p in parts),

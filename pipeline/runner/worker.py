@@ -84,7 +84,6 @@ class ShardWorker:
     def process(self, shard: int, records, attempt: int) -> dict[str, Any]:
         """Generates and commits one shard; `records` is an Arrow table in pipeline.data.records' schema."""
         from pipeline.generation import PromptRecord
-        from pipeline.io.parts import output_schema, to_table
 
         started = time.perf_counter()
         rows = records.to_pylist()
@@ -108,10 +107,9 @@ class ShardWorker:
         if read_errors:
             self._report(len(read_errors), 0, 0)
         out = self.generator.generate(good, on_row=lambda tokens, steps: self._report(1, tokens, steps))
-        errors = sorted(read_errors + out.errors, key=lambda e: e["source_index"])
         generated = sorted(out.rows, key=lambda r: r["source_index"])
-        schema = output_schema(self.generator.postprocess_columns, generated)
-        table = to_table(generated, schema)
+        table, generated, column_errors = self._table(shard, generated)
+        errors = sorted(read_errors + out.errors + column_errors, key=lambda e: e["source_index"])
         stats = {
             "tokens": out.tokens,
             "denoising_steps": out.denoising_steps,
@@ -126,3 +124,29 @@ class ShardWorker:
             shard, table, errors, compression=self.compression, stats=stats, worker=self.name, attempt=attempt
         )
         return vars(commit)
+
+    def _table(self, shard: int, rows: list[dict[str, Any]]):
+        """The shard's Arrow table in the run's column types (pipeline/io/columns.py); rows whose postprocess
+        values do not convert come back as error rows."""
+        from pipeline.io.columns import conform_rows, declared_columns, fix_columns, part_schema
+        from pipeline.io.parts import to_table
+
+        store = self.run_store.store
+        name = self.generator.postprocess_name
+        run_columns = fix_columns(store, declared_columns(self.generator.postprocess_columns, name))
+        kept, bad, proposals = conform_rows(rows, run_columns, shard=shard, callable_name=name)
+        if proposals:
+            run_columns = fix_columns(store, proposals)
+            kept, bad, _ = conform_rows(rows, run_columns, shard=shard, callable_name=name)
+        errors = [
+            {
+                "id": row["id"],
+                "source_index": row["source_index"],
+                "stage": "postprocess",
+                "reason": reason,
+                "raw": row["prompt"][:2000],
+                "run_id": self.run_store.run_id,
+            }
+            for row, reason in bad
+        ]
+        return to_table(kept, part_schema(kept, run_columns)), kept, errors

@@ -1,0 +1,223 @@
+"""The postprocess columns of a run: one Arrow type per column for the whole run, and rows converted to it.
+
+A column's type is fixed once per run and recorded under `_columns/` in the run (one object per column,
+created only if absent, so concurrent shards agree on the first writer's type; a resumed run reads the same
+objects): a type the callable declares (`fn.columns`), else the type of the first shard's non-null values
+that reach storage. Every later shard converts its values to that type with Arrow's safe casts (an int into
+a double column, an int or bool into a string column); a row whose value does not convert becomes an error
+row naming the column, the value and the type. A column that is all-null in a shard before its type is fixed
+is written with Arrow's null type there, and `conform_part` brings such parts (and parts written before a
+column first appeared) to the run's schema when the run is finalized, so every part of a complete run has
+the same schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.io.parts import OUTPUT_SCHEMA, TYPE_NAMES
+
+COLUMNS = "_columns/"
+DRAFTS_TYPE = pa.list_(pa.list_(pa.string()))
+_CONVERT_ERRORS = (pa.ArrowException, OverflowError, TypeError, ValueError)
+
+
+@dataclass(frozen=True)
+class RunColumn:
+    name: str
+    type: pa.DataType
+    source: str  # "declared by <callable>" or "inferred from shard <n>"
+    position: int | None = None  # declaration order; None for inferred columns (ordered by name after)
+
+    def to_json(self) -> str:
+        schema = pa.schema([pa.field(self.name, self.type)]).serialize().to_pybytes()
+        return json.dumps(
+            {
+                "name": self.name,
+                "type": str(self.type),
+                "arrow_schema": base64.b64encode(schema).decode("ascii"),
+                "source": self.source,
+                "position": self.position,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RunColumn:
+        d = json.loads(text)
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["arrow_schema"])))
+        return cls(d["name"], schema.field(0).type, d["source"], d.get("position"))
+
+
+def column_key(name: str) -> str:
+    """Column names can hold any character; their objects are named by a digest."""
+    return f"{COLUMNS}{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}.json"
+
+
+def read_run_columns(store) -> dict[str, RunColumn]:
+    columns = [RunColumn.from_json(store.read_text(key)) for key in store.list(COLUMNS)]
+    return {c.name: c for c in columns}
+
+
+def fix_columns(store, proposed: list[RunColumn]) -> dict[str, RunColumn]:
+    """Records each proposed column unless the run already has it; returns every column of the run (a
+    proposal that lost a race to another shard comes back with that shard's type)."""
+    for column in proposed:
+        store.write_if_absent(column_key(column.name), column.to_json().encode("utf-8"))
+    return read_run_columns(store)
+
+
+def ordered(columns: dict[str, RunColumn]) -> list[RunColumn]:
+    """Declared columns in declaration order, then inferred ones by name: the same order in every part."""
+    return sorted(
+        columns.values(),
+        key=lambda c: (0, c.position, c.name) if c.position is not None else (1, 0, c.name),
+    )
+
+
+def declared_columns(declared: dict[str, str], callable_name: str | None) -> list[RunColumn]:
+    return [
+        RunColumn(name, TYPE_NAMES[t], f"declared by {callable_name}", i)
+        for i, (name, t) in enumerate(declared.items())
+    ]
+
+
+def infer_type(values: list[Any]) -> pa.DataType:
+    """The Arrow type of a column's non-null values: Arrow's inference over all of them (ints and floats
+    give double), else string when they are all scalars (ints and strings mixed), else the first value's."""
+    try:
+        return pa.array(values).type
+    except _CONVERT_ERRORS:
+        pass
+    if all(isinstance(v, (str, int, float, bool)) for v in values):
+        return pa.string()
+    return pa.array(values[:1]).type
+
+
+def convert(value: Any, type_: pa.DataType) -> Any:
+    """`value` as a Python value of Arrow type `type_` (a safe cast: no truncation, no overflow); raises
+    ValueError saying why not."""
+    if value is None:
+        return None
+    try:
+        array = pa.array([value])
+        source = array.type
+        if source != type_:
+            # Strings are not parsed into numbers or bools, nor bools read as numbers: only widening
+            # (int into double), safe numeric casts and scalars written as text.
+            textual = pa.types.is_string(source) or pa.types.is_large_string(source)
+            to_text = pa.types.is_string(type_) or pa.types.is_large_string(type_)
+            if (textual or pa.types.is_boolean(source)) and not to_text:
+                raise ValueError(f"a {source} value is not a {type_}")
+            array = array.cast(type_, safe=True)
+        return array[0].as_py()
+    except _CONVERT_ERRORS as e:
+        raise ValueError(str(e).splitlines()[0][:200]) from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def conform_rows(
+    rows: list[dict[str, Any]],
+    run_columns: dict[str, RunColumn],
+    *,
+    shard: int,
+    callable_name: str | None,
+) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]], list[RunColumn]]:
+    """Converts the postprocess columns of `rows` to the run's types.
+
+    Returns (kept rows with converted values, [(row, reason)] for rows that do not convert, proposals for
+    columns the run has no type for yet, inferred from this shard's values). The caller records the
+    proposals with `fix_columns` and calls again with the result, so a lost race is converted too.
+    """
+    reserved = set(OUTPUT_SCHEMA.names) | {"drafts"}
+    names: list[str] = []
+    for row in rows:
+        names.extend(k for k in row if k not in reserved and k not in names)
+    proposals = []
+    for name in names:
+        if name in run_columns:
+            continue
+        values = [r[name] for r in rows if r.get(name) is not None]
+        if values:
+            proposals.append(RunColumn(name, infer_type(values), f"inferred from shard {shard}"))
+    if proposals:
+        return rows, [], proposals
+    kept, bad = [], []
+    for row in rows:
+        converted, problem = dict(row), None
+        for name in names:
+            column = run_columns.get(name)
+            if column is None or row.get(name) is None:
+                continue
+            try:
+                converted[name] = convert(row[name], column.type)
+            except ValueError as e:
+                problem = (
+                    f"{callable_name} returned {_short(row[name])} ({type(row[name]).__name__}) for column "
+                    f"{name!r}, which is {column.type} in this run ({column.source}): {e}. Return "
+                    f"{column.type} values (or None) for {name!r} in every row, or declare the column's type "
+                    f"as the callable's `columns` attribute, e.g. {{{name!r}: 'string'}}"
+                )
+                break
+        if problem is None:
+            kept.append(converted)
+        else:
+            bad.append((row, problem))
+    return kept, bad, []
+
+
+def part_schema(rows: list[dict[str, Any]], run_columns: dict[str, RunColumn]) -> pa.Schema:
+    """The schema of a shard's part: the base columns, drafts if recorded, every column the run has a type
+    for (null where a row has no value), then columns of this shard that are all-null and have no type yet
+    (Arrow's null type, replaced by the run's type when the run is finalized)."""
+    schema = OUTPUT_SCHEMA
+    if any("drafts" in r for r in rows):
+        schema = schema.append(pa.field("drafts", DRAFTS_TYPE))
+    for column in ordered(run_columns):
+        schema = schema.append(pa.field(column.name, column.type))
+    reserved = set(schema.names)
+    untyped = sorted({k for r in rows for k in r if k not in reserved})
+    for name in untyped:
+        schema = schema.append(pa.field(name, pa.null()))
+    return schema
+
+
+def target_schema(current: pa.Schema, run_columns: dict[str, RunColumn]) -> pa.Schema:
+    """What a part with schema `current` must have in a complete run."""
+    schema = OUTPUT_SCHEMA
+    if "drafts" in current.names:
+        schema = schema.append(pa.field("drafts", DRAFTS_TYPE))
+    for column in ordered(run_columns):
+        schema = schema.append(pa.field(column.name, column.type))
+    reserved = set(schema.names)
+    for f in current:  # columns all-null in every shard so far keep the null type, after the typed ones
+        if f.name not in reserved:
+            schema = schema.append(f)
+    return schema
+
+
+def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with the columns of `schema`, in its order: missing ones all-null, null-typed ones cast."""
+    arrays = []
+    for f in schema:
+        if f.name in table.column_names:
+            column = table.column(f.name)
+            arrays.append(column if column.type == f.type else column.cast(f.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def schema_signature(schema: pa.Schema) -> list[list[str]]:
+    """A part's columns as [[name, type], ...], recorded in its commit marker."""
+    return [[f.name, str(f.type)] for f in schema]

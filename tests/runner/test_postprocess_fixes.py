@@ -1,0 +1,116 @@
+"""Postprocess results that are not a dict of new columns, column types across shards and resumes, and the
+run's stats describing what data/ holds. The real job: local Ray workers, the tiny model, Parquet read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.io.columns import RunColumn, conform_rows, convert
+from pipeline.runner.job import run
+from tests.runner.test_job import make_job, read_parts, write_prompts
+
+pytestmark = pytest.mark.ray
+FNS = "tests.runner.postprocess_fns"
+
+
+def one_worker_job(tmp_path: Path, rows: int, target: str):
+    job = make_job(tmp_path, write_prompts(tmp_path / "p.jsonl", rows), cluster__num_workers=1)
+    job.postprocess = {"_target_": f"{FNS}.{target}"}
+    return job
+
+
+def part_schemas(run_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    return {
+        f.name: [(field.name, str(field.type)) for field in pq.read_schema(f)]
+        for f in sorted((run_dir / "data").glob("*.parquet"))
+    }
+
+
+def test_results_that_are_not_new_columns_become_that_rows_error(tmp_path, ray_local):
+    job = one_worker_job(tmp_path, 8, "odd_results")
+    job.run.shard_size = 8
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    data = read_parts(run_dir).to_pylist()
+    assert sorted(r["source_index"] for r in data) == [3, 7], "the other rows of the shard are kept"
+    assert all(r["ok"] is True for r in data)
+    errors = {e["source_index"]: e for e in read_parts(run_dir, "errors").to_pylist()}
+    assert sorted(errors) == [0, 1, 2, 4, 5, 6]
+    assert {e["stage"] for e in errors.values()} == {"postprocess"}
+    name = f"{FNS}.odd_results"
+    assert errors[0]["reason"].startswith(f"{name} returned a list (['not', 'a', 'dict'])")
+    assert "must return a dict of the columns to add" in errors[0]["reason"]
+    assert f"{name} returned columns the output already has: ['completion']" in errors[1]["reason"]
+    assert "rename them" in errors[1]["reason"]
+    assert "not non-empty strings: [1]" in errors[2]["reason"]
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["rows_out"] == 2 and stats["errors_by_stage"] == {"postprocess": 6}
+
+
+def test_a_value_of_another_type_than_the_runs_becomes_that_rows_error(tmp_path, ray_local):
+    job = one_worker_job(tmp_path, 12, "int_then_str")  # one worker: shard 0 (ints) fixes the type
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    table = read_parts(run_dir)
+    assert str(table.schema.field("val").type) == "int64"
+    assert sorted(table.column("source_index").to_pylist()) == list(range(6))
+    errors = read_parts(run_dir, "errors").to_pylist()
+    assert sorted(e["source_index"] for e in errors) == list(range(6, 12))
+    reason = errors[0]["reason"]
+    assert reason.startswith(f"{FNS}.int_then_str returned 'seven' (str) for column 'val'"), reason
+    assert "which is int64 in this run (inferred from shard 0)" in reason
+    assert "declare the column's type" in reason
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    assert manifest["columns"] == [{"name": "val", "type": "int64", "source": "inferred from shard 0"}]
+
+
+def test_every_part_has_the_runs_column_schema_also_after_a_resume(tmp_path, ray_local):
+    job = one_worker_job(tmp_path, 12, "late_columns")
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    schemas = part_schemas(run_dir)
+    assert len(schemas) == 2
+    first, second = schemas.values()
+    assert first == second, schemas
+    assert first[-2:] == [("late", "string"), ("score2", "double")]
+    table = read_parts(run_dir)  # pyarrow.dataset takes the first part's schema: nothing is cast or lost
+    rows = sorted(table.to_pylist(), key=lambda r: r["source_index"])
+    assert [r["score2"] for r in rows] == [None] * 6 + [0.5] * 6
+    assert [r["late"] for r in rows] == [None] * 6 + ["yes"] * 6
+    from datasets import load_dataset
+
+    loaded = load_dataset("parquet", data_files=str(run_dir / "data" / "*.parquet"), split="train")
+    assert loaded.features["score2"].dtype == "float64" and loaded.num_rows == 12
+
+    # A resumed run regenerates shard 0 (all None for score2, no `late`) in the types the run fixed.
+    (run_dir / "_commits" / "shard-00000.json").unlink()
+    (run_dir / "_SUCCESS").unlink()
+    assert run(job) == 0
+    assert part_schemas(run_dir) == schemas
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    assert [(c["name"], c["type"]) for c in manifest["columns"]] == [("late", "string"), ("score2", "double")]
+    for part in manifest["parts"]:  # markers describe the parts as they are now
+        payload = (run_dir / part["data_key"]).read_bytes()
+        assert part["data_bytes"] == len(payload)
+
+
+def test_type_inference_and_conversion_within_a_shard():
+    rows = [{"id": str(i), "source_index": i, "prompt": "p", "v": v} for i, v in enumerate([1, "x", None])]
+    kept, bad, proposals = conform_rows(rows, {}, shard=3, callable_name="m.f")
+    assert [(c.name, str(c.type), c.source) for c in proposals] == [("v", "string", "inferred from shard 3")]
+    kept, bad, _ = conform_rows(rows, {c.name: c for c in proposals}, shard=3, callable_name="m.f")
+    assert [r["v"] for r in kept] == ["1", "x", None] and not bad  # ints and strings mixed: text
+    import pyarrow as pa
+
+    assert convert(2, pa.float64()) == 2.0
+    for value, type_ in [(1.5, pa.int64()), ("1", pa.int64()), (True, pa.int64()), (2**70, pa.int64())]:
+        with pytest.raises(ValueError):
+            convert(value, type_)
+    column = {"v": RunColumn("v", pa.int64(), "declared by m.f", 0)}
+    kept, bad, _ = conform_rows(rows, column, shard=0, callable_name="m.f")
+    assert [r["id"] for r in kept] == ["0", "2"] and [r["id"] for r, _ in bad] == ["1"]
+    assert "which is int64 in this run (declared by m.f)" in bad[0][1]
