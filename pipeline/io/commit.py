@@ -76,6 +76,13 @@ class ShardCommit:
     attempt: int
     wall_s: float
     committed_at: float
+    # Work the sampler spent on rows the postprocess stage then filtered out or rejected (in errors/, not
+    # data/; tokens, denoising_steps and canvases above count data/ only). Markers written before these
+    # fields existed read as 0 here (and their totals include such rows).
+    dropped_rows: int = 0
+    dropped_tokens: int = 0
+    dropped_denoising_steps: int = 0
+    dropped_canvases: int = 0
     columns: list[list[str]] | None = None  # the data part's schema, [[name, arrow type], ...]
 
     def to_json(self) -> str:
@@ -197,6 +204,10 @@ class RunStore:
             attempt=attempt,
             wall_s=float(stats.get("wall_s", 0.0)),
             committed_at=time.time(),
+            dropped_rows=int(stats.get("dropped_rows", 0)),
+            dropped_tokens=int(stats.get("dropped_tokens", 0)),
+            dropped_denoising_steps=int(stats.get("dropped_denoising_steps", 0)),
+            dropped_canvases=int(stats.get("dropped_canvases", 0)),
             columns=schema_signature(output_table.schema) if data_payload is not None else None,
         )
         self.store.write_text(commit_key(shard), commit.to_json())

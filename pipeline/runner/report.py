@@ -80,9 +80,32 @@ def _merge(counters: list[dict[str, int]]) -> dict[str, int]:
     return dict(total)
 
 
+def _attr(commit, name: str):
+    return commit[name] if isinstance(commit, dict) else getattr(commit, name, 0)
+
+
+def _per_worker(commits) -> dict[str, dict[str, float]]:
+    per_worker: dict[str, dict[str, float]] = {}
+    for c in commits:
+        w = per_worker.setdefault(
+            _attr(c, "worker"), {"shards": 0, "rows": 0, "error_rows": 0, "tokens": 0, "busy_s": 0.0}
+        )
+        w["shards"] += 1
+        w["rows"] += _attr(c, "rows")
+        w["error_rows"] += _attr(c, "error_rows")
+        w["tokens"] += _attr(c, "tokens")
+        w["busy_s"] = round(w["busy_s"] + _attr(c, "wall_s"), 3)
+    for w in per_worker.values():
+        w["tokens_per_s"] = round(w["tokens"] / w["busy_s"], 2) if w["busy_s"] else 0.0
+    return per_worker
+
+
 def build_stats(
     prep, all_commits: dict, new_commits: dict, worker_infos, started: float, failed
 ) -> dict[str, Any]:
+    """The run's stats.json. Top-level figures describe the run as committed (data/ and errors/, every
+    invocation); `this_invocation` only what this process committed; `dropped_after_sampling` the sampler's
+    work on rows the postprocess stage filtered out or rejected (in errors/, counted in no data/ total)."""
     commits = list(all_commits.values())
     rows_out = sum(c.rows for c in commits)
     tokens = sum(c.tokens for c in commits)
@@ -91,18 +114,6 @@ def build_stats(
     wall = time.time() - started
     this_tokens = sum(c["tokens"] for c in new_commits.values())
     this_rows = sum(c["rows"] + c["error_rows"] for c in new_commits.values())
-    per_worker: dict[str, dict[str, float]] = {}
-    for c in new_commits.values():
-        w = per_worker.setdefault(
-            c["worker"], {"shards": 0, "rows": 0, "error_rows": 0, "tokens": 0, "busy_s": 0.0}
-        )
-        w["shards"] += 1
-        w["rows"] += c["rows"]
-        w["error_rows"] += c["error_rows"]
-        w["tokens"] += c["tokens"]
-        w["busy_s"] = round(w["busy_s"] + c["wall_s"], 3)
-    for w in per_worker.values():
-        w["tokens_per_s"] = round(w["tokens"] / w["busy_s"], 2) if w["busy_s"] else 0.0
     return {
         "run_id": prep.run_id,
         "model": prep.model_info.name,
@@ -112,11 +123,19 @@ def build_stats(
         "rows_filtered": sum(c.filtered for c in commits),
         "errors_by_stage": _merge([c.errors_by_stage for c in commits]),
         "finish_reasons": _merge([c.finish_reasons for c in commits]),
-        "tokens_generated": tokens,
-        "denoising_steps": steps,
+        "tokens_generated": tokens,  # completion tokens of the rows in data/
+        "denoising_steps": steps,  # decoder passes of the rows in data/
         "canvases": canvases,
         "mean_steps_per_canvas": round(steps / canvases, 3) if canvases else None,
         "tokens_per_forward": round(tokens / steps, 3) if steps else None,
+        "dropped_after_sampling": {
+            "note": "rows the sampler ran that the postprocess stage filtered out or rejected (in errors/); "
+            "not counted in rows_out, tokens_generated, denoising_steps or canvases",
+            "rows": sum(c.dropped_rows for c in commits),
+            "tokens": sum(c.dropped_tokens for c in commits),
+            "denoising_steps": sum(c.dropped_denoising_steps for c in commits),
+            "canvases": sum(c.dropped_canvases for c in commits),
+        },
         "shards": {
             "total": prep.identity["num_shards"],
             "committed": len(all_commits),
@@ -131,9 +150,13 @@ def build_stats(
             "tokens": this_tokens,
             "rows_per_s": round(this_rows / wall, 3) if wall else None,
             "tokens_per_s": round(this_tokens / wall, 3) if wall else None,
+            # the shards this invocation's workers committed (`workers` below describes those actors)
+            "per_worker": _per_worker(new_commits.values()),
         },
-        "per_worker": per_worker,
-        "workers": worker_infos,
+        # Every committed shard of the run, by the name of the worker that committed it; each invocation
+        # names its pool w0, w1, ... again, so after a resume a name covers the shards of every invocation.
+        "per_worker": _per_worker(commits),
+        "workers": worker_infos,  # the actors of this invocation
         "sampler": prep.settings,
     }
 
@@ -183,4 +206,13 @@ def log_summary(stats: dict[str, Any], uri: str) -> None:
         inv.get("wall_time_s", 0.0),
         inv.get("tokens_per_s") or 0.0,
     )
+    dropped = stats.get("dropped_after_sampling") or {}
+    if dropped.get("rows"):
+        logger.info(
+            "not in those totals: %d row(s) the postprocess stage filtered out or rejected after sampling "
+            "(in errors/): %d tokens, %d decoder passes",
+            dropped["rows"],
+            dropped.get("tokens", 0),
+            dropped.get("denoising_steps", 0),
+        )
     logger.info("output: %s/data/ (dataset card: %s/README.md)", uri.rstrip("/"), uri.rstrip("/"))

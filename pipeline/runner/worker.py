@@ -110,16 +110,26 @@ class ShardWorker:
         generated = sorted(out.rows, key=lambda r: r["source_index"])
         table, generated, column_errors = self._table(shard, generated)
         errors = sorted(read_errors + out.errors + column_errors, key=lambda e: e["source_index"])
+        # The totals describe data/ (the committed rows); `dropped_*` the rows the sampler ran that the
+        # postprocess stage then filtered out or rejected (they are in errors/).
+        tokens = sum(r["completion_tokens"] for r in generated)
+        steps = sum(r["denoising_steps"] for r in generated)
+        canvases = sum(r["canvases"] for r in generated)
         stats = {
-            "tokens": out.tokens,
-            "denoising_steps": out.denoising_steps,
-            "canvases": out.canvases,
+            "tokens": tokens,
+            "denoising_steps": steps,
+            "canvases": canvases,
             "filtered": out.filtered,
+            "dropped_rows": sum(1 for e in out.errors + column_errors if e["stage"] == "postprocess"),
+            "dropped_tokens": out.tokens - tokens,
+            "dropped_denoising_steps": out.denoising_steps - steps,
+            "dropped_canvases": out.canvases - canvases,
             "wall_s": time.perf_counter() - started,
             "finish_reasons": dict(Counter(r["finish_reason"] for r in generated)),
             "errors_by_stage": dict(Counter(e["stage"] for e in errors)),
         }
-        self._report(len(out.errors), 0, 0, force=True)
+        # Rows rejected before sampling; those the postprocess rejected were counted as they finished.
+        self._report(sum(1 for e in out.errors if e["stage"] != "postprocess"), 0, 0, force=True)
         commit = self.run_store.commit_shard(
             shard, table, errors, compression=self.compression, stats=stats, worker=self.name, attempt=attempt
         )

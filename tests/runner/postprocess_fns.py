@@ -25,3 +25,8 @@ def late_columns(row):
     if row["source_index"] < 6:
         return {"score2": None}
     return {"score2": 0.5, "late": "yes"}
+
+
+def drop_odd(row):
+    """Keeps rows at even input positions (adding no column), filters out the others."""
+    return {} if row["source_index"] % 2 == 0 else None

@@ -4,6 +4,9 @@ run's stats describing what data/ holds. The real job: local Ray workers, the ti
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -96,6 +99,58 @@ def test_every_part_has_the_runs_column_schema_also_after_a_resume(tmp_path, ray
     for part in manifest["parts"]:  # markers describe the parts as they are now
         payload = (run_dir / part["data_key"]).read_bytes()
         assert part["data_bytes"] == len(payload)
+
+
+def test_stats_manifest_and_card_describe_data_and_survive_a_resume(tmp_path, ray_local, caplog):
+    job = one_worker_job(tmp_path, 12, "drop_odd")
+    job.cluster.num_workers = 2
+    with caplog.at_level(logging.INFO, logger="canvasflow"):
+        assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    rows = read_parts(run_dir).to_pylist()
+    assert sorted(r["source_index"] for r in rows) == list(range(0, 12, 2))
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["tokens_generated"] == sum(r["completion_tokens"] for r in rows)
+    assert stats["denoising_steps"] == sum(r["denoising_steps"] for r in rows)
+    assert stats["canvases"] == sum(r["canvases"] for r in rows)
+    assert sum(stats["finish_reasons"].values()) == len(rows)
+    dropped = stats["dropped_after_sampling"]
+    assert dropped["rows"] == 6 and dropped["denoising_steps"] > 0 and "not counted" in dropped["note"]
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    assert sum(p["tokens"] for p in manifest["parts"]) == stats["tokens_generated"]
+    assert sum(p["denoising_steps"] for p in manifest["parts"]) == stats["denoising_steps"]
+    card = (run_dir / "README.md").read_text()
+    assert f"| completion tokens (`data/`) | {stats['tokens_generated']} |" in card
+    assert f"| decoder forward passes (`data/`) | {stats['denoising_steps']} |" in card
+    assert (
+        f"| sampled, then dropped by the postprocess (`errors/`, not in the figures above) | 6 rows, {dropped['tokens']} tokens"
+        in card
+    )
+    # Progress counts each row once (a filtered row was counted when sampled and again as an error).
+    done = [int(m) for m in re.findall(r"progress: (\d+)/12 rows", caplog.text)]
+    assert done and max(done) <= 12, done
+    # Every file of the run has the mode open() would give it.
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(run_dir)): p.stat().st_mode & 0o777 for p in run_dir.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+    # Resume after losing one shard's commit: per_worker still sums to the run's totals, and
+    # this_invocation.per_worker holds only what this invocation committed.
+    (run_dir / "_commits" / "shard-00001.json").unlink()
+    (run_dir / "_SUCCESS").unlink()
+    assert run(job) == 0
+    again = json.loads((run_dir / "stats.json").read_text())
+    assert again["tokens_generated"] == stats["tokens_generated"]
+    assert again["dropped_after_sampling"] == dropped
+    per_worker = again["per_worker"]
+    assert sum(w["rows"] for w in per_worker.values()) == again["rows_out"] == 6
+    assert sum(w["error_rows"] for w in per_worker.values()) == again["rows_error"] == 6
+    assert sum(w["tokens"] for w in per_worker.values()) == again["tokens_generated"]
+    assert sum(w["shards"] for w in per_worker.values()) == 2
+    this = again["this_invocation"]["per_worker"]
+    assert sum(w["shards"] for w in this.values()) == 1
+    assert sum(w["rows"] + w["error_rows"] for w in this.values()) == again["this_invocation"]["rows"] == 6
 
 
 def test_type_inference_and_conversion_within_a_shard():
