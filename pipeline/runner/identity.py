@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,19 +20,98 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_identity(
-    model_dir: str | None, config_text: str, generation_text: str, weights: dict[str, int]
-) -> str:
-    """Digest of the model's config, generation config and weight file sizes."""
+# Files that change what the model generates besides its weights, hashed by content. The chat template may
+# live in tokenizer_config.json, chat_template.jinja or chat_template.json; the tokenizer in tokenizer.json,
+# tokenizer.model (SentencePiece) or vocab.json + merges.txt.
+CONTENT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "model.safetensors.index.json",
+)
+WEIGHT_SUFFIX = ".safetensors"
+# A weight file is fingerprinted without reading it whole (checkpoints can be tens of GB): its size, its
+# safetensors header (tensor names, dtypes, shapes, offsets, metadata) and SAMPLE_BLOCKS blocks of SAMPLE_BYTES
+# at fixed offsets spread evenly over the tensor data. A file up to SAMPLE_BLOCKS * SAMPLE_BYTES is hashed whole.
+SAMPLE_BLOCKS = 16
+SAMPLE_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+
+def model_identity(model_dir: str | None, files: dict[str, Any], weights: dict[str, Any]) -> str:
+    """Digest of the model's content: `files` (name -> content digest of CONTENT_FILES present) and `weights`
+    (name -> fingerprint of each *.safetensors: local sampled digest, or S3 size + ETag)."""
     del model_dir  # the location does not matter, the content does
-    return _digest({"config": config_text, "generation": generation_text, "weights": sorted(weights.items())})
+    return _digest({"files": sorted(files.items()), "weights": sorted(weights.items())})
+
+
+def weight_fingerprint(path: str | Path) -> dict[str, Any]:
+    """Size + sha256 of the header and of the sampled blocks of one safetensors file (see SAMPLE_BLOCKS)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+            h.update(f.read())
+            return {"size": size, "sha256": h.hexdigest(), "sampled": False}
+        first = f.read(8)
+        declared = int.from_bytes(first, "little") if len(first) == 8 else 0
+        header_end = 8 + declared if 0 < declared <= min(size - 8, MAX_HEADER_BYTES) else SAMPLE_BYTES
+        f.seek(0)
+        h.update(f.read(header_end))
+        span = size - header_end
+        for i in range(SAMPLE_BLOCKS):
+            offset = header_end + max(0, span - SAMPLE_BYTES) * i // (SAMPLE_BLOCKS - 1)
+            f.seek(offset)
+            h.update(f.read(SAMPLE_BYTES))
+    return {"size": size, "sha256": h.hexdigest(), "sampled": True}
 
 
 def local_model_identity(model_dir: str) -> str:
     root = Path(model_dir)
-    read = lambda name: (root / name).read_text(encoding="utf-8") if (root / name).exists() else ""  # noqa: E731
-    weights = {p.name: p.stat().st_size for p in root.glob("*.safetensors")}
-    return model_identity(model_dir, read("config.json"), read("generation_config.json"), weights)
+    files = {
+        name: hashlib.sha256((root / name).read_bytes()).hexdigest()
+        for name in CONTENT_FILES
+        if (root / name).is_file()
+    }
+    weights = {p.name: weight_fingerprint(p) for p in sorted(root.glob(f"*{WEIGHT_SUFFIX}"))}
+    return model_identity(model_dir, files, weights)
+
+
+def s3_objects(store: Any) -> dict[str, dict[str, Any]]:
+    """Key (relative to the store's prefix) -> {size, etag} of every object under an S3Store, in one listing
+    (ListObjectsV2 returns both; nothing is downloaded)."""
+    from pipeline.io.store import call_with_retries
+
+    strip = len(f"{store.prefix}/") if store.prefix else 0
+    full = f"{store.prefix}/" if store.prefix else ""
+
+    def page_all() -> dict[str, dict[str, Any]]:
+        objects: dict[str, dict[str, Any]] = {}
+        for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=full):
+            for item in page.get("Contents", []):
+                objects[item["Key"][strip:]] = {
+                    "size": int(item["Size"]),
+                    "etag": str(item.get("ETag", "")).strip('"'),
+                }
+        return objects
+
+    return dict(sorted(call_with_retries(f"list {store.describe()}", page_all, store.options).items()))
+
+
+def s3_model_identity(model_uri: str, objects: dict[str, dict[str, Any]]) -> str:
+    """Identity of a model under s3://: each content file and weight file by its size and ETag (the store's
+    content hash: a replaced object gets a new ETag even when its size is unchanged)."""
+    files = {name: objects[name] for name in CONTENT_FILES if name in objects}
+    weights = {k: v for k, v in objects.items() if k.endswith(WEIGHT_SUFFIX)}
+    return model_identity(model_uri, files, weights)
 
 
 def config_fingerprint(job: JobConfig, model_id: str, sampler_settings: dict[str, Any]) -> str:

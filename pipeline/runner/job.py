@@ -24,7 +24,13 @@ from pipeline.io.commit import RunConflictError, RunStore
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
 from pipeline.models.loader import MASK_FAMILIES, ModelError, ModelInfo, inspect_model, resolve_model_dir
 from pipeline.postprocess import PostprocessError, load_postprocess
-from pipeline.runner.identity import config_fingerprint, derive_run_id, local_model_identity, model_identity
+from pipeline.runner.identity import (
+    config_fingerprint,
+    derive_run_id,
+    local_model_identity,
+    s3_model_identity,
+    s3_objects,
+)
 from pipeline.runner.pool import ShardTask, WorkerStartError
 from pipeline.runner.report import Progress, build_manifest, build_stats, log_summary
 from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
@@ -97,7 +103,8 @@ def _ensure_logging() -> None:
 
 # ------------------------------------------------------------------------------------------------ model
 def _inspect_model(job: JobConfig) -> tuple[ModelInfo, str]:
-    """ModelInfo and identity digest, reading only config files (an s3:// model is not downloaded here)."""
+    """ModelInfo and identity digest (runner/identity.py: config, tokenizer and chat-template files by content,
+    weights by a sampled fingerprint, or by size and ETag on s3://; an s3:// model is not downloaded here)."""
     path = job.model.path
     if not is_s3(path):
         model_dir = resolve_model_dir(path, cache_dir=job.model.cache_dir)
@@ -107,7 +114,8 @@ def _inspect_model(job: JobConfig) -> tuple[ModelInfo, str]:
     bucket, prefix = split_s3_uri(path)
     store = S3Store(f"s3://{bucket}/{prefix}", S3Options(job.output.endpoint_url, job.output.region))
     try:
-        keys = store.list("")
+        objects = s3_objects(store)
+        keys = list(objects)
         if "config.json" not in keys:
             raise ModelError(f"model.path={path!r} has no config.json")
         texts = {
@@ -123,8 +131,7 @@ def _inspect_model(job: JobConfig) -> tuple[ModelInfo, str]:
                     f.write(text)
         info = inspect_model(tmp, name=path.rstrip("/").rsplit("/", 1)[-1])
     info.model_dir = path
-    weights = {k: 0 for k in keys if k.endswith(".safetensors")}
-    return info, model_identity(path, texts["config.json"], texts["generation_config.json"], weights)
+    return info, s3_model_identity(path, objects)
 
 
 # ---------------------------------------------------------------------------------------------- prepare

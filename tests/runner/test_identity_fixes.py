@@ -1,0 +1,144 @@
+"""Model identity covers what changes outputs: weight content (not only sizes), tokenizer files and the chat
+template, for local and s3:// models. A changed model gives a new derived run id, and is refused under an
+explicit run.id (instead of "already complete")."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.config.schema import (
+    ClusterConfig,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    OutputConfig,
+    RunConfig,
+)
+from pipeline.io.commit import RunConflictError
+from pipeline.models.loader import resolve_model_dir
+from pipeline.runner.identity import SAMPLE_BLOCKS, SAMPLE_BYTES, weight_fingerprint
+from pipeline.runner.job import prepare, run
+
+
+def _copy_model(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_dir("builtin:tiny-diffusiongemma"), model)
+    return model
+
+
+def _halve_weights(path: Path) -> None:
+    """Same tensors, names, dtypes and file size; every value halved (a different checkpoint)."""
+    from safetensors.torch import load_file, save_file
+
+    size = path.stat().st_size
+    tensors = {k: (v * 0.5).contiguous() for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    assert path.stat().st_size == size
+
+
+def _job(tmp_path: Path, model: str, **run) -> JobConfig:
+    data = tmp_path / "p.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"prompt": f"Add: {i}+{i}"}) + "\n" for i in range(3)))
+    return JobConfig(
+        model=ModelConfig(path=model),
+        data=DataConfig(path=str(data)),
+        output=OutputConfig(uri=str(tmp_path / "out")),
+        cluster=ClusterConfig(num_workers=1),
+        run=RunConfig(**run),
+    )
+
+
+def test_weight_tokenizer_and_template_changes_give_a_new_derived_run(tmp_path):
+    model = _copy_model(tmp_path)
+    first = prepare(_job(tmp_path, str(model)))
+    again = prepare(_job(tmp_path, str(model)))
+    assert again.run_id == first.run_id and again.status == "resume", "an unchanged model resumes its run"
+
+    seen = {first.run_id}
+    changes = {
+        "weights x0.5, same size": lambda: _halve_weights(model / "model.safetensors"),
+        "chat template": lambda: (model / "chat_template.jinja").write_text(
+            (model / "chat_template.jinja").read_text() + "\n"
+        ),
+        "tokenizer.json": lambda: (model / "tokenizer.json").write_text(
+            json.dumps(json.loads((model / "tokenizer.json").read_text()), indent=1)
+        ),
+        "tokenizer_config.json": lambda: (model / "tokenizer_config.json").write_text(
+            json.dumps({**json.loads((model / "tokenizer_config.json").read_text()), "chat_template": "x"})
+        ),
+        "special_tokens_map.json added": lambda: (model / "special_tokens_map.json").write_text("{}"),
+    }
+    for what, change in changes.items():
+        change()
+        prep = prepare(_job(tmp_path, str(model)))
+        assert prep.run_id not in seen, f"{what}: the run id must change"
+        assert prep.status == "new", what
+        seen.add(prep.run_id)
+
+
+def test_a_changed_model_under_an_explicit_run_id_is_refused(tmp_path, caplog):
+    model = _copy_model(tmp_path)
+    assert prepare(_job(tmp_path, str(model), id="r1")).status == "new"
+    _halve_weights(model / "model.safetensors")
+    with pytest.raises(RunConflictError, match="config_fingerprint"):
+        prepare(_job(tmp_path, str(model), id="r1"))
+    assert run(_job(tmp_path, str(model), id="r1")) == 2  # refused at start-up, before any worker
+    assert "run.id='r1'" in caplog.text and "different input or config" in caplog.text
+    assert prepare(_job(tmp_path, str(model), id="r1", overwrite=True)).status == "new"
+
+
+def test_weight_fingerprint_samples_a_huge_checkpoint_without_reading_it(tmp_path):
+    """A 32 GiB (sparse) safetensors file: the fingerprint reads its header and 16 x 64 KiB, not the file."""
+    path = tmp_path / "model-00001-of-00002.safetensors"
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [1 << 34], "data_offsets": [0, 1 << 35]}}).encode()
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + (1 << 35))
+
+    def read_bytes() -> int:
+        io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+        return int(io["rchar"])
+
+    before = read_bytes()
+    base = weight_fingerprint(path)
+    assert read_bytes() - before < 4 * SAMPLE_BLOCKS * SAMPLE_BYTES
+    assert base["size"] == 8 + len(header) + (1 << 35) and base["sampled"]
+
+    with open(path, "r+b") as f:  # a byte inside the last sampled block (the end of the file)
+        f.seek(-100, 2)
+        f.write(b"\x01")
+    changed = weight_fingerprint(path)
+    assert changed["sha256"] != base["sha256"]
+
+
+@pytest.mark.s3
+def test_s3_model_identity_follows_replaced_weights_and_tokenizer_files(tmp_path, s3_bucket):
+    model = _copy_model(tmp_path)
+
+    def upload(*names: str) -> None:
+        for name in names:
+            s3_bucket.put(f"models/m/{name}", (model / name).read_bytes())
+
+    upload(*(p.name for p in model.iterdir()))
+    uri = f"{s3_bucket.uri}/models/m"
+
+    def s3_job() -> JobConfig:
+        job = _job(tmp_path, uri)
+        job.output.endpoint_url = s3_bucket.endpoint
+        return job
+
+    first = prepare(s3_job())
+    assert prepare(s3_job()).run_id == first.run_id
+    seen = {first.run_id}
+    _halve_weights(model / "model.safetensors")  # replaced in place below: same key, same size
+    (model / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    for name in ("model.safetensors", "chat_template.jinja"):
+        upload(name)
+        prep = prepare(s3_job())
+        assert prep.run_id not in seen, f"replacing {name} on S3 must change the run id"
+        seen.add(prep.run_id)
