@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -88,10 +89,73 @@ def nightly_from_hydra(cfg: Any) -> int:
     return run_nightly(job, job.nightly, resolved_yaml=_yaml(cfg))
 
 
+REDACTED = "<redacted>"
+# A key is secret-like when one of its words (split at '_', '-', '.', case-insensitive) is one of these, or it
+# contains one of SECRET_PHRASES (e.g. aws_secret_access_key, hf_token, api_key, session_token, password).
+SECRET_WORDS = frozenset(
+    {"token", "secret", "password", "passwd", "credential", "credentials", "apikey", "passphrase"}
+)
+SECRET_PHRASES = ("api_key", "access_key", "session_token", "private_key")
+_ENV_TEXT = "canvasflow_env_text"  # resolver that gives back `${oc.env:...}` as text (see _yaml)
+_OC_ENV = re.compile(r"\$\{\s*oc\.env\s*:")
+_ENV_ONLY = re.compile(r"^\$\{oc\.env:[^${}]*\}$")
+
+
+def is_secret_key(key: Any) -> bool:
+    name = str(key).lower().replace("-", "_")
+    return bool(set(re.split(r"[^a-z0-9]+", name)) & SECRET_WORDS) or any(p in name for p in SECRET_PHRASES)
+
+
+def _env_text(*args: Any) -> str:
+    return "${oc.env:" + ",".join("null" if a is None else str(a) for a in args) + "}"
+
+
+def _rewrite_env(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _rewrite_env(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite_env(v) for v in node]
+    if isinstance(node, str) and "${" in node:
+        return _OC_ENV.sub("${" + _ENV_TEXT + ":", node)
+    return node
+
+
+def redact(node: Any, key: Any = None) -> Any:
+    """Values of secret-like keys (is_secret_key) replaced by REDACTED, at any depth; None, booleans (e.g.
+    `token: true`, "use the stored token") and bare `${oc.env:NAME}` texts are kept."""
+    if key is not None and is_secret_key(key):
+        if node is None or isinstance(node, bool) or (isinstance(node, str) and _ENV_ONLY.match(node)):
+            return node
+        return REDACTED
+    if isinstance(node, dict):
+        return {k: redact(v, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v) for v in node]
+    return node
+
+
 def _yaml(cfg: Any) -> str:
+    """The config as written to `_config.yaml` (a DictConfig or a plain container): resolved, except that
+    `${oc.env:...}` interpolations are written as their text (never an environment variable's value) and
+    values of secret-like keys are redacted."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not OmegaConf.has_resolver(_ENV_TEXT):
+        OmegaConf.register_new_resolver(_ENV_TEXT, _env_text)
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    # Resolved in a copy where oc.env gives back its own text: `${b}` with b=${oc.env:X}, "Bearer ${oc.env:X}"
+    # and oc.env defaults all come out as text.
+    resolved = OmegaConf.to_container(OmegaConf.create(_rewrite_env(raw)), resolve=True)
+    return OmegaConf.to_yaml(OmegaConf.create(redact(resolved)))
+
+
+def _with_run_id(config_yaml: str, run_id: str) -> str:
+    """`config_yaml` (from _yaml) recording the run's actual id: a derived one, or a nightly's from its date."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    cfg = OmegaConf.create(config_yaml)
+    OmegaConf.update(cfg, "run.id", run_id, force_add=True)
+    return OmegaConf.to_yaml(cfg)
 
 
 def _ensure_logging() -> None:
@@ -204,7 +268,7 @@ def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
     if status == "new":
         run_store.write_run_file(identity)
     if resolved_yaml is not None:
-        run_store.store.write_text("_config.yaml", resolved_yaml)
+        run_store.store.write_text("_config.yaml", _with_run_id(resolved_yaml, run_id))
     spec = GenerationSpec(
         model_path=job.model.path,
         dtype=job.model.dtype,
@@ -232,7 +296,7 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
     if resolved_yaml is None:
         from omegaconf import OmegaConf
 
-        resolved_yaml = OmegaConf.to_yaml(OmegaConf.structured(job))
+        resolved_yaml = _yaml(OmegaConf.to_container(OmegaConf.structured(job)))
     try:
         prep = prepare(job, resolved_yaml)
     except STARTUP_ERRORS as e:

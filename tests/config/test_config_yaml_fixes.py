@@ -1,0 +1,108 @@
+"""_config.yaml: `${oc.env:...}` interpolations are written as text (never the variable's value), values of
+secret-like keys are redacted, the rest is resolved, and run.id records the run's actual id (derived, or a
+nightly's from its date)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pipeline.config import JobConfig, register_configs, to_job_config
+from pipeline.runner.job import REDACTED, _yaml, prepare
+
+ROOT = Path(__file__).resolve().parents[2]
+register_configs()
+SECRET = "hf_s3cr3t_Zq81x"
+
+
+def _prompts(tmp_path: Path) -> Path:
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Reverse: word{i}"}) + "\n" for i in range(2)))
+    return data
+
+
+def test_config_yaml_writes_env_interpolations_as_text_and_redacts_secret_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("CANVASFLOW_TEST_TOKEN", SECRET)
+    data = _prompts(tmp_path)
+    overrides = [
+        f"data.path={data}",
+        f"output.uri={tmp_path / 'out'}",
+        "+data.hf_kwargs.token=${oc.env:CANVASFLOW_TEST_TOKEN}",
+        "+data.hf_kwargs.headers.authorization=Bearer ${oc.env:CANVASFLOW_TEST_TOKEN}",
+        "+data.hf_kwargs.copy=${data.hf_kwargs.token}",  # an interpolation of an interpolation
+        "+data.hf_kwargs.api_key=literal-key-987",
+        "+data.hf_kwargs.aws_secret_access_key=literal-secret-654",
+        "+data.hf_kwargs.use_auth_token=true",
+        "+data.hf_kwargs.name=${data.prompt_column}",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    job = to_job_config(cfg)
+    assert job.data.hf_kwargs["token"] == SECRET, "the job itself gets the value"
+    prep = prepare(job, resolved_yaml=_yaml(cfg))
+
+    text = (tmp_path / "out" / prep.run_id / "_config.yaml").read_text()
+    for value in (SECRET, "literal-key-987", "literal-secret-654"):
+        assert value not in text
+    written = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    kwargs = written["data"]["hf_kwargs"]
+    assert kwargs["token"] == "${oc.env:CANVASFLOW_TEST_TOKEN}"
+    assert kwargs["headers"]["authorization"] == "Bearer ${oc.env:CANVASFLOW_TEST_TOKEN}"
+    assert kwargs["copy"] == "${oc.env:CANVASFLOW_TEST_TOKEN}"
+    assert kwargs["api_key"] == REDACTED and kwargs["aws_secret_access_key"] == REDACTED
+    assert kwargs["use_auth_token"] is True and kwargs["name"] == "prompt", "the rest stays resolved"
+    assert written["data"]["path"] == str(data) and written["sampler"]["max_new_tokens"] is None
+    assert written["sampler"]["batch_size"] == 8
+    assert written["run"]["id"] == prep.run_id, "the derived run id, not null"
+
+
+def test_config_yaml_of_an_api_job_redacts_literal_secrets():
+    job = JobConfig()
+    job.data.hf_kwargs = {"token": SECRET, "revision": "main"}
+    text = _yaml(OmegaConf.to_container(OmegaConf.structured(job)))
+    assert SECRET not in text
+    kwargs = OmegaConf.create(text).data.hf_kwargs
+    assert kwargs.token == REDACTED and kwargs.revision == "main"
+    assert OmegaConf.create(text).sampler.max_new_tokens is None  # "max_new_tokens" is not secret-like
+
+
+@pytest.mark.ray
+def test_nightly_config_yaml_records_the_night_run_id_and_no_secret(tmp_path):
+    data = _prompts(tmp_path)
+    out = tmp_path / "nightly"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "nightly.py"),
+            f"output.uri={out}",
+            f"data.path={data}",
+            "nightly.date=2026-01-05",
+            "model.path=builtin:tiny-diffusiongemma-random",
+            "sampler.max_denoising_steps=2",
+            "sampler.max_new_tokens=8",
+            "cluster.num_workers=1",
+            "+data.hf_kwargs.token=${oc.env:CANVASFLOW_TEST_TOKEN}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "CANVASFLOW_TEST_TOKEN": SECRET},
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    run_dir = out / "nightly-2026-01-05"
+    written = OmegaConf.create((run_dir / "_config.yaml").read_text())
+    assert written.run.id == "nightly-2026-01-05"
+    assert written.nightly.date == "2026-01-05"
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in ("", ".json", ".yaml", ".md"):
+            assert SECRET not in path.read_text(errors="replace"), path
+    assert SECRET not in log
