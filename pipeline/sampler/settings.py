@@ -29,6 +29,8 @@ KNOBS = tuple(REFERENCE_DEFAULTS)
 # Everything a user may set for the sampler's behaviour (batching and backend are engine choices, not these).
 USER_KNOBS = (*KNOBS, "canvas_length", "seed", "adaptive_stopping", "revise_accepted", "record_drafts")
 
+MAX_SEED = 2**63 - 1  # the output's `seed` column is int64
+
 
 class SettingsError(ValueError):
     """A sampler setting is invalid; the message names the key."""
@@ -93,6 +95,8 @@ def check_knobs(values: Mapping[str, Any], prefix: str = "sampler.") -> None:
     for key in ("entropy_bound", "confidence_threshold"):
         if given(key) and (not is_number(values[key]) or values[key] <= 0):
             raise bad(key, "must be a number > 0")
+    if given("seed") and (not is_int(values["seed"]) or not 0 <= values["seed"] <= MAX_SEED):
+        raise bad("seed", f"must be an integer from 0 to {MAX_SEED} (2**63 - 1: it is stored as int64)")
     if given("t_min") and given("t_max") and values["t_max"] <= values["t_min"]:
         raise SettingsError(
             f"{prefix}t_max={values['t_max']} must be greater than {prefix}t_min={values['t_min']} "
