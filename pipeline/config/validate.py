@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Any
 
-from pipeline.config.schema import ConfigError, JobConfig
+from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig, NightlyJobConfig
 from pipeline.sampler.mask.settings import MaskSettingsError, check_mask_knobs
 from pipeline.sampler.settings import SettingsError, check_knobs
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+NIGHTLY_SUFFIX = len("-YYYY-MM-DD")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("auto", "diffusion_gemma", "llada", "dream"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -92,4 +95,36 @@ def validate_job(job: JobConfig) -> JobConfig:
                 target,
                 "must name a callable as 'module.function' (e.g. pipeline.tasks.checker.check_row)",
             )
+    if isinstance(job, NightlyJobConfig):
+        validate_nightly(job.nightly)
     return job
+
+
+def validate_nightly(nightly: NightlyConfig) -> NightlyConfig:
+    """The nightly.* values: a real date, a run prefix that makes a valid run id, non-negative durations."""
+    if nightly.date is not None:
+        try:
+            if not DATE_PATTERN.match(nightly.date):
+                raise ValueError("not YYYY-MM-DD")
+            dt.date.fromisoformat(nightly.date)
+        except ValueError as e:
+            raise _fail(
+                "nightly.date", nightly.date, f"is not a date ({e}): give YYYY-MM-DD, e.g. 2026-02-28"
+            ) from None
+    if not RUN_ID_PATTERN.match(f"{nightly.run_prefix}-2000-01-01"):
+        raise _fail(
+            "nightly.run_prefix",
+            nightly.run_prefix,
+            "must start with a letter or digit and use only letters, digits, '.', '_' and '-' (no '/'; "
+            f"{128 - NIGHTLY_SUFFIX} characters at most): the run id <run_prefix>-<date> is one directory "
+            "under output.uri",
+        )
+    if nightly.retention_days is not None and nightly.retention_days < 0:
+        raise _fail(
+            "nightly.retention_days",
+            nightly.retention_days,
+            "must be >= 0 (complete nights older than this many days are deleted), or null to keep every night",
+        )
+    if not nightly.lock_stale_s > 0:
+        raise _fail("nightly.lock_stale_s", nightly.lock_stale_s, "must be > 0 (seconds)")
+    return nightly

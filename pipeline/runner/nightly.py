@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig
+from pipeline.config.validate import validate_nightly
 from pipeline.io.store import Store, StoreError, open_store
 
 logger = logging.getLogger("canvasflow")
@@ -45,8 +46,7 @@ def scheduled_date(nightly: NightlyConfig, now: dt.datetime | None = None) -> dt
             f"nightly.timezone={nightly.timezone!r} is not an IANA time zone (e.g. UTC, Europe/Paris)"
         ) from None
     if nightly.date:
-        if not DATE.match(nightly.date):
-            raise ConfigError(f"nightly.date={nightly.date!r} must be YYYY-MM-DD")
+        validate_nightly(nightly)  # a real YYYY-MM-DD date, or ConfigError naming nightly.date
         return dt.date.fromisoformat(nightly.date)
     return (now or dt.datetime.now(dt.timezone.utc)).astimezone(zone).date()
 
@@ -58,7 +58,12 @@ def run_id_for(nightly: NightlyConfig, date: dt.date) -> str:
 def date_of(nightly: NightlyConfig, run_id: str) -> dt.date | None:
     prefix = f"{nightly.run_prefix}-"
     tail = run_id[len(prefix) :] if run_id.startswith(prefix) else ""
-    return dt.date.fromisoformat(tail) if DATE.match(tail) else None
+    if not DATE.match(tail):
+        return None
+    try:
+        return dt.date.fromisoformat(tail)
+    except ValueError:  # e.g. nightly-2026-02-30 made by hand: not a night of ours
+        return None
 
 
 @dataclass
@@ -186,6 +191,7 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
     from pipeline.runner.job import run
 
     try:
+        validate_nightly(nightly)
         date = scheduled_date(nightly)
         if job.run.id is not None:
             raise ConfigError(
@@ -195,6 +201,9 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
         latest = read_latest(store)
     except (ConfigError, StoreError) as e:
         logger.error("%s", e)
+        return 2
+    except Exception:  # noqa: BLE001 - anything else before the night starts is still "could not start"
+        logger.exception("could not start the nightly run (exit code 2): unexpected error")
         return 2
     run_id = run_id_for(nightly, date)
     latest_date = date_of(nightly, latest["run_id"]) if latest else None
@@ -214,6 +223,9 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
     except Refused as e:
         logger.error("%s", e)
         return REFUSED
+    except StoreError as e:
+        logger.error("could not take the lock %s: %s", lease.store.describe(lease.key), e)
+        return 2
     logger.info("nightly %s (scheduled date %s, %s)", run_id, date.isoformat(), nightly.timezone)
     try:
         job.run.id = run_id

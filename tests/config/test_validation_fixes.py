@@ -1,5 +1,6 @@
 """Values that used to pass validation and fail later: sampler.seed out of int64 range (every shard failed with
-OverflowError)."""
+OverflowError), and nightly.* (an impossible date crashed with a traceback, a run_prefix with '/' nested the
+run and hid it from retention, a negative retention_days deleted every complete night)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from pipeline.config import ConfigError, JobConfig, register_configs, to_job_con
 from pipeline.config.schema import (
     DataConfig,
     ModelConfig,
+    NightlyConfig,
+    NightlyJobConfig,
     OutputConfig,
     RunConfig,
     SamplerConfig,
 )
+from pipeline.io.store import LocalStore
 from pipeline.runner.job import run
+from pipeline.runner.nightly import date_of, run_nightly
 
 ROOT = Path(__file__).resolve().parents[2]
 register_configs()
@@ -52,3 +57,51 @@ def test_a_job_with_a_too_large_seed_exits_2_before_any_work(tmp_path, caplog):
     assert run(job) == 2
     assert "sampler.seed=18446744073709551616 must be an integer from 0 to" in caplog.text
     assert not (tmp_path / "out" / "r1").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "nightly.date=2026-02-30",
+            "nightly.date='2026-02-30' is not a date (day is out of range for month)",
+        ),
+        ("nightly.date=2026-13-01", "nightly.date='2026-13-01' is not a date"),
+        ("nightly.date=2026-1-5", "nightly.date='2026-1-5' is not a date (not YYYY-MM-DD)"),
+        (
+            "nightly.run_prefix=bad/prefix",
+            "nightly.run_prefix='bad/prefix' must start with a letter or digit",
+        ),
+        ("nightly.run_prefix=..", "nightly.run_prefix='..' must start with a letter or digit"),
+        ("nightly.run_prefix=''", "nightly.run_prefix='' must start with a letter or digit"),
+        ("nightly.retention_days=-5", "nightly.retention_days=-5 must be >= 0"),
+        ("nightly.lock_stale_s=0", "nightly.lock_stale_s=0.0 must be > 0"),
+    ],
+)
+def test_bad_nightly_values_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        to_job_config(_compose("nightly", override), NightlyJobConfig)
+    assert message in str(info.value)
+
+
+def test_valid_nightly_values_pass():
+    job = to_job_config(
+        _compose(
+            "nightly", "nightly.date=2028-02-29", "nightly.run_prefix=gen.v2", "nightly.retention_days=0"
+        ),
+        NightlyJobConfig,
+    )
+    assert job.nightly.date == "2028-02-29" and job.nightly.retention_days == 0
+
+
+def test_run_nightly_with_an_impossible_date_exits_2_without_a_traceback(tmp_path, caplog):
+    job = NightlyJobConfig(output=OutputConfig(uri=str(tmp_path / "out")))
+    assert run_nightly(job, NightlyConfig(date="2026-02-30")) == 2
+    assert "nightly.date='2026-02-30' is not a date" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not (tmp_path / "out").exists() or not LocalStore(tmp_path / "out").list("")
+
+
+def test_a_hand_made_impossible_night_directory_is_not_a_night():
+    assert date_of(NightlyConfig(), "nightly-2026-02-30") is None
+    assert str(date_of(NightlyConfig(), "nightly-2026-02-28")) == "2026-02-28"
