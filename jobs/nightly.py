@@ -15,12 +15,15 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.config import register_configs  # noqa: E402
+from pipeline.config.store import run_cli  # noqa: E402
 
 register_configs()
+_started = []  # set once Hydra has composed the config and calls main
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="nightly")
 def main(cfg: DictConfig) -> None:
+    _started.append(True)
     from pipeline.runner.job import nightly_from_hydra
 
     code = nightly_from_hydra(cfg)
@@ -29,4 +32,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, lambda: bool(_started), "jobs/nightly.py")  # a config that does not compose exits 2

@@ -1,11 +1,18 @@
-"""Registers the schemas in Hydra's ConfigStore and turns a composed DictConfig into a JobConfig."""
+"""Registers the schemas in Hydra's ConfigStore, turns a composed DictConfig into a JobConfig, and runs a job's
+`@hydra.main` with the documented exit codes."""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyJobConfig
 from pipeline.config.validate import validate_job
+
+STARTUP_FAILED = 2  # the exit code of a job that could not start (README: exit codes)
 
 
 def register_configs() -> None:
@@ -25,8 +32,69 @@ def to_job_config(cfg: Any, schema: type[JobConfig] = JobConfig) -> JobConfig:
     if isinstance(cfg, JobConfig):
         return validate_job(cfg)
     try:
+        unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), schema)
+        if unknown:
+            raise ConfigError(
+                f"{unknown[0]} is not a configuration key (a misspelling, or a key added with '+'): remove it "
+                "or fix its spelling; `--cfg job` prints every key. Keys can be added only under "
+                "data.hf_kwargs and postprocess"
+                + (f" (also unknown: {', '.join(unknown[1:])})" if unknown[1:] else "")
+            )
         job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).replace("\n", " ")) from None
     assert isinstance(job, schema)
     return validate_job(job)
+
+
+def unknown_keys(values: Any, schema: type, prefix: str = "") -> list[str]:
+    """Full names of the keys of `values` that `schema` (a dataclass, nested) does not have; the contents of
+    dict-typed fields (data.hf_kwargs, postprocess) are free-form. Merging into the schema would drop them
+    silently (`+sampler.bogus=1` ran the job as if it were not there)."""
+    if not isinstance(values, dict) or not dataclasses.is_dataclass(schema):
+        return []
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    unknown = []
+    for key, value in values.items():
+        if key not in names:
+            unknown.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints.get(key)):
+            unknown += unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return unknown
+
+
+def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], script: str) -> None:
+    """Calls a `@hydra.main` function so that a failure before the job's task ran exits 2, not Hydra's 1.
+
+    Hydra reports a config that does not compose (an unknown key, a value of the wrong type, a missing group
+    option, an override it cannot parse) and exits 1, which the README reserves for "shards failed, rerun".
+    Exit codes the task itself chose (0, 1, 2, 3) pass through unchanged."""
+    try:
+        hydra_main()
+    except SystemExit as e:
+        if e.code in (None, 0) or task_started():
+            raise
+        sys.stderr.write(_compose_failure(e.__context__, script) + "\n")
+        sys.exit(STARTUP_FAILED)
+
+
+def _compose_failure(error: BaseException | None, script: str) -> str:
+    """The line added after Hydra's own report: which key, and how to fix it."""
+    cause = getattr(error, "__cause__", None)
+    key = getattr(cause, "full_key", None) or getattr(error, "full_key", None)
+    name = type(cause).__name__ if cause is not None else type(error).__name__
+    if key and name in ("ConfigAttributeError", "ConfigKeyError"):
+        fix = f"{key} is not a configuration key: fix its spelling (`python {script} --cfg job` prints every key)"
+    elif key and name == "ValidationError":
+        fix = (
+            f"{key} got a value of the wrong type: give one of its type (`python {script} --cfg job` prints "
+            "every key with its value; pipeline/config/schema.py types them)"
+        )
+    elif name == "MissingConfigException":
+        fix = f"A group option does not exist: pick one of those listed above (`python {script} --help`)"
+    elif name == "OverrideParseException":
+        fix = "An override is not key=value in Hydra's syntax: quote values with special characters"
+    else:
+        fix = f"See the error above (`python {script} --help` lists the groups, `--cfg job` every key)"
+    return f"could not start (exit code {STARTUP_FAILED}): the configuration did not compose. {fix}."

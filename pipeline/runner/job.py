@@ -69,10 +69,14 @@ def run_from_hydra(cfg: Any) -> int:
     _ensure_logging()
     try:
         job = to_job_config(cfg)
+        resolved_yaml = _yaml(cfg)
     except ConfigError as e:
         logger.error("invalid configuration: %s", e)
         return 2
-    return run(job, resolved_yaml=_yaml(cfg))
+    except Exception:  # noqa: BLE001 - nothing started yet: exit code 2, with the traceback for a bug report
+        logger.exception("could not start (exit code 2): unexpected error while reading the configuration")
+        return 2
+    return run(job, resolved_yaml=resolved_yaml)
 
 
 def nightly_from_hydra(cfg: Any) -> int:
@@ -83,10 +87,14 @@ def nightly_from_hydra(cfg: Any) -> int:
     _ensure_logging()
     try:
         job = to_job_config(cfg, NightlyJobConfig)
+        resolved_yaml = _yaml(cfg)
     except ConfigError as e:
         logger.error("invalid configuration: %s", e)
         return 2
-    return run_nightly(job, job.nightly, resolved_yaml=_yaml(cfg))
+    except Exception:  # noqa: BLE001 - nothing started yet: exit code 2, with the traceback for a bug report
+        logger.exception("could not start (exit code 2): unexpected error while reading the configuration")
+        return 2
+    return run_nightly(job, job.nightly, resolved_yaml=resolved_yaml)
 
 
 REDACTED = "<redacted>"
@@ -293,14 +301,20 @@ def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
 def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
     _ensure_logging()
     started = time.time()
-    if resolved_yaml is None:
-        from omegaconf import OmegaConf
-
-        resolved_yaml = _yaml(OmegaConf.to_container(OmegaConf.structured(job)))
     try:
+        if resolved_yaml is None:
+            from omegaconf import OmegaConf
+
+            resolved_yaml = _yaml(OmegaConf.to_container(OmegaConf.structured(job)))
         prep = prepare(job, resolved_yaml)
     except STARTUP_ERRORS as e:
         logger.error("%s", e)
+        return 2
+    except Exception:  # noqa: BLE001 - a bug or an unforeseen input before any GPU work: still "not started"
+        logger.exception(
+            "could not start (exit code 2): unexpected error while preparing the run (no GPU work was done); "
+            "the traceback follows"
+        )
         return 2
     run_store = prep.run_store
     logger.info("run %s -> %s", prep.run_id, run_store.uri)

@@ -1,0 +1,87 @@
+"""Exit code 2 ("could not start") for every failure before the job starts, as the README says: a config that
+Hydra cannot compose (it exits 1 by itself), a key added with '+' outside the free-form dicts (was silently
+ignored), and unexpected errors while preparing the run (a traceback and exit 1 before)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config.schema import (
+    ClusterConfig,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    OutputConfig,
+    RunConfig,
+)
+from pipeline.models.loader import resolve_model_dir
+from pipeline.runner.job import run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(script: str, *args: str, cwd: Path) -> tuple[int, str]:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "message"),
+    [
+        ("generate.py", "sampler.bogus=1", "sampler.bogus is not a configuration key: fix its spelling"),
+        ("generate.py", "+sampler.bogus=1", "sampler.bogus is not a configuration key"),
+        ("generate.py", "sampler.batch_size=abc", "sampler.batch_size got a value of the wrong type"),
+        ("generate.py", "model=nope", "A group option does not exist"),
+        ("nightly.py", "nightly.bogus=1", "nightly.bogus is not a configuration key"),
+        ("nightly.py", "nightly.retention_days=abc", "nightly.retention_days got a value of the wrong type"),
+    ],
+)
+def test_config_that_does_not_compose_exits_2_naming_the_key(tmp_path, script, override, message):
+    code, log = _cli(script, f"output.uri={tmp_path / 'out'}", override, cwd=tmp_path)
+    assert code == 2, log[-2000:]
+    assert message in log
+    assert not (tmp_path / "out").exists()
+
+
+def _broken_model(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_dir("builtin:tiny-diffusiongemma"), model)
+    (model / "config.json").write_text('{"model_type": "diffusion_gemma",')  # truncated JSON
+    return model
+
+
+def test_unexpected_error_while_preparing_exits_2_with_its_traceback(tmp_path, caplog):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    job = JobConfig(
+        model=ModelConfig(path=str(_broken_model(tmp_path))),
+        data=DataConfig(path=str(data)),
+        output=OutputConfig(uri=str(tmp_path / "out")),
+        cluster=ClusterConfig(num_workers=1),
+        run=RunConfig(id="r1"),
+    )
+    assert run(job) == 2
+    assert "could not start (exit code 2): unexpected error while preparing the run" in caplog.text
+    assert "JSONDecodeError" in caplog.text
+
+
+@pytest.mark.parametrize("script", ["generate.py", "nightly.py"])
+def test_cli_unexpected_startup_error_exits_2(tmp_path, script):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    args = [f"output.uri={tmp_path / 'out'}", f"data.path={data}", f"model.path={_broken_model(tmp_path)}"]
+    code, log = _cli(script, *args, cwd=tmp_path)
+    assert code == 2, log[-2000:]
+    assert "could not start (exit code 2)" in log and "JSONDecodeError" in log
