@@ -49,7 +49,10 @@ class Progress:
             return
         self.last = now
         self._refresh()
-        rows = max(self.committed_rows, int(sum(w["rows"] for w in self.snapshot.values())))
+        # Workers report rows as they generate them, a failed attempt's rows too (its retry reports them
+        # again), so their sum can pass what is left; committed rows never do.
+        reported = int(sum(w["rows"] for w in self.snapshot.values()))
+        rows = max(self.committed_rows, min(reported, self.total - self.done_before))
         tokens = sum(w["tokens"] for w in self.snapshot.values())
         steps = sum(w["steps"] for w in self.snapshot.values())
         elapsed = max(now - self.started, 1e-9)
