@@ -40,6 +40,7 @@ class GenerationSpec:
     cache_dir: str | None = None
     endpoint_url: str | None = None
     region: str | None = None
+    model_version: str | None = None  # an s3:// model's content identity: its cache copy is per version
     sampler: dict[str, Any] = field(default_factory=dict)  # user knob overrides (None = unset)
     batch_size: int = 8
     batching: str = "continuous"
@@ -97,6 +98,7 @@ class Generator:
             cache_dir=spec.cache_dir,
             endpoint_url=spec.endpoint_url,
             region=spec.region,
+            version=spec.model_version,
         )
         info = self.loaded.info
         if info.family in MASK_FAMILIES:  # LLaDA, Dream: the mask-diffusion sampler (pipeline/sampler/mask)

@@ -36,21 +36,25 @@ def resolve_model_dir(
     cache_dir: str | None = None,
     endpoint_url: str | None = None,
     region: str | None = None,
+    version: str | None = None,
 ) -> str:
     """A local directory with the model at `path`: a local directory as is, or s3://bucket/prefix copied to
     `<cache_dir>/<bucket>/<prefix>-<hash>/` (cache_dir defaults to ~/.cache/canvasflow/models, or
-    $CANVASFLOW_CACHE/models; the hash covers endpoint and URI).
+    $CANVASFLOW_CACHE/models; the hash covers endpoint, URI and `version`).
 
-    Reuse checks only the local copy against its marker (files present, sizes equal), never S3: model prefixes
-    are treated as immutable (publish a new version under a new prefix, or delete the cache directory to
-    fetch again), so actors start without S3 calls and even while S3 is unreachable. A killed download leaves
+    Reuse checks only the local copy against its marker (files present, sizes equal), never S3, so actors start
+    without S3 calls and even while S3 is unreachable. `version` names the content: the job passes the model
+    identity its driver computed from the prefix's listing (sizes and ETags), so a prefix whose objects were
+    replaced is fetched again into a new directory rather than served from the old copy. Without a version
+    the prefix is treated as immutable (publish a new version under a new prefix, or delete the cache
+    directory to fetch again). A killed download leaves
     a `<name>.partial-*` sibling that the next caller removes. The cache must be on a node-local disk (flock
     over NFS is not reliable). Raises ModelError naming the path (and endpoint) when it cannot be had.
     """
     if not is_s3(path):
         return _check_local(path)
     uri = "s3://{}/{}".format(*split_s3_uri(path)).rstrip("/")
-    target = cache_path(uri, cache_dir=cache_dir, endpoint_url=endpoint_url)
+    target = cache_path(uri, cache_dir=cache_dir, endpoint_url=endpoint_url, version=version)
     if _is_complete(target):
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,14 +71,18 @@ def resolve_model_dir(
     return str(target)
 
 
-def cache_path(uri: str, *, cache_dir: str | None = None, endpoint_url: str | None = None) -> Path:
-    """`<cache_dir>/<bucket>/<prefix>-<hash of endpoint and uri>`: readable, and distinct per source."""
+def cache_path(
+    uri: str, *, cache_dir: str | None = None, endpoint_url: str | None = None, version: str | None = None
+) -> Path:
+    """`<cache_dir>/<bucket>/<prefix>-<hash of endpoint, uri and version>`: readable, and distinct per
+    source and content version."""
     bucket, prefix = split_s3_uri(uri)
     parts = prefix.split("/") if prefix else []
     if any(part in ("", ".", "..") for part in parts):
         raise ModelError(f"model.path={uri!r}: the prefix must not contain empty, '.' or '..' segments")
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "models"
-    digest = hashlib.sha256(f"{endpoint_url or ''}\n{uri}".encode()).hexdigest()[:12]
+    source = f"{endpoint_url or ''}\n{uri}" + (f"\n{version}" if version else "")
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
     return root.absolute() / bucket / f"{prefix or '_bucket_root'}-{digest}"
 
 

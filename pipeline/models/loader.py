@@ -103,9 +103,11 @@ def resolve_model_dir(
     cache_dir: str | None = None,
     endpoint_url: str | None = None,
     region: str | None = None,
+    version: str | None = None,
 ) -> str:
     """A local directory holding the model (downloading or building it when needed). Models from s3:// are
-    cached in `cache_dir` (default: <cache>/models), builtins built on first use in <cache>/builtin."""
+    cached in `cache_dir` (default: <cache>/models) per content `version` (fetch.resolve_model_dir), builtins
+    built on first use in <cache>/builtin."""
     if path == BUILTIN_TINY:
         shipped = ASSETS / "tiny-diffusiongemma"
         if (shipped / "config.json").exists():
@@ -126,7 +128,9 @@ def resolve_model_dir(
         from pipeline.models.fetch import resolve_model_dir as fetch_s3
 
         models = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "models"
-        return fetch_s3(path, cache_dir=str(models), endpoint_url=endpoint_url, region=region)
+        return fetch_s3(
+            path, cache_dir=str(models), endpoint_url=endpoint_url, region=region, version=version
+        )
     local = Path(path).expanduser()
     if not local.is_dir():
         raise ModelError(
@@ -234,14 +238,18 @@ def load_model(
     cache_dir: str | None = None,
     endpoint_url: str | None = None,
     region: str | None = None,
+    version: str | None = None,
 ) -> LoadedModel:
-    """Loads weights and tokenizer of the model at `path` (see module docstring) for the sampler."""
+    """Loads weights and tokenizer of the model at `path` (see module docstring) for the sampler; `version`:
+    the content version of an s3:// model (resolve_model_dir)."""
     from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.utils import logging as hf_logging
 
     from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
 
-    model_dir = resolve_model_dir(path, cache_dir=cache_dir, endpoint_url=endpoint_url, region=region)
+    model_dir = resolve_model_dir(
+        path, cache_dir=cache_dir, endpoint_url=endpoint_url, region=region, version=version
+    )
     info = inspect_model(model_dir, name=path if path.startswith("builtin:") else None)
     device_name = pick_device(device)
     torch_dtype = pick_dtype(dtype, device_name)

@@ -284,6 +284,7 @@ def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
         cache_dir=job.model.cache_dir,
         endpoint_url=job.output.endpoint_url,
         region=job.output.region,
+        model_version=model_id if is_s3(job.model.path) else None,
         sampler=knobs,
         batch_size=job.sampler.batch_size,
         batching=job.sampler.batching,

@@ -132,8 +132,18 @@ def test_s3_model_identity_follows_replaced_weights_and_tokenizer_files(tmp_path
         job.output.endpoint_url = s3_bucket.endpoint
         return job
 
+    def fetched(prep) -> Path:  # what a worker of this run loads: the copy of the run's model version
+        cache = str(tmp_path / "worker-cache")
+        return Path(
+            resolve_model_dir(
+                uri, cache_dir=cache, endpoint_url=s3_bucket.endpoint, version=prep.spec.model_version
+            )
+        )
+
     first = prepare(s3_job())
     assert prepare(s3_job()).run_id == first.run_id
+    assert first.spec.model_version
+    old_copy = fetched(first)
     seen = {first.run_id}
     _halve_weights(model / "model.safetensors")  # replaced in place below: same key, same size
     (model / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
@@ -142,3 +152,6 @@ def test_s3_model_identity_follows_replaced_weights_and_tokenizer_files(tmp_path
         prep = prepare(s3_job())
         assert prep.run_id not in seen, f"replacing {name} on S3 must change the run id"
         seen.add(prep.run_id)
+        copy = fetched(prep)  # not the cached copy of the old content
+        assert copy != old_copy and (copy / name).read_bytes() == (model / name).read_bytes()
+    assert (old_copy / "model.safetensors").read_bytes() != (model / "model.safetensors").read_bytes()
