@@ -11,6 +11,7 @@ from pipeline.sampler.mask.settings import MaskSettingsError, check_mask_knobs
 from pipeline.sampler.settings import SettingsError, check_knobs
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")  # scheme:/... (builtin:x and hf:x have no slash)
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 NIGHTLY_SUFFIX = len("-YYYY-MM-DD")
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -85,6 +86,16 @@ def validate_job(job: JobConfig) -> JobConfig:
             job.cluster.address,
             "is required with cluster=ray: give the head's address (e.g. ray://head:10001) or 'auto'",
         )
+    for key in ("model.path", "data.path", "output.uri"):
+        value = str(_get(job, key))
+        scheme = URI_SCHEME.match(value)
+        if scheme and not value.startswith("s3://"):  # e.g. S3://b, s3:/b, gs://b: would be a local folder
+            raise _fail(
+                key,
+                value,
+                f"looks like a {scheme.group(1)!r} URI; only s3://bucket/prefix (lowercase, two slashes) and "
+                "local paths are supported",
+            )
     if job.output.uri.startswith("s3://") and len(job.output.uri) <= len("s3://"):
         raise _fail("output.uri", job.output.uri, "needs a bucket: s3://bucket/prefix")
     if job.postprocess is not None:

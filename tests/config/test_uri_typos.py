@@ -1,0 +1,36 @@
+"""A path that looks like a URI but is not s3:// fails at start-up: as a local folder it would silently
+create ./S3:/bucket/... or read nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, to_job_config
+from tests.config.test_config import _compose
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [
+        ("output.uri=S3://bucket/runs", "output.uri", "S3://bucket/runs"),
+        ("output.uri=s3:/bucket/runs", "output.uri", "s3:/bucket/runs"),
+        ("data.path=gs://bucket/prompts.jsonl", "data.path", "gs://bucket/prompts.jsonl"),
+        ("model.path=file:///models/dg", "model.path", "file:///models/dg"),
+    ],
+)
+def test_uri_typos_fail_naming_the_key(override, key, value):
+    with pytest.raises(ConfigError, match=rf"{key}='{value}' looks like a .* URI; only s3://bucket/prefix"):
+        to_job_config(_compose(override))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "output.uri=s3://bucket/runs",
+        "data.path=hf:json",
+        "model.path=builtin:tiny-diffusiongemma",
+        "output.uri=./out:v1",
+    ],
+)
+def test_s3_builtin_hf_and_local_paths_pass(override):
+    to_job_config(_compose(override))
