@@ -7,13 +7,14 @@ be generated (prompt too long, template failure, postprocess error or filter) co
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.data.prompts import prompt_ids
+from pipeline.data.prompts import CHARS_BOUND_FACTOR, PromptTooLong, max_token_chars, prompt_ids
 from pipeline.postprocess import load_postprocess
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,15 @@ class Generator:
             )
         return None
 
+    @functools.cached_property
+    def _token_chars(self) -> int:
+        return max_token_chars(self.tokenizer)
+
+    @property
+    def _max_prompt_chars(self) -> int:
+        """Rendered prompts longer than this cannot fit in max_prompt_tokens: rejected untokenized."""
+        return self.max_prompt_tokens * self._token_chars * CHARS_BOUND_FACTOR
+
     def generate(
         self, records: list[PromptRecord], on_row: Callable[[int, int], None] | None = None
     ) -> GenerationOutput:
@@ -202,7 +212,19 @@ class Generator:
                     record.prompt,
                     is_chat=record.is_chat,
                     apply_chat_template=self.spec.apply_chat_template,
+                    max_chars=self._max_prompt_chars,
                 )
+            except PromptTooLong as e:
+                out.errors.append(
+                    self._error(
+                        record,
+                        "tokenize",
+                        f"{e}: far more than model.max_prompt_tokens={self.max_prompt_tokens} tokens can hold "
+                        f"(no token of this tokenizer covers more than {self._token_chars} characters); not "
+                        "tokenized",
+                    )
+                )
+                continue
             except Exception as e:  # noqa: BLE001 - a bad row never stops the job
                 out.errors.append(self._error(record, "tokenize", f"cannot render the prompt: {e}"))
                 continue
