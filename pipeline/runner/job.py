@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pipeline.config.schema import ConfigError, JobConfig
 from pipeline.data.readers import InputError, read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
 from pipeline.io.commit import RunConflictError, RunStore
+from pipeline.io.lease import Lease, Refused
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
 from pipeline.models.loader import MASK_FAMILIES, ModelError, ModelInfo, inspect_model, resolve_model_dir
 from pipeline.postprocess import PostprocessError, load_postprocess
@@ -38,6 +40,8 @@ from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settin
 from pipeline.sampler.settings import USER_KNOBS, SettingsError, resolve_settings
 
 logger = logging.getLogger("canvasflow")
+RUN_LOCK = "_lock"  # in the run directory while a process writes the run
+RUN_LOCK_STALE_S = 120.0  # a holder silent this long (heartbeat every 30 s) is taken over
 
 STARTUP_ERRORS = (
     ConfigError,
@@ -324,6 +328,34 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
         log_summary(json.loads(run_store.store.read_text("stats.json")), run_store.uri)
         return 0
 
+    # One process at a time writes a run: a second one would delete the first one's fresh parts as
+    # uncommitted and commit shards twice.
+    lease = Lease(
+        run_store.store,
+        RUN_LOCK,
+        secrets.token_hex(8),
+        prep.run_id,
+        RUN_LOCK_STALE_S,
+        what="runs of one run id",
+        stale_hint="or at once when its holder was a process on this host that has died",
+    )
+    try:
+        lease.acquire()
+    except Refused as e:
+        logger.error("%s (exit code 2: not started)", e)
+        return 2
+    except StoreError as e:
+        logger.error("could not take the run lock %s: %s", run_store.store.describe(RUN_LOCK), e)
+        return 2
+    try:
+        return _resume(job, prep, started)
+    finally:
+        lease.release()
+
+
+def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
+    """Runs the shards not yet committed and finalizes the run (the caller holds the run lock)."""
+    run_store = prep.run_store
     committed = run_store.committed()
     broken = run_store.verify(committed)
     if broken:

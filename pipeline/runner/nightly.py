@@ -16,26 +16,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import re
 import secrets
-import socket
-import threading
 import time
-from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig
 from pipeline.config.validate import validate_nightly
+from pipeline.io.lease import Lease, Refused
 from pipeline.io.store import Store, StoreError, open_store
 
 logger = logging.getLogger("canvasflow")
 REFUSED = 3
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-class Refused(RuntimeError):
-    """This run must not start now; the message says why and what to do."""
 
 
 def scheduled_date(nightly: NightlyConfig, now: dt.datetime | None = None) -> dt.date:
@@ -64,93 +57,6 @@ def date_of(nightly: NightlyConfig, run_id: str) -> dt.date | None:
         return dt.date.fromisoformat(tail)
     except ValueError:  # e.g. nightly-2026-02-30 made by hand: not a night of ours
         return None
-
-
-@dataclass
-class Lease:
-    """The lock object: who holds it and when it last proved alive."""
-
-    store: Store
-    key: str
-    token: str
-    run_id: str
-    stale_s: float
-    _stop: threading.Event | None = None
-    _thread: threading.Thread | None = None
-
-    def _payload(self) -> str:
-        return json.dumps(
-            {
-                "token": self.token,
-                "run_id": self.run_id,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "heartbeat_at": time.time(),
-            }
-        )
-
-    def _holder(self) -> dict | None:
-        if not self.store.exists(self.key):
-            return None
-        try:
-            return json.loads(self.store.read_text(self.key))
-        except (StoreError, ValueError):
-            return None
-
-    def _is_stale(self, holder: dict) -> bool:
-        if time.time() - float(holder.get("heartbeat_at", 0)) > self.stale_s:
-            return True
-        if holder.get("host") == socket.gethostname():
-            try:
-                os.kill(int(holder.get("pid", -1)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError):
-                return False
-        return False
-
-    def acquire(self) -> None:
-        holder = self._holder()
-        if holder is not None and not self._is_stale(holder):
-            age = time.time() - float(holder.get("heartbeat_at", 0))
-            raise Refused(
-                f"another run holds {self.store.describe(self.key)}: {holder.get('run_id')} on {holder.get('host')} "
-                f"(pid {holder.get('pid')}, heartbeat {age:.0f}s ago). Overlapping nightly runs are refused; "
-                f"it is taken over once its heartbeat is older than nightly.lock_stale_s={self.stale_s:g}s."
-            )
-        if holder is not None:
-            logger.warning(
-                "taking over the stale lock of %s (host %s, pid %s)",
-                holder.get("run_id"),
-                holder.get("host"),
-                holder.get("pid"),
-            )
-        self.store.write_text(self.key, self._payload())
-        time.sleep(0.5)  # a concurrent writer would have replaced our token by now: check we still hold it
-        current = self._holder()
-        if current is None or current.get("token") != self.token:
-            raise Refused(
-                f"lost the race for {self.store.describe(self.key)} to {current and current.get('run_id')}"
-            )
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._heartbeat, name="nightly-lock-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _heartbeat(self) -> None:
-        interval = max(1.0, self.stale_s / 4)
-        while not self._stop.wait(interval):
-            try:
-                self.store.write_text(self.key, self._payload())
-            except StoreError as e:  # the next beat retries; a long outage makes the lock stale, as it should
-                logger.warning("lock heartbeat failed: %s", e)
-
-    def release(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
-            self._thread.join(timeout=10)
-        holder = self._holder()
-        if holder is not None and holder.get("token") == self.token:
-            self.store.delete([self.key])
 
 
 def read_latest(store: Store) -> dict | None:
@@ -216,7 +122,13 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
         )
         return REFUSED
     lease = Lease(
-        store, f"_locks/{nightly.run_prefix}.lock", secrets.token_hex(8), run_id, nightly.lock_stale_s
+        store,
+        f"_locks/{nightly.run_prefix}.lock",
+        secrets.token_hex(8),
+        run_id,
+        nightly.lock_stale_s,
+        what="nightly runs",
+        stale_hint="nightly.lock_stale_s",
     )
     try:
         lease.acquire()

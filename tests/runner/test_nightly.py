@@ -31,7 +31,7 @@ def test_scheduled_date_follows_the_time_zone():
 
 
 def _lock(store, key="_locks/n.lock", stale_s=30.0) -> Lease:
-    return Lease(store, key, os.urandom(4).hex(), "nightly-x", stale_s)
+    return Lease(store, key, os.urandom(4).hex(), "nightly-x", stale_s, what="nightly runs")
 
 
 def test_a_live_lock_refuses_an_overlapping_run_and_a_stale_one_is_taken_over(tmp_path):

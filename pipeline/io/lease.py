@@ -1,0 +1,121 @@
+"""A lock object in a store, held while a run writes: who holds it, and a heartbeat that proves it alive.
+
+Taking it is atomic (`Store.write_if_absent`: of concurrent takers exactly one wins). A holder that stopped
+heartbeating for `stale_s`, or that is a dead process on this host (a crashed attempt being retried), is taken
+over; a takeover re-reads the lock after a moment so that two processes taking over the same stale holder
+cannot both go on. The nightly schedule (one lock per run prefix) and every generation run (one lock in its
+run directory) use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from pipeline.io.store import Store, StoreError
+
+logger = logging.getLogger("canvasflow")
+
+
+class Refused(RuntimeError):
+    """This run must not start now; the message says why and what to do."""
+
+
+@dataclass
+class Lease:
+    """`what` names the runs the lock serialises and `stale_hint` how the stale time is set, for messages."""
+
+    store: Store
+    key: str
+    token: str
+    run_id: str
+    stale_s: float
+    what: str = "runs"
+    stale_hint: str = ""
+    _stop: threading.Event | None = None
+    _thread: threading.Thread | None = None
+
+    def _payload(self) -> str:
+        return json.dumps(
+            {
+                "token": self.token,
+                "run_id": self.run_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "heartbeat_at": time.time(),
+            }
+        )
+
+    def _holder(self) -> dict | None:
+        if not self.store.exists(self.key):
+            return None
+        try:
+            return json.loads(self.store.read_text(self.key))
+        except (StoreError, ValueError):
+            return None
+
+    def _is_stale(self, holder: dict) -> bool:
+        if time.time() - float(holder.get("heartbeat_at", 0)) > self.stale_s:
+            return True
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError):
+                return False
+        return False
+
+    def acquire(self) -> None:
+        """Takes the lock or raises Refused naming its holder; StoreError if the store cannot be written."""
+        if not self.store.write_if_absent(self.key, self._payload().encode("utf-8")):
+            self._take_over()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _take_over(self) -> None:
+        holder = self._holder()
+        if holder is not None and not self._is_stale(holder):
+            age = time.time() - float(holder.get("heartbeat_at", 0))
+            hint = f" ({self.stale_hint})" if self.stale_hint else ""
+            raise Refused(
+                f"another run holds {self.store.describe(self.key)}: {holder.get('run_id')} on {holder.get('host')} "
+                f"(pid {holder.get('pid')}, heartbeat {age:.0f}s ago). Overlapping {self.what} are refused; "
+                f"it is taken over once its heartbeat is older than {self.stale_s:g}s{hint}."
+            )
+        if holder is not None:
+            logger.warning(
+                "taking over the stale lock of %s (host %s, pid %s)",
+                holder.get("run_id"),
+                holder.get("host"),
+                holder.get("pid"),
+            )
+        self.store.write_text(self.key, self._payload())
+        time.sleep(0.5)  # a concurrent taker would have replaced our token by now: check we still hold it
+        current = self._holder()
+        if current is None or current.get("token") != self.token:
+            raise Refused(
+                f"lost the race for {self.store.describe(self.key)} to {current and current.get('run_id')}"
+            )
+
+    def _heartbeat(self) -> None:
+        interval = max(1.0, self.stale_s / 4)
+        while not self._stop.wait(interval):
+            try:
+                self.store.write_text(self.key, self._payload())
+            except StoreError as e:  # the next beat retries; a long outage makes the lock stale, as it should
+                logger.warning("lock heartbeat failed: %s", e)
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+        holder = self._holder()
+        if holder is not None and holder.get("token") == self.token:
+            self.store.delete([self.key])

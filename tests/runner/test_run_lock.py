@@ -1,0 +1,51 @@
+"""One process at a time writes a run: while another live process holds the run's lock, a second run of the
+same run id is refused at start-up (exit code 2) and touches nothing; a lock left by a dead process on this
+host is taken over at once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.io.lease import Lease
+from pipeline.io.store import LocalStore
+from pipeline.runner.job import RUN_LOCK, prepare, run
+from tests.runner.test_job import make_job, read_parts, write_prompts
+
+pytestmark = pytest.mark.ray
+
+
+def test_a_second_process_on_the_same_run_is_refused_and_a_dead_holder_taken_over(
+    tmp_path, ray_local, caplog
+):
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    run_dir = tmp_path / "out" / "test-run"
+    prepare(make_job(tmp_path, data))  # the other run started test-run (its _run.json) ...
+    store = LocalStore(str(run_dir))
+    holder = Lease(store, RUN_LOCK, "other-process", "test-run", 120.0)
+    holder.acquire()  # ... and writes it: this test process plays that live run
+    try:
+        (run_dir / "data").mkdir(parents=True, exist_ok=True)
+        (run_dir / "data" / "part-00000.parquet").write_bytes(b"being written by the other run")
+        with caplog.at_level(logging.ERROR, logger="canvasflow"):
+            assert run(make_job(tmp_path, data)) == 2
+        assert (
+            "another run holds" in caplog.text and "Overlapping runs of one run id are refused" in caplog.text
+        )
+        assert (run_dir / "data" / "part-00000.parquet").read_bytes() == b"being written by the other run"
+        assert not (run_dir / "_SUCCESS").exists()
+    finally:
+        holder._stop.set()  # stop heartbeating without releasing: the lock stays, as a crash leaves it
+    # the holder "crashes": its lock now names a process that has exited
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    lock = json.loads((run_dir / RUN_LOCK).read_text())
+    (run_dir / RUN_LOCK).write_text(json.dumps({**lock, "pid": int(dead.stdout)}))
+    assert run(make_job(tmp_path, data)) == 0
+    assert read_parts(run_dir).num_rows == 8 and (run_dir / "_SUCCESS").exists()
+    assert not (run_dir / RUN_LOCK).exists(), "a finished run releases its lock"
