@@ -161,6 +161,11 @@ class RunConfig:
     shard_size: int = 64
     # Attempts per shard after a worker failure before the shard is reported as failed.
     max_shard_attempts: int = 3
+    # Seconds one attempt of a shard may run before its worker is taken as hung (a stuck device, a deadlock,
+    # a storage call that never returns): the worker is killed and replaced, and the shard counts a failed
+    # attempt. A replacement's first shard also gets cluster.worker_start_timeout_s for the model load.
+    # null: no limit. Raise it for shards that legitimately take longer (large shard_size, long outputs).
+    shard_timeout_s: float | None = 3600.0
     # Seconds between progress lines.
     progress_interval_s: float = 5.0
 

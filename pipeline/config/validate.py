@@ -62,6 +62,8 @@ def validate_job(job: JobConfig) -> JobConfig:
         raise _fail("cluster.num_gpus_per_worker", job.cluster.num_gpus_per_worker, "must be >= 0")
     if job.cluster.num_cpus_per_worker < 0:
         raise _fail("cluster.num_cpus_per_worker", job.cluster.num_cpus_per_worker, "must be >= 0")
+    if job.run.shard_timeout_s is not None and job.run.shard_timeout_s <= 0:
+        raise _fail("run.shard_timeout_s", job.run.shard_timeout_s, "must be > 0 (or null for no limit)")
     if job.run.progress_interval_s <= 0:
         raise _fail("run.progress_interval_s", job.run.progress_interval_s, "must be > 0")
 

@@ -474,6 +474,8 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
             on_commit=on_commit,
             on_tick=progress.tick,
             tick_s=min(1.0, job.run.progress_interval_s),
+            shard_timeout_s=job.run.shard_timeout_s,
+            start_grace_s=job.cluster.worker_start_timeout_s,
         )
         progress.final()
         for worker in workers:

@@ -98,6 +98,7 @@ def test_wrong_type_fails_naming_the_key():
             "postprocess._target_='nodots' must name a callable",
         ),
         (["sampler.max_denoising_steps=-1"], "sampler.max_denoising_steps=-1 must be a positive integer"),
+        (["run.shard_timeout_s=0"], "run.shard_timeout_s=0.0 must be > 0 (or null for no limit)"),
     ],
 )
 def test_impossible_values_fail_naming_the_key(overrides, message):

@@ -296,6 +296,41 @@ def test_a_shard_that_keeps_failing_is_reported_and_committed_work_is_kept(outpu
     assert sorted(r["source_index"] for r in output.rows("f", "data")) == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11]
 
 
+def test_a_hung_worker_is_replaced_after_the_shard_timeout(tmp_path):
+    output = Output("local", tmp_path, None)
+    data_file = write_prompts(tmp_path / "in.jsonl", 8)
+    text = data_file.read_text().splitlines()
+    text[5] = json.dumps({"prompt": "Sort: 1 2 HANG", "k": 5})  # shard 2 (rows 4-5) hangs, first time only
+    data_file.write_text("\n".join(text) + "\n")
+    flag = tmp_path / "hung-once"
+    started = time.monotonic()
+    code, log = finish(
+        start_job(
+            [
+                f"data.path={data_file}",
+                "run.id=h",
+                "run.shard_size=2",
+                "run.shard_timeout_s=8",
+                "postprocess=task_checker",
+                "postprocess._target_=tests.support.crashers.hang_once_on",
+                "~postprocess.drop_incorrect",
+                "+postprocess.marker=HANG",
+                f"+postprocess.flag={flag}",
+                *COMMON,
+                *output.cli,
+            ],
+            tmp_path,
+        )
+    )
+    assert code == 0, log[-3000:]
+    assert flag.exists(), "the marked row hung its worker once"
+    assert "shard 2 on worker 0 still running after run.shard_timeout_s=8s (attempt 1/3)" in log
+    assert time.monotonic() - started < 300, "the hang (an hour) was cut short"
+    assert_exactly_once(output, "h", 8)
+    attempts = {k: c["attempt"] for k, c in output.commits("h").items()}
+    assert attempts == {f"_commits/shard-{i:05d}.json": 2 if i == 2 else 1 for i in range(4)}
+
+
 @pytest.mark.s3
 def test_endpoint_refusing_connections_is_retried(s3_bucket, s3_fault_proxy, tmp_path):
     data_file = write_prompts(tmp_path / "in.jsonl", 12)

@@ -1,12 +1,27 @@
-"""A postprocess callable that kills its worker process on marked rows: a shard that can never succeed."""
+"""Postprocess callables that break their worker on marked rows: it dies (a shard that can never succeed) or
+hangs once (a shard that succeeds on its second attempt)."""
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 
 def crash_on(row: dict[str, Any], *, marker: str) -> dict[str, Any]:
     if marker in (row.get("prompt") or ""):
         os._exit(17)  # the worker dies mid-shard, as on a hardware fault
+    return {}
+
+
+def hang_once_on(row: dict[str, Any], *, marker: str, flag: str) -> dict[str, Any]:
+    """Hangs (as on a stuck device or a call that never returns) on the first marked row it sees in the whole
+    run, recorded by creating the file `flag`; later attempts at that row go through."""
+    if marker in (row.get("prompt") or ""):
+        try:
+            fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return {}
+        os.close(fd)
+        time.sleep(3600)
     return {}
