@@ -9,18 +9,21 @@ column) raise InputError before any GPU work.
 
 from __future__ import annotations
 
-import io
+import contextlib
+import gzip
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import BUILTIN_PROMPTS, DataConfig
 from pipeline.data.records import RecordBuilder, RecordTable
-from pipeline.io.store import StoreError, is_s3, open_store, read_uri, split_s3_uri
+from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
 
 logger = logging.getLogger(__name__)
 
@@ -131,14 +134,11 @@ def read_input(
     if fmt == "jsonl":
         rows = _jsonl_rows(files, endpoint_url, region)
     elif fmt == "parquet":
-        table, sources = _read_parquet(files, endpoint_url, region)
-        rows = _arrow_rows(table, data, sources)
+        rows = _parquet_rows(files, data, endpoint_url, region)
     elif fmt == "hf_disk":
-        table = _load_hf_disk(path, data)
-        rows = _arrow_rows(table, data, [(path, table.num_rows)])
+        rows = _arrow_rows(_load_hf_disk(path, data), data, path)
     elif fmt == "hf":
-        table = _load_hf(path, data)
-        rows = _arrow_rows(table, data, [(path, table.num_rows)])
+        rows = _arrow_rows(_load_hf(path, data), data, path)
     else:
         raise InputError(f"data.format={fmt!r} is not one of jsonl, parquet, hf_disk, hf")
     for index, (row, error, raw) in enumerate(rows):
@@ -162,42 +162,95 @@ def read_input(
 def _jsonl_rows(files: list[str], endpoint_url: str | None, region: str | None) -> Iterator[tuple]:
     """(row dict | None, error | None, raw text) per non-blank line.
 
-    A file that is one JSON document (an array, a pretty-printed object) or none of whose lines is a JSON
-    object is not JSON Lines: InputError naming it, rather than one error row per line. A UTF-8 byte-order
-    mark at the start of a file is skipped; a .gz that does not decompress is an InputError.
+    Files are read a line at a time (an S3 object through a temporary file on disk), so the driver holds the
+    records, not the input as well. A file that is one JSON document (an array, a pretty-printed object) or
+    none of whose lines is a JSON object is not JSON Lines: InputError naming it, rather than one error row
+    per line. A UTF-8 byte-order mark at the start of a file is skipped; a .gz that does not decompress is an
+    InputError.
     """
     for file in files:
-        try:
-            payload = read_uri(file, endpoint_url=endpoint_url, region=region)
-        except StoreError as e:
-            raise InputError(f"cannot read input file: {e}") from None
-        if file.lower().endswith(".gz"):
-            payload = _gunzip(file, payload)
-        if payload.startswith(UTF8_BOM):  # written by some editors and Windows tools; not part of the data
-            payload = payload[len(UTF8_BOM) :]
-        name = os.path.basename(file)
-        pending: list[tuple] = []  # rows before the file's first JSON object, held until one is seen
-        seen_object = False
-        for number, line in enumerate(payload.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            row = _jsonl_line(line, f"{name}:{number}")
-            if seen_object:
-                yield row
-            elif row[0] is None:
-                if not pending:
-                    _refuse_json_document(file, payload)
-                pending.append(row)
-            else:
-                seen_object = True
-                yield from pending
-                pending = []
-                yield row
-        if pending:
+        with _local_copy(file, endpoint_url, region) as local:
+            yield from _file_rows(file, local)
+
+
+@contextlib.contextmanager
+def _local_copy(file: str, endpoint_url: str | None, region: str | None) -> Iterator[str]:
+    """A path on this machine holding `file`: the file itself, or an S3 object downloaded to a temporary one."""
+    try:
+        if not is_s3(file):
+            path = Path(file).expanduser()
+            if not path.is_file():
+                raise StoreError(f"cannot read {file}: no such file")
+            yield str(path)
+            return
+        bucket, key = split_s3_uri(file)
+        store = S3Store(f"s3://{bucket}", S3Options(endpoint_url=endpoint_url, region=region))
+        with tempfile.TemporaryDirectory(prefix="canvasflow-input-") as tmp:
+            local = os.path.join(tmp, "object")
+            store.download_file(key, local)
+            yield local
+    except StoreError as e:
+        raise InputError(f"cannot read input file: {e}") from None
+
+
+def _file_rows(file: str, local: str) -> Iterator[tuple]:
+    name = os.path.basename(file)
+    pending: list[tuple] = []  # rows before the file's first JSON object, held until one is seen
+    seen_object = False
+    for number, line in _lines(file, local):
+        if not line.strip():
+            continue
+        row = _jsonl_line(line, f"{name}:{number}")
+        if seen_object:
+            yield row
+        elif row[0] is None:
+            if not pending:
+                _refuse_json_document(file, b"".join(line for _, line in _lines(file, local)))
+            pending.append(row)
+        else:
+            seen_object = True
+            yield from pending
+            pending = []
+            yield row
+    if pending:
+        raise InputError(
+            f"{file} is not JSON Lines: none of its {len(pending)} non-blank line(s) is a JSON object "
+            f"(first: {pending[0][1]}). {JSONL_HINT}"
+        )
+
+
+def _lines(file: str, local: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its newline) of the file at `local` (`file` names it in errors),
+    decompressed on the fly for .gz, the UTF-8 byte-order mark dropped."""
+    gz = file.lower().endswith(".gz")
+    try:
+        raw = open(local, "rb")  # noqa: SIM115 - closed by the with below; open errors reported apart
+    except OSError as e:
+        raise InputError(f"cannot read input file {file}: {e.strerror or e}") from None
+    with raw:
+        if gz and raw.read(len(GZIP_MAGIC)) != GZIP_MAGIC:
             raise InputError(
-                f"{file} is not JSON Lines: none of its {len(pending)} non-blank line(s) is a JSON object "
-                f"(first: {pending[0][1]}). {JSONL_HINT}"
+                f"{file} is not gzip-compressed (it does not start with the gzip header); "
+                "if it is plain JSON Lines, rename it without .gz"
             )
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+        try:
+            for number, line in enumerate(stream, start=1):
+                if number == 1 and line.startswith(UTF8_BOM):  # from some editors and Windows tools
+                    line = line[len(UTF8_BOM) :]
+                yield number, line[:-1] if line.endswith(b"\n") else line
+        except EOFError:
+            raise InputError(
+                f"{file} is a truncated gzip file (the compressed data ends early, e.g. an interrupted "
+                "upload or copy); copy or re-create it and check it with `gzip -t`"
+            ) from None
+        except (OSError, zlib.error) as e:  # gzip.BadGzipFile (CRC, length, method) is an OSError
+            if not gz:
+                raise InputError(f"cannot read input file {file}: {e.strerror or e}") from None
+            raise InputError(
+                f"{file} is a corrupt gzip file ({e}); re-create it and check it with `gzip -t`"
+            ) from None
 
 
 def _refuse_json_document(file: str, payload: bytes) -> None:
@@ -234,77 +287,65 @@ def _jsonl_line(line: bytes, where: str) -> tuple:
     return obj, None, raw
 
 
-def _gunzip(file: str, payload: bytes) -> bytes:
-    """The decompressed bytes, or InputError naming the file: a corrupt .gz is unusable as a whole."""
-    import gzip
-    import zlib
-
-    if not payload.startswith(GZIP_MAGIC):
-        raise InputError(
-            f"{file} is not gzip-compressed (it does not start with the gzip header); "
-            "if it is plain JSON Lines, rename it without .gz"
-        )
-    try:
-        return gzip.decompress(payload)
-    except EOFError:
-        raise InputError(
-            f"{file} is a truncated gzip file (the compressed data ends early, e.g. an interrupted "
-            "upload or copy); copy or re-create it and check it with `gzip -t`"
-        ) from None
-    except (OSError, zlib.error) as e:  # gzip.BadGzipFile (CRC, length, method) is an OSError
-        raise InputError(
-            f"{file} is a corrupt gzip file ({e}); re-create it and check it with `gzip -t`"
-        ) from None
-
-
 # ---------------------------------------------------------------------------------------------- parquet
-def _read_parquet(files: list[str], endpoint_url: str | None, region: str | None):
-    """(one table of all files, [(file, row count)] in order)."""
+def _parquet_rows(files: list[str], data: DataConfig, endpoint_url: str | None, region: str | None):
+    """(row dict | None, error | None, raw | None) per row, a file at a time and 4,096 rows at a time (an S3
+    object through a temporary file), so the driver never holds a decoded copy of the input."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = []
     for file in files:
-        try:
-            payload = read_uri(file, endpoint_url=endpoint_url, region=region)
-            tables.append(pq.read_table(io.BytesIO(payload)))
-        except StoreError as e:
-            raise InputError(f"cannot read input file: {e}") from None
-        except (pa.ArrowException, OSError, ValueError) as e:
-            raise InputError(
-                f"{file} is not a readable Parquet file ({' '.join(str(e).split())}); re-export it, or set "
-                "data.format if it is another format"
-            ) from None
-    try:
-        table = pa.concat_tables(tables, promote_options="permissive")
-    except pa.ArrowException as e:
-        raise InputError(f"the Parquet files under the input have incompatible schemas: {e}") from None
-    return table, [(file, t.num_rows) for file, t in zip(files, tables, strict=True)]
+        with _local_copy(file, endpoint_url, region) as local, open(local, "rb") as f:
+            try:
+                reader = pq.ParquetFile(f)
+                _check_columns(reader.schema_arrow.names, data, file)
+                name, start = os.path.basename(file), 0
+                for batch in reader.iter_batches(batch_size=4096):
+                    yield from _batch_rows(batch, lambda i, s=start, n=name: f"{n} row {s + i}")
+                    start += batch.num_rows
+            except InputError:
+                raise
+            except (pa.ArrowException, OSError, ValueError) as e:
+                raise InputError(
+                    f"{file} is not a readable Parquet file ({' '.join(str(e).split())}); re-export it, or set "
+                    "data.format if it is another format"
+                ) from None
 
 
-def _arrow_rows(table, data: DataConfig, sources: list[tuple[str, int]]) -> Iterator[tuple]:
-    """(row dict | None, error | None, raw | None) per table row; `sources` names the file of each row."""
+def _check_columns(names: list[str], data: DataConfig, file: str | None = None) -> None:
+    """InputError when the prompt (or messages) column or the declared id column is not among `names` (the
+    columns of `file`, or of the whole input)."""
     column = data.messages_column or data.prompt_column
-    if column not in table.column_names:
+    if column not in names:
         raise InputError(
-            f"the input has no column {column!r}; its columns are: {', '.join(table.column_names)}. "
+            f"the input has no column {column!r}{f' in {file}' if file else ''}; its columns are: "
+            f"{', '.join(names)}. "
             f"Set data.{'messages_column' if data.messages_column else 'prompt_column'}."
         )
-    if data.id_column and data.id_column not in table.column_names:
+    if data.id_column and data.id_column not in names:
         raise InputError(
-            f"data.id_column={data.id_column!r} is not a column of the input ({', '.join(table.column_names)})"
+            f"data.id_column={data.id_column!r} is not a column of {file or 'the input'} ({', '.join(names)})"
         )
+
+
+def _arrow_rows(table, data: DataConfig, where: str) -> Iterator[tuple]:
+    """(row dict | None, error | None, raw | None) per row of a loaded table (a Hugging Face dataset)."""
+    _check_columns(table.column_names, data)
     start = 0
     for batch in table.to_batches(max_chunksize=4096):
-        try:
-            rows = batch.to_pylist()
-        except Exception:  # noqa: BLE001 - a value Python cannot hold (invalid UTF-8, ...): find the rows
-            for offset in range(batch.num_rows):
-                yield _arrow_row(batch, offset, _where(sources, start + offset))
-        else:
-            for row in rows:
-                yield row, None, None
+        yield from _batch_rows(batch, lambda i, s=start: f"{os.path.basename(where)} row {s + i}")
         start += batch.num_rows
+
+
+def _batch_rows(batch, where: Callable[[int], str]) -> Iterator[tuple]:
+    try:
+        rows = batch.to_pylist()
+    except Exception:  # noqa: BLE001 - a value Python cannot hold (invalid UTF-8, ...): find the rows
+        for offset in range(batch.num_rows):
+            yield _arrow_row(batch, offset, where(offset))
+    else:
+        for row in rows:
+            yield row, None, None
 
 
 def _arrow_row(batch, offset: int, where: str) -> tuple:
@@ -334,15 +375,6 @@ def _lossy(value) -> str:
     if binary is None:
         return f"<unreadable {value.type}>"
     return value.view(binary)[0].as_py().decode("utf-8", errors="replace")
-
-
-def _where(sources: list[tuple[str, int]], index: int) -> str:
-    """'file row N' (N from 0 within that file) for a row of the concatenated input."""
-    for file, rows in sources:
-        if index < rows:
-            return f"{os.path.basename(file)} row {index}"
-        index -= rows
-    return f"input row {index}"
 
 
 # ------------------------------------------------------------------------------------ hugging face datasets

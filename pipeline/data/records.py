@@ -29,6 +29,7 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 RAW_LIMIT = 2000
+BATCH_ROWS = 65536  # records buffered as Python objects before they become an Arrow batch
 
 
 @dataclass
@@ -128,6 +129,7 @@ class RecordBuilder:
     def __init__(self, data: DataConfig) -> None:
         self.data = data
         self.columns: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
+        self.batches: list[pa.RecordBatch] = []
         self.hash = hashlib.sha256()
         self.seen_ids: dict[str, int] = {}
         self.columns_seen: set[str] = set()
@@ -171,6 +173,13 @@ class RecordBuilder:
         for name, value in record.items():
             self.columns[name].append(value)
         self.hash.update(_json([rid, record["prompt"], is_chat, metadata, error]).encode("utf-8", "replace"))
+        if len(self.columns["id"]) >= BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Moves the buffered records into an Arrow batch (a few bytes of overhead per value, not ~50)."""
+        self.batches.append(pa.RecordBatch.from_pydict(self.columns, schema=RECORD_SCHEMA))
+        self.columns = {name: [] for name in RECORD_SCHEMA.names}
 
     def _metadata(self, row: dict[str, Any]) -> tuple[str | None, str | None]:
         """(the other columns as JSON | None, None), or (None, reason) naming the offending column."""
@@ -228,7 +237,9 @@ class RecordBuilder:
         return prompt, False, problem
 
     def finish(self) -> pa.Table:
-        return pa.Table.from_pydict(self.columns, schema=RECORD_SCHEMA)
+        if self.columns["id"] or not self.batches:
+            self._flush()
+        return pa.Table.from_batches(self.batches, schema=RECORD_SCHEMA)
 
     def fingerprint(self) -> str:
         return self.hash.hexdigest()

@@ -488,14 +488,3 @@ def open_store(uri: str, *, endpoint_url: str | None = None, region: str | None 
     if is_s3(uri):
         return S3Store(uri, S3Options(endpoint_url=endpoint_url, region=region))
     return LocalStore(uri)
-
-
-def read_uri(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> bytes:
-    """Bytes of one input object: a local file or s3://bucket/key."""
-    if is_s3(uri):
-        bucket, key = split_s3_uri(uri)
-        return S3Store(f"s3://{bucket}", S3Options(endpoint_url=endpoint_url, region=region)).read_bytes(key)
-    try:
-        return Path(uri).expanduser().read_bytes()
-    except OSError as e:
-        raise StoreError(f"cannot read {uri}: {e.strerror or e}") from e

@@ -52,6 +52,23 @@ def test_s3_prefix_reads_only_its_folder_not_sibling_prefixes(s3_bucket):
 
 
 @pytest.mark.s3
+def test_s3_jsonl_gz_and_parquet_read_as_the_same_local_files(s3_bucket, tmp_path):
+    """S3 objects are streamed through a temporary file: the records match those of the same local files."""
+    lines = [json.dumps({"prompt": f"Add: {i}+{i}", "k": i}) for i in range(300)] + ["{not json"]
+    gz = gzip.compress(("\n".join(lines) + "\n").encode())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"prompt": [f"Sort: {i} 3 1" for i in range(50)], "k": list(range(50))}), sink)
+    for name, payload in (("in.jsonl.gz", gz), ("in.parquet", sink.getvalue().to_pybytes())):
+        s3_bucket.put(f"in/{name}", payload)
+        (tmp_path / name).write_bytes(payload)
+        remote = read_input(DataConfig(path=f"{s3_bucket.uri}/in/{name}"), endpoint_url=s3_bucket.endpoint)
+        local = read_input(DataConfig(path=str(tmp_path / name)))
+        assert remote.table.to_pylist() == local.table.to_pylist(), name
+        assert remote.fingerprint == local.fingerprint and remote.num_rows == (301 if "jsonl" in name else 50)
+    assert read_input(DataConfig(path=str(tmp_path / "in.jsonl.gz"))).num_errors == 1
+
+
+@pytest.mark.s3
 def test_s3_prefix_with_only_sibling_objects_fails_naming_them(s3_bucket):
     s3_bucket.put("in/prompts-old/c.jsonl", b'{"prompt": "old"}\n')
     with pytest.raises(InputError, match="no .jsonl or .parquet objects under") as error:
@@ -280,3 +297,16 @@ def test_duplicate_of_an_id_first_seen_on_an_error_row_is_flagged(tmp_path):
     assert rows[1]["error"] == "duplicate id 'a' (first seen at input row 0)"
     assert rows[2]["error"] is None
     assert rows[3]["error"] == "prompt (column 'prompt') is empty"
+
+
+def test_parquet_files_are_read_one_at_a_time(tmp_path):
+    """Each file is checked and read on its own: one without the prompt column fails naming that file, and
+    with data.limit reading stops once enough rows are read (a later unreadable file is never opened)."""
+    pq.write_table(pa.table({"prompt": [f"Add: {i}+1" for i in range(5)]}), tmp_path / "0.parquet")
+    pq.write_table(pa.table({"text": ["Add: 9+9"]}), tmp_path / "1.parquet")
+    with pytest.raises(InputError, match=r"no column 'prompt' in .*1\.parquet; its columns are: text"):
+        read_input(DataConfig(path=str(tmp_path)))
+    (tmp_path / "1.parquet").write_bytes(b"PAR1garbage")
+    with pytest.raises(InputError, match=r"1\.parquet is not a readable Parquet file"):
+        read_input(DataConfig(path=str(tmp_path)))
+    assert [r["prompt"] for r in _rows(str(tmp_path), limit=3)] == ["Add: 0+1", "Add: 1+1", "Add: 2+1"]

@@ -198,3 +198,21 @@ def test_shipped_prompts_are_the_documented_held_out_set():
     rows = _records(read_input(DataConfig()))
     assert len(rows) >= 200 and all(r["error"] is None for r in rows)
     assert all(is_held_out(r["prompt"]) and expected_answer(r["prompt"]) for r in rows)
+
+
+def test_records_built_in_batches_equal_one_batch(tmp_path, monkeypatch):
+    """The builder turns every BATCH_ROWS records into an Arrow batch: the records, the fingerprint and the
+    duplicate-id check across batches are those of a single batch."""
+    from pipeline.data import records as records_module
+
+    lines = [{"id": f"r{i % 7}", "prompt": f"Add: {i}+1", "k": i} for i in range(10)] + ["{bad", {"id": "r9"}]
+    path = _write_jsonl(tmp_path / "in.jsonl", lines)
+    whole = read_input(DataConfig(path=path, id_column="id"))
+    monkeypatch.setattr(records_module, "BATCH_ROWS", 3)
+    batched = read_input(DataConfig(path=path, id_column="id"))
+    assert len(batched.table.column("id").chunks) == 4 and len(whole.table.column("id").chunks) == 1
+    assert _records(batched) == _records(whole) and batched.fingerprint == whole.fingerprint
+    duplicates = [
+        r["source_index"] for r in _records(batched) if (r["error"] or "").startswith("duplicate id")
+    ]
+    assert duplicates == [7, 8, 9]

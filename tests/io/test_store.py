@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import pipeline.io.store as store_module
-from pipeline.io.store import LocalStore, S3Options, S3Store, Store, StoreError, read_uri
+from pipeline.io.store import LocalStore, S3Options, S3Store, Store, StoreError
 from tests.support.seaweed import SeaweedError, free_ports, inet_sockets, start_seaweedfs
 
 KEYS = {
@@ -176,11 +176,6 @@ def test_local_check_writable_names_the_location(tmp_path: Path) -> None:
         store.check_writable()
 
 
-def test_read_uri_local_missing_file_names_it(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="nothing-here.jsonl"):
-        read_uri(str(tmp_path / "nothing-here.jsonl"))
-
-
 # -- S3 only -------------------------------------------------------------------------------------------------
 
 FAULTS = {
@@ -307,13 +302,11 @@ def test_s3_list_and_delete_span_several_pages(s3_bucket) -> None:
 
 
 @pytest.mark.s3
-def test_s3_read_uri_and_store_on_bucket_root(s3_bucket) -> None:
+def test_s3_store_on_bucket_root(s3_bucket) -> None:
     s3_bucket.put("in/prompts.jsonl", b'{"prompt": "hi"}\n')
-    assert (
-        read_uri(f"{s3_bucket.uri}/in/prompts.jsonl", endpoint_url=s3_bucket.endpoint)
-        == b'{"prompt": "hi"}\n'
-    )
-    assert s3_bucket.store().list() == ["in/prompts.jsonl"]
+    store = s3_bucket.store()
+    assert store.list() == ["in/prompts.jsonl"]
+    assert store.read_bytes("in/prompts.jsonl") == b'{"prompt": "hi"}\n'
 
 
 @pytest.mark.s3
