@@ -1,0 +1,112 @@
+"""What reading the input costs the driver: rows per second and peak memory of `read_input`, per format and size.
+
+The driver reads the whole input before it plans shards (the run id and the resume check need the content's
+fingerprint and every row's id), so its memory bounds the input one run can take. Each measurement runs in a
+fresh process, so the peak resident memory (VmHWM, Linux) is that read's alone; bytes per row count what it holds
+above a read of 100 rows of the same format (imports, allocator pools).
+
+    python benchmarks/bench_read_input.py                      # 100k and 1M rows, JSONL and Parquet
+    python benchmarks/bench_read_input.py --rows 10000 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PROBE = """
+import json, sys, time
+from pipeline.config.schema import DataConfig
+from pipeline.data.readers import read_input
+path = sys.argv[1]
+started = time.perf_counter()
+records = read_input(DataConfig(path=path))
+print(json.dumps({
+    "seconds": time.perf_counter() - started,
+    "rows": records.num_rows,
+    "table_mb": records.table.nbytes / 1e6,
+    # VmHWM: this process image's own peak (ru_maxrss would keep the parent's peak across fork and exec)
+    "peak_rss_mb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1e3,
+}))
+"""
+
+
+def write_inputs(folder: str, rows: int, seed: int = 0) -> dict[str, str]:
+    """A JSONL file and a Parquet file of the same `rows` prompts (~230 bytes each, plus a metadata column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    words = ["a", "cat", "dog", "moon", "river", "city", "robot", "quietly", "under", "bright"]
+    prompts = [
+        "Write a short story about " + " ".join(rng.choice(words) for _ in range(40)) for _ in range(rows)
+    ]
+    jsonl = os.path.join(folder, f"in-{rows}.jsonl")
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for i, prompt in enumerate(prompts):
+            f.write(json.dumps({"prompt": prompt, "k": i}) + "\n")
+    parquet = os.path.join(folder, f"in-{rows}.parquet")
+    pq.write_table(pa.table({"prompt": prompts, "k": list(range(rows))}), parquet)
+    return {"jsonl": jsonl, "parquet": parquet}
+
+
+def probe(path: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, path], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "read_input.jsonl"))
+    parser.add_argument("--no-record", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+
+    results = []
+    header = f"{'format':8} {'rows':>10} {'file MB':>8} {'s':>7} {'rows/s':>9} {'table MB':>9} {'peak MB':>8} {'B/row':>7}"
+    with tempfile.TemporaryDirectory(prefix="canvasflow-bench-read-") as folder:
+        baselines = {fmt: probe(path)["peak_rss_mb"] for fmt, path in write_inputs(folder, 100).items()}
+        print(f"baseline (100 rows): {', '.join(f'{k} {v:.0f} MB' for k, v in baselines.items())}\n{header}")
+        for rows in args.rows:
+            for fmt, path in write_inputs(folder, rows).items():
+                baseline = baselines[fmt]
+                m = probe(path)
+                assert m["rows"] == rows, (path, m)
+                extra = m["peak_rss_mb"] - baseline
+                row = {
+                    "benchmark": "read_input",
+                    "format": fmt,
+                    "rows": rows,
+                    "file_mb": round(os.path.getsize(path) / 1e6, 1),
+                    "seconds": round(m["seconds"], 2),
+                    "rows_per_s": round(rows / m["seconds"]),
+                    "table_mb": round(m["table_mb"], 1),
+                    "peak_rss_mb": round(m["peak_rss_mb"], 1),
+                    "baseline_rss_mb": round(baseline, 1),
+                    "bytes_per_row": round(extra * 1e6 / rows),
+                }
+                results.append(row)
+                print(
+                    f"{fmt:8} {rows:>10,} {row['file_mb']:>8.1f} {row['seconds']:>7.2f} {row['rows_per_s']:>9,} "
+                    f"{row['table_mb']:>9.1f} {row['peak_rss_mb']:>8.0f} {row['bytes_per_row']:>7,}"
+                )
+    if not args.no_record:
+        from benchmarks.common import append_results
+
+        append_results(args.results, results)
+        print(f"appended {len(results)} rows to {args.results}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
