@@ -30,6 +30,7 @@ KNOBS = tuple(REFERENCE_DEFAULTS)
 USER_KNOBS = (*KNOBS, "canvas_length", "seed", "adaptive_stopping", "revise_accepted", "record_drafts")
 
 MAX_SEED = 2**63 - 1  # the output's `seed` column is int64
+SEED_RANGE = f"must be an integer from 0 to {MAX_SEED} (2**63 - 1: it is stored as int64)"
 
 
 class SettingsError(ValueError):
@@ -95,8 +96,8 @@ def check_knobs(values: Mapping[str, Any], prefix: str = "sampler.") -> None:
     for key in ("entropy_bound", "confidence_threshold"):
         if given(key) and (not is_number(values[key]) or values[key] <= 0):
             raise bad(key, "must be a number > 0")
-    if given("seed") and (not is_int(values["seed"]) or not 0 <= values["seed"] <= MAX_SEED):
-        raise bad("seed", f"must be an integer from 0 to {MAX_SEED} (2**63 - 1: it is stored as int64)")
+    if given("seed") and not is_seed(values["seed"]):
+        raise bad("seed", SEED_RANGE)
     if given("t_min") and given("t_max") and values["t_max"] <= values["t_min"]:
         raise SettingsError(
             f"{prefix}t_max={values['t_max']} must be greater than {prefix}t_min={values['t_min']} "
@@ -106,6 +107,12 @@ def check_knobs(values: Mapping[str, Any], prefix: str = "sampler.") -> None:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_seed(value: Any) -> bool:
+    """A valid `sampler.seed` of either sampler (message: SEED_RANGE): an integer, not a bool, that fits the
+    output's int64 `seed` column and is not negative."""
+    return is_int(value) and 0 <= value <= MAX_SEED
 
 
 def is_number(value: Any) -> bool:

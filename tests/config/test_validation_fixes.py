@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from pipeline import LLM
 from pipeline.config import ConfigError, JobConfig, register_configs, to_job_config
 from pipeline.config.schema import (
     DataConfig,
@@ -44,11 +45,13 @@ def test_largest_seed_is_accepted():
     assert to_job_config(_compose("config", "sampler.seed=9223372036854775807")).sampler.seed == 2**63 - 1
 
 
-def test_a_job_with_a_too_large_seed_exits_2_before_any_work(tmp_path, caplog):
+@pytest.mark.parametrize("model", ["builtin:tiny-diffusiongemma", "builtin:tiny-llada"])
+def test_a_job_with_a_too_large_seed_exits_2_before_any_work(model, tmp_path, caplog):
+    """Through the Python API (no Hydra validation), for both samplers: the mask sampler (LLaDA) took it."""
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
     job = JobConfig(
-        model=ModelConfig(path="builtin:tiny-diffusiongemma"),
+        model=ModelConfig(path=model),
         sampler=SamplerConfig(seed=2**64),
         data=DataConfig(path=str(data)),
         output=OutputConfig(uri=str(tmp_path / "out")),
@@ -57,6 +60,8 @@ def test_a_job_with_a_too_large_seed_exits_2_before_any_work(tmp_path, caplog):
     assert run(job) == 2
     assert "sampler.seed=18446744073709551616 must be an integer from 0 to" in caplog.text
     assert not (tmp_path / "out" / "r1").exists()
+    with pytest.raises(ValueError, match="sampler.seed=-1 must be an integer from 0 to"):
+        LLM(model, seed=-1)
 
 
 @pytest.mark.parametrize(

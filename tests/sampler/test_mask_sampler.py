@@ -9,6 +9,8 @@ with caching off, temperature 0, the reference's confidence rules and blocks, ca
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from pipeline.sampler.engine import Request
 from pipeline.sampler.mask.decide import decide, eos_stop
 from pipeline.sampler.mask.engine import MaskDiffusionSampler
 from pipeline.sampler.mask.settings import MaskSettings, MaskSettingsError, resolve_mask_settings
+from pipeline.sampler.settings import MAX_SEED
 from tests.support.mask_models import ReferenceModel, build_mask_checkpoint, reference_generate, until_eos
 
 EOS = 0  # <|endoftext|> of the tiny tokenizers
@@ -337,3 +340,17 @@ def test_settings_resolution_and_errors():
         resolve_mask_settings({"cache": "full"}, {}, **tokens)
     with pytest.raises(MaskSettingsError, match="sampler.mask.threshold=1.5"):
         resolve_mask_settings({"threshold": 1.5}, {}, **tokens)
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64, -1, True, 1.0, "5"])
+def test_a_seed_outside_int64_or_not_an_integer_is_refused_naming_it(seed):
+    """The DiffusionGemma sampler's seed check (the output's `seed` column is int64), through the Python API:
+    these seeds used to be taken (True as 1, 1.0 as 1, 2**63 failing every shard when written)."""
+    tokens = dict(mask_token_id=2, eos_token_ids=(0,), pad_token_id=0)
+    message = re.escape(f"sampler.seed={seed!r} must be an integer from 0 to {MAX_SEED} (2**63 - 1")
+    with pytest.raises(MaskSettingsError, match=message):
+        resolve_mask_settings({"seed": seed}, {}, **tokens)
+    with pytest.raises(MaskSettingsError, match=message):
+        MaskSettings(max_new_tokens=8, steps=8, block_length=8, seed=seed, **tokens)
+    assert resolve_mask_settings({"seed": MAX_SEED}, {}, **tokens).seed == MAX_SEED
+    assert resolve_mask_settings({"seed": 0}, {}, **tokens).seed == 0

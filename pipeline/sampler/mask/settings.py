@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.sampler.settings import SettingsError, is_int, is_number, read_generation_json
+from pipeline.sampler.settings import (
+    SEED_RANGE,
+    SettingsError,
+    is_int,
+    is_number,
+    is_seed,
+    read_generation_json,
+)
 
 CONFIDENCE_RULES = ("low_confidence", "margin", "entropy", "random")
 CACHE_MODES = ("none", "prefix", "dual")
@@ -111,6 +118,8 @@ def check_mask_knobs(values: Mapping[str, Any], prefix: str = "sampler.mask.") -
 
     if given("max_new_tokens") and (not is_int(values["max_new_tokens"]) or values["max_new_tokens"] <= 0):
         raise bad("max_new_tokens", "must be a positive integer", "sampler.max_new_tokens")
+    if given("seed") and not is_seed(values["seed"]):  # the same check as the DiffusionGemma sampler's
+        raise bad("seed", SEED_RANGE, "sampler.seed")
     for key in ("steps", "block_length"):
         if given(key) and (not is_int(values[key]) or values[key] <= 0):
             raise bad(key, "must be a positive integer")
