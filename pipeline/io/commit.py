@@ -8,6 +8,8 @@
       _commits/shard-<shard>.json the commit point: a shard is committed iff this marker exists
       _columns/<digest>.json    the Arrow type of one postprocess column, fixed once for the run (columns.py)
       _manifest.json, stats.json, README.md, then _SUCCESS (last, only when every shard is committed)
+      _lock                     held by the one process writing the run (pipeline/io/lease.py); never deleted
+                                with the run's objects
 
 A shard's parts are written first and its marker last; objects are written atomically (see store.py). On a
 rerun, shards with a marker are skipped and every data/errors object without one is deleted, so each input
@@ -34,6 +36,7 @@ from pipeline.io.store import Store
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "_run.json"
+RUN_LOCK = "_lock"
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
 COMMITS = "_commits/"
@@ -117,19 +120,19 @@ class RunStore:
     def is_complete(self) -> bool:
         return self.store.exists(SUCCESS)
 
-    def check_identity(self, identity: dict[str, Any], *, overwrite: bool) -> str:
-        """ "new", "resume" or "complete"; raises RunConflictError (or wipes the run, with overwrite)."""
+    def identity_status(self, identity: dict[str, Any], *, overwrite: bool) -> str:
+        """ "new", "resume", "complete", or with overwrite "replace" (the run id holds a run with another input
+        or config, or objects that are no run); raises RunConflictError where overwrite is needed. Reads only:
+        a caller that does not hold the run lock may ask."""
         existing = self.read_run_file()
         if existing is None:
-            leftovers = self.store.list("")
+            leftovers = self._objects()
             if leftovers and not overwrite:
                 raise RunConflictError(
                     f"{self.uri} is not empty but holds no canvasflow run ({len(leftovers)} objects, e.g. "
                     f"{leftovers[0]!r}); choose another run.id or output.uri, or set run.overwrite=true"
                 )
-            if leftovers:
-                self.store.delete(leftovers)
-            return "new"
+            return "replace" if leftovers else "new"
         keys = ("input_fingerprint", "config_fingerprint", "shard_size", "num_rows")
         different = [k for k in keys if existing.get(k) != identity.get(k)]
         if different:
@@ -141,12 +144,24 @@ class RunStore:
                     f"run.id={self.run_id!r} at {self.uri} was started with a different input or config "
                     f"({what}). Use a new run.id to keep both, or run.overwrite=true to replace the old run."
                 )
-            removed = self.store.delete_prefix("")
-            logger.warning(
-                "run.overwrite=true: removed %d objects of the previous run at %s", removed, self.uri
-            )
-            return "new"
+            return "replace"
         return "complete" if self.is_complete() else "resume"
+
+    def check_identity(self, identity: dict[str, Any], *, overwrite: bool) -> str:
+        """ "new", "resume" or "complete"; raises RunConflictError, or with overwrite deletes what the run id
+        held ("replace"), except the run lock. Only the holder of the run lock may call it: the objects it
+        deletes may be another live process's run."""
+        status = self.identity_status(identity, overwrite=overwrite)
+        if status != "replace":
+            return status
+        objects = self._objects()
+        self.store.delete(objects)
+        logger.warning("run.overwrite=true: removed the %d objects previously at %s", len(objects), self.uri)
+        return "new"
+
+    def _objects(self) -> list[str]:
+        """Every object of the run directory but the run lock."""
+        return [key for key in self.store.list("") if key != RUN_LOCK]
 
     # ------------------------------------------------------------------------------------------ shards
     def committed(self) -> dict[int, ShardCommit]:

@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.config.schema import ConfigError, JobConfig
 from pipeline.data.readers import InputError, read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
-from pipeline.io.commit import RunConflictError, RunStore
+from pipeline.io.commit import RUN_LOCK, RunConflictError, RunStore
 from pipeline.io.lease import Lease, Refused
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
 from pipeline.models.loader import MASK_FAMILIES, ModelError, ModelInfo, inspect_model, resolve_model_dir
@@ -40,7 +40,6 @@ from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settin
 from pipeline.sampler.settings import USER_KNOBS, SettingsError, resolve_settings
 
 logger = logging.getLogger("canvasflow")
-RUN_LOCK = "_lock"  # in the run directory while a process writes the run
 RUN_LOCK_STALE_S = 120.0  # a holder silent this long (heartbeat every 30 s) is taken over
 
 STARTUP_ERRORS = (
@@ -64,7 +63,7 @@ class Prepared:
     model_info: ModelInfo
     settings: dict[str, Any]
     identity: dict[str, Any]
-    status: str  # new | resume | complete
+    status: str  # new | resume | complete; after `plan` also replace (run.overwrite), which open_run does
 
 
 def run_from_hydra(cfg: Any) -> int:
@@ -212,7 +211,23 @@ def _inspect_model(job: JobConfig) -> tuple[ModelInfo, str]:
 
 # ---------------------------------------------------------------------------------------------- prepare
 def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
-    """Every check that can fail before GPU work: model config, settings, postprocess, output, input."""
+    """`plan`, then `open_run` while holding the run lock (released on return; Refused if a live process
+    holds it): for callers that open a run without generating it. `run` holds the lock from open_run to the
+    end of the run."""
+    prep = plan(job)
+    lease = run_lease(prep)
+    lease.acquire()
+    try:
+        open_run(prep, resolved_yaml)
+    finally:
+        lease.release()
+    return prep
+
+
+def plan(job: JobConfig) -> Prepared:
+    """Every check that can fail before GPU work: model config, settings, postprocess, output, input, and the
+    run id's identity (a conflict without run.overwrite). Writes nothing in the run directory: that is
+    open_run's, under the run lock."""
     info, model_id = _inspect_model(job)
     knobs = {k: getattr(job.sampler, k) for k in USER_KNOBS}
     knobs["mask"] = dataclasses.asdict(job.sampler.mask)
@@ -276,11 +291,7 @@ def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
         "num_shards": num_shards,
         "created_at": time.time(),
     }
-    status = run_store.check_identity(identity, overwrite=job.run.overwrite)
-    if status == "new":
-        run_store.write_run_file(identity)
-    if resolved_yaml is not None:
-        run_store.store.write_text("_config.yaml", _with_run_id(resolved_yaml, run_id))
+    status = run_store.identity_status(identity, overwrite=job.run.overwrite)
     spec = GenerationSpec(
         model_path=job.model.path,
         dtype=job.model.dtype,
@@ -302,6 +313,31 @@ def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
     return Prepared(job, run_id, run_store, records, spec, info, settings_dict, identity, status)
 
 
+def run_lease(prep: Prepared) -> Lease:
+    """The run lock, `<run>/_lock`: one process at a time writes a run (a second one would delete the first
+    one's fresh parts as uncommitted, commit shards twice, or with run.overwrite delete the whole run)."""
+    return Lease(
+        prep.run_store.store,
+        RUN_LOCK,
+        secrets.token_hex(8),
+        prep.run_id,
+        RUN_LOCK_STALE_S,
+        what="runs of one run id",
+        stale_hint="or at once when its holder was a process on this host that has died",
+    )
+
+
+def open_run(prep: Prepared, resolved_yaml: str | None) -> None:
+    """Checks the identity again, now that no other process can change the run (the caller holds the run
+    lock), replaces the old run with run.overwrite, and writes _run.json (a new run) and _config.yaml."""
+    run_store = prep.run_store
+    prep.status = run_store.check_identity(prep.identity, overwrite=prep.job.run.overwrite)
+    if prep.status == "new":
+        run_store.write_run_file(prep.identity)
+    if resolved_yaml is not None:
+        run_store.store.write_text("_config.yaml", _with_run_id(resolved_yaml, prep.run_id))
+
+
 # --------------------------------------------------------------------------------------------------- run
 def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
     _ensure_logging()
@@ -311,7 +347,7 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
             from omegaconf import OmegaConf
 
             resolved_yaml = _yaml(OmegaConf.to_container(OmegaConf.structured(job)))
-        prep = prepare(job, resolved_yaml)
+        prep = plan(job)
     except STARTUP_ERRORS as e:
         logger.error("%s", e)
         return 2
@@ -323,31 +359,37 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
         return 2
     run_store = prep.run_store
     logger.info("run %s -> %s", prep.run_id, run_store.uri)
-    if prep.status == "complete":
-        logger.info("run %s is already complete (_SUCCESS present); nothing to do", prep.run_id)
-        log_summary(json.loads(run_store.store.read_text("stats.json")), run_store.uri)
-        return 0
-
-    # One process at a time writes a run: a second one would delete the first one's fresh parts as
-    # uncommitted and commit shards twice.
-    lease = Lease(
-        run_store.store,
-        RUN_LOCK,
-        secrets.token_hex(8),
-        prep.run_id,
-        RUN_LOCK_STALE_S,
-        what="runs of one run id",
-        stale_hint="or at once when its holder was a process on this host that has died",
-    )
+    # The lock comes before anything is written in the run directory: run.overwrite too must not delete the
+    # run of a live process; it replaces only one whose holder is gone (a stale or dead lock, taken over).
+    lease = run_lease(prep)
     try:
         lease.acquire()
     except Refused as e:
-        logger.error("%s (exit code 2: not started)", e)
+        stop = (
+            "run.overwrite=true replaces only a run that no live process writes: stop"
+            if job.run.overwrite
+            else "Stop"
+        )
+        logger.error(
+            "run %s: %s %s the other process or wait for it to finish, then rerun (exit code 2: not started)",
+            prep.run_id,
+            e,
+            stop,
+        )
         return 2
     except StoreError as e:
         logger.error("could not take the run lock %s: %s", run_store.store.describe(RUN_LOCK), e)
         return 2
     try:
+        try:
+            open_run(prep, resolved_yaml)
+        except STARTUP_ERRORS as e:
+            logger.error("%s", e)
+            return 2
+        if prep.status == "complete":
+            logger.info("run %s is already complete (_SUCCESS present); nothing to do", prep.run_id)
+            log_summary(json.loads(run_store.store.read_text("stats.json")), run_store.uri)
+            return 0
         return _resume(job, prep, started)
     finally:
         lease.release()

@@ -1,6 +1,6 @@
 """One process at a time writes a run: while another live process holds the run's lock, a second run of the
-same run id is refused at start-up (exit code 2) and touches nothing; a lock left by a dead process on this
-host is taken over at once."""
+same run id is refused at start-up (exit code 2) and touches nothing, also with run.overwrite=true; a lock left
+by a dead process on this host is taken over at once."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from pipeline.io.lease import Lease
 from pipeline.io.store import LocalStore
 from pipeline.runner.job import RUN_LOCK, prepare, run
-from tests.runner.test_job import make_job, read_parts, write_prompts
+from tests.runner.test_job import ROOT, make_job, read_parts, write_prompts
 
 pytestmark = pytest.mark.ray
 
@@ -49,3 +49,51 @@ def test_a_second_process_on_the_same_run_is_refused_and_a_dead_holder_taken_ove
     assert run(make_job(tmp_path, data)) == 0
     assert read_parts(run_dir).num_rows == 8 and (run_dir / "_SUCCESS").exists()
     assert not (run_dir / RUN_LOCK).exists(), "a finished run releases its lock"
+
+
+HOLDER = """
+import sys, time
+from pipeline.io.lease import Lease
+from pipeline.io.store import LocalStore
+Lease(LocalStore(sys.argv[1]), "_lock", "other-process", "test-run", 120.0).acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_overwrite_is_refused_while_a_live_process_holds_the_run_and_replaces_it_once_that_process_died(
+    tmp_path, ray_local, caplog
+):
+    """run.overwrite=true used to delete everything at the run id, the live holder's lock and parts included,
+    and go on; it replaces only a run whose holder is gone (here a real process, then SIGKILLed)."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    run_dir = tmp_path / "out" / "test-run"
+    prepare(make_job(tmp_path, data))  # the other run started test-run with seed 0 ...
+    run_file = (run_dir / "_run.json").read_text()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "holding\n"  # ... and a live process of it holds the lock
+        (run_dir / "data").mkdir(parents=True, exist_ok=True)
+        (run_dir / "data" / "part-00000.parquet").write_bytes(b"being written by the other run")
+        replace = make_job(tmp_path, data, sampler__seed=7, run__overwrite=True)
+        with caplog.at_level(logging.ERROR, logger="canvasflow"):
+            assert run(replace) == 2
+        assert f"run test-run: another run holds {run_dir / RUN_LOCK}: test-run on " in caplog.text
+        assert f"(pid {holder.pid}, heartbeat " in caplog.text
+        assert (
+            "run.overwrite=true replaces only a run that no live process writes: stop the other process or "
+            "wait for it to finish, then rerun (exit code 2: not started)"
+        ) in caplog.text
+        assert (run_dir / "data" / "part-00000.parquet").read_bytes() == b"being written by the other run"
+        assert (run_dir / "_run.json").read_text() == run_file
+        assert json.loads((run_dir / RUN_LOCK).read_text())["token"] == "other-process"
+    finally:
+        holder.kill()  # SIGKILL: the lock stays behind, naming a dead process on this host
+        holder.wait()
+    assert json.loads((run_dir / RUN_LOCK).read_text())["pid"] == holder.pid
+    assert run(replace) == 0
+    assert read_parts(run_dir).column("seed").to_pylist() == [7] * 8
+    assert json.loads((run_dir / "_run.json").read_text()) != json.loads(run_file)
+    assert not (run_dir / RUN_LOCK).exists()
