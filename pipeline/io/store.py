@@ -1,7 +1,8 @@
 """Object storage behind one small interface: a local directory or an S3 (-compatible) prefix.
 
 Keys are '/'-separated and relative to the root; `list(prefix)` matches by string prefix on both backends, as
-S3 does. `write_bytes` is atomic (local: temporary file, fsync, rename; S3: one PUT). S3 calls use boto3's
+S3 does. `write_bytes` is atomic (local: temporary file, fsync, rename; S3: one PUT); the temporary file of a
+write killed before its rename is never listed, and `remove_temp_files` deletes old ones. S3 calls use boto3's
 standard credential chain and `call_with_retries`, the only retry layer (botocore's own is off): throttling,
 5xx, dropped and refused connections, with jittered backoff. Credentials never appear in logs or messages.
 """
@@ -23,7 +24,7 @@ from typing import TypeVar
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TMP_PREFIX = ".tmp-"  # local temporary files; never listed
+TMP_PREFIX = ".tmp-"  # local temporary files; never listed (remove_temp_files deletes those left behind)
 CHUNK = 8 << 20  # streaming copies: bytes per read
 
 
@@ -97,6 +98,12 @@ class Store(ABC):
         data = self.read_bytes(key)
         Path(dest).write_bytes(data)
         return len(data)
+
+    def remove_temp_files(self, older_than_s: float) -> tuple[int, int]:
+        """Deletes the temporary files of writes that never finished (a process killed between writing and
+        renaming one) untouched for more than `older_than_s`; returns their count and bytes. Only a local store
+        has them: an S3 write is one PUT, so here there is nothing to do."""
+        return 0, 0
 
     def describe(self, key: str = "") -> str:
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
@@ -199,6 +206,31 @@ class LocalStore(Store):
                 path.unlink(missing_ok=True)
             except OSError as e:
                 raise StoreError(f"cannot delete {path}: {e.strerror or e}") from e
+
+    def remove_temp_files(self, older_than_s: float) -> tuple[int, int]:
+        """See Store.remove_temp_files: `.tmp-*` files anywhere below the root, aged by modification time (a
+        write in flight keeps it recent). Best effort: one that cannot be deleted is logged and skipped (it is
+        never listed or read)."""
+        cutoff = time.time() - older_than_s
+        count = size = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(TMP_PREFIX):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    stat = path.lstat()
+                    if stat.st_mtime >= cutoff:
+                        continue
+                    path.unlink()
+                except FileNotFoundError:
+                    continue  # renamed into place or removed meanwhile
+                except OSError as e:
+                    logger.warning("cannot delete the temporary file %s: %s", path, e.strerror or e)
+                    continue
+                count += 1
+                size += stat.st_size
+        return count, size
 
     def download_file(self, key: str, dest: str | os.PathLike[str]) -> int:
         path = self._path(key)

@@ -41,6 +41,8 @@ from pipeline.sampler.settings import USER_KNOBS, SettingsError, resolve_setting
 
 logger = logging.getLogger("canvasflow")
 RUN_LOCK_STALE_S = 120.0  # a holder silent this long (heartbeat every 30 s) is taken over
+# A local temporary file untouched this long is left by a write that will never finish (remove_stale_temp).
+STALE_TEMP_S = RUN_LOCK_STALE_S
 
 STARTUP_ERRORS = (
     ConfigError,
@@ -398,6 +400,7 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
 def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
     """Runs the shards not yet committed and finalizes the run (the caller holds the run lock)."""
     run_store = prep.run_store
+    remove_stale_temp(run_store)
     committed = run_store.committed()
     broken = run_store.verify(committed)
     if broken:
@@ -456,12 +459,31 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
             prep.identity["num_shards"],
         )
         return 1
+    remove_stale_temp(run_store)  # also those still too young when the run started (a quick retry's)
     from pipeline.io.card import render_card
 
     manifest = build_manifest(prep, all_commits)
     run_store.finalize(manifest, stats, render_card(run_store.uri, manifest, stats))
     log_summary(stats, run_store.uri)
     return 0
+
+
+def remove_stale_temp(run_store: RunStore) -> None:
+    """Deletes the temporary files that writes killed between write and rename left in a local run directory
+    (never listed or read, but they keep their disk space); the caller holds the run lock. Only those untouched
+    for STALE_TEMP_S: holding the lock does not mean that nothing else writes there. Workers of a SIGKILLed
+    driver outlive it until Ray reaps them, our own heartbeat writes `_lock` through a temporary file, and a
+    holder we took over as stale may be slow rather than dead; a write keeps its file's modification time
+    recent and takes seconds (a part is serialized in memory, then written and fsynced). STALE_TEMP_S is the
+    silence after which the lock itself counts its holder as dead."""
+    count, size = run_store.store.remove_temp_files(older_than_s=STALE_TEMP_S)
+    if count:
+        logger.info(
+            "removed %d stale temporary file(s) (%d bytes) of interrupted writes under %s",
+            count,
+            size,
+            run_store.uri,
+        )
 
 
 def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: Progress):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,8 @@ import pytest
 import pipeline.io.store as store_module
 from pipeline.io.store import LocalStore, S3Options, S3Store, Store, StoreError
 from tests.support.seaweed import SeaweedError, free_ports, inet_sockets, start_seaweedfs
+
+ROOT = Path(__file__).resolve().parents[2]
 
 KEYS = {
     "b.txt": b"bee",
@@ -151,6 +154,58 @@ def test_local_failed_write_keeps_old_object_and_leaves_no_temp_file(
     monkeypatch.undo()
     assert store.read_bytes("d/part.parquet") == b"old"
     assert sorted(os.listdir(tmp_path / "d")) == ["part.parquet"]
+
+
+KILLED_BEFORE_RENAME = """
+import os, sys, time
+from pipeline.io.store import LocalStore
+
+
+def wait_to_be_killed(*args):  # the temporary file is written and fsynced; the rename never comes
+    print("written", flush=True)
+    time.sleep(600)
+
+
+os.replace = wait_to_be_killed
+LocalStore(sys.argv[1]).write_bytes(sys.argv[2], bytes.fromhex(sys.argv[3]))
+"""
+
+
+def killed_before_rename(store: LocalStore, key: str, data: bytes) -> Path:
+    """The temporary file that a write_bytes SIGKILLed between its write and its rename leaves behind."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BEFORE_RENAME, str(store.root), key, data.hex()],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline() == "written\n"
+    finally:
+        proc.kill()
+        proc.wait()
+    path = store.root / key
+    (tmp,) = path.parent.glob(f"{store_module.TMP_PREFIX}{path.name}.*")
+    return tmp
+
+
+def test_local_remove_temp_files_deletes_the_old_leftovers_of_killed_writes(tmp_path: Path) -> None:
+    """Never listed, so never cleaned by a rerun's deletes: remove_temp_files deletes those untouched for
+    longer than the given age, anywhere below the root, and nothing else."""
+    store = LocalStore(tmp_path / "root")
+    fill(store)
+    left = {
+        key: killed_before_rename(store, key, data)
+        for key, data in (("a/sub/x.bin", b"1" * 100), ("b.txt", b"2" * 20), ("a/1.txt", b"young"))
+    }
+    for key in ("a/sub/x.bin", "b.txt"):
+        os.utime(left[key], (time.time() - 3600, time.time() - 3600))
+    assert store.list() == sorted(KEYS) and all(path.exists() for path in left.values())
+    assert store.remove_temp_files(older_than_s=60) == (2, 120)
+    assert [path.exists() for path in left.values()] == [False, False, True], "a young one may be in flight"
+    assert store.list() == sorted(KEYS) and all(store.read_bytes(k) == d for k, d in KEYS.items())
+    assert store.remove_temp_files(older_than_s=0) == (1, 5)
+    assert not left["a/1.txt"].exists() and store.list() == sorted(KEYS)
 
 
 def test_local_keys_cannot_escape_the_root(tmp_path: Path) -> None:

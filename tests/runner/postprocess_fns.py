@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 
 def odd_results(row):
     """A list, a base column, a non-string key, or a real column, by input position."""
@@ -30,3 +33,12 @@ def late_columns(row):
 def drop_odd(row):
     """Keeps rows at even input positions (adding no column), filters out the others."""
     return {} if row["source_index"] % 2 == 0 else None
+
+
+def age_file(row, path):
+    """Keeps the row (adding no column) and makes the file `path`, if it is still there, an hour old: time
+    passing during a run, for tests/runner/test_run_lock.py."""
+    if os.path.exists(path):
+        old = time.time() - 3600
+        os.utime(path, (old, old))
+    return {}

@@ -1,19 +1,22 @@
 """One process at a time writes a run: while another live process holds the run's lock, a second run of the
 same run id is refused at start-up (exit code 2) and touches nothing, also with run.overwrite=true; a lock left
-by a dead process on this host is taken over at once."""
+by a dead process on this host is taken over at once. Holding the lock, a run removes the temporary files that
+killed writes left behind."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from pipeline.io.lease import Lease
-from pipeline.io.store import LocalStore
-from pipeline.runner.job import RUN_LOCK, prepare, run
+from pipeline.io.store import LocalStore, _write_temp
+from pipeline.runner.job import RUN_LOCK, STALE_TEMP_S, prepare, run
 from tests.runner.test_job import ROOT, make_job, read_parts, write_prompts
 
 pytestmark = pytest.mark.ray
@@ -97,3 +100,42 @@ def test_overwrite_is_refused_while_a_live_process_holds_the_run_and_replaces_it
     assert read_parts(run_dir).column("seed").to_pylist() == [7] * 8
     assert json.loads((run_dir / "_run.json").read_text()) != json.loads(run_file)
     assert not (run_dir / RUN_LOCK).exists()
+
+
+def test_a_run_removes_the_stale_temporary_files_that_killed_writes_left(tmp_path, ray_local, caplog):
+    """A write SIGKILLed between write and rename leaves its `.tmp-*` file in the run directory, never listed
+    and so never cleaned. A run holding the lock removes those untouched for STALE_TEMP_S before its workers
+    start, and again before it finalizes (by then, one too young at the start may be old enough); never a
+    younger one, which may be a write in flight."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    run_dir = tmp_path / "out" / "test-run"
+    store = LocalStore(run_dir)
+
+    def leftover(key: str, size: int, age_s: float):
+        path = store._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _write_temp(path, b"x" * size)  # what write_bytes leaves when killed before its rename
+        os.utime(tmp, (time.time() - age_s, time.time() - age_s))
+        return tmp
+
+    stale = [
+        leftover("data/part-00000.parquet", 1000, 3600),
+        leftover("errors/part-00001.parquet", 200, 3600),
+        leftover("_commits/shard-00000.json", 30, 600),
+        leftover("_run.json", 7, STALE_TEMP_S + 30),
+    ]
+    aged_during_run = leftover("data/part-00001.parquet", 500, 0)  # a quick retry: too young at the start
+    young = leftover("_config.yaml", 9, 0)
+    job = make_job(tmp_path, data)
+    job.postprocess = {"_target_": "tests.runner.postprocess_fns.age_file", "path": str(aged_during_run)}
+    prepare(job)  # the killed run had started (its _run.json); its postprocess ages that file in the workers
+    with caplog.at_level(logging.INFO, logger="canvasflow"):
+        assert run(job) == 0
+    assert not any(path.exists() for path in stale) and not aged_during_run.exists()
+    assert young.exists(), "a temporary file younger than STALE_TEMP_S may be a write in flight"
+    removed = [r.getMessage() for r in caplog.records if "stale temporary file" in r.getMessage()]
+    assert removed == [
+        f"removed 4 stale temporary file(s) (1237 bytes) of interrupted writes under {run_dir}",
+        f"removed 1 stale temporary file(s) (500 bytes) of interrupted writes under {run_dir}",
+    ]
+    assert read_parts(run_dir).num_rows == 8 and (run_dir / "_SUCCESS").exists()
