@@ -58,6 +58,11 @@ class RunConflictError(RuntimeError):
     """The run id is taken by a run with a different input or config."""
 
 
+class FencedError(RuntimeError):
+    """The run lock is no longer this writer's: its driver is gone and another process has taken the run over,
+    so this worker must not write (it would replace the new holder's parts and markers)."""
+
+
 @dataclass
 class ShardCommit:
     shard: int
@@ -100,9 +105,29 @@ class ShardCommit:
 class RunStore:
     """One run's directory/prefix, with the commit protocol."""
 
-    def __init__(self, store: Store, run_id: str) -> None:
+    def __init__(self, store: Store, run_id: str, fence: str | None = None) -> None:
         self.store = store
         self.run_id = run_id
+        # The token of the run lock the driver holds; workers check it before writing a shard (None: no check).
+        self.fence = fence
+
+    def check_fence(self, shard: int) -> None:
+        """FencedError unless the run lock still holds `fence`: an actor that outlived its driver (Ray reaps
+        them seconds after the driver dies) must not commit into a run that a new driver has taken over."""
+        if self.fence is None:
+            return
+        holder = None
+        if self.store.exists(RUN_LOCK):
+            try:
+                holder = json.loads(self.store.read_text(RUN_LOCK))
+            except ValueError:
+                holder = {}
+        if not holder or holder.get("token") != self.fence:
+            who = f"{holder.get('host')} pid {holder.get('pid')}" if holder else "no lock"
+            raise FencedError(
+                f"not committing shard {shard}: the run lock {self.store.describe(RUN_LOCK)} is no longer held "
+                f"by this worker's driver (now: {who}); its driver has ended and the run is another's"
+            )
 
     @property
     def uri(self) -> str:
@@ -195,6 +220,7 @@ class RunStore:
         errors_payload = (
             to_parquet_bytes(to_table(error_rows, ERROR_SCHEMA), compression) if error_rows else None
         )
+        self.check_fence(shard)
         if data_payload is not None:
             self.store.write_bytes(data_key(shard), data_payload)
         if errors_payload is not None:
@@ -225,6 +251,7 @@ class RunStore:
             dropped_canvases=int(stats.get("dropped_canvases", 0)),
             columns=schema_signature(output_table.schema) if data_payload is not None else None,
         )
+        self.check_fence(shard)  # again: the parts took a while, and the marker is the commit point
         self.store.write_text(commit_key(shard), commit.to_json())
         return commit
 

@@ -382,6 +382,7 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
     except StoreError as e:
         logger.error("could not take the run lock %s: %s", run_store.store.describe(RUN_LOCK), e)
         return 2
+    run_store.fence = lease.token  # workers commit only while this lock is ours
     try:
         try:
             open_run(prep, resolved_yaml)

@@ -1,4 +1,5 @@
-"""Output files get the mode a plain open() gives them, and write_if_absent lets exactly one writer win."""
+"""Output files get the mode a plain open() gives them, write_if_absent lets exactly one writer win, and a worker
+whose driver no longer holds the run lock writes nothing."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.io.commit import RUN_LOCK, FencedError, RunStore
+from pipeline.io.lease import Lease
+from pipeline.io.parts import to_table
 from pipeline.io.store import LocalStore, Store
 
 
@@ -66,3 +70,33 @@ def test_write_if_absent_has_one_winner_among_concurrent_writers(tmp_path):
     winners = [i for i, created in results.items() if created]
     assert len(winners) == 1
     assert store.read_text("k.json") == f"writer {winners[0]}"
+
+
+def test_a_worker_whose_driver_lost_the_run_lock_commits_nothing(store):
+    """An actor outliving its killed driver holds the old lock token: once a new driver holds the lock (or
+    none does), its commit fails before writing any part or marker; the holder's own workers commit."""
+    import pyarrow as pa
+
+    def commit(run_store: RunStore, shard: int):
+        table = to_table(
+            [{"id": f"r{shard}", "source_index": shard}],
+            pa.schema([("id", pa.string()), ("source_index", pa.int64())]),
+        )
+        return run_store.commit_shard(shard, table, [], compression="zstd", stats={}, worker="w0", attempt=1)
+
+    old = Lease(store, RUN_LOCK, "old-driver", "r", 120.0)
+    old.acquire()
+    assert commit(RunStore(store, "r", fence="old-driver"), 0).rows == 1
+    old.release()
+    with pytest.raises(FencedError, match="not committing shard 1: .* no longer held .*now: no lock"):
+        commit(RunStore(store, "r", fence="old-driver"), 1)
+    new = Lease(store, RUN_LOCK, "new-driver", "r", 120.0)
+    new.acquire()
+    try:
+        with pytest.raises(FencedError, match=r"now: \S+ pid \d+\)"):
+            commit(RunStore(store, "r", fence="old-driver"), 1)
+        assert sorted(store.list()) == ["_commits/shard-00000.json", RUN_LOCK, "data/part-00000.parquet"]
+        assert commit(RunStore(store, "r", fence="new-driver"), 1).rows == 1
+        assert commit(RunStore(store, "r"), 2).rows == 1  # no fence: no check (tests, tools)
+    finally:
+        new.release()
