@@ -331,12 +331,13 @@ def run_lease(prep: Prepared) -> Lease:
 
 def open_run(prep: Prepared, resolved_yaml: str | None) -> None:
     """Checks the identity again, now that no other process can change the run (the caller holds the run
-    lock), replaces the old run with run.overwrite, and writes _run.json (a new run) and _config.yaml."""
+    lock), replaces the old run with run.overwrite, and writes _run.json (a new run) and _config.yaml (unless
+    the run is complete: its _config.yaml describes the invocation that made it)."""
     run_store = prep.run_store
     prep.status = run_store.check_identity(prep.identity, overwrite=prep.job.run.overwrite)
     if prep.status == "new":
         run_store.write_run_file(prep.identity)
-    if resolved_yaml is not None:
+    if resolved_yaml is not None and prep.status != "complete":  # a complete run keeps the config that made it
         run_store.store.write_text("_config.yaml", _with_run_id(resolved_yaml, prep.run_id))
 
 

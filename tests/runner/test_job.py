@@ -105,8 +105,11 @@ def test_rerun_of_a_complete_run_does_nothing_and_a_changed_config_is_refused(tm
     assert run(make_job(tmp_path, data)) == 0
     run_dir = tmp_path / "out" / "test-run"
     before = (run_dir / "_SUCCESS").read_text()
-    assert run(make_job(tmp_path, data)) == 0
+    config = (run_dir / "_config.yaml").read_text()
+    assert "num_workers: 2" in config
+    assert run(make_job(tmp_path, data, cluster__num_workers=1)) == 0
     assert (run_dir / "_SUCCESS").read_text() == before, "a complete run is not redone"
+    assert (run_dir / "_config.yaml").read_text() == config, "it keeps the config that made it"
     changed = make_job(tmp_path, data, sampler__seed=7)
     assert run(changed) == 2, "a different config under the same run id is refused"
     assert (run_dir / "_SUCCESS").read_text() == before
