@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 UTF8_BOM = b"\xef\xbb\xbf"
 GZIP_MAGIC = b"\x1f\x8b"
+READ_PROGRESS_S = 10.0  # seconds between progress lines while a large input is read
 JSONL_HINT = (
     'Each line must hold one JSON object, e.g. {"prompt": "..."}; convert a JSON array with '
     "`jq -c '.[]' in.json > in.jsonl`, or set data.format if it is another format."
@@ -141,10 +143,16 @@ def read_input(
         rows = _arrow_rows(_load_hf(path, data), data, path)
     else:
         raise InputError(f"data.format={fmt!r} is not one of jsonl, parquet, hf_disk, hf")
+    started = last_log = time.monotonic()
     for index, (row, error, raw) in enumerate(rows):
         if data.limit is not None and index >= data.limit:
             break
         builder.add(index, row, error, raw)
+        if index % 65536 == 65535 and time.monotonic() - last_log > READ_PROGRESS_S:
+            last_log = time.monotonic()
+            logger.info(
+                "reading input: %d rows so far (%.0f rows/s)", index + 1, (index + 1) / (last_log - started)
+            )
     table = builder.finish()
     if table.num_rows == 0:
         raise InputError(f"data.path={data.path!r} holds no rows")
