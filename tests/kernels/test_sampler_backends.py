@@ -10,9 +10,22 @@ from pipeline.sampler.engine import DiffusionSampler, Request
 from pipeline.sampler.settings import SamplerSettings
 from tests.support.models import build_checkpoint
 
+# Two layers, one of each kind: a sliding one whose window (8) is shorter than the prefix, and a global one.
+# That is every kernel of the forward and the chain of fused norms (a layer's tail computes the next one's
+# input norm, the last one's the final norm). A canvas of 10, not a power of two, so that the step kernel's
+# padded tail is used; prompts of 5 to 14 tokens. Its rows stop early, meet EOS in their first, third or
+# fourth canvas, or are cut at max_new_tokens in the fourth. The four-layer model with a canvas of 16 and the
+# default window of 64 that this test used ran every canvas to max_denoising_steps, ended every row by length
+# and never reached the window, at three times the interpreted work (85 s).
+TWO_LAYERS = {
+    "num_hidden_layers": 2,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "sliding_window": 8,
+}
+
 
 def test_triton_backend_matches_torch_end_to_end(tmp_path):
-    path = build_checkpoint(tmp_path / "m", canvas_length=16, sharpness=12.0)
+    path = build_checkpoint(tmp_path / "m", canvas_length=10, sharpness=12.0, text_overrides=TWO_LAYERS)
     model = DiffusionGemmaTextModel(DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval())
     settings = SamplerSettings(
         max_new_tokens=32,
@@ -22,11 +35,12 @@ def test_triton_backend_matches_torch_end_to_end(tmp_path):
         entropy_bound=0.3,
         stability_threshold=1,
         confidence_threshold=0.3,
-        canvas_length=16,
+        canvas_length=10,
         eos_token_ids=(1,),
         pad_token_id=0,
     )
     gen = torch.Generator().manual_seed(0)
+    # Four prompts of odd lengths in three slots: a row finishing frees its slot for the queued one.
     requests = [
         Request(f"r{i}", torch.randint(7, 128, (5 + 3 * i,), generator=gen).tolist()) for i in range(4)
     ]
@@ -35,6 +49,12 @@ def test_triton_backend_matches_torch_end_to_end(tmp_path):
         sampler = DiffusionSampler(model, settings, max_batch=3, max_prompt_tokens=16, backend=backend)
         assert sampler.backend == backend
         outputs[backend] = [
-            (r.token_ids, r.denoising_steps, r.finish_reason) for r in sampler.generate(requests)
+            (r.token_ids, r.denoising_steps, r.finish_reason, r.canvases) for r in sampler.generate(requests)
         ]
     assert outputs["triton"] == outputs["torch"]
+    # What the comparison covers: canvases stopped early (adaptive stopping), second canvases (the first one
+    # encoded after the prompt), rows ended by EOS and by max_new_tokens.
+    runs = outputs["torch"]
+    assert any(steps < canvases * settings.max_denoising_steps for _, steps, _, canvases in runs), runs
+    assert max(canvases for *_, canvases in runs) > 1, runs
+    assert {reason for _, _, reason, _ in runs} == {"eos", "length"}, runs
