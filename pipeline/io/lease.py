@@ -52,12 +52,22 @@ class Lease:
         )
 
     def _holder(self) -> dict | None:
+        """The lock's content; None when there is no lock; {} for one that is not a lock's JSON (taken as stale).
+        StoreError when it cannot be read: a read failure must not pass for a free lock (that would take over a
+        live holder's)."""
         if not self.store.exists(self.key):
             return None
         try:
-            return json.loads(self.store.read_text(self.key))
-        except (StoreError, ValueError):
-            return None
+            text = self.store.read_text(self.key)
+        except StoreError:
+            if not self.store.exists(self.key):  # released between the two calls
+                return None
+            raise
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = None
+        return holder if isinstance(holder, dict) else {}
 
     def _is_stale(self, holder: dict) -> bool:
         if time.time() - float(holder.get("heartbeat_at", 0)) > self.stale_s:
@@ -89,7 +99,9 @@ class Lease:
                 f"(pid {holder.get('pid')}, heartbeat {age:.0f}s ago). Overlapping {self.what} are refused; "
                 f"it is taken over once its heartbeat is older than {self.stale_s:g}s{hint}."
             )
-        if holder is not None:
+        if holder == {}:
+            logger.warning("replacing %s: it is not a lock this tool wrote", self.store.describe(self.key))
+        elif holder is not None:
             logger.warning(
                 "taking over the stale lock of %s (host %s, pid %s)",
                 holder.get("run_id"),
@@ -116,6 +128,14 @@ class Lease:
         if self._stop is not None:
             self._stop.set()
             self._thread.join(timeout=10)
-        holder = self._holder()
-        if holder is not None and holder.get("token") == self.token:
-            self.store.delete([self.key])
+        try:
+            holder = self._holder()
+            if holder is not None and holder.get("token") == self.token:
+                self.store.delete([self.key])
+        except StoreError as e:  # the lock stays; without heartbeats it is taken over once stale
+            logger.warning(
+                "could not release %s (%s); the next run takes it over after %gs",
+                self.store.describe(self.key),
+                e,
+                self.stale_s,
+            )

@@ -3,6 +3,8 @@ whose driver no longer holds the run lock writes nothing."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 from pipeline.io.commit import RUN_LOCK, FencedError, RunStore
 from pipeline.io.lease import Lease
 from pipeline.io.parts import to_table
-from pipeline.io.store import LocalStore, Store
+from pipeline.io.store import LocalStore, Store, StoreError
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -100,3 +102,33 @@ def test_a_worker_whose_driver_lost_the_run_lock_commits_nothing(store):
         assert commit(RunStore(store, "r"), 2).rows == 1  # no fence: no check (tests, tools)
     finally:
         new.release()
+
+
+def test_a_lock_that_is_not_a_locks_json_is_replaced_with_a_warning(store, caplog):
+    store.write_text(RUN_LOCK, "not json {")
+    lease = Lease(store, RUN_LOCK, "mine", "r", 120.0)
+    with caplog.at_level(logging.WARNING, logger="canvasflow"):
+        lease.acquire()
+    try:
+        assert "is not a lock this tool wrote" in caplog.text
+        assert json.loads(store.read_text(RUN_LOCK))["token"] == "mine"
+    finally:
+        lease.release()
+    assert not store.exists(RUN_LOCK)
+
+
+@pytest.mark.s3
+def test_a_lock_that_cannot_be_read_is_not_taken_over(s3_bucket, s3_fault_proxy):
+    """A read failure (after the store's retries) is an error, not a free lock: the live holder keeps it."""
+    holder = Lease(s3_bucket.store("run"), RUN_LOCK, "live-holder", "r", 120.0)
+    holder.acquire()
+    try:
+        other = Lease(
+            s3_bucket.store("run", endpoint_url=s3_fault_proxy.endpoint), RUN_LOCK, "other", "r", 120.0
+        )
+        s3_fault_proxy.fail_next(100, 500, "InternalError", method="GET")
+        with pytest.raises(StoreError):
+            other.acquire()
+        assert json.loads(s3_bucket.store("run").read_text(RUN_LOCK))["token"] == "live-holder"
+    finally:
+        holder.release()
