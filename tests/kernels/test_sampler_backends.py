@@ -13,10 +13,12 @@ from tests.support.models import build_checkpoint
 # Two layers, one of each kind: a sliding one whose window (8) is shorter than the prefix, and a global one.
 # That is every kernel of the forward and the chain of fused norms (a layer's tail computes the next one's
 # input norm, the last one's the final norm). A canvas of 10, not a power of two, so that the step kernel's
-# padded tail is used; prompts of 5 to 14 tokens. Its rows stop early, meet EOS in their first, third or
-# fourth canvas, or are cut at max_new_tokens in the fourth. The four-layer model with a canvas of 16 and the
-# default window of 64 that this test used ran every canvas to max_denoising_steps, ended every row by length
-# and never reached the window, at three times the interpreted work (85 s).
+# padded tail is used; prompts of 5 to 14 tokens. With sharpness 16 its rows stop early (7 to 9 steps for
+# up to four canvases); one meets EOS in its third canvas, three are cut at max_new_tokens in the fourth
+# (with build_checkpoint's random norm scales, sharpness 12 ended every row by length). The four-layer model
+# with a canvas of 16 and the default window of 64 that this test used ran every canvas to
+# max_denoising_steps, ended every row by length and never reached the window, at three times the
+# interpreted work (85 s).
 TWO_LAYERS = {
     "num_hidden_layers": 2,
     "layer_types": ["sliding_attention", "full_attention"],
@@ -25,7 +27,7 @@ TWO_LAYERS = {
 
 
 def test_triton_backend_matches_torch_end_to_end(tmp_path):
-    path = build_checkpoint(tmp_path / "m", canvas_length=10, sharpness=12.0, text_overrides=TWO_LAYERS)
+    path = build_checkpoint(tmp_path / "m", canvas_length=10, sharpness=16.0, text_overrides=TWO_LAYERS)
     model = DiffusionGemmaTextModel(DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval())
     settings = SamplerSettings(
         max_new_tokens=32,

@@ -3,11 +3,60 @@ replays prescribed logits (to compare sampler decisions with transformers' on id
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from pipeline.models.tiny import build_tiny_model
+
+# Every scale of DiffusionGemma's text model that transformers initialises to 1: the RMS norms' weights, the
+# router's input scale and per-expert scale, the layer scalar (a buffer). Left at 1, a forward that reads the
+# wrong one (the pre-feedforward norm's weight for the experts' norm, say) or none computes the same numbers.
+LAYER_SCALES = (
+    "input_layernorm.weight",
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
+    "post_attention_layernorm.weight",
+    "pre_feedforward_layernorm.weight",
+    "pre_feedforward_layernorm_2.weight",
+    "router.scale",
+    "router.per_expert_scale",
+    "post_feedforward_layernorm_1.weight",
+    "post_feedforward_layernorm_2.weight",
+    "post_feedforward_layernorm.weight",
+    "layer_scalar",
+)
+MODEL_SCALES = ("norm.weight", "self_conditioning.pre_norm.weight")
+DECODER = "model.decoder."
+ENCODER = "model.encoder.language_model."  # shares the decoder's weights; its layer scalars are own buffers
+
+
+def randomize_scales(state: dict[str, torch.Tensor], *, seed: int, spread: float = 0.2) -> int:
+    """Multiplies each element of every text-model scale in `state` (a DiffusionGemmaForBlockDiffusion state
+    dict, the model's own tensors or a checkpoint's) by its own factor, uniform in [1 - spread, 1 + spread]
+    (drawn from `seed`), in place; the encoder's copies (tied, or the untied layer scalars) get the decoder's
+    values, as in a released checkpoint. Returns how many decoder tensors it changed. Any of the scales
+    missing is an error, so that a renaming in transformers cannot leave them at 1 unnoticed."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = sorted({int(m[1]) for k in state if (m := re.match(rf"{re.escape(DECODER)}layers\.(\d+)\.", k))})
+    names = [DECODER + n for n in MODEL_SCALES]
+    names += [f"{DECODER}layers.{i}.{n}" for i in layers for n in LAYER_SCALES]
+    missing = [n for n in names if n not in state]
+    if not layers or missing:
+        raise KeyError(f"scales missing from the state dict: {missing or 'no decoder layers'}")
+    for name in names:
+        t = state[name]
+        factor = torch.empty(t.shape, dtype=torch.float32).uniform_(1 - spread, 1 + spread, generator=gen)
+        with torch.no_grad():
+            t.copy_(t.float() * factor.to(t.device))
+    scales = set(names)
+    for key, t in state.items():
+        twin = DECODER + key[len(ENCODER) :]
+        if key.startswith(ENCODER) and twin in scales and t.data_ptr() != state[twin].data_ptr():
+            with torch.no_grad():
+                t.copy_(state[twin])
+    return len(names)
 
 
 def build_checkpoint(
@@ -18,10 +67,13 @@ def build_checkpoint(
     seed: int = 0,
     text_overrides: dict | None = None,
     generation_config: dict | None = None,
+    random_scales: bool = True,
 ) -> Path:
-    """A random tiny DiffusionGemma checkpoint. `sharpness` scales the final norm: > 1 makes predictions
-    confident, so rows stop early and emit EOS, as a trained model does."""
-    from transformers import DiffusionGemmaForBlockDiffusion
+    """A random tiny DiffusionGemma checkpoint. Its norm weights, router scales and layer scalars are random
+    too (`random_scales`, randomize_scales), unlike those of a freshly initialised model (all 1). `sharpness`
+    scales the final norm: > 1 makes predictions confident, so rows stop early and emit EOS, as a trained
+    model does."""
+    from safetensors.torch import load_file, save_file
 
     path = build_tiny_model(
         out_dir,
@@ -30,11 +82,14 @@ def build_checkpoint(
         text_overrides=text_overrides,
         generation_config=generation_config,
     )
-    if sharpness != 1.0:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(path)
-        with torch.no_grad():
-            model.model.decoder.norm.weight.mul_(sharpness)
-        model.save_pretrained(path)
+    if random_scales or sharpness != 1.0:
+        weights = path / "model.safetensors"
+        state = load_file(weights)
+        if random_scales:
+            randomize_scales(state, seed=seed)
+        state[DECODER + "norm.weight"].mul_(sharpness)  # the encoder's final norm is tied to it
+        save_file(state, weights.with_suffix(".tmp"), metadata={"format": "pt"})
+        weights.with_suffix(".tmp").replace(weights)
     return path
 
 
