@@ -105,6 +105,14 @@ class DiffusionGemmaTextModel(nn.Module):
         self.canvas_length = int(hf_model.config.canvas_length)
         self.embed_tokens = decoder.embed_tokens
         self.layers = decoder.layers
+        # transformers ties every encoder weight to the decoder's but not the buffers: the encoder's per-layer
+        # scalars are its own values in a checkpoint, so the causal encode path multiplies by those.
+        encoder_layers = hf_model.model.encoder.language_model.layers
+        self.register_buffer(
+            "encoder_layer_scalars",
+            torch.stack([e.layer_scalar.detach().clone() for e in encoder_layers]),
+            persistent=False,
+        )
         self.norm = decoder.norm
         self.rotary_emb = decoder.rotary_emb
         self.self_conditioning = decoder.self_conditioning
@@ -271,6 +279,7 @@ class DiffusionGemmaTextModel(nn.Module):
         hidden = hidden.reshape(-1, shape[-1])  # [B*T, D]
         first = self.layers[0].input_layernorm
         x = norms.rms_norm(hidden, _scale(first), eps, backend=backend)
+        encoding = isinstance(masks["full"], Causal)
         for i, layer in enumerate(self.layers):
             spec = self.specs[i]
             cos, sin = rope[self.layer_types[i]]
@@ -293,7 +302,8 @@ class DiffusionGemmaTextModel(nn.Module):
             hidden, x = norms.ffn_tail(
                 dense, experts, hidden, _scale(layer.post_feedforward_layernorm_1),
                 _scale(layer.post_feedforward_layernorm_2), _scale(layer.post_feedforward_layernorm),
-                layer.layer_scalar, eps, _scale(next_norm), backend=backend,
+                self.encoder_layer_scalars[i] if encoding else layer.layer_scalar, eps, _scale(next_norm),
+                backend=backend,
             )  # fmt: skip
             if x is None:  # the next norm has no scale: the tail did not fuse it
                 x = norms.rms_norm(hidden, None, eps, backend=backend)

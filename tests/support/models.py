@@ -35,9 +35,10 @@ ENCODER = "model.encoder.language_model."  # shares the decoder's weights; its l
 def randomize_scales(state: dict[str, torch.Tensor], *, seed: int, spread: float = 0.2) -> int:
     """Multiplies each element of every text-model scale in `state` (a DiffusionGemmaForBlockDiffusion state
     dict, the model's own tensors or a checkpoint's) by its own factor, uniform in [1 - spread, 1 + spread]
-    (drawn from `seed`), in place; the encoder's copies (tied, or the untied layer scalars) get the decoder's
-    values, as in a released checkpoint. Returns how many decoder tensors it changed. Any of the scales
-    missing is an error, so that a renaming in transformers cannot leave them at 1 unnoticed."""
+    (drawn from `seed`), in place. The encoder's tied copies get the decoder's values; its layer scalars, which
+    transformers does not tie (buffers), get values of their own, so that a model using the decoder's for the
+    encoder is caught. Returns how many decoder tensors it changed. Any of the scales missing is an error, so
+    that a renaming in transformers cannot leave them at 1 unnoticed."""
     gen = torch.Generator().manual_seed(seed)
     layers = sorted({int(m[1]) for k in state if (m := re.match(rf"{re.escape(DECODER)}layers\.(\d+)\.", k))})
     names = [DECODER + n for n in MODEL_SCALES]
@@ -51,11 +52,15 @@ def randomize_scales(state: dict[str, torch.Tensor], *, seed: int, spread: float
         with torch.no_grad():
             t.copy_(t.float() * factor.to(t.device))
     scales = set(names)
-    for key, t in state.items():
+    for key, t in sorted(state.items()):
         twin = DECODER + key[len(ENCODER) :]
         if key.startswith(ENCODER) and twin in scales and t.data_ptr() != state[twin].data_ptr():
             with torch.no_grad():
-                t.copy_(state[twin])
+                if key.endswith(".layer_scalar"):
+                    factor = torch.empty(t.shape).uniform_(1 - spread, 1 + spread, generator=gen)
+                    t.copy_(t.float() * factor.to(t.device))
+                else:
+                    t.copy_(state[twin])
     return len(names)
 
 
