@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.io.columns import conform_table, read_run_columns, schema_signature, target_schema
+from pipeline.io.lease import read_holder
 from pipeline.io.parts import ERROR_SCHEMA, from_parquet_bytes, to_parquet_bytes, to_table
 from pipeline.io.store import Store
 
@@ -116,12 +117,7 @@ class RunStore:
         them seconds after the driver dies) must not commit into a run that a new driver has taken over."""
         if self.fence is None:
             return
-        holder = None
-        if self.store.exists(RUN_LOCK):
-            try:
-                holder = json.loads(self.store.read_text(RUN_LOCK))
-            except ValueError:
-                holder = {}
+        holder = read_holder(self.store, RUN_LOCK)
         if not holder or holder.get("token") != self.fence:
             who = f"{holder.get('host')} pid {holder.get('pid')}" if holder else "no lock"
             raise FencedError(

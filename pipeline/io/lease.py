@@ -26,6 +26,25 @@ class Refused(RuntimeError):
     """This run must not start now; the message says why and what to do."""
 
 
+def read_holder(store: Store, key: str) -> dict | None:
+    """The lock at `key`: None when there is none; {} for one that is not a lock's JSON (taken as stale).
+    StoreError when it cannot be read: a read failure must not pass for a free lock (that would take over a
+    live holder's)."""
+    if not store.exists(key):
+        return None
+    try:
+        text = store.read_text(key)
+    except StoreError:
+        if not store.exists(key):  # released between the two calls
+            return None
+        raise
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        holder = None
+    return holder if isinstance(holder, dict) else {}
+
+
 @dataclass
 class Lease:
     """`what` names the runs the lock serialises and `stale_hint` how the stale time is set, for messages."""
@@ -52,22 +71,7 @@ class Lease:
         )
 
     def _holder(self) -> dict | None:
-        """The lock's content; None when there is no lock; {} for one that is not a lock's JSON (taken as stale).
-        StoreError when it cannot be read: a read failure must not pass for a free lock (that would take over a
-        live holder's)."""
-        if not self.store.exists(self.key):
-            return None
-        try:
-            text = self.store.read_text(self.key)
-        except StoreError:
-            if not self.store.exists(self.key):  # released between the two calls
-                return None
-            raise
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            holder = None
-        return holder if isinstance(holder, dict) else {}
+        return read_holder(self.store, self.key)
 
     def _is_stale(self, holder: dict) -> bool:
         if time.time() - float(holder.get("heartbeat_at", 0)) > self.stale_s:

@@ -337,7 +337,6 @@ def open_run(prep: Prepared, resolved_yaml: str | None) -> None:
     prep.status = run_store.check_identity(prep.identity, overwrite=prep.job.run.overwrite)
     if prep.status == "new":
         run_store.write_run_file(prep.identity)
-    # A complete run keeps the _config.yaml of the invocation that made it.
     if resolved_yaml is not None and prep.status != "complete":
         run_store.store.write_text("_config.yaml", _with_run_id(resolved_yaml, prep.run_id))
 
