@@ -43,6 +43,7 @@ logger = logging.getLogger("canvasflow")
 RUN_LOCK_STALE_S = 120.0  # a holder silent this long (heartbeat every 30 s) is taken over
 # A local temporary file untouched this long is left by a write that will never finish (remove_stale_temp).
 STALE_TEMP_S = RUN_LOCK_STALE_S
+SHARD_FOLDERS = ("data/", "errors/", "_commits/")  # where workers write a shard's objects
 
 STARTUP_ERRORS = (
     ConfigError,
@@ -461,7 +462,7 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
             prep.identity["num_shards"],
         )
         return 1
-    remove_stale_temp(run_store)  # also those still too young when the run started (a quick retry's)
+    remove_stale_temp(run_store, complete=True)  # also those too young at the start (a quick retry's)
     from pipeline.io.card import render_card
 
     manifest = build_manifest(prep, all_commits)
@@ -470,15 +471,23 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
     return 0
 
 
-def remove_stale_temp(run_store: RunStore) -> None:
+def remove_stale_temp(run_store: RunStore, *, complete: bool = False) -> None:
     """Deletes the temporary files that writes killed between write and rename left in a local run directory
     (never listed or read, but they keep their disk space); the caller holds the run lock. Only those untouched
     for STALE_TEMP_S: holding the lock does not mean that nothing else writes there. Workers of a SIGKILLed
     driver outlive it until Ray reaps them, our own heartbeat writes `_lock` through a temporary file, and a
     holder we took over as stale may be slow rather than dead; a write keeps its file's modification time
     recent and takes seconds (a part is serialized in memory, then written and fsynced). STALE_TEMP_S is the
-    silence after which the lock itself counts its holder as dead."""
+    silence after which the lock itself counts its holder as dead.
+
+    `complete`: every shard is committed and this run's workers are done, so a temporary file of any age under
+    the shard folders (data/, errors/, _commits/) belongs to a write that must never land (a worker killed
+    mid-write, or one still finishing a shard that its retry committed): those go too, and a complete run's
+    folders hold its committed objects only."""
     count, size = run_store.store.remove_temp_files(older_than_s=STALE_TEMP_S)
+    for folder in SHARD_FOLDERS if complete else ():
+        removed, nbytes = run_store.store.child(folder).remove_temp_files(older_than_s=0)
+        count, size = count + removed, size + nbytes
     if count:
         logger.info(
             "removed %d stale temporary file(s) (%d bytes) of interrupted writes under %s",

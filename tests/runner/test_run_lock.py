@@ -106,7 +106,8 @@ def test_a_run_removes_the_stale_temporary_files_that_killed_writes_left(tmp_pat
     """A write SIGKILLed between write and rename leaves its `.tmp-*` file in the run directory, never listed
     and so never cleaned. A run holding the lock removes those untouched for STALE_TEMP_S before its workers
     start, and again before it finalizes (by then, one too young at the start may be old enough); never a
-    younger one, which may be a write in flight."""
+    younger one, which may be a write in flight, except under the shard folders of a complete run (no write
+    there may land any more)."""
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
     run_dir = tmp_path / "out" / "test-run"
     store = LocalStore(run_dir)
@@ -126,6 +127,7 @@ def test_a_run_removes_the_stale_temporary_files_that_killed_writes_left(tmp_pat
     ]
     aged_during_run = leftover("data/part-00001.parquet", 500, 0)  # a quick retry: too young at the start
     young = leftover("_config.yaml", 9, 0)
+    young_in_shards = leftover("errors/part-00003.parquet", 11, 0)  # e.g. a worker killed mid-write just now
     job = make_job(tmp_path, data)
     job.postprocess = {"_target_": "tests.runner.postprocess_fns.age_file", "path": str(aged_during_run)}
     prepare(job)  # the killed run had started (its _run.json); its postprocess ages that file in the workers
@@ -133,9 +135,10 @@ def test_a_run_removes_the_stale_temporary_files_that_killed_writes_left(tmp_pat
         assert run(job) == 0
     assert not any(path.exists() for path in stale) and not aged_during_run.exists()
     assert young.exists(), "a temporary file younger than STALE_TEMP_S may be a write in flight"
+    assert not young_in_shards.exists(), "once every shard is committed, none under the shard folders lands"
     removed = [r.getMessage() for r in caplog.records if "stale temporary file" in r.getMessage()]
     assert removed == [
         f"removed 4 stale temporary file(s) (1237 bytes) of interrupted writes under {run_dir}",
-        f"removed 1 stale temporary file(s) (500 bytes) of interrupted writes under {run_dir}",
+        f"removed 2 stale temporary file(s) (511 bytes) of interrupted writes under {run_dir}",
     ]
     assert read_parts(run_dir).num_rows == 8 and (run_dir / "_SUCCESS").exists()
