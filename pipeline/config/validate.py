@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig, NightlyJobConfig
-from pipeline.sampler.mask.settings import MaskSettingsError, check_mask_knobs
+from pipeline.sampler.mask.settings import check_mask_knobs
 from pipeline.sampler.settings import SettingsError, check_knobs
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -70,7 +70,7 @@ def validate_job(job: JobConfig) -> JobConfig:
     try:
         check_knobs(vars(job.sampler), prefix="sampler.")
         check_mask_knobs(vars(job.sampler.mask), prefix="sampler.mask.")
-    except (SettingsError, MaskSettingsError) as e:
+    except SettingsError as e:  # MaskSettingsError included
         raise ConfigError(str(e)) from None
 
     for key in ("model.path", "data.path", "data.prompt_column", "output.uri"):

@@ -100,8 +100,9 @@ class Lease:
             hint = f" ({self.stale_hint})" if self.stale_hint else ""
             raise Refused(
                 f"another run holds {self.store.describe(self.key)}: {holder.get('run_id')} on {holder.get('host')} "
-                f"(pid {holder.get('pid')}, heartbeat {age:.0f}s ago). Overlapping {self.what} are refused; "
-                f"it is taken over once its heartbeat is older than {self.stale_s:g}s{hint}."
+                f"(pid {holder.get('pid')}, heartbeat {age:.0f}s ago). Overlapping {self.what} are refused: wait "
+                "for it to end (the lock is released on exit) or stop it; a holder that died is taken over "
+                f"once its heartbeat is older than {self.stale_s:g}s{hint}."
             )
         if holder == {}:
             logger.warning("replacing %s: it is not a lock this tool wrote", self.store.describe(self.key))

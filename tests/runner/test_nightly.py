@@ -38,7 +38,9 @@ def test_a_live_lock_refuses_an_overlapping_run_and_a_stale_one_is_taken_over(tm
     store = LocalStore(tmp_path)
     first = _lock(store)
     first.acquire()
-    with pytest.raises(Refused, match="another run holds .* Overlapping nightly runs are refused"):
+    with pytest.raises(
+        Refused, match="another run holds .* Overlapping nightly runs are refused: wait for it to end"
+    ):
         _lock(store).acquire()
     first.release()
     assert not store.exists("_locks/n.lock")

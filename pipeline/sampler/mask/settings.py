@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
 KNOBS = tuple(DEFAULTS)
 
 
-class MaskSettingsError(ValueError):
+class MaskSettingsError(SettingsError):
     """A mask-sampler setting is invalid; the message names the key."""
 
 
