@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.config.schema import BUILTIN_PROMPTS, DataConfig
-from pipeline.data.records import RecordBuilder, RecordTable
+from pipeline.data.records import RecordBuilder, RecordTable, SpillError
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
 
 logger = logging.getLogger(__name__)
@@ -132,7 +134,36 @@ def read_input(
     path = resolve_path(data.path)
     files = list_files(path, endpoint_url=endpoint_url, region=region)
     fmt = detect_format(path, data.format, files)
-    builder = RecordBuilder(data)
+    builder, table = _build(data, path, files, fmt, endpoint_url, region, repeated=None)
+    if table.num_rows == 0:
+        raise InputError(f"data.path={data.path!r} holds no rows")
+    if builder.rows_with_prompt == 0 and not builder.all_unparseable:
+        column = data.messages_column or data.prompt_column
+        raise InputError(
+            f"no row of {data.path!r} has the prompt column {column!r}; columns seen: "
+            f"{_printable(', '.join(sorted(builder.columns_seen))) or 'none'}. "
+            "Set data.prompt_column (or data.messages_column)."
+        )
+    repeated = builder.repeated_ids(table)
+    if repeated:  # rare: marking the later rows of an id needs the rows themselves, so read them again
+        logger.info(
+            "%d id(s) may occur more than once in the input: reading it again to mark them", len(repeated)
+        )
+        del table
+        builder, table = _build(data, path, files, fmt, endpoint_url, region, repeated=repeated)
+    return RecordTable(table=table, fingerprint=builder.fingerprint(), files=files, format=fmt)
+
+
+def _build(
+    data: DataConfig,
+    path: str,
+    files: list[str],
+    fmt: str,
+    endpoint_url: str | None,
+    region: str | None,
+    repeated: frozenset[str] | None,
+) -> tuple[RecordBuilder, pa.Table]:
+    """Every row of the input through a RecordBuilder: the builder (counts, fingerprint) and the records."""
     if fmt == "jsonl":
         rows = _jsonl_rows(files, endpoint_url, region)
     elif fmt == "parquet":
@@ -143,27 +174,27 @@ def read_input(
         rows = _arrow_rows(_load_hf(path, data), data, path)
     else:
         raise InputError(f"data.format={fmt!r} is not one of jsonl, parquet, hf_disk, hf")
+    builder = RecordBuilder(data, repeated=repeated)
     started = last_log = time.monotonic()
-    for index, (row, error, raw) in enumerate(rows):
-        if data.limit is not None and index >= data.limit:
-            break
-        builder.add(index, row, error, raw)
-        if index % 65536 == 65535 and time.monotonic() - last_log > READ_PROGRESS_S:
-            last_log = time.monotonic()
-            logger.info(
-                "reading input: %d rows so far (%.0f rows/s)", index + 1, (index + 1) / (last_log - started)
-            )
-    table = builder.finish()
-    if table.num_rows == 0:
-        raise InputError(f"data.path={data.path!r} holds no rows")
-    if builder.rows_with_prompt == 0 and not builder.all_unparseable:
-        column = data.messages_column or data.prompt_column
-        raise InputError(
-            f"no row of {data.path!r} has the prompt column {column!r}; columns seen: "
-            f"{_printable(', '.join(sorted(builder.columns_seen))) or 'none'}. "
-            "Set data.prompt_column (or data.messages_column)."
-        )
-    return RecordTable(table=table, fingerprint=builder.fingerprint(), files=files, format=fmt)
+    try:
+        for index, (row, error, raw) in enumerate(rows):
+            if data.limit is not None and index >= data.limit:
+                break
+            builder.add(index, row, error, raw)
+            if index % 65536 == 65535 and time.monotonic() - last_log > READ_PROGRESS_S:
+                last_log = time.monotonic()
+                logger.info(
+                    "reading input: %d rows so far (%.0f rows/s)",
+                    index + 1,
+                    (index + 1) / (last_log - started),
+                )
+        table = builder.finish()
+    except SpillError as e:
+        raise InputError(str(e)) from None
+    except BaseException:
+        builder.discard()
+        raise
+    return builder, table
 
 
 # ------------------------------------------------------------------------------------------------ jsonl
@@ -299,7 +330,6 @@ def _jsonl_line(line: bytes, where: str) -> tuple:
 def _parquet_rows(files: list[str], data: DataConfig, endpoint_url: str | None, region: str | None):
     """(row dict | None, error | None, raw | None) per row, a file at a time and 4,096 rows at a time (an S3
     object through a temporary file), so the driver never holds a decoded copy of the input."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for file in files:
@@ -377,8 +407,6 @@ def _arrow_row(batch, offset: int, where: str) -> tuple:
 
 def _lossy(value) -> str:
     """A readable rendering of a value that does not convert: its bytes, invalid UTF-8 replaced."""
-    import pyarrow as pa
-
     binary = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}.get(value.type)
     if binary is None:
         return f"<unreadable {value.type}>"

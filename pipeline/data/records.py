@@ -3,16 +3,27 @@ rows that cannot be generated from, the reason.
 
 Ids: the value of `data.id_column` when declared (later duplicates become error rows), else derived from the
 row's position and content, so the same input always gets the same ids.
+
+What the driver holds per row stays small, so that one run can take a large input: the records go, a batch at
+a time, to an Arrow file in the temporary folder (TMPDIR) that is read back memory-mapped (page cache, which
+the kernel can evict, not process memory), and the duplicate-id check keeps an 8-byte hash per row. Only when
+two hashes are equal is the input read again, tracking just those ids (`repeated_ids`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
+import tempfile
+from array import array
+from collections.abc import Set
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config.schema import DataConfig
@@ -30,6 +41,11 @@ RECORD_SCHEMA = pa.schema(
 )
 RAW_LIMIT = 2000
 BATCH_ROWS = 65536  # records buffered as Python objects before they become an Arrow batch
+SPILL_PREFIX = "canvasflow-records-"
+
+
+class SpillError(RuntimeError):
+    """The records could not be written to the temporary folder; the message names it and the fix."""
 
 
 @dataclass
@@ -125,13 +141,69 @@ def _safe_json(value: Any) -> str:
         return "<nested too deeply to show>"
 
 
+class RecordSpill:
+    """Record batches written to an Arrow file under `folder` (None: the temporary folder) and read back
+    memory-mapped. The file is unlinked once mapped: the mapping keeps its pages until the table is gone."""
+
+    def __init__(self, folder: str | None = None) -> None:
+        self.folder = folder or tempfile.gettempdir()
+        self.path: str | None = None
+        self.writer: pa.ipc.RecordBatchFileWriter | None = None
+        self.bytes = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        try:
+            if self.writer is None:
+                fd, self.path = tempfile.mkstemp(prefix=SPILL_PREFIX, suffix=".arrow", dir=self.folder)
+                os.close(fd)
+                self.writer = pa.ipc.new_file(self.path, RECORD_SCHEMA)
+            self.writer.write_batch(batch)
+        except OSError as e:
+            self.discard()
+            raise SpillError(
+                f"cannot write the input's records to the temporary folder {self.folder} ({e}); the driver "
+                f"keeps them there while the run lasts (about {self.bytes + batch.nbytes:,} bytes so far). "
+                "Set TMPDIR to a local folder with room for about the input's uncompressed size."
+            ) from None
+        self.bytes += batch.nbytes
+
+    def table(self) -> pa.Table:
+        assert self.writer is not None and self.path is not None
+        self.writer.close()
+        self.writer = None
+        source = pa.memory_map(self.path)  # left open: the table's buffers point into it
+        table = pa.ipc.open_file(source).read_all()
+        self.discard()
+        return table
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            self.writer = None
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.path = None
+
+
 class RecordBuilder:
-    def __init__(self, data: DataConfig) -> None:
+    """Turns input rows into records. `repeated`: None on a first read, which does not check ids for
+    duplicates but keeps a hash of each (`repeated_ids` then names the ids that may repeat); on a second read,
+    the ids to check: a later row with one of them is a duplicate. A row's id can only be a duplicate if it
+    is among those, so the second read's records equal those of a check over every id."""
+
+    def __init__(
+        self, data: DataConfig, repeated: Set[str] | None = None, spill_dir: str | None = None
+    ) -> None:
         self.data = data
         self.columns: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
-        self.batches: list[pa.RecordBatch] = []
+        self.spill = RecordSpill(spill_dir)
+        self.written = 0
         self.hash = hashlib.sha256()
-        self.seen_ids: dict[str, int] = {}
+        self.repeated = repeated
+        self.id_hashes = array("q")  # hash(id) per row (first read)
+        self.seen_ids: dict[str, int] = {}  # first row of each id in `repeated` (second read)
         self.columns_seen: set[str] = set()
         self.rows_with_prompt = 0
         self.parsed_rows = 0
@@ -155,12 +227,15 @@ class RecordBuilder:
             rid = derived_id(index, prompt if prompt is not None else (raw or ""))
         # Every row's id counts, error rows' too: a later row with the id of a rejected one is a duplicate (the
         # id would otherwise name two input rows, one in errors/ and one in data/).
-        if rid in self.seen_ids:
-            if error is None:
-                error = f"duplicate id {rid!r} (first seen at input row {self.seen_ids[rid]})"
-                raw = raw or (_safe_json(row) if row is not None else None)
-        else:
-            self.seen_ids[rid] = index
+        if self.repeated is None:
+            self.id_hashes.append(hash(rid))
+        elif rid in self.repeated:
+            if rid in self.seen_ids:
+                if error is None:
+                    error = f"duplicate id {rid!r} (first seen at input row {self.seen_ids[rid]})"
+                    raw = raw or (_safe_json(row) if row is not None else None)
+            else:
+                self.seen_ids[rid] = index
         record = {
             "id": rid,
             "source_index": index,
@@ -177,8 +252,9 @@ class RecordBuilder:
             self._flush()
 
     def _flush(self) -> None:
-        """Moves the buffered records into an Arrow batch (a few bytes of overhead per value, not ~50)."""
-        self.batches.append(pa.RecordBatch.from_pydict(self.columns, schema=RECORD_SCHEMA))
+        """Moves the buffered records into an Arrow batch in the spill file."""
+        self.spill.write(pa.RecordBatch.from_pydict(self.columns, schema=RECORD_SCHEMA))
+        self.written += 1
         self.columns = {name: [] for name in RECORD_SCHEMA.names}
 
     def _metadata(self, row: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -237,9 +313,23 @@ class RecordBuilder:
         return prompt, False, problem
 
     def finish(self) -> pa.Table:
-        if self.columns["id"] or not self.batches:
+        if self.columns["id"] or not self.written:
             self._flush()
-        return pa.Table.from_batches(self.batches, schema=RECORD_SCHEMA)
+        return self.spill.table()
+
+    def discard(self) -> None:
+        """Removes the spill file of a read that will not finish."""
+        self.spill.discard()
+
+    def repeated_ids(self, table: pa.Table) -> frozenset[str]:
+        """After a first read: the ids whose hash occurs more than once (a superset of the repeated ids)."""
+        hashes = np.frombuffer(self.id_hashes, dtype=np.int64)
+        ordered = np.sort(hashes)
+        clashes = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+        if not clashes.size:
+            return frozenset()
+        rows = np.flatnonzero(np.isin(hashes, clashes))
+        return frozenset(table.column("id").take(pa.array(rows)).to_pylist())
 
     def fingerprint(self) -> str:
         return self.hash.hexdigest()

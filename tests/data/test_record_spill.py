@@ -1,0 +1,102 @@
+"""The driver's records live in a memory-mapped spill file, and the duplicate-id check keeps a hash per row; the
+records equal those of an in-memory check over every id."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+import pyarrow as pa
+import pytest
+
+from pipeline.config.schema import DataConfig
+from pipeline.data import records as records_module
+from pipeline.data.readers import InputError, read_input
+from pipeline.data.records import SPILL_PREFIX, RecordBuilder
+
+
+@pytest.fixture
+def tmpdir_env(tmp_path, monkeypatch):
+    """TMPDIR pointed at a fresh folder (tempfile caches its choice: reset it)."""
+    folder = tmp_path / "tmpdir"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    return folder
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_records_are_memory_mapped_from_a_spill_file_that_is_removed(tmp_path, tmpdir_env, monkeypatch):
+    monkeypatch.setattr(records_module, "BATCH_ROWS", 500)
+    path = _jsonl(tmp_path / "in.jsonl", [{"prompt": f"Write about {i} " + "x" * 200} for i in range(3000)])
+    before = pa.total_allocated_bytes()
+    records = read_input(DataConfig(path=path))
+    # Arrow's memory pool holds none of the table: its buffers point into the mapped file.
+    assert records.table.nbytes > 600_000
+    assert pa.total_allocated_bytes() - before < records.table.nbytes / 20
+    assert len(records.table.column("id").chunks) == 6
+    assert records.table.column("prompt")[2999].as_py().startswith("Write about 2999 ")
+    assert os.listdir(tmpdir_env) == []  # unlinked once mapped; the mapping keeps the pages
+
+
+def test_a_temporary_folder_that_cannot_take_the_records_is_a_clear_input_error(tmp_path, monkeypatch):
+    missing = tmp_path / "no-such-folder"
+    monkeypatch.setenv("TMPDIR", str(missing))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(missing))  # else it falls back to /tmp
+    path = _jsonl(tmp_path / "in.jsonl", [{"prompt": "Add: 1+2"}])
+    with pytest.raises(
+        InputError, match=f"cannot write the input's records to the temporary folder {missing}.*TMPDIR"
+    ):
+        read_input(DataConfig(path=path))
+
+
+def test_a_read_that_fails_leaves_no_spill_file(tmp_path, tmpdir_env, monkeypatch):
+    monkeypatch.setattr(records_module, "BATCH_ROWS", 2)
+    (tmp_path / "in").mkdir()
+    _jsonl(tmp_path / "in" / "a.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
+    (tmp_path / "in" / "b.jsonl.gz").write_bytes(b"\x1f\x8bnot really gzip")
+    with pytest.raises(InputError):
+        read_input(DataConfig(path=str(tmp_path / "in")))
+    assert not [n for n in os.listdir(tmpdir_env) if n.startswith(SPILL_PREFIX)]
+
+
+def test_input_is_read_again_only_when_ids_repeat(tmp_path, tmpdir_env, caplog):
+    unique = _jsonl(tmp_path / "u.jsonl", [{"id": f"u{i}", "prompt": f"p{i}"} for i in range(50)])
+    repeated = _jsonl(tmp_path / "r.jsonl", [{"id": f"r{i % 30}", "prompt": f"p{i}"} for i in range(50)])
+    with caplog.at_level(logging.INFO):
+        assert read_input(DataConfig(path=unique, id_column="id")).num_errors == 0
+        assert "reading it again" not in caplog.text
+        records = read_input(DataConfig(path=repeated, id_column="id"))
+    assert "20 id(s) may occur more than once in the input: reading it again" in caplog.text
+    errors = [r for r in records.table.to_pylist() if r["error"]]
+    assert [r["source_index"] for r in errors] == list(range(30, 50))
+    assert errors[0]["error"] == "duplicate id 'r0' (first seen at input row 0)"
+    assert json.loads(errors[0]["raw"]) == {"id": "r0", "prompt": "p30"}
+
+
+def test_tracking_ids_that_do_not_repeat_changes_nothing(tmp_path):
+    """A hash clash names ids that do not repeat; checking them anyway gives the same records."""
+    data = DataConfig(path="-", id_column="id")
+    rows = [{"id": f"i{i % 4}" if i % 3 else f"solo{i}", "prompt": f"p{i}"} for i in range(12)]
+
+    def build(repeated):
+        builder = RecordBuilder(data, repeated=repeated)
+        for index, row in enumerate(rows):
+            builder.add(index, row, None, None)
+        return builder.finish().to_pylist(), builder.fingerprint()
+
+    counts = {rid: sum(r["id"] == rid for r in rows) for rid in {r["id"] for r in rows}}
+    repeating = frozenset(rid for rid, n in counts.items() if n > 1)
+    assert repeating == {"i0", "i1", "i2", "i3"}  # the solo ids occur once
+    records, fingerprint = build(repeating)
+    assert (records, fingerprint) == build(
+        frozenset(counts)
+    )  # every id tracked: same records and fingerprint
+    assert sum(r["error"] is not None for r in records) == 4  # the second row of each i-id
