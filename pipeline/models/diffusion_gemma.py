@@ -101,6 +101,7 @@ class DiffusionGemmaTextModel(nn.Module):
         self.moe_gemm = check_gemm(moe_gemm)  # the grouped experts' products (models/moe.py)
         decoder = hf_model.model.decoder
         text_config = hf_model.config.text_config
+        _check_tied(hf_model)
         self.text_config = text_config
         self.canvas_length = int(hf_model.config.canvas_length)
         self.embed_tokens = decoder.embed_tokens
@@ -348,6 +349,32 @@ class DiffusionGemmaTextModel(nn.Module):
                 q, keys, values, slots, lo, hi, scale=1.0, prefix=prefix, kv_limit=kv_limit, backend=backend
             )  # [B, T, H, d]
         return attn.o_proj(out.reshape(batch, width, -1))
+
+
+def _check_tied(hf_model: nn.Module) -> None:
+    """Our forward encodes with the decoder's weights and takes logits from the decoder's embedding: the
+    layout transformers builds with tie_word_embeddings=True (the released checkpoints). With False it keeps
+    the encoder's weights and lm_head apart, and a checkpoint may give them values of their own; running
+    such a model here would silently compute another function, so it is refused. Weights that are not
+    shared but equal are accepted (a tied checkpoint loaded untied). The encoder's final norm is not
+    checked: its output is never used (the decoder reads only the encoder's keys and values)."""
+    decoder = hf_model.model.decoder
+    twins = dict(decoder.named_parameters())
+    pairs = [("lm_head.weight", hf_model.lm_head.weight, decoder.embed_tokens.weight)]
+    for name, param in hf_model.model.encoder.language_model.named_parameters():
+        if name != "norm.weight":
+            pairs.append((f"encoder {name}", param, twins.get(name)))
+    for name, ours, theirs in pairs:
+        same = theirs is not None and (
+            ours is theirs
+            or (ours.shape == theirs.shape and ours.data_ptr() == theirs.data_ptr())
+            or (ours.shape == theirs.shape and torch.equal(ours, theirs))
+        )
+        if not same:
+            raise ValueError(
+                f"{name} differs from the decoder's weight: canvasflow runs DiffusionGemma with tied weights "
+                "(encoder = decoder, head = embedding; tie_word_embeddings=True) and cannot run this checkpoint"
+            )
 
 
 def _scale(norm: nn.Module) -> torch.Tensor | None:

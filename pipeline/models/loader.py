@@ -269,6 +269,9 @@ def load_model(
     except Exception as e:  # noqa: BLE001 - surfaced with the path
         raise ModelError(f"cannot load the weights from {model_dir}: {e}") from e
     hf_model.eval().requires_grad_(False)
-    native = DiffusionGemmaTextModel(hf_model).to(device_name)
+    try:
+        native = DiffusionGemmaTextModel(hf_model).to(device_name)
+    except ValueError as e:  # a checkpoint layout the forward does not run (untied weights, ...)
+        raise ModelError(f"{model_dir}: {e}") from e
     del hf_model  # the vision tower is not needed; the text weights live on in `native`
     return LoadedModel(info=info, model=native, tokenizer=load_tokenizer(model_dir))

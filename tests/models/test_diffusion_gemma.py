@@ -240,3 +240,50 @@ def test_benchmark_shapes_match_transformers_in_bf16(shape, device, layers, prom
         exact = _reference(hf32, prompt, canvas1, canvas2, self_cond.float())
     got = _ours(native, prompt, canvas1, canvas2, self_cond, [1, 0])
     _assert_bf16_error_like_transformers(got, expected, exact)
+
+
+def _untied_model() -> DiffusionGemmaForBlockDiffusion:
+    """A DiffusionGemma with tie_word_embeddings=False: transformers then keeps the encoder's weights and the
+    head (lm_head) apart from the decoder's, each with its own values."""
+    from pipeline.models.tiny import TINY_VISION_CONFIG, tiny_text_config
+
+    config = DiffusionGemmaConfig(
+        text_config=tiny_text_config(sliding_window=8),
+        vision_config=dict(TINY_VISION_CONFIG),
+        canvas_length=16,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return DiffusionGemmaForBlockDiffusion(config).eval()
+
+
+def test_untied_weights_are_refused():
+    """Our forward encodes with the decoder's weights and reads logits off the decoder's embedding (the tied
+    layout). A checkpoint whose encoder or head has weights of its own would get other logits than
+    transformers' (max |error| ~1.5 on the tiny model), so it is refused rather than run."""
+    hf = _untied_model()
+    with pytest.raises(ValueError, match="tied"):
+        DiffusionGemmaTextModel(hf)
+
+
+def test_untied_layout_with_equal_weights_matches_transformers():
+    """tie_word_embeddings=False with the encoder's weights and the head equal to the decoder's computes the
+    tied function: it loads, and its logits are transformers'."""
+    hf = _untied_model()
+    decoder = dict(hf.model.decoder.named_parameters())
+    with torch.no_grad():
+        for name, param in hf.model.encoder.language_model.named_parameters():
+            param.copy_(decoder[name])
+        hf.lm_head.weight.copy_(hf.model.decoder.embed_tokens.weight)
+    native = DiffusionGemmaTextModel(hf)
+    gen = torch.Generator().manual_seed(0)
+    vocab, length = native.vocab_size, native.canvas_length
+    prompt = torch.randint(5, vocab, (2, 13), generator=gen)
+    canvas1 = torch.randint(0, vocab, (2, length), generator=gen)
+    canvas2 = torch.randint(0, vocab, (2, length), generator=gen)
+    self_cond = torch.randn(2, length, vocab, generator=gen)
+    with torch.no_grad():
+        expected = _reference(hf, prompt, canvas1, canvas2, self_cond)
+    got = _ours(native, prompt, canvas1, canvas2, self_cond, [0, 1])
+    for name, ours, ref in zip(NAMES, got, expected, strict=True):
+        torch.testing.assert_close(ours, ref, **FP32_TOLERANCE, msg=lambda m, n=name: f"{n}: {m}")
