@@ -102,6 +102,13 @@ class DiffusionGemmaTextModel(nn.Module):
         decoder = hf_model.model.decoder
         text_config = hf_model.config.text_config
         _check_tied(hf_model)
+        if getattr(text_config, "use_bidirectional_attention", None) == "all":
+            # transformers' encoder is then non-causal, with sliding_window rewritten to a two-sided bound
+            # (window // 2 + 1); ours is causal. ("vision" only affects image tokens, which we never see.)
+            raise ValueError(
+                "use_bidirectional_attention='all' (a bidirectional encoder) is not supported: canvasflow's "
+                "encoder is causal"
+            )
         self.text_config = text_config
         self.canvas_length = int(hf_model.config.canvas_length)
         self.embed_tokens = decoder.embed_tokens

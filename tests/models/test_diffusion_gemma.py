@@ -287,3 +287,20 @@ def test_untied_layout_with_equal_weights_matches_transformers():
     got = _ours(native, prompt, canvas1, canvas2, self_cond, [0, 1])
     for name, ours, ref in zip(NAMES, got, expected, strict=True):
         torch.testing.assert_close(ours, ref, **FP32_TOLERANCE, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_bidirectional_encoder_config_is_refused():
+    """use_bidirectional_attention="all" makes transformers' encoder non-causal and rewrites sliding_window to
+    window // 2 + 1 (a two-sided bound); our encoder is causal and would read that value as a causal window.
+    (transformers 5.24 cannot run this config either: its encoder attention passes is_causal twice.)"""
+    from pipeline.models.tiny import TINY_VISION_CONFIG, tiny_text_config
+
+    config = DiffusionGemmaConfig(
+        text_config=tiny_text_config(sliding_window=8, use_bidirectional_attention="all"),
+        vision_config=dict(TINY_VISION_CONFIG),
+        canvas_length=16,
+    )
+    torch.manual_seed(0)
+    hf = DiffusionGemmaForBlockDiffusion(config).eval()
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        DiffusionGemmaTextModel(hf)
