@@ -1,7 +1,9 @@
 """What reading the input costs the driver: rows per second and peak memory of `read_input`, per format and size.
 
 The driver reads the whole input before it plans shards (the run id and the resume check need the content's
-fingerprint and every row's id), so its memory bounds the input one run can take. Each measurement runs in a
+fingerprint and every row's id), so what it holds per row bounds the input one run can take. The records
+themselves are memory-mapped from a spill file under TMPDIR (page cache, not counted here; "table MB" is its
+size). Each measurement runs in a
 fresh process, so the peak resident memory (VmHWM, Linux) is that read's alone; bytes per row count what it holds
 above a read of 100 rows of the same format (imports, allocator pools).
 
