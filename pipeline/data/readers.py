@@ -144,6 +144,12 @@ def read_input(
             f"{_printable(', '.join(sorted(builder.columns_seen))) or 'none'}. "
             "Set data.prompt_column (or data.messages_column)."
         )
+    if data.id_column and builder.rows_with_id == 0 and not builder.all_unparseable:
+        raise InputError(
+            f"data.id_column={data.id_column!r} is not a column of {data.path!r} (no row has it); columns "
+            f"seen: {_printable(', '.join(sorted(builder.columns_seen))) or 'none'}. Fix data.id_column, or "
+            "leave it unset (null) to derive stable ids from each row's position and content."
+        )
     repeated = builder.repeated_ids(table)
     if repeated:  # rare: marking the later rows of an id needs the rows themselves, so read them again
         logger.info(

@@ -206,6 +206,7 @@ class RecordBuilder:
         self.seen_ids: dict[str, int] = {}  # first row of each id in `repeated` (second read)
         self.columns_seen: set[str] = set()
         self.rows_with_prompt = 0
+        self.rows_with_id = 0  # rows that have the data.id_column key (null or not)
         self.parsed_rows = 0
 
     @property
@@ -285,6 +286,8 @@ class RecordBuilder:
         column = self.data.id_column
         if not column:
             return None, None
+        if column in row:
+            self.rows_with_id += 1
         value = row.get(column)
         if value is None:
             return None, f"missing id (column {column!r})"

@@ -1,0 +1,49 @@
+"""A `data.id_column` that no row of the input has is a configuration mistake (a typo, the wrong input):
+it fails at start-up naming the column, for JSON Lines as it already did for Parquet and saved datasets,
+instead of running a job whose every row becomes an error row and exiting 0."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config.schema import DataConfig
+from pipeline.data.readers import InputError, read_input
+
+
+def _jsonl(path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_jsonl_id_column_that_no_row_has_fails_at_startup_naming_it(tmp_path):
+    path = _jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "Add: 1+2", "uid": "a"}, {"prompt": "Add: 3+4", "uid": "b"}]
+    )
+    with pytest.raises(InputError, match=r"data\.id_column='idx'.*columns seen: prompt, uid"):
+        read_input(DataConfig(path=path, id_column="idx"))
+
+
+def test_parquet_id_column_that_no_row_has_fails_at_startup_too(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["Add: 1+2"], "uid": ["a"]}), path)
+    with pytest.raises(InputError, match=r"data\.id_column='idx'"):
+        read_input(DataConfig(path=str(path), id_column="idx"))
+
+
+def test_jsonl_id_column_missing_on_some_rows_makes_only_those_error_rows(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "Add: 1+2", "uid": "a"}, {"prompt": "Add: 3+4"}])
+    rows = read_input(DataConfig(path=path, id_column="uid")).table.to_pylist()
+    assert [r["id"] for r in rows][0] == "a" and rows[0]["error"] is None
+    assert rows[1]["error"] == "missing id (column 'uid')"
+
+
+def test_unparseable_jsonl_lines_are_still_error_rows_with_an_id_column(tmp_path):
+    """Lines that do not parse cannot show which columns exist: they stay error rows, not a start-up failure."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Add: 1+2", "uid": "a"}\n{broken\n')
+    rows = read_input(DataConfig(path=str(path), id_column="uid")).table.to_pylist()
+    assert rows[0]["error"] is None and "malformed JSON" in rows[1]["error"]
