@@ -242,8 +242,18 @@ class LocalStore(Store):
 
     def check_writable(self) -> None:
         probe = f".canvasflow-probe-{os.getpid()}-{random.randrange(1 << 30)}"
-        self.write_bytes(probe, b"ok")
-        self.delete([probe])
+        try:
+            self.write_bytes(probe, b"ok")
+            self.delete([probe])
+        except StoreError as e:
+            # The root, or a folder above it, being a file reads as "File exists" / "Not a directory".
+            file = next((p for p in (self.root, *self.root.parents) if p.exists() and not p.is_dir()), None)
+            fix = (
+                f"{file} is a file, not a directory: give output.uri a directory (created if missing)"
+                if file is not None
+                else "check output.uri and the permissions of that directory"
+            )
+            raise StoreError(f"output location {self.uri} is not writable ({e}): {fix}") from None
 
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self._path(prefix))

@@ -231,6 +231,21 @@ def test_local_check_writable_names_the_location(tmp_path: Path) -> None:
         store.check_writable()
 
 
+@pytest.mark.parametrize("below", ["", "out"])
+def test_local_output_that_is_a_file_says_so(tmp_path: Path, below: str) -> None:
+    """output.uri naming a file (or a folder below one) was refused as "cannot write <uri>/.canvasflow-probe-..:
+    File exists": the message names the file and asks for a directory."""
+    (tmp_path / "file").write_text("not a directory")
+    store = LocalStore(tmp_path / "file" / below if below else tmp_path / "file")
+    with pytest.raises(StoreError) as error:
+        store.check_writable()
+    message = str(error.value)
+    assert f"output location {store.uri} is not writable" in message
+    assert f"{tmp_path / 'file'} is a file, not a directory" in message
+    assert "give output.uri a directory" in message
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
 # -- S3 only -------------------------------------------------------------------------------------------------
 
 FAULTS = {
