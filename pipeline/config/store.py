@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import typing
 from collections.abc import Callable
@@ -70,6 +71,15 @@ def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], scr
     Hydra reports a config that does not compose (an unknown key, a value of the wrong type, a missing group
     option, an override it cannot parse) and exits 1, which the README reserves for "shards failed, rerun".
     Exit codes the task itself chose (0, 1, 2, 3) pass through unchanged."""
+    problem = _postprocess_key_without_option(sys.argv[1:])
+    if problem:
+        sys.stderr.write(
+            f"could not start (exit code {STARTUP_FAILED}): {problem} sets a key of the postprocess stage, but no "
+            "postprocess option is chosen (the stage is off). Choose one first: postprocess=callable "
+            "postprocess._target_=module.function [+postprocess.<kwarg>=<value> ...], or "
+            "postprocess=task_checker.\n"
+        )
+        sys.exit(STARTUP_FAILED)
     try:
         hydra_main()
     except SystemExit as e:
@@ -77,6 +87,23 @@ def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], scr
             raise
         sys.stderr.write(_compose_failure(e.__context__, script) + "\n")
         sys.exit(STARTUP_FAILED)
+
+
+_POSTPROCESS_OPTION = re.compile(r"^(?:\+\+|\+)?postprocess=(.*)$")
+_POSTPROCESS_KEY = re.compile(r"^(?:\+\+|\+)?postprocess\.[^=]*=")
+_CONFIG_NAME_FLAGS = ("--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp")
+
+
+def _postprocess_key_without_option(argv: list[str]) -> str | None:
+    """The first `postprocess.<key>=...` override when no postprocess option is chosen on the command line:
+    conf/config.yaml and conf/nightly.yaml default the group to null, and Hydra fails setting a key in a null
+    node with an AssertionError and its traceback. None when another primary config is given (it may choose
+    an option of its own)."""
+    if any(a.split("=", 1)[0] in _CONFIG_NAME_FLAGS for a in argv):
+        return None
+    chosen = any((m := _POSTPROCESS_OPTION.match(a)) and m.group(1) not in ("", "null") for a in argv)
+    keys = [a.split("=", 1)[0] for a in argv if _POSTPROCESS_KEY.match(a)]
+    return keys[0] if keys and not chosen else None
 
 
 def _compose_failure(error: BaseException | None, script: str) -> str:

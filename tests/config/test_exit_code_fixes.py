@@ -85,3 +85,34 @@ def test_cli_unexpected_startup_error_exits_2(tmp_path, script):
     code, log = _cli(script, *args, cwd=tmp_path)
     assert code == 2, log[-2000:]
     assert "could not start (exit code 2)" in log and "JSONDecodeError" in log
+
+
+@pytest.mark.parametrize(
+    ("script", "override"),
+    [
+        ("generate.py", "postprocess._target_=pipeline.tasks.checker.check_row"),
+        ("generate.py", "+postprocess.drop_incorrect=true"),
+        ("nightly.py", "++postprocess.drop_incorrect=true"),
+    ],
+)
+def test_postprocess_key_without_a_postprocess_option_exits_2_without_a_traceback(tmp_path, script, override):
+    """With no postprocess option chosen the postprocess node is null, and Hydra crashed setting a key in it
+    (AssertionError: Unexpected type for root: NoneType, with its traceback)."""
+    code, log = _cli(script, f"output.uri={tmp_path / 'out'}", override, cwd=tmp_path)
+    assert code == 2, log[-2000:]
+    assert "Traceback" not in log and "AssertionError" not in log, log[-2000:]
+    assert "no postprocess option is chosen" in log and "postprocess=callable" in log
+    assert not (tmp_path / "out").exists()
+
+
+def test_postprocess_key_with_a_postprocess_option_still_composes(tmp_path):
+    code, log = _cli(
+        "generate.py",
+        "postprocess=task_checker",
+        "postprocess.drop_incorrect=true",
+        "--cfg",
+        "job",
+        cwd=tmp_path,
+    )
+    assert code == 0, log[-2000:]
+    assert "drop_incorrect: true" in log
