@@ -14,6 +14,7 @@ from pipeline.config.schema import ConfigError, JobConfig, NightlyJobConfig
 from pipeline.config.validate import validate_job
 
 STARTUP_FAILED = 2  # the exit code of a job that could not start (README: exit codes)
+INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it: 128 + 2
 
 
 def register_configs() -> None:
@@ -70,7 +71,8 @@ def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], scr
 
     Hydra reports a config that does not compose (an unknown key, a value of the wrong type, a missing group
     option, an override it cannot parse) and exits 1, which the README reserves for "shards failed, rerun".
-    Exit codes the task itself chose (0, 1, 2, 3) pass through unchanged."""
+    Exit codes the task itself chose (0, 1, 2, 3) pass through unchanged; Ctrl-C exits 130 with one line, not
+    a KeyboardInterrupt traceback."""
     problem = _postprocess_key_without_option(sys.argv[1:])
     if problem:
         sys.stderr.write(
@@ -82,6 +84,12 @@ def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], scr
         sys.exit(STARTUP_FAILED)
     try:
         hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C: the job's finally blocks ran (run lock released, Ray shut down)
+        sys.stderr.write(
+            f"interrupted (exit code {INTERRUPTED}): every committed shard is kept; rerun the same command to "
+            "resume the run\n"
+        )
+        sys.exit(INTERRUPTED)
     except SystemExit as e:
         if e.code in (None, 0) or task_started():
             raise
