@@ -80,6 +80,12 @@ def detect_format(path: str, requested: str, files: list[str]) -> str:
     )
 
 
+def _hidden(relative: str) -> bool:
+    """A path below a directory input with a hidden part (`.ipynb_checkpoints/`, a macOS `._name` file): skipped,
+    as pyarrow datasets and Hugging Face `datasets` skip them."""
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
 def _suffix(name: str) -> str | None:
     lower = name.lower()
     if lower.endswith(JSONL_SUFFIXES):
@@ -105,7 +111,11 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> li
         # A prefix is a folder: s3://b/in/prompts reads in/prompts/..., never in/prompts-old/ or
         # in/prompts_backup.jsonl (S3 prefixes match any key that starts with them).
         folder = f"{key}/" if key else ""
-        files = [f"s3://{bucket}/{k}" for k in keys if k.startswith(folder) and _suffix(k)]
+        files = [
+            f"s3://{bucket}/{k}"
+            for k in keys
+            if k.startswith(folder) and _suffix(k) and not _hidden(k[len(folder) :])
+        ]
         if not files:
             siblings = sorted({k[len(key) :].split("/")[0] for k in keys if not k.startswith(folder)})
             hint = (
@@ -122,7 +132,11 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> li
     if local.is_file():
         return [str(local)]
     if local.is_dir():
-        files = sorted(str(p) for p in local.rglob("*") if p.is_file() and _suffix(p.name))
+        files = sorted(
+            str(p)
+            for p in local.rglob("*")
+            if p.is_file() and _suffix(p.name) and not _hidden(p.relative_to(local).as_posix())
+        )
         return files
     raise InputError(f"data.path={path!r} does not exist")
 
