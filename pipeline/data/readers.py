@@ -459,6 +459,13 @@ def _load_hf_disk(path: str, data: DataConfig):
         dataset = load_from_disk(path)
     except Exception as e:  # noqa: BLE001 - surfaced with the path
         raise InputError(f"cannot load the saved dataset at {path}: {e}") from None
+    from datasets import DatasetDict
+
+    if data.split is not None and not isinstance(dataset, DatasetDict):
+        raise InputError(
+            f"data.split={data.split!r}, but the dataset saved at {path} has no splits (a Dataset, not a "
+            "DatasetDict): unset data.split to read it, or point data.path at the dataset of that split"
+        )
     return _select_split(dataset, data, path).data.table
 
 

@@ -1,0 +1,26 @@
+"""`data.split` names a split of a saved DatasetDict; on a saved Dataset, which has no splits, it read the whole
+dataset whatever split was asked (e.g. data.split=test ran on the training rows). It now fails at start-up."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config.schema import DataConfig
+from pipeline.data.readers import InputError, read_input
+
+
+def test_split_of_a_saved_dataset_without_splits_fails_at_startup(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"prompt": ["Add: 1+2", "Add: 3+4"]}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(InputError, match=r"data\.split='test'.*has no splits"):
+        read_input(DataConfig(path=str(tmp_path / "ds"), split="test"))
+    assert read_input(DataConfig(path=str(tmp_path / "ds"))).num_rows == 2
+
+
+def test_split_of_a_saved_dataset_dict_is_read(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = Dataset.from_dict({"prompt": ["Add: 1+2", "Add: 3+4"]})
+    DatasetDict({"train": rows, "test": rows.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    assert read_input(DataConfig(path=str(tmp_path / "dd"), split="test")).num_rows == 1
