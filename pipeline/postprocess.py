@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -42,5 +43,33 @@ def load_postprocess(spec: dict[str, Any] | None) -> tuple[PostprocessFn | None,
         )
     columns = dict(getattr(fn, "columns", {}) or {})
     if spec:
+        _check_kwargs(fn, target, spec)
         fn = functools.partial(fn, **spec)
     return fn, target, columns
+
+
+def _check_kwargs(fn: Callable[..., Any], target: str, kwargs: dict[str, Any]) -> None:
+    """PostprocessError unless `fn(row, **kwargs)` binds: a misspelt keyword argument would otherwise fail
+    every row, after sampling. A callable without an inspectable signature is left to its first row."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    params = signature.parameters
+    shown = ", ".join(params) or "none"
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [
+            k for k in kwargs if k not in params or params[k].kind is inspect.Parameter.POSITIONAL_ONLY
+        ]
+        if unknown:
+            raise PostprocessError(
+                f"postprocess.{unknown[0]} is not a keyword argument of {target} (its parameters: {shown}); "
+                "fix its spelling or remove it"
+            )
+    try:
+        signature.bind(None, **kwargs)  # the row comes first, positionally
+    except TypeError as e:
+        given = ", ".join(f"postprocess.{k}" for k in kwargs)
+        raise PostprocessError(
+            f"{target} cannot be called with the row and {given}: {e} (its parameters: {shown})"
+        ) from None

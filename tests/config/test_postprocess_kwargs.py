@@ -1,0 +1,37 @@
+"""A keyword argument the postprocess callable does not take (a typo such as +postprocess.drop_incorect=true)
+fails at start-up naming it. It made every row fail in the postprocess stage after sampling ("raised
+TypeError(... unexpected keyword argument ...)"), a run of error rows that exited 0."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.postprocess import PostprocessError, load_postprocess
+
+CHECKER = "pipeline.tasks.checker.check_row"
+
+
+def test_an_unknown_keyword_argument_fails_naming_it_and_the_parameters():
+    with pytest.raises(PostprocessError) as error:
+        load_postprocess({"_target_": CHECKER, "drop_incorect": True})
+    message = str(error.value)
+    assert "postprocess.drop_incorect" in message and CHECKER in message
+    assert "drop_incorrect" in message  # what it does take
+
+
+def test_known_keyword_arguments_load():
+    fn, name, _ = load_postprocess({"_target_": CHECKER, "drop_incorrect": True})
+    assert name == CHECKER and fn.keywords == {"drop_incorrect": True}
+
+
+def test_a_callable_taking_any_keyword_argument_loads(tmp_path, monkeypatch):
+    (tmp_path / "pp_any_kwargs.py").write_text("def fn(row, **options):\n    return dict(options)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn, _, _ = load_postprocess({"_target_": "pp_any_kwargs.fn", "anything": 1})
+    assert fn({"id": "a"}) == {"anything": 1}
+
+
+def test_a_row_as_keyword_argument_is_refused():
+    """The row is the first argument; a kwarg of that name would collide with it on every row."""
+    with pytest.raises(PostprocessError, match=r"postprocess\.row"):
+        load_postprocess({"_target_": CHECKER, "row": 1})
