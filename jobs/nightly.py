@@ -4,7 +4,7 @@
     python jobs/nightly.py nightly.date=2026-11-26        # retry or backfill a given night
 
 Exit codes: 0 complete, 1 shards failed (rerun resumes), 2 could not start, 3 refused (overlap or late),
-130 interrupted (Ctrl-C).
+130 interrupted (Ctrl-C), 143 stopped (SIGTERM).
 """
 
 import sys

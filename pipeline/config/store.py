@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +17,22 @@ from pipeline.config.validate import validate_job
 
 STARTUP_FAILED = 2  # the exit code of a job that could not start (README: exit codes)
 INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it: 128 + 2
+TERMINATED = 143  # SIGTERM (Kubernetes, `ray job stop`, `kill`): 128 + 15
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that the job's finally blocks run (run lock released, Ray
+    shut down) as they do for Ctrl-C. A BaseException: `except Exception` handlers do not swallow it."""
+
+
+def on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM raises Terminated in the main thread (ray.init installs its own; ray_setup puts this back)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def register_configs() -> None:
@@ -71,8 +89,8 @@ def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], scr
 
     Hydra reports a config that does not compose (an unknown key, a value of the wrong type, a missing group
     option, an override it cannot parse) and exits 1, which the README reserves for "shards failed, rerun".
-    Exit codes the task itself chose (0, 1, 2, 3) pass through unchanged; Ctrl-C exits 130 with one line, not
-    a KeyboardInterrupt traceback."""
+    Exit codes the task itself chose (0, 1, 2, 3) pass through unchanged; Ctrl-C exits 130 and SIGTERM 143,
+    each with one line, not a traceback."""
     problem = _postprocess_key_without_option(sys.argv[1:])
     if problem:
         sys.stderr.write(
@@ -82,8 +100,15 @@ def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], scr
             "postprocess=task_checker.\n"
         )
         sys.exit(STARTUP_FAILED)
+    install_sigterm_handler()
     try:
         hydra_main()
+    except Terminated:
+        sys.stderr.write(
+            f"terminated by SIGTERM (exit code {TERMINATED}): every committed shard is kept; rerun the same "
+            "command to resume the run\n"
+        )
+        sys.exit(TERMINATED)
     except KeyboardInterrupt:  # Ctrl-C: the job's finally blocks ran (run lock released, Ray shut down)
         sys.stderr.write(
             f"interrupted (exit code {INTERRUPTED}): every committed shard is kept; rerun the same command to "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,15 @@ def connect(cluster: ClusterConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    _init(ray, cluster)
+    if main_thread and callable(sigterm):  # ray.init replaces it with sys.exit(15): keep the job's own
+        signal.signal(signal.SIGTERM, sigterm)
+    return True
+
+
+def _init(ray, cluster: ClusterConfig) -> None:
     if cluster.mode == "local":
         python_path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
         cpus = max(os.cpu_count() or 1, math.ceil(cluster.num_workers * cluster.num_cpus_per_worker) + 1)
@@ -33,7 +44,6 @@ def connect(cluster: ClusterConfig) -> bool:
     else:
         logger.info("connecting to the Ray cluster at %s", cluster.address)
         ray.init(address=cluster.address, logging_level=logging.WARNING)
-    return True
 
 
 def worker_options(cluster: ClusterConfig, count: int) -> tuple[dict[str, Any], int | None]:
