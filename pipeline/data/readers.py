@@ -36,6 +36,7 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 UTF8_BOM = b"\xef\xbb\xbf"
 GZIP_MAGIC = b"\x1f\x8b"
 READ_PROGRESS_S = 10.0  # seconds between progress lines while a large input is read
+HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 JSONL_HINT = (
     'Each line must hold one JSON object, e.g. {"prompt": "..."}; convert a JSON array with '
     "`jq -c '.[]' in.json > in.jsonl`, or set data.format if it is another format."
@@ -60,14 +61,11 @@ def detect_format(path: str, requested: str, files: list[str]) -> str:
         return requested
     if path.startswith("hf:"):
         return "hf"
-    if (
-        not is_s3(path)
-        and Path(path).is_dir()
-        and any(
-            (Path(path) / marker).exists()
-            for marker in ("dataset_info.json", "state.json", "dataset_dict.json")
-        )
-    ):
+    if is_s3(path):
+        root = path.rstrip("/")
+        if any(f"{root}/{marker}" in files for marker in HF_DISK_MARKERS):
+            return "hf_disk"
+    elif Path(path).is_dir() and any((Path(path) / marker).exists() for marker in HF_DISK_MARKERS):
         return "hf_disk"
     suffixes = {_suffix(f) for f in files}
     if suffixes and suffixes <= {"jsonl"}:
@@ -111,6 +109,12 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> li
         # A prefix is a folder: s3://b/in/prompts reads in/prompts/..., never in/prompts-old/ or
         # in/prompts_backup.jsonl (S3 prefixes match any key that starts with them).
         folder = f"{key}/" if key else ""
+        if any(
+            f"{folder}{marker}" in keys for marker in HF_DISK_MARKERS
+        ):  # a dataset saved with save_to_disk
+            return [
+                f"s3://{bucket}/{k}" for k in keys if k.startswith(folder) and not _hidden(k[len(folder) :])
+            ]
         files = [
             f"s3://{bucket}/{k}"
             for k in keys
@@ -189,7 +193,7 @@ def _build(
     elif fmt == "parquet":
         rows = _parquet_rows(files, data, endpoint_url, region)
     elif fmt == "hf_disk":
-        rows = _arrow_rows(_load_hf_disk(path, data), data, path)
+        rows = _hf_disk_rows(path, data, files, endpoint_url, region)
     elif fmt == "hf":
         rows = _arrow_rows(_load_hf(path, data), data, path)
     else:
@@ -448,25 +452,60 @@ def _select_split(dataset: Any, data: DataConfig, where: str):
     return dataset
 
 
-def _load_hf_disk(path: str, data: DataConfig):
-    if is_s3(path):
+def _hf_disk_rows(
+    path: str, data: DataConfig, files: list[str], endpoint_url: str | None, region: str | None
+) -> Iterator[tuple]:
+    """The rows of a dataset saved with `save_to_disk`: a local directory, or an S3 prefix (downloaded to a
+    temporary folder under TMPDIR that lives while the rows are read; datasets memory-maps its files)."""
+    if not is_s3(path):
+        yield from _arrow_rows(_load_hf_disk(path, data, path), data, path)
+        return
+    with tempfile.TemporaryDirectory(prefix="canvasflow-dataset-") as tmp:
+        _download_prefix(path, files, tmp, endpoint_url, region)
+        yield from _arrow_rows(_load_hf_disk(tmp, data, path), data, path)
+
+
+def _download_prefix(
+    path: str, files: list[str], folder: str, endpoint_url: str | None, region: str | None
+) -> None:
+    bucket, key = split_s3_uri(path)
+    root = f"{key.rstrip('/')}/" if key else ""
+    store = S3Store(f"s3://{bucket}", S3Options(endpoint_url=endpoint_url, region=region))
+    started, size = time.monotonic(), 0
+    logger.info("downloading the saved dataset %s (%d objects) to a temporary folder", path, len(files))
+    try:
+        for uri in files:
+            relative = split_s3_uri(uri)[1][len(root) :]
+            dest = Path(folder, relative)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            size += store.download_file(split_s3_uri(uri)[1], dest)
+    except StoreError as e:
+        raise InputError(f"cannot download the saved dataset {path}: {e}") from None
+    except OSError as e:
         raise InputError(
-            "data.format=hf_disk reads local directories; copy the dataset locally or export Parquet"
-        )
+            f"cannot download the saved dataset {path} to the temporary folder {folder}: {e}; set TMPDIR to a "
+            "local folder with room for the dataset"
+        ) from None
+    logger.info("downloaded %.1f MB in %.1fs", size / 1e6, time.monotonic() - started)
+
+
+def _load_hf_disk(path: str, data: DataConfig, where: str):
+    """The table of a saved dataset at local `path`; `where` names it in errors (the S3 prefix it came from)."""
     from datasets import load_from_disk
 
     try:
         dataset = load_from_disk(path)
     except Exception as e:  # noqa: BLE001 - surfaced with the path
-        raise InputError(f"cannot load the saved dataset at {path}: {e}") from None
+        message = str(e).replace(path, where)
+        raise InputError(f"cannot load the saved dataset at {where}: {message}") from None
     from datasets import DatasetDict
 
     if data.split is not None and not isinstance(dataset, DatasetDict):
         raise InputError(
-            f"data.split={data.split!r}, but the dataset saved at {path} has no splits (a Dataset, not a "
+            f"data.split={data.split!r}, but the dataset saved at {where} has no splits (a Dataset, not a "
             "DatasetDict): unset data.split to read it, or point data.path at the dataset of that split"
         )
-    return _select_split(dataset, data, path).data.table
+    return _select_split(dataset, data, where).data.table
 
 
 def _load_hf(path: str, data: DataConfig):
