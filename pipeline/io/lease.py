@@ -56,6 +56,9 @@ class Lease:
     stale_s: float
     what: str = "runs"
     stale_hint: str = ""
+    # A holder of the same run id (an earlier attempt of this run, e.g. one whose pod died a moment ago) is
+    # waited for, up to this long, to release the lock or go stale, instead of refused at once.
+    wait_same_run_s: float = 0.0
     _stop: threading.Event | None = None
     _thread: threading.Thread | None = None
 
@@ -73,8 +76,14 @@ class Lease:
     def _holder(self) -> dict | None:
         return read_holder(self.store, self.key)
 
+    def _age(self, holder: dict) -> float:
+        """Seconds since the holder's last heartbeat: the lock object's age by the store's clock when the store
+        tells it (a holder whose clock runs minutes behind is not taken for dead), else by `heartbeat_at`."""
+        age = self.store.age_s(self.key)
+        return age if age is not None else time.time() - float(holder.get("heartbeat_at", 0))
+
     def _is_stale(self, holder: dict) -> bool:
-        if time.time() - float(holder.get("heartbeat_at", 0)) > self.stale_s:
+        if self._age(holder) > self.stale_s:
             return True
         if holder.get("host") == socket.gethostname():
             try:
@@ -95,8 +104,31 @@ class Lease:
 
     def _take_over(self) -> None:
         holder = self._holder()
+        deadline = time.monotonic() + self.wait_same_run_s
+        if holder and holder.get("run_id") == self.run_id and time.monotonic() < deadline:
+            if not self._is_stale(holder):
+                logger.warning(
+                    "%s is held by an attempt of this run (%s on %s, pid %s, heartbeat %.0fs ago): waiting up to "
+                    "%.0fs for it to end or go stale",
+                    self.store.describe(self.key),
+                    holder.get("run_id"),
+                    holder.get("host"),
+                    holder.get("pid"),
+                    self._age(holder),
+                    self.wait_same_run_s,
+                )
+            while (
+                holder
+                and holder.get("run_id") == self.run_id
+                and not self._is_stale(holder)
+                and time.monotonic() < deadline
+            ):
+                time.sleep(min(5.0, max(0.2, self.stale_s / 10)))
+                if self.store.write_if_absent(self.key, self._payload().encode("utf-8")):
+                    return  # released meanwhile: ours now
+                holder = self._holder()
         if holder is not None and not self._is_stale(holder):
-            age = time.time() - float(holder.get("heartbeat_at", 0))
+            age = self._age(holder)
             hint = f" ({self.stale_hint})" if self.stale_hint else ""
             raise Refused(
                 f"another run holds {self.store.describe(self.key)}: {holder.get('run_id')} on {holder.get('host')} "

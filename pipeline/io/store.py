@@ -105,6 +105,11 @@ class Store(ABC):
         has them: an S3 write is one PUT, so here there is nothing to do."""
         return 0, 0
 
+    def age_s(self, key: str) -> float | None:
+        """Seconds since the object was last written, by the store's own clock (so that hosts whose clocks
+        disagree judge a lock's heartbeat alike); None when it does not exist or the store cannot tell."""
+        return None
+
     def describe(self, key: str = "") -> str:
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
 
@@ -178,6 +183,12 @@ class LocalStore(Store):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def age_s(self, key: str) -> float | None:
+        try:
+            return max(0.0, time.time() - self._path(key).stat().st_mtime)
+        except OSError:
+            return None
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self._walk(prefix))
@@ -380,6 +391,27 @@ class S3Store(Store):
                 if _error_code(e) in ("404", "NoSuchKey", "NotFound"):
                     return False  # note: a missing bucket also answers 404 to HEAD
                 raise
+
+        return self._call(f"check {self.describe(key)}", head)
+
+    def age_s(self, key: str) -> float | None:
+        """The response's Date minus the object's Last-Modified: both the server's clock (1 s resolution)."""
+        from email.utils import parsedate_to_datetime
+
+        from botocore.exceptions import ClientError
+
+        def head() -> float | None:
+            try:
+                response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as e:
+                if _error_code(e) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            modified = response.get("LastModified")
+            if not date or modified is None:
+                return None
+            return max(0.0, (parsedate_to_datetime(date) - modified).total_seconds())
 
         return self._call(f"check {self.describe(key)}", head)
 

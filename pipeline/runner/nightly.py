@@ -6,7 +6,9 @@
 
 A run is refused (exit code 3) when another live run holds the lock, or when it is late: a newer night is
 already complete. A lock is taken over when its holder stopped heartbeating for `lock_stale_s`, or is a dead
-process on this host (a crashed attempt of a retried night). The schedule's own concurrency policy
+process on this host (a crashed attempt of a retried night). A holder of the same night on another host (the
+attempt before a retry, whose pod or head node died moments ago) is waited for, up to `lock_stale_s` + 60 s,
+to go stale or release the lock; a retry is then not refused for starting too soon. The schedule's own concurrency policy
 (CronJob `concurrencyPolicy: Forbid`) is the first line; the lock also covers manual runs and reschedules.
 Retention deletes only complete runs older than `retention_days`, never LATEST or an incomplete run.
 """
@@ -129,6 +131,8 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
         nightly.lock_stale_s,
         what="nightly runs",
         stale_hint="nightly.lock_stale_s",
+        # A retried night (its pod or head node died) finds its own lock still fresh: wait for it to go stale.
+        wait_same_run_s=nightly.lock_stale_s + 60.0,
     )
     try:
         lease.acquire()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,11 +67,31 @@ def test_a_live_lock_refuses_an_overlapping_run_and_a_stale_one_is_taken_over(tm
             {"token": "t", "run_id": "old", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time() - 100}
         ),
     )
+    # Its last heartbeat reached the store 100 s ago (the lock's age is the store's, not the holder's clock).
+    lock_file = tmp_path / "_locks" / "n.lock"
+    os.utime(lock_file, (time.time() - 100, time.time() - 100))
     with pytest.raises(Refused):
         _lock(store, stale_s=1000).acquire()
     taker = _lock(store, stale_s=30)
     taker.acquire()
     taker.release()
+
+
+def test_a_live_holder_whose_clock_runs_behind_is_not_taken_over(tmp_path):
+    """A remote holder 10 minutes behind writes heartbeat_at values that look 600 s old; its lock was written
+    a moment ago by the store's clock, so it is alive. (Judged by heartbeat_at it was taken over: two runs.)"""
+    store = LocalStore(tmp_path)
+    behind = {
+        "token": "t",
+        "run_id": "live",
+        "host": "elsewhere",
+        "pid": 1,
+        "heartbeat_at": time.time() - 600,
+    }
+    store.write_text("_locks/n.lock", json.dumps(behind))
+    with pytest.raises(Refused, match=r"heartbeat \d+s ago"):
+        _lock(store, stale_s=120).acquire()
+    assert json.loads(store.read_text("_locks/n.lock"))["token"] == "t"
 
 
 def test_retention_removes_only_old_complete_runs(tmp_path):
@@ -174,3 +195,52 @@ def test_overlapping_nightly_is_refused(tmp_path):
     assert proc.returncode == 3, log[-2000:]
     assert "another run holds" in log and "nightly-2026-11-26" in log
     assert not (out / "nightly-2026-11-27").exists(), "nothing was generated"
+
+
+def test_an_attempt_of_the_same_night_is_waited_for_until_stale_and_another_night_is_refused_at_once(
+    tmp_path,
+):
+    """A retried night whose previous attempt died on another host (its lock still fresh) takes the lock once
+    it goes stale, instead of being refused (exit 3, which the CronJob does not retry: the night was lost)."""
+    store = LocalStore(tmp_path)
+    dead = {"token": "t", "run_id": "nightly-x", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time()}
+    store.write_text("_locks/n.lock", json.dumps(dead))
+    started = time.monotonic()
+    retry = Lease(store, "_locks/n.lock", "retry", "nightly-x", 1.5, what="nightly runs", wait_same_run_s=30)
+    retry.acquire()
+    assert 1.5 <= time.monotonic() - started < 15
+    assert json.loads(store.read_text("_locks/n.lock"))["token"] == "retry"
+    retry.release()
+
+    # Another night is refused at once, however long same-run holders are waited for.
+    store.write_text("_locks/n.lock", json.dumps({**dead, "run_id": "nightly-y"}))
+    started = time.monotonic()
+    with pytest.raises(Refused, match="nightly-y"):
+        Lease(store, "_locks/n.lock", "r", "nightly-x", 30, what="nightly runs", wait_same_run_s=60).acquire()
+    assert time.monotonic() - started < 5
+
+
+def test_a_live_attempt_of_the_same_night_is_refused_after_the_wait(tmp_path):
+    store = LocalStore(tmp_path)
+    live = Lease(store, "_locks/n.lock", "live", "nightly-x", 1.0, what="nightly runs")
+    live.acquire()  # heartbeats every second: never stale
+    try:
+        started = time.monotonic()
+        with pytest.raises(Refused, match="another run holds"):
+            Lease(store, "_locks/n.lock", "second", "nightly-x", 1.0, wait_same_run_s=3).acquire()
+        assert 3 <= time.monotonic() - started < 15
+    finally:
+        live.release()
+    # Released while a same-run attempt waits: it takes the lock at once.
+    live = Lease(store, "_locks/n.lock", "live", "nightly-x", 60.0)
+    live.acquire()
+    waiter = Lease(store, "_locks/n.lock", "waiter", "nightly-x", 60.0, wait_same_run_s=30)
+    timer = threading.Timer(1.0, live.release)
+    timer.start()
+    started = time.monotonic()
+    waiter.acquire()
+    assert (
+        time.monotonic() - started < 10 and json.loads(store.read_text("_locks/n.lock"))["token"] == "waiter"
+    )
+    waiter.release()
+    timer.join()
