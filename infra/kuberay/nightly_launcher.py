@@ -11,7 +11,9 @@ PyYAML, nothing else; it talks to the Kubernetes API with the pod's service acco
    entrypoint and this pod's Job as its owner (the CronJob's history limits then garbage-collect it). If that
    RayJob exists already (this is a retry), it waits for it when it is still running, reports it when it
    succeeded, and deletes and re-creates it when it failed: jobs/nightly.py resumes the night's run, keeping
-   every committed shard;
+   every committed shard. The RayJob's activeDeadlineSeconds is lowered to what is left of the Job's (less
+   the cluster's ttlSecondsAfterFinished and 10 minutes), so that a RayJob created by a late retry still
+   ends before the Job does and never runs into the next night;
 3. waits until the RayJob is finished and exits 0 when it succeeded; 3 when jobs/nightly.py refused to run
    (another run holds the night's lock, or the night is older than the newest complete one), 2 when it could
    not start (or the RayJob is invalid), 1 for any other failure (the CronJob's Job retries 1, not 2 or 3:
@@ -46,6 +48,12 @@ SCHEDULED_ANNOTATION = "batch.kubernetes.io/cronjob-scheduled-timestamp"
 NIGHT_LABEL = "canvasflow.io/night"
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_NOT_STARTED, EXIT_LOCKED = 0, 1, 2, 3
 TERMINAL = ("Complete", "Failed", "ValidationFailed")
+# A RayJob created by a retried pod must end before the Job does: when the Job passes its
+# activeDeadlineSeconds Kubernetes kills the launcher, not the RayJob, which would run on into the next night.
+# KubeRay fails a RayJob at its own activeDeadlineSeconds but leaves the cluster (and the driver on it) up for
+# ttlSecondsAfterFinished, so the cap is the Job's remaining time less that TTL and this slack.
+DEADLINE_SLACK_S = 600
+MIN_RAYJOB_DEADLINE_S = 600  # less than this left: the night cannot run in this Job (exit 2, not retried)
 
 
 class KubeError(RuntimeError):
@@ -168,6 +176,36 @@ def pick_night(tz: ZoneInfo, *, date: str | None, job: dict | None, now: dt.date
     return now.astimezone(tz).date(), f"today in {tz.key} (no scheduled time found)"
 
 
+def job_time_left(job: dict | None, now: dt.datetime) -> float | None:
+    """Seconds until the Job reaches its activeDeadlineSeconds (counted from its status.startTime, as the
+    Job controller does); None when it has no deadline or has not started."""
+    if not job:
+        return None
+    deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
+    started = (job.get("status") or {}).get("startTime")
+    if not deadline or not started:
+        return None
+    return float(deadline) - (now - parse_timestamp(started)).total_seconds()
+
+
+def cap_deadline(rayjob: dict, time_left: float | None) -> dict:
+    """`rayjob` with spec.activeDeadlineSeconds lowered so that it ends, cluster included, within
+    `time_left` seconds (the Job's remaining time); unchanged when it already does."""
+    if time_left is None:
+        return rayjob
+    spec = rayjob["spec"]
+    cap = int(time_left - int(spec.get("ttlSecondsAfterFinished") or 0) - DEADLINE_SLACK_S)
+    if cap < MIN_RAYJOB_DEADLINE_S:
+        raise LaunchError(
+            f"only {max(time_left, 0):.0f}s left before this Job's activeDeadlineSeconds: too little to run "
+            "the night (start it again with the launcher's --date, see infra/README.md)"
+        )
+    current = spec.get("activeDeadlineSeconds")
+    if current is None or int(current) > cap:
+        spec["activeDeadlineSeconds"] = cap
+    return rayjob
+
+
 def render(template: dict, night: dt.date, owner: dict | None, overrides: tuple[str, ...] = ()) -> dict:
     """The night's RayJob: the template with a dated name, `nightly.date=...` (and `overrides`) appended to
     its entrypoint, and an owner reference."""
@@ -254,8 +292,9 @@ def launch(
     owner = None
     if job is not None:
         owner = {"name": job["metadata"]["name"], "uid": job["metadata"]["uid"]}
-    night, source = pick_night(tz, date=date, job=job, now=now())
-    desired = render(template, night, owner, overrides)
+    started_at = now()
+    night, source = pick_night(tz, date=date, job=job, now=started_at)
+    desired = cap_deadline(render(template, night, owner, overrides), job_time_left(job, started_at))
     name = desired["metadata"]["name"]
     logger.info("night %s (%s): RayJob %s/%s", night, source, kube.namespace, name)
 
@@ -278,7 +317,12 @@ def launch(
     if existing is None:
         try:
             kube.call("POST", kube.rayjob_path(), desired)
-            logger.info("created RayJob %s: %s", name, desired["spec"]["entrypoint"])
+            logger.info(
+                "created RayJob %s (activeDeadlineSeconds=%s): %s",
+                name,
+                desired["spec"].get("activeDeadlineSeconds"),
+                desired["spec"]["entrypoint"],
+            )
         except KubeError as e:
             if e.status != 409:
                 raise

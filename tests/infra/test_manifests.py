@@ -275,6 +275,12 @@ def test_nightly_cronjob_never_overlaps_and_runs_the_scheduled_night():
         "schedule, launcher and nightly.timezone agree"
     )
     assert template["spec"]["activeDeadlineSeconds"] < job["activeDeadlineSeconds"] < 24 * 3600
+    # The RayJob ends, cluster included (KubeRay deletes it ttlSecondsAfterFinished after the deadline), before
+    # the Job does; the launcher lowers it on retries only, so the first attempt gets the template's value.
+    launcher = load_module(KUBERAY / "nightly_launcher.py", "canvasflow_nightly_launcher_for_manifests")
+    ttl = template["spec"].get("ttlSecondsAfterFinished", 0)
+    rayjob_end = template["spec"]["activeDeadlineSeconds"] + ttl
+    assert rayjob_end + launcher.DEADLINE_SLACK_S < job["activeDeadlineSeconds"]
     assert template["spec"].get("backoffLimit", 0) == 0, "retries are the Job's (the launcher re-creates)"
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert "batch.kubernetes.io/job-name" in env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]

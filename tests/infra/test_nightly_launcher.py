@@ -285,3 +285,61 @@ def test_a_backfill_passes_its_overrides_after_the_date(api: FakeApi):
     for bad in ("nightly.date=2026-01-01", "two words=x", "novalue"):
         with pytest.raises(launcher.LaunchError, match="--override"):
             launcher.render(template(), dt.date(2026, 9, 30), None, (bad,))
+
+
+def cronjob_job_spec() -> dict:
+    """The Job spec of nightly.yaml's CronJob."""
+    for doc in yaml.safe_load_all(NIGHTLY.read_text()):
+        if doc and doc["kind"] == "CronJob":
+            return doc["spec"]["jobTemplate"]["spec"]
+    raise AssertionError("no CronJob in nightly.yaml")
+
+
+def started_job(started: str) -> dict:
+    """The scheduled Job as the API server shows it once running: its deadline, its start time."""
+    job = scheduled_job("2026-10-21T02:00:00Z")
+    job["spec"] = {"activeDeadlineSeconds": cronjob_job_spec()["activeDeadlineSeconds"]}
+    job["status"] = {"startTime": started}
+    return job
+
+
+def test_the_first_attempts_rayjob_keeps_the_templates_deadline(api: FakeApi):
+    api.jobs[JOB] = started_job("2026-10-21T02:00:05Z")
+    api.progress["canvasflow-nightly-2026-10-21"] = [SUCCEEDED]
+    kube = launcher.Kube(api.url, NS, sleep=lambda s: None, attempts=3)
+    now = dt.datetime(2026, 10, 21, 2, 0, 30, tzinfo=dt.timezone.utc)
+    assert launcher.launch(kube, template(), tz=ZoneInfo("UTC"), job_name=JOB, poll_s=0, now=lambda: now) == 0
+    (created,) = api.created
+    assert created["spec"]["activeDeadlineSeconds"] == template()["spec"]["activeDeadlineSeconds"]
+
+
+def test_a_late_retrys_rayjob_ends_before_the_job_does(api: FakeApi):
+    # Attempt 1 ran 10 h and failed; the retry's RayJob must not get a fresh 21 h: the Job dies at 22 h (its
+    # activeDeadlineSeconds kills the launcher, not the RayJob), and the RayJob would run into the next night.
+    job_deadline = cronjob_job_spec()["activeDeadlineSeconds"]
+    api.jobs[JOB] = started_job("2026-10-21T02:00:00Z")
+    name = "canvasflow-nightly-2026-10-21"
+    failed = status("Failed", "FAILED", "Job entrypoint command failed with exit code 1, last logs")
+    api.rayjobs[name] = {"metadata": {"name": name}, "spec": {}, "status": failed}
+    api.after_create[name] = [SUCCEEDED]
+    kube = launcher.Kube(api.url, NS, sleep=lambda s: None, attempts=3)
+    now = dt.datetime(2026, 10, 21, 12, 0, 0, tzinfo=dt.timezone.utc)
+    assert launcher.launch(kube, template(), tz=ZoneInfo("UTC"), job_name=JOB, poll_s=0, now=lambda: now) == 0
+    (created,) = api.created
+    spec = created["spec"]
+    job_ends = dt.datetime(2026, 10, 21, 2, 0, 0, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=job_deadline)
+    # KubeRay fails the RayJob at its deadline and deletes the cluster ttlSecondsAfterFinished later.
+    rayjob_ends = now + dt.timedelta(seconds=spec["activeDeadlineSeconds"] + spec["ttlSecondsAfterFinished"])
+    assert rayjob_ends < job_ends
+    assert spec["activeDeadlineSeconds"] >= job_deadline - 10 * 3600 - 3600  # not needlessly short
+
+
+def test_a_retry_with_no_time_left_in_the_job_does_not_start_a_rayjob(api: FakeApi):
+    api.jobs[JOB] = started_job("2026-10-21T02:00:00Z")
+    kube = launcher.Kube(api.url, NS, sleep=lambda s: None, attempts=3)
+    deadline = cronjob_job_spec()["activeDeadlineSeconds"]
+    now = dt.datetime(2026, 10, 21, 2, 0, 0, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=deadline - 900)
+    api.after_create["canvasflow-nightly-2026-10-21"] = [SUCCEEDED]  # (a launcher that creates it returns)
+    with pytest.raises(launcher.LaunchError, match="activeDeadlineSeconds"):
+        launcher.launch(kube, template(), tz=ZoneInfo("UTC"), job_name=JOB, poll_s=0, now=lambda: now)
+    assert api.created == []
