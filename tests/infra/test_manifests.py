@@ -186,6 +186,45 @@ def test_raycluster_specs_have_what_kuberay_requires():
             assert params.get("metrics-export-port") == "8080", f"{where}: docs/cluster.md promises :8080"
 
 
+# The KubeRay release whose CRD first has a field the manifests use (ray-operator/config/crd/bases of the
+# ray-project/kuberay tags): with an older CRD `kubectl apply` refuses the field (strict field validation) or
+# the API server prunes it, and e.g. a cluster meant to require a token would run without one.
+KUBERAY_FIELD_SINCE = {
+    ("RayCluster", "authOptions"): (1, 5, 1),
+    ("RayJob", "backoffLimit"): (1, 2, 0),
+}
+KUBERAY_MINIMUM_RE = re.compile(r"KubeRay(?: operator)? \(?>= ?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def stated_kuberay_minimums() -> dict[str, tuple[int, int, int]]:
+    found = {}
+    for path in [*infra_files(".yaml", ".yml"), INFRA / "README.md"]:
+        if path.parent.name != "kuberay" and path.name != "README.md":
+            continue
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            if "RayCronJob" in line:  # RayCronJob's own minimum, not the manifests'
+                continue
+            for m in KUBERAY_MINIMUM_RE.finditer(line):
+                found[f"{rel(path)}:{line_no}"] = (int(m[1]), int(m[2]), int(m[3] or 0))
+    return found
+
+
+def test_the_stated_minimum_kuberay_has_every_field_the_manifests_use():
+    stated = stated_kuberay_minimums()
+    for path in ("infra/kuberay/raycluster.yaml", "infra/kuberay/rayjob.yaml", "infra/README.md"):
+        assert any(w.startswith(path + ":") for w in stated), f"{path} states no minimum KubeRay version"
+    assert len(set(stated.values())) == 1, f"the stated minimum KubeRay versions disagree: {stated}"
+    minimum = next(iter(stated.values()))
+    used = set()
+    for _, spec in cluster_specs():
+        used |= {("RayCluster", key) for key in spec}
+    for doc in of_kind("RayJob"):
+        used |= {("RayJob", key) for key in doc.body["spec"]}
+    for field, since in KUBERAY_FIELD_SINCE.items():
+        if field in used:
+            assert minimum >= since, f"{field} needs KubeRay >= {since}; the files state {minimum}"
+
+
 def test_the_copies_of_the_cluster_spec_agree():
     specs = cluster_specs()
     assert len(specs) >= 3, [w for w, _ in specs]
