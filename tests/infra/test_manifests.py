@@ -552,6 +552,36 @@ def test_every_command_is_a_script_of_the_project_with_overrides_that_compose(co
         )
 
 
+# A GPU worker of the launcher config that starts from none is ready for an actor only after EC2 boots it,
+# the image is pulled, setup_commands install torch's CUDA build and the actor downloads its model (~52 GB):
+# far beyond cluster.worker_start_timeout_s's default (600 s), after which the driver exits 2.
+COLD_GPU_WORKER_START_S = 1800
+
+
+def test_jobs_for_the_autoscaled_launcher_cluster_wait_for_cold_gpu_workers():
+    config = launcher_config()
+    head = config["head_node_type"]
+    cold = [
+        n for n, t in config["available_node_types"].items() if n != head and t.get("min_workers", 0) == 0
+    ]
+    if not cold:
+        pytest.skip("no GPU worker type starts from zero")
+    commands = [
+        c
+        for c in all_commands()
+        if c.where.startswith("infra/ray/cluster-aws.yaml") and "cluster=ray" in overrides_of(c)
+    ]
+    assert commands, "cluster-aws.yaml shows how to submit a job"
+    for command in commands:
+        config_dir, config_name = prepare_script(command.script)
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides_of(command))
+        timeout = OmegaConf.select(cfg, "cluster.worker_start_timeout_s")
+        assert timeout >= COLD_GPU_WORKER_START_S, (
+            f"{command}: {cold} start from zero nodes; cluster.worker_start_timeout_s={timeout:g} gives up first"
+        )
+
+
 # ------------------------------------------------------------------------------------------------- IAM
 def statements(policy: dict) -> dict[str, dict]:
     return {s["Sid"]: s for s in policy["Statement"]}
