@@ -16,8 +16,8 @@ PyYAML, nothing else; it talks to the Kubernetes API with the pod's service acco
    ends before the Job does and never runs into the next night;
 3. waits until the RayJob is finished and exits 0 when it succeeded; 3 when jobs/nightly.py refused to run
    (another run holds the night's lock, or the night is older than the newest complete one), 2 when it could
-   not start (or the RayJob is invalid), 1 for any other failure (the CronJob's Job retries 1, not 2 or 3:
-   see its podFailurePolicy).
+   not start (or the RayJob is invalid), 1 for any other failure, including an API server that does not
+   answer (the CronJob's Job retries 1, not 2 or 3: see its podFailurePolicy).
 
     python nightly_launcher.py --template /etc/canvasflow-nightly/rayjob.yaml --timezone UTC
     python nightly_launcher.py ... --date 2026-10-20 --override nightly.allow_late=true   # a backfill
@@ -409,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ZoneInfoNotFoundError:
         logger.error("--timezone=%r is not an IANA time zone name", args.timezone)
-    except (LaunchError, KubeError, OSError, ValueError) as e:
+    except KubeError as e:
+        logger.error("%s", e)
+        if e.status == 0 or e.status == 429 or e.status >= 500:  # the API server, not the configuration
+            return EXIT_FAILED  # retried by the Job (podFailurePolicy fails it at once on 2)
+    except (LaunchError, OSError, ValueError) as e:
         logger.error("%s", e)
     return EXIT_NOT_STARTED
 

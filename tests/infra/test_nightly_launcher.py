@@ -343,3 +343,16 @@ def test_a_retry_with_no_time_left_in_the_job_does_not_start_a_rayjob(api: FakeA
     with pytest.raises(launcher.LaunchError, match="activeDeadlineSeconds"):
         launcher.launch(kube, template(), tz=ZoneInfo("UTC"), job_name=JOB, poll_s=0, now=lambda: now)
     assert api.created == []
+
+
+def test_an_api_server_down_at_start_is_retried_by_the_job_not_taken_for_a_configuration_error(
+    api: FakeApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = tmp_path / "rayjob.yaml"
+    path.write_text(yaml.safe_dump(template()))
+    argv = ["--template", str(path), "--timezone", "UTC", "--api-server", api.url, "--namespace", NS]
+    monkeypatch.setitem(launcher.Kube.__init__.__kwdefaults__, "sleep", lambda s: None)  # no backoff waits
+    api.fail_next = [503] * 10  # beyond the client's retries: exit 1, which the Job retries
+    assert launcher.main([*argv, "--job-name", JOB]) == 1
+    api.fail_next = [403]  # forbidden (RBAC): configuration, exit 2 (podFailurePolicy: not retried)
+    assert launcher.main([*argv, "--job-name", JOB]) == 2
