@@ -92,7 +92,10 @@ def test_job_writes_one_row_per_prompt(tmp_path, ray_local):
     assert stats["rows_out"] == 20 and stats["rows_error"] == 0
     assert stats["denoising_steps"] == sum(r["denoising_steps"] for r in rows)
     assert set(stats["per_worker"]) == {"w0", "w1"}
-    assert "load_dataset" in (run_dir / "README.md").read_text()
+    card = (run_dir / "README.md").read_text()
+    assert "load_dataset" in card
+    # The card links nowhere: it once linked "canvasflow" to the bare https://github.com/.
+    assert "](http" not in card
 
     from datasets import load_dataset
 
