@@ -4,6 +4,7 @@ are quick and name the location without leaking credentials; local writes are at
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -106,6 +107,28 @@ def test_download_file_copies_to_a_local_path(store: Store, tmp_path: Path) -> N
     assert dest.read_bytes() == KEYS["a/sub/x.bin"]
     with pytest.raises(StoreError, match="nope.bin"):
         store.download_file("nope.bin", tmp_path / "nope.bin")
+
+
+def test_age_is_measured_by_the_store_clock(store: Store) -> None:
+    """What lock staleness is judged by: the object's age on the store (S3: Date minus Last-Modified)."""
+    assert store.age_s("missing") is None
+    store.write_text("_lock", "{}")
+    fresh = store.age_s("_lock")
+    assert fresh is not None and 0 <= fresh < 3
+    time.sleep(2.2)
+    aged = store.age_s("_lock")
+    assert aged is not None and aged >= 1 and aged > fresh
+    store.write_text("_lock", "{}")  # a heartbeat
+    assert store.age_s("_lock") < aged
+
+
+def test_a_fresh_lock_with_a_lagging_clock_is_not_stale(store: Store) -> None:
+    from pipeline.io.lease import Lease, Refused
+
+    behind = {"token": "t", "run_id": "r", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time() - 600}
+    store.write_text("_lock", json.dumps(behind))
+    with pytest.raises(Refused, match="another run holds"):
+        Lease(store, "_lock", "me", "r2", 120.0).acquire()
 
 
 def test_check_writable_leaves_nothing_behind(store: Store) -> None:
