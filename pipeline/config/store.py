@@ -20,17 +20,19 @@ INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it: 128 + 2
 TERMINATED = 143  # SIGTERM (Kubernetes, `ray job stop`, `kill`): 128 + 15
 
 
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM, so that the job's finally blocks run (run lock released, Ray
-    shut down) as they do for Ctrl-C. A BaseException: `except Exception` handlers do not swallow it."""
+_terminated = threading.Event()  # set by SIGTERM: the KeyboardInterrupt that follows is a termination
 
 
 def on_sigterm(signum, frame) -> None:
-    raise Terminated()
+    """Stops the job as Ctrl-C does, so that its finally blocks run (actors stopped, run lock released). It
+    raises KeyboardInterrupt, the exception Ray's blocking calls pass on as such (another exception raised
+    inside them comes out as SystemError), and notes that it was SIGTERM for the exit code."""
+    _terminated.set()
+    raise KeyboardInterrupt
 
 
 def install_sigterm_handler() -> None:
-    """SIGTERM raises Terminated in the main thread (ray.init installs its own; ray_setup puts this back)."""
+    """SIGTERM interrupts the main thread (ray.init installs its own handler; ray_setup puts this one back)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -103,13 +105,15 @@ def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], scr
     install_sigterm_handler()
     try:
         hydra_main()
-    except Terminated:
-        sys.stderr.write(
-            f"terminated by SIGTERM (exit code {TERMINATED}): every committed shard is kept; rerun the same "
-            "command to resume the run\n"
-        )
-        sys.exit(TERMINATED)
-    except KeyboardInterrupt:  # Ctrl-C: the job's finally blocks ran (run lock released, Ray shut down)
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl-C or SIGTERM: the job's finally blocks ran (run lock released, Ray shut down)
+        if _terminated.is_set():
+            sys.stderr.write(
+                f"terminated by SIGTERM (exit code {TERMINATED}): every committed shard is kept; rerun the same "
+                "command to resume the run\n"
+            )
+            sys.exit(TERMINATED)
         sys.stderr.write(
             f"interrupted (exit code {INTERRUPTED}): every committed shard is kept; rerun the same command to "
             "resume the run\n"

@@ -83,6 +83,8 @@ class Lease:
         return age if age is not None else time.time() - float(holder.get("heartbeat_at", 0))
 
     def _is_stale(self, holder: dict) -> bool:
+        if holder == {}:  # not a lock this tool wrote (writes are atomic: no live holder's lock reads so)
+            return True
         if self._age(holder) > self.stale_s:
             return True
         if holder.get("host") == socket.gethostname():
