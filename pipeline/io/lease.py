@@ -125,7 +125,7 @@ class Lease:
                 and not self._is_stale(holder)
                 and time.monotonic() < deadline
             ):
-                time.sleep(min(5.0, max(0.2, self.stale_s / 10)))
+                time.sleep(min(2.0, max(0.2, self.stale_s / 10)))
                 if self.store.write_if_absent(self.key, self._payload().encode("utf-8")):
                     return  # released meanwhile: ours now
                 holder = self._holder()
