@@ -316,6 +316,28 @@ def plan(job: JobConfig) -> Prepared:
     return Prepared(job, run_id, run_store, records, spec, info, settings_dict, identity, status)
 
 
+SHARD_BATCH_RATIO = (
+    8  # below this many batches per shard, each shard's drain costs much (bench_shard_size.py)
+)
+
+
+def warn_shard_drain(job: JobConfig, num_shards: int) -> None:
+    """A worker runs one shard at a time, so every shard ends with its batch draining (slots empty as rows
+    finish, nothing left to admit). With few batches per shard that tail is a large share of the GPU's time:
+    on the tiny model at batch 32, 512 rows in shards of 64 took 1.75x the decoder passes of one queue."""
+    batch, shard = job.sampler.batch_size, job.run.shard_size
+    if num_shards > 1 and job.sampler.batching == "continuous" and shard < SHARD_BATCH_RATIO * batch:
+        logger.warning(
+            "run.shard_size=%d is %.1fx sampler.batch_size=%d: each shard ends with its batch draining, which "
+            "wastes GPU passes (benchmarks/bench_shard_size.py); use run.shard_size >= %d (%dx the batch)",
+            shard,
+            shard / batch,
+            batch,
+            SHARD_BATCH_RATIO * batch,
+            SHARD_BATCH_RATIO,
+        )
+
+
 def run_lease(prep: Prepared) -> Lease:
     """The run lock, `<run>/_lock`: one process at a time writes a run (a second one would delete the first
     one's fresh parts as uncommitted, commit shards twice, or with run.overwrite delete the whole run)."""
@@ -363,6 +385,7 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
         return 2
     run_store = prep.run_store
     logger.info("run %s -> %s", prep.run_id, run_store.uri)
+    warn_shard_drain(job, prep.identity["num_shards"])
     # The lock comes before anything is written in the run directory: run.overwrite too must not delete the
     # run of a live process; it replaces only one whose holder is gone (a stale or dead lock, taken over).
     lease = run_lease(prep)

@@ -226,3 +226,25 @@ def test_workers_that_cannot_be_placed_fail_clearly(tmp_path, caplog, ray_local)
     assert run(job) == 2
     assert "did not start within cluster.worker_start_timeout_s=3s" in caplog.text
     assert "1.0 GPU" in caplog.text and "0 GPU free" in caplog.text
+
+
+def test_a_shard_of_few_batches_is_warned_about(caplog):
+    """Each shard ends with its batch draining; with few batches per shard that wastes GPU passes."""
+    import logging
+
+    from pipeline.config.schema import JobConfig
+    from pipeline.runner.job import warn_shard_drain
+
+    job = JobConfig()
+    job.sampler.batch_size, job.run.shard_size = 32, 64
+    with caplog.at_level(logging.WARNING, logger="canvasflow"):
+        warn_shard_drain(job, num_shards=10)
+        warn_shard_drain(job, num_shards=1)  # one shard drains once whatever its size
+        job.run.shard_size = 256
+        warn_shard_drain(job, num_shards=10)
+        job.run.shard_size, job.sampler.batching = 64, "static"
+        warn_shard_drain(job, num_shards=10)
+    assert [r.getMessage() for r in caplog.records] == [
+        "run.shard_size=64 is 2.0x sampler.batch_size=32: each shard ends with its batch draining, which wastes "
+        "GPU passes (benchmarks/bench_shard_size.py); use run.shard_size >= 256 (8x the batch)"
+    ]
