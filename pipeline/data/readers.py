@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config.schema import BUILTIN_PROMPTS, DataConfig
-from pipeline.data.records import RecordBuilder, RecordTable, SpillError
+from pipeline.data.records import InputChangedError, RecordBuilder, RecordTable, SpillError
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,13 @@ def read_input(
             "%d id(s) may occur more than once in the input: reading it again to mark them", len(repeated)
         )
         del table
-        builder, table = _build(data, path, files, fmt, endpoint_url, region, repeated=repeated)
+        first = builder
+        builder, table = _build(data, path, files, fmt, endpoint_url, region, repeated, first.id_hashes)
+        if builder.rows != first.rows:
+            raise InputError(
+                f"data.path={data.path!r} changed while it was read ({first.rows} rows, then {builder.rows}): "
+                "a run needs an input that stays as it is; copy it to a place nothing writes to"
+            )
     return RecordTable(table=table, fingerprint=builder.fingerprint(), files=files, format=fmt)
 
 
@@ -186,6 +192,7 @@ def _build(
     endpoint_url: str | None,
     region: str | None,
     repeated: frozenset[str] | None,
+    first_read: Any = None,
 ) -> tuple[RecordBuilder, pa.Table]:
     """Every row of the input through a RecordBuilder: the builder (counts, fingerprint) and the records."""
     if fmt == "jsonl":
@@ -198,7 +205,7 @@ def _build(
         rows = _arrow_rows(_load_hf(path, data), data, path)
     else:
         raise InputError(f"data.format={fmt!r} is not one of jsonl, parquet, hf_disk, hf")
-    builder = RecordBuilder(data, repeated=repeated)
+    builder = RecordBuilder(data, repeated=repeated, first_read=first_read)
     started = last_log = time.monotonic()
     try:
         for index, (row, error, raw) in enumerate(rows):
@@ -214,7 +221,14 @@ def _build(
                 )
         table = builder.finish()
     except SpillError as e:
+        builder.discard()
         raise InputError(str(e)) from None
+    except InputChangedError as e:
+        builder.discard()
+        raise InputError(
+            f"data.path={data.path!r} changed while it was read: {e}. A run needs an input that stays as it "
+            "is; copy it to a place nothing writes to"
+        ) from None
     except BaseException:
         builder.discard()
         raise

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import tempfile
 from array import array
@@ -46,6 +47,10 @@ SPILL_PREFIX = "canvasflow-records-"
 
 class SpillError(RuntimeError):
     """The records could not be written to the temporary folder; the message names it and the fix."""
+
+
+class InputChangedError(RuntimeError):
+    """A second read of the input (to mark repeated ids) did not see the rows of the first."""
 
 
 @dataclass
@@ -143,20 +148,24 @@ def _safe_json(value: Any) -> str:
 
 class RecordSpill:
     """Record batches written to an Arrow file under `folder` (None: the temporary folder) and read back
-    memory-mapped. The file is unlinked once mapped: the mapping keeps its pages until the table is gone."""
+    memory-mapped. The file is unlinked as soon as it is created, so that a driver killed mid-read leaves
+    nothing behind: it is written and mapped through its open descriptor, and the mapping keeps its pages
+    until the table is gone. On a tmpfs `$TMPDIR` (some distributions' /tmp) those pages are memory, not
+    page cache: point TMPDIR at a disk for large inputs."""
 
     def __init__(self, folder: str | None = None) -> None:
         self.folder = folder or tempfile.gettempdir()
-        self.path: str | None = None
+        self.file: Any = None  # the unlinked file, open for writing and reading
         self.writer: pa.ipc.RecordBatchFileWriter | None = None
         self.bytes = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
         try:
             if self.writer is None:
-                fd, self.path = tempfile.mkstemp(prefix=SPILL_PREFIX, suffix=".arrow", dir=self.folder)
-                os.close(fd)
-                self.writer = pa.ipc.new_file(self.path, RECORD_SCHEMA)
+                fd, path = tempfile.mkstemp(prefix=SPILL_PREFIX, suffix=".arrow", dir=self.folder)
+                os.unlink(path)
+                self.file = os.fdopen(fd, "w+b")
+                self.writer = pa.ipc.new_file(pa.PythonFile(self.file, mode="w"), RECORD_SCHEMA)
             self.writer.write_batch(batch)
         except OSError as e:
             self.discard()
@@ -168,23 +177,24 @@ class RecordSpill:
         self.bytes += batch.nbytes
 
     def table(self) -> pa.Table:
-        assert self.writer is not None and self.path is not None
+        assert self.writer is not None and self.file is not None
         self.writer.close()
         self.writer = None
-        source = pa.memory_map(self.path)  # left open: the table's buffers point into it
-        table = pa.ipc.open_file(source).read_all()
+        self.file.flush()
+        mapped = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)  # outlives the descriptor
         self.discard()
-        return table
+        # Zero-copy: the table's buffers are slices of the mapping, which they keep alive.
+        return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped))).read_all()
 
     def discard(self) -> None:
         if self.writer is not None:
             with contextlib.suppress(Exception):
                 self.writer.close()
             self.writer = None
-        if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            self.path = None
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
 
 
 class RecordBuilder:
@@ -194,7 +204,11 @@ class RecordBuilder:
     is among those, so the second read's records equal those of a check over every id."""
 
     def __init__(
-        self, data: DataConfig, repeated: Set[str] | None = None, spill_dir: str | None = None
+        self,
+        data: DataConfig,
+        repeated: Set[str] | None = None,
+        spill_dir: str | None = None,
+        first_read: array | None = None,
     ) -> None:
         self.data = data
         self.columns: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
@@ -204,6 +218,8 @@ class RecordBuilder:
         self.repeated = repeated
         self.id_hashes = array("q")  # hash(id) per row (first read)
         self.seen_ids: dict[str, int] = {}  # first row of each id in `repeated` (second read)
+        self.first_read = first_read  # the first read's id hashes, which the second read's rows must match
+        self.rows = 0
         self.columns_seen: set[str] = set()
         self.rows_with_prompt = 0
         self.rows_with_id = 0  # rows that have the data.id_column key (null or not)
@@ -228,9 +244,14 @@ class RecordBuilder:
             rid = derived_id(index, prompt if prompt is not None else (raw or ""))
         # Every row's id counts, error rows' too: a later row with the id of a rejected one is a duplicate (the
         # id would otherwise name two input rows, one in errors/ and one in data/).
+        self.rows += 1
         if self.repeated is None:
             self.id_hashes.append(hash(rid))
-        elif rid in self.repeated:
+        elif self.first_read is not None and (
+            index >= len(self.first_read) or self.first_read[index] != hash(rid)
+        ):
+            raise InputChangedError(f"row {index} has another id than when the input was first read")
+        if self.repeated is not None and rid in self.repeated:
             if rid in self.seen_ids:
                 if error is None:
                     error = f"duplicate id {rid!r} (first seen at input row {self.seen_ids[rid]})"

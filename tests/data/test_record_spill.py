@@ -100,3 +100,34 @@ def test_tracking_ids_that_do_not_repeat_changes_nothing(tmp_path):
         frozenset(counts)
     )  # every id tracked: same records and fingerprint
     assert sum(r["error"] is not None for r in records) == 4  # the second row of each i-id
+
+
+def test_the_spill_file_has_no_name_while_the_input_is_read(tmpdir_env, monkeypatch):
+    """Unlinked at creation: a driver killed mid-read (SIGKILL, out of memory) leaves nothing in TMPDIR."""
+    monkeypatch.setattr(records_module, "BATCH_ROWS", 2)
+    builder = RecordBuilder(DataConfig(path="-"))
+    for index in range(7):
+        builder.add(index, {"prompt": f"p{index}"}, None, None)
+    assert builder.written == 3 and builder.spill.bytes > 0
+    assert os.listdir(tmpdir_env) == []
+    table = builder.finish()
+    assert table.column("prompt").to_pylist() == [f"p{i}" for i in range(7)]
+
+
+def test_an_input_that_changes_between_the_two_reads_is_refused(tmp_path, monkeypatch):
+    """The ids to mark come from the first read, the records from the second: they must be the same rows
+    (a file rewritten in between gave two valid rows with one id, unmarked)."""
+    from pipeline.data import readers
+
+    path = tmp_path / "in.jsonl"
+    _jsonl(path, [{"id": i, "prompt": f"p{n}"} for n, i in enumerate(["a", "b", "a"])])
+    build = readers._build
+
+    def build_then_rewrite(*args, **kwargs):
+        result = build(*args, **kwargs)
+        _jsonl(path, [{"id": i, "prompt": f"p{n}"} for n, i in enumerate(["a", "b", "b"])])
+        return result
+
+    monkeypatch.setattr(readers, "_build", build_then_rewrite)
+    with pytest.raises(InputError, match=r"changed while it was read: row 2 has another id"):
+        read_input(DataConfig(path=str(path), id_column="id"))
