@@ -112,8 +112,10 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> li
         if any(
             f"{folder}{marker}" in keys for marker in HF_DISK_MARKERS
         ):  # a dataset saved with save_to_disk
-            return [
-                f"s3://{bucket}/{k}" for k in keys if k.startswith(folder) and not _hidden(k[len(folder) :])
+            return [  # folder markers (keys ending in '/', made by consoles) hold nothing
+                f"s3://{bucket}/{k}"
+                for k in keys
+                if k.startswith(folder) and not k.endswith("/") and not _hidden(k[len(folder) :])
             ]
         files = [
             f"s3://{bucket}/{k}"
@@ -489,10 +491,16 @@ def _download_prefix(
     logger.info("downloading the saved dataset %s (%d objects) to a temporary folder", path, len(files))
     try:
         for uri in files:
-            relative = split_s3_uri(uri)[1][len(root) :]
-            dest = Path(folder, relative)
+            object_key = uri[len(f"s3://{bucket}/") :]  # as listed: split_s3_uri would strip its slashes
+            parts = object_key[len(root) :].split("/")
+            if any(part in ("", ".", "..") for part in parts):  # e.g. ds//etc/x would write /etc/x
+                raise InputError(
+                    f"cannot download the saved dataset {path}: object {uri} does not map to a file below "
+                    "it (empty, '.' or '..' path parts); remove it from the prefix"
+                )
+            dest = Path(folder, *parts)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            size += store.download_file(split_s3_uri(uri)[1], dest)
+            size += store.download_file(object_key, dest)
     except StoreError as e:
         raise InputError(f"cannot download the saved dataset {path}: {e}") from None
     except OSError as e:

@@ -66,3 +66,26 @@ def test_a_saved_dataset_on_s3_with_a_missing_file_fails_naming_the_prefix(s3_bu
     s3_bucket.server.client().delete_object(Bucket=s3_bucket.name, Key=f"in/ds/{arrow}")
     with pytest.raises(InputError, match=rf"cannot load the saved dataset at {s3_bucket.uri}/in/ds"):
         read_input(DataConfig(path=f"{s3_bucket.uri}/in/ds"), endpoint_url=s3_bucket.endpoint)
+
+
+@pytest.mark.s3
+def test_folder_markers_are_skipped_and_a_key_that_maps_outside_is_refused(s3_bucket, tmp_path):
+    from datasets import Dataset
+
+    from pipeline.data.readers import _download_prefix
+
+    Dataset.from_dict({"prompt": ["Add: 1+2", "Add: 3+4"]}).save_to_disk(str(tmp_path / "ds"))
+    _upload(s3_bucket, tmp_path / "ds", "in/ds")
+    s3_bucket.put("in/ds/", b"")  # what an S3 console's "Create folder" makes
+    s3_bucket.put("in/ds/sub/", b"")
+    records = read_input(DataConfig(path=f"{s3_bucket.uri}/in/ds"), endpoint_url=s3_bucket.endpoint)
+    assert records.num_rows == 2 and not any(f.endswith("/") for f in records.files)
+
+    # A key like in/ds//etc/x: joined naively it is the absolute path /etc/x.
+    target = tmp_path / "outside"
+    for bad in (f"/{target}/x", "../x", "./x"):
+        with pytest.raises(InputError, match="does not map to a file below it"):
+            _download_prefix(
+                f"{s3_bucket.uri}/in/ds", [f"{s3_bucket.uri}/in/ds/{bad}"], str(tmp_path / "dl"), None, None
+            )
+    assert not target.exists()
