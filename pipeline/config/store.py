@@ -28,12 +28,14 @@ def on_sigterm(signum, frame) -> None:
     raises KeyboardInterrupt, the exception Ray's blocking calls pass on as such (another exception raised
     inside them comes out as SystemError), and notes that it was SIGTERM for the exit code."""
     _terminated.set()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
     raise KeyboardInterrupt
 
 
 def install_sigterm_handler() -> None:
     """SIGTERM interrupts the main thread (ray.init installs its own handler; ray_setup puts this one back)."""
     if threading.current_thread() is threading.main_thread():
+        _terminated.clear()
         signal.signal(signal.SIGTERM, on_sigterm)
 
 

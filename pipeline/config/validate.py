@@ -10,6 +10,9 @@ from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig, Nightl
 from pipeline.sampler.mask.settings import check_mask_knobs
 from pipeline.sampler.settings import SettingsError, check_knobs
 
+# pipeline/runner/job.py: RUN_LOCK_STALE_S (120) plus one run-lock heartbeat interval (30 s)
+MIN_NIGHTLY_LOCK_STALE_S = 150.0
+
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")  # scheme:/... (builtin:x and hf:x have no slash)
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -138,6 +141,12 @@ def validate_nightly(nightly: NightlyConfig) -> NightlyConfig:
             nightly.retention_days,
             "must be >= 0 (complete nights older than this many days are deleted), or null to keep every night",
         )
-    if not nightly.lock_stale_s > 0:
-        raise _fail("nightly.lock_stale_s", nightly.lock_stale_s, "must be > 0 (seconds)")
+    if not nightly.lock_stale_s >= MIN_NIGHTLY_LOCK_STALE_S:
+        raise _fail(
+            "nightly.lock_stale_s",
+            nightly.lock_stale_s,
+            f"must be >= {MIN_NIGHTLY_LOCK_STALE_S:g} (seconds): a retried night waits this long for its dead "
+            "predecessor's nightly lock, and must then find that predecessor's run lock stale too (after 120 s "
+            "without a heartbeat, which comes every 30 s)",
+        )
     return nightly

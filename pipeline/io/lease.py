@@ -9,6 +9,7 @@ run directory) use it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -98,14 +99,23 @@ class Lease:
 
     def acquire(self) -> None:
         """Takes the lock or raises Refused naming its holder; StoreError if the store cannot be written."""
-        if not self.store.write_if_absent(self.key, self._payload().encode("utf-8")):
-            self._take_over()
+        try:
+            if not self.store.write_if_absent(self.key, self._payload().encode("utf-8")):
+                self._take_over()
+        except BaseException:  # Refused, a store error, or a signal after our write: leave no lock of ours
+            with contextlib.suppress(Exception):
+                holder = self._holder()
+                if holder and holder.get("token") == self.token:
+                    self.store.delete([self.key])
+            raise
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
     def _take_over(self) -> None:
         holder = self._holder()
+        if holder and holder.get("token") == self.token:  # our write landed though its answer was lost
+            return
         deadline = time.monotonic() + self.wait_same_run_s
         if holder and holder.get("run_id") == self.run_id and time.monotonic() < deadline:
             if not self._is_stale(holder):

@@ -107,7 +107,9 @@ class Store(ABC):
 
     def age_s(self, key: str) -> float | None:
         """Seconds since the object was last written, by the store's own clock (so that hosts whose clocks
-        disagree judge a lock's heartbeat alike); None when it does not exist or the store cannot tell."""
+        disagree judge a lock's heartbeat alike); None when it does not exist or the store cannot tell. A
+        local store compares the file's mtime with this host's clock: on a filesystem shared between hosts
+        (NFS) the mtime is the server's, and the hosts' clocks must agree."""
         return None
 
     def describe(self, key: str = "") -> str:
@@ -411,7 +413,13 @@ class S3Store(Store):
             modified = response.get("LastModified")
             if not date or modified is None:
                 return None
-            return max(0.0, (parsedate_to_datetime(date) - modified).total_seconds())
+            try:
+                now = parsedate_to_datetime(date)
+            except (TypeError, ValueError):
+                return None
+            if now.tzinfo is None or modified.tzinfo is None:  # a Date without a zone: cannot compare
+                return None
+            return max(0.0, (now - modified).total_seconds())
 
         return self._call(f"check {self.describe(key)}", head)
 

@@ -80,7 +80,8 @@ def test_a_job_with_a_too_large_seed_exits_2_before_any_work(model, tmp_path, ca
         ("nightly.run_prefix=..", "nightly.run_prefix='..' must start with a letter or digit"),
         ("nightly.run_prefix=''", "nightly.run_prefix='' must start with a letter or digit"),
         ("nightly.retention_days=-5", "nightly.retention_days=-5 must be >= 0"),
-        ("nightly.lock_stale_s=0", "nightly.lock_stale_s=0.0 must be > 0"),
+        ("nightly.lock_stale_s=0", "nightly.lock_stale_s=0.0 must be >= 150"),
+        ("nightly.lock_stale_s=100", "nightly.lock_stale_s=100.0 must be >= 150 (seconds): a retried night"),
     ],
 )
 def test_bad_nightly_values_fail_naming_the_key(override, message):
@@ -110,3 +111,10 @@ def test_run_nightly_with_an_impossible_date_exits_2_without_a_traceback(tmp_pat
 def test_a_hand_made_impossible_night_directory_is_not_a_night():
     assert date_of(NightlyConfig(), "nightly-2026-02-30") is None
     assert str(date_of(NightlyConfig(), "nightly-2026-02-28")) == "2026-02-28"
+
+
+def test_the_nightly_lock_outlasts_the_run_lock_it_wraps():
+    from pipeline.config.validate import MIN_NIGHTLY_LOCK_STALE_S
+    from pipeline.runner.job import RUN_LOCK_STALE_S
+
+    assert MIN_NIGHTLY_LOCK_STALE_S == RUN_LOCK_STALE_S + RUN_LOCK_STALE_S / 4  # + one run-lock heartbeat

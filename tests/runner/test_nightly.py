@@ -222,12 +222,12 @@ def test_an_attempt_of_the_same_night_is_waited_for_until_stale_and_another_nigh
 
 def test_a_live_attempt_of_the_same_night_is_refused_after_the_wait(tmp_path):
     store = LocalStore(tmp_path)
-    live = Lease(store, "_locks/n.lock", "live", "nightly-x", 1.0, what="nightly runs")
-    live.acquire()  # heartbeats every second: never stale
+    live = Lease(store, "_locks/n.lock", "live", "nightly-x", 4.0, what="nightly runs")
+    live.acquire()  # heartbeats every second: never 4 s old
     try:
         started = time.monotonic()
         with pytest.raises(Refused, match="another run holds"):
-            Lease(store, "_locks/n.lock", "second", "nightly-x", 1.0, wait_same_run_s=3).acquire()
+            Lease(store, "_locks/n.lock", "second", "nightly-x", 4.0, wait_same_run_s=3).acquire()
         assert 3 <= time.monotonic() - started < 15
     finally:
         live.release()
@@ -244,3 +244,32 @@ def test_a_live_attempt_of_the_same_night_is_refused_after_the_wait(tmp_path):
     )
     waiter.release()
     timer.join()
+
+
+def test_a_lock_whose_write_landed_though_its_answer_was_lost_is_ours(tmp_path):
+    """A PUT that succeeded but whose answer was lost is retried and refused (412): the lock then holds our
+    own token, and our own live pid on this host. It was refused as another run's."""
+    store = LocalStore(tmp_path)
+    ours = {"token": "me", "run_id": "r", "host": socket.gethostname(), "pid": os.getpid(), "heartbeat_at": 0}
+    store.write_text("_lock", json.dumps(ours))
+    lease = Lease(store, "_lock", "me", "r", 120.0)
+    lease.acquire()
+    lease.release()
+    assert not store.exists("_lock")
+
+
+def test_an_interrupted_acquire_leaves_no_lock_of_its_own(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path)
+    store.write_text(
+        "_lock", json.dumps({"token": "dead", "run_id": "r", "host": "x", "pid": 1, "heartbeat_at": 0})
+    )
+    os.utime(tmp_path / "_lock", (0, 0))  # stale: taken over
+    lease = Lease(store, "_lock", "me", "r", 120.0)
+
+    def interrupted(seconds):  # the signal lands in the takeover's re-check pause
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.io.lease.time.sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lease.acquire()
+    assert not store.exists("_lock")
