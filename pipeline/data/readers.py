@@ -14,6 +14,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +37,9 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 UTF8_BOM = b"\xef\xbb\xbf"
 GZIP_MAGIC = b"\x1f\x8b"
 READ_PROGRESS_S = 10.0  # seconds between progress lines while a large input is read
+# Temporary folders of S3 input downloads: removed when the read ends, left behind by a killed driver.
+DOWNLOAD_PREFIXES = ("canvasflow-input-", "canvasflow-dataset-")
+STALE_DOWNLOAD_S = 24 * 3600.0  # a download folder untouched this long belongs to no live read
 HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 JSONL_HINT = (
     'Each line must hold one JSON object, e.g. {"prompt": "..."}; convert a JSON array with '
@@ -151,6 +155,7 @@ def read_input(
     data: DataConfig, *, endpoint_url: str | None = None, region: str | None = None
 ) -> RecordTable:
     """All records of the input, in input order, with a fingerprint of their content."""
+    remove_stale_downloads()
     path = resolve_path(data.path)
     files = list_files(path, endpoint_url=endpoint_url, region=region)
     fmt = detect_format(path, data.format, files)
@@ -184,6 +189,35 @@ def read_input(
                 "a run needs an input that stays as it is; copy it to a place nothing writes to"
             )
     return RecordTable(table=table, fingerprint=builder.fingerprint(), files=files, format=fmt)
+
+
+def remove_stale_downloads(folder: str | None = None, older_than_s: float = STALE_DOWNLOAD_S) -> int:
+    """Removes the S3 download folders that killed drivers left in the temporary folder: those whose files
+    were all written more than a day ago (no read of an input lasts that long); returns how many."""
+    folder = folder or tempfile.gettempdir()
+    removed = 0
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(DOWNLOAD_PREFIXES) and e.is_dir()]
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            newest = max(
+                [entry.stat().st_mtime]
+                + [
+                    os.stat(os.path.join(root, n)).st_mtime
+                    for root, _, names in os.walk(entry.path)
+                    for n in names
+                ]
+            )
+        except OSError:
+            continue
+        if time.time() - newest > older_than_s:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    if removed:
+        logger.info("removed %d stale download folder(s) of killed reads from %s", removed, folder)
+    return removed
 
 
 def _build(

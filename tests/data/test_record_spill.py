@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 
 import pyarrow as pa
 import pytest
@@ -131,3 +132,24 @@ def test_an_input_that_changes_between_the_two_reads_is_refused(tmp_path, monkey
     monkeypatch.setattr(readers, "_build", build_then_rewrite)
     with pytest.raises(InputError, match=r"changed while it was read: row 2 has another id"):
         read_input(DataConfig(path=str(path), id_column="id"))
+
+
+def test_download_folders_left_by_killed_reads_are_removed_after_a_day(tmp_path):
+    from pipeline.data.readers import remove_stale_downloads
+
+    old = time.time() - 2 * 24 * 3600
+    for name, stale in (
+        ("canvasflow-input-a1", True),
+        ("canvasflow-dataset-b2", True),
+        ("canvasflow-input-c3", False),
+    ):
+        folder = tmp_path / name
+        (folder / "train").mkdir(parents=True)
+        (folder / "train" / "data.arrow").write_bytes(b"x")
+        if stale:
+            for path in (folder / "train" / "data.arrow", folder / "train", folder):
+                os.utime(path, (old, old))
+    (tmp_path / "other-tool-d4").mkdir()
+    os.utime(tmp_path / "other-tool-d4", (old, old))
+    assert remove_stale_downloads(str(tmp_path)) == 2
+    assert sorted(os.listdir(tmp_path)) == ["canvasflow-input-c3", "other-tool-d4"]
