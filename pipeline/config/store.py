@@ -109,18 +109,14 @@ def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], scr
         hydra_main()
     except (
         KeyboardInterrupt
-    ):  # Ctrl-C or SIGTERM: the job's finally blocks ran (run lock released, Ray shut down)
-        if _terminated.is_set():
-            sys.stderr.write(
-                f"terminated by SIGTERM (exit code {TERMINATED}): every committed shard is kept; rerun the same "
-                "command to resume the run\n"
-            )
-            sys.exit(TERMINATED)
-        sys.stderr.write(
-            f"interrupted (exit code {INTERRUPTED}): every committed shard is kept; rerun the same command to "
-            "resume the run\n"
+    ):  # Ctrl-C or SIGTERM: the job's finally blocks ran (lock released, Ray shut down)
+        what, code = (
+            ("terminated by SIGTERM", TERMINATED) if _terminated.is_set() else ("interrupted", INTERRUPTED)
         )
-        sys.exit(INTERRUPTED)
+        sys.stderr.write(
+            f"{what} (exit code {code}): every committed shard is kept; rerun the same command to resume the run\n"
+        )
+        sys.exit(code)
     except SystemExit as e:
         if e.code in (None, 0) or task_started():
             raise

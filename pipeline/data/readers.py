@@ -184,11 +184,15 @@ def read_input(
         first = builder
         builder, table = _build(data, path, files, fmt, endpoint_url, region, repeated, first.id_hashes)
         if builder.rows != first.rows:
-            raise InputError(
-                f"data.path={data.path!r} changed while it was read ({first.rows} rows, then {builder.rows}): "
-                "a run needs an input that stays as it is; copy it to a place nothing writes to"
-            )
+            raise _changed(data, f"{first.rows} rows, then {builder.rows}")
     return RecordTable(table=table, fingerprint=builder.fingerprint(), files=files, format=fmt)
+
+
+def _changed(data: DataConfig, detail: str) -> InputError:
+    return InputError(
+        f"data.path={data.path!r} changed while it was read: {detail}. A run needs an input that stays as it "
+        "is; copy it to a place nothing writes to"
+    )
 
 
 def remove_stale_downloads(folder: str | None = None, older_than_s: float = STALE_DOWNLOAD_S) -> int:
@@ -261,10 +265,7 @@ def _build(
         raise InputError(str(e)) from None
     except InputChangedError as e:
         builder.discard()
-        raise InputError(
-            f"data.path={data.path!r} changed while it was read: {e}. A run needs an input that stays as it "
-            "is; copy it to a place nothing writes to"
-        ) from None
+        raise _changed(data, str(e)) from None
     except BaseException:
         builder.discard()
         raise

@@ -207,12 +207,11 @@ class RecordBuilder:
         self,
         data: DataConfig,
         repeated: Set[str] | None = None,
-        spill_dir: str | None = None,
         first_read: array | None = None,
     ) -> None:
         self.data = data
         self.columns: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
-        self.spill = RecordSpill(spill_dir)
+        self.spill = RecordSpill()
         self.written = 0
         self.hash = hashlib.sha256()
         self.repeated = repeated
@@ -247,17 +246,17 @@ class RecordBuilder:
         self.rows += 1
         if self.repeated is None:
             self.id_hashes.append(hash(rid))
-        elif self.first_read is not None and (
-            index >= len(self.first_read) or self.first_read[index] != hash(rid)
-        ):
-            raise InputChangedError(f"row {index} has another id than when the input was first read")
-        if self.repeated is not None and rid in self.repeated:
-            if rid in self.seen_ids:
-                if error is None:
-                    error = f"duplicate id {rid!r} (first seen at input row {self.seen_ids[rid]})"
-                    raw = raw or (_safe_json(row) if row is not None else None)
-            else:
-                self.seen_ids[rid] = index
+        else:
+            first = self.first_read
+            if first is not None and (index >= len(first) or first[index] != hash(rid)):
+                raise InputChangedError(f"row {index} has another id than when the input was first read")
+            if rid in self.repeated:
+                if rid in self.seen_ids:
+                    if error is None:
+                        error = f"duplicate id {rid!r} (first seen at input row {self.seen_ids[rid]})"
+                        raw = raw or (_safe_json(row) if row is not None else None)
+                else:
+                    self.seen_ids[rid] = index
         record = {
             "id": rid,
             "source_index": index,

@@ -117,28 +117,31 @@ class Lease:
         if holder and holder.get("token") == self.token:  # our write landed though its answer was lost
             return
         deadline = time.monotonic() + self.wait_same_run_s
-        if holder and holder.get("run_id") == self.run_id and time.monotonic() < deadline:
-            if not self._is_stale(holder):
-                logger.warning(
-                    "%s is held by an attempt of this run (%s on %s, pid %s, heartbeat %.0fs ago): waiting up to "
-                    "%.0fs for it to end or go stale",
-                    self.store.describe(self.key),
-                    holder.get("run_id"),
-                    holder.get("host"),
-                    holder.get("pid"),
-                    self._age(holder),
-                    self.wait_same_run_s,
-                )
-            while (
-                holder
-                and holder.get("run_id") == self.run_id
-                and not self._is_stale(holder)
-                and time.monotonic() < deadline
-            ):
-                time.sleep(min(2.0, max(0.2, self.stale_s / 10)))
-                if self.store.write_if_absent(self.key, self._payload().encode("utf-8")):
-                    return  # released meanwhile: ours now
-                holder = self._holder()
+        if (
+            self.wait_same_run_s > 0
+            and holder
+            and holder.get("run_id") == self.run_id
+            and not self._is_stale(holder)
+        ):
+            logger.warning(
+                "%s is held by an attempt of this run (%s on %s, pid %s): waiting up to %.0fs for it to end or go "
+                "stale",
+                self.store.describe(self.key),
+                holder.get("run_id"),
+                holder.get("host"),
+                holder.get("pid"),
+                self.wait_same_run_s,
+            )
+        while (
+            holder
+            and holder.get("run_id") == self.run_id
+            and time.monotonic() < deadline
+            and not self._is_stale(holder)
+        ):
+            time.sleep(min(2.0, max(0.2, self.stale_s / 10)))
+            if self.store.write_if_absent(self.key, self._payload().encode("utf-8")):
+                return  # released meanwhile: ours now
+            holder = self._holder()
         if holder is not None and not self._is_stale(holder):
             age = self._age(holder)
             hint = f" ({self.stale_hint})" if self.stale_hint else ""

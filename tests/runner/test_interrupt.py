@@ -9,15 +9,10 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.runner.test_faults import wait_for
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.runner.test_faults import start_job, wait_for
 
 
 def test_ctrl_c_exits_130_with_one_line(capsys):
@@ -46,14 +41,7 @@ def test_a_signal_mid_run_exits_with_one_line_and_releases_the_lock(tmp_path, si
     run_dir = tmp_path / "out" / "r1"
     args = [f"data.path={data}", f"output.uri={tmp_path / 'out'}", "run.id=r1", "run.shard_size=8"]
     args += ["cluster.num_workers=1", "run.progress_interval_s=1"]
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / "generate.py"), *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_job(args, tmp_path)
     try:
         commits = run_dir / "_commits"
         wait_for(lambda: commits.exists() and any(commits.iterdir()), 300, "a first commit")
