@@ -72,8 +72,8 @@ moe_gemm() {  # the experts' products for generate / profile: $MOE_GEMM, else th
 steps=${*:-tests vocab-head experts generate profile llada}
 for name in $steps; do
     case "$name:${QUICK:-0}" in
-    tests:1) step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels ;;
-    tests:*) step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/models ;;
+    tests:1) step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra --strict-markers" tests/kernels ;;
+    tests:*) step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra --strict-markers" tests/kernels tests/models ;;
     vocab-head:1) step vocab-head 120 python3 benchmarks/bench_vocab_head.py --quick ;;
     vocab-head:*) step vocab-head 150 python3 benchmarks/bench_vocab_head.py ;;
     experts:1) step experts 60 python3 benchmarks/bench_experts.py --quick --choice "$choice_file" ;;

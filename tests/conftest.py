@@ -34,6 +34,48 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     _install_fast_interpreter()
 
+# =============================================================================================================
+# Parallel runs (pytest-xdist, `-n auto --dist loadgroup` in pyproject.toml): the Ray tests, one after another
+# on worker gw0 with the CPU first; every other module whole on one worker (tests/support/xdist_ray.py).
+# =============================================================================================================
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.hasplugin(
+        "xdist"
+    ):  # e.g. the GPU machine's pytest (benchmarks/gpu_checks.sh)
+        return
+    parallel = getattr(config.option, "numprocesses", None) not in (None, 0)
+    if parallel and config.getoption("dist") == "loadgroup" and "_nodeid" not in _node_id_names():
+        # pytest 9.2 reads node ids from another attribute than the one xdist 3.8's loadgroup rewrites.
+        raise pytest.UsageError(
+            f"pytest-xdist's --dist loadgroup has no effect with pytest {pytest.__version__}, so the Ray tests "
+            "would run side by side: install the versions in constraints.txt (pip install -c constraints.txt "
+            "-e '.[test]'), or run with -n 0"
+        )
+    from tests.support import xdist_ray
+
+    xdist_ray.install(config)
+
+
+def _node_id_names() -> tuple[str, ...]:
+    from _pytest.nodes import Node
+
+    return Node.nodeid.fget.__code__.co_names
+
+
+@pytest.hookimpl(
+    tryfirst=True
+)  # before xdist's hook, which appends "@<group>" to the node ids it schedules by
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not getattr(config.option, "loadgroup", False):  # set in pytest-xdist's workers
+        return
+    from tests.support.xdist_ray import group_of
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group_of(item)))
+
+
 from tests.support.s3_faults import FaultProxy  # noqa: E402
 from tests.support.seaweed import S3Bucket, SeaweedFS, find_weed, start_seaweedfs  # noqa: E402
 

@@ -104,11 +104,15 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Polls `predicate` until it holds; fails at once, with its output, if `proc` exits before."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
+        if proc is not None and proc.poll() is not None:
+            log = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"the job exited ({proc.returncode}) before {what}:\n{log[-3000:]}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -242,7 +246,7 @@ def test_driver_killed_then_rerun_resumes_without_redoing_committed_shards(outpu
     data_file = write_prompts(tmp_path / "in.jsonl", 24)
     args = [f"data.path={data_file}", "run.id=d", "run.shard_size=2", *COMMON, *output.cli]
     first = start_job(args, tmp_path)
-    wait_for(lambda: len(output.commits("d")) >= 3, 300, "three committed shards")
+    wait_for(lambda: len(output.commits("d")) >= 3, 300, "three committed shards", first)
     first.send_signal(signal.SIGKILL)  # the driver only: no cleanup handler runs
     first.wait(timeout=30)
     kill_group(first)
@@ -344,7 +348,7 @@ def test_endpoint_refusing_connections_is_retried(s3_bucket, s3_fault_proxy, tmp
     proc = start_job(args, tmp_path)
     out = Output.__new__(Output)
     out.kind, out.bucket = "s3", s3_bucket
-    wait_for(lambda: len(out.commits("e")) >= 1, 300, "a first commit")
+    wait_for(lambda: len(out.commits("e")) >= 1, 300, "a first commit", proc)
     s3_fault_proxy.refuse_connections(4)
     code, log = finish(proc)
     assert code == 0, log[-3000:]

@@ -44,7 +44,7 @@ def test_a_signal_mid_run_exits_with_one_line_and_releases_the_lock(tmp_path, si
     proc = start_job(args, tmp_path)
     try:
         commits = run_dir / "_commits"
-        wait_for(lambda: commits.exists() and any(commits.iterdir()), 300, "a first commit")
+        wait_for(lambda: commits.exists() and any(commits.iterdir()), 300, "a first commit", proc)
         proc.send_signal(signum)
         log, _ = proc.communicate(timeout=120)
     finally:

@@ -140,7 +140,10 @@ def test_nightly_retry_resumes_the_same_night_and_latest_moves_only_forward(tmp_
 
     first = _nightly(out, data, "2026-11-26", tmp_path)
     wait_for(
-        lambda: commits.exists() and len(list(commits.iterdir())) >= 2, 300, "two commits of the first try"
+        lambda: commits.exists() and len(list(commits.iterdir())) >= 2,
+        300,
+        "two commits of the first try",
+        first,
     )
     first.send_signal(signal.SIGKILL)
     kill_group(first)

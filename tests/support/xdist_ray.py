@@ -1,0 +1,48 @@
+"""Parallel test runs (pytest-xdist) with the Ray tests on one worker, given the CPU first.
+
+The tests marked @pytest.mark.ray start local Ray instances sized to the machine, and the fault tests kill
+every canvasflow Ray worker they find: they run one after another, as the group "ray" (`--dist loadgroup`).
+They are also the longest group by far, and while a job starts up or waits on Ray they leave the CPU idle. So
+the group goes to worker gw0 before anything else, and the other workers lower their CPU priority (nice 10):
+the Ray tests run about as fast as alone, and everything else fills the time they leave. Every other module
+is a group of its own, so its module-scoped fixtures (trained tiny models, ~10 s each) are built once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from xdist.scheduler import LoadGroupScheduling
+
+RAY_GROUP = "ray"
+RAY_WORKER = "gw0"
+
+
+class RayFirstScheduling(LoadGroupScheduling):
+    def _assign_work_unit(self, node) -> None:
+        if RAY_GROUP in self.workqueue and len(self.workqueue) > 1:
+            ray_first = node.gateway.id == RAY_WORKER
+            self.workqueue.move_to_end(RAY_GROUP, last=not ray_first)
+        super()._assign_work_unit(node)
+
+
+class RayFirstPlugin:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log):
+        if config.getoption("dist") == "loadgroup":
+            return RayFirstScheduling(config, log)
+        return None
+
+
+def install(config: pytest.Config) -> None:
+    """On the controller: the scheduler; on a worker other than gw0: the lower priority."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        config.pluginmanager.register(RayFirstPlugin(), "canvasflow-ray-first")
+    elif worker != RAY_WORKER and getattr(config.option, "loadgroup", False):
+        os.nice(10)
+
+
+def group_of(item: pytest.Item) -> str:
+    return RAY_GROUP if item.get_closest_marker("ray") else item.nodeid.split("::", 1)[0]
