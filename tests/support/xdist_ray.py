@@ -3,7 +3,7 @@
 The tests marked @pytest.mark.ray start local Ray instances sized to the machine, and the fault tests kill
 every canvasflow Ray worker they find: they run one after another, as the group "ray" (`--dist loadgroup`).
 They are also the longest group by far, and while a job starts up or waits on Ray they leave the CPU idle. So
-the group goes to worker gw0 before anything else, and the other workers lower their CPU priority (nice 10):
+the group goes to worker gw0 before anything else, and the other workers lower their CPU priority:
 the Ray tests run about as fast as alone, and everything else fills the time they leave. Every other module
 is a group of its own, so its module-scoped fixtures (trained tiny models, ~10 s each) are built once.
 """
@@ -41,7 +41,20 @@ def install(config: pytest.Config) -> None:
     if worker is None:
         config.pluginmanager.register(RayFirstPlugin(), "canvasflow-ray-first")
     elif worker != RAY_WORKER and getattr(config.option, "loadgroup", False):
-        os.nice(10)
+        _lower_priority()
+
+
+def _lower_priority() -> None:
+    """Nice 10, in a session of its own at autogroup nice 19: with autogroups (Linux's default), CPU time is
+    shared between sessions first, and each Ray test's job runs in a session of its own (start_new_session),
+    so the nice value of a process in the test runner's session alone would not yield to it."""
+    os.nice(10)
+    try:
+        os.setsid()
+        with open("/proc/self/autogroup", "w") as autogroup:
+            autogroup.write("19")
+    except OSError:  # a group leader already, or no autogroups: the nice value is what there is
+        pass
 
 
 def group_of(item: pytest.Item) -> str:
