@@ -33,6 +33,7 @@ from pipeline.kernels.backend import resolve_backend
 from pipeline.kernels.step import denoise_step
 from pipeline.kernels.vocab_head import softcap_logits, vocab_head
 from pipeline.sampler.draws import GlobalDraws, KeyedDraws
+from pipeline.sampler.feed import Feed, ListFeed, check_prompt
 from pipeline.sampler.graphs import make_step_graphs
 from pipeline.sampler.settings import SamplerSettings
 
@@ -151,24 +152,28 @@ class DiffusionSampler:
     ) -> list[Result]:
         """Results in request order. `on_result` is called as each row finishes."""
         for req in requests:
-            if not 0 < len(req.prompt_ids) <= self.max_prompt_tokens:
-                raise ValueError(
-                    f"row {req.row_id!r}: prompt has {len(req.prompt_ids)} tokens; it must have between 1 and "
-                    f"max_prompt_tokens={self.max_prompt_tokens}"
-                )
+            check_prompt(req, self.max_prompt_tokens)
         if batching == "continuous":
-            if not self.draws.keyed:
-                raise ValueError(
-                    "random_mode='torch_global' reproduces the reference only with batching='static'"
-                )
-            results = self._run_continuous(requests, on_result)
-        elif batching == "static":
+            results: list[Result | None] = [None] * len(requests)
+
+            def emit(row: _Row, result: Result) -> None:
+                results[row.order] = result
+                if on_result is not None:
+                    on_result(result)
+
+            self._run_continuous(ListFeed(requests), emit)
+            return [r for r in results if r is not None]
+        if batching == "static":
             from pipeline.sampler.static import run_static
 
-            results = run_static(self, requests, on_result)
-        else:
-            raise ValueError(f"batching={batching!r} is not one of continuous, static")
-        return results
+            return run_static(self, requests, on_result)
+        raise ValueError(f"batching={batching!r} is not one of continuous, static")
+
+    @torch.no_grad()
+    def serve(self, feed: Feed, on_result: Callable[[Request, Result], None]) -> None:
+        """Continuous batching over the rows `feed` gives (pipeline/sampler/feed.py) until it is closed and
+        every row taken has finished; `on_result(request, result)` is called as each row finishes."""
+        self._run_continuous(feed, lambda row, result: on_result(row.request, result))
 
     # ---------------------------------------------------------------------------------------- storage
     def _ensure_storage(self) -> None:
@@ -400,12 +405,25 @@ class DiffusionSampler:
             drafts=row.drafts,
         )
 
-    def _run_continuous(self, requests: Sequence[Request], on_result) -> list[Result]:
+    def _run_continuous(self, feed: Feed, emit: Callable[[_Row, Result], None]) -> None:
+        if not self.draws.keyed:
+            raise ValueError(
+                "random_mode='torch_global' reproduces the reference only with batching='static'"
+            )
         self._ensure_storage()
-        queue = deque(self._new_row(r, i) for i, r in enumerate(requests))
-        results: list[Result | None] = [None] * len(requests)
+        queue: deque[_Row] = deque()
         rows: list[_Row] = []  # rows[i] lives in slot i
         max_steps = self.settings.max_denoising_steps
+        taken = 0
+
+        def top_up(wait: bool) -> None:  # queue as many rows as there will be free slots
+            nonlocal taken
+            for req in feed.pull(self.max_batch - len(rows) - len(queue), wait):
+                check_prompt(req, self.max_prompt_tokens)
+                queue.append(self._new_row(req, taken))
+                taken += 1
+
+        top_up(wait=True)
         self._refill(rows, queue, [])
         while rows:
             active = len(rows)
@@ -430,12 +448,10 @@ class DiffusionSampler:
                     continuing.append((rows[i], canvas_tokens))
                 else:
                     leaving.add(i)
-                    results[rows[i].order] = result
-                    if on_result is not None:
-                        on_result(result)
+                    emit(rows[i], result)
             self._compact(rows, leaving)
+            top_up(wait=not rows)
             self._refill(rows, queue, continuing)
-        return [r for r in results if r is not None]
 
     def _compact(self, rows: list[_Row], leaving: set[int]) -> None:
         """Removes leaving rows; the last surviving rows move into the freed slots."""

@@ -36,6 +36,7 @@ from pipeline.kernels import rng
 from pipeline.kernels.backend import check_backend, resolve_backend
 from pipeline.models.bidirectional import TOKEN_PAD, BidirectionalLM
 from pipeline.sampler.engine import Request, Result, round_up
+from pipeline.sampler.feed import Feed, ListFeed, check_prompt
 from pipeline.sampler.mask.decide import StepKeys, decide, eos_stop
 from pipeline.sampler.mask.settings import MaskSettings
 
@@ -131,29 +132,43 @@ class MaskDiffusionSampler:
         if batching not in ("continuous", "static"):
             raise ValueError(f"batching={batching!r} is not one of continuous, static")
         for req in requests:
-            if not 0 < len(req.prompt_ids) <= self.max_prompt_tokens:
-                raise ValueError(
-                    f"row {req.row_id!r}: prompt has {len(req.prompt_ids)} tokens; it must have between 1 and "
-                    f"max_prompt_tokens={self.max_prompt_tokens}"
-                )
-        self._ensure_storage()
-        queue = deque(self._new_row(r, i) for i, r in enumerate(requests))
+            check_prompt(req, self.max_prompt_tokens)
         results: list[Result | None] = [None] * len(requests)
+
+        def emit(row: _Row, result: Result) -> None:
+            results[row.order] = result
+            if on_result is not None:
+                on_result(result)
+
+        self._run(ListFeed(requests), emit, static=batching == "static")
+        return [r for r in results if r is not None]
+
+    @torch.no_grad()
+    def serve(self, feed: Feed, on_result: Callable[[Request, Result], None]) -> None:
+        """Continuous batching over the rows `feed` gives (pipeline/sampler/feed.py) until it is closed and
+        every row taken has finished; `on_result(request, result)` is called as each row finishes."""
+        self._run(feed, lambda row, result: on_result(row.request, result), static=False)
+
+    def _run(self, feed: Feed, emit: Callable[[_Row, Result], None], *, static: bool) -> None:
+        self._ensure_storage()
+        queue: deque[_Row] = deque()
         rows: list[_Row] = []  # rows[i] lives in slot i
-        static = batching == "static"
-        while queue or rows:
-            if not static or not rows:
+        taken = 0
+        while True:
+            if not static or not rows:  # static: a new batch only once the last one is done
+                for req in feed.pull(self.max_batch - len(rows) - len(queue), wait=not rows):
+                    check_prompt(req, self.max_prompt_tokens)
+                    queue.append(self._new_row(req, taken))
+                    taken += 1
                 self._admit(rows, queue)
-            finished = self._step(rows)
-            for row in finished:
-                results[row.order] = self._result(row)
-                if on_result is not None:
-                    on_result(results[row.order])
+            if not rows:
+                return
+            for row in self._step(rows):
+                emit(row, self._result(row))
             if not static:
                 self._compact(rows, {i for i, r in enumerate(rows) if r.finished})
             elif all(r.finished for r in rows):
                 rows.clear()
-        return [r for r in results if r is not None]
 
     # ---------------------------------------------------------------------------------------- storage
     def _ensure_storage(self) -> None:
