@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.data.prompts import CHARS_BOUND_FACTOR, PromptTooLong, max_token_chars, prompt_ids
 from pipeline.postprocess import load_postprocess
+
+if TYPE_CHECKING:
+    from pipeline.runner.stream import SharedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,17 @@ class GenerationOutput:
     wall_s: float = 0.0
 
 
+@dataclass
+class Prepared:
+    """Records tokenized for the sampler: `requests[i]` runs `kept[i]`, whose prompt has `lengths[i]`
+    tokens; `errors` holds the records that cannot run (stage "tokenize")."""
+
+    requests: list[Any]
+    kept: list[PromptRecord]
+    lengths: list[int]
+    errors: list[dict[str, Any]]
+
+
 def max_prompt_tokens_for(requested: int | None, context_window: int, max_new_tokens: int) -> int:
     """The prompt budget: requested, or the context window minus max_new_tokens capped at 4096."""
     room = context_window - max_new_tokens
@@ -92,6 +107,9 @@ class Generator:
         from pipeline.sampler.settings import resolve_settings
 
         self.spec = spec
+        # Calls from several threads (a worker's shards in flight) tokenize, decode and postprocess one at a
+        # time: tokenizers and user callables need not be thread-safe; only the sampler runs alongside.
+        self._host_lock = threading.Lock()
         self.loaded = load_model(
             spec.model_path,
             dtype=spec.dtype,
@@ -197,14 +215,38 @@ class Generator:
         return self.max_prompt_tokens * self._token_chars * CHARS_BOUND_FACTOR
 
     def generate(
-        self, records: list[PromptRecord], on_row: Callable[[int, int], None] | None = None
+        self,
+        records: list[PromptRecord],
+        on_row: Callable[[int, int], None] | None = None,
+        *,
+        shared: SharedSampler | None = None,
     ) -> GenerationOutput:
-        """Generates every record; `on_row(tokens, steps)` is called as each row finishes."""
+        """Generates every record; `on_row(tokens, steps)` is called as each row finishes. With `shared`
+        (this generator's sampler running in a thread, pipeline/runner/stream.py) the rows join those of
+        other calls in flight instead of running in a batch of their own."""
+        start = time.perf_counter()
+        with self._host_lock:
+            prepared = self.prepare(records)
+
+        def finished(result) -> None:
+            if on_row is not None:
+                on_row(len(result.token_ids), result.denoising_steps)
+
+        if shared is not None:
+            results = shared.run(prepared.requests, on_result=finished)
+        else:
+            results = self.sampler.generate(
+                prepared.requests, batching=self.spec.batching, on_result=finished
+            )
+        with self._host_lock:
+            return self.finish(prepared, results, started=start)
+
+    def prepare(self, records: list[PromptRecord]) -> Prepared:
+        """Tokenizes the records into sampler requests; rows that cannot run become tokenize errors."""
         from pipeline.sampler.engine import Request
 
-        start = time.perf_counter()
-        out = GenerationOutput(rows=[], errors=[])
-        requests, kept, lengths = [], [], []
+        prepared = Prepared(requests=[], kept=[], lengths=[], errors=[])
+        requests, kept, lengths, errors = prepared.requests, prepared.kept, prepared.lengths, prepared.errors
         for record in records:
             try:
                 ids = prompt_ids(
@@ -215,7 +257,7 @@ class Generator:
                     max_chars=self._max_prompt_chars,
                 )
             except PromptTooLong as e:
-                out.errors.append(
+                errors.append(
                     self._error(
                         record,
                         "tokenize",
@@ -226,12 +268,12 @@ class Generator:
                 )
                 continue
             except Exception as e:  # noqa: BLE001 - a bad row never stops the job
-                out.errors.append(self._error(record, "tokenize", f"cannot render the prompt: {e}"))
+                errors.append(self._error(record, "tokenize", f"cannot render the prompt: {e}"))
                 continue
             if not ids:
-                out.errors.append(self._error(record, "tokenize", "the prompt has no tokens"))
+                errors.append(self._error(record, "tokenize", "the prompt has no tokens"))
             elif len(ids) > self.max_prompt_tokens:
-                out.errors.append(
+                errors.append(
                     self._error(
                         record,
                         "tokenize",
@@ -245,12 +287,12 @@ class Generator:
                 kept.append(record)
                 lengths.append(len(ids))
 
-        def finished(result) -> None:
-            if on_row is not None:
-                on_row(len(result.token_ids), result.denoising_steps)
+        return prepared
 
-        results = self.sampler.generate(requests, batching=self.spec.batching, on_result=finished)
-        for record, n_prompt, result in zip(kept, lengths, results, strict=True):
+    def finish(self, prepared: Prepared, results: list, *, started: float) -> GenerationOutput:
+        """The output rows of `prepared`'s sampler results (in request order), through the postprocess stage."""
+        out = GenerationOutput(rows=[], errors=list(prepared.errors))
+        for record, n_prompt, result in zip(prepared.kept, prepared.lengths, results, strict=True):
             row = {
                 "id": record.id,
                 "prompt": record.prompt,
@@ -291,5 +333,5 @@ class Generator:
                     continue
                 row.update(extra)
             out.rows.append(row)
-        out.wall_s = time.perf_counter() - start
+        out.wall_s = time.perf_counter() - started
         return out

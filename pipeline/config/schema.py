@@ -159,11 +159,17 @@ class RunConfig:
     overwrite: bool = False
     # Rows per shard: the unit of work, retry and commit.
     shard_size: int = 64
-    # Attempts per shard after a worker failure before the shard is reported as failed.
+    # Shards each worker holds at once. With continuous batching their rows share one sampler, so a shard's
+    # last rows share the batch with the next shard's first ones instead of leaving slots empty, and a shard
+    # is written and committed while the next one generates (pipeline/runner/stream.py). 1: one at a time.
+    shards_in_flight: int = 2
+    # Attempts per shard after a worker failure before the shard is reported as failed (a shard whose failed
+    # attempts all shared their worker with other shards gets one more, alone).
     max_shard_attempts: int = 3
-    # Seconds one attempt of a shard may run before its worker is taken as hung (a stuck device, a deadlock,
-    # a storage call that never returns): the worker is killed and replaced, and the shard counts a failed
-    # attempt. A replacement's first shard also gets cluster.worker_start_timeout_s for the model load.
+    # Seconds a worker may go without finishing a shard (one shard's time, the shards in flight being worked
+    # through in turn) before it is taken as hung (a stuck device, a deadlock, a storage call that never
+    # returns): the worker is killed and replaced, and each shard it held counts a failed attempt. A
+    # replacement's first shard also gets cluster.worker_start_timeout_s for the model load.
     # null: no limit. Raise it for shards that legitimately take longer (large shard_size, long outputs).
     shard_timeout_s: float | None = 3600.0
     # Seconds between progress lines.

@@ -51,6 +51,7 @@ def validate_job(job: JobConfig) -> JobConfig:
         "sampler.batch_size",
         "cluster.num_workers",
         "run.shard_size",
+        "run.shards_in_flight",
         "run.max_shard_attempts",
     )
     for key in positive_ints:

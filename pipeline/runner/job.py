@@ -316,25 +316,31 @@ def plan(job: JobConfig) -> Prepared:
     return Prepared(job, run_id, run_store, records, spec, info, settings_dict, identity, status)
 
 
-SHARD_BATCH_RATIO = (
-    8  # below this many batches per shard, each shard's drain costs much (bench_shard_size.py)
-)
+# Below this many batches of rows held per worker, shard ends cost many passes (bench_shard_size.py): one
+# shard at a time drains its batch at every shard end; with shards in flight, the batch stays full only if
+# the held rows can fill it while a shard finishes.
+HELD_BATCHES = {1: 8, 2: 4}
 
 
 def warn_shard_drain(job: JobConfig, num_shards: int) -> None:
-    """A worker runs one shard at a time, so every shard ends with its batch draining (slots empty as rows
-    finish, nothing left to admit). With few batches per shard that tail is a large share of the GPU's time:
-    on the tiny model at batch 32, 512 rows in shards of 64 took 1.75x the decoder passes of one queue."""
-    batch, shard = job.sampler.batch_size, job.run.shard_size
-    if num_shards > 1 and job.sampler.batching == "continuous" and shard < SHARD_BATCH_RATIO * batch:
+    """A worker holding one shard at a time ends every shard with its batch draining (slots empty as rows
+    finish, nothing left to admit): on the tiny model at batch 32, 512 rows in shards of 64 took 1.75x the
+    decoder passes of one queue. With two shards in flight the next shard's rows take the freed slots (1.07x),
+    as long as the rows held can fill the batch (shards of 16: 1.99x)."""
+    batch, shard, in_flight = job.sampler.batch_size, job.run.shard_size, job.run.shards_in_flight
+    if job.sampler.batching == "static":
+        return
+    wanted = HELD_BATCHES.get(in_flight, 4) * batch
+    if num_shards > 1 and shard * in_flight < wanted:
         logger.warning(
-            "run.shard_size=%d is %.1fx sampler.batch_size=%d: each shard ends with its batch draining, which "
-            "wastes GPU passes (benchmarks/bench_shard_size.py); use run.shard_size >= %d (%dx the batch)",
+            "run.shard_size=%d with run.shards_in_flight=%d holds %.1fx sampler.batch_size=%d per worker: "
+            "too few rows to keep the batch full as shards end, which wastes GPU passes "
+            "(benchmarks/bench_shard_size.py); use run.shard_size >= %d",
             shard,
-            shard / batch,
+            in_flight,
+            shard * in_flight / batch,
             batch,
-            SHARD_BATCH_RATIO * batch,
-            SHARD_BATCH_RATIO,
+            -(-wanted // in_flight),
         )
 
 
@@ -535,8 +541,8 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
         board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
         worker_cls = ray.remote(ShardWorker)
 
-        def make_worker(index: int):
-            return worker_cls.options(**options).remote(
+        def make_worker(index: int):  # one thread per shard in flight (max_concurrency), one for the rest
+            return worker_cls.options(**options, max_concurrency=job.run.shards_in_flight + 1).remote(
                 prep.spec,
                 prep.run_store,
                 compression=job.output.compression,
@@ -545,7 +551,13 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
                 board=board,
             )
 
-        logger.info("starting %d worker(s) (%s)", count, ", ".join(f"{k}={v}" for k, v in options.items()))
+        in_flight = job.run.shards_in_flight if job.sampler.batching == "continuous" else 1
+        logger.info(
+            "starting %d worker(s), %d shard(s) in flight each (%s)",
+            count,
+            in_flight,
+            ", ".join(f"{k}={v}" for k, v in options.items()),
+        )
         workers, infos = start_workers(make_worker, count, job.cluster.worker_start_timeout_s, options)
         for info in infos:
             logger.info(
@@ -574,6 +586,7 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
             tick_s=min(1.0, job.run.progress_interval_s),
             shard_timeout_s=job.run.shard_timeout_s,
             start_grace_s=job.cluster.worker_start_timeout_s,
+            in_flight=in_flight,
         )
         progress.final()
         for worker in workers:

@@ -1,11 +1,11 @@
 """A fixed pool of shard workers: dispatch, bounded retries, worker replacement.
 
-Each worker (Ray actor) holds one shard at a time. A shard whose worker dies (process killed, node lost),
-whose processing raises, or which is still running after `shard_timeout_s` (a hung worker: a stuck device,
-a deadlock, a storage call that never returns) is queued again, up to `max_attempts` attempts; a dead or
-hung worker is killed and replaced by a new one (which loads the model again, so a replacement's first shard
-also gets the worker start-up time). Shards that keep failing are returned with their last error; the others
-are unaffected.
+Each worker (Ray actor) holds up to run.shards_in_flight shards at a time. A shard whose worker dies
+(process killed, node lost), whose processing raises, or which is still running after `shard_timeout_s` (a
+hung worker: a stuck device, a deadlock, a storage call that never returns) is queued again, up to
+`max_attempts` attempts; a dead or hung worker is killed and replaced by a new one (which loads the model
+again, so a replacement's first shard also gets the worker start-up time). Shards that keep failing are
+returned with their last error; the others are unaffected.
 """
 
 from __future__ import annotations
@@ -81,96 +81,126 @@ def run_pool(
     tick_s: float,
     shard_timeout_s: float | None = None,
     start_grace_s: float = 0.0,
+    in_flight: int = 1,
 ) -> list[ShardTask]:
     """Runs every task; returns the tasks that failed `max_attempts` times.
 
-    `shard_timeout_s` (None: no limit) bounds one attempt of a shard, counted from its dispatch; a worker
-    started as a replacement gets `start_grace_s` more for its first shard, which waits for the model load.
+    Each worker holds up to `in_flight` shards (run.shards_in_flight; the worker streams their rows through
+    one sampler, pipeline/runner/stream.py), every worker one before any gets a second. `shard_timeout_s`
+    (None: no limit) bounds how long a worker holding shards goes without finishing one: one shard's time
+    when it holds one, and its oldest shard is named as the one that hung (its shards share one sampler and
+    commit one at a time, so none can be stuck while others finish); a worker started as a replacement gets
+    `start_grace_s` more for its first shard, which waits for the model load. A dead or hung worker takes
+    every shard it held down with it, each charged an attempt; a retried shard runs alone on its worker, and a
+    shard is given up on only once an attempt that ran alone failed too, never for another shard's fault.
     """
     import ray
     from ray.exceptions import RayActorError
 
     queue = deque(tasks)
-    idle = list(range(len(workers)))[::-1]
-    inflight: dict[Any, tuple[ShardTask, int, float]] = {}  # ref -> (task, worker index, deadline)
+    held: list[dict[Any, ShardTask]] = [{} for _ in workers]  # per worker: ref -> task, oldest first
+    deadline = [float("inf")] * len(workers)  # of each worker's oldest shard
     fresh: set[int] = set()  # replacement workers that have not finished a shard yet
     failed: list[ShardTask] = []
 
-    def replace(index: int) -> None:
-        ray.kill(workers[index])
-        workers[index] = make_worker(index)
-        fresh.add(index)
-        idle.append(index)
+    def start_clock(index: int) -> None:
+        deadline[index] = float("inf")
+        if held[index] and shard_timeout_s is not None:
+            grace = start_grace_s if index in fresh else 0.0
+            deadline[index] = time.monotonic() + shard_timeout_s + grace
 
-    while queue or inflight:
-        while idle and queue:
-            index = idle.pop()
+    def room(index: int, retry: bool) -> bool:
+        if retry or any(t.attempts > 1 for t in held[index].values()):
+            return not held[index]
+        return len(held[index]) < in_flight
+
+    def dispatch() -> None:
+        while queue:
+            retry = queue[0].attempts > 0
+            open_ = [i for i in range(len(workers)) if room(i, retry)]
+            if not open_:
+                return
+            index = min(open_, key=lambda i: (len(held[i]), i))
             task = queue.popleft()
             task.attempts += 1
             chunk = records.slice(task.start, task.stop - task.start)
-            deadline = float("inf")
-            if shard_timeout_s is not None:
-                deadline = time.monotonic() + shard_timeout_s + (start_grace_s if index in fresh else 0.0)
-            inflight[workers[index].process.remote(task.shard, chunk, task.attempts)] = (
-                task,
-                index,
-                deadline,
+            held[index][workers[index].process.remote(task.shard, chunk, task.attempts)] = task
+            if len(held[index]) == 1:
+                start_clock(index)
+
+    def settle(task: ShardTask, shared: bool) -> None:
+        """Queues a failed task again, unless it has had its attempts; the last one always ran alone."""
+        if task.attempts < max_attempts or shared:
+            time.sleep(min(2.0 ** (task.attempts - 1), 10.0) * 0.1)
+            queue.append(task)
+        else:
+            logger.error(
+                "shard %d failed %d times; giving up on it: %s", task.shard, task.attempts, task.last_error
             )
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_s)
+            failed.append(task)
+
+    def replace(index: int, error: str) -> None:
+        """Kills worker `index`, starts its replacement, and retries every shard it held."""
+        lost = list(held[index].values())
+        held[index].clear()
+        ray.kill(workers[index])
+        workers[index] = make_worker(index)
+        fresh.add(index)
+        deadline[index] = float("inf")
+        for task in lost:
+            task.last_error = error
+            settle(task, shared=len(lost) > 1)
+
+    while queue or any(held):
+        dispatch()
+        owner = {ref: i for i, refs in enumerate(held) for ref in refs}
+        ready, _ = ray.wait(list(owner), num_returns=1, timeout=tick_s)
         on_tick()
-        now = time.monotonic()
-        expired = [ref for ref, (_, _, deadline) in inflight.items() if ref not in ready and now > deadline]
-        for ref in ready + expired:
-            task, index, _ = inflight.pop(ref)
-            if ref in expired:
-                task.last_error = f"timed out after {shard_timeout_s:g}s (run.shard_timeout_s)"
+        for ref in ready:
+            index = owner[ref]
+            task = held[index].pop(ref)
+            try:
+                on_commit(ray.get(ref))
+            except RayActorError as e:
+                held[index][ref] = task  # replace() retries it with the others
                 logger.warning(
-                    "shard %d on worker %d still running after run.shard_timeout_s=%gs (attempt %d/%d); "
-                    "killing the worker and starting a replacement",
-                    task.shard,
+                    "worker %d died while processing shard(s) %s (attempt %s of %d); starting a replacement",
                     index,
-                    shard_timeout_s,
-                    task.attempts,
+                    ", ".join(str(t.shard) for t in held[index].values()),
+                    ", ".join(str(t.attempts) for t in held[index].values()),
                     max_attempts,
                 )
-                replace(index)
-            else:
-                try:
-                    on_commit(ray.get(ref))
-                    fresh.discard(index)
-                    idle.append(index)
-                    continue
-                except RayActorError as e:
-                    task.last_error = f"worker died: {_short(e)}"
-                    logger.warning(
-                        "worker %d died while processing shard %d (attempt %d/%d); starting a replacement",
-                        index,
-                        task.shard,
-                        task.attempts,
-                        max_attempts,
-                    )
-                    replace(index)
-                except Exception as e:  # noqa: BLE001 - the shard failed inside the worker
-                    task.last_error = _short(e)
-                    logger.warning(
-                        "shard %d failed on worker %d (attempt %d/%d): %s",
-                        task.shard,
-                        index,
-                        task.attempts,
-                        max_attempts,
-                        task.last_error,
-                    )
-                    fresh.discard(index)  # it ran the shard, so its model is loaded
-                    idle.append(index)
-            if task.attempts < max_attempts:
-                time.sleep(min(2.0 ** (task.attempts - 1), 10.0) * 0.1)
-                queue.append(task)
-            else:
-                logger.error(
-                    "shard %d failed %d times; giving up on it: %s",
+                replace(index, f"worker died: {_short(e)}")
+                continue
+            except Exception as e:  # noqa: BLE001 - the shard failed inside the worker
+                task.last_error = _short(e)
+                logger.warning(
+                    "shard %d failed on worker %d (attempt %d/%d): %s",
                     task.shard,
+                    index,
                     task.attempts,
+                    max_attempts,
                     task.last_error,
                 )
-                failed.append(task)
+                settle(task, shared=bool(held[index]))
+            fresh.discard(index)  # it ran the shard, so its model is loaded
+            start_clock(index)
+        now = time.monotonic()
+        for index in range(len(workers)):
+            if held[index] and now > deadline[index]:
+                head = next(iter(held[index].values()))
+                logger.warning(
+                    "shard %d on worker %d still running after run.shard_timeout_s=%gs (attempt %d/%d); "
+                    "killing the worker and starting a replacement%s",
+                    head.shard,
+                    index,
+                    shard_timeout_s,
+                    head.attempts,
+                    max_attempts,
+                    f" (shard(s) {', '.join(str(t.shard) for t in list(held[index].values())[1:])} it also "
+                    "held are retried)"
+                    if len(held[index]) > 1
+                    else "",
+                )
+                replace(index, f"timed out after {shard_timeout_s:g}s (run.shard_timeout_s)")
     return failed

@@ -87,18 +87,30 @@ def _attr(commit, name: str):
     return commit[name] if isinstance(commit, dict) else getattr(commit, name, 0)
 
 
+def _busy_s(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of (start, end) spans: a worker holding two shards is busy once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def _per_worker(commits) -> dict[str, dict[str, float]]:
     per_worker: dict[str, dict[str, float]] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
     for c in commits:
-        w = per_worker.setdefault(
-            _attr(c, "worker"), {"shards": 0, "rows": 0, "error_rows": 0, "tokens": 0, "busy_s": 0.0}
-        )
+        name = _attr(c, "worker")
+        w = per_worker.setdefault(name, {"shards": 0, "rows": 0, "error_rows": 0, "tokens": 0, "busy_s": 0.0})
         w["shards"] += 1
         w["rows"] += _attr(c, "rows")
         w["error_rows"] += _attr(c, "error_rows")
         w["tokens"] += _attr(c, "tokens")
-        w["busy_s"] = round(w["busy_s"] + _attr(c, "wall_s"), 3)
-    for w in per_worker.values():
+        end = _attr(c, "committed_at")
+        spans.setdefault(name, []).append((end - _attr(c, "wall_s"), end))
+    for name, w in per_worker.items():
+        w["busy_s"] = round(_busy_s(spans[name]), 3)
         w["tokens_per_s"] = round(w["tokens"] / w["busy_s"], 2) if w["busy_s"] else 0.0
     return per_worker
 

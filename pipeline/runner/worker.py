@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -41,6 +42,7 @@ class ShardWorker:
         import torch
 
         from pipeline.generation import Generator
+        from pipeline.runner.stream import SharedSampler
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -51,8 +53,12 @@ class ShardWorker:
         started = time.perf_counter()
         self.generator = Generator(spec)
         self.load_s = time.perf_counter() - started
+        # Continuous batching runs the rows of every shard in flight here through one sampler (stream.py).
+        self.shared = SharedSampler(self.generator.sampler) if spec.batching == "continuous" else None
         self._pending = [0, 0, 0]
         self._last_flush = time.monotonic()
+        self._report_lock = threading.Lock()  # rows are reported from the sampler's and the shards' threads
+        self._commit_lock = threading.Lock()
 
     def ready(self) -> dict[str, Any]:
         import torch
@@ -71,15 +77,16 @@ class ShardWorker:
     def _report(self, rows: int, tokens: int, steps: int, force: bool = False) -> None:
         if self.board is None:
             return
-        self._pending[0] += rows
-        self._pending[1] += tokens
-        self._pending[2] += steps
-        now = time.monotonic()
-        if force or now - self._last_flush > 1.0:
-            if any(self._pending):
-                self.board.report.remote(self.name, *self._pending)
-            self._pending = [0, 0, 0]
-            self._last_flush = now
+        with self._report_lock:
+            self._pending[0] += rows
+            self._pending[1] += tokens
+            self._pending[2] += steps
+            now = time.monotonic()
+            if force or now - self._last_flush > 1.0:
+                if any(self._pending):
+                    self.board.report.remote(self.name, *self._pending)
+                self._pending = [0, 0, 0]
+                self._last_flush = now
 
     def process(self, shard: int, records, attempt: int) -> dict[str, Any]:
         """Generates and commits one shard; `records` is an Arrow table in pipeline.data.records' schema."""
@@ -106,9 +113,12 @@ class ShardWorker:
         ]
         if read_errors:
             self._report(len(read_errors), 0, 0)
-        out = self.generator.generate(good, on_row=lambda tokens, steps: self._report(1, tokens, steps))
+        out = self.generator.generate(
+            good, on_row=lambda tokens, steps: self._report(1, tokens, steps), shared=self.shared
+        )
         generated = sorted(out.rows, key=lambda r: r["source_index"])
-        table, generated, column_errors = self._table(shard, generated)
+        with self._commit_lock:
+            table, generated, column_errors = self._table(shard, generated)
         errors = sorted(read_errors + out.errors + column_errors, key=lambda e: e["source_index"])
         # The totals describe data/ (the committed rows); `dropped_*` the rows the sampler ran that the
         # postprocess stage then filtered out or rejected (they are in errors/).
@@ -130,9 +140,16 @@ class ShardWorker:
         }
         # Rows rejected before sampling; those the postprocess rejected were counted as they finished.
         self._report(sum(1 for e in out.errors if e["stage"] != "postprocess"), 0, 0, force=True)
-        commit = self.run_store.commit_shard(
-            shard, table, errors, compression=self.compression, stats=stats, worker=self.name, attempt=attempt
-        )
+        with self._commit_lock:  # shards in flight commit one at a time, while the sampler goes on
+            commit = self.run_store.commit_shard(
+                shard,
+                table,
+                errors,
+                compression=self.compression,
+                stats=stats,
+                worker=self.name,
+                attempt=attempt,
+            )
         return vars(commit)
 
     def _table(self, shard: int, rows: list[dict[str, Any]]):

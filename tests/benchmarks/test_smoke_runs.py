@@ -70,3 +70,13 @@ def test_experts_benchmark_runs_on_cpu_and_names_the_faster_path(capsys, tmp_pat
         for impl in ["torch (gather + grouped_mm)", *(f"triton {t}" for t in TILE_CANDIDATES)]:
             assert f"{product:<14} {impl:<26} " in out
     assert choice.read_text().strip() in ("grouped_mm", "triton")
+
+
+def test_shard_size_benchmark_streams_shards_without_their_drains(capsys):
+    from benchmarks import bench_shard_size
+
+    rows = bench_shard_size.main(["--rows", "24", "--batches", "4", "--shards", "6", "24", "--no-record"])
+    passes = {(r["shard"], r["in_flight"]): r["passes"] for r in rows}
+    # Four shards one at a time drain four times; in flight, once (the benchmark asserts equal completions).
+    assert passes[6, 2] < passes[6, 1], passes
+    assert "in flight" in capsys.readouterr().out

@@ -228,8 +228,9 @@ def test_workers_that_cannot_be_placed_fail_clearly(tmp_path, caplog, ray_local)
     assert "1.0 GPU" in caplog.text and "0 GPU free" in caplog.text
 
 
-def test_a_shard_of_few_batches_is_warned_about(caplog):
-    """Each shard ends with its batch draining; with few batches per shard that wastes GPU passes."""
+def test_too_few_rows_held_per_worker_are_warned_about(caplog):
+    """One shard at a time, each shard ends with its batch draining; with shards in flight (the default) the
+    next shard's rows take the freed slots, if the rows held can fill the batch."""
     import logging
 
     from pipeline.config.schema import JobConfig
@@ -238,6 +239,10 @@ def test_a_shard_of_few_batches_is_warned_about(caplog):
     job = JobConfig()
     job.sampler.batch_size, job.run.shard_size = 32, 64
     with caplog.at_level(logging.WARNING, logger="canvasflow"):
+        warn_shard_drain(job, num_shards=10)  # the default: 2 in flight hold 128 rows, 4 batches
+        job.run.shard_size = 16
+        warn_shard_drain(job, num_shards=10)
+        job.run.shard_size, job.run.shards_in_flight = 64, 1
         warn_shard_drain(job, num_shards=10)
         warn_shard_drain(job, num_shards=1)  # one shard drains once whatever its size
         job.run.shard_size = 256
@@ -245,6 +250,10 @@ def test_a_shard_of_few_batches_is_warned_about(caplog):
         job.run.shard_size, job.sampler.batching = 64, "static"
         warn_shard_drain(job, num_shards=10)
     assert [r.getMessage() for r in caplog.records] == [
-        "run.shard_size=64 is 2.0x sampler.batch_size=32: each shard ends with its batch draining, which wastes "
-        "GPU passes (benchmarks/bench_shard_size.py); use run.shard_size >= 256 (8x the batch)"
+        "run.shard_size=16 with run.shards_in_flight=2 holds 1.0x sampler.batch_size=32 per worker: too few rows "
+        "to keep the batch full as shards end, which wastes GPU passes (benchmarks/bench_shard_size.py); use "
+        "run.shard_size >= 64",
+        "run.shard_size=64 with run.shards_in_flight=1 holds 2.0x sampler.batch_size=32 per worker: too few rows "
+        "to keep the batch full as shards end, which wastes GPU passes (benchmarks/bench_shard_size.py); use "
+        "run.shard_size >= 256",
     ]

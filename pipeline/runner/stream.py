@@ -1,0 +1,107 @@
+"""One sampler, several shards: a worker's rows stream across shard ends.
+
+Run one shard at a time and every shard ends with its batch draining: as its last rows finish, their slots
+stay empty, for nothing is left to admit (benchmarks/bench_shard_size.py measures the cost). A worker that
+holds several shards (run.shards_in_flight; Ray calls `ShardWorker.process` from that many threads) instead
+hands their rows to one sampler, running in this module's thread: a finished row's slot goes to the next
+queued row whichever shard it belongs to, and the batch stays full until the worker's last shard. Each
+`process` call still waits for its own shard's rows only, then writes and commits that shard while the
+sampler goes on with the others.
+
+Rows are in the sampler's hands in the order the shards arrived. A failure inside the sampler (a device
+error, a bug) fails every shard with rows in it, each in its own `process` call; the thread then serves the
+shards that come next.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Pending:
+    """One caller's rows in the shared sampler: their results by position, filled as they finish."""
+
+    def __init__(self, count: int, on_result: Callable[[Any], None] | None) -> None:
+        self.results: list[Any] = [None] * count
+        self.left = count
+        self.on_result = on_result
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        if not count:
+            self.done.set()
+
+    def wait(self) -> list[Any]:
+        """The results in request order, once all are there; raises what the sampler raised instead."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.results
+
+
+class SharedSampler:
+    """Runs `sampler.serve` in a daemon thread over the requests of every caller in flight."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self._cond = threading.Condition()
+        self._queue: deque[Any] = deque()  # requests not yet taken by the sampler
+        self._owner: dict[int, tuple[Pending, int]] = {}  # id(request) -> (its caller, its position)
+        self._thread: threading.Thread | None = None
+
+    def run(self, requests: Sequence[Any], on_result: Callable[[Any], None] | None = None) -> list[Any]:
+        """Results of `requests` in their order, generated alongside other callers' rows; `on_result` is
+        called (in the sampler's thread) as each finishes. Raises what the sampler raised while it held them."""
+        return self.submit(requests, on_result).wait()
+
+    def submit(self, requests: Sequence[Any], on_result: Callable[[Any], None] | None = None) -> Pending:
+        """Queues `requests` behind those already queued, and returns at once."""
+        pending = Pending(len(requests), on_result)
+        with self._cond:
+            for position, request in enumerate(requests):
+                self._owner[id(request)] = (pending, position)
+            self._queue.extend(requests)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="canvasflow-sampler", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return pending
+
+    # The sampler's side (pipeline/sampler/feed.py), called in its thread.
+    def pull(self, count: int, wait: bool) -> list[Any]:
+        with self._cond:
+            while wait and not self._queue:
+                self._cond.wait()
+            return [self._queue.popleft() for _ in range(min(count, len(self._queue)))]
+
+    def _finished(self, request, result) -> None:
+        with self._cond:
+            pending, position = self._owner.pop(id(request))
+        pending.results[position] = result
+        if pending.on_result is not None and pending.error is None:
+            try:
+                pending.on_result(result)
+            except Exception as e:  # noqa: BLE001 - the caller's callback fails the caller, not the sampler
+                pending.error = e
+        pending.left -= 1
+        if not pending.left:
+            pending.done.set()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self.sampler.serve(self, on_result=self._finished)
+            except BaseException as e:  # noqa: BLE001 - handed to every caller whose rows it held
+                with self._cond:
+                    failed = list({id(p): p for p, _ in self._owner.values()}.values())
+                    self._owner.clear()
+                    self._queue.clear()
+                logger.warning("the sampler failed with rows of %d shard(s) in it: %r", len(failed), e)
+                for pending in failed:
+                    pending.error = e
+                    pending.done.set()
