@@ -116,7 +116,7 @@ def test_a_shard_that_kills_its_worker_takes_no_healthy_neighbour_with_it(ray_lo
     """One attempt each (run.max_shard_attempts=1): the shards held beside the killer get an attempt alone,
     the killer, which then kills its worker alone too, is given up on."""
     commits, replaced = _run(
-        ray_local, workers=1, shards=4, in_flight=2, attempts=1, give_up=[1], seconds=0.2, die=[1]
+        ray_local, workers=1, shards=4, in_flight=2, attempts=1, give_up=[1], seconds=0.5, die=[1]
     )
     assert replaced, "the dead worker was replaced"
     retried = [s for s, c in commits.items() if c["attempt"] > 1]
