@@ -93,6 +93,7 @@ class ShardCommit:
     dropped_denoising_steps: int = 0
     dropped_canvases: int = 0
     columns: list[list[str]] | None = None  # the data part's schema, [[name, arrow type], ...]
+    started_at: float = 0.0  # when the worker took the shard (0 in markers written before this field)
 
     def to_json(self) -> str:
         return json.dumps(vars(self), sort_keys=True)
@@ -241,6 +242,7 @@ class RunStore:
             attempt=attempt,
             wall_s=float(stats.get("wall_s", 0.0)),
             committed_at=time.time(),
+            started_at=float(stats.get("started_at", 0.0)),
             dropped_rows=int(stats.get("dropped_rows", 0)),
             dropped_tokens=int(stats.get("dropped_tokens", 0)),
             dropped_denoising_steps=int(stats.get("dropped_denoising_steps", 0)),

@@ -10,6 +10,7 @@ returned with their last error; the others are unaffected.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -27,6 +28,7 @@ class ShardTask:
     stop: int
     attempts: int = 0
     last_error: str | None = None
+    shared: bool = False  # whether its current attempt shared its worker with another shard
 
 
 class WorkerStartError(RuntimeError):
@@ -122,15 +124,18 @@ def run_pool(
                 return
             index = min(open_, key=lambda i: (len(held[i]), i))
             task = queue.popleft()
-            task.attempts += 1
+            task.attempts, task.shared = task.attempts + 1, False
             chunk = records.slice(task.start, task.stop - task.start)
             held[index][workers[index].process.remote(task.shard, chunk, task.attempts)] = task
             if len(held[index]) == 1:
                 start_clock(index)
+            else:
+                for other in held[index].values():
+                    other.shared = True
 
-    def settle(task: ShardTask, shared: bool) -> None:
+    def settle(task: ShardTask) -> None:
         """Queues a failed task again, unless it has had its attempts; the last one always ran alone."""
-        if task.attempts < max_attempts or shared:
+        if task.attempts < max_attempts or task.shared:
             time.sleep(min(2.0 ** (task.attempts - 1), 10.0) * 0.1)
             queue.append(task)
         else:
@@ -139,8 +144,15 @@ def run_pool(
             )
             failed.append(task)
 
-    def replace(index: int, error: str) -> None:
-        """Kills worker `index`, starts its replacement, and retries every shard it held."""
+    def replace(index: int, error: str) -> list[ShardTask]:
+        """Kills worker `index`, starts its replacement, and retries the shards it held but had not finished
+        (one it finished in the meantime is taken as done); returns those."""
+        if held[index]:
+            finished, _ = ray.wait(list(held[index]), num_returns=len(held[index]), timeout=0)
+            for ref in finished:
+                with contextlib.suppress(Exception):  # failed too: retried with the others
+                    on_commit(ray.get(ref))
+                    del held[index][ref]
         lost = list(held[index].values())
         held[index].clear()
         ray.kill(workers[index])
@@ -149,7 +161,12 @@ def run_pool(
         deadline[index] = float("inf")
         for task in lost:
             task.last_error = error
-            settle(task, shared=len(lost) > 1)
+            settle(task)
+        return lost
+
+    def also_held(lost: list[ShardTask], culprit: ShardTask) -> str:
+        shards = ", ".join(str(t.shard) for t in lost if t is not culprit)
+        return f" (shard(s) {shards} it also held are retried)" if shards else ""
 
     while queue or any(held):
         dispatch()
@@ -162,15 +179,17 @@ def run_pool(
             try:
                 on_commit(ray.get(ref))
             except RayActorError as e:
-                held[index][ref] = task  # replace() retries it with the others
+                task.last_error = f"worker died: {_short(e)}"
+                others = also_held(replace(index, task.last_error), task)
                 logger.warning(
-                    "worker %d died while processing shard(s) %s (attempt %s of %d); starting a replacement",
+                    "worker %d died while processing shard %d (attempt %d/%d); started a replacement%s",
                     index,
-                    ", ".join(str(t.shard) for t in held[index].values()),
-                    ", ".join(str(t.attempts) for t in held[index].values()),
+                    task.shard,
+                    task.attempts,
                     max_attempts,
+                    others,
                 )
-                replace(index, f"worker died: {_short(e)}")
+                settle(task)
                 continue
             except Exception as e:  # noqa: BLE001 - the shard failed inside the worker
                 task.last_error = _short(e)
@@ -182,25 +201,22 @@ def run_pool(
                     max_attempts,
                     task.last_error,
                 )
-                settle(task, shared=bool(held[index]))
+                settle(task)
             fresh.discard(index)  # it ran the shard, so its model is loaded
             start_clock(index)
         now = time.monotonic()
         for index in range(len(workers)):
             if held[index] and now > deadline[index]:
                 head = next(iter(held[index].values()))
+                lost = replace(index, f"timed out after {shard_timeout_s:g}s (run.shard_timeout_s)")
                 logger.warning(
                     "shard %d on worker %d still running after run.shard_timeout_s=%gs (attempt %d/%d); "
-                    "killing the worker and starting a replacement%s",
+                    "killed the worker and started a replacement%s",
                     head.shard,
                     index,
                     shard_timeout_s,
                     head.attempts,
                     max_attempts,
-                    f" (shard(s) {', '.join(str(t.shard) for t in list(held[index].values())[1:])} it also "
-                    "held are retried)"
-                    if len(held[index]) > 1
-                    else "",
+                    also_held(lost, head),
                 )
-                replace(index, f"timed out after {shard_timeout_s:g}s (run.shard_timeout_s)")
     return failed

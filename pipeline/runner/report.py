@@ -108,7 +108,8 @@ def _per_worker(commits) -> dict[str, dict[str, float]]:
         w["error_rows"] += _attr(c, "error_rows")
         w["tokens"] += _attr(c, "tokens")
         end = _attr(c, "committed_at")
-        spans.setdefault(name, []).append((end - _attr(c, "wall_s"), end))
+        start = _attr(c, "started_at") or end - _attr(c, "wall_s")  # markers from before started_at
+        spans.setdefault(name, []).append((start, end))
     for name, w in per_worker.items():
         w["busy_s"] = round(_busy_s(spans[name]), 3)
         w["tokens_per_s"] = round(w["tokens"] / w["busy_s"], 2) if w["busy_s"] else 0.0

@@ -92,7 +92,7 @@ class ShardWorker:
         """Generates and commits one shard; `records` is an Arrow table in pipeline.data.records' schema."""
         from pipeline.generation import PromptRecord
 
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         rows = records.to_pylist()
         read_errors = [
             {
@@ -135,6 +135,7 @@ class ShardWorker:
             "dropped_denoising_steps": out.denoising_steps - steps,
             "dropped_canvases": out.canvases - canvases,
             "wall_s": time.perf_counter() - started,
+            "started_at": started_at,
             "finish_reasons": dict(Counter(r["finish_reason"] for r in generated)),
             "errors_by_stage": dict(Counter(e["stage"] for e in errors)),
         }

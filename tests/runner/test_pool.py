@@ -121,3 +121,12 @@ def test_a_shard_that_kills_its_worker_takes_no_healthy_neighbour_with_it(ray_lo
     assert replaced, "the dead worker was replaced"
     retried = [s for s, c in commits.items() if c["attempt"] > 1]
     assert retried and all(commits[s]["peak"] == 1 for s in retried), commits
+
+
+def test_shards_that_fail_together_each_get_an_attempt_alone(ray_local):
+    """A sampler failure fails every shard with rows in it: with one attempt each, neither is given up on
+    for the other's row; both run again, alone."""
+    commits, _ = _run(
+        ray_local, workers=1, shards=2, in_flight=2, attempts=1, seconds=0.3, fail=[(0, 1), (1, 1)]
+    )
+    assert all(c["attempt"] == 2 and c["peak"] == 1 for c in commits.values()), commits

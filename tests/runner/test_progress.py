@@ -23,3 +23,19 @@ def test_retried_rows_do_not_push_progress_past_the_total(caplog):
     with caplog.at_level(logging.INFO, logger="canvasflow"):
         progress.tick(force=True)
     assert "progress: 104/240 rows (43.3%)" in caplog.text  # committed rows count when workers lag behind
+
+
+def test_a_workers_busy_time_counts_shards_held_together_once_and_includes_their_commits():
+    from pipeline.runner.report import _per_worker
+
+    def commit(worker, started_at, committed_at, wall_s, tokens=100):
+        return {"worker": worker, "rows": 1, "error_rows": 0, "tokens": tokens, "wall_s": wall_s,
+                "started_at": started_at, "committed_at": committed_at}  # fmt: skip
+
+    # w0 held two shards from 100-110 s and 104-112 s (their generation ended at 109 and 111 s, the commits
+    # took 1 s); w1's marker predates started_at (0): its span is committed_at - wall_s.
+    stats = _per_worker(
+        [commit("w0", 100.0, 110.0, 9.0), commit("w0", 104.0, 112.0, 7.0), commit("w1", 0.0, 120.0, 5.0)]
+    )
+    assert stats["w0"]["busy_s"] == 12.0 and stats["w0"]["tokens_per_s"] == round(200 / 12, 2)
+    assert stats["w1"]["busy_s"] == 5.0
