@@ -9,8 +9,8 @@ queued row whichever shard it belongs to, and the batch stays full until the wor
 sampler goes on with the others.
 
 Rows are in the sampler's hands in the order the shards arrived. A failure inside the sampler (a device
-error, a bug) fails every shard with rows in it, each in its own `process` call; the thread then serves the
-shards that come next.
+error, a bug) fails every shard with rows in it (every queued shard, if it failed before taking a row), each
+in its own `process` call; the thread then serves the shards still queued and those that come next.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class SharedSampler:
         self._cond = threading.Condition()
         self._queue: deque[Any] = deque()  # requests not yet taken by the sampler
         self._owner: dict[int, tuple[Pending, int]] = {}  # id(request) -> (its caller, its position)
+        self._running: dict[int, Pending] = {}  # callers with rows taken by the sampler and not all finished
         self._thread: threading.Thread | None = None
 
     def run(self, requests: Sequence[Any], on_result: Callable[[Any], None] | None = None) -> list[Any]:
@@ -77,7 +78,11 @@ class SharedSampler:
         with self._cond:
             while wait and not self._queue:
                 self._cond.wait()
-            return [self._queue.popleft() for _ in range(min(count, len(self._queue)))]
+            taken = [self._queue.popleft() for _ in range(min(count, len(self._queue)))]
+            for request in taken:
+                pending = self._owner[id(request)][0]
+                self._running[id(pending)] = pending
+            return taken
 
     def _finished(self, request, result) -> None:
         with self._cond:
@@ -90,6 +95,8 @@ class SharedSampler:
                 pending.error = e
         pending.left -= 1
         if not pending.left:
+            with self._cond:
+                self._running.pop(id(pending), None)
             pending.done.set()
 
     def _serve(self) -> None:
@@ -97,11 +104,25 @@ class SharedSampler:
             try:
                 self.sampler.serve(self, on_result=self._finished)
             except BaseException as e:  # noqa: BLE001 - handed to every caller whose rows it held
-                with self._cond:
-                    failed = list({id(p): p for p, _ in self._owner.values()}.values())
-                    self._owner.clear()
-                    self._queue.clear()
-                logger.warning("the sampler failed with rows of %d shard(s) in it: %r", len(failed), e)
-                for pending in failed:
-                    pending.error = e
-                    pending.done.set()
+                self._fail_running(e)
+
+    def _fail_running(self, error: BaseException) -> None:
+        """Fails the callers with rows in the sampler (their queued rows go too); the others' rows stay
+        queued for the next try. An error met before any row was taken (a cache that does not fit the
+        device) fails every caller: the sampler cannot run, and retrying at once would spin. Either way the
+        next try waits for rows to be queued."""
+        with self._cond:
+            failed = list(self._running.values()) or list(
+                {id(p): p for p, _ in self._owner.values()}.values()
+            )
+            self._running.clear()
+            gone = {id(p) for p in failed}
+            self._queue = deque(r for r in self._queue if id(self._owner[id(r)][0]) not in gone)
+            self._owner = {k: v for k, v in self._owner.items() if id(v[0]) not in gone}
+        logger.warning("the sampler failed with rows of %d shard(s) in it: %r", len(failed), error)
+        for pending in failed:
+            pending.error = error
+            pending.done.set()
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()

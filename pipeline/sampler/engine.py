@@ -439,6 +439,9 @@ class DiffusionSampler:
                 if stop[i] or row.step >= max_steps:
                     done.append(i)
             if not done:
+                if len(rows) < self.max_batch:  # rows that arrived while slots were free join now
+                    top_up(wait=False)
+                    self._refill(rows, queue, [])
                 continue
             emitted = self._state["argmax"][torch.tensor(done, device=self.device)].tolist()
             leaving, continuing = set(), []

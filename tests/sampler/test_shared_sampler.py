@@ -88,14 +88,52 @@ def test_a_shard_arriving_mid_run_takes_the_freed_slots_and_every_shard_gets_its
     assert sampler.stats.decoder_calls < passes_alone, (sampler.stats.decoder_calls, passes_alone)
 
 
-def test_a_sampler_failure_fails_the_shards_it_held_and_the_next_shard_runs(model):
-    shards = _shards(2, rows=5, seed=1)
-    expected = _key(_sampler(model).generate(shards[1]))
+def test_a_sampler_failure_fails_the_shards_it_held_and_the_queued_ones_run(model):
+    shards = _shards(3, rows=5, seed=1)
+    expected = [_key(_sampler(model).generate(shard)) for shard in shards[1:]]
     shared = SharedSampler(_sampler(model))
     broken = shards[0][:2] + [Request("s0-empty", [])] + shards[0][2:]
+    first, queued = shared.submit(broken), shared.submit(shards[1])  # the second's rows not yet taken
     with pytest.raises(ValueError, match="'s0-empty': prompt has 0 tokens"):
-        shared.run(broken)
-    assert _key(shared.run(shards[1])) == expected
+        first.wait()
+    assert _key(queued.wait()) == expected[0], "rows the sampler had not taken are generated"
+    assert _key(shared.run(shards[2])) == expected[1], "and so are those that come next"
+
+
+def test_a_sampler_that_cannot_start_fails_each_caller_once_without_spinning(model):
+    """An error before any row is taken (here a sampler that refuses continuous batching; on a GPU, a KV
+    cache that does not fit) fails the queued callers; the thread then waits for the next ones."""
+    sampler = DiffusionSampler(
+        model, _sampler(model).settings, max_batch=BATCH, max_prompt_tokens=32, random_mode="torch_global"
+    )
+    shared = SharedSampler(sampler)
+    for shard in _shards(2, rows=2, seed=4):
+        with pytest.raises(ValueError, match="random_mode='torch_global'"):
+            shared.run(shard)
+    busy = threading.Event()
+    threading.Timer(0.5, busy.set).start()
+    calls_before = sampler.stats.decoder_calls
+    busy.wait()
+    assert shared._thread.is_alive() and sampler.stats.decoder_calls == calls_before
+
+
+def test_rows_that_arrive_mid_canvas_take_free_slots_at_the_next_step(model):
+    first, second = _shards(2, rows=1, seed=5)
+    sampler = _sampler(model)
+    pulled_at = []
+
+    class Feed:  # the first row, then (at the next pull) the second, then closed
+        def __init__(self):
+            self.batches = [first, second]
+
+        def pull(self, count, wait):
+            pulled_at.append(sampler.stats.decoder_calls)
+            return self.batches.pop(0) if self.batches else []
+
+    done = []
+    sampler.serve(Feed(), on_result=lambda request, result: done.append(request.row_id))
+    assert pulled_at[:2] == [0, 1], "the second row was taken after one step, not at the first canvas's end"
+    assert sorted(done) == sorted(r.row_id for r in first + second)
 
 
 def test_a_failing_callback_fails_its_own_caller_only(model):
