@@ -326,7 +326,7 @@ def warn_shard_drain(job: JobConfig, num_shards: int) -> None:
     """A worker holding one shard at a time ends every shard with its batch draining (slots empty as rows
     finish, nothing left to admit): on the tiny model at batch 32, 512 rows in shards of 64 took 1.75x the
     decoder passes of one queue. With two shards in flight the next shard's rows take the freed slots (1.07x),
-    as long as the rows held can fill the batch (shards of 16: 1.99x)."""
+    as long as the rows held can fill the batch (shards of 16: 1.88x)."""
     batch, shard, in_flight = job.sampler.batch_size, job.run.shard_size, job.run.shards_in_flight
     if job.sampler.batching == "static":
         return
