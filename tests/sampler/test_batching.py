@@ -11,7 +11,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
 from pipeline.sampler.engine import DiffusionSampler, Request
 from pipeline.sampler.settings import SamplerSettings
-from tests.support.models import build_checkpoint
+from tests.support.models import build_checkpoint, sampler_settings
 
 LENGTH = 16
 
@@ -33,20 +33,7 @@ def requests_():
 
 
 def _settings(**overrides) -> SamplerSettings:
-    values = dict(
-        max_new_tokens=4 * LENGTH,
-        max_denoising_steps=12,
-        t_min=0.4,
-        t_max=0.8,
-        entropy_bound=0.3,
-        stability_threshold=1,
-        confidence_threshold=0.3,
-        canvas_length=LENGTH,
-        eos_token_ids=(1,),
-        pad_token_id=0,
-    )
-    values.update(overrides)
-    return SamplerSettings(**values)
+    return sampler_settings(LENGTH, **overrides)
 
 
 def _run(model, requests, *, batch, batching="continuous", **overrides):

@@ -16,9 +16,8 @@ from pipeline.runner.stream import SharedSampler
 from pipeline.sampler.engine import DiffusionSampler, Request
 from pipeline.sampler.mask.engine import MaskDiffusionSampler
 from pipeline.sampler.mask.settings import MaskSettings
-from pipeline.sampler.settings import SamplerSettings
 from tests.support.mask_models import build_mask_checkpoint
-from tests.support.models import build_checkpoint
+from tests.support.models import build_checkpoint, sampler_settings
 
 LENGTH = 16
 BATCH = 4
@@ -43,18 +42,7 @@ def _shards(count: int, rows: int, seed: int = 0) -> list[list[Request]]:
 
 
 def _sampler(model) -> DiffusionSampler:
-    settings = SamplerSettings(
-        max_new_tokens=3 * LENGTH,
-        max_denoising_steps=12,
-        t_min=0.4,
-        t_max=0.8,
-        entropy_bound=0.3,
-        stability_threshold=1,
-        confidence_threshold=0.3,
-        canvas_length=LENGTH,
-        eos_token_ids=(1,),
-        pad_token_id=0,
-    )
+    settings = sampler_settings(LENGTH, max_new_tokens=3 * LENGTH)
     return DiffusionSampler(model, settings, max_batch=BATCH, max_prompt_tokens=32, backend="torch")
 
 
