@@ -153,19 +153,20 @@ def load_shipped(builtin: str, asset: str):
         torch.set_num_threads(threads)
 
 
-def sampler_settings(canvas_length: int, **overrides):
-    """Sampler settings for the tiny test checkpoints (build_checkpoint): EOS 1, pad 0, 4 canvases, 12 steps."""
+def sampler_settings(length: int, **overrides):
+    """Sampler settings for the tiny test checkpoints (build_checkpoint) of canvas `length`: EOS 1, pad 0,
+    4 canvases, 12 steps; `overrides` (canvas_length too) replace any of them."""
     from pipeline.sampler.settings import SamplerSettings
 
     values = dict(
-        max_new_tokens=4 * canvas_length,
+        max_new_tokens=4 * length,
         max_denoising_steps=12,
         t_min=0.4,
         t_max=0.8,
         entropy_bound=0.3,
         stability_threshold=1,
         confidence_threshold=0.3,
-        canvas_length=canvas_length,
+        canvas_length=length,
         eos_token_ids=(1,),
         pad_token_id=0,
     )
