@@ -21,7 +21,9 @@ FNS = "tests.runner.postprocess_fns"
 
 
 def one_worker_job(tmp_path: Path, rows: int, target: str):
+    # One worker holding one shard at a time commits shard 0 first, so shard 0 fixes inferred column types.
     job = make_job(tmp_path, write_prompts(tmp_path / "p.jsonl", rows), cluster__num_workers=1)
+    job.run.shards_in_flight = 1
     job.postprocess = {"_target_": f"{FNS}.{target}"}
     return job
 
