@@ -37,7 +37,7 @@ from pipeline.runner.identity import (
 from pipeline.runner.pool import ShardTask, WorkerStartError
 from pipeline.runner.report import Progress, build_manifest, build_stats, log_summary
 from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
-from pipeline.sampler.settings import USER_KNOBS, SettingsError, resolve_settings
+from pipeline.sampler.settings import USER_KNOBS, SettingsError, max_length_note, resolve_settings
 
 logger = logging.getLogger("canvasflow")
 RUN_LOCK_STALE_S = 120.0  # a holder silent this long (heartbeat every 30 s) is taken over
@@ -249,13 +249,17 @@ def plan(job: JobConfig) -> Prepared:
                 pad_token_id=info.pad_token_id,
             )
         else:
+            user = {k: v for k, v in knobs.items() if v is not None}
             settings = resolve_settings(
-                {k: v for k, v in knobs.items() if v is not None},
+                user,
                 info.generation_config,
                 canvas_length=info.canvas_length,
                 eos_token_ids=info.eos_token_ids,
                 pad_token_id=info.pad_token_id,
             )
+            note = max_length_note(user, info.generation_config)
+            if note:
+                logger.warning("%s", note)
         max_prompt = max_prompt_tokens_for(
             job.model.max_prompt_tokens, info.context_window, settings.max_new_tokens
         )

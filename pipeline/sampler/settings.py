@@ -146,7 +146,27 @@ def parse_generation_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         out["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
     if raw.get("pad_token_id") is not None:
         out["pad_token_id"] = int(raw["pad_token_id"])
+    if is_int(raw.get("max_length")):
+        out["max_length"] = raw["max_length"]
     return out
+
+
+def max_length_note(user: Mapping[str, Any], generation_config: Mapping[str, Any]) -> str | None:
+    """What to tell the user when the model's generation_config.json bounds prompt + completion with
+    `max_length` and nothing sets max_new_tokens: transformers' generate then gives each row max_length minus
+    its prompt's length, while canvasflow gives every row the same budget (the sampler sizes its KV cache and
+    counts canvases from one max_new_tokens). None when there is nothing to say."""
+    max_length = generation_config.get("max_length")
+    if max_length is None or user.get("max_new_tokens") is not None:
+        return None
+    if generation_config.get("max_new_tokens") is not None:
+        return None
+    return (
+        f"the model's generation_config.json sets max_length={max_length} (prompt plus new tokens, so a "
+        "per-row budget in transformers' generate), which canvasflow does not apply: every row gets up to "
+        f"sampler.max_new_tokens={REFERENCE_DEFAULTS['max_new_tokens']} new tokens (the reference default); "
+        "set sampler.max_new_tokens to choose the budget"
+    )
 
 
 def read_generation_json(model_dir: str) -> dict[str, Any]:

@@ -118,3 +118,31 @@ def test_the_nightly_lock_outlasts_the_run_lock_it_wraps():
     from pipeline.runner.job import RUN_LOCK_STALE_S
 
     assert MIN_NIGHTLY_LOCK_STALE_S == RUN_LOCK_STALE_S + RUN_LOCK_STALE_S / 4  # + one run-lock heartbeat
+
+
+def test_a_checkpoint_max_length_the_sampler_ignores_is_logged_at_startup(tmp_path, caplog):
+    """A generation_config.json with max_length (a per-row budget in transformers' generate) and no
+    max_new_tokens: the job says once, before any work, that every row gets sampler.max_new_tokens."""
+    from pipeline.models.tiny import TINY_GENERATION_CONFIG
+    from pipeline.runner.job import plan
+    from tests.support.models import build_checkpoint
+
+    generation = {k: v for k, v in TINY_GENERATION_CONFIG.items() if k != "max_new_tokens"}
+    model = build_checkpoint(tmp_path / "m", generation_config={**generation, "max_length": 40})
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    job = JobConfig(
+        model=ModelConfig(path=str(model)),
+        data=DataConfig(path=str(data), apply_chat_template=False),
+        output=OutputConfig(uri=str(tmp_path / "out")),
+        run=RunConfig(id="r1"),
+    )
+    with caplog.at_level("WARNING"):
+        prep = plan(job)
+    assert prep.settings["max_new_tokens"] == 256
+    assert "generation_config.json sets max_length=40" in caplog.text
+    caplog.clear()
+    job.sampler = SamplerConfig(max_new_tokens=16)
+    with caplog.at_level("WARNING"):
+        plan(job)
+    assert "max_length" not in caplog.text

@@ -10,6 +10,7 @@ from pipeline.sampler.settings import (
     REFERENCE_DEFAULTS,
     SamplerSettings,
     SettingsError,
+    max_length_note,
     parse_generation_config,
     read_generation_config,
     resolve_settings,
@@ -118,3 +119,18 @@ def test_settings_validate_themselves():
             eos_token_ids=(1,),
             pad_token_id=0,
         )
+
+
+def test_a_max_length_budget_the_sampler_does_not_apply_is_reported_unless_max_new_tokens_is_set(tmp_path):
+    """transformers' generate turns generation_config.json's max_length into max_length - prompt tokens per
+    row when max_new_tokens is left at its default; canvasflow's budget is one max_new_tokens for every row."""
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 300, "t_min": 0.3}))
+    model = read_generation_config(str(tmp_path))
+    assert model["max_length"] == 300
+    settings = resolve_settings({}, model, canvas_length=8, eos_token_ids=(1,), pad_token_id=0)
+    assert settings.max_new_tokens == REFERENCE_DEFAULTS["max_new_tokens"]
+    note = max_length_note({}, model)
+    assert note is not None and "max_length=300" in note and "sampler.max_new_tokens=256" in note
+    assert max_length_note({"max_new_tokens": 64}, model) is None
+    assert max_length_note({}, {**model, "max_new_tokens": 64}) is None
+    assert max_length_note({}, parse_generation_config(FLAT)) is None
