@@ -12,6 +12,7 @@ seed and settings, the same completions (randomness is keyed by row id, so give 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -19,7 +20,10 @@ from typing import Any
 from pipeline.config.schema import BUILTIN_MODEL
 from pipeline.data.records import derived_id
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
-from pipeline.sampler.settings import USER_KNOBS
+from pipeline.models.loader import MASK_FAMILIES
+from pipeline.sampler.settings import USER_KNOBS, max_length_note
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,6 +95,11 @@ class LLM:
             postprocess=postprocess,
         )
         self.generator = Generator(self.spec)
+        info = self.generator.loaded.info
+        if info.family not in MASK_FAMILIES:
+            note = max_length_note(self.spec.sampler, info.generation_config)
+            if note:
+                logger.warning("%s", note)
 
     @property
     def settings(self):

@@ -146,3 +146,9 @@ def test_a_checkpoint_max_length_the_sampler_ignores_is_logged_at_startup(tmp_pa
     with caplog.at_level("WARNING"):
         plan(job)
     assert "max_length" not in caplog.text
+    with caplog.at_level("WARNING"):
+        LLM(str(model), max_new_tokens=16)
+    assert "max_length" not in caplog.text
+    with caplog.at_level("WARNING"):
+        assert LLM(str(model)).settings.max_new_tokens == 256
+    assert "generation_config.json sets max_length=40" in caplog.text
