@@ -102,8 +102,8 @@ def validate_job(job: JobConfig) -> JobConfig:
                 f"looks like a {scheme.group(1)!r} URI; only s3://bucket/prefix (lowercase, two slashes) and "
                 "local paths are supported",
             )
-    if job.output.uri.startswith("s3://") and len(job.output.uri) <= len("s3://"):
-        raise _fail("output.uri", job.output.uri, "needs a bucket: s3://bucket/prefix")
+        if value.startswith("s3://") and not value[len("s3://") :].partition("/")[0]:  # s3://, s3:///x
+            raise _fail(key, value, "needs a bucket: s3://bucket/prefix")
     if job.postprocess is not None:
         target = job.postprocess.get("_target_")
         if not isinstance(target, str) or "." not in target:

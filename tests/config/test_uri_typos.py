@@ -34,3 +34,11 @@ def test_uri_typos_fail_naming_the_key(override, key, value):
 )
 def test_s3_builtin_hf_and_local_paths_pass(override):
     to_job_config(_compose(override))
+
+
+@pytest.mark.parametrize("key", ["output.uri", "data.path", "model.path"])
+@pytest.mark.parametrize("value", ["s3://", "s3:///prefix", "s3:////"])
+def test_s3_uris_without_a_bucket_fail_naming_the_key(key, value):
+    # s3:///prefix used to pass validation and fail later in split_s3_uri with a ValueError traceback
+    with pytest.raises(ConfigError, match=rf"{key}='{value}' needs a bucket: s3://bucket/prefix"):
+        to_job_config(_compose(f"{key}={value}"))
