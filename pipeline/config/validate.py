@@ -62,13 +62,18 @@ def validate_job(job: JobConfig) -> JobConfig:
         value = _get(job, key)
         if value is not None and value <= 0:
             raise _fail(key, value, "must be a positive integer (or null for the default)")
-    if job.cluster.num_gpus_per_worker is not None and job.cluster.num_gpus_per_worker < 0:
+    # Written `not value >= 0` so that NaN, which compares false with everything, fails too.
+    if job.cluster.num_gpus_per_worker is not None and not job.cluster.num_gpus_per_worker >= 0:
         raise _fail("cluster.num_gpus_per_worker", job.cluster.num_gpus_per_worker, "must be >= 0")
-    if job.cluster.num_cpus_per_worker < 0:
+    if not job.cluster.num_cpus_per_worker >= 0:
         raise _fail("cluster.num_cpus_per_worker", job.cluster.num_cpus_per_worker, "must be >= 0")
-    if job.run.shard_timeout_s is not None and job.run.shard_timeout_s <= 0:
+    if not job.cluster.worker_start_timeout_s > 0:
+        raise _fail(
+            "cluster.worker_start_timeout_s", job.cluster.worker_start_timeout_s, "must be > 0 (seconds)"
+        )
+    if job.run.shard_timeout_s is not None and not job.run.shard_timeout_s > 0:
         raise _fail("run.shard_timeout_s", job.run.shard_timeout_s, "must be > 0 (or null for no limit)")
-    if job.run.progress_interval_s <= 0:
+    if not job.run.progress_interval_s > 0:
         raise _fail("run.progress_interval_s", job.run.progress_interval_s, "must be > 0")
 
     try:

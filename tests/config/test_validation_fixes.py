@@ -152,3 +152,36 @@ def test_a_checkpoint_max_length_the_sampler_ignores_is_logged_at_startup(tmp_pa
     with caplog.at_level("WARNING"):
         assert LLM(str(model)).settings.max_new_tokens == 256
     assert "generation_config.json sets max_length=40" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cluster.worker_start_timeout_s=-1", "cluster.worker_start_timeout_s=-1.0 must be > 0"),
+        ("cluster.worker_start_timeout_s=0", "cluster.worker_start_timeout_s=0.0 must be > 0"),
+        ("cluster.worker_start_timeout_s=nan", "cluster.worker_start_timeout_s=nan must be > 0"),
+        ("run.progress_interval_s=nan", "run.progress_interval_s=nan must be > 0"),
+        ("run.shard_timeout_s=nan", "run.shard_timeout_s=nan must be > 0"),
+        ("cluster.num_cpus_per_worker=nan", "cluster.num_cpus_per_worker=nan must be >= 0"),
+        ("cluster.num_gpus_per_worker=nan", "cluster.num_gpus_per_worker=nan must be >= 0"),
+    ],
+)
+def test_bad_durations_and_resources_fail_at_startup_naming_the_key(override, message):
+    """They passed validation (NaN compares false with everything; worker_start_timeout_s was not checked):
+    the job started Ray and wrote the run directory, then gave up on the workers at once."""
+    with pytest.raises(ConfigError) as info:
+        to_job_config(_compose("config", override))
+    assert message in str(info.value)
+
+
+def test_a_negative_worker_start_timeout_writes_nothing(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    out = tmp_path / "out"
+    cfg = _compose(
+        "config", f"data.path={data}", f"output.uri={out}", "run.id=r1", "cluster.worker_start_timeout_s=-1"
+    )
+    from pipeline.runner.job import run_from_hydra
+
+    assert run_from_hydra(cfg) == 2
+    assert not out.exists() or not any(out.rglob("*"))
