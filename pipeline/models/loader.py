@@ -141,10 +141,24 @@ def resolve_model_dir(
     return str(local)
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; ModelError naming the file when it is not one (truncated, not UTF-8, ...)."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{path} is not valid UTF-8 (byte {e.start}); re-create or re-download it") from None
+    except (ValueError, RecursionError) as e:
+        raise ModelError(f"{path} is not valid JSON ({e}); re-create or re-download it") from None
+    if not isinstance(config, dict):
+        raise ModelError(
+            f"{path} is not a JSON object (got a {type(config).__name__}): is it a model config?"
+        )
+    return config
+
+
 def inspect_model(model_dir: str, name: str | None = None) -> ModelInfo:
     """Reads config.json and generation_config.json (no weights)."""
-    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
-        config = json.load(f)
+    config = _read_config(Path(model_dir) / "config.json")
     model_type = config.get("model_type", "")
     if model_type not in SUPPORTED_TYPES:
         raise ModelError(

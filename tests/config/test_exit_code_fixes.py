@@ -58,8 +58,38 @@ def test_config_that_does_not_compose_exits_2_naming_the_key(tmp_path, script, o
 def _broken_model(tmp_path: Path) -> Path:
     model = tmp_path / "model"
     shutil.copytree(resolve_model_dir("builtin:tiny-diffusiongemma"), model)
-    (model / "config.json").write_text('{"model_type": "diffusion_gemma",')  # truncated JSON
+    # A field of the wrong type: unforeseen, so it takes the "unexpected error" path with its traceback
+    (model / "config.json").write_text('{"model_type": "diffusion_gemma", "text_config": []}')
     return model
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b'{"model_type": "diffusion_gemma",', "is not valid JSON"),
+        (b'["diffusion_gemma"]', "is not a JSON object"),
+        (b'{"model_type": "diffusion_gemma\xff"}', "is not valid UTF-8"),
+    ],
+)
+def test_an_unreadable_model_config_exits_2_naming_the_file_without_a_traceback(tmp_path, content, problem):
+    """A truncated or non-object config.json in model.path is the user's error: it ended in a JSONDecodeError
+    (or AttributeError) traceback as if canvasflow had a bug."""
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_dir("builtin:tiny-diffusiongemma"), model)
+    (model / "config.json").write_bytes(content)
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    code, log = _cli(
+        "generate.py",
+        f"output.uri={tmp_path / 'out'}",
+        f"data.path={data}",
+        f"model.path={model}",
+        cwd=tmp_path,
+    )
+    assert code == 2, log[-2000:]
+    assert f"{model / 'config.json'} {problem}" in log
+    assert "Traceback" not in log
+    assert not (tmp_path / "out").exists()
 
 
 def test_unexpected_error_while_preparing_exits_2_with_its_traceback(tmp_path, caplog):
@@ -74,7 +104,7 @@ def test_unexpected_error_while_preparing_exits_2_with_its_traceback(tmp_path, c
     )
     assert run(job) == 2
     assert "could not start (exit code 2): unexpected error while preparing the run" in caplog.text
-    assert "JSONDecodeError" in caplog.text
+    assert "AttributeError" in caplog.text
 
 
 @pytest.mark.parametrize("script", ["generate.py", "nightly.py"])
@@ -84,7 +114,7 @@ def test_cli_unexpected_startup_error_exits_2(tmp_path, script):
     args = [f"output.uri={tmp_path / 'out'}", f"data.path={data}", f"model.path={_broken_model(tmp_path)}"]
     code, log = _cli(script, *args, cwd=tmp_path)
     assert code == 2, log[-2000:]
-    assert "could not start (exit code 2)" in log and "JSONDecodeError" in log
+    assert "could not start (exit code 2)" in log and "AttributeError" in log
 
 
 @pytest.mark.parametrize(
