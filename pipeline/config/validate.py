@@ -15,6 +15,7 @@ MIN_NIGHTLY_LOCK_STALE_S = 150.0
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")  # scheme:/... (builtin:x and hf:x have no slash)
+ENDPOINT_URL = re.compile(r"^https?://[^/?#\s]+", re.IGNORECASE)  # what botocore takes as endpoint_url
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 NIGHTLY_SUFFIX = len("-YYYY-MM-DD")
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -109,6 +110,13 @@ def validate_job(job: JobConfig) -> JobConfig:
             )
         if value.startswith("s3://") and not value[len("s3://") :].partition("/")[0]:  # s3://, s3:///x
             raise _fail(key, value, "needs a bucket: s3://bucket/prefix")
+    endpoint = job.output.endpoint_url
+    if endpoint is not None and not ENDPOINT_URL.match(endpoint):
+        raise _fail(
+            "output.endpoint_url",
+            endpoint,
+            "must be an http:// or https:// URL with a host, e.g. http://host:port (or null for AWS)",
+        )
     if job.postprocess is not None:
         target = job.postprocess.get("_target_")
         if not isinstance(target, str) or "." not in target:

@@ -42,3 +42,17 @@ def test_s3_uris_without_a_bucket_fail_naming_the_key(key, value):
     # s3:///prefix used to pass validation and fail later in split_s3_uri with a ValueError traceback
     with pytest.raises(ConfigError, match=rf"{key}='{value}' needs a bucket: s3://bucket/prefix"):
         to_job_config(_compose(f"{key}={value}"))
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:8333", "localhost:9000", "ftp://127.0.0.1:21", "http://"])
+def test_an_endpoint_url_without_http_scheme_and_host_fails_naming_the_key(value):
+    # 127.0.0.1:8333 (no scheme) passed validation and ended in botocore's ValueError traceback
+    with pytest.raises(ConfigError, match=rf"output.endpoint_url='{value}' .*http://host:port"):
+        to_job_config(_compose("output.uri=s3://bucket/runs", f"output.endpoint_url={value}"))
+
+
+@pytest.mark.parametrize(
+    "value", ["http://127.0.0.1:8333", "https://s3.example.com", "HTTPS://R2.example.com/"]
+)
+def test_http_endpoint_urls_pass(value):
+    assert to_job_config(_compose(f"output.endpoint_url={value}")).output.endpoint_url == value
