@@ -39,13 +39,28 @@ def install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
+# Keys that every option of their group sets, some as `???` for the user to give (conf/output/s3.yaml's uri,
+# conf/model/llada.yaml's path). In the schema stored for Hydra they are `???` too: merged onto the dataclass
+# default, a `???` keeps the default (output=s3 without output.uri wrote to ./outputs on local disk).
+SET_BY_GROUP_OPTIONS = ("model.path", "output.uri")
+
+
+def _schema_node(schema: type[JobConfig]) -> Any:
+    from omegaconf import MISSING, OmegaConf
+
+    node = OmegaConf.structured(schema)
+    for key in SET_BY_GROUP_OPTIONS:
+        OmegaConf.update(node, key, MISSING)
+    return node
+
+
 def register_configs() -> None:
     """Stores the job schema as `canvasflow_schema`: the first entry of conf/config.yaml's defaults, it types
     every group, so a misspelt key or a wrong type fails while Hydra composes."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="canvasflow_schema", node=JobConfig)
-    ConfigStore.instance().store(name="canvasflow_nightly_schema", node=NightlyJobConfig)
+    ConfigStore.instance().store(name="canvasflow_schema", node=_schema_node(JobConfig))
+    ConfigStore.instance().store(name="canvasflow_nightly_schema", node=_schema_node(NightlyJobConfig))
 
 
 def to_job_config(cfg: Any, schema: type[JobConfig] = JobConfig) -> JobConfig:
@@ -63,6 +78,13 @@ def to_job_config(cfg: Any, schema: type[JobConfig] = JobConfig) -> JobConfig:
                 "or fix its spelling; `--cfg job` prints every key. Keys can be added only under "
                 "data.hf_kwargs and postprocess"
                 + (f" (also unknown: {', '.join(unknown[1:])})" if unknown[1:] else "")
+            )
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:  # checked before the merge below, which would put the schema's defaults in their place
+            raise ConfigError(
+                f"{missing[0]} has no value: set {missing[0]}=... (the group option chosen leaves it to you, "
+                "e.g. output=s3 needs output.uri=s3://bucket/prefix, model=llada needs model.path=<dir or s3://>)"
+                + (f" (also unset: {', '.join(missing[1:])})" if missing[1:] else "")
             )
         job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
     except OmegaConfBaseException as e:

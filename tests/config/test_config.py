@@ -148,3 +148,34 @@ def test_cli_typo_exits_nonzero_naming_the_key():
     result = _cli("sampler.max_denoising_step=3")
     assert result.returncode != 0
     assert "max_denoising_step" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["output=s3"], "output.uri"),
+        (["model=llada", "sampler=llada"], "model.path"),
+        (["model=diffusiongemma_26b"], "model.path"),
+        (["postprocess=callable"], "postprocess._target_"),
+    ],
+)
+def test_a_value_a_group_option_leaves_to_the_user_is_required(overrides, key):
+    """`???` in a group option (conf/output/s3.yaml's uri, the big models' path) merged onto the schema's
+    default kept the default: output=s3 without output.uri wrote the run to ./outputs on local disk, and
+    model=llada without model.path ran the builtin tiny DiffusionGemma."""
+    with pytest.raises(ConfigError, match=rf"^{key} has no value: set {key}="):
+        to_job_config(_compose(*overrides))
+
+
+def test_output_s3_without_a_uri_exits_2_and_writes_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "generate.py"), "output=s3", "run.id=r1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 2, log[-2000:]
+    assert "output.uri has no value: set output.uri=" in log and "Traceback" not in log
+    assert list(tmp_path.iterdir()) == []
