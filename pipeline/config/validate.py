@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig, NightlyJobConfig
@@ -110,6 +111,13 @@ def validate_job(job: JobConfig) -> JobConfig:
             )
         if value.startswith("s3://") and not value[len("s3://") :].partition("/")[0]:  # s3://, s3:///x
             raise _fail(key, value, "needs a bucket: s3://bucket/prefix")
+    if _inside(job.output.uri, job.data.path):
+        raise _fail(
+            "output.uri",
+            job.output.uri,
+            f"is inside data.path={job.data.path!r}: the next run of the same command would read this run's "
+            "files (data/*.parquet, _manifest.json, ...) as input; put the output outside the input directory",
+        )
     endpoint = job.output.endpoint_url
     if endpoint is not None and not ENDPOINT_URL.match(endpoint):
         raise _fail(
@@ -128,6 +136,18 @@ def validate_job(job: JobConfig) -> JobConfig:
     if isinstance(job, NightlyJobConfig):
         validate_nightly(job.nightly)
     return job
+
+
+def _inside(output: str, data: str) -> bool:
+    """Whether `output` is `data` or below it (a local folder or an s3:// prefix; builtin: and hf: inputs are
+    no folder)."""
+    s3 = data.startswith("s3://")
+    if data.startswith(("builtin:", "hf:")) or output.startswith("s3://") != s3:
+        return False
+    if s3:
+        return f"{output.rstrip('/')}/".startswith(f"{data.rstrip('/')}/")
+    out, folder = Path(output).expanduser().resolve(), Path(data).expanduser().resolve()
+    return out == folder or folder in out.parents
 
 
 def validate_nightly(nightly: NightlyConfig) -> NightlyConfig:

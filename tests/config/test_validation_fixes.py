@@ -185,3 +185,40 @@ def test_a_negative_worker_start_timeout_writes_nothing(tmp_path):
 
     assert run_from_hydra(cfg) == 2
     assert not out.exists() or not any(out.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("data_path", "output_uri"),
+    [
+        ("{tmp}/prompts", "{tmp}/prompts/out"),
+        ("{tmp}/prompts", "{tmp}/prompts"),
+        ("{tmp}/prompts/", "{tmp}/prompts/./runs/../out"),
+        ("s3://bucket/in", "s3://bucket/in/runs"),
+        ("s3://bucket/in/", "s3://bucket/in"),
+        ("s3://bucket", "s3://bucket/runs"),
+    ],
+)
+def test_an_output_inside_the_input_directory_fails_at_startup(tmp_path, data_path, output_uri):
+    """The run's files (data/*.parquet, _manifest.json, stats.json) under the input directory were read as
+    input by the next run of the same command: it failed ('cannot tell the format from [jsonl, parquet]'), or
+    with data.format=parquet took the previous outputs as prompts, instead of resuming."""
+    data_path, output_uri = data_path.format(tmp=tmp_path), output_uri.format(tmp=tmp_path)
+    with pytest.raises(ConfigError) as info:
+        to_job_config(_compose("config", f"data.path={data_path}", f"output.uri={output_uri}"))
+    assert f"output.uri={output_uri!r} is inside data.path={data_path!r}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data_path", "output_uri"),
+    [
+        ("{tmp}/runs/r1/data", "{tmp}/runs"),  # a previous run's output as input: fine
+        ("{tmp}/prompts", "{tmp}/prompts-out"),
+        ("{tmp}/prompts.jsonl", "{tmp}/out"),
+        ("s3://bucket/in", "s3://bucket/in-runs"),
+        ("s3://bucket/in", "s3://other/in/runs"),
+        ("builtin:prompts", "builtin:prompts/x"),
+    ],
+)
+def test_an_output_beside_or_above_the_input_passes(tmp_path, data_path, output_uri):
+    data_path, output_uri = data_path.format(tmp=tmp_path), output_uri.format(tmp=tmp_path)
+    to_job_config(_compose("config", f"data.path={data_path}", f"output.uri={output_uri}"))
