@@ -92,7 +92,8 @@ class SamplerConfig:
     record_drafts: bool = False
     # On CUDA, replay the decoder step as CUDA graphs of bucketed batch sizes (continuous batching).
     cuda_graphs: bool = True
-    # Knobs of the mask-diffusion sampler (model families llada, dream); DiffusionGemma models ignore them.
+    # Knobs of the mask-diffusion sampler (model families llada, dream); set for a DiffusionGemma model, they
+    # fail at start-up.
     mask: MaskSamplerConfig = field(default_factory=MaskSamplerConfig)
 
 

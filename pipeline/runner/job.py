@@ -249,6 +249,13 @@ def plan(job: JobConfig) -> Prepared:
                 pad_token_id=info.pad_token_id,
             )
         else:
+            mask_set = [k for k, v in knobs["mask"].items() if v is not None]
+            if mask_set:  # as a DiffusionGemma knob on a mask model is refused (mask_user_values)
+                raise SettingsError(
+                    f"sampler.mask.{mask_set[0]}={knobs['mask'][mask_set[0]]!r} is a mask-diffusion (LLaDA, Dream) "
+                    f"setting; a {info.family} model is sampled with sampler.* (max_denoising_steps, t_min, "
+                    "t_max, entropy_bound, ...): unset it"
+                )
             user = {k: v for k, v in knobs.items() if v is not None}
             settings = resolve_settings(
                 user,

@@ -15,6 +15,7 @@ from pipeline.config.schema import (
     ClusterConfig,
     DataConfig,
     JobConfig,
+    MaskSamplerConfig,
     ModelConfig,
     OutputConfig,
     RunConfig,
@@ -179,6 +180,11 @@ def test_postprocess_adds_columns_and_filters(tmp_path, ray_local):
         ({"data__prompt_column": "question"}, "prompt column 'question'"),
         ({"model__path": "/no/such/model"}, "is not a directory"),
         ({"sampler__t_max": 0.3}, "sampler.t_max=0.3 must be greater than sampler.t_min=0.4"),
+        # a mask-sampler knob on a DiffusionGemma model was silently ignored (the reverse is refused)
+        (
+            {"sampler__mask": MaskSamplerConfig(cache="dual")},
+            "sampler.mask.cache='dual' is a mask-diffusion (LLaDA, Dream) setting",
+        ),
     ],
 )
 def test_startup_errors_exit_2_before_any_work(tmp_path, caplog, overrides, message):
