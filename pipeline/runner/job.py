@@ -106,8 +106,8 @@ def nightly_from_hydra(cfg: Any) -> int:
 REDACTED = "<redacted>"
 # A key is secret-like when one of its words (split at '_', '-', '.', case-insensitive) is one of these, or it
 # contains one of SECRET_PHRASES (e.g. aws_secret_access_key, hf_token, api_key, session_token, password).
-SECRET_WORDS = frozenset(
-    {"token", "secret", "password", "passwd", "credential", "credentials", "apikey", "passphrase"}
+SECRET_WORDS = frozenset(  # "key": fsspec/s3fs storage_options take the access key id as `key`
+    {"token", "secret", "password", "passwd", "credential", "credentials", "apikey", "passphrase", "key"}
 )
 SECRET_PHRASES = ("api_key", "access_key", "session_token", "private_key")
 _ENV_TEXT = "canvasflow_env_text"  # resolver that gives back `${oc.env:...}` as text (see _yaml)

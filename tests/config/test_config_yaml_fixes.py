@@ -106,3 +106,14 @@ def test_nightly_config_yaml_records_the_night_run_id_and_no_secret(tmp_path):
         if path.is_file() and path.suffix in ("", ".json", ".yaml", ".md"):
             assert SECRET not in path.read_text(errors="replace"), path
     assert SECRET not in log
+
+
+def test_config_yaml_redacts_fsspec_storage_option_credentials():
+    """s3fs/fsspec take S3 credentials as storage_options {key, secret, token}: the access key id under `key`
+    was written to _config.yaml as it is."""
+    job = JobConfig()
+    job.data.hf_kwargs = {"storage_options": {"key": "AKIAEXAMPLE12345", "secret": SECRET, "anon": False}}
+    text = _yaml(OmegaConf.to_container(OmegaConf.structured(job)))
+    assert "AKIAEXAMPLE12345" not in text and SECRET not in text
+    options = OmegaConf.create(text).data.hf_kwargs.storage_options
+    assert options.key == REDACTED and options.secret == REDACTED and options.anon is False
