@@ -72,6 +72,12 @@ def test_llada_job_writes_the_same_schema(tmp_path, ray_local, llada_dir):
     ("overrides", "message"),
     [
         ({"sampler__t_min": 0.1}, "sampler.t_min=0.1 is a DiffusionGemma setting"),
+        # switches that default to true were silently ignored when turned off
+        ({"sampler__revise_accepted": False}, "sampler.revise_accepted=False is a DiffusionGemma setting"),
+        (
+            {"sampler__adaptive_stopping": False},
+            "sampler.adaptive_stopping=False is a DiffusionGemma setting",
+        ),
         ({"model__family": "diffusion_gemma"}, "model.family='diffusion_gemma' but"),
         (
             {"sampler__max_new_tokens": 20},

@@ -163,12 +163,14 @@ DIFFUSION_GEMMA_ONLY = (
     "confidence_threshold",
     "canvas_length",
 )
+DIFFUSION_GEMMA_SWITCHES = ("adaptive_stopping", "revise_accepted")  # true by default; false is a choice
 
 
 def mask_user_values(sampler: Mapping[str, Any], family: str) -> dict[str, Any]:
     """The mask sampler's user values from the job's sampler knobs (`mask` nested, plus max_new_tokens, seed,
     record_drafts); a DiffusionGemma-only knob that is set is an error naming it."""
     set_elsewhere = [k for k in DIFFUSION_GEMMA_ONLY if sampler.get(k) is not None]
+    set_elsewhere += [k for k in DIFFUSION_GEMMA_SWITCHES if sampler.get(k) is False]  # on by default
     if set_elsewhere:
         raise MaskSettingsError(
             f"sampler.{set_elsewhere[0]}={sampler[set_elsewhere[0]]!r} is a DiffusionGemma setting; a {family} "
