@@ -189,7 +189,16 @@ class RunStore:
     def committed(self) -> dict[int, ShardCommit]:
         commits = {}
         for key in self.store.list(COMMITS):
-            commit = ShardCommit.from_json(self.store.read_text(key))
+            try:
+                commit = ShardCommit.from_json(self.store.read_text(key))
+            except (ValueError, TypeError, AttributeError) as e:  # not JSON, not a marker's fields
+                # Its parts are then uncommitted leftovers, and the regenerated shard's marker replaces it.
+                logger.warning(
+                    "%s is not a readable commit marker (%s): its shard counts as uncommitted and is regenerated",
+                    self.store.describe(key),
+                    e,
+                )
+                continue
             commits[commit.shard] = commit
         return commits
 

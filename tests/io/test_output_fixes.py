@@ -9,6 +9,7 @@ import os
 import threading
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from pipeline.io.commit import RUN_LOCK, FencedError, RunStore
@@ -132,3 +133,27 @@ def test_a_lock_that_cannot_be_read_is_not_taken_over(s3_bucket, s3_fault_proxy)
         assert json.loads(s3_bucket.store("run").read_text(RUN_LOCK))["token"] == "live-holder"
     finally:
         holder.release()
+
+
+def _commit(run: RunStore, shard: int) -> None:
+    rows = to_table(
+        [{"id": f"r{shard}", "source_index": shard}],
+        pa.schema([("id", pa.string()), ("source_index", pa.int64())]),
+    )
+    run.commit_shard(shard, rows, [], compression="zstd", stats={}, worker="w0", attempt=1)
+
+
+def test_an_unreadable_commit_marker_leaves_its_shard_uncommitted(store, caplog):
+    """A marker that is not JSON (a hand edit, a copy cut short) made every rerun crash with a JSONDecodeError
+    traceback and exit code 1 ("rerun to retry"), which could never succeed; the shard is regenerated instead."""
+    run = RunStore(store, "r")
+    for shard in (0, 1):
+        _commit(run, shard)
+    store.write_text("_commits/shard-00001.json", '{"shard": 1, ')
+    with caplog.at_level(logging.WARNING):
+        committed = run.committed()
+    assert list(committed) == [0]
+    assert "_commits/shard-00001.json" in caplog.text and "regenerated" in caplog.text
+    assert run.clean_uncommitted(committed) == ["data/part-00001.parquet"]
+    _commit(run, 1)  # the regenerated shard's marker replaces the unreadable one
+    assert sorted(run.committed()) == [0, 1]
