@@ -134,7 +134,17 @@ class RunStore:
     def read_run_file(self) -> dict[str, Any] | None:
         if not self.store.exists(RUN_FILE):
             return None
-        return json.loads(self.store.read_text(RUN_FILE))
+        try:
+            identity = json.loads(self.store.read_text(RUN_FILE))
+            problem = None if isinstance(identity, dict) else "not a JSON object"
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            problem = str(e)
+        if problem:
+            raise RunConflictError(
+                f"{self.store.describe(RUN_FILE)} is not readable ({problem}): the run's identity is lost. "
+                "Restore it, or set run.overwrite=true to replace the run"
+            )
+        return identity
 
     def write_run_file(self, identity: dict[str, Any]) -> None:
         self.store.write_text(RUN_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
@@ -146,7 +156,12 @@ class RunStore:
         """ "new", "resume", "complete", or with overwrite "replace" (the run id holds a run with another input
         or config, or objects that are no run); raises RunConflictError where overwrite is needed. Reads only:
         a caller that does not hold the run lock may ask."""
-        existing = self.read_run_file()
+        try:
+            existing = self.read_run_file()
+        except RunConflictError:
+            if not overwrite:
+                raise
+            return "replace"
         if existing is None:
             leftovers = self._objects()
             if leftovers and not overwrite:

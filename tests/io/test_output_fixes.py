@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.io.commit import RUN_LOCK, FencedError, RunStore
+from pipeline.io.commit import RUN_LOCK, FencedError, RunConflictError, RunStore
 from pipeline.io.lease import Lease
 from pipeline.io.parts import to_table
 from pipeline.io.store import LocalStore, Store, StoreError
@@ -157,3 +157,11 @@ def test_an_unreadable_commit_marker_leaves_its_shard_uncommitted(store, caplog)
     assert run.clean_uncommitted(committed) == ["data/part-00001.parquet"]
     _commit(run, 1)  # the regenerated shard's marker replaces the unreadable one
     assert sorted(run.committed()) == [0, 1]
+
+
+def test_an_unreadable_run_file_is_a_conflict_naming_it(store):
+    run = RunStore(store, "r")
+    store.write_text("_run.json", '{"run_id": ')
+    with pytest.raises(RunConflictError, match=r"_run.json is not readable .*run.overwrite=true"):
+        run.identity_status({"run_id": "r"}, overwrite=False)
+    assert run.identity_status({"run_id": "r"}, overwrite=True) == "replace"
