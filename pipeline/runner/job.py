@@ -432,12 +432,46 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
             logger.error("%s", e)
             return 2
         if prep.status == "complete":
-            logger.info("run %s is already complete (_SUCCESS present); nothing to do", prep.run_id)
-            log_summary(json.loads(run_store.store.read_text("stats.json")), run_store.uri)
-            return 0
+            stats, problem = _final_stats(run_store)
+            if stats is not None:
+                logger.info("run %s is already complete (_SUCCESS present); nothing to do", prep.run_id)
+                log_summary(stats, run_store.uri)
+                return 0
+            logger.warning(
+                "run %s is complete but %s: writing its manifest, stats and dataset card again",
+                prep.run_id,
+                problem,
+            )
         return _resume(job, prep, started)
     finally:
         lease.release()
+
+
+FINAL_FILES = ("_manifest.json", "stats.json", "README.md")  # written by RunStore.finalize, before _SUCCESS
+SUMMARY_KEYS = (
+    "rows_in",
+    "rows_out",
+    "rows_error",
+    "tokens_generated",
+    "denoising_steps",
+    "tokens_per_forward",
+)
+
+
+def _final_stats(run_store: RunStore) -> tuple[dict[str, Any] | None, str | None]:
+    """A complete run's stats, or (None, what is wrong) when one of its final files is missing or stats.json
+    does not read (deleted or cut short by hand or by a copy): finalizing again from the commit markers
+    repairs them."""
+    missing = [name for name in FINAL_FILES if not run_store.store.exists(name)]
+    if missing:
+        return None, f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+    try:
+        stats = json.loads(run_store.store.read_text("stats.json"))
+    except (StoreError, ValueError) as e:
+        return None, f"its stats.json is not readable ({e})"
+    if not isinstance(stats, dict) or any(key not in stats for key in SUMMARY_KEYS):
+        return None, "its stats.json lacks the run's totals"
+    return stats, None
 
 
 def _resume(job: JobConfig, prep: Prepared, started: float) -> int:

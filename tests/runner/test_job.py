@@ -121,6 +121,25 @@ def test_rerun_of_a_complete_run_does_nothing_and_a_changed_config_is_refused(tm
     assert read_parts(run_dir).column("seed").to_pylist() == [7] * 6
 
 
+def test_rerun_of_a_complete_run_missing_its_stats_or_card_writes_them_again(tmp_path, ray_local):
+    """A complete run whose stats.json was deleted (or cut short) made every rerun crash with a StoreError
+    (JSONDecodeError) traceback and exit code 1; a missing README.md or _manifest.json went unnoticed."""
+    data = write_prompts(tmp_path / "p.jsonl", 6)
+    assert run(make_job(tmp_path, data)) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    (run_dir / "stats.json").unlink()
+    (run_dir / "README.md").unlink()
+    assert run(make_job(tmp_path, data)) == 0
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["rows_out"] == 6 and stats["shards"]["skipped_already_committed"] == 1
+    assert "rows out" in (run_dir / "README.md").read_text()
+    assert json.loads((run_dir / "_manifest.json").read_text())["parts"] == manifest["parts"]
+    (run_dir / "stats.json").write_text('{"rows_in": ')
+    assert run(make_job(tmp_path, data)) == 0
+    assert json.loads((run_dir / "stats.json").read_text())["rows_out"] == 6
+
+
 def test_resume_regenerates_only_uncommitted_shards(tmp_path, ray_local):
     data = write_prompts(tmp_path / "p.jsonl", 18)
     assert run(make_job(tmp_path, data)) == 0
