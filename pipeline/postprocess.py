@@ -42,15 +42,16 @@ def load_postprocess(spec: dict[str, Any] | None) -> tuple[PostprocessFn | None,
             f"postprocess._target_={target!r}: {attr!r} is not a callable of {module_name}"
         )
     columns = dict(getattr(fn, "columns", {}) or {})
+    _check_kwargs(fn, target, spec)
     if spec:
-        _check_kwargs(fn, target, spec)
         fn = functools.partial(fn, **spec)
     return fn, target, columns
 
 
 def _check_kwargs(fn: Callable[..., Any], target: str, kwargs: dict[str, Any]) -> None:
-    """PostprocessError unless `fn(row, **kwargs)` binds: a misspelt keyword argument would otherwise fail
-    every row, after sampling. A callable without an inspectable signature is left to its first row."""
+    """PostprocessError unless `fn(row, **kwargs)` binds: a misspelt keyword argument (or a callable that
+    takes no row, or needs another argument) would otherwise fail every row, after sampling. A callable
+    without an inspectable signature is left to its first row."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -69,7 +70,7 @@ def _check_kwargs(fn: Callable[..., Any], target: str, kwargs: dict[str, Any]) -
     try:
         signature.bind(None, **kwargs)  # the row comes first, positionally
     except TypeError as e:
-        given = ", ".join(f"postprocess.{k}" for k in kwargs)
+        given = "".join(f" and postprocess.{k}" for k in kwargs)
         raise PostprocessError(
-            f"{target} cannot be called with the row and {given}: {e} (its parameters: {shown})"
+            f"{target} cannot be called with the row{given}: {e} (its parameters: {shown})"
         ) from None

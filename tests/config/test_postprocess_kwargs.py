@@ -35,3 +35,30 @@ def test_a_row_as_keyword_argument_is_refused():
     """The row is the first argument; a kwarg of that name would collide with it on every row."""
     with pytest.raises(PostprocessError, match=r"postprocess\.row"):
         load_postprocess({"_target_": CHECKER, "row": 1})
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "problem"),
+    [
+        ("pp_no_row", "def fn():\n    return {}\n", "too many positional arguments"),
+        ("pp_two_args", "def fn(row, ref):\n    return {}\n", "missing a required argument: 'ref'"),
+    ],
+)
+def test_a_callable_that_cannot_take_the_row_fails_without_keyword_arguments(
+    tmp_path, monkeypatch, module, source, problem
+):
+    """Checked only when keyword arguments were given: without any, every row failed in the postprocess stage
+    after sampling (TypeError), and the run exited 0 with no output row."""
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PostprocessError, match=rf"{module}.fn cannot be called with the row: {problem}"):
+        load_postprocess({"_target_": f"{module}.fn"})
+
+
+def test_a_callable_with_optional_parameters_loads_without_keyword_arguments(tmp_path, monkeypatch):
+    (tmp_path / "pp_optional.py").write_text(
+        "def fn(row, scale=2, *, label='x'):\n    return {label: scale}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn, _, _ = load_postprocess({"_target_": "pp_optional.fn"})
+    assert fn({"id": "a"}) == {"x": 2}
