@@ -142,11 +142,22 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> li
     if local.is_file():
         return [str(local)]
     if local.is_dir():
-        files = sorted(
-            str(p)
-            for p in local.rglob("*")
-            if p.is_file() and _suffix(p.name) and not _hidden(p.relative_to(local).as_posix())
+        visible = sorted(
+            p for p in local.rglob("*") if p.is_file() and not _hidden(p.relative_to(local).as_posix())
         )
+        files = [str(p) for p in visible if _suffix(p.name)]
+        if not files:
+            others = [p.relative_to(local).as_posix() for p in visible]
+            skipped = (
+                f"{len(others)} other file(s) skipped ({', '.join(others[:5])}{', ...' if others[5:] else ''}): "
+                "a file's suffix picks its format, so rename them, or give one file's path with data.format"
+                if others
+                else "it is empty"
+            )
+            raise InputError(
+                f"data.path={path!r}: no {', '.join(JSONL_SUFFIXES)}, {' or '.join(PARQUET_SUFFIXES)} file in "
+                f"this directory ({skipped})"
+            )
         return files
     raise InputError(f"data.path={path!r} does not exist")
 

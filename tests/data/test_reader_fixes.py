@@ -310,3 +310,23 @@ def test_parquet_files_are_read_one_at_a_time(tmp_path):
     with pytest.raises(InputError, match=r"1\.parquet is not a readable Parquet file"):
         read_input(DataConfig(path=str(tmp_path)))
     assert [r["prompt"] for r in _rows(str(tmp_path), limit=3)] == ["Add: 0+1", "Add: 1+1", "Add: 2+1"]
+
+
+@pytest.mark.parametrize("fmt", ["auto", "jsonl", "parquet"])
+def test_a_directory_without_data_files_names_what_it_skipped(tmp_path, fmt):
+    """A folder of prompts.txt / prompts.csv said 'holds no rows' with data.format=jsonl (or 'cannot tell the
+    format from no data files'), as if the files were empty: only the suffix picks the files of a folder."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "prompts.txt").write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    (folder / "more.csv").write_text("prompt\nAdd: 1+2\n")
+    with pytest.raises(InputError) as info:
+        read_input(DataConfig(path=str(folder), format=fmt))
+    message = str(info.value)
+    assert f"data.path={str(folder)!r}: no .jsonl, .json, .ndjson, .jsonl.gz, .parquet or .pq file" in message
+    assert "2 other file(s) skipped (more.csv, prompts.txt)" in message
+
+
+def test_an_empty_directory_says_so(tmp_path):
+    with pytest.raises(InputError, match=r"no \.jsonl, .* file in this directory \(it is empty\)"):
+        read_input(DataConfig(path=str(tmp_path), format="jsonl"))
