@@ -35,6 +35,7 @@ from pipeline.runner.identity import (
     s3_objects,
 )
 from pipeline.runner.pool import ShardTask, WorkerStartError
+from pipeline.runner.ray_setup import ClusterConnectError
 from pipeline.runner.report import Progress, build_manifest, build_stats, log_summary
 from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
 from pipeline.sampler.settings import USER_KNOBS, SettingsError, max_length_note, resolve_settings
@@ -511,7 +512,7 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
     if tasks:
         try:
             failed, worker_infos = _run_workers(prep, tasks, new_commits, progress)
-        except (*STARTUP_ERRORS, WorkerStartError) as e:
+        except (*STARTUP_ERRORS, WorkerStartError, ClusterConnectError) as e:
             logger.error("%s", e)
             return 2
 

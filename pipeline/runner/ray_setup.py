@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,14 @@ from typing import Any
 from pipeline.config.schema import ClusterConfig
 
 logger = logging.getLogger("canvasflow")
+HOST_PORT = re.compile(r"^(?:ray://)?([^/:]+|\[[0-9A-Fa-f:]+\]):(\d+)/?$")
+PROBE_TIMEOUT_S = 10.0
+
+
+class ClusterConnectError(RuntimeError):
+    """The Ray cluster at cluster.address cannot be reached; the message names the address and the fix."""
+
+
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -43,7 +53,30 @@ def _init(ray, cluster: ClusterConfig) -> None:
         )
     else:
         logger.info("connecting to the Ray cluster at %s", cluster.address)
-        ray.init(address=cluster.address, logging_level=logging.WARNING)
+        check_reachable(cluster.address)
+        try:
+            ray.init(address=cluster.address, logging_level=logging.WARNING)
+        except ConnectionError as e:  # e.g. address=auto and no cluster running
+            raise ClusterConnectError(
+                f"cannot connect to the Ray cluster at cluster.address={cluster.address!r}: {e}"
+            ) from None
+
+
+def check_reachable(address: str | None) -> None:
+    """ClusterConnectError unless something listens at a host:port (or ray://host:port) address: ray.init
+    retries an address without a Ray head for minutes, ignoring Ctrl-C. Other forms ('auto') are left to Ray."""
+    match = HOST_PORT.match(address or "")
+    if not match:
+        return
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise ClusterConnectError(
+            f"cannot reach the Ray cluster at cluster.address={address!r} ({e.strerror or e}): start its head "
+            "(`ray start --head`), or give the address of a running one: host:6379 (its GCS), ray://host:10001 "
+            "(Ray Client), or 'auto' in a job submitted with `ray job submit`"
+        ) from None
 
 
 def worker_options(cluster: ClusterConfig, count: int) -> tuple[dict[str, Any], int | None]:

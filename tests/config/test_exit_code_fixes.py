@@ -146,3 +146,21 @@ def test_postprocess_key_with_a_postprocess_option_still_composes(tmp_path):
     )
     assert code == 0, log[-2000:]
     assert "drop_incorrect: true" in log
+
+
+def test_an_unreachable_ray_cluster_exits_2_naming_the_address(tmp_path):
+    """cluster=ray with an address where no Ray head listens hung in ray.init for minutes (Ctrl-C ignored),
+    repeating "Failed to connect to GCS"."""
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    args = [f"output.uri={tmp_path / 'out'}", f"data.path={data}", "cluster=ray"]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        code, log = _cli("generate.py", *args, f"cluster.address={address}", cwd=tmp_path)
+        assert code == 2, log[-2000:]
+        assert f"cannot reach the Ray cluster at cluster.address='{address}'" in log
+        assert "Traceback" not in log
