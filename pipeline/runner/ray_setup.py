@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,7 +35,17 @@ def connect(cluster: ClusterConfig) -> bool:
         return False
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
-    _init(ray, cluster)
+    try:
+        _init(ray, cluster)
+    except SystemExit as e:
+        # ray.init's own handler (sys.exit(SIGTERM)) was in place: a SIGTERM while Ray started. Stop as the
+        # job's handler would have (exit code 143, finally blocks run), not with exit code 15.
+        if e.code == signal.SIGTERM and callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
+            with contextlib.suppress(Exception):  # what ray.init had started
+                ray.shutdown()
+            sigterm(signal.SIGTERM, None)
+        raise
     if main_thread and callable(sigterm):  # ray.init replaces it with sys.exit(15): keep the job's own
         signal.signal(signal.SIGTERM, sigterm)
     return True

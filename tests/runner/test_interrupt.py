@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -56,3 +57,30 @@ def test_a_signal_mid_run_exits_with_one_line_and_releases_the_lock(tmp_path, si
     assert said in log and "rerun the same command to resume" in log
     assert not (run_dir / "_lock").exists()
     assert not (run_dir / "_SUCCESS").exists()
+
+
+@pytest.mark.ray
+def test_sigterm_while_ray_starts_exits_143_and_releases_the_lock(tmp_path):
+    """ray.init puts in its own SIGTERM handler (sys.exit(15)) while it starts a local instance, a few seconds:
+    a SIGTERM then exited 15 without a word, instead of 143."""
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    run_dir = tmp_path / "out" / "r1"
+    proc = start_job([f"data.path={data}", f"output.uri={tmp_path / 'out'}", "run.id=r1"], tmp_path)
+    try:
+        seen = []
+        for line in proc.stdout:  # the driver logs this line just before ray.init
+            seen.append(line)
+            if "starting a local Ray instance" in line:
+                break
+        assert seen and "starting a local Ray instance" in seen[-1], "".join(seen)[-3000:]
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == 143, "".join(seen) + log[-3000:]
+    assert "terminated by SIGTERM (exit code 143)" in log and "Traceback" not in log
+    assert not (run_dir / "_lock").exists()
