@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.config.schema import ConfigError, JobConfig
 from pipeline.data.readers import InputError, read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
-from pipeline.io.commit import RUN_LOCK, RunConflictError, RunStore
+from pipeline.io.commit import RUN_LOCK, SUCCESS, RunConflictError, RunStore
 from pipeline.io.lease import Lease, Refused
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
 from pipeline.models.loader import MASK_FAMILIES, ModelError, ModelInfo, inspect_model, resolve_model_dir
@@ -433,16 +433,26 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
             logger.error("%s", e)
             return 2
         if prep.status == "complete":
-            stats, problem = _final_stats(run_store)
+            broken = run_store.verify(run_store.committed())
+            stats, problem = _final_stats(run_store) if not broken else (None, None)
             if stats is not None:
                 logger.info("run %s is already complete (_SUCCESS present); nothing to do", prep.run_id)
                 log_summary(stats, run_store.uri)
                 return 0
-            logger.warning(
-                "run %s is complete but %s: writing its manifest, stats and dataset card again",
-                prep.run_id,
-                problem,
-            )
+            if broken:  # the run is not complete any more: _SUCCESS goes until the shards are back
+                logger.warning(
+                    "run %s is complete but the parts of shard(s) %s are missing or altered (removed or "
+                    "changed by hand, or a partial copy): regenerating them",
+                    prep.run_id,
+                    broken,
+                )
+                run_store.store.delete([SUCCESS])
+            else:
+                logger.warning(
+                    "run %s is complete but %s: writing its manifest, stats and dataset card again",
+                    prep.run_id,
+                    problem,
+                )
         return _resume(job, prep, started)
     finally:
         lease.release()

@@ -140,6 +140,28 @@ def test_rerun_of_a_complete_run_missing_its_stats_or_card_writes_them_again(tmp
     assert json.loads((run_dir / "stats.json").read_text())["rows_out"] == 6
 
 
+def test_rerun_of_a_complete_run_with_a_deleted_part_regenerates_that_shard(tmp_path, ray_local, caplog):
+    """A data part deleted from a complete run: the rerun said "complete, nothing to do" and the run stayed
+    short of the part's rows for good. Now _SUCCESS goes, the shard is regenerated and the run is whole."""
+    data = write_prompts(tmp_path / "p.jsonl", 12)
+    job = make_job(tmp_path, data, run__shard_size=4)
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    before = read_parts(run_dir).sort_by("id")
+    parts = sorted((run_dir / "data").glob("*.parquet"))
+    assert len(parts) == 3
+    parts[1].unlink()
+    with caplog.at_level("WARNING"):
+        assert run(job) == 0
+    assert "are missing or altered (removed or changed by hand" in caplog.text
+    after = read_parts(run_dir).sort_by("id")
+    assert after.num_rows == 12 and after.column("id").to_pylist() == before.column("id").to_pylist()
+    assert after.column("completion").to_pylist() == before.column("completion").to_pylist()
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["rows_out"] == 12 and stats["shards"]["skipped_already_committed"] == 2
+    assert (run_dir / "_SUCCESS").exists()
+
+
 def test_resume_regenerates_only_uncommitted_shards(tmp_path, ray_local):
     data = write_prompts(tmp_path / "p.jsonl", 18)
     assert run(make_job(tmp_path, data)) == 0
