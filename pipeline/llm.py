@@ -11,14 +11,13 @@ seed and settings, the same completions (randomness is keyed by row id, so give 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.config.schema import BUILTIN_MODEL
-from pipeline.data.records import derived_id
+from pipeline.data.records import check_prompt_value, derived_id
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES
 from pipeline.sampler.settings import USER_KNOBS, max_length_note
@@ -122,15 +121,18 @@ class LLM:
             prompts = [prompts]
         if ids is not None and len(ids) != len(prompts):
             raise ValueError(f"ids has {len(ids)} entries for {len(prompts)} prompts")
-        records = []
+        records, by_index = [], {}
         for i, prompt in enumerate(prompts):
-            is_chat = not isinstance(prompt, str)
-            text = json.dumps(list(prompt), ensure_ascii=False, sort_keys=True) if is_chat else prompt
-            rid = str(ids[i]) if ids is not None else derived_id(i, text)
-            records.append(PromptRecord(rid, text, is_chat, i))
+            text, is_chat, problem = check_prompt_value(prompt)
+            rid = (
+                str(ids[i]) if ids is not None else derived_id(i, text if text is not None else repr(prompt))
+            )
+            if problem:  # rejected as the job rejects such an input row: an error row, the others generate
+                by_index[i] = self._error(rid, prompt if isinstance(prompt, str) else "", problem)
+            else:
+                records.append(PromptRecord(rid, text, is_chat, i))
         out = self.generator.generate(records)
         names = {f.name for f in fields(Completion)} - {"extra", "error"}
-        by_index: dict[int, Completion] = {}
         for row in out.rows:
             base = {k: row[k] for k in names}
             extra = {
@@ -139,19 +141,23 @@ class LLM:
                 if k not in names and k not in ("run_id", "source_index", "metadata")
             }
             by_index[row["source_index"]] = Completion(**base, extra=extra)
+        record_of = {record.source_index: record for record in records}
         for err in out.errors:
-            record = records[err["source_index"]]
-            by_index[err["source_index"]] = Completion(
-                id=record.id,
-                prompt=record.prompt,
-                completion="",
-                completion_tokens=0,
-                prompt_tokens=0,
-                denoising_steps=0,
-                canvases=0,
-                finish_reason="error",
-                model=self.generator.model_name,
-                seed=self.settings.seed,
-                error=err["reason"],
-            )
-        return [by_index[i] for i in range(len(records))]
+            record = record_of[err["source_index"]]
+            by_index[err["source_index"]] = self._error(record.id, record.prompt, err["reason"])
+        return [by_index[i] for i in range(len(prompts))]
+
+    def _error(self, rid: str, prompt: str, reason: str) -> Completion:
+        return Completion(
+            id=rid,
+            prompt=prompt,
+            completion="",
+            completion_tokens=0,
+            prompt_tokens=0,
+            denoising_steps=0,
+            canvases=0,
+            finish_reason="error",
+            model=self.generator.model_name,
+            seed=self.settings.seed,
+            error=reason,
+        )

@@ -134,6 +134,17 @@ def _check_messages(value: Any) -> tuple[str | None, str | None]:
     return _json([{"role": m["role"], "content": m["content"]} for m in value]), None
 
 
+def check_prompt_value(value: Any) -> tuple[str | None, bool, str | None]:
+    """A prompt as the Python API takes it (a string, or a chat: a list of {role, content} messages), checked
+    as the readers check an input row's: (text, is_chat, None), the chat as the JSON text rows carry, or
+    (None, is_chat, reason)."""
+    if isinstance(value, (list, tuple)):
+        text, problem = _check_messages(list(value))
+        return text, True, problem
+    text, problem = _check_text(value, "prompt")
+    return text, False, problem
+
+
 def _valid_text(text: str) -> str:
     """`text` with lone surrogates escaped (\\ud800), so that it can be written as UTF-8."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8") if _has_surrogate(text) else text
