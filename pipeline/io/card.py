@@ -11,9 +11,10 @@ def render_card(run_uri: str, manifest: dict[str, Any], stats: dict[str, Any]) -
     sampler = manifest.get("sampler", {})
     knobs = "\n".join(f"| `{k}` | {json.dumps(v)} |" for k, v in sorted(sampler.items()))
     data_glob = f"{run_uri.rstrip('/')}/data/*.parquet"
-    storage = ""
+    storage = note = ""
     if run_uri.startswith("s3://"):
-        storage = ', storage_options={"client_kwargs": {"endpoint_url": ...}}  # for non-AWS stores'
+        storage = ', storage_options={"client_kwargs": {"endpoint_url": ...}}'
+        note = "  # storage_options: for non-AWS stores"  # after the call's ")": the snippet stays Python
     finish = ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("finish_reasons", {}).items())) or "none"
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("errors_by_stage", {}).items())) or "none"
     dropped = stats.get("dropped_after_sampling") or {}
@@ -84,7 +85,7 @@ Rejected input rows are in `errors/` with `id`, `source_index`, `stage`, `reason
 
 ```python
 from datasets import load_dataset
-ds = load_dataset("parquet", data_files="{data_glob}"{storage})
+ds = load_dataset("parquet", data_files="{data_glob}"{storage}){note}
 
 import pyarrow.dataset as pads
 table = pads.dataset("{run_uri.rstrip("/")}/data", format="parquet").to_table()

@@ -38,3 +38,11 @@ def test_card_of_a_manifest_without_the_newer_fields_still_renders():
         "completed unknown." in card
         and "| model fingerprint (config, tokenizer, weights) | `unknown` |" in card
     )
+
+
+def test_card_loading_snippet_is_valid_python_for_local_and_s3_runs():
+    for uri in ("/data/r1", "s3://out/r1"):
+        card = render_card(uri, MANIFEST, STATS)
+        snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+        compile(snippet, f"card of {uri}", "exec")  # a SyntaxError fails the test
+        assert f'data_files="{uri}/data/*.parquet"' in snippet
