@@ -9,6 +9,7 @@ standard credential chain and `call_with_retries`, the only retry layer (botocor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -156,6 +157,14 @@ class LocalStore(Store):
             fsync_dir(path.parent)  # the rename itself survives a crash of the machine
         except OSError as e:
             raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
+
+    def delete_prefix(self, prefix: str) -> int:
+        count = super().delete_prefix(prefix)
+        if prefix.endswith("/"):  # a folder (a run): its now-empty directories go too, as they do on S3
+            for dirpath, _dirs, _files in os.walk(self._path(prefix.rstrip("/")), topdown=False):
+                with contextlib.suppress(OSError):  # not empty (e.g. a leftover temporary file) or gone
+                    os.rmdir(dirpath)
+        return count
 
     def write_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)

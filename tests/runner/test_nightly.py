@@ -109,6 +109,19 @@ def test_retention_removes_only_old_complete_runs(tmp_path):
     assert kept == {"nightly-2026-11-02", "nightly-2026-11-03", "nightly-2026-11-09", "nightly-2026-11-10"}
 
 
+def test_retention_on_a_local_output_removes_the_night_s_directory_too(tmp_path):
+    store = LocalStore(tmp_path)
+    for day in (1, 10):
+        run = f"nightly-2026-11-{day:02d}"
+        for key in ("data/part-00000.parquet", "_commits/shard-00000.json", "_SUCCESS"):
+            store.write_text(f"{run}/{key}", "x")
+    removed = apply_retention(
+        store, NightlyConfig(retention_days=5), dt.date(2026, 11, 10), "nightly-2026-11-10"
+    )
+    assert removed == ["nightly-2026-11-01"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nightly-2026-11-10"]  # no empty tree left behind
+
+
 def _nightly(out: Path, data: Path, date: str, cwd: Path, *extra: str) -> subprocess.Popen:
     args = [
         f"output.uri={out}",
