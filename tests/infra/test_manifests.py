@@ -552,6 +552,24 @@ def test_every_command_is_a_script_of_the_project_with_overrides_that_compose(co
         )
 
 
+def help_commands() -> list[Command]:
+    """The examples of the jobs' --help (the header and footer in conf/*.yaml), but the usage line with its
+    [group=option ...] placeholders."""
+    found = []
+    for path in sorted((ROOT / "conf").glob("*.yaml")):
+        for command in commands_in_text(path.read_text(), rel(path), comments_only=False):
+            if command.script in ("jobs/generate.py", "jobs/nightly.py") and not any(
+                a.startswith("[") for a in command.args
+            ):
+                found.append(command)
+    return found
+
+
+@pytest.mark.parametrize("command", help_commands(), ids=str)
+def test_every_help_example_composes_and_asks_for_a_gpu_per_worker_on_a_cluster(command: Command):
+    test_every_command_is_a_script_of_the_project_with_overrides_that_compose(command)
+
+
 # A GPU worker of the launcher config that starts from none is ready for an actor only after EC2 boots it,
 # the image is pulled, setup_commands install torch's CUDA build and the actor downloads its model (~52 GB):
 # far beyond cluster.worker_start_timeout_s's default (600 s), after which the driver exits 2.
