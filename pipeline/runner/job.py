@@ -437,7 +437,7 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
             stats, problem = _final_stats(run_store) if not broken else (None, None)
             if stats is not None:
                 logger.info("run %s is already complete (_SUCCESS present); nothing to do", prep.run_id)
-                log_summary(stats, run_store.uri)
+                log_summary(stats, run_store.uri, ran=False)
                 return 0
             if broken:  # the run is not complete any more: _SUCCESS goes until the shards are back
                 logger.warning(

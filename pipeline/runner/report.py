@@ -208,19 +208,24 @@ def build_manifest(prep, all_commits: dict) -> dict[str, Any]:
     }
 
 
-def log_summary(stats: dict[str, Any], uri: str) -> None:
+def log_summary(stats: dict[str, Any], uri: str, *, ran: bool = True) -> None:
+    """The closing lines; `ran=False` for a run found complete, whose stats' `this_invocation` is an earlier
+    invocation's and is not reported as this one's."""
     inv = stats.get("this_invocation", {})
+    this_run = (
+        f"{inv.get('wall_time_s', 0.0):.1f}s this run, {inv.get('tokens_per_s') or 0.0:.1f} tok/s"
+        if ran
+        else "completed earlier, nothing generated now"
+    )
     logger.info(
-        "done: %d rows in -> %d rows out, %d rejected | %d tokens, %d decoder passes (%.2f tokens/pass) | "
-        "%.1fs this run, %.1f tok/s",
+        "done: %d rows in -> %d rows out, %d rejected | %d tokens, %d decoder passes (%.2f tokens/pass) | %s",
         stats["rows_in"],
         stats["rows_out"],
         stats["rows_error"],
         stats["tokens_generated"],
         stats["denoising_steps"],
         stats["tokens_per_forward"] or 0.0,
-        inv.get("wall_time_s", 0.0),
-        inv.get("tokens_per_s") or 0.0,
+        this_run,
     )
     dropped = stats.get("dropped_after_sampling") or {}
     if dropped.get("rows"):

@@ -104,14 +104,18 @@ def test_job_writes_one_row_per_prompt(tmp_path, ray_local):
     assert loaded.num_rows == 20
 
 
-def test_rerun_of_a_complete_run_does_nothing_and_a_changed_config_is_refused(tmp_path, ray_local):
+def test_rerun_of_a_complete_run_does_nothing_and_a_changed_config_is_refused(tmp_path, ray_local, caplog):
     data = write_prompts(tmp_path / "p.jsonl", 6)
     assert run(make_job(tmp_path, data)) == 0
     run_dir = tmp_path / "out" / "test-run"
     before = (run_dir / "_SUCCESS").read_text()
     config = (run_dir / "_config.yaml").read_text()
     assert "num_workers: 2" in config
-    assert run(make_job(tmp_path, data, cluster__num_workers=1)) == 0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(make_job(tmp_path, data, cluster__num_workers=1)) == 0
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
+    assert len(done) == 1 and "this run" not in done[0], done  # nothing ran now: no wall time claimed for it
     assert (run_dir / "_SUCCESS").read_text() == before, "a complete run is not redone"
     assert (run_dir / "_config.yaml").read_text() == config, "it keeps the config that made it"
     changed = make_job(tmp_path, data, sampler__seed=7)
