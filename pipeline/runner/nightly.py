@@ -15,6 +15,7 @@ Retention deletes only complete runs older than `retention_days`, never LATEST o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -101,6 +102,13 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
     try:
         validate_nightly(nightly)
         date = scheduled_date(nightly)
+        today = scheduled_date(dataclasses.replace(nightly, date=None))
+        if date > today + dt.timedelta(days=1):  # a day's leeway for clocks and zones; a typo is far off
+            raise ConfigError(
+                f"nightly.date={nightly.date!r} is after tomorrow ({today.isoformat()} in {nightly.timezone}): "
+                "a night runs on or after its date. Run as given, it would become LATEST (every real night "
+                "after it refused as late) and its retention would delete the nights before it"
+            )
         if job.run.id is not None:
             raise ConfigError(
                 f"run.id={job.run.id!r} must not be set for nightly runs: it derives from the date"

@@ -122,6 +122,29 @@ def test_retention_on_a_local_output_removes_the_night_s_directory_too(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nightly-2026-11-10"]  # no empty tree left behind
 
 
+def test_a_night_dated_after_tomorrow_is_refused_before_it_moves_latest_or_applies_retention(tmp_path):
+    # A mistyped date (2062 for 2026) would move LATEST to it, so that every real night after it is refused as
+    # late, and its retention would delete every complete night up to 30 days before 2062.
+    out = tmp_path / "out"
+    for night in ("nightly-2026-11-25", "nightly-2026-11-26"):
+        (out / night).mkdir(parents=True)
+        (out / night / "_SUCCESS").write_text("{}")
+    (out / "LATEST").write_text(json.dumps({"run_id": "nightly-2026-11-26"}))
+    future = (dt.datetime.now(dt.timezone.utc).date() + dt.timedelta(days=2)).isoformat()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "nightly.py"), f"output.uri={out}", f"nightly.date={future}"]
+        + ["nightly.retention_days=30"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "nightly.date" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["LATEST", "nightly-2026-11-25", "nightly-2026-11-26"]
+    assert json.loads((out / "LATEST").read_text())["run_id"] == "nightly-2026-11-26"
+
+
 def _nightly(out: Path, data: Path, date: str, cwd: Path, *extra: str) -> subprocess.Popen:
     args = [
         f"output.uri={out}",
