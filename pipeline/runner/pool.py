@@ -164,6 +164,11 @@ def run_pool(
             settle(task)
         return lost
 
+    def attempt(task: ShardTask) -> str:
+        if task.attempts <= max_attempts:
+            return f"attempt {task.attempts}/{max_attempts}"
+        return f"attempt {task.attempts}: one beyond run.max_shard_attempts={max_attempts}, alone, as an earlier one shared its worker"
+
     def also_held(lost: list[ShardTask], culprit: ShardTask) -> str:
         shards = ", ".join(str(t.shard) for t in lost if t is not culprit)
         return f" (shard(s) {shards} it also held are retried)" if shards else ""
@@ -180,26 +185,20 @@ def run_pool(
                 on_commit(ray.get(ref))
             except RayActorError as e:
                 task.last_error = f"worker died: {_short(e)}"
-                others = also_held(replace(index, task.last_error), task)
+                lost = sorted([task, *replace(index, task.last_error)], key=lambda t: t.shard)
+                # With several shards in flight the row that killed it may be in any of them: all are retried.
                 logger.warning(
-                    "worker %d died while processing shard %d (attempt %d/%d); started a replacement%s",
+                    "worker %d died holding shard(s) %s; started a replacement%s",
                     index,
-                    task.shard,
-                    task.attempts,
-                    max_attempts,
-                    others,
+                    ", ".join(f"{t.shard} ({attempt(t)})" for t in lost),
+                    "; each is retried alone" if len(lost) > 1 else "",
                 )
                 settle(task)
                 continue
             except Exception as e:  # noqa: BLE001 - the shard failed inside the worker
                 task.last_error = _short(e)
                 logger.warning(
-                    "shard %d failed on worker %d (attempt %d/%d): %s",
-                    task.shard,
-                    index,
-                    task.attempts,
-                    max_attempts,
-                    task.last_error,
+                    "shard %d failed on worker %d (%s): %s", task.shard, index, attempt(task), task.last_error
                 )
                 settle(task)
             fresh.discard(index)  # it ran the shard, so its model is loaded
@@ -210,13 +209,12 @@ def run_pool(
                 head = next(iter(held[index].values()))
                 lost = replace(index, f"timed out after {shard_timeout_s:g}s (run.shard_timeout_s)")
                 logger.warning(
-                    "shard %d on worker %d still running after run.shard_timeout_s=%gs (attempt %d/%d); "
+                    "shard %d on worker %d still running after run.shard_timeout_s=%gs (%s); "
                     "killed the worker and started a replacement%s",
                     head.shard,
                     index,
                     shard_timeout_s,
-                    head.attempts,
-                    max_attempts,
+                    attempt(head),
                     also_held(lost, head),
                 )
     return failed

@@ -112,13 +112,20 @@ def test_a_hung_worker_takes_every_shard_it_held_down_and_they_are_retried_alone
         assert commits[shard]["attempt"] == 2 and commits[shard]["peak"] == 1, "retried, alone"
 
 
-def test_a_shard_that_kills_its_worker_takes_no_healthy_neighbour_with_it(ray_local):
+def test_a_shard_that_kills_its_worker_takes_no_healthy_neighbour_with_it(ray_local, caplog):
     """One attempt each (run.max_shard_attempts=1): the shards held beside the killer get an attempt alone,
     the killer, which then kills its worker alone too, is given up on."""
     commits, replaced = _run(
         ray_local, workers=1, shards=4, in_flight=2, attempts=1, give_up=[1], seconds=0.5, die=[1]
     )
     assert replaced, "the dead worker was replaced"
+    # Each death names every shard the worker held (the row that killed it may be in any of them).
+    deaths = re.findall(r"worker 0 died holding shard\(s\) ([^;]*); started a replacement", caplog.text)
+    assert len(deaths) == 2 and "1 (attempt 1/1)" in deaths[0], caplog.text
+    assert (
+        deaths[1]
+        == "1 (attempt 2: one beyond run.max_shard_attempts=1, alone, as an earlier one shared its worker)"
+    )
     retried = [s for s, c in commits.items() if c["attempt"] > 1]
     assert retried and all(commits[s]["peak"] == 1 for s in retried), commits
 
