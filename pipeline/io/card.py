@@ -10,11 +10,7 @@ from typing import Any
 def render_card(run_uri: str, manifest: dict[str, Any], stats: dict[str, Any]) -> str:
     sampler = manifest.get("sampler", {})
     knobs = "\n".join(f"| `{k}` | {json.dumps(v)} |" for k, v in sorted(sampler.items()))
-    data_glob = f"{run_uri.rstrip('/')}/data/*.parquet"
-    storage = note = ""
-    if run_uri.startswith("s3://"):
-        storage = ', storage_options={"client_kwargs": {"endpoint_url": ...}}'
-        note = "  # storage_options: for non-AWS stores"  # after the call's ")": the snippet stays Python
+    loading = _loading(run_uri, stats)
     finish = ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("finish_reasons", {}).items())) or "none"
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("errors_by_stage", {}).items())) or "none"
     dropped = stats.get("dropped_after_sampling") or {}
@@ -83,12 +79,30 @@ Rejected input rows are in `errors/` with `id`, `source_index`, `stage`, `reason
 
 ## Loading
 
+{loading}"""
+
+
+def _loading(run_uri: str, stats: dict[str, Any]) -> str:
+    base = run_uri.rstrip("/")
+    if not stats["rows_out"]:  # no shard wrote a data part: there is no data/ to load
+        return f"""This run has no output rows: each of its {stats["rows_in"]} input rows was rejected or dropped, so it
+has no `data/` parts. The rows and the reasons are in `errors/`:
+
 ```python
+import pyarrow.dataset as pads
+errors = pads.dataset("{base}/errors", format="parquet").to_table()
+```
+"""
+    storage = note = ""
+    if run_uri.startswith("s3://"):
+        storage = ', storage_options={"client_kwargs": {"endpoint_url": ...}}'
+        note = "  # storage_options: for non-AWS stores"  # after the call's ")": the snippet stays Python
+    return f"""```python
 from datasets import load_dataset
-ds = load_dataset("parquet", data_files="{data_glob}"{storage}){note}
+ds = load_dataset("parquet", data_files="{base}/data/*.parquet"{storage}){note}
 
 import pyarrow.dataset as pads
-table = pads.dataset("{run_uri.rstrip("/")}/data", format="parquet").to_table()
+table = pads.dataset("{base}/data", format="parquet").to_table()
 ```
 
 Only the parts listed in `_manifest.json` are part of the dataset; `_SUCCESS` marks a complete run.

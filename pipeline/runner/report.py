@@ -236,4 +236,15 @@ def log_summary(stats: dict[str, Any], uri: str, *, ran: bool = True) -> None:
             dropped.get("tokens", 0),
             dropped.get("denoising_steps", 0),
         )
-    logger.info("output: %s/data/ (dataset card: %s/README.md)", uri.rstrip("/"), uri.rstrip("/"))
+    base = uri.rstrip("/")
+    if not stats[
+        "rows_out"
+    ]:  # no data part was written: point at the rejected rows, not at a data/ that is not there
+        logger.info(
+            "output: no rows; the %d rejected row(s) and why are in %s/errors/ (dataset card: %s/README.md)",
+            stats["rows_error"],
+            base,
+            base,
+        )
+        return
+    logger.info("output: %s/data/ (dataset card: %s/README.md)", base, base)

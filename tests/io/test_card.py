@@ -46,3 +46,13 @@ def test_card_loading_snippet_is_valid_python_for_local_and_s3_runs():
         snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
         compile(snippet, f"card of {uri}", "exec")  # a SyntaxError fails the test
         assert f'data_files="{uri}/data/*.parquet"' in snippet
+
+
+def test_card_of_a_run_without_output_rows_points_at_errors_not_at_a_missing_data_folder():
+    """No shard wrote a data part (every row rejected), so load_dataset over data/*.parquet would fail."""
+    card = render_card("/data/r1", MANIFEST, {**STATS, "rows_out": 0, "rows_error": 3})
+    assert "This run has no output rows: each of its 3 input rows was rejected" in card
+    assert "load_dataset" not in card and "/data/r1/data" not in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert 'pads.dataset("/data/r1/errors", format="parquet")' in snippet
+    compile(snippet, "card", "exec")

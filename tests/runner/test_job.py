@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,27 @@ def test_rerun_of_a_complete_run_with_a_deleted_part_regenerates_that_shard(tmp_
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["rows_out"] == 12 and stats["shards"]["skipped_already_committed"] == 2
     assert (run_dir / "_SUCCESS").exists()
+
+
+def test_a_run_whose_every_row_is_rejected_has_a_card_that_reads_its_errors(tmp_path, ray_local, caplog):
+    """No data part is written, so the card's snippet and the closing log line point at errors/, not at a
+    data/ folder that does not exist; the card's own snippet reads the rejected rows back."""
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": ""}\n{"prompt": null}\n')
+    with caplog.at_level("INFO"):
+        assert run(make_job(tmp_path, str(data))) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    assert not (run_dir / "data").exists()
+    assert f"output: no rows; the 2 rejected row(s) and why are in {run_dir}/errors/" in caplog.text
+    card = (run_dir / "README.md").read_text()
+    assert "This run has no output rows: each of its 2 input rows was rejected" in card
+    scope: dict = {}
+    exec(compile(re.search(r"```python\n(.*?)```", card, re.S).group(1), "card", "exec"), scope)
+    assert sorted(scope["errors"].column("reason").to_pylist()) == [
+        "prompt (column 'prompt') is empty",
+        "prompt (column 'prompt') is null",
+    ]
+    assert json.loads((run_dir / "stats.json").read_text())["rows_out"] == 0
 
 
 def test_resume_regenerates_only_uncommitted_shards(tmp_path, ray_local):
