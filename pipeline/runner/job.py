@@ -228,10 +228,35 @@ def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
     return prep
 
 
+def check_local_device(job: JobConfig) -> None:
+    """cluster.mode=local runs the workers on this machine: a CUDA device it does not have fails here, before
+    Ray starts or the run is written, not when every worker has failed to start."""
+    if job.cluster.mode != "local":
+        return
+    triton = job.sampler.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"
+    if job.model.device != "cuda" and not triton:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    setting = "model.device=cuda" if job.model.device == "cuda" else "sampler.backend=triton"
+    fix = (
+        "use model.device=auto"
+        if job.model.device == "cuda"
+        else "use sampler.backend=auto (or TRITON_INTERPRET=1 to test the kernels on a CPU)"
+    )
+    raise ConfigError(
+        f"{setting} needs a CUDA device and this machine has none (cluster.mode=local runs the workers here); "
+        f"{fix}, or run on a GPU cluster with cluster=ray"
+    )
+
+
 def plan(job: JobConfig) -> Prepared:
     """Every check that can fail before GPU work: model config, settings, postprocess, output, input, and the
     run id's identity (a conflict without run.overwrite). Writes nothing in the run directory: that is
     open_run's, under the run lock."""
+    check_local_device(job)
     info, model_id = _inspect_model(job)
     knobs = {k: getattr(job.sampler, k) for k in USER_KNOBS}
     knobs["mask"] = dataclasses.asdict(job.sampler.mask)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline import LLM
@@ -222,3 +223,43 @@ def test_an_output_inside_the_input_directory_fails_at_startup(tmp_path, data_pa
 def test_an_output_beside_or_above_the_input_passes(tmp_path, data_path, output_uri):
     data_path, output_uri = data_path.format(tmp=tmp_path), output_uri.format(tmp=tmp_path)
     to_job_config(_compose("config", f"data.path={data_path}", f"output.uri={output_uri}"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA device")
+@pytest.mark.parametrize(
+    ("model", "sampler", "message"),
+    [
+        (
+            ModelConfig(device="cuda"),
+            SamplerConfig(),
+            "model.device=cuda needs a CUDA device and this machine has none (cluster.mode=local runs the "
+            "workers here); use model.device=auto",
+        ),
+        (
+            ModelConfig(),
+            SamplerConfig(backend="triton"),
+            "sampler.backend=triton needs a CUDA device and this machine has none (cluster.mode=local runs "
+            "the workers here); use sampler.backend=auto (or TRITON_INTERPRET=1",
+        ),
+    ],
+    ids=["device", "backend"],
+)
+def test_a_cuda_setting_on_a_local_machine_without_cuda_exits_2_before_ray_or_the_run(
+    model, sampler, message, tmp_path, caplog, monkeypatch
+):
+    """It failed only once the workers had started, after Ray was up and _run.json/_config.yaml written."""
+    import ray
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    job = JobConfig(
+        model=model,
+        sampler=sampler,
+        data=DataConfig(path=str(data)),
+        output=OutputConfig(uri=str(tmp_path / "out")),
+        run=RunConfig(id="r1"),
+    )
+    assert run(job) == 2
+    assert message in caplog.text
+    assert not ray.is_initialized() and not (tmp_path / "out" / "r1").exists()
