@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -596,9 +596,26 @@ def _load_hf(path: str, data: DataConfig):
     return _select_split(dataset, data, str(kwargs["path"])).data.table
 
 
+# load_dataset arguments that name data, never a secret: their values stay in error messages (a missing
+# data_files entry is the file to fix).
+PUBLIC_HF_ARGS = frozenset({"path", "split", "name", "data_files", "data_dir", "cache_dir", "revision"})
+
+
 def _redact(message: str, kwargs: dict[str, Any]) -> str:
-    """`message` without the values of the arguments other than path, split and name (a token, a secret)."""
-    for name, value in kwargs.items():
-        if name not in ("path", "split", "name") and isinstance(value, str) and len(value) >= 4:
-            message = message.replace(value, "***")
+    """`message` without the text values of the other arguments, at any depth (a token, a secret, a header
+    in storage_options or headers)."""
+
+    def texts(value: Any):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, Mapping):
+            for inner in value.values():
+                yield from texts(inner)
+        elif isinstance(value, Sequence) and not isinstance(value, bytes):
+            for inner in value:
+                yield from texts(inner)
+
+    hidden = {t for name, v in kwargs.items() if name not in PUBLIC_HF_ARGS for t in texts(v) if len(t) >= 4}
+    for text in sorted(hidden, key=len, reverse=True):  # a longer value first: it may contain a shorter one
+        message = message.replace(text, "***")
     return message

@@ -330,3 +330,24 @@ def test_a_directory_without_data_files_names_what_it_skipped(tmp_path, fmt):
 def test_an_empty_directory_says_so(tmp_path):
     with pytest.raises(InputError, match=r"no \.jsonl, .* file in this directory \(it is empty\)"):
         read_input(DataConfig(path=str(tmp_path), format="jsonl"))
+
+
+def test_a_failed_load_dataset_names_the_missing_file_and_hides_secrets_at_any_depth(tmp_path):
+    """The file a data_files argument names is no secret: it was hidden with the token; a value nested in
+    storage_options or headers was not hidden at all."""
+    from pipeline.data.readers import _redact
+
+    missing = str(tmp_path / "nope" / "prompts.jsonl")
+    kwargs = {
+        "path": "json",
+        "data_files": missing,
+        "token": "hf_secret_token_1",
+        "storage_options": {"key": "AKIAEXAMPLE", "secret": "nested-secret-2"},
+        "headers": [{"authorization": "Bearer abc-3"}],
+    }
+    data = DataConfig(path="hf:json", format="hf", hf_kwargs=kwargs)
+    with pytest.raises(InputError) as info:
+        read_input(data)
+    assert missing in str(info.value) and "datasets.load_dataset failed" in str(info.value)
+    message = f"cannot open {missing} with hf_secret_token_1, AKIAEXAMPLE / nested-secret-2 and Bearer abc-3"
+    assert _redact(message, kwargs) == f"cannot open {missing} with ***, *** / *** and ***"
