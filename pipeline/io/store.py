@@ -156,7 +156,9 @@ class LocalStore(Store):
                 raise
             fsync_dir(path.parent)  # the rename itself survives a crash of the machine
         except OSError as e:
-            raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
+            file = _file_in_the_way(path.parent)
+            why = f" ({file} is a file, not a directory)" if file is not None else ""
+            raise StoreError(f"cannot write {path}: {e.strerror or e}{why}") from e
 
     def delete_prefix(self, prefix: str) -> int:
         count = super().delete_prefix(prefix)
@@ -268,8 +270,7 @@ class LocalStore(Store):
             self.write_bytes(probe, b"ok")
             self.delete([probe])
         except StoreError as e:
-            # The root, or a folder above it, being a file reads as "File exists" / "Not a directory".
-            file = next((p for p in (self.root, *self.root.parents) if p.exists() and not p.is_dir()), None)
+            file = _file_in_the_way(self.root)
             fix = (
                 f"{file} is a file, not a directory: give output.uri a directory (created if missing)"
                 if file is not None
@@ -279,6 +280,12 @@ class LocalStore(Store):
 
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self._path(prefix))
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """`folder`, or a folder above it, that is a file: writing under it fails with "File exists" or "Not a
+    directory", which does not say which path is wrong."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
 def _write_temp(path: Path, data: bytes) -> Path:

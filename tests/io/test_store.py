@@ -269,6 +269,16 @@ def test_local_output_that_is_a_file_says_so(tmp_path: Path, below: str) -> None
     assert (tmp_path / "file").read_text() == "not a directory"
 
 
+def test_a_write_below_a_file_names_the_file(tmp_path: Path) -> None:
+    """A run directory that is a file (<output.uri>/<run.id>): taking the run lock said only "cannot write
+    .../r1/_lock: File exists"."""
+    (tmp_path / "r1").write_text("x")
+    with pytest.raises(StoreError) as error:
+        LocalStore(tmp_path).child("r1").write_text("_lock", "{}")
+    assert f"cannot write {tmp_path / 'r1' / '_lock'}: " in str(error.value)
+    assert str(error.value).endswith(f"({tmp_path / 'r1'} is a file, not a directory)")
+
+
 # -- S3 only -------------------------------------------------------------------------------------------------
 
 FAULTS = {
