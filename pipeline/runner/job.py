@@ -434,18 +434,13 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
     lease = run_lease(prep)
     try:
         lease.acquire()
-    except Refused as e:
-        stop = (
-            "run.overwrite=true replaces only a run that no live process writes: stop"
+    except Refused as e:  # its message says what to do (wait, or stop the other process)
+        overwrite = (
+            " run.overwrite=true replaces only a run that no live process writes."
             if job.run.overwrite
-            else "Stop"
+            else ""
         )
-        logger.error(
-            "run %s: %s %s the other process or wait for it to finish, then rerun (exit code 2: not started)",
-            prep.run_id,
-            e,
-            stop,
-        )
+        logger.error("run %s: %s%s Then rerun (exit code 2: not started).", prep.run_id, e, overwrite)
         return 2
     except StoreError as e:
         logger.error("could not take the run lock %s: %s", run_store.store.describe(RUN_LOCK), e)

@@ -86,9 +86,13 @@ def test_overwrite_is_refused_while_a_live_process_holds_the_run_and_replaces_it
         assert f"run test-run: another run holds {run_dir / RUN_LOCK}: test-run on " in caplog.text
         assert f"(pid {holder.pid}, heartbeat " in caplog.text
         assert (
-            "run.overwrite=true replaces only a run that no live process writes: stop the other process or "
-            "wait for it to finish, then rerun (exit code 2: not started)"
+            "or stop it; a holder that died is taken over once its heartbeat is older than 120s"
+        ) in caplog.text  # the advice, once
+        assert (
+            "has died). run.overwrite=true replaces only a run that no live process writes. Then rerun (exit code 2: "
+            "not started)."
         ) in caplog.text
+        assert "wait for it to finish" not in caplog.text
         assert (run_dir / "data" / "part-00000.parquet").read_bytes() == b"being written by the other run"
         assert (run_dir / "_run.json").read_text() == run_file
         assert json.loads((run_dir / RUN_LOCK).read_text())["token"] == "other-process"
