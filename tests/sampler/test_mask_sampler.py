@@ -16,7 +16,7 @@ import torch
 
 from pipeline.models.mask_checkpoint import load_mask_model
 from pipeline.sampler.engine import Request
-from pipeline.sampler.mask.decide import decide, eos_stop
+from pipeline.sampler.mask.decide import StepKeys, decide, eos_stop
 from pipeline.sampler.mask.engine import MaskDiffusionSampler
 from pipeline.sampler.mask.settings import MaskSettings, MaskSettingsError, resolve_mask_settings
 from pipeline.sampler.settings import MAX_SEED
@@ -270,6 +270,43 @@ def test_threshold_rule_is_fast_dllms():
                 expected[chosen[0]] = True
                 expected[chosen[1:][conf[row][chosen[1:]] >= 0.5]] = True
             assert torch.equal(out.transferred[row], expected)
+
+
+@pytest.mark.parametrize("rule", ["margin", "entropy"])
+def test_margin_and_entropy_rank_by_the_tempered_distribution_as_dreams(rule):
+    """Dream's margin and entropy rules (`topk_margin`, `entropy`) score positions on the distribution it
+    samples from, softmax(logits / temperature): Dream `generation_utils.py` `sample_tokens` (lines 64-70
+    divide the logits by the temperature before the softmax; 81-92 compute top1 - top2 and sum p log p from
+    those probabilities; line numbers of NVlabs/Fast-dLLM dream/model/generation_utils.py, which keeps
+    Dream's function), then `torch.topk(full_confidence, number_transfer_tokens)` over the masked positions
+    (line 482). Neither confidence depends on the sampled token, so the transfer set is the reference's."""
+    gen = torch.Generator().manual_seed(1)
+    temperature, mask = 0.4, 0
+    keys = StepKeys(
+        k0=torch.tensor([1, 2]), k1=torch.tensor([3, 4]), block=torch.zeros(2, dtype=torch.long),
+        step=torch.zeros(2, dtype=torch.long), gen_positions=torch.arange(12).expand(2, 12),
+    )  # fmt: skip
+    for _ in range(20):
+        logits = torch.randn(2, 12, 23, generator=gen, dtype=torch.float64) * 2
+        logits[..., mask] = -1e4  # no mass on MASK, so canvasflow's -inf there changes nothing
+        block = torch.where(torch.rand(2, 12, generator=gen) < 0.7, mask, 5)
+        out = decide(
+            logits, block, mask_id=mask, steps_left=torch.tensor([3, 2]), rule=rule, temperature=temperature,
+            threshold=None, remask_threshold=0.0, allow_remask=torch.ones(2, dtype=torch.bool), keys=keys,
+        )  # fmt: skip
+        probs = torch.softmax(logits / temperature, dim=-1)  # Dream: logits / temperature, then softmax
+        if rule == "margin":
+            top = torch.sort(probs, dim=-1, descending=True).values
+            conf = top[..., 0] - top[..., 1]
+        else:
+            conf = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
+        conf = torch.where(block == mask, conf, float("-inf"))
+        for row, steps_left in enumerate((3, 2)):
+            count = int((block[row] == mask).sum())
+            expected = torch.zeros(12, dtype=torch.bool)
+            _, chosen = torch.topk(conf[row], k=-(-count // steps_left))
+            expected[chosen] = True
+            assert torch.equal(out.transferred[row], expected), (rule, row)
 
 
 def test_self_correction_remasks_low_probability_tokens():

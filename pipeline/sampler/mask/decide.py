@@ -5,8 +5,11 @@ token's logit set to -inf (a prediction of MASK would commit nothing; a trained 
 LLaDA's `generate` would leave such a position masked, an untrained one could stall a block):
   1. prediction x0 = argmax(z + temperature * Gumbel) (argmax(z) at temperature 0): LLaDA's Gumbel-max,
      `exp(z) / (-log u)^T`, written in log space;
-  2. confidence of each masked position from p = softmax(z): p[x0] (low_confidence), p_top1 - p_top2
-     (margin), sum p log p (entropy: negative entropy), or a keyed uniform (random); -inf elsewhere;
+  2. confidence of each masked position: p[x0] with p = softmax(z) (low_confidence: LLaDA's, the
+     probability under the logits without noise or temperature), p_top1 - p_top2 (margin) or sum p log p
+     (entropy: negative entropy) with p = softmax(z / temperature) (Dream's `topk_margin` and `entropy`
+     score the distribution they sample from; softmax(z) at temperature 0), or a keyed uniform (random);
+     -inf elsewhere;
   3. transfer: the k most confident masked positions, k = ceil(masked / steps left) — exactly LLaDA's
      `get_num_transfer_tokens` split of the block (base + 1 for the first `remainder` steps, then base) — or,
      with a threshold, every masked position with confidence >= threshold and at least the most confident;
@@ -103,7 +106,10 @@ def decide(
     logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
     x0 = predict(logits, temperature, keys)
     probs = torch.softmax(logits, dim=-1)
-    conf = torch.where(masked, confidence(probs, x0, rule, keys), float("-inf"))
+    scored = probs
+    if temperature > 0 and rule in ("margin", "entropy"):  # Dream's sample_tokens: softmax(z / T)
+        scored = torch.softmax(logits / temperature, dim=-1)
+    conf = torch.where(masked, confidence(scored, x0, rule, keys), float("-inf"))
     rank = ranks(conf)
     count = masked.sum(-1)  # [B]
     if threshold is None:

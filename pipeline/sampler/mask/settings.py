@@ -52,7 +52,8 @@ class MaskSettings:
                      only the self-correction budget depends on it
     block_length     semi-autoregressive block: blocks are decoded left to right
     remasking        confidence that ranks masked positions: low_confidence (probability of the predicted
-                     token), margin (top-1 minus top-2 probability), entropy (negative entropy), random
+                     token, LLaDA's), margin (top-1 minus top-2 probability), entropy (negative entropy), both
+                     Dream's, of the tempered distribution softmax(logits / temperature), random
     temperature      0: argmax; > 0: Gumbel-max sampling of logits / temperature (keyed noise)
     cfg_scale        unsupervised classifier-free guidance: un + (cfg_scale + 1) * (cond - un), where the
                      unconditional row has its prompt masked; 0 disables
