@@ -66,8 +66,10 @@ def expand_grid(grid: Sequence[Mapping[str, Any]], *, ablate_all: bool = False) 
         points.append(GridPoint(str(entry.get("name") or point_name(overrides)), overrides))
     if ablate_all:
         for p in list(points):
-            if p.overrides.get("revise_accepted", True):
-                points.append(GridPoint(p.name + " no-revision", {**p.overrides, "revise_accepted": False}))
+            twin = {**p.overrides, "revise_accepted": False}
+            # a no-revision point the grid already lists (conf/eval_quality.yaml has two) is not run twice
+            if p.overrides.get("revise_accepted", True) and all(q.overrides != twin for q in points):
+                points.append(GridPoint(p.name + " no-revision", twin))
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise ValueError(f"grid point names must be unique; got {names}")
