@@ -22,10 +22,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval_quality")
 def main(cfg: DictConfig) -> None:
-    from pipeline.training.config import to_eval_config
+    from pipeline.training.config import exit_on_bad_value, to_eval_config
     from pipeline.training.quality import run_eval
 
-    print(run_eval(to_eval_config(cfg)))
+    with exit_on_bad_value("jobs/eval_quality.py"):
+        print(run_eval(to_eval_config(cfg)))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_tiny")
 def main(cfg: DictConfig) -> None:
-    from pipeline.training.config import to_train_config
+    from pipeline.training.config import exit_on_bad_value, to_train_config
     from pipeline.training.loop import train
 
-    train(to_train_config(cfg))
+    with exit_on_bad_value("jobs/train_tiny.py"):
+        train(to_train_config(cfg))
 
 
 if __name__ == "__main__":

@@ -31,11 +31,13 @@ ConfigStore.instance().store(name="train_tiny_llada_schema", node=_Schema)
 def main(cfg: DictConfig) -> None:
     import logging
 
+    from pipeline.training.config import exit_on_bad_value
     from pipeline.training.mask_train import train
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     schema: _Schema = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(_Schema), cfg))
-    train(schema.train)
+    with exit_on_bad_value("jobs/train_tiny_llada.py"):
+        train(schema.train)
 
 
 if __name__ == "__main__":

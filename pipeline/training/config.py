@@ -6,6 +6,9 @@ what types cannot express. Library code receives these dataclasses, never a Dict
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,3 +171,17 @@ def to_train_config(cfg: Any) -> TrainConfig:
 def to_eval_config(cfg: Any) -> EvalConfig:
     job = _to_object(cfg, EvalJob)
     return check_eval(job.eval if isinstance(job, EvalJob) else job)
+
+
+@contextmanager
+def exit_on_bad_value(script: str) -> Iterator[None]:
+    """The jobs' guard: a bad value (config key, model path, sampler knob) is reported in one line naming it
+    and exits 2, without a traceback; any other error keeps its traceback (a bug to report)."""
+    from pipeline.models.loader import ModelError
+    from pipeline.sampler.settings import SettingsError
+
+    try:
+        yield
+    except (ConfigError, ModelError, SettingsError) as e:
+        sys.stderr.write(f"{script}: invalid configuration (exit code 2): {e}\n")
+        sys.exit(2)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.schema import ConfigError
 from pipeline.training.evaluate import RowOutcome, evaluate
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def expand_grid(grid: Sequence[Mapping[str, Any]], *, ablate_all: bool = False) 
                 points.append(GridPoint(p.name + " no-revision", twin))
     names = [p.name for p in points]
     if len(set(names)) != len(names):
-        raise ValueError(f"grid point names must be unique; got {names}")
+        raise ConfigError(f"eval.grid point names must be unique; got {names}")
     return points
 
 
