@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from pipeline.config.schema import ConfigError
 from pipeline.models.tiny import (
     BOS_ID,
     EOS_ID,
@@ -182,7 +183,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     hf_logging.disable_progress_bar()
     run_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(cfg.out_dir).resolve()
+    if out_dir.exists() and not (
+        out_dir.is_dir() and ((out_dir / "training_log.json").is_file() or not any(out_dir.iterdir()))
+    ):  # the checkpoint replaces the whole directory: only an earlier checkpoint or an empty one may go
+        raise ConfigError(
+            f"train.out_dir={cfg.out_dir!r} exists and is not a checkpoint of this job (no training_log.json); "
+            "the run would replace it: give a new or empty directory"
+        )
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

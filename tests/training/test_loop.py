@@ -137,3 +137,14 @@ def test_unit_qk_norm_init_gives_unit_variance_attention_logits():
     torch.manual_seed(0)
     reference = build_model(TrainConfig(qk_norm_init="reference")).model.decoder.layers[0].self_attn
     assert torch.equal(reference.q_norm.weight, torch.ones_like(reference.q_norm.weight))
+
+
+def test_train_refuses_an_out_dir_that_is_not_a_checkpoint(tmp_path):
+    from pipeline.config.schema import ConfigError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    cfg = TrainConfig(steps=1, batch_size=2, eval_every=0, text_overrides=MICRO, out_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=str(tmp_path)):
+        train(cfg)
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # it replaced the whole directory
+    assert not (tmp_path.parent / (tmp_path.name + ".partial")).exists()
