@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, positive_int  # noqa: E402
 from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel  # noqa: E402
 from pipeline.models.tiny import build_tiny_model  # noqa: E402
 from pipeline.sampler.engine import DiffusionSampler, Request  # noqa: E402
@@ -96,13 +96,13 @@ def run(model, settings, requests, batch: int, mode: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=192)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--canvases", type=int, default=4, help="max_new_tokens in canvases of 32")
-    parser.add_argument("--steps", type=int, default=24, help="max_denoising_steps")
+    parser.add_argument("--rows", type=positive_int, default=192)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--canvases", type=positive_int, default=4, help="max_new_tokens in canvases of 32")
+    parser.add_argument("--steps", type=positive_int, default=24, help="max_denoising_steps")
     parser.add_argument("--sharpness", type=float, default=10.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "canvasflow" / "bench")
     args = parser.parse_args()
     if args.threads:

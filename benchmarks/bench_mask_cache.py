@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, positive_int  # noqa: E402
 from pipeline.models.loader import load_model  # noqa: E402
 from pipeline.sampler.engine import Request  # noqa: E402
 from pipeline.sampler.mask.engine import MaskDiffusionSampler  # noqa: E402
@@ -79,15 +79,19 @@ def run_once(loaded, instances, prompts, knobs: dict, batch: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin:tiny-llada")
-    parser.add_argument("--rows-per-task", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--gen", type=int, default=None, help="max_new_tokens (default: the model's)")
-    parser.add_argument("--block", type=int, default=None, help="block_length (default: the model's)")
-    parser.add_argument("--steps", type=int, default=None, help="steps (default: max_new_tokens)")
+    parser.add_argument("--rows-per-task", type=positive_int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument(
+        "--gen", type=positive_int, default=None, help="max_new_tokens (default: the model's)"
+    )
+    parser.add_argument(
+        "--block", type=positive_int, default=None, help="block_length (default: the model's)"
+    )
+    parser.add_argument("--steps", type=positive_int, default=None, help="steps (default: max_new_tokens)")
     parser.add_argument("--threshold", type=float, default=0.9, help="Fast-dLLM threshold rule")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=7, help="held-out set seed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

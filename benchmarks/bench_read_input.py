@@ -69,7 +69,9 @@ def probe(path: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    from benchmarks.common import positive_int
+
+    parser.add_argument("--rows", type=positive_int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "read_input.jsonl"))
     parser.add_argument("--no-record", action="store_true", help="print the table only")
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, positive_int  # noqa: E402
 from pipeline import LLM  # noqa: E402
 from pipeline.config.schema import BUILTIN_MODEL  # noqa: E402
 from pipeline.data.readers import SHIPPED_PROMPTS  # noqa: E402
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=BUILTIN_MODEL)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--shards", type=int, nargs="+", default=[16, 64, 256, 512])
+    parser.add_argument("--rows", type=positive_int, default=512)
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[8, 32])
+    parser.add_argument("--shards", type=positive_int, nargs="+", default=[16, 64, 256, 512])
     parser.add_argument("--no-record", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
 

@@ -26,6 +26,15 @@ import torch
 QUANTILES = (0.2, 0.5, 0.8)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of the size arguments (rows, batches, shards, steps): an integer >= 1; anything else is a
+    usage error naming the value (argparse: "invalid positive_int value: '0'"), before anything runs."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def require_cuda(script: str) -> None:
     """Exits with a clear message when no CUDA device is visible."""
     if not torch.cuda.is_available():
