@@ -4,7 +4,7 @@ python jobs/eval_quality.py                                # shipped model, defa
 python jobs/eval_quality.py eval.rows_per_task=200 eval.ablate_all=true
 python jobs/eval_quality.py eval.model=/path/to/checkpoint 'eval.grid=[{},{max_denoising_steps: 8}]'
 
-Writes quality.csv, quality.md, quality.png and samples.jsonl (the default point's rows) to eval.out_dir.
+Writes quality.csv, quality.md, quality.png and samples.jsonl (the rows of the first grid point) to eval.out_dir.
 """
 
 import sys
