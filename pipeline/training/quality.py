@@ -202,12 +202,12 @@ def run_eval(cfg: Any) -> str:
     from pipeline.models.loader import load_model
     from pipeline.training.evaluate import format_scores, heldout_instances
 
+    points = expand_grid(cfg.grid, ablate_all=cfg.ablate_all)  # a bad grid fails before anything is loaded
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(cfg.model, dtype="float32", device="cpu")
     instances = heldout_instances(cfg.rows_per_task, seed=cfg.data_seed)
-    points = expand_grid(cfg.grid, ablate_all=cfg.ablate_all)
     logger.info(
         "%s: %d grid points x %d held-out rows (%s)",
         loaded.info.model_dir,
