@@ -222,7 +222,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     window: list[float] = []
     tokens = 0
     step = 0
-    chunk = min(cfg.log_every, cfg.eval_every) if cfg.eval_every else cfg.log_every
+    # chunks end at every multiple of log_every and of eval_every
+    chunk = math.gcd(cfg.log_every, cfg.eval_every) if cfg.eval_every else cfg.log_every
     while step < cfg.steps:
         stop = min(cfg.steps, step + chunk)
         t0 = time.perf_counter()

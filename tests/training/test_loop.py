@@ -148,3 +148,21 @@ def test_train_refuses_an_out_dir_that_is_not_a_checkpoint(tmp_path):
         train(cfg)
     assert (tmp_path / "notes.txt").read_text() == "mine"  # it replaced the whole directory
     assert not (tmp_path.parent / (tmp_path.name + ".partial")).exists()
+
+
+def test_logs_and_evaluations_keep_their_own_periods(tmp_path):
+    # periods that do not divide each other: each is still kept (a log at 2, 4, 6 and an evaluation at 3, 6)
+    cfg = TrainConfig(
+        steps=6,
+        batch_size=2,
+        warmup_steps=1,
+        log_every=2,
+        eval_every=3,
+        eval_rows_per_task=1,
+        text_overrides=MICRO,
+        out_dir=str(tmp_path / "tiny"),
+        threads=torch.get_num_threads(),
+    )
+    result = train(cfg)
+    assert [w["step"] for w in result.losses] == [2, 4, 6]
+    assert [c["step"] for c in result.curve] == [3, 6]
