@@ -38,7 +38,13 @@ from pipeline.runner.pool import ShardTask, WorkerStartError
 from pipeline.runner.ray_setup import ClusterConnectError
 from pipeline.runner.report import Progress, build_manifest, build_stats, log_summary
 from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
-from pipeline.sampler.settings import USER_KNOBS, SettingsError, max_length_note, resolve_settings
+from pipeline.sampler.settings import (
+    USER_KNOBS,
+    SettingsError,
+    diffusion_gemma_user_values,
+    max_length_note,
+    resolve_settings,
+)
 
 logger = logging.getLogger("canvasflow")
 RUN_LOCK_STALE_S = 120.0  # a holder silent this long (heartbeat every 30 s) is taken over
@@ -275,14 +281,7 @@ def plan(job: JobConfig) -> Prepared:
                 pad_token_id=info.pad_token_id,
             )
         else:
-            mask_set = [k for k, v in knobs["mask"].items() if v is not None]
-            if mask_set:  # as a DiffusionGemma knob on a mask model is refused (mask_user_values)
-                raise SettingsError(
-                    f"sampler.mask.{mask_set[0]}={knobs['mask'][mask_set[0]]!r} is a mask-diffusion (LLaDA, Dream) "
-                    f"setting; a {info.family} model is sampled with sampler.* (max_denoising_steps, t_min, "
-                    "t_max, entropy_bound, ...): unset it"
-                )
-            user = {k: v for k, v in knobs.items() if v is not None}
+            user = diffusion_gemma_user_values(knobs, info.family)
             settings = resolve_settings(
                 user,
                 info.generation_config,

@@ -237,9 +237,8 @@ def log_summary(stats: dict[str, Any], uri: str, *, ran: bool = True) -> None:
             dropped.get("denoising_steps", 0),
         )
     base = uri.rstrip("/")
-    if not stats[
-        "rows_out"
-    ]:  # no data part was written: point at the rejected rows, not at a data/ that is not there
+    # No data part was written: point at the rejected rows, not at a data/ that is not there.
+    if not stats["rows_out"]:
         logger.info(
             "output: no rows; the %d rejected row(s) and why are in %s/errors/ (dataset card: %s/README.md)",
             stats["rows_error"],

@@ -151,6 +151,20 @@ def parse_generation_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def diffusion_gemma_user_values(sampler: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """The set values of the job's sampler knobs for the DiffusionGemma sampler; a mask-sampler knob
+    (`sampler.mask.*`) that is set is an error naming it, as a DiffusionGemma knob is for a mask model
+    (pipeline/sampler/mask/settings.mask_user_values)."""
+    mask = {k: v for k, v in (sampler.get("mask") or {}).items() if v is not None}
+    if mask:
+        name = next(iter(mask))
+        raise SettingsError(
+            f"sampler.mask.{name}={mask[name]!r} is a mask-diffusion (LLaDA, Dream) setting; a {family} model "
+            "is sampled with sampler.* (max_denoising_steps, t_min, t_max, entropy_bound, ...): unset it"
+        )
+    return {k: v for k, v in sampler.items() if v is not None}
+
+
 def max_length_note(user: Mapping[str, Any], generation_config: Mapping[str, Any]) -> str | None:
     """What to tell the user when the model's generation_config.json bounds prompt + completion with
     `max_length` and nothing sets max_new_tokens: transformers' generate then gives each row max_length minus
