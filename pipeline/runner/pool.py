@@ -4,8 +4,10 @@ Each worker (Ray actor) holds up to run.shards_in_flight shards at a time. A sha
 (process killed, node lost), whose processing raises, or which is still running after `shard_timeout_s` (a
 hung worker: a stuck device, a deadlock, a storage call that never returns) is queued again, up to
 `max_attempts` attempts; a dead or hung worker is killed and replaced by a new one (which loads the model
-again, so a replacement's first shard also gets the worker start-up time). Shards that keep failing are
-returned with their last error; the others are unaffected.
+again, so a replacement's first shard also gets the worker start-up time). A shard that kills its worker on
+every attempt has the rows that do searched for (pipeline/runner/isolate.py) and is committed without them,
+as error rows. Shards that keep failing otherwise are returned with their last error; the others are
+unaffected.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from pipeline.runner.isolate import RowSearch
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,10 @@ class ShardTask:
     attempts: int = 0
     last_error: str | None = None
     shared: bool = False  # whether its current attempt shared its worker with another shard
+    alone: bool = False  # runs on a worker that holds nothing else: a retry, a probe
+    probe: bool = False  # a piece of a shard whose failing rows are searched for: generated, not committed
+    skip: dict[int, str] = field(default_factory=dict)  # record index -> reason: an error row, not generated
+    searched: bool = False  # its failing rows were searched for (and are in `skip`)
 
 
 class WorkerStartError(RuntimeError):
@@ -94,7 +102,9 @@ def run_pool(
     commit one at a time, so none can be stuck while others finish); a worker started as a replacement gets
     `start_grace_s` more for its first shard, which waits for the model load. A dead or hung worker takes
     every shard it held down with it, each charged an attempt; a retried shard runs alone on its worker, and a
-    shard is given up on only once an attempt that ran alone failed too, never for another shard's fault.
+    shard is given up on only once an attempt that ran alone failed too, never for another shard's fault. A
+    shard whose last attempt alone killed its worker has its failing rows searched for (isolate.py): probes of
+    its rows, dispatched first and alone, then the shard again with those rows in `skip`.
     """
     import ray
     from ray.exceptions import RayActorError
@@ -105,44 +115,70 @@ def run_pool(
     fresh: set[int] = set()  # replacement workers that have not finished a shard yet
     failed: list[ShardTask] = []
 
+    def give_up(task: ShardTask) -> None:
+        logger.error(
+            "shard %d failed %d times; giving up on it: %s", task.shard, task.attempts, task.last_error
+        )
+        failed.append(task)
+
+    search = RowSearch(
+        ways=len(workers),
+        max_attempts=max_attempts,
+        records=records,
+        queue=queue.appendleft,
+        give_up=give_up,
+    )
+
     def start_clock(index: int) -> None:
         deadline[index] = float("inf")
         if held[index] and shard_timeout_s is not None:
             grace = start_grace_s if index in fresh else 0.0
             deadline[index] = time.monotonic() + shard_timeout_s + grace
 
-    def room(index: int, retry: bool) -> bool:
-        if retry or any(t.attempts > 1 for t in held[index].values()):
+    def room(index: int, alone: bool) -> bool:
+        if alone or any(t.alone for t in held[index].values()):
             return not held[index]
         return len(held[index]) < in_flight
 
     def dispatch() -> None:
         while queue:
-            retry = queue[0].attempts > 0
-            open_ = [i for i in range(len(workers)) if room(i, retry)]
+            open_ = [i for i in range(len(workers)) if room(i, queue[0].alone)]
             if not open_:
                 return
             index = min(open_, key=lambda i: (len(held[i]), i))
             task = queue.popleft()
+            if task.probe and not search.wanted(task):
+                continue
             task.attempts, task.shared = task.attempts + 1, False
             chunk = records.slice(task.start, task.stop - task.start)
-            held[index][workers[index].process.remote(task.shard, chunk, task.attempts)] = task
+            skip = {i - task.start: reason for i, reason in task.skip.items()}
+            ref = workers[index].process.remote(task.shard, chunk, task.attempts, skip, task.probe)
+            held[index][ref] = task
             if len(held[index]) == 1:
                 start_clock(index)
             else:
                 for other in held[index].values():
                     other.shared = True
 
-    def settle(task: ShardTask) -> None:
-        """Queues a failed task again, unless it has had its attempts; the last one always ran alone."""
-        if task.attempts < max_attempts or task.shared:
-            time.sleep(min(2.0 ** (task.attempts - 1), 10.0) * 0.1)
-            queue.append(task)
+    def done(task: ShardTask, result: dict[str, Any]) -> None:
+        if task.probe:
+            search.passed(task)
         else:
-            logger.error(
-                "shard %d failed %d times; giving up on it: %s", task.shard, task.attempts, task.last_error
-            )
-            failed.append(task)
+            on_commit(result)
+
+    def settle(task: ShardTask, fatal: bool) -> None:
+        """Queues a failed task again, unless it has had its attempts (the last one always ran alone); a shard
+        that then killed its worker (`fatal`: dead or hung) has its failing rows searched for."""
+        if task.probe:
+            search.failed(task, fatal=fatal)
+        elif task.attempts < max_attempts or task.shared:
+            time.sleep(min(2.0 ** (task.attempts - 1), 10.0) * 0.1)
+            task.alone = True
+            queue.append(task)
+        elif fatal and not task.searched:
+            search.start(task)
+        else:
+            give_up(task)
 
     def replace(index: int, error: str) -> list[ShardTask]:
         """Kills worker `index`, starts its replacement, and retries the shards it held but had not finished
@@ -151,7 +187,7 @@ def run_pool(
             finished, _ = ray.wait(list(held[index]), num_returns=len(held[index]), timeout=0)
             for ref in finished:
                 with contextlib.suppress(Exception):  # failed too: retried with the others
-                    on_commit(ray.get(ref))
+                    done(held[index][ref], ray.get(ref))
                     del held[index][ref]
         lost = list(held[index].values())
         held[index].clear()
@@ -161,10 +197,14 @@ def run_pool(
         deadline[index] = float("inf")
         for task in lost:
             task.last_error = error
-            settle(task)
+            settle(task, fatal=True)
         return lost
 
     def attempt(task: ShardTask) -> str:
+        if task.probe:
+            return f"rows {task.start}-{task.stop - 1}, attempt {task.attempts}/{max_attempts}, not committed"
+        if task.searched:
+            return f"attempt {task.attempts}: without its {len(task.skip)} failing row(s)"
         if task.attempts <= max_attempts:
             return f"attempt {task.attempts}/{max_attempts}"
         return f"attempt {task.attempts}: one beyond run.max_shard_attempts={max_attempts}, alone, as an earlier one shared its worker"
@@ -182,7 +222,7 @@ def run_pool(
             index = owner[ref]
             task = held[index].pop(ref)
             try:
-                on_commit(ray.get(ref))
+                done(task, ray.get(ref))
             except RayActorError as e:
                 task.last_error = f"worker died: {_short(e)}"
                 lost = sorted([task, *replace(index, task.last_error)], key=lambda t: t.shard)
@@ -193,14 +233,14 @@ def run_pool(
                     ", ".join(f"{t.shard} ({attempt(t)})" for t in lost),
                     "; each is retried alone" if len(lost) > 1 else "",
                 )
-                settle(task)
+                settle(task, fatal=True)
                 continue
             except Exception as e:  # noqa: BLE001 - the shard failed inside the worker
                 task.last_error = _short(e)
                 logger.warning(
                     "shard %d failed on worker %d (%s): %s", task.shard, index, attempt(task), task.last_error
                 )
-                settle(task)
+                settle(task, fatal=False)
             fresh.discard(index)  # it ran the shard, so its model is loaded
             start_clock(index)
         now = time.monotonic()

@@ -88,38 +88,48 @@ class ShardWorker:
                 self._pending = [0, 0, 0]
                 self._last_flush = now
 
-    def process(self, shard: int, records, attempt: int) -> dict[str, Any]:
-        """Generates and commits one shard; `records` is an Arrow table in pipeline.data.records' schema."""
+    def process(
+        self, shard: int, records, attempt: int, skip: dict[int, str] | None = None, probe: bool = False
+    ) -> dict[str, Any]:
+        """Generates and commits one shard; `records` is an Arrow table in pipeline.data.records' schema.
+
+        `skip`: position in `records` -> reason, rows that killed their worker (pipeline/runner/isolate.py),
+        written as error rows instead of generated. `probe`: generate the rows only, to see whether one of
+        them kills the worker; nothing is committed or reported as progress."""
         from pipeline.generation import PromptRecord
 
         started, started_at = time.perf_counter(), time.time()
         rows = records.to_pylist()
-        read_errors = [
+        skip = skip or {}
+        early_errors = [
             {
                 "id": r["id"],
                 "source_index": r["source_index"],
-                "stage": "read",
-                "reason": r["error"],
-                "raw": r["raw"],
+                "stage": "read" if r["error"] is not None else "worker",
+                "reason": r["error"] if r["error"] is not None else skip[i],
+                "raw": r["raw"] if r["error"] is not None else r["prompt"][:2000],
                 "run_id": self.run_store.run_id,
             }
-            for r in rows
-            if r["error"] is not None
+            for i, r in enumerate(rows)
+            if r["error"] is not None or i in skip
         ]
         good = [
             PromptRecord(r["id"], r["prompt"], bool(r["is_chat"]), r["source_index"], r["metadata"])
-            for r in rows
-            if r["error"] is None
+            for i, r in enumerate(rows)
+            if r["error"] is None and i not in skip
         ]
-        if read_errors:
-            self._report(len(read_errors), 0, 0)
+        if probe:
+            self.generator.generate(good, shared=self.shared)
+            return {"shard": shard, "probe": True, "rows": len(good)}
+        if early_errors:
+            self._report(len(early_errors), 0, 0)
         out = self.generator.generate(
             good, on_row=lambda tokens, steps: self._report(1, tokens, steps), shared=self.shared
         )
         generated = sorted(out.rows, key=lambda r: r["source_index"])
         with self._commit_lock:
             table, generated, column_errors = self._table(shard, generated)
-        errors = sorted(read_errors + out.errors + column_errors, key=lambda e: e["source_index"])
+        errors = sorted(early_errors + out.errors + column_errors, key=lambda e: e["source_index"])
         # The totals describe data/ (the committed rows); `dropped_*` the rows the sampler ran that the
         # postprocess stage then filtered out or rejected (they are in errors/).
         tokens = sum(r["completion_tokens"] for r in generated)

@@ -269,20 +269,21 @@ def test_driver_killed_then_rerun_resumes_without_redoing_committed_shards(outpu
     )
 
 
-def test_a_shard_that_keeps_failing_is_reported_and_committed_work_is_kept(output, tmp_path):
+def crashing_job(output: Output, tmp_path: Path, run_id: str, crasher: str) -> tuple[int, str]:
+    """12 rows in shards of 2; row 7 (shard 3) breaks its worker as `crasher` says."""
     data_file = write_prompts(tmp_path / "in.jsonl", 12)
     text = data_file.read_text().splitlines()
-    text[7] = json.dumps({"prompt": "Sort: 1 2 CRASH", "k": 7})  # shard 3 (rows 6-7) kills its worker, always
+    text[7] = json.dumps({"prompt": "Sort: 1 2 CRASH", "k": 7})
     data_file.write_text("\n".join(text) + "\n")
-    code, log = finish(
+    return finish(
         start_job(
             [
                 f"data.path={data_file}",
-                "run.id=f",
+                f"run.id={run_id}",
                 "run.shard_size=2",
                 "run.max_shard_attempts=2",
                 "postprocess=task_checker",
-                "postprocess._target_=tests.support.crashers.crash_on",
+                f"postprocess._target_=tests.support.crashers.{crasher}",
                 "~postprocess.drop_incorrect",
                 "+postprocess.marker=CRASH",
                 *COMMON,
@@ -291,8 +292,31 @@ def test_a_shard_that_keeps_failing_is_reported_and_committed_work_is_kept(outpu
             tmp_path,
         )
     )
+
+
+def test_a_row_that_kills_its_worker_every_time_becomes_an_error_row(output, tmp_path):
+    code, log = crashing_job(output, tmp_path, "f", "crash_on")
+    assert code == 0, log[-3000:]
+    assert "shard 3 killed its worker on each of its 2 attempts" in log, log[-3000:]
+    assert "row 7 (id " in log and "of shard 3 killed its worker on each of its 2 attempts alone" in log
+    data, errors = assert_exactly_once(output, "f", 12)
+    assert [(e["source_index"], e["stage"]) for e in errors] == [(7, "worker")], errors
+    assert "killed its worker on each of its 2 attempts, alone on the worker" in errors[0]["reason"]
+    assert errors[0]["raw"] == "Sort: 1 2 CRASH"
+    assert sorted(r["source_index"] for r in data) == [i for i in range(12) if i != 7]
+    stats = json.loads(output.read("f", "stats.json"))
+    assert stats["errors_by_stage"] == {"worker": 1} and stats["shards"]["failed"] == []
+    assert "worker: 1" in output.read("f", "README.md").decode()
+
+
+def test_a_shard_that_keeps_failing_is_reported_and_committed_work_is_kept(tmp_path):
+    """Row 7 kills its worker unless it is the first row the worker sees: not when it runs alone on a fresh
+    worker, so the search pins it on no row, and its shard is given up on."""
+    output = Output("local", tmp_path, None)
+    code, log = crashing_job(output, tmp_path, "f", "crash_on_unless_first")
     assert code == 1, log[-3000:]
     assert "shard 3 failed 2 times" in log and "Rerun the same command to retry" in log
+    assert "no row of it kills its worker alone" in log
     keys = output.keys("f")
     assert "_SUCCESS" not in keys and "_manifest.json" not in keys
     assert sorted(output.commits("f")) == [f"_commits/shard-{i:05d}.json" for i in (0, 1, 2, 4, 5)]

@@ -18,36 +18,72 @@ pytestmark = pytest.mark.ray
 
 
 class HeldRecorder:
-    """Processes a shard in `seconds` (one at a time, like one sampler), failing or hanging where told."""
+    """Processes a shard in `seconds` (one at a time, like one sampler), failing or hanging where told: `fail`
+    and `hang` by (shard, attempt); `die` and `hang_rows` by row (the records' `i`), whenever a shard or a probe
+    runs that row; `die_together` when it runs all those rows at once."""
 
-    def __init__(self, seconds: float, fail: tuple = (), hang: tuple = (), die: tuple = ()) -> None:
+    def __init__(
+        self,
+        seconds: float,
+        fail: tuple = (),
+        hang: tuple = (),
+        die: tuple = (),
+        hang_rows: tuple = (),
+        die_together: tuple = (),
+        raise_rows: tuple = (),
+    ) -> None:
         self.seconds, self.fail, self.hang, self.die = seconds, set(fail), set(hang), set(die)
+        self.hang_rows, self.die_together, self.raise_rows = (
+            set(hang_rows),
+            set(die_together),
+            set(raise_rows),
+        )
         self.lock, self.work = threading.Lock(), threading.Lock()
         self.active: dict[int, int] = {}  # shard -> most shards held while it ran
 
     def ready(self) -> bool:
         return True
 
-    def process(self, shard: int, records, attempt: int) -> dict:
+    def process(self, shard: int, records, attempt: int, skip=None, probe=False) -> dict:
+        rows = {v for p, v in enumerate(records.column("i").to_pylist()) if p not in (skip or {})}
         with self.lock:
             self.active[shard] = 0
             for s in self.active:
                 self.active[s] = max(self.active[s], len(self.active))
         try:
             with self.work:
-                time.sleep(60 if (shard, attempt) in self.hang else self.seconds)
-            if (shard, attempt) in self.fail:
-                raise RuntimeError(f"shard {shard} failed on purpose")
-            if shard in self.die:
+                time.sleep(60 if (shard, attempt) in self.hang or rows & self.hang_rows else self.seconds)
+            if rows & self.die or (self.die_together and self.die_together <= rows):
                 os._exit(1)  # the worker process dies, as on a device fault or OOM kill
-            return {"shard": shard, "attempt": attempt, "rows": records.num_rows, "peak": self.active[shard]}
+            if (shard, attempt) in self.fail or rows & self.raise_rows:
+                raise RuntimeError(f"shard {shard} failed on purpose")
+            if probe:
+                return {"shard": shard, "probe": True, "rows": len(rows)}
+            return {
+                "shard": shard,
+                "attempt": attempt,
+                "rows": len(rows),
+                "skipped": dict(skip or {}),
+                "peak": self.active[shard],
+            }
         finally:
             with self.lock:
                 del self.active[shard]
 
 
 def _run(
-    ray, *, workers: int, shards: int, in_flight: int, timeout_s=None, attempts=3, give_up=(), **behaviour
+    ray,
+    *,
+    workers: int,
+    shards: int,
+    in_flight: int,
+    timeout_s=None,
+    attempts=3,
+    give_up=(),
+    size=2,
+    grace_s=60.0,
+    failed_out=None,
+    **behaviour,
 ):
     cls = ray.remote(HeldRecorder).options(num_cpus=0, max_concurrency=in_flight + 1)
     made = []
@@ -56,8 +92,8 @@ def _run(
         made.append(index)
         return cls.remote(**behaviour)
 
-    records = pa.table({"i": list(range(shards * 2))})
-    tasks = [ShardTask(shard=s, start=2 * s, stop=2 * s + 2) for s in range(shards)]
+    records = pa.table({"i": list(range(shards * size)), "id": [f"r{i}" for i in range(shards * size)]})
+    tasks = [ShardTask(shard=s, start=size * s, stop=size * s + size) for s in range(shards)]
     commits: dict[int, dict] = {}
     pool = [make_worker(i) for i in range(workers)]
     ray.get([w.ready.remote() for w in pool])  # as start_workers does: shards go to workers that are up
@@ -71,12 +107,14 @@ def _run(
         on_tick=lambda: None,
         tick_s=0.1,
         shard_timeout_s=timeout_s,
-        start_grace_s=60.0,  # a replacement's first shard waits for its start
+        start_grace_s=grace_s,  # a replacement's first shard waits for its start
         in_flight=in_flight,
     )
+    if failed_out is not None:
+        failed_out.extend(failed)
     assert sorted(t.shard for t in failed) == sorted(give_up), [(t.shard, t.last_error) for t in failed]
     assert sorted(commits) == sorted(set(range(shards)) - set(give_up))
-    assert all(c["rows"] == 2 for c in commits.values())
+    assert all(c["rows"] + len(c["skipped"]) == size for c in commits.values())
     return commits, made[workers:]
 
 
@@ -113,21 +151,25 @@ def test_a_hung_worker_takes_every_shard_it_held_down_and_they_are_retried_alone
 
 
 def test_a_shard_that_kills_its_worker_takes_no_healthy_neighbour_with_it(ray_local, caplog):
-    """One attempt each (run.max_shard_attempts=1): the shards held beside the killer get an attempt alone,
-    the killer, which then kills its worker alone too, is given up on."""
-    commits, replaced = _run(
-        ray_local, workers=1, shards=4, in_flight=2, attempts=1, give_up=[1], seconds=0.5, die=[1]
-    )
+    """One attempt each (run.max_shard_attempts=1): the shards held beside the killer get an attempt alone;
+    the killer, which then kills its worker alone too, has the row that does searched for, and is committed
+    without it."""
+    commits, replaced = _run(ray_local, workers=1, shards=4, in_flight=2, attempts=1, seconds=0.5, die=[3])
     assert replaced, "the dead worker was replaced"
     # Each death names every shard the worker held (the row that killed it may be in any of them).
     deaths = re.findall(r"worker 0 died holding shard\(s\) ([^;]*); started a replacement", caplog.text)
-    assert len(deaths) == 2 and "1 (attempt 1/1)" in deaths[0], caplog.text
+    assert len(deaths) == 3 and "1 (attempt 1/1)" in deaths[0], caplog.text
     assert (
         deaths[1]
         == "1 (attempt 2: one beyond run.max_shard_attempts=1, alone, as an earlier one shared its worker)"
     )
+    assert deaths[2] == "1 (rows 3-3, attempt 1/1, not committed)", "the probe of row 2 went through"
     retried = [s for s, c in commits.items() if c["attempt"] > 1]
     assert retried and all(commits[s]["peak"] == 1 for s in retried), commits
+    assert commits[1]["rows"] == 1 and list(commits[1]["skipped"]) == [1], commits[1]
+    assert "killed its worker on its one attempt, alone" in commits[1]["skipped"][1], commits[1]
+    assert "row 3 (id 'r3') of shard 1 killed its worker on its one attempt alone" in caplog.text
+    assert all(not c["skipped"] for s, c in commits.items() if s != 1)
 
 
 def test_shards_that_fail_together_each_get_an_attempt_alone(ray_local):
@@ -137,3 +179,80 @@ def test_shards_that_fail_together_each_get_an_attempt_alone(ray_local):
         ray_local, workers=1, shards=2, in_flight=2, attempts=1, seconds=0.3, fail=[(0, 1), (1, 1)]
     )
     assert all(c["attempt"] == 2 and c["peak"] == 1 for c in commits.values()), commits
+
+
+def test_rows_that_kill_their_worker_are_found_and_their_shard_committed_without_them(ray_local, caplog):
+    """Two killing rows in a 16-row shard on three workers: pieces of 5-6 rows, then of 2, then single rows,
+    each killing row on its max_shard_attempts attempts alone; the other shards are untouched."""
+    commits, replaced = _run(
+        ray_local, workers=3, shards=3, size=16, in_flight=2, attempts=2, seconds=0.1, die=[17, 26]
+    )
+    assert sorted(commits[1]["skipped"]) == [1, 10] and commits[1]["rows"] == 14, commits[1]
+    assert commits[1]["peak"] == 1 and commits[1]["attempt"] == 3, "the shard ran again, alone"
+    assert not commits[0]["skipped"] and not commits[2]["skipped"]
+    # The shard's two attempts, the 5-6-row piece and the 2-row piece holding each row, each row's two attempts.
+    assert len(replaced) == 2 + 2 + 2 + 4, replaced
+    assert "shard 1 runs again without its 2 failing row(s)" in caplog.text
+
+
+def test_a_row_that_hangs_its_worker_is_found_by_the_shard_timeout(ray_local):
+    commits, _ = _run(
+        ray_local,
+        workers=2,
+        shards=2,
+        size=4,
+        in_flight=1,
+        attempts=1,
+        timeout_s=2.0,
+        seconds=0.1,
+        hang_rows=[2],
+        grace_s=0.0,
+    )
+    assert list(commits[0]["skipped"]) == [2] and commits[0]["rows"] == 3, commits[0]
+    assert "timed out after 2s (run.shard_timeout_s)" in commits[0]["skipped"][2]
+
+
+def test_rows_that_kill_their_worker_only_together_fail_their_shard_saying_so(ray_local):
+    """No single row kills the worker, the shard's rows together do (a batch too big for memory): the search
+    finds no failing row and gives the shard up, as it did before the search, naming what to change."""
+    failed = []
+    commits, _ = _run(
+        ray_local,
+        workers=2,
+        shards=2,
+        size=4,
+        in_flight=1,
+        attempts=1,
+        seconds=0.1,
+        die_together=[0, 3],
+        give_up=[0],
+        failed_out=failed,
+    )
+    assert sorted(commits) == [1]
+    assert "worker died" in failed[0].last_error
+    assert "no row of it kills its worker alone" in failed[0].last_error
+    assert "lower sampler.batch_size" in failed[0].last_error
+
+
+def test_a_probe_that_raises_gives_its_shard_up(ray_local):
+    """A piece of rows that raises instead of killing its worker holds no failing row: the shard is given up
+    on with both errors, as a shard that keeps raising is."""
+    failed = []
+    _run(
+        ray_local,
+        workers=1,
+        shards=1,
+        size=4,
+        in_flight=1,
+        attempts=1,
+        seconds=0.1,
+        die_together=[0, 1, 2, 3],
+        raise_rows=[3],
+        give_up=[0],
+        failed_out=failed,
+    )
+    assert "worker died" in failed[0].last_error
+    assert (
+        "rows 2-3 of it then raised on every attempt alone: RuntimeError: shard 0 failed on purpose"
+        in failed[0].last_error
+    )

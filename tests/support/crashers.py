@@ -1,5 +1,6 @@
-"""Postprocess callables that break their worker on marked rows: it dies (a shard that can never succeed) or
-hangs once (a shard that succeeds on its second attempt)."""
+"""Postprocess callables that break their worker on marked rows: it dies on the row (a row that can never be
+generated), dies on it unless it is the first row its process sees (a failure that depends on what ran before
+it, pinned on no single row), or hangs once (a shard that succeeds on its second attempt)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from typing import Any
 def crash_on(row: dict[str, Any], *, marker: str) -> dict[str, Any]:
     if marker in (row.get("prompt") or ""):
         os._exit(17)  # the worker dies mid-shard, as on a hardware fault
+    return {}
+
+
+_seen = 0  # rows this process has postprocessed
+
+
+def crash_on_unless_first(row: dict[str, Any], *, marker: str) -> dict[str, Any]:
+    global _seen
+    _seen += 1
+    if marker in (row.get("prompt") or "") and _seen > 1:
+        os._exit(17)
     return {}
 
 
