@@ -195,19 +195,12 @@ def test_rows_that_kill_their_worker_are_found_and_their_shard_committed_without
     assert "shard 1 runs again without its 2 failing row(s)" in caplog.text
 
 
+# Two shards of four rows on two workers, one attempt each, one shard at a time.
+SMALL = {"workers": 2, "shards": 2, "size": 4, "in_flight": 1, "attempts": 1, "seconds": 0.1}
+
+
 def test_a_row_that_hangs_its_worker_is_found_by_the_shard_timeout(ray_local):
-    commits, _ = _run(
-        ray_local,
-        workers=2,
-        shards=2,
-        size=4,
-        in_flight=1,
-        attempts=1,
-        timeout_s=2.0,
-        seconds=0.1,
-        hang_rows=[2],
-        grace_s=0.0,
-    )
+    commits, _ = _run(ray_local, **SMALL, timeout_s=2.0, hang_rows=[2], grace_s=0.0)
     assert list(commits[0]["skipped"]) == [2] and commits[0]["rows"] == 3, commits[0]
     assert "timed out after 2s (run.shard_timeout_s)" in commits[0]["skipped"][2]
 
@@ -216,18 +209,7 @@ def test_rows_that_kill_their_worker_only_together_fail_their_shard_saying_so(ra
     """No single row kills the worker, the shard's rows together do (a batch too big for memory): the search
     finds no failing row and gives the shard up, as it did before the search, naming what to change."""
     failed = []
-    commits, _ = _run(
-        ray_local,
-        workers=2,
-        shards=2,
-        size=4,
-        in_flight=1,
-        attempts=1,
-        seconds=0.1,
-        die_together=[0, 3],
-        give_up=[0],
-        failed_out=failed,
-    )
+    commits, _ = _run(ray_local, **SMALL, die_together=[0, 3], give_up=[0], failed_out=failed)
     assert sorted(commits) == [1]
     assert "worker died" in failed[0].last_error
     assert "no row of it kills its worker alone" in failed[0].last_error
@@ -240,12 +222,7 @@ def test_a_probe_that_raises_gives_its_shard_up(ray_local):
     failed = []
     _run(
         ray_local,
-        workers=1,
-        shards=1,
-        size=4,
-        in_flight=1,
-        attempts=1,
-        seconds=0.1,
+        **{**SMALL, "workers": 1, "shards": 1},
         die_together=[0, 1, 2, 3],
         raise_rows=[3],
         give_up=[0],
