@@ -197,6 +197,8 @@ class NightlyConfig:
     date: str | None = None
     # IANA time zone in which "today" is taken (the schedule's time zone).
     timezone: str = "UTC"
+    # Each prefix has its own lock and pointer: <output.uri>/LATEST for "nightly", LATEST-<run_prefix> for
+    # any other.
     run_prefix: str = "nightly"
     # Delete complete nights older than this many days (None keeps everything). Incomplete runs are kept.
     retention_days: int | None = None

@@ -4,13 +4,18 @@
     <output.uri>/LATEST                the newest night with _SUCCESS, updated only after it
     <output.uri>/_locks/nightly.lock   held while a night runs; refreshed by a heartbeat
 
+Each nightly.run_prefix has its own lock and its own pointer (latest_key): LATEST for the default prefix
+`nightly`, LATEST-<run_prefix> for any other (e.g. LATEST-code beside LATEST-math in one output.uri), so that
+one dataset's nights never move, or are judged late by, another's.
+
 A run is refused (exit code 3) when another live run holds the lock, or when it is late: a newer night is
 already complete. A lock is taken over when its holder stopped heartbeating for `lock_stale_s`, or is a dead
 process on this host (a crashed attempt of a retried night). A holder of the same night on another host (the
 attempt before a retry, whose pod or head node died moments ago) is waited for, up to `lock_stale_s` + 60 s,
 to go stale or release the lock; a retry is then not refused for starting too soon. The schedule's own concurrency policy
 (CronJob `concurrencyPolicy: Forbid`) is the first line; the lock also covers manual runs and reschedules.
-Retention deletes only complete runs older than `retention_days`, never LATEST or an incomplete run.
+Retention deletes only complete runs older than `retention_days`, never the prefix's pointer's night or an
+incomplete run.
 """
 
 from __future__ import annotations
@@ -62,20 +67,47 @@ def date_of(nightly: NightlyConfig, run_id: str) -> dt.date | None:
         return None
 
 
-def read_latest(store: Store) -> dict | None:
-    if not store.exists("LATEST"):
+DEFAULT_RUN_PREFIX = NightlyConfig.run_prefix  # "nightly": its pointer keeps the documented name LATEST
+
+
+def latest_key(nightly: NightlyConfig) -> str:
+    """The key, under output.uri, of the pointer to this prefix's newest complete night: LATEST for the
+    default prefix, LATEST-<run_prefix> for any other (prefixes sharing one output.uri have one each)."""
+    if nightly.run_prefix == DEFAULT_RUN_PREFIX:
+        return "LATEST"
+    return f"LATEST-{nightly.run_prefix}"
+
+
+def read_latest(store: Store, nightly: NightlyConfig) -> dict | None:
+    """This prefix's pointer, or None when there is none or it names no night of this prefix (a LATEST written
+    by another prefix when all prefixes shared it): such a pointer is ignored, with a warning."""
+    key = latest_key(nightly)
+    if not store.exists(key):
         return None
-    text = store.read_text("LATEST").strip()
+    text = store.read_text(key).strip()
     try:
-        return json.loads(text)
+        latest = json.loads(text)
     except ValueError:
-        return {"run_id": text}
+        latest = {"run_id": text}
+    run_id = latest.get("run_id") if isinstance(latest, dict) else None
+    if not isinstance(run_id, str) or date_of(nightly, run_id) is None:
+        logger.warning(
+            "ignoring %s: it names %r, not a night of nightly.run_prefix=%r (another prefix's LATEST from "
+            "before each prefix had its own?); no newest complete night is known for the late check, and "
+            "this night rewrites it when it completes",
+            store.describe(key),
+            run_id if isinstance(run_id, str) else text[:200],
+            nightly.run_prefix,
+        )
+        return None
+    return latest
 
 
 def apply_retention(
     store: Store, nightly: NightlyConfig, today: dt.date, latest_run: str | None
 ) -> list[str]:
-    """Deletes complete nights older than retention_days (never LATEST, never an incomplete run)."""
+    """Deletes complete nights older than retention_days (never `latest_run`, this prefix's pointer's night,
+    never an incomplete run)."""
     if nightly.retention_days is None:
         return []
     cutoff = today - dt.timedelta(days=nightly.retention_days)
@@ -106,15 +138,16 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
         if date > today + dt.timedelta(days=1):  # a day's leeway for clocks and zones; a typo is far off
             raise ConfigError(
                 f"nightly.date={nightly.date!r} is after tomorrow ({today.isoformat()} in {nightly.timezone}): "
-                "a night runs on or after its date. Run as given, it would become LATEST (every real night "
-                "after it refused as late) and its retention would delete the nights before it"
+                "a night runs on or after its date. Run as given, it would become "
+                f"{latest_key(nightly)} (every real night after it refused as late) and its retention would "
+                "delete the nights before it"
             )
         if job.run.id is not None:
             raise ConfigError(
                 f"run.id={job.run.id!r} must not be set for nightly runs: it derives from the date"
             )
         store = open_store(job.output.uri, endpoint_url=job.output.endpoint_url, region=job.output.region)
-        latest = read_latest(store)
+        latest = read_latest(store, nightly)
     except (ConfigError, StoreError) as e:
         logger.error("%s", e)
         return 2
@@ -125,10 +158,12 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
     latest_date = date_of(nightly, latest["run_id"]) if latest else None
     if latest_date is not None and latest_date > date and not nightly.allow_late:
         logger.error(
-            "refusing to run %s late: the newer night %s is already complete (LATEST). Set nightly.allow_late=true "
-            "to backfill it anyway; LATEST will keep pointing at the newest night.",
+            "refusing to run %s late: the newer night %s is already complete (%s). Set "
+            "nightly.allow_late=true to backfill it anyway; %s will keep pointing at the newest night.",
             run_id,
             latest["run_id"],
+            latest_key(nightly),
+            latest_key(nightly),
         )
         return REFUSED
     lease = Lease(
@@ -158,7 +193,7 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
             return code
         if latest_date is None or date >= latest_date:
             store.write_text(
-                "LATEST",
+                latest_key(nightly),
                 json.dumps(
                     {
                         "run_id": run_id,
@@ -169,8 +204,9 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
                 )
                 + "\n",
             )
-            logger.info("LATEST -> %s", run_id)
-        apply_retention(store, nightly, date, read_latest(store)["run_id"])
+            logger.info("%s -> %s", latest_key(nightly), run_id)
+        newest = read_latest(store, nightly)
+        apply_retention(store, nightly, date, newest["run_id"] if newest else None)
         return 0
     finally:
         lease.release()

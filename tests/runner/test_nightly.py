@@ -17,7 +17,15 @@ import pytest
 
 from pipeline.config.schema import NightlyConfig
 from pipeline.io.store import LocalStore
-from pipeline.runner.nightly import Lease, Refused, apply_retention, run_id_for, scheduled_date
+from pipeline.runner.nightly import (
+    Lease,
+    Refused,
+    apply_retention,
+    latest_key,
+    read_latest,
+    run_id_for,
+    scheduled_date,
+)
 from tests.runner.test_faults import kill_group, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,6 +219,68 @@ def test_nightly_retry_resumes_the_same_night_and_latest_moves_only_forward(tmp_
         manifest = json.loads((out / run / "_manifest.json").read_text())
         assert manifest["rows_out"] + manifest["rows_error"] == 16
     assert not (out / "_locks" / "nightly.lock").exists()
+
+
+def test_each_run_prefix_reads_only_its_own_pointer(tmp_path, caplog):
+    """LATEST stays the default prefix's pointer (documented and deployed); another prefix has
+    LATEST-<prefix>. A LATEST naming another prefix's night (all prefixes shared it before) is ignored, with a
+    warning."""
+    code = NightlyConfig(run_prefix="code")
+    assert latest_key(NightlyConfig()) == "LATEST" and latest_key(code) == "LATEST-code"
+    store = LocalStore(tmp_path)
+    store.write_text("LATEST", json.dumps({"run_id": "code-2026-11-27"}))
+    assert read_latest(store, code) is None, "the shared LATEST is not code's pointer"
+    with caplog.at_level("WARNING", logger="canvasflow"):
+        assert read_latest(store, NightlyConfig()) is None
+    assert "LATEST" in caplog.text and "code-2026-11-27" in caplog.text
+    store.write_text("LATEST-code", "code-2026-11-27\n")  # a pointer written by hand: the bare run id
+    assert read_latest(store, code) == {"run_id": "code-2026-11-27"}
+
+
+@pytest.mark.ray
+def test_two_run_prefixes_in_one_output_keep_their_own_latest_late_check_and_retention(tmp_path):
+    """Two nightly datasets in one output.uri: `code` and the default prefix (`nightly`). LATEST was shared by
+    every prefix: the one that completed last owned it, which disabled the other's late check and fed the
+    other's run id to its retention."""
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"prompt": "Reverse: word"}) + "\n")
+    out = tmp_path / "nightly"
+    for night in ("code-2026-11-01", "code-2026-11-20", "nightly-2026-11-01"):  # old complete nights
+        (out / night).mkdir(parents=True)
+        (out / night / "_SUCCESS").write_text("{}")
+    # The shared LATEST as code's last night left it before each prefix had its own pointer.
+    (out / "LATEST").write_text(json.dumps({"run_id": "code-2026-11-20"}))
+
+    def night(date: str, prefix: str, timeout: float) -> tuple[int, str]:
+        proc = _nightly(out, data, date, tmp_path, f"nightly.run_prefix={prefix}", "nightly.retention_days=5")
+        log, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, log
+
+    def pointer(name: str) -> str:
+        return json.loads((out / name).read_text())["run_id"]
+
+    code, log = night("2026-11-27", "code", 600)  # code's newest night
+    assert code == 0, log[-3000:]
+    code, log = night("2026-11-26", "nightly", 600)  # the default prefix completes last, a day earlier
+    assert code == 0, log[-3000:]
+    assert "ignoring" in log and "code-2026-11-20" in log, "the legacy LATEST named code's night: ignored"
+
+    # (a) each prefix's pointer names its own newest night, whichever prefix completed last.
+    assert pointer("LATEST") == "nightly-2026-11-26"
+    assert pointer("LATEST-code") == "code-2026-11-27"
+
+    # (b) a late night of code is refused: code's newer night is complete, though the other prefix completed
+    # last.
+    code, log = night("2026-11-25", "code", 300)
+    assert code == 3 and "refusing to run code-2026-11-25 late" in log and "code-2026-11-27" in log, log[
+        -3000:
+    ]
+    assert not (out / "code-2026-11-25").exists(), "nothing was generated"
+
+    # (c) retention removed each prefix's old complete nights and neither prefix's newest one.
+    runs = sorted(p.name for p in out.iterdir() if (p / "_SUCCESS").exists())
+    assert runs == ["code-2026-11-27", "nightly-2026-11-26"]
+    assert pointer("LATEST") in runs and pointer("LATEST-code") in runs
 
 
 def test_overlapping_nightly_is_refused(tmp_path):
