@@ -1,5 +1,8 @@
 """A nightly generation run: run id from the scheduled date, LATEST after success, optional retention.
 
+LATEST is <output.uri>/LATEST for the default nightly.run_prefix (nightly), <output.uri>/LATEST-<run_prefix>
+for any other, so that several prefixes can share one output.uri.
+
     python jobs/nightly.py output.uri=s3://bucket/nightly output=s3 nightly.timezone=Europe/Paris
     python jobs/nightly.py nightly.date=2026-11-26        # retry or backfill a given night
 

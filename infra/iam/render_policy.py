@@ -6,7 +6,7 @@
 
 What canvasflow does on S3, and so what the policy allows:
 - output prefix: list it, read, write and delete objects under it (parts, manifests, stats, _SUCCESS, the
-  nightly LATEST pointer and lock, retention of old runs, the start-up write probe);
+  nightly pointers LATEST and LATEST-<run_prefix> and locks, retention of old runs, the start-up write probe);
 - input and model prefixes: list them and read objects under them, nothing else;
 - s3:ListBucket only with an s3:prefix condition naming those prefixes. It also makes S3 answer 404, not 403,
   for a missing key under them (S3 decides that with s3:ListBucket), which canvasflow relies on to tell "not
