@@ -78,25 +78,36 @@ def latest_key(nightly: NightlyConfig) -> str:
     return f"LATEST-{nightly.run_prefix}"
 
 
-def read_latest(store: Store, nightly: NightlyConfig) -> dict | None:
-    """This prefix's pointer, or None when there is none or it names no night of this prefix (a LATEST written
-    by another prefix when all prefixes shared it): such a pointer is ignored, with a warning."""
-    key = latest_key(nightly)
-    if not store.exists(key):
-        return None
+def _pointer(store: Store, key: str) -> tuple[dict | None, str | None, str]:
+    """The pointer at `key`: (its document, its run id, its text); a bare run id is read as one."""
     text = store.read_text(key).strip()
     try:
         latest = json.loads(text)
     except ValueError:
         latest = {"run_id": text}
     run_id = latest.get("run_id") if isinstance(latest, dict) else None
-    if not isinstance(run_id, str) or date_of(nightly, run_id) is None:
+    return latest, run_id if isinstance(run_id, str) else None, text
+
+
+def read_latest(store: Store, nightly: NightlyConfig) -> dict | None:
+    """This prefix's pointer, or None when there is none or it names no night of this prefix (a LATEST written
+    by another prefix when all prefixes shared it): such a pointer is ignored, with a warning. A prefix without
+    a pointer of its own yet takes the shared LATEST when that names one of its nights (it wrote it, before
+    each prefix had its own), so that its first night after the change still has the late check."""
+    key = latest_key(nightly)
+    if not store.exists(key):
+        if key == "LATEST" or not store.exists("LATEST"):
+            return None
+        latest, run_id, _ = _pointer(store, "LATEST")
+        return latest if run_id is not None and date_of(nightly, run_id) is not None else None
+    latest, run_id, text = _pointer(store, key)
+    if run_id is None or date_of(nightly, run_id) is None:
         logger.warning(
             "ignoring %s: it names %r, not a night of nightly.run_prefix=%r (another prefix's LATEST from "
             "before each prefix had its own?); no newest complete night is known for the late check, and "
             "this night rewrites it when it completes",
             store.describe(key),
-            run_id if isinstance(run_id, str) else text[:200],
+            run_id if run_id is not None else text[:200],
             nightly.run_prefix,
         )
         return None

@@ -224,17 +224,18 @@ def test_nightly_retry_resumes_the_same_night_and_latest_moves_only_forward(tmp_
 def test_each_run_prefix_reads_only_its_own_pointer(tmp_path, caplog):
     """LATEST stays the default prefix's pointer (documented and deployed); another prefix has
     LATEST-<prefix>. A LATEST naming another prefix's night (all prefixes shared it before) is ignored, with a
-    warning."""
-    code = NightlyConfig(run_prefix="code")
+    warning; a prefix without a pointer of its own yet takes a shared LATEST naming one of its own nights."""
+    code, math = NightlyConfig(run_prefix="code"), NightlyConfig(run_prefix="math")
     assert latest_key(NightlyConfig()) == "LATEST" and latest_key(code) == "LATEST-code"
     store = LocalStore(tmp_path)
     store.write_text("LATEST", json.dumps({"run_id": "code-2026-11-27"}))
-    assert read_latest(store, code) is None, "the shared LATEST is not code's pointer"
+    assert read_latest(store, math) is None, "the shared LATEST names no night of math's"
+    assert read_latest(store, code) == {"run_id": "code-2026-11-27"}, "code wrote it: its late check holds"
     with caplog.at_level("WARNING", logger="canvasflow"):
         assert read_latest(store, NightlyConfig()) is None
     assert "LATEST" in caplog.text and "code-2026-11-27" in caplog.text
-    store.write_text("LATEST-code", "code-2026-11-27\n")  # a pointer written by hand: the bare run id
-    assert read_latest(store, code) == {"run_id": "code-2026-11-27"}
+    store.write_text("LATEST-code", "code-2026-11-26\n")  # a pointer written by hand: the bare run id
+    assert read_latest(store, code) == {"run_id": "code-2026-11-26"}, "its own pointer comes first"
 
 
 @pytest.mark.ray
