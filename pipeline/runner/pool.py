@@ -3,8 +3,9 @@
 Each worker (Ray actor) holds up to run.shards_in_flight shards at a time. A shard whose worker dies
 (process killed, node lost), whose processing raises, or which is still running after `shard_timeout_s` (a
 hung worker: a stuck device, a deadlock, a storage call that never returns) is queued again, up to
-`max_attempts` attempts; a dead or hung worker is killed and replaced by a new one (which loads the model
-again, so a replacement's first shard also gets the worker start-up time). A shard that kills its worker on
+`max_attempts` attempts; a dead or hung worker, or one whose device failed (a CUDA error, after which every
+call on it fails), is killed and replaced by a new one (which loads the model again, so a replacement's first
+shard also gets the worker start-up time). A shard that kills its worker on
 every attempt has the rows that do searched for (pipeline/runner/isolate.py) and is committed without them,
 as error rows. Shards that keep failing otherwise are returned with their last error; the others are
 unaffected.
@@ -46,6 +47,28 @@ class WorkerStartError(RuntimeError):
 def _short(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[-1][:500] if text else type(error).__name__
+
+
+# Errors after which a CUDA context is lost: every later call on that device fails too (sticky errors).
+DEVICE_FAILURES = (
+    "CUDA error",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "uncorrectable ECC error",
+)
+
+
+def device_failed(error: BaseException) -> bool:
+    """Whether `error`, raised by a worker's call, left the worker's device unusable (torch raises
+    AcceleratorError for CUDA errors, older versions a RuntimeError saying "CUDA error"): such a worker fails
+    every shard it gets, at once, so it must be replaced as a dead one is. Out-of-memory is not one of them."""
+    cause = getattr(error, "cause", None) or error  # a Ray task error wraps the worker's exception
+    if any(c.__name__ == "AcceleratorError" for c in type(cause).__mro__):
+        return True
+    return any(marker in str(cause) for marker in DEVICE_FAILURES)
 
 
 def start_workers(
@@ -223,19 +246,21 @@ def run_pool(
             task = held[index].pop(ref)
             try:
                 done(task, ray.get(ref))
-            except RayActorError as e:
-                task.last_error = f"worker died: {_short(e)}"
-                lost = sorted([task, *replace(index, task.last_error)], key=lambda t: t.shard)
-                # With several shards in flight the row that killed it may be in any of them: all are retried.
-                logger.warning(
-                    "worker %d died holding shard(s) %s; started a replacement%s",
-                    index,
-                    ", ".join(f"{t.shard} ({attempt(t)})" for t in lost),
-                    "; each is retried alone" if len(lost) > 1 else "",
-                )
-                settle(task, fatal=True)
-                continue
-            except Exception as e:  # noqa: BLE001 - the shard failed inside the worker
+            except Exception as e:  # noqa: BLE001 - the shard failed inside the worker, or the worker died
+                dead = isinstance(e, RayActorError)
+                if dead or device_failed(e):
+                    task.last_error = f"{'worker died' if dead else 'its device failed'}: {_short(e)}"
+                    lost = sorted([task, *replace(index, task.last_error)], key=lambda t: t.shard)
+                    # With several shards in flight the row that did it may be in any of them: all are retried.
+                    logger.warning(
+                        "worker %d %s holding shard(s) %s; started a replacement%s",
+                        index,
+                        "died" if dead else "failed on its device (every later call would fail too)",
+                        ", ".join(f"{t.shard} ({attempt(t)})" for t in lost),
+                        "; each is retried alone" if len(lost) > 1 else "",
+                    )
+                    settle(task, fatal=True)
+                    continue
                 task.last_error = _short(e)
                 logger.warning(
                     "shard %d failed on worker %d (%s): %s", task.shard, index, attempt(task), task.last_error

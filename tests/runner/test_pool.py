@@ -20,7 +20,8 @@ pytestmark = pytest.mark.ray
 class HeldRecorder:
     """Processes a shard in `seconds` (one at a time, like one sampler), failing or hanging where told: `fail`
     and `hang` by (shard, attempt); `die` and `hang_rows` by row (the records' `i`), whenever a shard or a probe
-    runs that row; `die_together` when it runs all those rows at once."""
+    runs that row; `die_together` when it runs all those rows at once; `device_rows` raise a CUDA error, after
+    which every call fails."""
 
     def __init__(
         self,
@@ -31,6 +32,7 @@ class HeldRecorder:
         hang_rows: tuple = (),
         die_together: tuple = (),
         raise_rows: tuple = (),
+        device_rows: tuple = (),
     ) -> None:
         self.seconds, self.fail, self.hang, self.die = seconds, set(fail), set(hang), set(die)
         self.hang_rows, self.die_together, self.raise_rows = (
@@ -38,6 +40,7 @@ class HeldRecorder:
             set(die_together),
             set(raise_rows),
         )
+        self.device_rows, self.device_broken = set(device_rows), False
         self.lock, self.work = threading.Lock(), threading.Lock()
         self.active: dict[int, int] = {}  # shard -> most shards held while it ran
 
@@ -55,6 +58,11 @@ class HeldRecorder:
                 time.sleep(60 if (shard, attempt) in self.hang or rows & self.hang_rows else self.seconds)
             if rows & self.die or (self.die_together and self.die_together <= rows):
                 os._exit(1)  # the worker process dies, as on a device fault or OOM kill
+            if self.device_broken or rows & self.device_rows:  # as a CUDA error: every later call fails too
+                import torch
+
+                self.device_broken = True
+                raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
             if (shard, attempt) in self.fail or rows & self.raise_rows:
                 raise RuntimeError(f"shard {shard} failed on purpose")
             if probe:
@@ -233,3 +241,20 @@ def test_a_probe_that_raises_gives_its_shard_up(ray_local):
         "rows 2-3 of it then raised on every attempt alone: RuntimeError: shard 0 failed on purpose"
         in failed[0].last_error
     )
+
+
+def test_a_worker_whose_device_failed_is_replaced_and_the_row_that_did_it_found(ray_local, caplog):
+    """A CUDA error (an illegal memory access) on row 3 leaves the worker's device unusable: it is replaced as
+    a dead one is, so the shards after it are not failed on it, and the row becomes an error row."""
+    commits, replaced = _run(
+        ray_local, **{**SMALL, "workers": 1, "shards": 3, "attempts": 2}, device_rows=[3]
+    )
+    assert sorted(commits) == [0, 1, 2] and list(commits[0]["skipped"]) == [3], commits
+    assert (
+        "its device failed: torch.AcceleratorError: CUDA error: an illegal memory access"
+        in commits[0]["skipped"][3]
+    )
+    assert not commits[1]["skipped"] and not commits[2]["skipped"]
+    assert "worker 0 failed on its device (every later call would fail too) holding shard(s) 0" in caplog.text
+    # Shard 0's two attempts, its piece of rows 2-3, row 3's two attempts.
+    assert len(replaced) == 5, replaced
