@@ -128,7 +128,7 @@ class OutputConfig:
     endpoint_url: str | None = None
     # Region for S3; None uses the standard AWS configuration chain.
     region: str | None = None
-    # Parquet compression codec.
+    # Parquet compression codec (a resumed run keeps the codec it was started with, recorded in _run.json).
     compression: str = "zstd"
 
 

@@ -170,13 +170,36 @@ def _yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(redact(resolved)))
 
 
-def _with_run_id(config_yaml: str, run_id: str) -> str:
-    """`config_yaml` (from _yaml) recording the run's actual id: a derived one, or a nightly's from its date."""
+def _with_run_values(config_yaml: str, job: JobConfig, run_id: str) -> str:
+    """`config_yaml` (from _yaml) recording the run's actual id (a derived one, or a nightly's from its date)
+    and codec (the one it was started with: keep_run_codec)."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(config_yaml)
     OmegaConf.update(cfg, "run.id", run_id, force_add=True)
+    OmegaConf.update(cfg, "output.compression", job.output.compression, force_add=True)
     return OmegaConf.to_yaml(cfg)
+
+
+def keep_run_codec(prep: Prepared) -> None:
+    """Writes the parts of a resumed run with the codec it was started with (recorded in _run.json), whatever
+    output.compression says now: one codec per run, as _manifest.json states it. Runs started before the codec
+    was recorded keep the configured one."""
+    from pipeline.config.validate import CHOICES
+
+    started = (prep.run_store.read_run_file() or {}).get("compression")
+    output = prep.job.output
+    if started not in CHOICES["output.compression"] or started == output.compression:
+        return
+    logger.warning(
+        "output.compression=%s is not applied to run %s: it was started with %s, which its parts keep (one "
+        "codec per run). Use a new run.id, or run.overwrite=true to write the run again with %s.",
+        output.compression,
+        prep.run_id,
+        started,
+        output.compression,
+    )
+    output.compression = started
 
 
 def _ensure_logging() -> None:
@@ -328,6 +351,7 @@ def plan(job: JobConfig) -> Prepared:
         "num_rows": records.num_rows,
         "shard_size": job.run.shard_size,
         "num_shards": num_shards,
+        "compression": job.output.compression,  # the codec of every part of the run (keep_run_codec)
         "created_at": time.time(),
     }
     status = run_store.identity_status(identity, overwrite=job.run.overwrite)
@@ -402,8 +426,10 @@ def open_run(prep: Prepared, resolved_yaml: str | None) -> None:
     prep.status = run_store.check_identity(prep.identity, overwrite=prep.job.run.overwrite)
     if prep.status == "new":
         run_store.write_run_file(prep.identity)
+    else:
+        keep_run_codec(prep)
     if resolved_yaml is not None and prep.status != "complete":
-        run_store.store.write_text("_config.yaml", _with_run_id(resolved_yaml, prep.run_id))
+        run_store.store.write_text("_config.yaml", _with_run_values(resolved_yaml, prep.job, prep.run_id))
 
 
 # --------------------------------------------------------------------------------------------------- run

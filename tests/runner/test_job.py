@@ -206,6 +206,26 @@ def test_resume_regenerates_only_uncommitted_shards(tmp_path, ray_local):
     assert {r["id"]: r["completion"] for r in rows} == complete, "exactly once, same content"
 
 
+def test_a_resume_with_another_codec_keeps_the_runs_codec(tmp_path, ray_local, caplog):
+    """A resume with output.compression=snappy wrote its parts as snappy beside the zstd ones, and
+    _manifest.json named snappy for them all; the run keeps the codec it was started with, and says so."""
+    data = write_prompts(tmp_path / "p.jsonl", 12)
+    assert run(make_job(tmp_path, data)) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    (run_dir / "_commits" / "shard-00001.json").unlink()
+    (run_dir / "_SUCCESS").unlink()
+    with caplog.at_level("WARNING"):
+        assert run(make_job(tmp_path, data, output__compression="snappy")) == 0
+    assert "output.compression=snappy is not applied to run test-run: it was started with zstd" in caplog.text
+    codecs = {
+        pq.ParquetFile(part).metadata.row_group(0).column(0).compression
+        for part in run_dir.glob("data/*.parquet")
+    }
+    assert codecs == {"ZSTD"}
+    assert json.loads((run_dir / "_manifest.json").read_text())["compression"] == "zstd"
+    assert "compression: zstd" in (run_dir / "_config.yaml").read_text()
+
+
 def test_bad_rows_go_to_errors_and_the_job_completes(tmp_path, ray_local):
     too_long = json.dumps({"prompt": "x" * 200})
     data = write_prompts(
