@@ -16,15 +16,12 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.config.schema import ConfigError
 from pipeline.models.tiny import (
     BOS_ID,
     EOS_ID,
@@ -38,6 +35,7 @@ from pipeline.training.config import GenerationKnobs, TrainConfig
 from pipeline.training.data import train_batches
 from pipeline.training.evaluate import evaluate, format_scores, heldout_instances
 from pipeline.training.objective import ObjectiveSettings, diffusion_loss
+from pipeline.training.staging import TRAINING_LOG, publish_checkpoint, stage_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -183,17 +181,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     hf_logging.disable_progress_bar()
     run_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.out_dir).resolve()
-    if out_dir.exists() and not (
-        out_dir.is_dir() and ((out_dir / "training_log.json").is_file() or not any(out_dir.iterdir()))
-    ):  # the checkpoint replaces the whole directory: only an earlier checkpoint or an empty one may go
-        raise ConfigError(
-            f"train.out_dir={cfg.out_dir!r} exists and is not a checkpoint of this job (no training_log.json); "
-            "the run would replace it: give a new or empty directory"
-        )
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    out_dir, staging = stage_checkpoint(cfg.out_dir)
     tokenizer = build_tokenizer(staging)
 
     torch.manual_seed(cfg.seed)
@@ -271,11 +259,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         "losses": result.losses,
         "heldout_accuracy": result.curve,
     }
-    (staging / "training_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
-    for path in staging.iterdir():
-        path.chmod(0o644)  # safetensors writes 0600; the checkpoint is a package asset others read
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    (staging / TRAINING_LOG).write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    publish_checkpoint(staging, out_dir)
     logger.info(
         "saved %s: %d steps, %.0fs training (%.2f steps/s), %.0fs wall",
         out_dir,

@@ -23,6 +23,7 @@ import torch
 
 from pipeline.config.schema import ConfigError
 from pipeline.training.config import TaskMix
+from pipeline.training.staging import TRAINING_LOG, publish_checkpoint, stage_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +135,8 @@ def train(cfg: MaskTrainConfig) -> Path:
     check_mask_train(cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_mask_tokenizer(out, "llada")
+    out, staging = stage_checkpoint(cfg.out_dir)  # the checkpoint replaces out only once it is whole
+    tokenizer = build_mask_tokenizer(staging, "llada")
     spec = tiny_spec("llada", **vars(cfg.shape), context_window=256)
     model = BidirectionalLM(spec)
     init_weights(model, torch.Generator().manual_seed(cfg.seed))
@@ -183,7 +183,7 @@ def train(cfg: MaskTrainConfig) -> Path:
             break
     steps_done, train_s = step + 1, time.perf_counter() - started
     model.eval().requires_grad_(False)
-    path = write_tiny_checkpoint(model, out, generation_config=generation_config(cfg))
+    write_tiny_checkpoint(model, staging, generation_config=generation_config(cfg))
     settings = MaskSettings(
         max_new_tokens=cfg.answer_length,
         steps=cfg.answer_length,
@@ -193,7 +193,7 @@ def train(cfg: MaskTrainConfig) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     scores, _ = evaluate(model, tokenizer, settings, heldout_instances(cfg.eval_rows_per_task, cfg.eval_seed))
-    logger.info("held-out (exact path): %s; checkpoint in %s", format_scores(scores), path)
+    logger.info("held-out (exact path): %s; checkpoint in %s", format_scores(scores), out)
     log = {
         "config": dataclasses.asdict(cfg),
         "torch": torch.__version__,
@@ -203,5 +203,6 @@ def train(cfg: MaskTrainConfig) -> Path:
         "losses": losses,
         "heldout_exact_path": {task: dataclasses.asdict(score) for task, score in scores.items()},
     }
-    (path / "training_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
-    return path
+    (staging / TRAINING_LOG).write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    publish_checkpoint(staging, out)
+    return out
