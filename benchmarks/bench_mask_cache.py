@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=7, help="held-out set seed")
+    parser.add_argument("--no-record", action="store_true", help="print the table only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -149,8 +150,9 @@ def main() -> None:
                     "threads": args.threads,
                 }
             )
-    append_results(str(RESULTS), rows)
-    print(f"appended {len(rows)} rows to {RESULTS}")
+    if not args.no_record:
+        append_results(str(RESULTS), rows)
+        print(f"appended {len(rows)} rows to {RESULTS}")
 
 
 if __name__ == "__main__":
