@@ -365,11 +365,10 @@ def test_s3_bad_credentials_fail_fast_without_leaking_secrets(
 ) -> None:
     real_secret = s3_bucket.server.secret_key
     monkeypatch.setenv(variable, value)
-    store = s3_bucket.store("base", max_attempts=8, base_delay_s=1.0)  # a retry would take >= 0.5 s
-    started = time.monotonic()
+    store = s3_bucket.store("base", max_attempts=8, base_delay_s=1.0)
     with caplog.at_level(logging.DEBUG), pytest.raises(StoreError) as error:
         store.check_writable()
-    assert time.monotonic() - started < 2
+    assert "(after 1 attempt(s))" in str(error.value), "refused credentials are not retried"
     message = str(error.value)
     assert s3_bucket.name in message and code in message and "check the credentials" in message
     for secret in (real_secret, "wrong-secret-0f9e8d7c6b5a"):

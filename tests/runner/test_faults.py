@@ -75,7 +75,13 @@ class Output:
         return out
 
     def commits(self, run_id: str) -> dict[str, dict]:
-        return {k: json.loads(self.read(run_id, k)) for k in self.keys(run_id) if k.startswith("_commits/")}
+        """The commit markers; a worker killed while writing one leaves a temporary file (.tmp-*) beside them,
+        which is no marker (the rerun removes it)."""
+        return {
+            k: json.loads(self.read(run_id, k))
+            for k in self.keys(run_id)
+            if k.startswith("_commits/") and not k.startswith("_commits/.tmp-")
+        }
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
