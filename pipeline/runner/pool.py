@@ -59,6 +59,9 @@ DEVICE_FAILURES = (
     "unspecified launch failure",
     "uncorrectable ECC error",
 )
+# CUDA errors that leave the device usable: an allocation that failed ("CUDA error: out of memory",
+# cuBLAS/cuDNN's *_STATUS_ALLOC_FAILED), retried on the same worker as any other error.
+NOT_DEVICE_FAILURES = ("out of memory", "STATUS_ALLOC_FAILED")
 
 
 def device_failed(error: BaseException) -> bool:
@@ -66,6 +69,8 @@ def device_failed(error: BaseException) -> bool:
     AcceleratorError for CUDA errors, older versions a RuntimeError saying "CUDA error"): such a worker fails
     every shard it gets, at once, so it must be replaced as a dead one is. Out-of-memory is not one of them."""
     cause = getattr(error, "cause", None) or error  # a Ray task error wraps the worker's exception
+    if any(marker in str(cause) for marker in NOT_DEVICE_FAILURES):
+        return False
     if any(c.__name__ == "AcceleratorError" for c in type(cause).__mro__):
         return True
     return any(marker in str(cause) for marker in DEVICE_FAILURES)

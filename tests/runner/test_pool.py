@@ -12,16 +12,26 @@ import time
 import pyarrow as pa
 import pytest
 
-from pipeline.runner.pool import ShardTask, run_pool
+from pipeline.runner.pool import ShardTask, device_failed, run_pool
 
 pytestmark = pytest.mark.ray
+
+
+def cuda_error(what: str, name: str) -> str:
+    """A CUDA error's message as torch words it (c10/cuda/CUDAException.cpp), lines of advice after the error."""
+    return (
+        f"CUDA error: {what}\n"
+        f"Search for `{name}' in https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__TYPES.html for more "
+        "information.\nFor more detailed error information, run with CUDA_LOG_FILE=stderr\n"
+        "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n"
+    )
 
 
 class HeldRecorder:
     """Processes a shard in `seconds` (one at a time, like one sampler), failing or hanging where told: `fail`
     and `hang` by (shard, attempt); `die` and `hang_rows` by row (the records' `i`), whenever a shard or a probe
     runs that row; `die_together` when it runs all those rows at once; `device_rows` raise a CUDA error, after
-    which every call fails."""
+    which every call fails; `oom` (by (shard, attempt)) a CUDA out-of-memory error, after which the device works."""
 
     def __init__(
         self,
@@ -33,6 +43,7 @@ class HeldRecorder:
         die_together: tuple = (),
         raise_rows: tuple = (),
         device_rows: tuple = (),
+        oom: tuple = (),
     ) -> None:
         self.seconds, self.fail, self.hang, self.die = seconds, set(fail), set(hang), set(die)
         self.hang_rows, self.die_together, self.raise_rows = (
@@ -40,7 +51,7 @@ class HeldRecorder:
             set(die_together),
             set(raise_rows),
         )
-        self.device_rows, self.device_broken = set(device_rows), False
+        self.device_rows, self.device_broken, self.oom = set(device_rows), False, set(oom)
         self.lock, self.work = threading.Lock(), threading.Lock()
         self.active: dict[int, int] = {}  # shard -> most shards held while it ran
 
@@ -63,6 +74,10 @@ class HeldRecorder:
 
                 self.device_broken = True
                 raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+            if (shard, attempt) in self.oom:  # as torch raises it when a CUDA allocation fails
+                import torch
+
+                raise torch.AcceleratorError(cuda_error("out of memory", "cudaErrorMemoryAllocation"))
             if (shard, attempt) in self.fail or rows & self.raise_rows:
                 raise RuntimeError(f"shard {shard} failed on purpose")
             if probe:
@@ -258,3 +273,30 @@ def test_a_worker_whose_device_failed_is_replaced_and_the_row_that_did_it_found(
     assert "worker 0 failed on its device (every later call would fail too) holding shard(s) 0" in caplog.text
     # Shard 0's two attempts, its piece of rows 2-3, row 3's two attempts.
     assert len(replaced) == 5, replaced
+
+
+def test_a_cuda_out_of_memory_error_is_retried_on_the_same_worker(ray_local, caplog):
+    """A CUDA allocation that fails leaves the device usable: the shard is retried as after any error, on the
+    worker it ran on, which is not replaced (a restart reloads the model)."""
+    commits, replaced = _run(ray_local, **{**SMALL, "workers": 1, "attempts": 2}, oom=[(0, 1)])
+    assert not replaced, "an out-of-memory error is no device failure"
+    assert commits[0]["attempt"] == 2 and not commits[0]["skipped"], commits[0]
+    assert "failed on its device" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("message", "failed"),
+    [
+        (cuda_error("an illegal memory access was encountered", "cudaErrorIllegalAddress"), True),
+        (cuda_error("device-side assert triggered", "cudaErrorAssert"), True),
+        ("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx(handle, ...)`", True),
+        (cuda_error("out of memory", "cudaErrorMemoryAllocation"), False),
+        ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", False),
+        ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB", False),
+    ],
+)
+def test_which_cuda_errors_leave_the_device_unusable(message, failed):
+    import torch
+
+    assert device_failed(torch.AcceleratorError(message)) is failed
+    assert device_failed(RuntimeError(message)) is failed
