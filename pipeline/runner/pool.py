@@ -45,6 +45,17 @@ class WorkerStartError(RuntimeError):
 
 
 def _short(error: BaseException) -> str:
+    """One line naming `error`, for the log and an error row's reason. A call that raised in a worker (a Ray task
+    error, whose text is the worker's traceback) by the worker's exception: its type and its message's first
+    line, as torch's CUDA errors follow theirs with lines of advice, the last of which names no error."""
+    cause = getattr(error, "cause", None)
+    kind = type(cause)
+    if isinstance(cause, BaseException) and not kind.__module__.startswith("ray."):
+        name = (
+            kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        lines = str(cause).strip().splitlines()
+        return f"{name}: {lines[0]}"[:500] if lines else name
     text = str(error).strip().splitlines()
     return text[-1][:500] if text else type(error).__name__
 

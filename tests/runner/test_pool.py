@@ -73,7 +73,9 @@ class HeldRecorder:
                 import torch
 
                 self.device_broken = True
-                raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+                raise torch.AcceleratorError(
+                    cuda_error("an illegal memory access was encountered", "cudaErrorIllegalAddress")
+                )
             if (shard, attempt) in self.oom:  # as torch raises it when a CUDA allocation fails
                 import torch
 
@@ -269,6 +271,7 @@ def test_a_worker_whose_device_failed_is_replaced_and_the_row_that_did_it_found(
         "its device failed: torch.AcceleratorError: CUDA error: an illegal memory access"
         in commits[0]["skipped"][3]
     )
+    assert "TORCH_USE_CUDA_DSA" not in caplog.text, "the error is named, not torch's advice after it"
     assert not commits[1]["skipped"] and not commits[2]["skipped"]
     assert "worker 0 failed on its device (every later call would fail too) holding shard(s) 0" in caplog.text
     # Shard 0's two attempts, its piece of rows 2-3, row 3's two attempts.
@@ -282,6 +285,7 @@ def test_a_cuda_out_of_memory_error_is_retried_on_the_same_worker(ray_local, cap
     assert not replaced, "an out-of-memory error is no device failure"
     assert commits[0]["attempt"] == 2 and not commits[0]["skipped"], commits[0]
     assert "failed on its device" not in caplog.text
+    assert "(attempt 1/2): torch.AcceleratorError: CUDA error: out of memory" in caplog.text, caplog.text
 
 
 @pytest.mark.parametrize(
