@@ -159,7 +159,7 @@ class RowSearch:
         if not search.failing:
             task.last_error = (
                 f"{task.last_error}; no row of it kills its worker alone (they fail only together, e.g. a batch "
-                "that runs out of memory: lower sampler.batch_size or run.shard_size)"
+                "that runs out of memory: lower sampler.batch_size and rerun the same command)"
             )
             self.give_up(task)
             return

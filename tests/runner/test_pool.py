@@ -238,7 +238,9 @@ def test_rows_that_kill_their_worker_only_together_fail_their_shard_saying_so(ra
     assert sorted(commits) == [1]
     assert "worker died" in failed[0].last_error
     assert "no row of it kills its worker alone" in failed[0].last_error
-    assert "lower sampler.batch_size" in failed[0].last_error
+    assert "lower sampler.batch_size and rerun the same command" in failed[0].last_error
+    # A run's shards are part of its identity: a rerun with another run.shard_size is refused (exit 2).
+    assert "run.shard_size" not in failed[0].last_error
 
 
 def test_a_probe_that_raises_gives_its_shard_up(ray_local):
