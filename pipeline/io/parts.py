@@ -30,7 +30,7 @@ ERROR_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("source_index", pa.int64()),
-        ("stage", pa.string()),  # read | tokenize | postprocess
+        ("stage", pa.string()),  # read | tokenize | postprocess | worker (a row that killed its worker)
         ("reason", pa.string()),
         ("raw", pa.string()),  # the offending input, truncated
         ("run_id", pa.string()),
