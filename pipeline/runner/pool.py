@@ -143,7 +143,9 @@ def run_pool(
     every shard it held down with it, each charged an attempt; a retried shard runs alone on its worker, and a
     shard is given up on only once an attempt that ran alone failed too, never for another shard's fault. A
     shard whose last attempt alone killed its worker has its failing rows searched for (isolate.py): probes of
-    its rows, dispatched first and alone, then the shard again with those rows in `skip`.
+    its rows, dispatched first and alone, then the shard again with those rows in `skip`. A replacement that
+    failed to start, or had not started by its first shard's deadline, fails the shards it held as an error
+    does: that says nothing about their rows, which are not searched.
     """
     import ray
     from ray.exceptions import RayActorError
@@ -152,6 +154,7 @@ def run_pool(
     held: list[dict[Any, ShardTask]] = [{} for _ in workers]  # per worker: ref -> task, oldest first
     deadline = [float("inf")] * len(workers)  # of each worker's oldest shard
     fresh: set[int] = set()  # replacement workers that have not finished a shard yet
+    starting: dict[int, Any] = {}  # replacement workers not yet known to be up: their `ready` call
     failed: list[ShardTask] = []
 
     def give_up(task: ShardTask) -> None:
@@ -219,9 +222,25 @@ def run_pool(
         else:
             give_up(task)
 
-    def replace(index: int, error: str) -> list[ShardTask]:
+    def started(index: int) -> bool:
+        """Whether worker `index` is up (its model loaded): a replacement whose start failed or has not ended
+        (a device gone for good, a load that hangs) fails every call it is given, whatever its rows."""
+        if index not in starting:
+            return True
+        finished, _ = ray.wait([starting[index]], num_returns=1, timeout=0)
+        if not finished:
+            return False
+        try:
+            ray.get(finished[0])
+        except Exception:  # noqa: BLE001 - it failed to start
+            return False
+        del starting[index]
+        return True
+
+    def replace(index: int, error: str, fatal: bool = True) -> list[ShardTask]:
         """Kills worker `index`, starts its replacement, and retries the shards it held but had not finished
-        (one it finished in the meantime is taken as done); returns those."""
+        (one it finished in the meantime is taken as done); returns those. `fatal`: the worker died or hung
+        while running them (not when it never started), so one of them may hold a row that kills workers."""
         if held[index]:
             finished, _ = ray.wait(list(held[index]), num_returns=len(held[index]), timeout=0)
             for ref in finished:
@@ -232,11 +251,12 @@ def run_pool(
         held[index].clear()
         ray.kill(workers[index])
         workers[index] = make_worker(index)
+        starting[index] = workers[index].ready.remote()
         fresh.add(index)
         deadline[index] = float("inf")
         for task in lost:
             task.last_error = error
-            settle(task, fatal=True)
+            settle(task, fatal=fatal)
         return lost
 
     def attempt(task: ShardTask) -> str:
@@ -265,17 +285,27 @@ def run_pool(
             except Exception as e:  # noqa: BLE001 - the shard failed inside the worker, or the worker died
                 dead = isinstance(e, RayActorError)
                 if dead or device_failed(e):
-                    task.last_error = f"{'worker died' if dead else 'its device failed'}: {_short(e)}"
-                    lost = sorted([task, *replace(index, task.last_error)], key=lambda t: t.shard)
+                    # A replacement that never started failed the call whatever its rows: an error, not a death
+                    # to search the rows for (the search would make good rows error rows).
+                    up = started(index)
+                    what = (
+                        ("worker died" if up else "its worker failed to start")
+                        if dead
+                        else "its device failed"
+                    )
+                    task.last_error = f"{what}: {_short(e)}"
+                    lost = sorted([task, *replace(index, task.last_error, fatal=up)], key=lambda t: t.shard)
                     # With several shards in flight the row that did it may be in any of them: all are retried.
                     logger.warning(
                         "worker %d %s holding shard(s) %s; started a replacement%s",
                         index,
-                        "died" if dead else "failed on its device (every later call would fail too)",
+                        ("died" if up else "failed to start (a replacement)")
+                        if dead
+                        else "failed on its device (every later call would fail too)",
                         ", ".join(f"{t.shard} ({attempt(t)})" for t in lost),
                         "; each is retried alone" if len(lost) > 1 else "",
                     )
-                    settle(task, fatal=True)
+                    settle(task, fatal=up)
                     continue
                 task.last_error = _short(e)
                 logger.warning(
@@ -288,7 +318,11 @@ def run_pool(
         for index in range(len(workers)):
             if held[index] and now > deadline[index]:
                 head = next(iter(held[index].values()))
-                lost = replace(index, f"timed out after {shard_timeout_s:g}s (run.shard_timeout_s)")
+                up = started(index)
+                error = f"timed out after {shard_timeout_s:g}s (run.shard_timeout_s)"
+                if not up:
+                    error += f", its worker not started after cluster.worker_start_timeout_s={start_grace_s:g}s more"
+                lost = replace(index, error, fatal=up)
                 logger.warning(
                     "shard %d on worker %d still running after run.shard_timeout_s=%gs (%s); "
                     "killed the worker and started a replacement%s",

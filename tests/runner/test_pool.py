@@ -31,7 +31,8 @@ class HeldRecorder:
     """Processes a shard in `seconds` (one at a time, like one sampler), failing or hanging where told: `fail`
     and `hang` by (shard, attempt); `die` and `hang_rows` by row (the records' `i`), whenever a shard or a probe
     runs that row; `die_together` when it runs all those rows at once; `device_rows` raise a CUDA error, after
-    which every call fails; `oom` (by (shard, attempt)) a CUDA out-of-memory error, after which the device works."""
+    which every call fails; `oom` (by (shard, attempt)) a CUDA out-of-memory error, after which the device works;
+    `start_fails` (seconds) makes it fail to start, after that long, `start_hangs` never end its start."""
 
     def __init__(
         self,
@@ -44,7 +45,14 @@ class HeldRecorder:
         raise_rows: tuple = (),
         device_rows: tuple = (),
         oom: tuple = (),
+        start_fails: float | None = None,
+        start_hangs: bool = False,
     ) -> None:
+        if start_fails is not None:  # as a model load on a GPU that is gone for good: it fails, after a while
+            time.sleep(start_fails)
+            raise RuntimeError("CUDA error: uncorrectable ECC error encountered")
+        if start_hangs:  # or never ends
+            time.sleep(600)
         self.seconds, self.fail, self.hang, self.die = seconds, set(fail), set(hang), set(die)
         self.hang_rows, self.die_together, self.raise_rows = (
             set(hang_rows),
@@ -108,13 +116,19 @@ def _run(
     size=2,
     grace_s=60.0,
     failed_out=None,
+    broken_slots=(),
+    broken=None,
     **behaviour,
 ):
+    """`broken_slots`: worker indices whose replacements are made with `broken` (their device is gone)."""
     cls = ray.remote(HeldRecorder).options(num_cpus=0, max_concurrency=in_flight + 1)
     made = []
 
     def make_worker(index: int):
+        replacement = len(made) >= workers
         made.append(index)
+        if replacement and index in broken_slots:
+            return cls.remote(**behaviour, **broken)
         return cls.remote(**behaviour)
 
     records = pa.table({"i": list(range(shards * size)), "id": [f"r{i}" for i in range(shards * size)]})
@@ -225,7 +239,8 @@ SMALL = {"workers": 2, "shards": 2, "size": 4, "in_flight": 1, "attempts": 1, "s
 
 
 def test_a_row_that_hangs_its_worker_is_found_by_the_shard_timeout(ray_local):
-    commits, _ = _run(ray_local, **SMALL, timeout_s=2.0, hang_rows=[2], grace_s=0.0)
+    # A replacement gets 1 s more for its start: a probe it had not started is no row's fault.
+    commits, _ = _run(ray_local, **SMALL, timeout_s=2.0, hang_rows=[2], grace_s=1.0)
     assert list(commits[0]["skipped"]) == [2] and commits[0]["rows"] == 3, commits[0]
     assert "timed out after 2s (run.shard_timeout_s)" in commits[0]["skipped"][2]
 
@@ -306,3 +321,35 @@ def test_which_cuda_errors_leave_the_device_unusable(message, failed):
 
     assert device_failed(torch.AcceleratorError(message)) is failed
     assert device_failed(RuntimeError(message)) is failed
+
+
+@pytest.mark.parametrize(
+    ("broken", "timeout_s", "why"),
+    [
+        (
+            {"start_fails": 1.0},
+            None,
+            "its worker failed to start: RuntimeError: CUDA error: uncorrectable ECC error",
+        ),
+        ({"start_hangs": True}, 1.0, "its worker not started after cluster.worker_start_timeout_s=1s more"),
+    ],
+)
+def test_a_worker_that_cannot_start_makes_no_row_an_error_row(ray_local, caplog, broken, timeout_s, why):
+    """Row 2 kills worker 0, whose device is then gone: its replacements fail to start a second after they are
+    made, or never end their start. A probe given to one says nothing about its rows; none of them may become
+    an error row (lost from data/ for good, the run complete): the shard is given up on, to rerun on good
+    devices."""
+    failed = []
+    _run(
+        ray_local,
+        **{**SMALL, "shards": 1},
+        timeout_s=timeout_s,
+        grace_s=1.0,
+        die=[2],
+        broken_slots=[0],
+        broken=broken,
+        give_up=[0],
+        failed_out=failed,
+    )
+    assert why in failed[0].last_error, failed[0].last_error
+    assert not re.search(r"row [013] \(id '\w+'\) of shard 0 killed its worker", caplog.text), caplog.text
