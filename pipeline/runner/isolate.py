@@ -142,10 +142,10 @@ class RowSearch:
             f"{error}); not generated"
         )
         logger.warning(
-            "row %d (id %s) of shard %d killed its worker on %s alone (%s); it becomes an error row (stage "
+            "row %d (id %r) of shard %d killed its worker on %s alone (%s); it becomes an error row (stage "
             "worker)",
             index,
-            self._row_id(index),
+            self.records.column("id")[index].as_py(),
             search.task.shard,
             _attempts(attempts),
             error,
@@ -170,8 +170,3 @@ class RowSearch:
             len(search.failing),
         )
         self.queue(task)
-
-    def _row_id(self, index: int) -> str:
-        if "id" not in self.records.column_names:
-            return "-"
-        return repr(self.records.column("id")[index].as_py())

@@ -5,10 +5,9 @@ Each worker (Ray actor) holds up to run.shards_in_flight shards at a time. A sha
 hung worker: a stuck device, a deadlock, a storage call that never returns) is queued again, up to
 `max_attempts` attempts; a dead or hung worker, or one whose device failed (a CUDA error, after which every
 call on it fails), is killed and replaced by a new one (which loads the model again, so a replacement's first
-shard also gets the worker start-up time). A shard that kills its worker on
-every attempt has the rows that do searched for (pipeline/runner/isolate.py) and is committed without them,
-as error rows. Shards that keep failing otherwise are returned with their last error; the others are
-unaffected.
+shard also gets the worker start-up time). A shard that kills its worker on every attempt has the rows that
+do searched for (pipeline/runner/isolate.py) and is committed without them, as error rows. Shards that keep
+failing otherwise are returned with their last error; the others are unaffected.
 """
 
 from __future__ import annotations
@@ -80,11 +79,12 @@ def device_failed(error: BaseException) -> bool:
     AcceleratorError for CUDA errors, older versions a RuntimeError saying "CUDA error"): such a worker fails
     every shard it gets, at once, so it must be replaced as a dead one is. Out-of-memory is not one of them."""
     cause = getattr(error, "cause", None) or error  # a Ray task error wraps the worker's exception
-    if any(marker in str(cause) for marker in NOT_DEVICE_FAILURES):
+    text = str(cause)
+    if any(marker in text for marker in NOT_DEVICE_FAILURES):
         return False
     if any(c.__name__ == "AcceleratorError" for c in type(cause).__mro__):
         return True
-    return any(marker in str(cause) for marker in DEVICE_FAILURES)
+    return any(marker in text for marker in DEVICE_FAILURES)
 
 
 def start_workers(

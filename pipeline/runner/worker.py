@@ -101,23 +101,16 @@ class ShardWorker:
         started, started_at = time.perf_counter(), time.time()
         rows = records.to_pylist()
         skip = skip or {}
-        early_errors = [
-            {
-                "id": r["id"],
-                "source_index": r["source_index"],
-                "stage": "read" if r["error"] is not None else "worker",
-                "reason": r["error"] if r["error"] is not None else skip[i],
-                "raw": r["raw"] if r["error"] is not None else r["prompt"][:2000],
-                "run_id": self.run_store.run_id,
-            }
-            for i, r in enumerate(rows)
-            if r["error"] is not None or i in skip
-        ]
-        good = [
-            PromptRecord(r["id"], r["prompt"], bool(r["is_chat"]), r["source_index"], r["metadata"])
-            for i, r in enumerate(rows)
-            if r["error"] is None and i not in skip
-        ]
+        early_errors, good = [], []  # rows rejected while reading or found to kill their worker; the rest
+        for i, r in enumerate(rows):
+            if r["error"] is not None:
+                early_errors.append(self._error_row(r, "read", r["error"], r["raw"]))
+            elif i in skip:
+                early_errors.append(self._error_row(r, "worker", skip[i], r["prompt"][:2000]))
+            else:
+                good.append(
+                    PromptRecord(r["id"], r["prompt"], bool(r["is_chat"]), r["source_index"], r["metadata"])
+                )
         if probe:
             self.generator.generate(good, shared=self.shared)
             return {"shard": shard, "probe": True, "rows": len(good)}
@@ -176,15 +169,16 @@ class ShardWorker:
         if proposals:
             run_columns = fix_columns(store, proposals)
             kept, bad, _ = conform_rows(rows, run_columns, shard=shard, callable_name=name)
-        errors = [
-            {
-                "id": row["id"],
-                "source_index": row["source_index"],
-                "stage": "postprocess",
-                "reason": reason,
-                "raw": row["prompt"][:2000],
-                "run_id": self.run_store.run_id,
-            }
-            for row, reason in bad
-        ]
+        errors = [self._error_row(row, "postprocess", reason, row["prompt"][:2000]) for row, reason in bad]
         return to_table(kept, part_schema(kept, run_columns)), kept, errors
+
+    def _error_row(self, row: dict[str, Any], stage: str, reason: str, raw: str) -> dict[str, Any]:
+        """A row of errors/ (pipeline.io.parts.ERROR_SCHEMA) for input or output row `row`."""
+        return {
+            "id": row["id"],
+            "source_index": row["source_index"],
+            "stage": stage,
+            "reason": reason,
+            "raw": raw,
+            "run_id": self.run_store.run_id,
+        }
