@@ -43,6 +43,7 @@ def run_once(loaded, instances, prompts, knobs: dict, batch: int) -> dict:
     settings = resolve_mask_settings(
         knobs,
         info.generation_config,
+        family=info.family,
         mask_token_id=info.mask_token_id,
         eos_token_ids=info.eos_token_ids,
         pad_token_id=info.pad_token_id,

@@ -153,6 +153,7 @@ class Generator:
         self.settings = resolve_mask_settings(
             mask_user_values(spec.sampler, info.family),
             info.generation_config,
+            family=info.family,
             mask_token_id=info.mask_token_id,
             eos_token_ids=info.eos_token_ids,
             pad_token_id=info.pad_token_id,

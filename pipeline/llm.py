@@ -54,7 +54,8 @@ class LLM:
             stability_threshold, confidence_threshold, canvas_length, seed, adaptive_stopping,
             revise_accepted, record_drafts); unset knobs come from the model's generation_config.json.
             LLaDA / Dream models take max_new_tokens, seed, record_drafts and `mask={"steps": ...,
-            "block_length": ..., "cache": "dual", ...}` (the sampler.mask.* knobs).
+            "block_length": ..., "cache": "dual", ...}` (the sampler.mask.* knobs; `"algorithm": "dream"`
+            and Dream's `top_p`, `top_k`, `alg_temp`, `eps` among them).
     """
 
     def __init__(

@@ -40,13 +40,19 @@ class ModelConfig:
 @dataclass
 class MaskSamplerConfig:
     # Mask-diffusion models (LLaDA, Dream; pipeline/sampler/mask/settings.py). None means: the model's
-    # generation_config.json, else LLaDA's generate defaults (steps = max_new_tokens, block_length 32,
-    # low_confidence, temperature 0, cfg_scale 0, no threshold, no self-correction, no cache).
+    # generation_config.json, else the algorithm's reference defaults: LLaDA's generate (steps =
+    # max_new_tokens, block_length 32, low_confidence, temperature 0, cfg_scale 0, no threshold, no
+    # self-correction, no cache) or Dream's diffusion_generate (steps = max_new_tokens, one block, origin,
+    # eps 1e-3, temperature 0, no alg_temp, top_p or top_k).
+    # llada (LLaDA's generate) or dream (Dream's diffusion_generate); null: the model family's own.
+    algorithm: str | None = None
     # Denoising steps over all blocks (a multiple of max_new_tokens / block_length).
     steps: int | None = None
     # Semi-autoregressive block length (max_new_tokens must be a multiple of it).
     block_length: int | None = None
-    # Confidence ranking masked positions: low_confidence, margin, entropy or random.
+    # Confidence ranking masked positions: low_confidence, margin, entropy or random (Dream's names
+    # maskgit_plus and topk_margin too); origin (dream only): each masked position committed with
+    # probability 1 - s / t.
     remasking: str | None = None
     # 0: argmax; > 0: Gumbel-max sampling (keyed noise).
     temperature: float | None = None
@@ -59,6 +65,13 @@ class MaskSamplerConfig:
     remask_threshold: float | None = None
     # Block KV caching: none (exact), prefix, dual.
     cache: str | None = None
+    # Dream's algorithm only: the schedule's last point (linspace(1, eps, steps + 1)), in [0, 1).
+    eps: float | None = None
+    # Dream's algorithm only: > 0 draws the positions to commit in proportion to softmax(confidence / alg_temp).
+    alg_temp: float | None = None
+    # Dream's algorithm only: nucleus and top-k filters of the distribution predictions are drawn from.
+    top_p: float | None = None
+    top_k: int | None = None
 
 
 @dataclass

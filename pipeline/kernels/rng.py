@@ -35,7 +35,8 @@ STREAM_INIT = 1
 STREAM_SAMPLE = 2
 STREAM_RENOISE = 3
 STREAM_MASK_SAMPLE = 4  # mask sampler: Gumbel noise of the predictions (canvas = block, step = step in block)
-STREAM_MASK_ORDER = 5  # mask sampler: uniform confidences of remasking="random"
+STREAM_MASK_ORDER = 5  # mask sampler: uniform confidences of remasking="random", draws of "origin"
+STREAM_MASK_PICK = 6  # mask sampler: Gumbel noise of the positions drawn with alg_temp > 0
 
 
 def row_key(seed: int, row_id: str) -> tuple[int, int]:
@@ -84,8 +85,11 @@ def uniform_tokens(state: torch.Tensor, n: int) -> torch.Tensor:
     return (state * n) >> 32
 
 
+def uniform(state: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in (0, 1), float32 (23 bits, none equal to 0 or 1), one per word of `state`."""
+    return ((state >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
+
+
 def gumbel(state: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
     """Gumbel noise [..., V] float32 for position words `state` [...] and vocabulary ids `vocab` [V]."""
-    h = absorb(state[..., None], vocab)
-    u = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(uniform(absorb(state[..., None], vocab))))

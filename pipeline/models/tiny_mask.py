@@ -131,14 +131,17 @@ def config_for(spec: MaskLMSpec, **extra: Any) -> dict[str, Any]:
 
 
 def default_generation_config(family: str) -> dict[str, Any]:
+    """A generation_config.json in the family's own key names: LLaDA's generate knobs, or Dream's
+    DreamGenerationConfig ones (alg, eps; one block)."""
     vocab = tiny_vocab(family)
-    return {
+    config = {
         "eos_token_id": [vocab["<|endoftext|>"], vocab[END_OF_TURN[family]]],
         "pad_token_id": vocab["<|endoftext|>"],
         "max_new_tokens": 32,
         "steps": 32,
-        "block_length": 8,
     }
+    config.update({"block_length": 8} if family == "llada" else {"alg": "entropy", "eps": 1e-3})
+    return config
 
 
 def build_tiny_mask_model(

@@ -299,6 +299,7 @@ def plan(job: JobConfig) -> Prepared:
             settings = resolve_mask_settings(
                 mask_user_values(knobs, info.family),
                 info.generation_config,
+                family=info.family,
                 mask_token_id=info.mask_token_id,
                 eos_token_ids=info.eos_token_ids,
                 pad_token_id=info.pad_token_id,
@@ -319,9 +320,12 @@ def plan(job: JobConfig) -> Prepared:
             job.model.max_prompt_tokens, info.context_window, settings.max_new_tokens
         )
     except (SettingsError, ValueError) as e:
+        reference = (
+            "the algorithm's reference" if info.family in MASK_FAMILIES else "the DiffusionGemma reference"
+        )
         raise ConfigError(
             f"{e} (sampler values not set in the config come from the model's generation_config.json in "
-            f"{info.model_dir}, else the DiffusionGemma reference defaults)"
+            f"{info.model_dir}, else {reference} defaults)"
         ) from None
     load_postprocess(job.postprocess)
 

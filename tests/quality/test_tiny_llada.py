@@ -47,6 +47,7 @@ def runs(loaded):
         settings = resolve_mask_settings(
             {"cache": cache},
             info.generation_config,
+            family=info.family,
             mask_token_id=info.mask_token_id,
             eos_token_ids=info.eos_token_ids,
             pad_token_id=info.pad_token_id,

@@ -68,6 +68,46 @@ def test_llada_job_writes_the_same_schema(tmp_path, ray_local, llada_dir):
         )
 
 
+@pytest.fixture(scope="module")
+def dream_dir(tmp_path_factory):
+    return build_mask_checkpoint(
+        tmp_path_factory.mktemp("dream") / "tiny-dream", family="dream", std=0.1, eos_like=7
+    )
+
+
+def test_a_dream_job_samples_with_dreams_algorithm_and_its_generation_config(tmp_path, ray_local, dream_dir):
+    """A Dream checkpoint runs Dream's diffusion_generate by default, with the knobs of its
+    generation_config.json in Dream's names (`alg: entropy`): one block, Dream's schedule; the one-process
+    API gives the same rows."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 6)
+    job = make_job(tmp_path, data, model__path=str(dream_dir))
+    job.sampler.max_denoising_steps = None
+    job.sampler.max_new_tokens = NEW_TOKENS
+    job.sampler.mask = MaskSamplerConfig(steps=8, top_k=4)
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    rows = read_parts(run_dir).to_pylist()
+    assert len(rows) == 6
+    for r in rows:
+        assert r["model"] == "tiny-dream" and r["canvases"] == 1 and 1 <= r["denoising_steps"] <= 8
+    sampler = json.loads((run_dir / "_manifest.json").read_text())["sampler"]
+    assert (sampler["algorithm"], sampler["remasking"], sampler["block_length"], sampler["top_k"]) == (
+        "dream",
+        "entropy",
+        NEW_TOKENS,
+        4,
+    )
+
+    from pipeline import LLM
+    from pipeline.data.readers import read_input
+
+    llm = LLM(str(dream_dir), max_new_tokens=NEW_TOKENS, mask={"steps": 8, "top_k": 4})
+    inputs = read_input(job.data).table.to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    for out in llm.generate([r["prompt"] for r in inputs], ids=[r["id"] for r in inputs]):
+        assert out.completion == by_id[out.id]["completion"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -83,13 +123,20 @@ def test_llada_job_writes_the_same_schema(tmp_path, ray_local, llada_dir):
             {"sampler__max_new_tokens": 20},
             "sampler.max_new_tokens=20 must be a multiple of sampler.mask.block_length=8",
         ),
+        (
+            {"sampler__mask__top_p": 0.9},
+            "sampler.mask.top_p=0.9 is a setting of Dream's algorithm: set sampler.mask.algorithm=dream",
+        ),
     ],
 )
 def test_llada_startup_errors_name_the_key(tmp_path, caplog, llada_dir, overrides, message):
     data = write_prompts(tmp_path / "p.jsonl", 3)
     job = _llada_job(tmp_path, data, llada_dir)
     for key, value in overrides.items():
-        section, name = key.split("__")
-        setattr(getattr(job, section), name, value)
+        *path, name = key.split("__")
+        target = job
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, name, value)
     assert run(job) == 2
     assert message in caplog.text

@@ -9,6 +9,7 @@ with caching off, temperature 0, the reference's confidence rules and blocks, ca
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -245,6 +246,19 @@ def test_threshold_decoding_commits_at_least_one_per_step(llada_fp32):
             )
 
 
+def _decide(logits, block, *, steps_left, allow_remask=None, keys=None, mask_id=0, **knobs):
+    """decide() on one block of width K whose rows have `steps_left` [B] scheduled steps left (this one
+    included), with MaskSettings `knobs` (the default: LLaDA's algorithm)."""
+    steps = int(steps_left.max())
+    width = block.shape[1]
+    settings = MaskSettings(
+        max_new_tokens=width, steps=steps, block_length=width, mask_token_id=mask_id, eos_token_ids=(mask_id + 1,),
+        pad_token_id=mask_id + 1, **knobs,
+    )  # fmt: skip
+    allow = allow_remask if allow_remask is not None else torch.ones(block.shape[0], dtype=torch.bool)
+    return decide(logits, block, settings=settings, step=steps - steps_left, allow_remask=allow, keys=keys)
+
+
 def test_threshold_rule_is_fast_dllms():
     """Fast-dLLM: top-k over the masked positions (k = all of them), then every pick but the first whose
     confidence is below the threshold is dropped."""
@@ -255,11 +269,7 @@ def test_threshold_rule_is_fast_dllms():
             torch.rand(3, 10, generator=gen) < 0.6, 0, torch.randint(1, 17, (3, 10), generator=gen)
         )
         block[1] = 0  # every position masked in one row
-        out = decide(
-            logits, block, mask_id=0, steps_left=torch.ones(3, dtype=torch.long), rule="low_confidence",
-            temperature=0.0, threshold=0.5, remask_threshold=0.0, allow_remask=torch.ones(3, dtype=torch.bool),
-            keys=None,
-        )  # fmt: skip
+        out = _decide(logits, block, steps_left=torch.ones(3, dtype=torch.long), threshold=0.5)
         probs = logits.index_fill(-1, torch.tensor([0]), float("-inf")).softmax(-1)
         conf = torch.where(block == 0, probs.max(-1).values, float("-inf"))
         for row in range(3):
@@ -290,10 +300,9 @@ def test_margin_and_entropy_rank_by_the_tempered_distribution_as_dreams(rule):
         logits = torch.randn(2, 12, 23, generator=gen, dtype=torch.float64) * 2
         logits[..., mask] = -1e4  # no mass on MASK, so canvasflow's -inf there changes nothing
         block = torch.where(torch.rand(2, 12, generator=gen) < 0.7, mask, 5)
-        out = decide(
-            logits, block, mask_id=mask, steps_left=torch.tensor([3, 2]), rule=rule, temperature=temperature,
-            threshold=None, remask_threshold=0.0, allow_remask=torch.ones(2, dtype=torch.bool), keys=keys,
-        )  # fmt: skip
+        out = _decide(
+            logits, block, steps_left=torch.tensor([3, 2]), keys=keys, remasking=rule, temperature=temperature
+        )
         probs = torch.softmax(logits / temperature, dim=-1)  # Dream: logits / temperature, then softmax
         if rule == "margin":
             top = torch.sort(probs, dim=-1, descending=True).values
@@ -313,20 +322,14 @@ def test_self_correction_remasks_low_probability_tokens():
     logits = torch.full((2, 6, 8), -5.0)
     logits[:, :, 3] = 5.0  # every position predicts token 3 confidently
     block = torch.tensor([[0, 0, 0, 5, 6, 3], [0, 0, 0, 5, 6, 3]])  # committed 5, 6 (now improbable) and 3
-    common = dict(
-        mask_id=0, rule="low_confidence", temperature=0.0, threshold=None, remask_threshold=0.1, keys=None
-    )
-    out = decide(
-        logits, block, steps_left=torch.tensor([1, 3]), allow_remask=torch.tensor([True, True]), **common
-    )
+    remask = functools.partial(_decide, logits, block, remask_threshold=0.1)
+    out = remask(steps_left=torch.tensor([1, 3]), allow_remask=torch.tensor([True, True]))
     # row 0 commits its 3 masked positions, so up to 2 may be remasked: 5 and 6; token 3 is probable and stays
     assert out.remasked[0].tolist() == [False, False, False, True, True, False]
     assert out.tokens[0].tolist() == [3, 3, 3, 0, 0, 3]
     # row 1 commits ceil(3 / 3) = 1: no budget, net progress first
     assert not out.remasked[1].any() and int(out.transferred[1].sum()) == 1
-    out = decide(
-        logits, block, steps_left=torch.tensor([1, 1]), allow_remask=torch.tensor([False, False]), **common
-    )
+    out = remask(steps_left=torch.tensor([1, 1]), allow_remask=torch.tensor([False, False]))
     assert not out.remasked.any()
 
 
@@ -360,7 +363,7 @@ def test_eos_stop_needs_everything_before_decided():
 
 
 def test_settings_resolution_and_errors():
-    tokens = dict(mask_token_id=2, eos_token_ids=(0,), pad_token_id=0)
+    tokens = dict(family="llada", mask_token_id=2, eos_token_ids=(0,), pad_token_id=0)
     s = resolve_mask_settings({"max_new_tokens": 16}, {"block_length": 8, "steps": 4}, **tokens)
     assert (s.max_new_tokens, s.block_length, s.steps, s.steps_per_block) == (16, 8, 4, 2)
     s = resolve_mask_settings({"max_new_tokens": 16}, {}, **tokens)  # the default block (32) shrinks to fit
@@ -386,8 +389,8 @@ def test_a_seed_outside_int64_or_not_an_integer_is_refused_naming_it(seed):
     tokens = dict(mask_token_id=2, eos_token_ids=(0,), pad_token_id=0)
     message = re.escape(f"sampler.seed={seed!r} must be an integer from 0 to {MAX_SEED} (2**63 - 1")
     with pytest.raises(MaskSettingsError, match=message):
-        resolve_mask_settings({"seed": seed}, {}, **tokens)
+        resolve_mask_settings({"seed": seed}, {}, family="llada", **tokens)
     with pytest.raises(MaskSettingsError, match=message):
         MaskSettings(max_new_tokens=8, steps=8, block_length=8, seed=seed, **tokens)
-    assert resolve_mask_settings({"seed": MAX_SEED}, {}, **tokens).seed == MAX_SEED
-    assert resolve_mask_settings({"seed": 0}, {}, **tokens).seed == 0
+    assert resolve_mask_settings({"seed": MAX_SEED}, {}, family="llada", **tokens).seed == MAX_SEED
+    assert resolve_mask_settings({"seed": 0}, {}, family="llada", **tokens).seed == 0

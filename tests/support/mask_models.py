@@ -150,6 +150,21 @@ def transfer_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
     return counts
 
 
+def left_padded(
+    prompts: list[list[int]], gen_length: int, *, mask_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, attention mask) [B, longest + gen_length]: the prompts right-aligned after pad tokens (mask
+    0), then gen_length MASK tokens, as the references' batched generation lays a batch out."""
+    longest = max(len(p) for p in prompts)
+    x = torch.full((len(prompts), longest + gen_length), mask_id, dtype=torch.long)
+    attention = torch.ones_like(x)
+    for row, prompt in enumerate(prompts):
+        x[row, : longest - len(prompt)] = pad_id
+        attention[row, : longest - len(prompt)] = 0
+        x[row, longest - len(prompt) : longest] = torch.tensor(prompt)
+    return x, attention
+
+
 def reference_generate(
     model: ReferenceModel,
     prompts: list[list[int]],
@@ -163,13 +178,8 @@ def reference_generate(
     remasking: str = "low_confidence",
 ) -> list[list[int]]:
     """LLaDA's generate over a left-padded batch; returns each row's generated tokens (gen_length)."""
-    batch, longest = len(prompts), max(len(p) for p in prompts)
-    x = torch.full((batch, longest + gen_length), mask_id, dtype=torch.long)
-    attention = torch.ones_like(x)
-    for row, prompt in enumerate(prompts):
-        x[row, : longest - len(prompt)] = pad_id
-        attention[row, : longest - len(prompt)] = 0
-        x[row, longest - len(prompt) : longest] = torch.tensor(prompt)
+    x, attention = left_padded(prompts, gen_length, mask_id=mask_id, pad_id=pad_id)
+    batch, longest = len(prompts), x.shape[1] - gen_length
     prompt_index = torch.zeros_like(x, dtype=torch.bool)
     prompt_index[:, :longest] = True
     blocks = gen_length // block_length

@@ -1,5 +1,5 @@
-"""The mask-diffusion sampler (LLaDA's `generate`, Fast-dLLM's threshold decoding and block caches) with
-continuous batching.
+"""The mask-diffusion sampler (LLaDA's `generate` or Dream's `diffusion_generate`, Fast-dLLM's threshold
+decoding and block caches) with continuous batching.
 
 For each row, a sequence of prompt + max_new_tokens MASK tokens at positions 0..P+G-1; blocks of
 `block_length` are decoded left to right. Each step:
@@ -10,7 +10,7 @@ For each row, a sequence of prompt + max_new_tokens MASK tokens at positions 0..
        cache=dual    the whole sequence at a block's first step, then the block only, attending to the cached
                      prefix and masked suffix (Fast-dLLM dual cache);
      with classifier-free guidance, an unconditional twin (prompt masked) runs in the same call;
-  2. decide.py commits the most confident predictions of the block (schedule or threshold), optionally
+  2. decide.py commits predictions of the block (LLaDA's or Dream's schedule, or a threshold), optionally
      masking low-probability committed tokens again;
   3. the block is complete when nothing in it is masked; the row is done after its last block, or as soon as
      it holds an EOS before which everything is decided and final: its completion can no longer change, so the
@@ -37,7 +37,7 @@ from pipeline.kernels.backend import check_backend, resolve_backend
 from pipeline.models.bidirectional import TOKEN_PAD, BidirectionalLM
 from pipeline.sampler.engine import Request, Result, round_up
 from pipeline.sampler.feed import Feed, ListFeed, check_prompt
-from pipeline.sampler.mask.decide import StepKeys, decide, eos_stop
+from pipeline.sampler.mask.decide import StepKeys, decide, eos_stop, needs_keys
 from pipeline.sampler.mask.settings import MaskSettings
 
 logger = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ class MaskDiffusionSampler:
 
         columns = block_start[:, None] + torch.arange(s.block_length, device=dev)  # [n, K]
         keys = None
-        if s.temperature > 0 or s.remasking == "random":
+        if needs_keys(s):
             keys = StepKeys(
                 k0=torch.tensor([r.k0 for r in members], dtype=torch.long, device=dev),
                 k1=torch.tensor([r.k1 for r in members], dtype=torch.long, device=dev),
@@ -339,12 +339,8 @@ class MaskDiffusionSampler:
         decision = decide(
             logits,
             tokens_all.gather(1, columns),
-            mask_id=s.mask_token_id,
-            steps_left=(s.steps_per_block - step).clamp_min(1),
-            rule=s.remasking,
-            temperature=s.temperature,
-            threshold=s.threshold,
-            remask_threshold=s.remask_threshold,
+            settings=s,
+            step=step,
             allow_remask=step < s.steps_per_block - 1,
             keys=keys,
         )

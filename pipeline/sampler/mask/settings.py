@@ -1,11 +1,22 @@
 """Settings of the mask-diffusion sampler (LLaDA, Dream): knobs, defaults, validation.
 
+Two algorithms (`algorithm`, by default the model family's own):
+  llada  LLaDA's published `generate`: semi-autoregressive blocks, the block's masked count split evenly over
+         its steps, Gumbel-max sampling, confidence = probability of the prediction under softmax(logits);
+  dream  Dream's `diffusion_generate`: per step, int(masked * (1 - s / t)) positions committed, t and s
+         consecutive points of linspace(1, eps, steps + 1), the rest at the last step; predictions sampled
+         from softmax(logits / temperature) after top_p / top_k filtering, and confidences read from that
+         same distribution; positions drawn in proportion to softmax(confidence / alg_temp) when alg_temp > 0;
+         `origin` commits each masked position with probability 1 - s / t. One block by default, as Dream.
+
 Values come, in order of precedence, from the user (`sampler.mask.*`, `sampler.max_new_tokens`,
 `sampler.seed`), from the model's generation_config.json (same key names; LLaDA's `gen_length` is read as
-max_new_tokens), and from LLaDA's published `generate` (gen_length 128, steps = gen_length, temperature 0,
-cfg_scale 0, low_confidence remasking) with the semi-autoregressive block length of its Instruct examples
-(32). A default block length or step count that does not fit a smaller max_new_tokens shrinks to it; values
-given explicitly are validated as given.
+max_new_tokens, Dream's `alg` as remasking), and from the algorithm's reference defaults: LLaDA's `generate`
+(gen_length 128, steps = gen_length, temperature 0, cfg_scale 0, low_confidence remasking) with the
+semi-autoregressive block length of its Instruct examples (32); Dream's `DreamGenerationConfig` (alg origin,
+eps 1e-3, temperature 0, no top_p / top_k / alg_temp) with steps = max_new_tokens, the step count of its
+examples, and one block. A default block length or step count that does not fit a smaller max_new_tokens
+shrinks to it; values given explicitly are validated as given.
 """
 
 from __future__ import annotations
@@ -23,20 +34,28 @@ from pipeline.sampler.settings import (
     read_generation_json,
 )
 
-CONFIDENCE_RULES = ("low_confidence", "margin", "entropy", "random")
+ALGORITHMS = ("llada", "dream")
+CONFIDENCE_RULES = ("low_confidence", "margin", "entropy", "random", "origin")
+DREAM_RULE_NAMES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}  # Dream's `alg` names
 CACHE_MODES = ("none", "prefix", "dual")
 DEFAULTS: dict[str, Any] = {
+    "algorithm": None,  # the family's own: llada for LLaDA, dream for Dream
     "max_new_tokens": 128,
     "steps": None,  # = max_new_tokens: one token per step
-    "block_length": 32,
-    "remasking": "low_confidence",
+    "block_length": 32,  # dream: max_new_tokens (one block)
+    "remasking": "low_confidence",  # dream: origin
     "temperature": 0.0,
     "cfg_scale": 0.0,
     "threshold": None,
     "remask_threshold": 0.0,
     "cache": "none",
+    "eps": 1e-3,
+    "alg_temp": 0.0,
+    "top_p": None,
+    "top_k": None,
 }
 KNOBS = tuple(DEFAULTS)
+DREAM_ONLY = ("eps", "alg_temp", "top_p", "top_k")  # knobs of Dream's algorithm only
 
 
 class MaskSettingsError(SettingsError):
@@ -47,13 +66,17 @@ class MaskSettingsError(SettingsError):
 class MaskSettings:
     """Everything the mask sampler needs, fully resolved. Picklable.
 
+    algorithm        llada or dream: the transfer schedule and how predictions are drawn (module docstring)
     max_new_tokens   generated tokens per row (LLaDA's gen_length), a multiple of block_length
     steps            denoising steps over all blocks (a multiple of the number of blocks); with `threshold`
                      only the self-correction budget depends on it
     block_length     semi-autoregressive block: blocks are decoded left to right
     remasking        confidence that ranks masked positions: low_confidence (probability of the predicted
-                     token, LLaDA's), margin (top-1 minus top-2 probability), entropy (negative entropy), both
-                     Dream's, of the tempered distribution softmax(logits / temperature), random
+                     token; Dream's maskgit_plus), margin (top-1 minus top-2 probability; Dream's topk_margin),
+                     entropy (negative entropy), random (a keyed uniform), origin (dream only: no ranking,
+                     each masked position is committed with probability 1 - s / t). llada: low_confidence
+                     reads softmax(logits) (LLaDA's), margin and entropy softmax(logits / temperature)
+                     (Dream's); dream: every rule reads the distribution predictions are drawn from
     temperature      0: argmax; > 0: Gumbel-max sampling of logits / temperature (keyed noise)
     cfg_scale        unsupervised classifier-free guidance: un + (cfg_scale + 1) * (cond - un), where the
                      unconditional row has its prompt masked; 0 disables
@@ -65,6 +88,11 @@ class MaskSettings:
     cache            none (exact: the whole sequence every step), prefix (prefix keys/values computed at each
                      block start and reused within the block), dual (prefix and masked suffix reused; only the
                      block is recomputed)
+    eps              dream: the last point of the schedule linspace(1, eps, steps_per_block + 1), in [0, 1)
+    alg_temp         dream: 0 commits the most confident positions; > 0 draws them without replacement in
+                     proportion to softmax(confidence / alg_temp) (keyed Gumbel-top-k)
+    top_p, top_k     dream: predictions drawn from the smallest set of tokens whose probability reaches top_p,
+                     and from the top_k most likely tokens (None: no filter)
     """
 
     max_new_tokens: int
@@ -73,17 +101,23 @@ class MaskSettings:
     mask_token_id: int
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    algorithm: str = "llada"
     remasking: str = "low_confidence"
     temperature: float = 0.0
     cfg_scale: float = 0.0
     threshold: float | None = None
     remask_threshold: float = 0.0
     cache: str = "none"
+    eps: float = 1e-3
+    alg_temp: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
     seed: int = 0
     record_drafts: bool = False
 
     def __post_init__(self) -> None:
         check_mask_knobs(asdict(self))
+        check_combination(asdict(self))
         blocks = self.max_new_tokens // self.block_length
         if self.max_new_tokens % self.block_length:
             raise MaskSettingsError(
@@ -124,8 +158,13 @@ def check_mask_knobs(values: Mapping[str, Any], prefix: str = "sampler.mask.") -
     for key in ("steps", "block_length"):
         if given(key) and (not is_int(values[key]) or values[key] <= 0):
             raise bad(key, "must be a positive integer")
-    if given("remasking") and values["remasking"] not in CONFIDENCE_RULES:
-        raise bad("remasking", f"is not one of {', '.join(CONFIDENCE_RULES)}")
+    if given("algorithm") and values["algorithm"] not in ALGORITHMS:
+        raise bad("algorithm", f"is not one of {', '.join(ALGORITHMS)}")
+    if given("remasking") and values["remasking"] not in (*CONFIDENCE_RULES, *DREAM_RULE_NAMES):
+        raise bad(
+            "remasking",
+            f"is not one of {', '.join(CONFIDENCE_RULES)} (or Dream's {', '.join(DREAM_RULE_NAMES)})",
+        )
     if given("cache") and values["cache"] not in CACHE_MODES:
         raise bad("cache", f"is not one of {', '.join(CACHE_MODES)}")
     for key in ("temperature", "cfg_scale", "remask_threshold"):
@@ -135,6 +174,43 @@ def check_mask_knobs(values: Mapping[str, Any], prefix: str = "sampler.mask.") -
         raise bad("remask_threshold", "is a probability: it must be in [0, 1]")
     if given("threshold") and (not is_number(values["threshold"]) or not 0 < values["threshold"] <= 1):
         raise bad("threshold", "must be a number in (0, 1] (or null for the step schedule)")
+    if given("eps") and (not is_number(values["eps"]) or not 0 <= values["eps"] < 1):
+        raise bad("eps", "must be a number in [0, 1): the schedule runs from 1 down to eps")
+    if given("alg_temp") and (not is_number(values["alg_temp"]) or values["alg_temp"] < 0):
+        raise bad("alg_temp", "must be a number >= 0 (0: the most confident positions)")
+    if given("top_p") and (not is_number(values["top_p"]) or not 0 < values["top_p"] <= 1):
+        raise bad("top_p", "must be a number in (0, 1] (or null: no nucleus filter)")
+    if given("top_k") and (not is_int(values["top_k"]) or values["top_k"] <= 0):
+        raise bad("top_k", "must be a positive integer (or null: no top-k filter)")
+
+
+def check_combination(values: Mapping[str, Any], prefix: str = "sampler.mask.") -> None:
+    """Knobs that are valid alone but not together, for resolved values (`algorithm` set)."""
+    rule, algorithm = values["remasking"], values["algorithm"]
+    if rule not in CONFIDENCE_RULES:
+        raise MaskSettingsError(f"{prefix}remasking={rule!r} is not one of {', '.join(CONFIDENCE_RULES)}")
+    if algorithm == "llada":
+        if rule == "origin":
+            raise MaskSettingsError(
+                f"{prefix}remasking='origin' is Dream's algorithm: set {prefix}algorithm=dream to use it"
+            )
+        for key in DREAM_ONLY:
+            if key != "eps" and values.get(key) not in (None, 0, 0.0):
+                raise MaskSettingsError(
+                    f"{prefix}{key}={values[key]!r} is a setting of Dream's algorithm: set "
+                    f"{prefix}algorithm=dream to use it"
+                )
+    if values.get("threshold") is not None:
+        if rule == "origin":
+            raise MaskSettingsError(
+                f"{prefix}threshold={values['threshold']!r} ranks positions by confidence, which "
+                f"{prefix}remasking='origin' has none of: use another rule or threshold=null"
+            )
+        if values.get("alg_temp"):
+            raise MaskSettingsError(
+                f"{prefix}threshold={values['threshold']!r} and {prefix}alg_temp={values['alg_temp']!r} both "
+                "choose the positions to commit: set one of them"
+            )
 
 
 def read_mask_generation_config(model_dir: str) -> dict[str, Any]:
@@ -146,6 +222,8 @@ def read_mask_generation_config(model_dir: str) -> dict[str, Any]:
     out = {k: raw[k] for k in KNOBS if raw.get(k) is not None}
     if raw.get("gen_length") is not None and "max_new_tokens" not in out:
         out["max_new_tokens"] = raw["gen_length"]
+    if raw.get("alg") is not None and "remasking" not in out:  # Dream's DreamGenerationConfig name
+        out["remasking"] = raw["alg"]
     eos = raw.get("eos_token_id")
     if eos is not None:
         out["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
@@ -193,17 +271,38 @@ def resolve_mask_settings(
     user: Mapping[str, Any],
     generation_config: Mapping[str, Any],
     *,
+    family: str,
     mask_token_id: int,
     eos_token_ids: tuple[int, ...],
     pad_token_id: int,
 ) -> MaskSettings:
-    """User values (None = unset) over the model's generation config over the defaults (module docstring)."""
+    """User values (None = unset) over the model's generation config over the defaults of the algorithm (by
+    default the one of `family`, llada or dream; module docstring). Under llada, the generation config's
+    Dream-only knobs (a Dream checkpoint's top_p, alg origin, ...) are not applied; the user's are refused."""
     check_mask_knobs(user)
     check_mask_knobs(generation_config, prefix="generation_config.json: ")
-    values: dict[str, Any] = {}
+    algorithm = user.get("algorithm") or generation_config.get("algorithm") or family
+    if algorithm not in ALGORITHMS:
+        raise MaskSettingsError(
+            f"model family {family!r} has no mask-sampler algorithm; set sampler.mask.algorithm to one of "
+            f"{', '.join(ALGORITHMS)}"
+        )
+    config = dict(generation_config)
+    if algorithm == "llada":
+        stray = [key for key in DREAM_ONLY if user.get(key) is not None]
+        if stray:
+            raise MaskSettingsError(
+                f"sampler.mask.{stray[0]}={user[stray[0]]!r} is a setting of Dream's algorithm: set "
+                "sampler.mask.algorithm=dream to use it"
+            )
+        for key in DREAM_ONLY:
+            config.pop(key, None)
+        if config.get("remasking") == "origin":
+            del config["remasking"]
+    values: dict[str, Any] = {"algorithm": algorithm}
     explicit: set[str] = set()
-    for key in KNOBS:
-        for source in (user, generation_config):
+    for key in (k for k in KNOBS if k != "algorithm"):
+        for source in (user, config):
             if source.get(key) is not None:
                 values[key] = source[key]
                 explicit.add(key)
@@ -211,12 +310,18 @@ def resolve_mask_settings(
         else:
             values[key] = DEFAULTS[key]
     length = values["max_new_tokens"]
+    if algorithm == "dream":
+        values["block_length"] = values["block_length"] if "block_length" in explicit else length
+        values["remasking"] = values["remasking"] if "remasking" in explicit else "origin"
     if "block_length" not in explicit:
         values["block_length"] = min(values["block_length"], length)
     if values["steps"] is None:
         values["steps"] = length
-    for key in ("temperature", "cfg_scale", "remask_threshold"):
+    values["remasking"] = DREAM_RULE_NAMES.get(values["remasking"], values["remasking"])
+    for key in ("temperature", "cfg_scale", "remask_threshold", "eps", "alg_temp"):
         values[key] = float(values[key])
+    if values["top_p"] is not None:
+        values["top_p"] = float(values["top_p"])
     return MaskSettings(
         **values,
         mask_token_id=mask_token_id,
