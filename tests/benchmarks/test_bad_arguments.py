@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
         ["benchmarks/bench_read_input.py", "--rows", "0", "--no-record"],
         ["benchmarks/bench_batching.py", "--batch", "0"],
         ["benchmarks/bench_mask_cache.py", "--rows-per-task", "0"],
+        ["benchmarks/bench_mask_decide.py", "--rows", "0", "--no-record"],
     ],
 )
 def test_a_size_below_one_is_a_usage_error(argv):

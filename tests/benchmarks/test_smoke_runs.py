@@ -5,7 +5,14 @@ profiler activity)."""
 
 from __future__ import annotations
 
-from benchmarks import bench_experts, bench_generate, bench_vocab_head, profile_step_gpu, step_profile
+from benchmarks import (
+    bench_experts,
+    bench_generate,
+    bench_mask_decide,
+    bench_vocab_head,
+    profile_step_gpu,
+    step_profile,
+)
 from pipeline.kernels.experts.triton_gemm import TILE_CANDIDATES
 
 
@@ -80,3 +87,12 @@ def test_shard_size_benchmark_streams_shards_without_their_drains(capsys):
     # Four shards one at a time drain four times; in flight, once (the benchmark asserts equal completions).
     assert passes[6, 2] < passes[6, 1], passes
     assert "in flight" in capsys.readouterr().out
+
+
+def test_mask_decide_benchmark_splits_the_rows_on_cpu(capsys):
+    """8 positions of Dream's 152,064-token vocabulary are 4.6 MiB of logits a row: a 10 MiB budget runs the
+    3 rows as 2 + 1, the split turned off as 3."""
+    args = ["--rows", "3", "--positions", "8", "--hidden", "8", "--budget-mib", "10", "--no-record"]
+    assert bench_mask_decide.main(args) == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("3 ")]
+    assert [(cells[1], cells[-3]) for cells in table] == [("10", "2"), ("off", "3")]

@@ -59,9 +59,24 @@ def _settings(model, **overrides) -> MaskSettings:
     return MaskSettings(**values)
 
 
-def _run(model, prompts, *, batch=3, batching="continuous", order=None, backend="auto", **overrides):
+def _run(
+    model,
+    prompts,
+    *,
+    batch=3,
+    batching="continuous",
+    order=None,
+    backend="auto",
+    decide_rows=None,
+    **overrides,
+):
+    """Results by row id; `decide_rows`: the vocabulary head and decisions run over that many rows at a time."""
+    settings = _settings(model, **overrides)
+    extra = {}
+    if decide_rows is not None:
+        extra["decide_bytes"] = decide_rows * settings.block_length * model.spec.vocab_size * 4
     sampler = MaskDiffusionSampler(
-        model, _settings(model, **overrides), max_batch=batch, max_prompt_tokens=16, backend=backend
+        model, settings, max_batch=batch, max_prompt_tokens=16, backend=backend, **extra
     )
     indices = order if order is not None else range(len(prompts))
     results = sampler.generate([Request(f"row-{i}", prompts[i]) for i in indices], batching=batching)
@@ -184,10 +199,15 @@ def test_caching_saves_forward_flops(llada_fp32):
         dict(cache="dual", threshold=0.3, remasking="margin"),
         dict(cache="none", cfg_scale=1.0, remasking="random", temperature=1.0),
         dict(cache="dual", remask_threshold=0.2, steps=24),
+        dict(algorithm="dream", block_length=24, remasking="entropy", temperature=0.7, top_p=0.9, alg_temp=0.5),
+        dict(algorithm="dream", block_length=12, remasking="origin", cfg_scale=0.5, top_k=6, temperature=1.0),
     ],
-    ids=["exact", "prefix-sampled", "dual-threshold", "guided-random", "dual-selfcorrect"],
-)
+    ids=[
+        "exact", "prefix-sampled", "dual-threshold", "guided-random", "dual-selfcorrect", "dream", "dream-origin"
+    ],
+)  # fmt: skip
 def test_outputs_do_not_depend_on_batching(llada_fp32, knobs):
+    """Nor on the number of rows whose vocabulary head and decisions run at once."""
     prompts = _prompts(8)
     baseline, _ = _run(llada_fp32, prompts, batch=8, max_new_tokens=24, **{"steps": 12, **knobs})
     variants = {
@@ -195,6 +215,8 @@ def test_outputs_do_not_depend_on_batching(llada_fp32, knobs):
         "batch 3": dict(batch=3),
         "batch 5 reversed": dict(batch=5, order=list(reversed(range(8)))),
         "static batch 3": dict(batch=3, batching="static"),
+        "decisions 3 rows at a time": dict(batch=8, decide_rows=3),
+        "decisions row by row": dict(batch=4, decide_rows=1),
     }
     for name, variant in variants.items():
         got, _ = _run(llada_fp32, prompts, max_new_tokens=24, **{"steps": 12, **knobs}, **variant)

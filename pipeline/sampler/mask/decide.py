@@ -55,6 +55,12 @@ class StepKeys:
     step: torch.Tensor
     gen_positions: torch.Tensor  # [B, K]
 
+    def rows(self, lo: int, hi: int) -> StepKeys:
+        """The keys of rows lo..hi-1."""
+        return StepKeys(
+            self.k0[lo:hi], self.k1[lo:hi], self.block[lo:hi], self.step[lo:hi], self.gen_positions[lo:hi]
+        )
+
     def words(self, stream: int) -> torch.Tensor:
         state = rng.row_state(self.k0, self.k1, stream, self.block, self.step)  # [B]
         return rng.absorb(state[:, None], self.gen_positions)  # [B, K]

@@ -42,6 +42,10 @@ from pipeline.sampler.mask.settings import MaskSettings
 
 logger = logging.getLogger(__name__)
 
+# float32 logits of the rows whose vocabulary head and decisions run together (MaskDiffusionSampler._decide);
+# the decisions' intermediates are about 12 times that (benchmarks/bench_mask_decide.py)
+DECIDE_BYTES = 256 << 20
+
 
 @dataclass
 class MaskSamplerStats:
@@ -85,7 +89,8 @@ class MaskDiffusionSampler:
     """Generates completions for token-id prompts with a mask-diffusion model (`BidirectionalLM`).
 
     `max_batch` rows are decoded together; `max_prompt_tokens` is the longest prompt a row may have (it sizes
-    the per-slot state and, with caching, the KV cache)."""
+    the per-slot state and, with caching, the KV cache); `decide_bytes` bounds the float32 logits of the rows
+    whose vocabulary head and decisions run at once (`_decide`)."""
 
     def __init__(
         self,
@@ -95,9 +100,12 @@ class MaskDiffusionSampler:
         max_batch: int = 8,
         max_prompt_tokens: int = 512,
         backend: str = "auto",
+        decide_bytes: int = DECIDE_BYTES,
     ) -> None:
         if max_batch <= 0:
             raise ValueError(f"max_batch={max_batch} must be positive")
+        if decide_bytes <= 0:
+            raise ValueError(f"decide_bytes={decide_bytes} must be positive")
         check_backend(backend)
         if settings.mask_token_id != model.mask_token_id:
             raise ValueError(
@@ -107,6 +115,7 @@ class MaskDiffusionSampler:
         self.settings = settings
         self.max_batch = max_batch
         self.max_prompt_tokens = max_prompt_tokens
+        self.decide_bytes = decide_bytes
         self.device = model.device
         # The cached forward's attention follows the sampler's kernel choice (the rest of the step is torch).
         self.backend = resolve_backend(backend, self.device.type)
@@ -309,10 +318,6 @@ class MaskDiffusionSampler:
             )
         hidden = self.model(tokens, positions, valid, **kwargs)  # [n(x2), W, D]
         hidden = hidden.gather(1, rel[..., None].expand(-1, -1, hidden.shape[-1]))  # [n(x2), K, D]
-        logits = self.model.logits(hidden)  # [n(x2), K, V]
-        if self.guided:
-            cond, uncond_logits = logits.chunk(2)
-            logits = uncond_logits + (s.cfg_scale + 1) * (cond - uncond_logits)
         rows_run = tokens.shape[0]
         self.stats.forward_calls += 1
         self.stats.row_forwards += rows_run
@@ -336,16 +341,9 @@ class MaskDiffusionSampler:
                 step=step,
                 gen_positions=columns - prompt[:, None],
             )
-        decision = decide(
-            logits,
-            tokens_all.gather(1, columns),
-            settings=s,
-            step=step,
-            allow_remask=step < s.steps_per_block - 1,
-            keys=keys,
-        )
-        self._tokens[slots[:, None], columns] = decision.tokens
-        block_done = ~(decision.tokens == s.mask_token_id).any(-1)
+        decided = self._decide(hidden, tokens_all.gather(1, columns), step, keys)
+        self._tokens[slots[:, None], columns] = decided
+        block_done = ~(decided == s.mask_token_id).any(-1)
         generated = self._tokens[slots].gather(
             1, prompt[:, None] + torch.arange(s.max_new_tokens, device=dev)
         )
@@ -355,6 +353,36 @@ class MaskDiffusionSampler:
             final_end = torch.full_like(block, s.max_new_tokens)
         stop, position = eos_stop(generated, mask_id=s.mask_token_id, eos_ids=self._eos, final_end=final_end)
         return torch.stack([block_done.long(), stop.long(), position], dim=1)
+
+    def _decide(
+        self, hidden: torch.Tensor, block: torch.Tensor, step: torch.Tensor, keys: StepKeys | None
+    ) -> torch.Tensor:
+        """The block tokens [n, K] after this step's decisions, from the block's hidden states [n(x2), K, D]
+        (guidance: conditional rows, then their unconditional twins). The vocabulary head and the decision run
+        over a few rows at a time, so that their float32 [rows, K, V] intermediates (logits, softmax, a top_p
+        sort, Gumbel noise: several copies) stay within about `decide_bytes` each, whatever the batch: a
+        Dream block of 512 positions over 152k tokens is 311 MB of logits per row. Rows are independent, so
+        the result does not depend on the split."""
+        s, n = self.settings, block.shape[0]
+        per_row = block.shape[1] * self.model.spec.vocab_size * 4
+        chunk = max(1, self.decide_bytes // per_row)
+        out = []
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            logits = self.model.logits(hidden[lo:hi])  # [rows, K, V]
+            if self.guided:
+                uncond = self.model.logits(hidden[n + lo : n + hi])
+                logits = uncond + (s.cfg_scale + 1) * (logits - uncond)
+            decision = decide(
+                logits,
+                block[lo:hi],
+                settings=s,
+                step=step[lo:hi],
+                allow_remask=step[lo:hi] < s.steps_per_block - 1,
+                keys=None if keys is None else keys.rows(lo, hi),
+            )
+            out.append(decision.tokens)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _result(self, row: _Row) -> Result:
         return Result(
