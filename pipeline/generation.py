@@ -55,6 +55,7 @@ class GenerationSpec:
     apply_chat_template: bool = True
     run_id: str = ""
     postprocess: dict[str, Any] | None = None
+    completions_per_prompt: int = 1
 
 
 @dataclass
@@ -73,8 +74,9 @@ class GenerationOutput:
 
 @dataclass
 class Prepared:
-    """Records tokenized for the sampler: `requests[i]` runs `kept[i]`, whose prompt has `lengths[i]`
-    tokens; `errors` holds the records that cannot run (stage "tokenize")."""
+    """Records tokenized for the sampler: `requests[i]` runs completion `requests[i].completion` of `kept[i]`,
+    whose prompt has `lengths[i]` tokens (a record with n completions per prompt is kept n times, its
+    requests one after another); `errors` holds the records that cannot run (stage "tokenize")."""
 
     requests: list[Any]
     kept: list[PromptRecord]
@@ -175,7 +177,13 @@ class Generator:
     def model_name(self) -> str:
         return self.loaded.info.name
 
-    def _error(self, record: PromptRecord, stage: str, reason: str) -> dict[str, Any]:
+    def _error(
+        self, record: PromptRecord, stage: str, reason: str, completion: int | None = None
+    ) -> dict[str, Any]:
+        """An errors/ row for `record`; `completion`: the completion it is about, named in the reason when the
+        prompt has several (a postprocess rejects completions one by one)."""
+        if completion is not None and self.completions > 1:
+            reason = f"completion {completion}: {reason}"
         return {
             "id": record.id,
             "source_index": record.source_index,
@@ -215,6 +223,11 @@ class Generator:
         """Rendered prompts longer than this cannot fit in max_prompt_tokens: rejected untokenized."""
         return self.max_prompt_tokens * self._token_chars * CHARS_BOUND_FACTOR
 
+    @property
+    def completions(self) -> int:
+        """Completions generated for each prompt (GenerationSpec.completions_per_prompt)."""
+        return self.spec.completions_per_prompt
+
     def generate(
         self,
         records: list[PromptRecord],
@@ -222,9 +235,9 @@ class Generator:
         *,
         shared: SharedSampler | None = None,
     ) -> GenerationOutput:
-        """Generates every record; `on_row(tokens, steps)` is called as each row finishes. With `shared`
-        (this generator's sampler running in a thread, pipeline/runner/stream.py) the rows join those of
-        other calls in flight instead of running in a batch of their own."""
+        """Generates `completions` completions of every record; `on_row(tokens, steps)` is called as each
+        finishes. With `shared` (this generator's sampler running in a thread, pipeline/runner/stream.py) the
+        rows join those of other calls in flight instead of running in a batch of their own."""
         start = time.perf_counter()
         with self._host_lock:
             prepared = self.prepare(records)
@@ -284,18 +297,23 @@ class Generator:
                     )
                 )
             else:
-                requests.append(Request(record.id, ids))
-                kept.append(record)
-                lengths.append(len(ids))
+                for completion in range(self.completions):
+                    requests.append(Request(record.id, ids, completion))
+                    kept.append(record)
+                    lengths.append(len(ids))
 
         return prepared
 
     def finish(self, prepared: Prepared, results: list, *, started: float) -> GenerationOutput:
         """The output rows of `prepared`'s sampler results (in request order), through the postprocess stage."""
         out = GenerationOutput(rows=[], errors=list(prepared.errors))
-        for record, n_prompt, result in zip(prepared.kept, prepared.lengths, results, strict=True):
+        for record, n_prompt, request, result in zip(
+            prepared.kept, prepared.lengths, prepared.requests, results, strict=True
+        ):
+            index = request.completion
             row = {
                 "id": record.id,
+                "completion_index": index,
                 "prompt": record.prompt,
                 "completion": self.tokenizer.decode(result.token_ids, skip_special_tokens=True),
                 "completion_tokens": len(result.token_ids),
@@ -319,18 +337,18 @@ class Generator:
                     extra = self.postprocess(dict(row))
                 except Exception as e:  # noqa: BLE001 - a bad row never stops the job
                     out.errors.append(
-                        self._error(record, "postprocess", f"{self.postprocess_name} raised {e!r}")
+                        self._error(record, "postprocess", f"{self.postprocess_name} raised {e!r}", index)
                     )
                     continue
                 if extra is None:
                     out.filtered += 1
                     out.errors.append(
-                        self._error(record, "postprocess", f"filtered out by {self.postprocess_name}")
+                        self._error(record, "postprocess", f"filtered out by {self.postprocess_name}", index)
                     )
                     continue
                 problem = self._check_extra(extra, row)
                 if problem is not None:
-                    out.errors.append(self._error(record, "postprocess", problem))
+                    out.errors.append(self._error(record, "postprocess", problem, index))
                     continue
                 row.update(extra)
             out.rows.append(row)

@@ -20,7 +20,7 @@ from pipeline.config.schema import BUILTIN_MODEL
 from pipeline.data.records import check_prompt_value, derived_id
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES
-from pipeline.sampler.settings import USER_KNOBS, max_length_note
+from pipeline.sampler.settings import USER_KNOBS, check_completions, max_length_note
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class Completion:
     seed: int
     extra: dict[str, Any] = field(default_factory=dict)  # postprocess columns, drafts
     error: str | None = None  # set (and completion empty) when the row could not be generated
+    completion_index: int = 0  # which of the prompt's completions (LLM(completions_per_prompt=n))
 
 
 class LLM:
@@ -72,6 +73,7 @@ class LLM:
         apply_chat_template: bool = True,
         postprocess: dict[str, Any] | None = None,
         endpoint_url: str | None = None,
+        completions_per_prompt: int = 1,
         **sampler: Any,
     ) -> None:
         # mask: a dict of the mask-diffusion knobs (LLaDA, Dream), as sampler.mask.* in the job config
@@ -79,6 +81,7 @@ class LLM:
         unknown = sorted(set(sampler) - set(valid))
         if unknown:
             raise TypeError(f"unknown sampler setting(s) {unknown}; valid ones: {', '.join(valid)}")
+        check_completions(completions_per_prompt, "completions_per_prompt")
         self.spec = GenerationSpec(
             model_path=model,
             dtype=dtype,
@@ -93,6 +96,7 @@ class LLM:
             apply_chat_template=apply_chat_template,
             run_id="",
             postprocess=postprocess,
+            completions_per_prompt=completions_per_prompt,
         )
         self.generator = Generator(self.spec)
         info = self.generator.loaded.info
@@ -115,11 +119,14 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[Sequence[dict[str, str]]],
         *,
         ids: Sequence[str] | None = None,
-    ) -> list[Completion]:
+    ) -> list[Completion] | list[list[Completion]]:
         """Completions in prompt order. A prompt is a string or a chat (a list of {role, content} messages).
-        `ids` key each row's randomness (default: derived from position and content, as the pipeline does)."""
+        `ids` key each row's randomness (default: derived from position and content, as the pipeline does).
+        With completions_per_prompt=n > 1, each prompt's n completions in a list (completion_index 0..n-1;
+        a prompt that cannot run gives n error completions)."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        n = self.generator.completions
         if ids is not None and len(ids) != len(prompts):
             raise ValueError(f"ids has {len(ids)} entries for {len(prompts)} prompts")
         records, by_index = [], {}
@@ -129,7 +136,8 @@ class LLM:
                 str(ids[i]) if ids is not None else derived_id(i, text if text is not None else repr(prompt))
             )
             if problem:  # rejected as the job rejects such an input row: an error row, the others generate
-                by_index[i] = self._error(rid, prompt if isinstance(prompt, str) else "", problem)
+                for c in range(n):
+                    by_index[i, c] = self._error(rid, prompt if isinstance(prompt, str) else "", problem, c)
             else:
                 records.append(PromptRecord(rid, text, is_chat, i))
         out = self.generator.generate(records)
@@ -141,14 +149,20 @@ class LLM:
                 for k, v in row.items()
                 if k not in names and k not in ("run_id", "source_index", "metadata")
             }
-            by_index[row["source_index"]] = Completion(**base, extra=extra)
+            by_index[row["source_index"], row["completion_index"]] = Completion(**base, extra=extra)
         record_of = {record.source_index: record for record in records}
-        for err in out.errors:
+        for err in out.errors:  # a tokenize error stands for every completion; a postprocess one for its own
             record = record_of[err["source_index"]]
-            by_index[err["source_index"]] = self._error(record.id, record.prompt, err["reason"])
-        return [by_index[i] for i in range(len(prompts))]
+            for c in range(n):
+                if (err["source_index"], c) not in by_index:
+                    by_index[err["source_index"], c] = self._error(record.id, record.prompt, err["reason"], c)
+                    if err["stage"] == "postprocess":
+                        break
+        if n == 1:
+            return [by_index[i, 0] for i in range(len(prompts))]
+        return [[by_index[i, c] for c in range(n)] for i in range(len(prompts))]
 
-    def _error(self, rid: str, prompt: str, reason: str) -> Completion:
+    def _error(self, rid: str, prompt: str, reason: str, completion: int = 0) -> Completion:
         return Completion(
             id=rid,
             prompt=prompt,
@@ -161,4 +175,5 @@ class LLM:
             model=self.generator.model_name,
             seed=self.settings.seed,
             error=reason,
+            completion_index=completion,
         )

@@ -89,6 +89,10 @@ class SamplerConfig:
     canvas_length: int | None = None
     # Base seed of the keyed random numbers: a row's draws depend on (seed, row id, canvas, step, position).
     seed: int = 0
+    # Completions generated for each prompt (best-of-n, rejection sampling, preference pairs): output rows
+    # share the prompt's id and differ by completion_index (0..n-1), each with its own keyed randomness
+    # (completion 0 is the row's single completion).
+    completions_per_prompt: int = 1
     # Rows denoised together per actor (KV-cache slots).
     batch_size: int = 8
     # continuous: a finished row leaves its slot at once and a queued row takes it.

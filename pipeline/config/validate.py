@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig, NightlyJobConfig
 from pipeline.sampler.mask.settings import check_mask_knobs
-from pipeline.sampler.settings import SettingsError, check_knobs
+from pipeline.sampler.settings import SettingsError, check_completions, check_knobs
 
 # pipeline/runner/job.py: RUN_LOCK_STALE_S (120) plus one run-lock heartbeat interval (30 s)
 MIN_NIGHTLY_LOCK_STALE_S = 150.0
@@ -60,6 +60,10 @@ def validate_job(job: JobConfig) -> JobConfig:
         value = _get(job, key)
         if value <= 0:
             raise _fail(key, value, "must be a positive integer")
+    try:
+        check_completions(job.sampler.completions_per_prompt, "sampler.completions_per_prompt")
+    except SettingsError as e:
+        raise ConfigError(str(e)) from None
     for key in ("model.max_prompt_tokens", "sampler.canvas_length", "data.limit", "cluster.torch_threads"):
         value = _get(job, key)
         if value is not None and value <= 0:

@@ -28,6 +28,12 @@ def render_card(run_uri: str, manifest: dict[str, Any], stats: dict[str, Any]) -
         else "unknown"
     )
     identity = str(manifest.get("model_identity") or "")[:16] or "unknown"
+    completions = manifest.get("completions_per_prompt", 1)
+    completions_row = (
+        f"| completions per prompt (`completion_index` 0-{completions - 1}, each keyed apart) | {completions} |\n"
+        if completions > 1
+        else ""
+    )
     extra = manifest.get("columns") or []
     columns_note = manifest.get("postprocess_columns_note", "")
     if extra:
@@ -52,7 +58,7 @@ language model `{manifest["model"]}` over `{manifest["input"]["path"]}`, complet
 | | |
 |---|---|
 | rows in | {stats["rows_in"]} |
-| rows out (`data/`) | {stats["rows_out"]} |
+{completions_row}| rows out (`data/`) | {stats["rows_out"]} |
 | rows rejected (`errors/`) | {stats["rows_error"]} (by stage: {errors}) |
 | completion tokens (`data/`) | {stats["tokens_generated"]} |
 | decoder forward passes (`data/`) | {stats["denoising_steps"]} |
@@ -67,13 +73,13 @@ language model `{manifest["model"]}` over `{manifest["input"]["path"]}`, complet
 |---|---|
 {knobs}
 
-Randomness is keyed by (seed, row id, canvas, step, position): regenerating a row with the same model and
-settings gives the same completion, whatever batch or machine runs it.
+Randomness is keyed by (seed, row id, completion index, canvas, step, position): regenerating a row with the
+same model and settings gives the same completion, whatever batch or machine runs it.
 
 ## Columns
 
-`id`, `prompt`, `completion`, `completion_tokens`, `prompt_tokens`, `denoising_steps` (decoder passes spent
-on the row), `canvases`, `finish_reason` (`eos` or `length`), `model`, `seed`, `run_id`, `source_index`,
+`id`, `completion_index` (which of the prompt's completions), `prompt`, `completion`, `completion_tokens`,
+`prompt_tokens`, `denoising_steps` (decoder passes spent on the row), `canvases`, `finish_reason` (`eos` or `length`), `model`, `seed`, `run_id`, `source_index`,
 `metadata` (the input row's other columns, JSON){columns_note}.
 Rejected input rows are in `errors/` with `id`, `source_index`, `stage`, `reason` and the raw input.
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 OUTPUT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
+        ("completion_index", pa.int32()),  # which of the prompt's sampler.completions_per_prompt completions
         ("prompt", pa.string()),  # the prompt as given (chat messages as JSON)
         ("completion", pa.string()),
         ("completion_tokens", pa.int32()),  # tokens of the completion (EOS excluded)

@@ -7,7 +7,9 @@ Definition (all arithmetic on unsigned 32-bit words, multiplication modulo 2**32
 
     mix32(x)      = lowbias32 (C. Wellons): x ^= x>>16; x *= 0x7feb352d; x ^= x>>15; x *= 0x846ca68b; x ^= x>>16
     absorb(h, w)  = mix32(h ^ w ^ 0x9e3779b9)
-    row key       = (k0, k1): the first 8 bytes of blake2b(f"{seed}:{row_id}"), little-endian words
+    row key       = (k0, k1): the first 8 bytes of blake2b(f"{seed}:{row_id}"), little-endian words; for the
+                    completion c > 0 of a prompt (sampler.completions_per_prompt) blake2b with person
+                    f"completion{c}" (a different hash: no row id and completion can give another's key)
     row state     = absorb(absorb(absorb(absorb(absorb(0, k0), k1), stream), canvas), step)
     position state= absorb(row state, position)
     token in [0,n)= (position state * n) >> 32                       (initial canvas, re-noising)
@@ -39,8 +41,9 @@ STREAM_MASK_ORDER = 5  # mask sampler: uniform confidences of remasking="random"
 STREAM_MASK_PICK = 6  # mask sampler: Gumbel noise of the positions drawn with alg_temp > 0
 
 
-def row_key(seed: int, row_id: str) -> tuple[int, int]:
-    digest = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest()
+def row_key(seed: int, row_id: str, completion: int = 0) -> tuple[int, int]:
+    person = f"completion{completion}".encode() if completion else b""
+    digest = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8, person=person).digest()
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
 

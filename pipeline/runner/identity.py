@@ -122,6 +122,7 @@ def config_fingerprint(job: JobConfig, model_id: str, sampler_settings: dict[str
             "max_prompt_tokens": job.model.max_prompt_tokens,
         },
         "sampler": sampler_settings,
+        "completions_per_prompt": job.sampler.completions_per_prompt,
         "data": {
             "prompt_column": job.data.prompt_column,
             "messages_column": job.data.messages_column,

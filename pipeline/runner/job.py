@@ -376,6 +376,7 @@ def plan(job: JobConfig) -> Prepared:
         apply_chat_template=job.data.apply_chat_template,
         run_id=run_id,
         postprocess=job.postprocess,
+        completions_per_prompt=job.sampler.completions_per_prompt,
     )
     return Prepared(job, run_id, run_store, records, spec, info, settings_dict, identity, status)
 
@@ -395,16 +396,17 @@ def warn_shard_drain(job: JobConfig, num_shards: int) -> None:
     if job.sampler.batching == "static":
         return
     wanted = HELD_BATCHES.get(in_flight, 4) * batch
-    if num_shards > 1 and shard * in_flight < wanted:
+    completions = job.sampler.completions_per_prompt  # each prompt's completions are rows of the batch
+    if num_shards > 1 and shard * in_flight * completions < wanted:
         logger.warning(
             "run.shard_size=%d with run.shards_in_flight=%d holds %.1fx sampler.batch_size=%d per worker: "
             "too few rows to keep the batch full as shards end, which wastes GPU passes "
             "(benchmarks/bench_shard_size.py); use run.shard_size >= %d",
             shard,
             in_flight,
-            shard * in_flight / batch,
+            shard * in_flight * completions / batch,
             batch,
-            -(-wanted // in_flight),
+            -(-wanted // (in_flight * completions)),
         )
 
 
@@ -562,7 +564,7 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
     ]
     progress = Progress(
         total_rows=total,
-        done_rows=sum(c.rows + c.error_rows for c in committed.values()),
+        done_rows=sum(min(total, (i + 1) * size) - i * size for i in committed),
         interval_s=job.run.progress_interval_s,
     )
     new_commits: dict[int, Any] = {}
@@ -676,9 +678,12 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
             )
         progress.start(ray, board)
 
+        size, total = job.run.shard_size, prep.records.num_rows
+
         def on_commit(commit: dict[str, Any]) -> None:
             new_commits[commit["shard"]] = commit
-            progress.shard_done(commit)
+            shard = commit["shard"]
+            progress.shard_done(min(total, (shard + 1) * size) - shard * size)
 
         failed = run_pool(
             workers,

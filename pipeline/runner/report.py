@@ -17,7 +17,8 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Logs rows done, rows/s, tokens/s, ETA and per-worker counts every `interval_s` seconds."""
+    """Logs rows done, rows/s, tokens/s, ETA and per-worker counts every `interval_s` seconds. Rows are input
+    rows: a prompt with several completions counts once (workers report each completion as a fraction)."""
 
     def __init__(self, total_rows: int, done_rows: int, interval_s: float) -> None:
         self.total = total_rows
@@ -34,8 +35,9 @@ class Progress:
         self.ray, self.board = ray, board
         self.started = self.last = time.monotonic()
 
-    def shard_done(self, commit: dict[str, Any]) -> None:
-        self.committed_rows += commit["rows"] + commit["error_rows"]
+    def shard_done(self, input_rows: int) -> None:
+        """A shard of `input_rows` input rows was committed."""
+        self.committed_rows += input_rows
 
     def _refresh(self) -> None:
         if self.board is None:
@@ -134,6 +136,7 @@ def build_stats(
         "run_id": prep.run_id,
         "model": prep.model_info.name,
         "rows_in": prep.records.num_rows,
+        "completions_per_prompt": prep.spec.completions_per_prompt,
         "rows_out": rows_out,
         "rows_error": sum(c.error_rows for c in commits),
         "rows_filtered": sum(c.filtered for c in commits),
@@ -198,6 +201,7 @@ def build_manifest(prep, all_commits: dict) -> dict[str, Any]:
         },
         "config_fingerprint": prep.identity["config_fingerprint"],
         "sampler": prep.settings,
+        "completions_per_prompt": prep.spec.completions_per_prompt,
         "shard_size": prep.job.run.shard_size,
         "compression": prep.job.output.compression,
         # the postprocess columns and their Arrow types, the same in every part

@@ -24,7 +24,7 @@ class ProgressBoard:
     def __init__(self) -> None:
         self.workers: dict[str, dict[str, float]] = {}
 
-    def report(self, worker: str, rows: int, tokens: int, steps: int) -> None:
+    def report(self, worker: str, rows: float, tokens: int, steps: int) -> None:
         entry = self.workers.setdefault(worker, {"rows": 0, "tokens": 0, "steps": 0, "updated": 0.0})
         entry["rows"] += rows
         entry["tokens"] += tokens
@@ -74,7 +74,7 @@ class ShardWorker:
             "load_s": round(self.load_s, 2),
         }
 
-    def _report(self, rows: int, tokens: int, steps: int, force: bool = False) -> None:
+    def _report(self, rows: float, tokens: int, steps: int, force: bool = False) -> None:
         if self.board is None:
             return
         with self._report_lock:
@@ -116,8 +116,9 @@ class ShardWorker:
             return {"shard": shard, "probe": True, "rows": len(good)}
         if early_errors:
             self._report(len(early_errors), 0, 0)
+        share = 1 / self.generator.completions  # progress counts input rows: a completion is a share of one
         out = self.generator.generate(
-            good, on_row=lambda tokens, steps: self._report(1, tokens, steps), shared=self.shared
+            good, on_row=lambda tokens, steps: self._report(share, tokens, steps), shared=self.shared
         )
         generated = sorted(out.rows, key=lambda r: r["source_index"])
         with self._commit_lock:

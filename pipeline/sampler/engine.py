@@ -47,6 +47,7 @@ KV_LIMIT_ROUND = 256  # on CUDA, attention reads the slots up to the longest act
 class Request:
     row_id: str
     prompt_ids: Sequence[int]
+    completion: int = 0  # which of the prompt's completions: its draws are keyed by (row_id, completion)
 
 
 @dataclass
@@ -341,7 +342,7 @@ class DiffusionSampler:
 
     # ------------------------------------------------------------------------------------- continuous
     def _new_row(self, req: Request, order: int) -> _Row:
-        k0, k1 = rng.row_key(self.settings.seed, req.row_id)
+        k0, k1 = rng.row_key(self.settings.seed, req.row_id, req.completion)
         return _Row(
             request=req, k0=k0, k1=k1, order=order, drafts=[] if self.settings.record_drafts else None
         )

@@ -30,6 +30,7 @@ KNOBS = tuple(REFERENCE_DEFAULTS)
 USER_KNOBS = (*KNOBS, "canvas_length", "seed", "adaptive_stopping", "revise_accepted", "record_drafts")
 
 MAX_SEED = 2**63 - 1  # the output's `seed` column is int64
+MAX_COMPLETIONS = 10_000  # completions per prompt; each has its own row key (rng.row_key)
 SEED_RANGE = f"must be an integer from 0 to {MAX_SEED} (2**63 - 1: it is stored as int64)"
 
 
@@ -113,6 +114,14 @@ def is_seed(value: Any) -> bool:
     """A valid `sampler.seed` of either sampler (message: SEED_RANGE): an integer, not a bool, that fits the
     output's int64 `seed` column and is not negative."""
     return is_int(value) and 0 <= value <= MAX_SEED
+
+
+def check_completions(value: Any, name: str) -> int:
+    """`value` as completions per prompt (an integer from 1 to MAX_COMPLETIONS), else SettingsError naming
+    `name`."""
+    if not is_int(value) or not 1 <= value <= MAX_COMPLETIONS:
+        raise SettingsError(f"{name}={value!r} must be an integer from 1 to {MAX_COMPLETIONS}")
+    return value
 
 
 def is_number(value: Any) -> bool:

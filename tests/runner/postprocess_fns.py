@@ -42,3 +42,8 @@ def age_file(row, path):
         old = time.time() - 3600
         os.utime(path, (old, old))
     return {}
+
+
+def drop_completion_one(row):
+    """Keeps every completion of a prompt but its second (completion_index 1), adding no column."""
+    return None if row["completion_index"] == 1 else {}

@@ -9,7 +9,7 @@ from pipeline.runner.report import Progress
 
 def test_retried_rows_do_not_push_progress_past_the_total(caplog):
     progress = Progress(total_rows=240, done_rows=40, interval_s=0.0)
-    progress.committed_rows = 64
+    progress.shard_done(64)
     # two workers' counts after a shard of 64 rows failed twice and was generated a third time
     progress.snapshot = {
         "w0": {"rows": 192, "tokens": 900, "steps": 1000},

@@ -238,6 +238,11 @@ def test_temperature_samples_with_keyed_noise(llada_fp32):
     tokens = lambda got: [got[k].token_ids for k in sorted(got)]  # noqa: E731
     assert tokens(a) == tokens(b)
     assert tokens(a) != tokens(greedy) and tokens(a) != tokens(other_seed)
+    # a prompt's further completions (sampler.completions_per_prompt) draw their own noise; completion 0 is a's
+    sampler = MaskDiffusionSampler(llada_fp32, _settings(llada_fp32, temperature=1.0), max_batch=4)
+    for completion in (0, 1):
+        got = sampler.generate([Request(f"row-{i}", p, completion) for i, p in enumerate(prompts)])
+        assert ([r.token_ids for r in got] == tokens(a)) == (completion == 0)
 
 
 def test_threshold_decoding_commits_at_least_one_per_step(llada_fp32):

@@ -192,7 +192,7 @@ class MaskDiffusionSampler:
             logger.debug("mask sampler: %d slots, KV cache %.1f MiB", slots, self._cache.nbytes() / 2**20)
 
     def _new_row(self, req: Request, order: int) -> _Row:
-        k0, k1 = rng.row_key(self.settings.seed, req.row_id)
+        k0, k1 = rng.row_key(self.settings.seed, req.row_id, req.completion)
         drafts = [] if self.settings.record_drafts else None
         return _Row(req, order, k0, k1, prompt_len=len(req.prompt_ids), drafts=drafts)
 

@@ -1,0 +1,84 @@
+"""Several completions per prompt (sampler.completions_per_prompt): the real job on local Ray workers, the
+Python API, and the keys that keep each completion's randomness apart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import LLM
+from pipeline.kernels import rng
+from pipeline.runner.job import run
+from tests.runner.test_job import make_job, read_parts, write_prompts
+
+pytestmark = pytest.mark.ray
+
+
+def test_each_prompt_gets_its_completions_and_the_first_is_the_single_completion(tmp_path, ray_local, caplog):
+    """8 good prompts and a malformed line, 3 completions each, the postprocess dropping completion 1: 16 rows
+    (completions 0 and 2 of each prompt), one read error and 8 postprocess errors naming their completion;
+    completion 0 of every prompt is the row a run with one completion writes."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 8, extra=["{not json"])
+    assert run(make_job(tmp_path / "one", data)) == 0
+    job = make_job(tmp_path / "three", data, sampler__completions_per_prompt=3)
+    job.postprocess = {"_target_": "tests.runner.postprocess_fns.drop_completion_one"}
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(job) == 0
+    run_dir = tmp_path / "three" / "out" / "test-run"
+    rows = read_parts(run_dir).to_pylist()
+    single = {r["id"]: r for r in read_parts(tmp_path / "one" / "out" / "test-run").to_pylist()}
+    assert sorted((r["id"], r["completion_index"]) for r in rows) == sorted(
+        (rid, c) for rid in single for c in (0, 2)
+    )
+    by_key = {(r["id"], r["completion_index"]): r for r in rows}
+    for rid, row in single.items():
+        assert row["completion_index"] == 0
+        first = by_key[rid, 0]
+        assert (first["completion"], first["denoising_steps"]) == (row["completion"], row["denoising_steps"])
+        assert first["source_index"] == by_key[rid, 2]["source_index"] == row["source_index"]
+    assert any(by_key[rid, 0]["completion"] != by_key[rid, 2]["completion"] for rid in single)
+
+    errors = read_parts(run_dir, "errors").to_pylist()
+    assert sorted(e["stage"] for e in errors) == ["postprocess"] * 8 + ["read"]
+    for e in errors:
+        if e["stage"] == "postprocess":
+            assert e["reason"].startswith("completion 1: filtered out by ") and e["id"] in single
+
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert (stats["rows_in"], stats["rows_out"], stats["completions_per_prompt"]) == (9, 16, 3)
+    assert json.loads((run_dir / "_manifest.json").read_text())["completions_per_prompt"] == 3
+    assert (
+        "| completions per prompt (`completion_index` 0-2, each keyed apart) | 3 |"
+        in (run_dir / "README.md").read_text()
+    )
+    assert "progress: 9/9 rows (100.0%)" in caplog.text  # input rows, not completions
+
+
+def test_the_api_returns_each_prompts_completions_in_order():
+    prompts = ["Add: 12+30", "", "Sort: 3 1 2"]
+    single = LLM("builtin:tiny-diffusiongemma-random", max_denoising_steps=4, max_new_tokens=32)
+    llm = LLM(
+        "builtin:tiny-diffusiongemma-random",
+        max_denoising_steps=4,
+        max_new_tokens=32,
+        completions_per_prompt=2,
+    )
+    ones = single.generate(prompts, ids=["a", "b", "c"])
+    pairs = llm.generate(prompts, ids=["a", "b", "c"])
+    assert [[c.completion_index for c in pair] for pair in pairs] == [[0, 1]] * 3
+    for one, pair in zip(ones, pairs, strict=True):
+        assert pair[0].completion == one.completion and pair[0].id == pair[1].id == one.id
+    assert all(c.finish_reason == "error" and "empty" in c.error for c in pairs[1])
+    assert (
+        pairs[0][0].completion != pairs[0][1].completion or pairs[2][0].completion != pairs[2][1].completion
+    )
+    with pytest.raises(Exception, match="completions_per_prompt=0 must be an integer from 1 to 10000"):
+        LLM("builtin:tiny-diffusiongemma-random", completions_per_prompt=0)
+
+
+def test_completion_zero_keeps_the_rows_key_and_others_get_keys_of_their_own():
+    assert rng.row_key(0, "row-7", 0) == rng.row_key(0, "row-7")
+    keys = {rng.row_key(0, row_id, c) for row_id in ("a", "a1", "1a", "a:1", "b") for c in range(4)}
+    assert len(keys) == 20
+    assert rng.row_key(0, "a", 1) != rng.row_key(1, "a", 1)
