@@ -15,7 +15,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.data.prompts import CHARS_BOUND_FACTOR, PromptTooLong, max_token_chars, prompt_ids
+from pipeline.data.prompts import (
+    CHARS_BOUND_FACTOR,
+    PromptTooLong,
+    check_system_prompt,
+    max_token_chars,
+    prompt_ids,
+)
 from pipeline.postprocess import load_postprocess
 
 if TYPE_CHECKING:
@@ -56,6 +62,7 @@ class GenerationSpec:
     run_id: str = ""
     postprocess: dict[str, Any] | None = None
     completions_per_prompt: int = 1
+    system_prompt: str | None = None  # a system turn before every prompt (pipeline/data/prompts.py)
 
 
 @dataclass
@@ -122,6 +129,7 @@ class Generator:
             version=spec.model_version,
         )
         info = self.loaded.info
+        check_system_prompt(self.loaded.tokenizer, spec.system_prompt, spec.apply_chat_template)
         if info.family in MASK_FAMILIES:  # LLaDA, Dream: the mask-diffusion sampler (pipeline/sampler/mask)
             self._init_mask_sampler(spec)
             return
@@ -269,6 +277,7 @@ class Generator:
                     is_chat=record.is_chat,
                     apply_chat_template=self.spec.apply_chat_template,
                     max_chars=self._max_prompt_chars,
+                    system_prompt=self.spec.system_prompt,
                 )
             except PromptTooLong as e:
                 errors.append(

@@ -50,6 +50,9 @@ class LLM:
         dtype, device: as `model.dtype` / `model.device` of the job config ("auto" picks for the device).
         batch_size: KV-cache slots (rows denoised together).
         apply_chat_template: render plain prompts as one user turn of the tokenizer's chat template.
+        system_prompt: a system turn before every prompt (needs the chat template; ValueError if the model's
+            template refuses one).
+        completions_per_prompt: completions of each prompt (generate returns a list of them per prompt).
         postprocess: optional `{"_target_": "module.fn", ...}` verify/postprocess stage.
         **sampler: sampler knobs (max_new_tokens, max_denoising_steps, t_min, t_max, entropy_bound,
             stability_threshold, confidence_threshold, canvas_length, seed, adaptive_stopping,
@@ -74,6 +77,7 @@ class LLM:
         postprocess: dict[str, Any] | None = None,
         endpoint_url: str | None = None,
         completions_per_prompt: int = 1,
+        system_prompt: str | None = None,
         **sampler: Any,
     ) -> None:
         # mask: a dict of the mask-diffusion knobs (LLaDA, Dream), as sampler.mask.* in the job config
@@ -97,6 +101,7 @@ class LLM:
             run_id="",
             postprocess=postprocess,
             completions_per_prompt=completions_per_prompt,
+            system_prompt=system_prompt,
         )
         self.generator = Generator(self.spec)
         info = self.generator.loaded.info

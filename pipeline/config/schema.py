@@ -125,6 +125,12 @@ class DataConfig:
     prompt_column: str = "prompt"
     # Column holding chat messages ([{"role", "content"}, ...]); used instead of prompt_column when set.
     messages_column: str | None = None
+    # A prompt built from the row's columns instead of prompt_column: a str.format string with {column}
+    # fields ({{ and }} for braces), e.g. "Question: {question}\nContext: {context}". Numbers are written as
+    # text; a row missing a column, or with a null or non-scalar value, becomes an error row.
+    prompt_template: str | None = None
+    # A system turn put before every prompt by the chat template (a chat row's own system message wins).
+    system_prompt: str | None = None
     # Column with a unique row id; None derives a stable id from each row's content and position.
     id_column: str | None = None
     # Render string prompts with the tokenizer's chat template as a single user turn (when it has one).

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig, NightlyJobConfig
+from pipeline.data.prompts import template_fields
 from pipeline.sampler.mask.settings import check_mask_knobs
 from pipeline.sampler.settings import SettingsError, check_completions, check_knobs
 
@@ -40,6 +41,32 @@ def _get(job: JobConfig, key: str) -> Any:
 
 def _fail(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} {why}")
+
+
+def check_prompt_options(data) -> None:
+    """data.prompt_template parses and is not combined with messages_column; data.system_prompt has text and
+    a chat template to go to (whether the model's template takes a system turn is checked when it loads)."""
+    if data.prompt_template is not None:
+        if data.messages_column:
+            raise _fail(
+                "data.prompt_template",
+                data.prompt_template,
+                f"builds a prompt string, and data.messages_column={data.messages_column!r} gives chat messages: "
+                "set one of them",
+            )
+        try:
+            template_fields(data.prompt_template)
+        except ValueError as e:
+            raise _fail("data.prompt_template", data.prompt_template, str(e)) from None
+    if data.system_prompt is not None:
+        if not data.system_prompt.strip():
+            raise _fail("data.system_prompt", data.system_prompt, "is empty: leave it unset (null) for none")
+        if not data.apply_chat_template:
+            raise _fail(
+                "data.system_prompt",
+                data.system_prompt[:60],
+                "is a system turn of the chat template, and data.apply_chat_template=false renders none",
+            )
 
 
 def validate_job(job: JobConfig) -> JobConfig:
@@ -91,6 +118,7 @@ def validate_job(job: JobConfig) -> JobConfig:
     for key in ("model.path", "data.path", "data.prompt_column", "output.uri"):
         if not str(_get(job, key)).strip():
             raise _fail(key, _get(job, key), "must not be empty")
+    check_prompt_options(job.data)
     if job.run.id is not None and not RUN_ID_PATTERN.match(job.run.id):
         raise _fail(
             "run.id",

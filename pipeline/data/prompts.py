@@ -1,18 +1,52 @@
 """Prompt text -> token ids: chat messages (or a plain prompt as one user turn) through the tokenizer's chat
-template, or the raw prompt when the tokenizer has no template or templating is off."""
+template, or the raw prompt when the tokenizer has no template or templating is off; and the prompt template
+(`data.prompt_template`) that builds a prompt from a row's columns."""
 
 from __future__ import annotations
 
 import json
+import string
 from typing import Any
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names `template` (a str.format string, `{column}` fields, `{{`/`}}` for braces) fills, in
+    order, each once; ValueError saying what is wrong with it otherwise."""
+    fields: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(
+            f"is not a valid template ({e}); write {{column}} for a column, {{{{ for a brace"
+        ) from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit():
+            raise ValueError("has a positional field ({} or {0}); name the column: {question}")
+        if any(c in name for c in ".[]") or spec or conversion:
+            raise ValueError(
+                f"has the field {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}; "
+                "fields are plain column names, {column}, without attributes, indexes or formats"
+            )
+        if name not in fields:
+            fields.append(name)
+    if not fields:
+        raise ValueError(
+            "names no column; write the columns to fill as {column}, e.g. 'Question: {question}'"
+        )
+    return fields
 
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_prompt(tokenizer: Any, prompt: str, *, is_chat: bool, apply_chat_template: bool) -> str:
-    """The exact text the model is conditioned on."""
+def render_prompt(
+    tokenizer: Any, prompt: str, *, is_chat: bool, apply_chat_template: bool, system_prompt: str | None = None
+) -> str:
+    """The exact text the model is conditioned on. `system_prompt`: a system turn before the prompt's (a chat
+    that starts with its own system message keeps that one); it needs the chat template."""
     if is_chat:
         if not has_chat_template(tokenizer):
             raise ValueError("chat messages need a tokenizer with a chat template, and this model's has none")
@@ -21,7 +55,33 @@ def render_prompt(tokenizer: Any, prompt: str, *, is_chat: bool, apply_chat_temp
         messages = [{"role": "user", "content": prompt}]
     else:
         return prompt
+    if system_prompt is not None and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def check_system_prompt(tokenizer: Any, system_prompt: str | None, apply_chat_template: bool) -> None:
+    """ValueError when `system_prompt` cannot be applied to this model's prompts: templating is off, the
+    tokenizer has no chat template, or its template refuses a system turn (some do)."""
+    if system_prompt is None:
+        return
+    if not apply_chat_template or not has_chat_template(tokenizer):
+        why = (
+            "data.apply_chat_template=false" if not apply_chat_template else "this model's tokenizer has none"
+        )
+        raise ValueError(f"data.system_prompt is a system turn of the chat template, and {why}")
+    marker = "canvasflow system turn check"
+    try:
+        text = render_prompt(tokenizer, "x", is_chat=False, apply_chat_template=True, system_prompt=marker)
+    except Exception as e:  # noqa: BLE001 - the template's own error, reported whole
+        problem = f"refuses a system turn ({e})"
+    else:
+        problem = None if marker in text else "drops system turns (the rendered prompt does not hold it)"
+    if problem:
+        raise ValueError(
+            f"data.system_prompt: this model's chat template {problem}; leave data.system_prompt unset and put "
+            "the instructions in the prompt (data.prompt_template)"
+        )
 
 
 # A rendered prompt longer than this many characters per allowed token cannot fit: no token covers more
@@ -43,11 +103,23 @@ def max_token_chars(tokenizer: Any) -> int:
 
 
 def prompt_ids(
-    tokenizer: Any, prompt: str, *, is_chat: bool, apply_chat_template: bool, max_chars: int | None = None
+    tokenizer: Any,
+    prompt: str,
+    *,
+    is_chat: bool,
+    apply_chat_template: bool,
+    max_chars: int | None = None,
+    system_prompt: str | None = None,
 ) -> list[int]:
     """Token ids of the rendered prompt; raises PromptTooLong before tokenizing a text over `max_chars`
     characters (a megabyte row would hold a worker for minutes only to be rejected)."""
-    text = render_prompt(tokenizer, prompt, is_chat=is_chat, apply_chat_template=apply_chat_template)
+    text = render_prompt(
+        tokenizer,
+        prompt,
+        is_chat=is_chat,
+        apply_chat_template=apply_chat_template,
+        system_prompt=system_prompt,
+    )
     if max_chars is not None and len(text) > max_chars:
         raise PromptTooLong(len(text), max_chars)
     templated = is_chat or (apply_chat_template and has_chat_template(tokenizer))

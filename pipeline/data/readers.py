@@ -174,10 +174,15 @@ def read_input(
     if table.num_rows == 0:
         raise InputError(f"data.path={data.path!r} holds no rows")
     if builder.rows_with_prompt == 0 and not builder.all_unparseable:
+        seen = _printable(", ".join(sorted(builder.columns_seen))) or "none"
+        if data.prompt_template:
+            raise InputError(
+                f"no row of {data.path!r} has every column of data.prompt_template "
+                f"({', '.join(builder.template_fields)}); columns seen: {seen}. Fix data.prompt_template."
+            )
         column = data.messages_column or data.prompt_column
         raise InputError(
-            f"no row of {data.path!r} has the prompt column {column!r}; columns seen: "
-            f"{_printable(', '.join(sorted(builder.columns_seen))) or 'none'}. "
+            f"no row of {data.path!r} has the prompt column {column!r}; columns seen: {seen}. "
             "Set data.prompt_column (or data.messages_column)."
         )
     if data.id_column and builder.rows_with_id == 0 and not builder.all_unparseable:
@@ -439,8 +444,17 @@ def _parquet_rows(files: list[str], data: DataConfig, endpoint_url: str | None, 
 def _check_columns(names: list[str], data: DataConfig, file: str | None = None) -> None:
     """InputError when the prompt (or messages) column or the declared id column is not among `names` (the
     columns of `file`, or of the whole input)."""
+    if data.prompt_template:
+        from pipeline.data.prompts import template_fields
+
+        missing = [name for name in template_fields(data.prompt_template) if name not in names]
+        if missing:
+            raise InputError(
+                f"the input has no column(s) {', '.join(map(repr, missing))} of data.prompt_template"
+                f"{f' in {file}' if file else ''}; its columns are: {', '.join(names)}. Fix data.prompt_template."
+            )
     column = data.messages_column or data.prompt_column
-    if column not in names:
+    if not data.prompt_template and column not in names:
         raise InputError(
             f"the input has no column {column!r}{f' in {file}' if file else ''}; its columns are: "
             f"{', '.join(names)}. "

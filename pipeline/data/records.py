@@ -13,6 +13,7 @@ two hashes are equal is the input read again, tracking just those ids (`repeated
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -308,7 +309,9 @@ class RecordBuilder:
         return None, f"the other columns are {SURROGATE_HINT}"
 
     def _reserved(self) -> set[str]:
-        names = {self.data.messages_column or self.data.prompt_column}
+        """Columns not carried in metadata: the prompt's (with a prompt template, its columns stay there) and
+        the id's."""
+        names = set() if self.data.prompt_template else {self.data.messages_column or self.data.prompt_column}
         if self.data.id_column:
             names.add(self.data.id_column)
         return names
@@ -332,6 +335,8 @@ class RecordBuilder:
         return text, None
 
     def _content(self, row: dict[str, Any]) -> tuple[str | None, bool, str | None]:
+        if self.data.prompt_template:
+            return self._templated(row)
         if self.data.messages_column:
             column = self.data.messages_column
             if column not in row:
@@ -345,6 +350,49 @@ class RecordBuilder:
         self.rows_with_prompt += 1
         prompt, problem = _check_text(row[column], f"prompt (column {column!r})")
         return prompt, False, problem
+
+    def _templated(self, row: dict[str, Any]) -> tuple[str | None, bool, str | None]:
+        """The prompt data.prompt_template makes of the row's columns (module pipeline/data/prompts.py)."""
+        missing = [name for name in self.template_fields if name not in row]
+        if missing:
+            return None, False, f"missing column(s) {', '.join(map(repr, missing))} of data.prompt_template"
+        self.rows_with_prompt += 1
+        values = {}
+        for name in self.template_fields:
+            value = row[name]
+            if isinstance(value, float) and not math.isfinite(value):
+                return (
+                    None,
+                    False,
+                    f"column {name!r} is {value} (not a finite number); data.prompt_template needs a value",
+                )
+            if isinstance(value, (bool, int, float)):
+                value = str(value)
+            elif value is None or not isinstance(value, (str, bytes)):
+                kind = "null" if value is None else f"a {type(value).__name__}"
+                return (
+                    None,
+                    False,
+                    f"column {name!r} is {kind}; data.prompt_template fills strings and numbers",
+                )
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return None, False, f"column {name!r} is not valid UTF-8 (byte {e.start})"
+            if _has_surrogate(value):
+                return None, False, f"column {name!r} is {SURROGATE_HINT}"
+            values[name] = value  # empty or blank values are allowed: the rendered prompt must not be
+        prompt, problem = _check_text(
+            self.data.prompt_template.format_map(values), "prompt (data.prompt_template)"
+        )
+        return prompt, False, problem
+
+    @functools.cached_property
+    def template_fields(self) -> list[str]:
+        from pipeline.data.prompts import template_fields
+
+        return template_fields(self.data.prompt_template)
 
     def finish(self) -> pa.Table:
         if self.columns["id"] or not self.written:

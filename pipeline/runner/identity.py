@@ -128,6 +128,8 @@ def config_fingerprint(job: JobConfig, model_id: str, sampler_settings: dict[str
             "messages_column": job.data.messages_column,
             "id_column": job.data.id_column,
             "apply_chat_template": job.data.apply_chat_template,
+            # only when set, so that the fingerprints (and derived run ids) of runs without them stay as they were
+            **{k: v for k in ("prompt_template", "system_prompt") if (v := getattr(job.data, k)) is not None},
         },
         "postprocess": job.postprocess,
     }

@@ -20,12 +20,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig
+from pipeline.data.prompts import check_system_prompt
 from pipeline.data.readers import InputError, read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
 from pipeline.io.commit import RUN_LOCK, SUCCESS, RunConflictError, RunStore
 from pipeline.io.lease import Lease, Refused
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
-from pipeline.models.loader import MASK_FAMILIES, ModelError, ModelInfo, inspect_model, resolve_model_dir
+from pipeline.models.loader import (
+    MASK_FAMILIES,
+    ModelError,
+    ModelInfo,
+    inspect_model,
+    load_tokenizer,
+    resolve_model_dir,
+)
 from pipeline.postprocess import PostprocessError, load_postprocess
 from pipeline.runner.identity import (
     config_fingerprint,
@@ -294,6 +302,12 @@ def plan(job: JobConfig) -> Prepared:
             f"model.family={job.model.family!r} but {info.model_dir} holds a {info.family} model "
             f"(model_type {info.model_type!r}); use model.family=auto or {info.family}"
         )
+    if job.data.system_prompt is not None and not is_s3(job.model.path):  # else checked as the model loads
+        tokenizer = load_tokenizer(info.model_dir, remote_code_free=info.family in MASK_FAMILIES)
+        try:
+            check_system_prompt(tokenizer, job.data.system_prompt, job.data.apply_chat_template)
+        except ValueError as e:
+            raise ConfigError(f"{e} (model {job.model.path})") from None
     try:
         if info.family in MASK_FAMILIES:  # LLaDA, Dream: sampler.mask.* (pipeline/sampler/mask/settings.py)
             settings = resolve_mask_settings(
@@ -377,6 +391,7 @@ def plan(job: JobConfig) -> Prepared:
         run_id=run_id,
         postprocess=job.postprocess,
         completions_per_prompt=job.sampler.completions_per_prompt,
+        system_prompt=job.data.system_prompt,
     )
     return Prepared(job, run_id, run_store, records, spec, info, settings_dict, identity, status)
 

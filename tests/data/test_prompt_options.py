@@ -1,0 +1,142 @@
+"""data.prompt_template (a prompt built from a row's columns) and data.system_prompt (a system turn before
+every prompt): reading, per-row errors, start-up errors, rendering."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config.schema import ConfigError, DataConfig, JobConfig
+from pipeline.config.validate import validate_job
+from pipeline.data.prompts import check_system_prompt, render_prompt, template_fields
+from pipeline.data.readers import InputError, read_input
+
+TEMPLATE = "Question: {question}\nContext: {context} ({year}) {{braces}}"
+
+
+def test_template_fields_are_the_named_columns_in_order():
+    assert template_fields(TEMPLATE) == ["question", "context", "year"]
+    assert template_fields("{a} and {a} again {b}") == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("no field at all", "names no column"),
+        ("{} twice", "positional field"),
+        ("{0}", "positional field"),
+        ("{row.question}", "without attributes, indexes or formats"),
+        ("{question[0]}", "without attributes, indexes or formats"),
+        ("{score:.2f}", "without attributes, indexes or formats"),
+        ("{question!r}", "without attributes, indexes or formats"),
+        ("{question", "is not a valid template"),
+        ("question}", "is not a valid template"),
+    ],
+)
+def test_a_bad_template_is_refused_at_startup_naming_the_key(template, message):
+    job = JobConfig(data=DataConfig(prompt_template=template))
+    with pytest.raises(ConfigError, match=rf"data.prompt_template=.* {message}"):
+        validate_job(job)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (DataConfig(prompt_template="{q}", messages_column="chat"), "set one of them"),
+        (DataConfig(system_prompt="  "), "data.system_prompt='  ' is empty"),
+        (DataConfig(system_prompt="Be brief.", apply_chat_template=False), "apply_chat_template=false"),
+    ],
+)
+def test_prompt_options_that_cannot_work_together_are_refused(data, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_job(JobConfig(data=data))
+
+
+def test_template_rows_fill_strings_and_numbers_and_bad_rows_say_which_column(tmp_path):
+    rows = [
+        {"question": "What is 2+2?", "context": "arithmetic", "year": 2024, "answer": "4"},
+        {"question": "Capital of France?", "context": "", "year": 1.5},  # an empty value is allowed
+        {"question": "Q?", "year": 2020},  # no context
+        {"question": None, "context": "c", "year": 1},
+        {"question": ["a", "list"], "context": "c", "year": 1},
+        {"question": "Q", "context": "c", "year": float("nan")},
+        {"question": "   ", "context": " ", "year": True},  # renders to a non-empty prompt: fine
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = read_input(DataConfig(path=str(path), prompt_template=TEMPLATE)).table.to_pylist()
+    assert records[0]["prompt"] == "Question: What is 2+2?\nContext: arithmetic (2024) {braces}"
+    assert records[1]["prompt"] == "Question: Capital of France?\nContext:  (1.5) {braces}"
+    assert records[6]["prompt"] == "Question:    \nContext:   (True) {braces}"
+    # the template's columns stay in metadata: the output keeps the clean values beside the rendered prompt
+    assert json.loads(records[0]["metadata"]) == {
+        "question": "What is 2+2?",
+        "context": "arithmetic",
+        "year": 2024,
+        "answer": "4",
+    }
+    errors = {r["source_index"]: r["error"] for r in records if r["error"]}
+    assert errors == {
+        2: "missing column(s) 'context' of data.prompt_template",
+        3: "column 'question' is null; data.prompt_template fills strings and numbers",
+        4: "column 'question' is a list; data.prompt_template fills strings and numbers",
+        5: "column 'year' is nan (not a finite number); data.prompt_template needs a value",
+    }
+
+
+def test_an_input_without_the_template_columns_fails_at_startup(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"question": "q", "ctx": "c"}) + "\n")
+    with pytest.raises(
+        InputError, match=r"no row .* has every column of data.prompt_template \(question, context"
+    ):
+        read_input(DataConfig(path=str(path), prompt_template="{question} {context}"))
+    parquet = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"question": ["q"], "ctx": ["c"]}), parquet)
+    with pytest.raises(InputError, match=r"no column\(s\) 'context' of data.prompt_template"):
+        read_input(DataConfig(path=str(parquet), prompt_template="{question} {context}"))
+
+
+ASSETS = Path(__file__).resolve().parents[2] / "pipeline" / "assets" / "tiny-diffusiongemma"
+JOINED = (
+    "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{% if not loop.last %}|{% endif %}{% endfor %}"
+)
+
+
+def _tokenizer(chat_template: str):
+    """The tiny model's real tokenizer with another chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def test_the_system_turn_goes_first_unless_a_chat_has_its_own():
+    tok = _tokenizer(JOINED)
+    render = functools.partial(render_prompt, tok, apply_chat_template=True)
+    assert render("hi", is_chat=False, system_prompt="S") == "system:S|user:hi"
+    own = json.dumps([{"role": "system", "content": "mine"}, {"role": "user", "content": "hi"}])
+    assert render(own, is_chat=True, system_prompt="S") == "system:mine|user:hi"
+    chat = json.dumps([{"role": "user", "content": "hi"}])
+    assert render(chat, is_chat=True, system_prompt="S") == "system:S|user:hi"
+    assert render("hi", is_chat=False) == "user:hi"
+
+
+def test_a_chat_template_that_refuses_or_drops_system_turns_is_reported():
+    refuses = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + JOINED
+    )
+    drops = "{% for m in messages if m['role'] != 'system' %}{{ m['role'] }}:{{ m['content'] }}{% endfor %}"
+    check_system_prompt(_tokenizer(JOINED), "Be brief.", True)
+    with pytest.raises(ValueError, match=r"refuses a system turn \(System role not supported\)"):
+        check_system_prompt(_tokenizer(refuses), "Be brief.", True)
+    with pytest.raises(ValueError, match="drops system turns"):
+        check_system_prompt(_tokenizer(drops), "Be brief.", True)
+    check_system_prompt(_tokenizer(drops), None, True)  # nothing to check without a system prompt
