@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/gpu_checks.sh                         # every step (about 20 minutes at most)
 #   bash benchmarks/gpu_checks.sh vocab-head generate     # a subset, in the order given: steps tests,
-#                                                         # vocab-head, experts, generate, profile, llada
+#                                                         # vocab-head, experts, generate, profile, llada,
+#                                                         # mask-decide (the mask sampler's step memory)
 #   BUDGET_S=570 bash benchmarks/gpu_checks.sh ...         # every step's limit cut to what is left of 570 s;
 #                                                         # a step with under 30 s left is skipped
 #   QUICK=1 bash benchmarks/gpu_checks.sh                 # small shapes: a smoke run of every step
@@ -69,7 +70,7 @@ moe_gemm() {  # the experts' products for generate / profile: $MOE_GEMM, else th
     if [ -n "${MOE_GEMM:-}" ]; then echo "$MOE_GEMM"; elif [ -s "$choice_file" ]; then cat "$choice_file"; else echo auto; fi
 }
 
-steps=${*:-tests vocab-head experts generate profile llada}
+steps=${*:-tests vocab-head experts generate profile llada mask-decide}
 for name in $steps; do
     case "$name:${QUICK:-0}" in
     tests:1) step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra --strict-markers" tests/kernels ;;
@@ -84,7 +85,9 @@ for name in $steps; do
     profile:*) step profile 120 python3 benchmarks/profile_step_gpu.py --moe-gemm "$(moe_gemm)" ;;
     llada:1) step llada 120 python3 benchmarks/bench_generate.py --family llada --shape small --batches 1 8 ;;
     llada:*) step llada 120 python3 benchmarks/bench_generate.py --family llada --batches 1 8 32 ;;
-    *) echo "unknown step $name (steps: tests vocab-head experts generate profile llada)" >&2; exit 64 ;;
+    mask-decide:1) step mask-decide 60 python3 benchmarks/bench_mask_decide.py --rows 4 16 --positions 64 ;;
+    mask-decide:*) step mask-decide 90 python3 benchmarks/bench_mask_decide.py ;;
+    *) echo "unknown step $name (steps: tests vocab-head experts generate profile llada mask-decide)" >&2; exit 64 ;;
     esac
 done
 
