@@ -8,9 +8,10 @@ import json
 import pytest
 
 from pipeline import LLM
+from pipeline.data.readers import read_input
 from pipeline.kernels import rng
 from pipeline.runner.job import run
-from tests.runner.test_job import make_job, read_parts, write_prompts
+from tests.runner.test_job import NEW_TOKENS, STEPS, make_job, read_parts, write_prompts
 
 pytestmark = pytest.mark.ray
 
@@ -20,23 +21,25 @@ def test_each_prompt_gets_its_completions_and_the_first_is_the_single_completion
     (completions 0 and 2 of each prompt), one read error and 8 postprocess errors naming their completion;
     completion 0 of every prompt is the row a run with one completion writes."""
     data = write_prompts(tmp_path / "prompts.jsonl", 8, extra=["{not json"])
-    assert run(make_job(tmp_path / "one", data)) == 0
-    job = make_job(tmp_path / "three", data, sampler__completions_per_prompt=3)
+    job = make_job(tmp_path, data, sampler__completions_per_prompt=3)
     job.postprocess = {"_target_": "tests.runner.postprocess_fns.drop_completion_one"}
     with caplog.at_level("INFO", logger="canvasflow"):
         assert run(job) == 0
-    run_dir = tmp_path / "three" / "out" / "test-run"
+    run_dir = tmp_path / "out" / "test-run"
     rows = read_parts(run_dir).to_pylist()
-    single = {r["id"]: r for r in read_parts(tmp_path / "one" / "out" / "test-run").to_pylist()}
+    # one completion per prompt, as a run with the default completions_per_prompt=1 makes them (same ids)
+    good = [r for r in read_input(job.data).table.to_pylist() if r["error"] is None]
+    llm = LLM("builtin:tiny-diffusiongemma-random", max_denoising_steps=STEPS, max_new_tokens=NEW_TOKENS)
+    outs = llm.generate([r["prompt"] for r in good], ids=[r["id"] for r in good])
+    single = {out.id: out for out in outs}
     assert sorted((r["id"], r["completion_index"]) for r in rows) == sorted(
         (rid, c) for rid in single for c in (0, 2)
     )
     by_key = {(r["id"], r["completion_index"]): r for r in rows}
-    for rid, row in single.items():
-        assert row["completion_index"] == 0
+    for rid, out in single.items():
         first = by_key[rid, 0]
-        assert (first["completion"], first["denoising_steps"]) == (row["completion"], row["denoising_steps"])
-        assert first["source_index"] == by_key[rid, 2]["source_index"] == row["source_index"]
+        assert (first["completion"], first["denoising_steps"]) == (out.completion, out.denoising_steps)
+        assert first["source_index"] == by_key[rid, 2]["source_index"]
     assert any(by_key[rid, 0]["completion"] != by_key[rid, 2]["completion"] for rid in single)
 
     errors = read_parts(run_dir, "errors").to_pylist()
