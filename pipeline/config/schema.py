@@ -190,7 +190,8 @@ class RunConfig:
     # Attempts per shard after a worker failure before the shard is reported as failed (a shard whose failed
     # attempts all shared their worker with other shards gets one more, alone). A shard that killed its worker
     # on each is searched for the rows that do, each of which gets as many attempts alone before it becomes an
-    # error row (stage "worker") and the shard is committed without it (pipeline/runner/isolate.py).
+    # error row (stage "worker") and the shard is committed without it, with as many attempts again
+    # (pipeline/runner/isolate.py).
     max_shard_attempts: int = 3
     # Seconds a worker may go without finishing a shard (one shard's time, the shards in flight being worked
     # through in turn) before it is taken as hung (a stuck device, a deadlock, a storage call that never

@@ -4,11 +4,14 @@ A shard whose worker died (or hung past run.shard_timeout_s) on every attempt, t
 worker, cannot be committed; given up on, it would fail every rerun the same way and its run would never
 complete. So its rows are run again in pieces, "probes": generated as usual but never committed, each alone on
 a worker. A piece that kills its worker is split again, down to single rows, and a row that kills its worker on
-run.max_shard_attempts attempts of its own is a failing row. The shard then runs once more with its failing
-rows written to errors/ (stage "worker", the reason naming the failure) instead of generated; its other rows
-come out as they would have (a row's output does not depend on the rows beside it). When no row kills its
-worker alone (the rows fail only together, say a batch that runs out of host memory) or a probe raises instead
-of dying, the shard is given up on as before, saying so.
+run.max_shard_attempts attempts of its own is a failing row. The shard then runs again with its failing rows
+written to errors/ (stage "worker", the reason naming the failure) instead of generated; its other rows come
+out as they would have (a row's output does not depend on the rows beside it). It gets run.max_shard_attempts
+attempts again, as a fresh shard does, so a failure of another cause (a storage error, a worker lost with its
+node) does not give it up and make the rerun search again; if it still kills its worker alone, the rows left
+fail only together and it is given up on, saying so, not searched a second time (the pool decides that).
+When no row kills its worker alone (the rows fail only together, say a batch that runs out of host memory) or
+a probe raises instead of dying, the shard is given up on as before, saying so.
 
 A piece is split in as many parts as there are workers (at least two), so that each level of the search runs
 in parallel: one failing row in a 1,024-row shard on 8 workers is found in four levels, each costing one dead
@@ -164,6 +167,7 @@ class RowSearch:
             self.give_up(task)
             return
         task.skip, task.searched, task.alone, task.shared = dict(search.failing), True, True, False
+        task.searched_at = task.attempts  # it gets run.max_shard_attempts attempts again, as a fresh shard
         logger.warning(
             "shard %d runs again without its %d failing row(s) (in errors/, stage worker)",
             task.shard,

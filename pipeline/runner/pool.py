@@ -6,8 +6,9 @@ hung worker: a stuck device, a deadlock, a storage call that never returns) is q
 `max_attempts` attempts; a dead or hung worker, or one whose device failed (a CUDA error, after which every
 call on it fails), is killed and replaced by a new one (which loads the model again, so a replacement's first
 shard also gets the worker start-up time). A shard that kills its worker on every attempt has the rows that
-do searched for (pipeline/runner/isolate.py) and is committed without them, as error rows. Shards that keep
-failing otherwise are returned with their last error; the others are unaffected.
+do searched for (pipeline/runner/isolate.py) and is committed without them, as error rows; it then gets
+`max_attempts` attempts again, and is given up on, not searched twice, if it still kills its worker alone.
+Shards that keep failing otherwise are returned with their last error; the others are unaffected.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class ShardTask:
     probe: bool = False  # a piece of a shard whose failing rows are searched for: generated, not committed
     skip: dict[int, str] = field(default_factory=dict)  # record index -> reason: an error row, not generated
     searched: bool = False  # its failing rows were searched for (and are in `skip`)
+    searched_at: int = 0  # its attempts when the search ended: it then gets max_attempts more
+
+    @property
+    def tries(self) -> int:
+        """Attempts counted against max_attempts: those since its search, if it had one."""
+        return self.attempts - self.searched_at
 
 
 class WorkerStartError(RuntimeError):
@@ -143,9 +150,10 @@ def run_pool(
     every shard it held down with it, each charged an attempt; a retried shard runs alone on its worker, and a
     shard is given up on only once an attempt that ran alone failed too, never for another shard's fault. A
     shard whose last attempt alone killed its worker has its failing rows searched for (isolate.py): probes of
-    its rows, dispatched first and alone, then the shard again with those rows in `skip`. A replacement that
-    failed to start, or had not started by its first shard's deadline, fails the shards it held as an error
-    does: that says nothing about their rows, which are not searched.
+    its rows, dispatched first and alone, then the shard again with those rows in `skip` and `max_attempts`
+    attempts of its own (one that kills its worker alone again is given up on, not searched twice). A
+    replacement that failed to start, or had not started by its first shard's deadline, fails the shards it
+    held as an error does: that says nothing about their rows, which are not searched.
     """
     import ray
     from ray.exceptions import RayActorError
@@ -213,13 +221,20 @@ def run_pool(
         that then killed its worker (`fatal`: dead or hung) has its failing rows searched for."""
         if task.probe:
             search.failed(task, fatal=fatal)
-        elif task.attempts < max_attempts or task.shared:
-            time.sleep(min(2.0 ** (task.attempts - 1), 10.0) * 0.1)
+        elif task.tries < max_attempts or task.shared:
+            time.sleep(min(2.0 ** (task.tries - 1), 10.0) * 0.1)
             task.alone = True
             queue.append(task)
         elif fatal and not task.searched:
             search.start(task)
         else:
+            if fatal:  # its other rows passed in the search's pieces: a second search would find no more
+                task.last_error = (
+                    f"{task.last_error}; without the {len(task.skip)} row(s) its search found, it killed its "
+                    f"worker again on {task.tries} attempt(s) alone, though its other rows passed in the "
+                    "search's smaller pieces: they fail only together (e.g. a batch that runs out of memory: "
+                    "lower sampler.batch_size and rerun the same command); not searched again"
+                )
             give_up(task)
 
     def started(index: int) -> bool:
@@ -263,7 +278,7 @@ def run_pool(
         if task.probe:
             return f"rows {task.start}-{task.stop - 1}, attempt {task.attempts}/{max_attempts}, not committed"
         if task.searched:
-            return f"attempt {task.attempts}: without its {len(task.skip)} failing row(s)"
+            return f"attempt {task.tries}/{max_attempts}: without its {len(task.skip)} failing row(s)"
         if task.attempts <= max_attempts:
             return f"attempt {task.attempts}/{max_attempts}"
         return f"attempt {task.attempts}: one beyond run.max_shard_attempts={max_attempts}, alone, as an earlier one shared its worker"

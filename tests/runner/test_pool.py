@@ -258,6 +258,57 @@ def test_rows_that_kill_their_worker_only_together_fail_their_shard_saying_so(ra
     assert "run.shard_size" not in failed[0].last_error
 
 
+@pytest.mark.parametrize(
+    ("after_search", "why"),
+    [
+        (
+            {"fail": [(0, 3)]},
+            "(attempt 1/2: without its 1 failing row(s)): RuntimeError: shard 0 failed on purpose",
+        ),
+        (
+            {"hang": [(0, 3)], "timeout_s": 2.0, "grace_s": 5.0},
+            "still running after run.shard_timeout_s=2s (attempt 1/2: without its 1 failing row(s))",
+        ),
+    ],
+    ids=["raises", "hangs"],
+)
+def test_a_searched_shard_gets_its_attempts_again(ray_local, caplog, after_search, why):
+    """Row 2 kills its worker: shard 0's two attempts die, the search finds the row, and the shard's first
+    attempt without it raises (a storage error) or hangs its worker (a worker lost to another cause). It is
+    retried as a fresh shard would be, not given up on: a rerun would repeat the whole search."""
+    commits, _ = _run(ray_local, **{**SMALL, "shards": 1, "attempts": 2}, die=[2], **after_search)
+    assert list(commits[0]["skipped"]) == [2] and commits[0]["rows"] == 3, commits[0]
+    assert commits[0]["attempt"] == 4, "two attempts, the search, then two more without row 2"
+    assert why in caplog.text, caplog.text
+    assert caplog.text.count("looking for the row(s) that do") == 1, "searched once"
+
+
+def test_a_searched_shard_that_still_kills_its_worker_is_given_up_without_a_second_search(ray_local, caplog):
+    """Row 2 kills its worker alone, rows 0 and 3 only together: the search finds row 2 (no piece holds both
+    0 and 3), and the shard, without row 2, dies again on both of its attempts. It is given up on saying why,
+    and not searched again (it would find no other row, each level costing a worker restart)."""
+    failed = []
+    _run(
+        ray_local,
+        **{**SMALL, "shards": 1, "attempts": 2},
+        die=[2],
+        die_together=[0, 3],
+        give_up=[0],
+        failed_out=failed,
+    )
+    deaths = re.findall(r"died holding shard\(s\) 0 \((attempt [^;]*)\); started", caplog.text)
+    assert deaths[-2:] == [
+        "attempt 1/2: without its 1 failing row(s)",
+        "attempt 2/2: without its 1 failing row(s)",
+    ], deaths
+    assert caplog.text.count("looking for the row(s) that do") == 1, "searched once"
+    assert (
+        "without the 1 row(s) its search found, it killed its worker again on 2 attempt(s) alone"
+        in failed[0].last_error
+    )
+    assert "not searched again" in failed[0].last_error, failed[0].last_error
+
+
 def test_a_probe_that_raises_gives_its_shard_up(ray_local):
     """A piece of rows that raises instead of killing its worker holds no failing row: the shard is given up
     on with both errors, as a shard that keeps raising is."""
