@@ -168,6 +168,7 @@ class Generator:
             eos_token_ids=info.eos_token_ids,
             pad_token_id=info.pad_token_id,
         )
+        self.settings.check_completions(spec.completions_per_prompt)
         self.max_prompt_tokens = max_prompt_tokens_for(
             spec.max_prompt_tokens, info.context_window, self.settings.max_new_tokens
         )

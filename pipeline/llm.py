@@ -86,6 +86,8 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown sampler setting(s) {unknown}; valid ones: {', '.join(valid)}")
         check_completions(completions_per_prompt, "completions_per_prompt")
+        if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
+            raise ValueError(f"system_prompt={system_prompt!r} must be a non-empty string (or None for none)")
         self.spec = GenerationSpec(
             model_path=model,
             dtype=dtype,

@@ -67,7 +67,9 @@ def check_system_prompt(tokenizer: Any, system_prompt: str | None, apply_chat_te
         return
     if not apply_chat_template or not has_chat_template(tokenizer):
         why = (
-            "data.apply_chat_template=false" if not apply_chat_template else "this model's tokenizer has none"
+            "templating is off (apply_chat_template)"
+            if not apply_chat_template
+            else "this model's tokenizer has none"
         )
         raise ValueError(f"data.system_prompt is a system turn of the chat template, and {why}")
     marker = "canvasflow system turn check"

@@ -366,7 +366,11 @@ class RecordBuilder:
                     False,
                     f"column {name!r} is {value} (not a finite number); data.prompt_template needs a value",
                 )
-            if isinstance(value, (bool, int, float)):
+            if isinstance(value, float) and float(np.float32(value)) == value:
+                value = min(
+                    repr(value), str(np.float32(value)), key=len
+                )  # a float32 column's 0.1, not 0.1000000015
+            elif isinstance(value, (bool, int, float)):
                 value = str(value)
             elif value is None or not isinstance(value, (str, bytes)):
                 kind = "null" if value is None else f"a {type(value).__name__}"

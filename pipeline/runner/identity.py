@@ -122,7 +122,6 @@ def config_fingerprint(job: JobConfig, model_id: str, sampler_settings: dict[str
             "max_prompt_tokens": job.model.max_prompt_tokens,
         },
         "sampler": sampler_settings,
-        "completions_per_prompt": job.sampler.completions_per_prompt,
         "data": {
             "prompt_column": job.data.prompt_column,
             "messages_column": job.data.messages_column,
@@ -133,6 +132,8 @@ def config_fingerprint(job: JobConfig, model_id: str, sampler_settings: dict[str
         },
         "postprocess": job.postprocess,
     }
+    if job.sampler.completions_per_prompt != 1:  # only then, so that other runs keep their identity (and id)
+        relevant["completions_per_prompt"] = job.sampler.completions_per_prompt
     return _digest(relevant)
 
 

@@ -318,6 +318,7 @@ def plan(job: JobConfig) -> Prepared:
                 eos_token_ids=info.eos_token_ids,
                 pad_token_id=info.pad_token_id,
             )
+            settings.check_completions(job.sampler.completions_per_prompt)
         else:
             user = diffusion_gemma_user_values(knobs, info.family)
             settings = resolve_settings(

@@ -53,7 +53,8 @@ class Progress:
         self._refresh()
         # Workers report rows as they generate them, a failed attempt's rows too (its retry reports them
         # again), so their sum can pass what is left; committed rows never do.
-        reported = int(sum(w["rows"] for w in self.snapshot.values()))
+        # round first: n completions of a row are reported as n shares of 1/n, whose float sum can fall short of 1
+        reported = int(round(sum(w["rows"] for w in self.snapshot.values()), 6))
         rows = max(self.committed_rows, min(reported, self.total - self.done_before))
         tokens = sum(w["tokens"] for w in self.snapshot.values())
         steps = sum(w["steps"] for w in self.snapshot.values())

@@ -170,7 +170,16 @@ class ShardWorker:
         if proposals:
             run_columns = fix_columns(store, proposals)
             kept, bad, _ = conform_rows(rows, run_columns, shard=shard, callable_name=name)
-        errors = [self._error_row(row, "postprocess", reason, row["prompt"][:2000]) for row, reason in bad]
+        several = self.generator.completions > 1  # name the completion, as Generator._error does
+        errors = [
+            self._error_row(
+                row,
+                "postprocess",
+                f"completion {row['completion_index']}: {reason}" if several else reason,
+                row["prompt"][:2000],
+            )
+            for row, reason in bad
+        ]
         return to_table(kept, part_schema(kept, run_columns)), kept, errors
 
     def _error_row(self, row: dict[str, Any], stage: str, reason: str, raw: str) -> dict[str, Any]:

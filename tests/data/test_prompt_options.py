@@ -140,3 +140,15 @@ def test_a_chat_template_that_refuses_or_drops_system_turns_is_reported():
     with pytest.raises(ValueError, match="drops system turns"):
         check_system_prompt(_tokenizer(drops), "Be brief.", True)
     check_system_prompt(_tokenizer(drops), None, True)  # nothing to check without a system prompt
+
+
+def test_a_float32_column_fills_the_template_as_written(tmp_path):
+    """Parquet float32 values arrive as float64 (0.1 as 0.10000000149011612): the template writes the float32's
+    shortest form; float64 values keep theirs."""
+    path = tmp_path / "in.parquet"
+    table = pa.table(
+        {"price": pa.array([0.1, 2.5], pa.float32()), "exact": pa.array([0.1, 1 / 3], pa.float64())}
+    )
+    pq.write_table(table, path)
+    records = read_input(DataConfig(path=str(path), prompt_template="{price} {exact}")).table.to_pylist()
+    assert [r["prompt"] for r in records] == ["0.1 0.1", f"2.5 {1 / 3!r}"]

@@ -17,12 +17,13 @@ pytestmark = pytest.mark.ray
 
 
 def test_each_prompt_gets_its_completions_and_the_first_is_the_single_completion(tmp_path, ray_local, caplog):
-    """8 good prompts and a malformed line, 3 completions each, the postprocess dropping completion 1: 16 rows
-    (completions 0 and 2 of each prompt), one read error and 8 postprocess errors naming their completion;
-    completion 0 of every prompt is the row a run with one completion writes."""
+    """8 good prompts and a malformed line, 4 completions each, the postprocess dropping completion 1 and giving
+    completion 3 a value of the wrong type: 16 rows (completions 0 and 2 of each prompt), one read error and 16
+    postprocess errors naming their completion; completion 0 of every prompt is the row a run with one
+    completion writes."""
     data = write_prompts(tmp_path / "prompts.jsonl", 8, extra=["{not json"])
-    job = make_job(tmp_path, data, sampler__completions_per_prompt=3)
-    job.postprocess = {"_target_": "tests.runner.postprocess_fns.drop_completion_one"}
+    job = make_job(tmp_path, data, sampler__completions_per_prompt=4)
+    job.postprocess = {"_target_": "tests.runner.postprocess_fns.by_completion"}
     with caplog.at_level("INFO", logger="canvasflow"):
         assert run(job) == 0
     run_dir = tmp_path / "out" / "test-run"
@@ -43,16 +44,19 @@ def test_each_prompt_gets_its_completions_and_the_first_is_the_single_completion
     assert any(by_key[rid, 0]["completion"] != by_key[rid, 2]["completion"] for rid in single)
 
     errors = read_parts(run_dir, "errors").to_pylist()
-    assert sorted(e["stage"] for e in errors) == ["postprocess"] * 8 + ["read"]
-    for e in errors:
-        if e["stage"] == "postprocess":
-            assert e["reason"].startswith("completion 1: filtered out by ") and e["id"] in single
+    assert sorted(e["stage"] for e in errors) == ["postprocess"] * 16 + ["read"]
+    reasons = sorted(e["reason"].split(" by ")[0].split(" returned")[0] for e in errors if e["id"] in single)
+    assert (
+        reasons
+        == ["completion 1: filtered out"] * 8
+        + ["completion 3: tests.runner.postprocess_fns.by_completion"] * 8
+    )
 
     stats = json.loads((run_dir / "stats.json").read_text())
-    assert (stats["rows_in"], stats["rows_out"], stats["completions_per_prompt"]) == (9, 16, 3)
-    assert json.loads((run_dir / "_manifest.json").read_text())["completions_per_prompt"] == 3
+    assert (stats["rows_in"], stats["rows_out"], stats["completions_per_prompt"]) == (9, 16, 4)
+    assert json.loads((run_dir / "_manifest.json").read_text())["completions_per_prompt"] == 4
     assert (
-        "| completions per prompt (`completion_index` 0-2, each keyed apart) | 3 |"
+        "| completions per prompt (`completion_index` 0-3, each keyed apart) | 4 |"
         in (run_dir / "README.md").read_text()
     )
     assert "progress: 9/9 rows (100.0%)" in caplog.text  # input rows, not completions
@@ -85,3 +89,18 @@ def test_completion_zero_keeps_the_rows_key_and_others_get_keys_of_their_own():
     keys = {rng.row_key(0, row_id, c) for row_id in ("a", "a1", "1a", "a:1", "b") for c in range(4)}
     assert len(keys) == 20
     assert rng.row_key(0, "a", 1) != rng.row_key(1, "a", 1)
+
+
+def test_several_completions_of_a_deterministic_mask_sampler_are_refused_at_startup(tmp_path, caplog):
+    """LLaDA's defaults (temperature 0, low_confidence) give one completion per prompt whatever its key: asking
+    for several would write copies at n times the cost."""
+    data = write_prompts(tmp_path / "p.jsonl", 3)
+    job = make_job(tmp_path, data, model__path="builtin:tiny-llada", sampler__completions_per_prompt=2)
+    job.sampler.max_denoising_steps, job.sampler.max_new_tokens = None, None  # the model's own settings
+    assert run(job) == 2
+    assert "sampler.completions_per_prompt=2 would give 2 identical completions" in caplog.text
+    with pytest.raises(ValueError, match="would give 3 identical completions"):
+        LLM("builtin:tiny-llada", completions_per_prompt=3)
+    sampled = LLM("builtin:tiny-llada", completions_per_prompt=2, mask={"temperature": 0.8})
+    first, second = sampled.generate(["Add: 12+30"])[0]
+    assert (first.completion_index, second.completion_index) == (0, 1)

@@ -155,3 +155,28 @@ def test_s3_model_identity_follows_replaced_weights_and_tokenizer_files(tmp_path
         copy = fetched(prep)  # not the cached copy of the old content
         assert copy != old_copy and (copy / name).read_bytes() == (model / name).read_bytes()
     assert (old_copy / "model.safetensors").read_bytes() != (model / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("model", "fingerprint"),
+    [("builtin:tiny-llada", "ab4db0611969"), ("builtin:tiny-diffusiongemma-random", "858289d6950d")],
+)
+def test_settings_added_later_leave_the_identity_of_runs_that_do_not_use_them(tmp_path, model, fingerprint):
+    """A run started before a setting existed resumes after it: the config fingerprints of these jobs are
+    the ones they had before Dream's algorithm (new mask-sampler keys), completions_per_prompt,
+    prompt_template and system_prompt were added. A new setting enters the fingerprint only when it is used
+    (or changes outputs); update these values only for a change that changes outputs, and say so."""
+    from pipeline.config.schema import SamplerConfig
+    from pipeline.runner.job import plan
+
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Add: {i}+{i}"}) + "\n" for i in range(4)))
+    job = JobConfig(
+        model=ModelConfig(path=model),
+        sampler=SamplerConfig(max_new_tokens=16),
+        data=DataConfig(path=str(data)),
+        output=OutputConfig(uri=str(tmp_path / "out")),
+        cluster=ClusterConfig(num_workers=1),
+        run=RunConfig(shard_size=2),
+    )
+    assert plan(job).identity["config_fingerprint"][:12] == fingerprint

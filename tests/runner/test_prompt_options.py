@@ -65,3 +65,8 @@ def test_a_model_whose_chat_template_drops_system_turns_refuses_a_system_prompt(
     with caplog.at_level("INFO", logger="canvasflow"):
         assert run(job) == 2
     assert message in caplog.text and "reading input" not in caplog.text
+
+
+def test_the_api_refuses_a_blank_system_prompt_before_loading_the_model():
+    with pytest.raises(ValueError, match="system_prompt='  ' must be a non-empty string"):
+        LLM("builtin:tiny-diffusiongemma-random", system_prompt="  ")

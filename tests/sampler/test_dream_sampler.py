@@ -210,6 +210,14 @@ def test_a_dream_model_defaults_to_dreams_algorithm_and_reads_dreams_generation_
     assert (s.remasking, s.block_length, s.steps_per_block) == ("low_confidence", 16, 16)
 
 
+def test_a_bad_alg_in_a_dream_generation_config_is_named_as_written(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"alg": "confidence_threshold"}))
+    with pytest.raises(
+        MaskSettingsError, match="generation_config.json: alg='confidence_threshold' is not one of"
+    ):
+        read_mask_generation_config(str(tmp_path))
+
+
 def test_llada_ignores_a_dream_generation_config_and_refuses_dream_knobs_from_the_user():
     config = {"alg": "origin", "top_p": 0.9, "alg_temp": 0.1, "max_new_tokens": 64}
     s = resolve_mask_settings({"algorithm": "llada"}, config, family="dream", **TOKENS)
@@ -243,7 +251,8 @@ def test_llada_ignores_a_dream_generation_config_and_refuses_dream_knobs_from_th
         ({"alg_temp": -1}, "sampler.mask.alg_temp=-1 must be a number >= 0"),
         ({"remasking": "confidence"}, "sampler.mask.remasking='confidence' is not one of"),
         ({"threshold": 0.9}, "which sampler.mask.remasking='origin' has none of"),
-        ({"threshold": 0.9, "remasking": "entropy", "alg_temp": 0.2}, "choose the positions to commit"),
+        ({"threshold": 0.9, "remasking": "margin", "alg_temp": 0.2}, "choose the positions to commit"),
+        ({"threshold": 0.9, "remasking": "entropy"}, "negative entropy"),
     ],
 )
 def test_bad_dream_settings_are_refused_naming_the_key(user, message):

@@ -229,6 +229,19 @@ def test_outputs_do_not_depend_on_batching(llada_fp32, knobs):
         assert not changed, f"{name}: rows {changed} differ"
 
 
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_the_head_and_decisions_run_over_a_few_rows_at_a_time(llada_fp32, monkeypatch, cfg_scale):
+    """decide_bytes for 2 rows of logits: a step over 5 rows calls the head on 2, 2 and 1 (guidance: the
+    conditional rows and their twins, and three logits tensors per row, so one row at a time)."""
+    calls = []
+    real = llada_fp32.logits
+    monkeypatch.setattr(llada_fp32, "logits", lambda hidden: (calls.append(hidden.shape[0]), real(hidden))[1])
+    _run(llada_fp32, _prompts(5), batch=5, decide_rows=2, max_new_tokens=8, steps=4, cfg_scale=cfg_scale)
+    first_step = calls[: 3 if cfg_scale == 0 else 10]
+    assert first_step == ([2, 2, 1] if cfg_scale == 0 else [1] * 10)
+    assert max(calls) == (2 if cfg_scale == 0 else 1)
+
+
 def test_temperature_samples_with_keyed_noise(llada_fp32):
     prompts = _prompts(6)
     greedy, _ = _run(llada_fp32, prompts)

@@ -167,7 +167,7 @@ def ranks(score: torch.Tensor) -> torch.Tensor:
 
 def needs_keys(s: MaskSettings) -> bool:
     """Whether a step of `s` draws keyed random numbers."""
-    return s.temperature > 0 or s.remasking in ("random", "origin") or s.alg_temp > 0
+    return s.draws_random_numbers
 
 
 def decide(

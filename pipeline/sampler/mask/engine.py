@@ -19,7 +19,7 @@ For each row, a sequence of prompt + max_new_tokens MASK tokens at positions 0..
 Rows live in slots 0..A-1 (a leaving row's slot is refilled by the last one, so reads are views); a finished
 row leaves at once and a queued row takes its slot (`batching="static"` keeps finished rows computed until
 their whole batch is done, the reference's schedule). One host synchronisation per step reads the per-row
-flags (a second one, on steps where rows finish, reads their tokens). Randomness is keyed by (seed, row id, block, step, position[, token]), so a row's completion does not
+flags (a second one, on steps where rows finish, reads their tokens). Randomness is keyed by (seed, row id, completion, block, step, position[, token]), so a row's completion does not
 depend on its batch. The sampler knows nothing of Ray, Hydra or files.
 """
 
@@ -364,7 +364,7 @@ class MaskDiffusionSampler:
         Dream block of 512 positions over 152k tokens is 311 MB of logits per row. Rows are independent, so
         the result does not depend on the split."""
         s, n = self.settings, block.shape[0]
-        per_row = block.shape[1] * self.model.spec.vocab_size * 4
+        per_row = block.shape[1] * self.model.spec.vocab_size * 4 * (3 if self.guided else 1)  # + twin, mix
         chunk = max(1, self.decide_bytes // per_row)
         out = []
         for lo in range(0, n, chunk):

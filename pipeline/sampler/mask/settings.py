@@ -37,6 +37,7 @@ from pipeline.sampler.settings import (
 ALGORITHMS = ("llada", "dream")
 CONFIDENCE_RULES = ("low_confidence", "margin", "entropy", "random", "origin")
 DREAM_RULE_NAMES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}  # Dream's `alg` names
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
 DEFAULTS: dict[str, Any] = {
     "algorithm": None,  # the family's own: llada for LLaDA, dream for Dream
@@ -131,6 +132,22 @@ class MaskSettings:
             )
 
     @property
+    def draws_random_numbers(self) -> bool:
+        """Whether a step draws keyed random numbers (sampled tokens or positions): if not, the completion is
+        a function of the prompt alone, and every completion of a prompt is the same."""
+        return self.temperature > 0 or self.remasking in ("random", "origin") or self.alg_temp > 0
+
+    def check_completions(self, completions: int) -> None:
+        """MaskSettingsError when `completions` > 1 completions of a prompt would all be the same."""
+        if completions > 1 and not self.draws_random_numbers:
+            raise MaskSettingsError(
+                f"sampler.completions_per_prompt={completions} would give {completions} identical completions: "
+                f"this mask sampler is deterministic (temperature 0, remasking={self.remasking!r}"
+                f"{', alg_temp 0' if self.algorithm == 'dream' else ''}). Set sampler.mask.temperature > 0 "
+                "(or remasking=random, or with algorithm=dream remasking=origin or alg_temp > 0)"
+            )
+
+    @property
     def num_blocks(self) -> int:
         return self.max_new_tokens // self.block_length
 
@@ -139,7 +156,14 @@ class MaskSettings:
         return self.steps // self.num_blocks
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as the run records them (manifest, dataset card, config fingerprint). Under LLaDA's
+        algorithm, `algorithm` and Dream's knobs, which change nothing there, are left out: the record (and
+        the fingerprint, so a resumed run's identity) is the one LLaDA runs had before Dream's algorithm."""
+        values = asdict(self)
+        if self.algorithm == "llada":
+            for key in ("algorithm", *DREAM_ONLY):
+                del values[key]
+        return values
 
 
 def check_mask_knobs(values: Mapping[str, Any], prefix: str = "sampler.mask.") -> None:
@@ -201,6 +225,13 @@ def check_combination(values: Mapping[str, Any], prefix: str = "sampler.mask.") 
                     f"{prefix}algorithm=dream to use it"
                 )
     if values.get("threshold") is not None:
+        if rule == "entropy":
+            raise MaskSettingsError(
+                f"{prefix}threshold={values['threshold']!r} is a confidence in (0, 1], and "
+                f"{prefix}remasking='entropy' scores positions by negative entropy (<= 0), which never reaches "
+                "it (one token a step): with a threshold use remasking=low_confidence (Dream's maskgit_plus) or "
+                "margin"
+            )
         if rule == "origin":
             raise MaskSettingsError(
                 f"{prefix}threshold={values['threshold']!r} ranks positions by confidence, which "
@@ -223,6 +254,11 @@ def read_mask_generation_config(model_dir: str) -> dict[str, Any]:
     if raw.get("gen_length") is not None and "max_new_tokens" not in out:
         out["max_new_tokens"] = raw["gen_length"]
     if raw.get("alg") is not None and "remasking" not in out:  # Dream's DreamGenerationConfig name
+        if raw["alg"] not in DREAM_ALGS:
+            raise MaskSettingsError(
+                f"{model_dir}/generation_config.json: alg={raw['alg']!r} is not one of Dream's "
+                f"{', '.join(DREAM_ALGS)}"
+            )
         out["remasking"] = raw["alg"]
     eos = raw.get("eos_token_id")
     if eos is not None:
