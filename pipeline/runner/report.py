@@ -132,7 +132,10 @@ def build_stats(
     canvases = sum(c.canvases for c in commits)
     wall = time.time() - started
     this_tokens = sum(c["tokens"] for c in new_commits.values())
-    this_rows = sum(c["rows"] + c["error_rows"] for c in new_commits.values())
+    # input rows of the shards this invocation committed (with several completions per prompt, a shard's
+    # output rows are more), as the progress line counts them
+    size, total = prep.job.run.shard_size, prep.records.num_rows
+    this_rows = sum(min(total, (s + 1) * size) - s * size for s in new_commits)
     return {
         "run_id": prep.run_id,
         "model": prep.model_info.name,

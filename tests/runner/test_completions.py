@@ -54,6 +54,7 @@ def test_each_prompt_gets_its_completions_and_the_first_is_the_single_completion
 
     stats = json.loads((run_dir / "stats.json").read_text())
     assert (stats["rows_in"], stats["rows_out"], stats["completions_per_prompt"]) == (9, 16, 4)
+    assert stats["this_invocation"]["rows"] == 9  # input rows, as the progress line counts them
     assert json.loads((run_dir / "_manifest.json").read_text())["completions_per_prompt"] == 4
     assert (
         "| completions per prompt (`completion_index` 0-3, each keyed apart) | 4 |"
