@@ -74,7 +74,7 @@ def measure(rows: int, positions: int, hidden: int, decide_bytes: int, device: s
         gen_positions=torch.arange(positions, device=device).expand(rows, positions),
     )  # fmt: skip
     call = lambda: sampler._decide(states, block, step, keys)  # noqa: E731
-    chunk = max(1, decide_bytes // (positions * VOCAB * 4))
+    chunk = sampler.decide_rows(positions)
     if device == "cuda":
         call()  # warm-up (allocator, kernels)
         started = time.perf_counter()

@@ -103,8 +103,8 @@ def _has_surrogate(text: str) -> bool:
 SURROGATE_HINT = "not valid UTF-8 (it holds a lone surrogate such as \\ud800, e.g. half of an escaped emoji)"
 
 
-def _check_text(value: Any, what: str) -> tuple[str | None, str | None]:
-    """(text, None) or (None, reason)."""
+def _check_text(value: Any, what: str, *, allow_blank: bool = False) -> tuple[str | None, str | None]:
+    """(text, None) or (None, reason); a blank text is a reason unless `allow_blank`."""
     if value is None:
         return None, f"{what} is null"
     if isinstance(value, bytes):
@@ -116,7 +116,7 @@ def _check_text(value: Any, what: str) -> tuple[str | None, str | None]:
         return None, f"{what} must be a string, got {type(value).__name__}"
     if _has_surrogate(value):
         return None, f"{what} is {SURROGATE_HINT}"
-    if not value.strip():
+    if not allow_blank and not value.strip():
         return None, f"{what} is empty"
     return value, None
 
@@ -144,6 +144,22 @@ def check_prompt_value(value: Any) -> tuple[str | None, bool, str | None]:
         return text, True, problem
     text, problem = _check_text(value, "prompt")
     return text, False, problem
+
+
+def _template_value(value: Any, name: str) -> tuple[str | None, str | None]:
+    """(text, None): column `name`'s value as data.prompt_template writes it; or (None, reason)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, f"column {name!r} is {value} (not a finite number); data.prompt_template needs a value"
+    if isinstance(value, float) and float(np.float32(value)) == value:
+        return min(
+            repr(value), str(np.float32(value)), key=len
+        ), None  # a float32 column's 0.1, not 0.1000000015
+    if isinstance(value, (bool, int, float)):
+        return str(value), None
+    if not isinstance(value, (str, bytes)):
+        kind = "null" if value is None else f"a {type(value).__name__}"
+        return None, f"column {name!r} is {kind}; data.prompt_template fills strings and numbers"
+    return _check_text(value, f"column {name!r}", allow_blank=True)  # blank values are allowed
 
 
 def _valid_text(text: str) -> str:
@@ -359,34 +375,10 @@ class RecordBuilder:
         self.rows_with_prompt += 1
         values = {}
         for name in self.template_fields:
-            value = row[name]
-            if isinstance(value, float) and not math.isfinite(value):
-                return (
-                    None,
-                    False,
-                    f"column {name!r} is {value} (not a finite number); data.prompt_template needs a value",
-                )
-            if isinstance(value, float) and float(np.float32(value)) == value:
-                value = min(
-                    repr(value), str(np.float32(value)), key=len
-                )  # a float32 column's 0.1, not 0.1000000015
-            elif isinstance(value, (bool, int, float)):
-                value = str(value)
-            elif value is None or not isinstance(value, (str, bytes)):
-                kind = "null" if value is None else f"a {type(value).__name__}"
-                return (
-                    None,
-                    False,
-                    f"column {name!r} is {kind}; data.prompt_template fills strings and numbers",
-                )
-            if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    return None, False, f"column {name!r} is not valid UTF-8 (byte {e.start})"
-            if _has_surrogate(value):
-                return None, False, f"column {name!r} is {SURROGATE_HINT}"
-            values[name] = value  # empty or blank values are allowed: the rendered prompt must not be
+            text, problem = _template_value(row[name], name)
+            if problem:
+                return None, False, problem
+            values[name] = text
         prompt, problem = _check_text(
             self.data.prompt_template.format_map(values), "prompt (data.prompt_template)"
         )

@@ -44,7 +44,7 @@ from pipeline.runner.identity import (
 )
 from pipeline.runner.pool import ShardTask, WorkerStartError
 from pipeline.runner.ray_setup import ClusterConnectError
-from pipeline.runner.report import Progress, build_manifest, build_stats, log_summary
+from pipeline.runner.report import Progress, build_manifest, build_stats, log_summary, shard_rows
 from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
 from pipeline.sampler.settings import (
     USER_KNOBS,
@@ -580,7 +580,7 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
     ]
     progress = Progress(
         total_rows=total,
-        done_rows=sum(min(total, (i + 1) * size) - i * size for i in committed),
+        done_rows=sum(shard_rows(i, size, total) for i in committed),
         interval_s=job.run.progress_interval_s,
     )
     new_commits: dict[int, Any] = {}
@@ -698,8 +698,7 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
 
         def on_commit(commit: dict[str, Any]) -> None:
             new_commits[commit["shard"]] = commit
-            shard = commit["shard"]
-            progress.shard_done(min(total, (shard + 1) * size) - shard * size)
+            progress.shard_done(shard_rows(commit["shard"], size, total))
 
         failed = run_pool(
             workers,

@@ -16,6 +16,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def shard_rows(shard: int, shard_size: int, num_rows: int) -> int:
+    """Input rows of shard `shard` in a plan of `num_rows` rows cut in shards of `shard_size`."""
+    return min(num_rows, (shard + 1) * shard_size) - shard * shard_size
+
+
 class Progress:
     """Logs rows done, rows/s, tokens/s, ETA and per-worker counts every `interval_s` seconds. Rows are input
     rows: a prompt with several completions counts once (workers report each completion as a fraction)."""
@@ -135,7 +140,7 @@ def build_stats(
     # input rows of the shards this invocation committed (with several completions per prompt, a shard's
     # output rows are more), as the progress line counts them
     size, total = prep.job.run.shard_size, prep.records.num_rows
-    this_rows = sum(min(total, (s + 1) * size) - s * size for s in new_commits)
+    this_rows = sum(shard_rows(s, size, total) for s in new_commits)
     return {
         "run_id": prep.run_id,
         "model": prep.model_info.name,

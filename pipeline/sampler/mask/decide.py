@@ -165,11 +165,6 @@ def ranks(score: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def needs_keys(s: MaskSettings) -> bool:
-    """Whether a step of `s` draws keyed random numbers."""
-    return s.draws_random_numbers
-
-
 def decide(
     logits: torch.Tensor,
     block: torch.Tensor,
@@ -180,7 +175,7 @@ def decide(
     keys: StepKeys | None,
 ) -> StepDecision:
     """logits [B, K, V] (float32/64), block [B, K] current tokens, step [B] steps taken in the block before
-    this one, allow_remask [B] bool; `keys` when needs_keys(settings). See the module docstring."""
+    this one, allow_remask [B] bool; `keys` when settings.draws_random_numbers. See the module docstring."""
     s = settings
     masked = block == s.mask_token_id  # [B, K]
     logits = logits.index_fill(-1, torch.tensor([s.mask_token_id], device=logits.device), float("-inf"))

@@ -37,7 +37,7 @@ from pipeline.kernels.backend import check_backend, resolve_backend
 from pipeline.models.bidirectional import TOKEN_PAD, BidirectionalLM
 from pipeline.sampler.engine import Request, Result, round_up
 from pipeline.sampler.feed import Feed, ListFeed, check_prompt
-from pipeline.sampler.mask.decide import StepKeys, decide, eos_stop, needs_keys
+from pipeline.sampler.mask.decide import StepKeys, decide, eos_stop
 from pipeline.sampler.mask.settings import MaskSettings
 
 logger = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ class MaskDiffusionSampler:
 
         columns = block_start[:, None] + torch.arange(s.block_length, device=dev)  # [n, K]
         keys = None
-        if needs_keys(s):
+        if s.draws_random_numbers:
             keys = StepKeys(
                 k0=torch.tensor([r.k0 for r in members], dtype=torch.long, device=dev),
                 k1=torch.tensor([r.k1 for r in members], dtype=torch.long, device=dev),
@@ -364,8 +364,7 @@ class MaskDiffusionSampler:
         Dream block of 512 positions over 152k tokens is 311 MB of logits per row. Rows are independent, so
         the result does not depend on the split."""
         s, n = self.settings, block.shape[0]
-        per_row = block.shape[1] * self.model.spec.vocab_size * 4 * (3 if self.guided else 1)  # + twin, mix
-        chunk = max(1, self.decide_bytes // per_row)
+        chunk = self.decide_rows(block.shape[1])
         out = []
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
@@ -383,6 +382,12 @@ class MaskDiffusionSampler:
             )
             out.append(decision.tokens)
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    def decide_rows(self, positions: int) -> int:
+        """Rows whose head and decisions run together (`_decide`) for a block of `positions`: their float32
+        logits fit `decide_bytes` (with guidance three tensors a row: the conditional, its twin, the mix)."""
+        per_row = positions * self.model.spec.vocab_size * 4 * (3 if self.guided else 1)
+        return max(1, self.decide_bytes // per_row)
 
     def _result(self, row: _Row) -> Result:
         return Result(
