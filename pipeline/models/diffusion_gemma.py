@@ -88,6 +88,16 @@ class SlotKVCache:
             v[dst].copy_(v[src])
         self.lengths[dst] = self.lengths[src]
 
+    def copy_prefix(self, src: torch.Tensor, dst: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Copies the first lengths[i] cached positions of slot src[i] into slot dst[i] and sets its length
+        (a prompt already encoded in another slot). One copy per layer, as wide as the longest: past a pair's
+        own length it carries scratch data, which the destination's length masks out like any other."""
+        width = int(lengths.max())
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[dst, :, :width] = k[src, :, :width]
+            v[dst, :, :width] = v[src, :, :width]
+        self.lengths[dst] = lengths
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 

@@ -1,7 +1,8 @@
 """The parallel diffusion sampler (DiffusionGemma's entropy-bound sampler) with continuous batching.
 
 For each row, canvas after canvas:
-  1. the causal encoder writes the prompt (or the previous canvas) into the row's KV-cache slot;
+  1. the causal encoder writes the prompt (or the previous canvas) into the row's KV-cache slot; a prompt that
+     another slot holds (the completions of one prompt) is copied from it instead;
   2. the canvas starts as uniform noise; each step the bidirectional decoder reads the slot and the canvas,
      and the vocabulary head gives per position a sampled token, the argmax and the entropy of the
      temperature-scaled distribution (linear schedule t_max -> t_min) and the self-conditioning input;
@@ -66,6 +67,7 @@ class SamplerStats:
     decoder_calls: int = 0
     encoder_calls: int = 0
     encoder_tokens: int = 0  # padded tokens pushed through the encoder
+    prompt_tokens_shared: int = 0  # prompt tokens copied from a slot that held the same prompt, not encoded
 
     def add(self, other: SamplerStats) -> None:
         for name in vars(self):
@@ -78,6 +80,8 @@ class _Row:
     k0: int
     k1: int
     order: int
+    prompt: tuple[int, ...]
+    prompt_key: tuple[int, int]  # (length, hash) of the prompt: finds a slot that holds the same prompt
     canvas: int = 0
     step: int = 0
     steps_total: int = 0
@@ -103,7 +107,8 @@ class DiffusionSampler:
     `encode`, `denoise`, `embedding`, `softcap`, `vocab_size` and `device`). `max_batch` is the number of
     KV-cache slots, `max_prompt_tokens` the longest prompt the cache must hold. `step_graphs`: "auto" runs
     the decoder step as CUDA graphs of bucketed batch sizes on CUDA, "off" never, "eager" pads to the buckets
-    without capturing (the same padding logic, testable on CPU).
+    without capturing (the same padding logic, testable on CPU). `share_prompts`: a prompt that a slot already
+    holds is copied from it, not encoded again (continuous batching; static batching encodes every prompt).
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class DiffusionSampler:
         backend: str = "auto",
         random_mode: str = "keyed",
         step_graphs: str = "auto",
+        share_prompts: bool = True,
     ) -> None:
         if max_batch <= 0:
             raise ValueError(f"max_batch={max_batch} must be positive")
@@ -125,6 +131,7 @@ class DiffusionSampler:
         self.settings = settings
         self.max_batch = max_batch
         self.max_prompt_tokens = max_prompt_tokens
+        self.share_prompts = share_prompts
         self.device = model.device
         self.backend = resolve_backend(backend, self.device.type)
         if hasattr(model, "set_backend"):  # the model's fused norms follow the sampler's kernel choice
@@ -343,8 +350,15 @@ class DiffusionSampler:
     # ------------------------------------------------------------------------------------- continuous
     def _new_row(self, req: Request, order: int) -> _Row:
         k0, k1 = rng.row_key(self.settings.seed, req.row_id, req.completion)
+        prompt = tuple(int(t) for t in req.prompt_ids)
         return _Row(
-            request=req, k0=k0, k1=k1, order=order, drafts=[] if self.settings.record_drafts else None
+            request=req,
+            k0=k0,
+            k1=k1,
+            order=order,
+            prompt=prompt,
+            prompt_key=(len(prompt), hash(prompt)),
+            drafts=[] if self.settings.record_drafts else None,
         )
 
     def _refill(self, rows: list[_Row], queue: deque, continuing: list[tuple[_Row, list[int]]]) -> None:
@@ -368,14 +382,14 @@ class DiffusionSampler:
             st["k1"][index] = torch.tensor([r.k1 for r in incoming], dtype=torch.long, device=dev)
             st["canvas_idx"][index] = 0
             self._cache.lengths[index] = 0
-        groups = (
-            (appended, [t for _, t in continuing], [r.cached for r, _ in continuing]),
-            (admitted, [list(r.request.prompt_ids) for r in incoming], [0] * len(incoming)),
-        )
-        for group, tokens, cached in groups:
-            if group:
-                index = torch.tensor(group, device=dev)
-                self._encode(index, tokens, prefix=group == list(range(len(group))), cached=cached)
+        if appended:
+            index = torch.tensor(appended, device=dev)
+            prefix = appended == list(range(len(appended)))
+            self._encode(
+                index, [t for _, t in continuing], prefix=prefix, cached=[r.cached for r, _ in continuing]
+            )
+        if incoming:
+            self._admit(rows, incoming)
         slots = torch.tensor(appended + admitted, device=dev)
         for row, canvas_tokens in continuing:
             row.cached += len(canvas_tokens)
@@ -388,6 +402,33 @@ class DiffusionSampler:
         for row in [r for r, _ in continuing] + incoming:
             if row.drafts is not None:
                 row.drafts.append([])
+
+    def _admit(self, rows: list[_Row], incoming: list[_Row]) -> None:
+        """Writes the prompts of `incoming` rows into slots len(rows), len(rows) + 1, ... A prompt that a live
+        row or an earlier incoming row holds (the completions of one prompt, a dataset's repeated prompts) is
+        copied from that row's slot instead of encoded again: a row's prompt stays at the start of its slot,
+        unchanged, for as long as the row lives (its canvases are appended after it)."""
+        holders = {r.prompt_key: (i, r) for i, r in enumerate(rows)} if self.share_prompts else {}
+        encode: list[tuple[int, _Row]] = []
+        copies: list[tuple[int, int, int]] = []  # (source slot, slot, prompt length)
+        for slot, row in enumerate(incoming, start=len(rows)):
+            held = holders.get(row.prompt_key)
+            if held is not None and held[1].prompt == row.prompt:
+                copies.append((held[0], slot, len(row.prompt)))
+                continue
+            encode.append((slot, row))
+            if self.share_prompts:
+                holders.setdefault(row.prompt_key, (slot, row))
+        if encode:
+            slots = [slot for slot, _ in encode]
+            prefix = slots == list(range(len(slots)))
+            self._encode(
+                torch.tensor(slots, device=self.device), [list(r.prompt) for _, r in encode], prefix=prefix
+            )
+        if copies:
+            src, dst, lengths = (torch.tensor(c, device=self.device) for c in zip(*copies, strict=True))
+            self._cache.copy_prefix(src, dst, lengths)
+            self.stats.prompt_tokens_shared += int(sum(c[2] for c in copies))
 
     def _finish_canvas(self, row: _Row, emitted: list[int]) -> Result | None:
         """Appends the emitted canvas; returns the row's Result if the row is finished."""

@@ -9,6 +9,7 @@ from benchmarks import (
     bench_experts,
     bench_generate,
     bench_mask_decide,
+    bench_prompt_sharing,
     bench_vocab_head,
     profile_step_gpu,
     step_profile,
@@ -96,3 +97,28 @@ def test_mask_decide_benchmark_splits_the_rows_on_cpu(capsys):
     assert bench_mask_decide.main(args) == 0
     table = [line.split() for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("3 ")]
     assert [(cells[1], cells[-3]) for cells in table] == [("10", "2"), ("off", "3")]
+
+
+def test_prompt_sharing_benchmark_copies_each_prompt_once(capsys, tmp_path):
+    args = [
+        "--prompts",
+        "3",
+        "--completions",
+        "3",
+        "--prompt-tokens",
+        "40",
+        "--batch",
+        "4",
+        "--canvases",
+        "1",
+    ]
+    assert bench_prompt_sharing.main([*args, "--steps", "4", "--cache", str(tmp_path), "--no-record"]) == 0
+    out = capsys.readouterr().out
+    assert "completions identical: True" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()}
+    assert rows["encoded"][2] == "0"
+    # Every row runs its 4 steps (36 row-steps), so the batch turns over whole: prompts (0, 0, 0, 1), then
+    # (1, 1, 2, 2), then (2): two copies in each of the first two batches.
+    assert rows["shared"][3] == rows["encoded"][3] == "36"
+    assert rows["shared"][2] == str(4 * 40)
+    assert int(rows["shared"][1]) < int(rows["encoded"][1])

@@ -241,3 +241,62 @@ def test_no_revision_emits_the_tokens_it_accepted():
     )
     results = sampler.generate([Request("a", [5, 6]), Request("b", [7])])
     assert [r.token_ids for r in results] == [list(range(10, 10 + length))] * 2
+
+
+class _Trickle:
+    """A feed that gives one request per pull: each arrives while the rows before it are still running."""
+
+    def __init__(self, requests):
+        self._requests = list(requests)
+
+    def pull(self, count: int, wait: bool) -> list:
+        return [self._requests.pop(0)] if self._requests and count > 0 else []
+
+
+def test_completions_of_one_prompt_copy_its_encoding(model):
+    """The completions of a prompt (and another row with the same prompt) copy its keys and values from a slot
+    that holds it instead of encoding it again, and complete exactly as when every prompt is encoded."""
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(7, 128, (n,), generator=gen).tolist() for n in (5, 21, 30)]
+    requests = [Request(f"p{i}", p, completion=c) for i, p in enumerate(prompts) for c in range(4)]
+    requests.append(Request("same-prompt", list(prompts[1])))
+
+    def run(batch, share):
+        sampler = DiffusionSampler(
+            model, _settings(), max_batch=batch, max_prompt_tokens=32, backend="torch", share_prompts=share
+        )
+        results = sampler.generate(requests)
+        return [(r.row_id, r.token_ids, r.denoising_steps, r.finish_reason) for r in results], sampler.stats
+
+    alone, alone_stats = run(1, share=True)
+    assert alone_stats.prompt_tokens_shared == 0, "a row alone never finds its prompt in another slot"
+    encoded, encoded_stats = run(len(requests), share=False)
+    shared, shared_stats = run(len(requests), share=True)
+    assert shared == encoded == alone
+    assert shared_stats.prompt_tokens_shared == 3 * 5 + 4 * 21 + 3 * 30
+    assert encoded_stats.encoder_tokens - shared_stats.encoder_tokens == 32 * (len(requests) - 3), (
+        "one batch of 3 prompts padded to 32 tokens instead of 13"
+    )
+    assert run(3, share=True)[0] == alone
+    assert len({tuple(t) for rid, t, _, _ in shared if rid == "p1"}) > 1, "the completions differ"
+
+
+def test_a_prompt_is_copied_from_a_row_still_running(model):
+    """A request arriving while a row with its prompt runs copies the prompt from that row's slot, whose
+    canvases have been appended after it since."""
+    prompt = list(range(20, 45))
+    requests = [Request("r", prompt, completion=c) for c in range(3)]
+    settings = _settings(adaptive_stopping=False, max_denoising_steps=3, eos_token_ids=(200,))
+
+    def run(share):
+        sampler = DiffusionSampler(
+            model, settings, max_batch=3, max_prompt_tokens=32, backend="torch", share_prompts=share
+        )
+        results = {}
+        sampler.serve(_Trickle(requests), lambda req, res: results.update({req.completion: res.token_ids}))
+        return results, sampler.stats
+
+    shared, stats = run(share=True)
+    assert shared == run(share=False)[0]
+    assert stats.prompt_tokens_shared == 2 * len(prompt)
+    assert all(len(t) == 4 * LENGTH for t in shared.values()), "every row ran its 4 canvases"
