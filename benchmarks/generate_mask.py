@@ -6,8 +6,10 @@ Per cache mode: generated tokens/s, forward passes per row, forward FLOPs comput
 vocabulary head) and the fraction saved against the exact path, wall-clock speed-up, peak memory, and the rows
 whose completion equals the exact path's. Random weights make the commit order arbitrary, so "same" here only
 shows the caches are approximations; their accuracy on a trained model is what benchmarks/bench_mask_cache.py
-measures. The decoding rule is LLaDA's step schedule (fixed work per block), so FLOPs and time depend on the
-shapes only. Needs only torch (no Ray, no Hydra, no transformers).
+measures. Each family decodes with its own algorithm: LLaDA's `generate` (low_confidence, temperature 0) or
+Dream's `diffusion_generate` with the sampling its model card recommends (entropy, temperature 0.2, top_p 0.95:
+a sort of every position's logits). Both run a fixed number of steps per block, so FLOPs depend on the shapes
+only. Needs only torch (no Ray, no Hydra, no transformers).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ MASK_SHAPES: dict[str, dict[str, Any]] = {
         tie_embeddings=False, mask_token_id=151_666, shift_logits=True, context_window=4096,
     ),
 }  # fmt: skip
+# Each family's own decoding: LLaDA's defaults; Dream's model-card sampling (alg="entropy", temperature 0.2, top_p 0.95).
+RULES: dict[str, dict[str, Any]] = {
+    "llada": dict(remasking="low_confidence", temperature=0.0),
+    "dream": dict(remasking="entropy", temperature=0.2, top_p=0.95),
+}
 SMALL = dict(hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16)
 TINY = dict(
     vocab_size=4096, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -104,7 +111,8 @@ def run_mask_bench(args: Any, rate: float | None) -> list[dict]:
     print(
         f"{args.family} {shape} shape ({spec.num_layers} layers, hidden {spec.hidden_size}, vocab "
         f"{spec.vocab_size}) on {args.device}, random {dtype}: built in {time.perf_counter() - started:.1f}s; "
-        f"prompt {args.prompt}, {gen_length} new tokens in blocks of {args.block}, {steps} steps (schedule rule)"
+        f"prompt {args.prompt}, {gen_length} new tokens in blocks of {args.block}, {steps} steps, "
+        f"{args.family}'s algorithm ({', '.join(f'{k} {v}' for k, v in RULES[args.family].items())})"
     )
     print(
         f"{'cache':<8}{'batch':>6}{'tok/s':>10}{'passes':>8}{'GFLOP':>11}{'saved':>8}{'MFU %':>7}"
@@ -119,7 +127,7 @@ def run_mask_bench(args: Any, rate: float | None) -> list[dict]:
         for cache in ("none", "prefix", "dual"):
             settings = MaskSettings(
                 max_new_tokens=gen_length, steps=steps, block_length=args.block, mask_token_id=spec.mask_token_id,
-                eos_token_ids=(eos,), pad_token_id=eos, cache=cache,
+                eos_token_ids=(eos,), pad_token_id=eos, cache=cache, algorithm=args.family, **RULES[args.family],
             )  # fmt: skip
             try:
                 if batch == args.batches[0]:
@@ -145,6 +153,8 @@ def run_mask_bench(args: Any, rate: float | None) -> list[dict]:
                 {
                     "bench": "generate-mask",
                     "family": args.family,
+                    "algorithm": settings.algorithm,
+                    "remasking": settings.remasking,
                     "shape": shape,
                     "cache": cache,
                     "batch": batch,

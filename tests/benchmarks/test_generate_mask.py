@@ -8,11 +8,15 @@ import pytest
 from benchmarks.generate_mask import mask_spec, run_mask_bench
 
 
-def test_mask_bench_reports_flops_saved_by_each_cache(capsys):
+@pytest.mark.parametrize("family, rule", [("llada", "low_confidence"), ("dream", "entropy")])
+def test_mask_bench_reports_flops_saved_by_each_cache(capsys, family, rule):
     args = Namespace(
-        family="llada", shape="tiny", device="cpu", batches=[3], canvas=16, block=8, steps=8, prompt=11
+        family=family, shape="tiny", device="cpu", batches=[3], canvas=16, block=8, steps=8, prompt=11
     )
     records = run_mask_bench(args, rate=None)
+    assert {(r["algorithm"], r["remasking"]) for r in records} == {(family, rule)}, (
+        "the family's own algorithm"
+    )
     by_cache = {r["cache"]: r for r in records}
     assert list(by_cache) == ["none", "prefix", "dual"]
     assert by_cache["none"]["flops_saved"] == 0 and by_cache["none"]["same_as_exact"] == 1
