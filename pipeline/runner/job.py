@@ -582,6 +582,7 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
         total_rows=total,
         done_rows=sum(shard_rows(i, size, total) for i in committed),
         interval_s=job.run.progress_interval_s,
+        completions=prep.spec.completions_per_prompt,
     )
     new_commits: dict[int, Any] = {}
     failed = []

@@ -23,10 +23,12 @@ def shard_rows(shard: int, shard_size: int, num_rows: int) -> int:
 
 class Progress:
     """Logs rows done, rows/s, tokens/s, ETA and per-worker counts every `interval_s` seconds. Rows are input
-    rows: a prompt with several completions counts once (workers report each completion as a fraction)."""
+    rows: a prompt with several completions counts once (workers report each completion as a fraction); decoder
+    passes are per completion ("passes/row" with one completion per prompt, "passes/completion" with several)."""
 
-    def __init__(self, total_rows: int, done_rows: int, interval_s: float) -> None:
+    def __init__(self, total_rows: int, done_rows: int, interval_s: float, completions: int = 1) -> None:
         self.total = total_rows
+        self.completions = completions
         self.done_before = done_rows
         self.interval = interval_s
         self.board = None
@@ -59,7 +61,8 @@ class Progress:
         # Workers report rows as they generate them, a failed attempt's rows too (its retry reports them
         # again), so their sum can pass what is left; committed rows never do.
         # round first: n completions of a row are reported as n shares of 1/n, whose float sum can fall short of 1
-        reported = int(round(sum(w["rows"] for w in self.snapshot.values()), 6))
+        generated = sum(w["rows"] for w in self.snapshot.values())
+        reported = int(round(generated, 6))
         rows = max(self.committed_rows, min(reported, self.total - self.done_before))
         tokens = sum(w["tokens"] for w in self.snapshot.values())
         steps = sum(w["steps"] for w in self.snapshot.values())
@@ -69,13 +72,14 @@ class Progress:
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         workers = ", ".join(f"{name}: {int(w['rows'])} rows" for name, w in sorted(self.snapshot.items()))
         logger.info(
-            "progress: %d/%d rows (%.1f%%) | %.2f rows/s | %.1f tok/s | %.1f passes/row | ETA %s%s",
+            "progress: %d/%d rows (%.1f%%) | %.2f rows/s | %.1f tok/s | %.1f passes/%s | ETA %s%s",
             done,
             self.total,
             100.0 * done / max(self.total, 1),
             rate,
             tokens / elapsed,
-            steps / max(rows, 1),
+            steps / max(generated * self.completions, 1),  # the rows and completions these passes made
+            "row" if self.completions == 1 else "completion",
             _duration(eta) if eta != float("inf") else "-",
             f" | {workers}" if workers else "",
         )

@@ -39,3 +39,15 @@ def test_a_workers_busy_time_counts_shards_held_together_once_and_includes_their
     )
     assert stats["w0"]["busy_s"] == 12.0 and stats["w0"]["tokens_per_s"] == round(200 / 12, 2)
     assert stats["w1"]["busy_s"] == 5.0
+
+
+def test_passes_are_counted_per_completion(caplog):
+    progress = Progress(total_rows=10, done_rows=0, interval_s=0.0, completions=4)
+    # 2.5 input rows: 10 completions, each reported as a quarter row, 60 decoder passes in all
+    progress.snapshot = {
+        "w0": {"rows": 1.5, "tokens": 90, "steps": 36},
+        "w1": {"rows": 1.0, "tokens": 60, "steps": 24},
+    }
+    with caplog.at_level(logging.INFO, logger="canvasflow"):
+        progress.tick(force=True)
+    assert "progress: 2/10 rows (20.0%)" in caplog.text and "| 6.0 passes/completion |" in caplog.text
