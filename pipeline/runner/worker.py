@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -42,10 +43,12 @@ class ShardWorker:
         import torch
 
         from pipeline.generation import Generator
-        from pipeline.runner.stream import SharedSampler
+        from pipeline.runner.stream import WORKER_SWITCH_INTERVAL_S, SharedSampler
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        # The sampler shares this process with the Python work of the shards in flight: hand the GIL over often.
+        sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
         self.name = name
         self.run_store = run_store
         self.compression = compression
@@ -72,6 +75,7 @@ class ShardWorker:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "backend": self.generator.sampler.backend,
             "load_s": round(self.load_s, 2),
+            "switch_interval_s": round(sys.getswitchinterval(), 6),
         }
 
     def _report(self, rows: float, tokens: int, steps: int, force: bool = False) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from benchmarks import (
     bench_experts,
     bench_generate,
+    bench_gil,
     bench_mask_decide,
     bench_prompt_sharing,
     bench_vocab_head,
@@ -122,3 +123,13 @@ def test_prompt_sharing_benchmark_copies_each_prompt_once(capsys, tmp_path):
     assert rows["shared"][3] == rows["encoded"][3] == "36"
     assert rows["shared"][2] == str(4 * 40)
     assert int(rows["shared"][1]) < int(rows["encoded"][1])
+
+
+def test_gil_benchmark_measures_the_sampler_beside_a_python_thread(capsys, tmp_path):
+    args = ["--rows", "2", "--steps", "2", "--neighbours", "none", "shard", "--cache", str(tmp_path)]
+    assert bench_gil.main([*args, "--no-record"]) == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines()]
+    rows = {(cells[0], cells[2]): cells for cells in table if len(cells) == 6 and cells[1] == "ms"}
+    assert set(rows) == {("5.0", "none"), ("5.0", "shard"), ("0.2", "none"), ("0.2", "shard")}
+    assert all(float(cells[3]) > 0 for cells in rows.values())
+    assert int(rows[("0.2", "shard")][5]) > 0, "the neighbour ran while the sampler did"

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.io.columns import RunColumn, conform_rows, convert
 from pipeline.runner.job import run
+from pipeline.runner.stream import WORKER_SWITCH_INTERVAL_S
 from tests.runner.test_job import make_job, read_parts, write_prompts
 
 pytestmark = pytest.mark.ray
@@ -116,6 +117,8 @@ def test_stats_manifest_and_card_describe_data_and_survive_a_resume(tmp_path, ra
     assert stats["denoising_steps"] == sum(r["denoising_steps"] for r in rows)
     assert stats["canvases"] == sum(r["canvases"] for r in rows)
     assert sum(stats["finish_reasons"].values()) == len(rows)
+    # The workers hand the GIL to the sampler's thread often (pipeline/runner/stream.py)
+    assert [w["switch_interval_s"] for w in stats["workers"]] == [WORKER_SWITCH_INTERVAL_S] * 2
     dropped = stats["dropped_after_sampling"]
     assert dropped["rows"] == 6 and dropped["denoising_steps"] > 0 and "not counted" in dropped["note"]
     manifest = json.loads((run_dir / "_manifest.json").read_text())
