@@ -1,8 +1,8 @@
 """The parallel diffusion sampler (DiffusionGemma's entropy-bound sampler) with continuous batching.
 
 For each row, canvas after canvas:
-  1. the causal encoder writes the prompt (or the previous canvas) into the row's KV-cache slot; a prompt that
-     another slot holds (the completions of one prompt) is copied from it instead;
+  1. the causal encoder writes the prompt (or the previous canvas) into the row's KV-cache slot; what of the
+     prompt another slot holds (the whole prompt, or leading blocks such as a system prompt) is copied from it;
   2. the canvas starts as uniform noise; each step the bidirectional decoder reads the slot and the canvas,
      and the vocabulary head gives per position a sampled token, the argmax and the entropy of the
      temperature-scaled distribution (linear schedule t_max -> t_min) and the self-conditioning input;
@@ -37,6 +37,7 @@ from pipeline.sampler.draws import GlobalDraws, KeyedDraws
 from pipeline.sampler.feed import Feed, ListFeed, check_prompt
 from pipeline.sampler.graphs import make_step_graphs
 from pipeline.sampler.settings import SamplerSettings
+from pipeline.sampler.sharing import PromptIndex, prefix_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class _Row:
     order: int
     prompt: tuple[int, ...]
     prompt_key: tuple[int, int]  # (length, hash) of the prompt: finds a slot that holds the same prompt
+    prompt_blocks: list[int]  # hash of each whole PROMPT_PAD-token block with all before it: shared prefixes
     canvas: int = 0
     step: int = 0
     steps_total: int = 0
@@ -107,8 +109,9 @@ class DiffusionSampler:
     `encode`, `denoise`, `embedding`, `softcap`, `vocab_size` and `device`). `max_batch` is the number of
     KV-cache slots, `max_prompt_tokens` the longest prompt the cache must hold. `step_graphs`: "auto" runs
     the decoder step as CUDA graphs of bucketed batch sizes on CUDA, "off" never, "eager" pads to the buckets
-    without capturing (the same padding logic, testable on CPU). `share_prompts`: a prompt that a slot already
-    holds is copied from it, not encoded again (continuous batching; static batching encodes every prompt).
+    without capturing (the same padding logic, testable on CPU). `share_prompts`: a prompt, or its leading blocks,
+    that a slot already holds is copied from it, not encoded again (sharing.py; continuous batching only: static
+    batching encodes every prompt, as the reference does).
     """
 
     def __init__(
@@ -358,6 +361,7 @@ class DiffusionSampler:
             order=order,
             prompt=prompt,
             prompt_key=(len(prompt), hash(prompt)),
+            prompt_blocks=prefix_hashes(prompt, PROMPT_PAD),
             drafts=[] if self.settings.record_drafts else None,
         )
 
@@ -404,31 +408,44 @@ class DiffusionSampler:
                 row.drafts.append([])
 
     def _admit(self, rows: list[_Row], incoming: list[_Row]) -> None:
-        """Writes the prompts of `incoming` rows into slots len(rows), len(rows) + 1, ... A prompt that a live
-        row or an earlier incoming row holds (the completions of one prompt, a dataset's repeated prompts) is
-        copied from that row's slot instead of encoded again: a row's prompt stays at the start of its slot,
-        unchanged, for as long as the row lives (its canvases are appended after it)."""
-        holders = {r.prompt_key: (i, r) for i, r in enumerate(rows)} if self.share_prompts else {}
-        encode: list[tuple[int, _Row]] = []
-        copies: list[tuple[int, int, int]] = []  # (source slot, slot, prompt length)
+        """Writes the prompts of `incoming` rows into slots len(rows), len(rows) + 1, ...: a prompt, or its
+        leading blocks, that a live row or an incoming row encoded whole here holds is copied from that row's
+        slot (sharing.py), and only the rest is encoded after it."""
+        index = PromptIndex(PROMPT_PAD)
+        if self.share_prompts:
+            for slot, row in enumerate(rows):
+                index.add(slot, row)
+        fresh: list[tuple[int, _Row]] = []
+        copies: list[tuple[int, int, int]] = []  # (source slot, slot, tokens copied)
         for slot, row in enumerate(incoming, start=len(rows)):
-            held = holders.get(row.prompt_key)
-            if held is not None and held[1].prompt == row.prompt:
-                copies.append((held[0], slot, len(row.prompt)))
-                continue
-            encode.append((slot, row))
-            if self.share_prompts:
-                holders.setdefault(row.prompt_key, (slot, row))
-        if encode:
-            slots = [slot for slot, _ in encode]
+            source, shared = index.source(row) if self.share_prompts else (None, 0)
+            if source is None:
+                fresh.append((slot, row))
+                if self.share_prompts:
+                    index.add(slot, row)
+            else:
+                copies.append((source, slot, shared))
+        if fresh:
+            slots = [slot for slot, _ in fresh]
             prefix = slots == list(range(len(slots)))
             self._encode(
-                torch.tensor(slots, device=self.device), [list(r.prompt) for _, r in encode], prefix=prefix
+                torch.tensor(slots, device=self.device), [list(r.prompt) for _, r in fresh], prefix=prefix
             )
-        if copies:
-            src, dst, lengths = (torch.tensor(c, device=self.device) for c in zip(*copies, strict=True))
-            self._cache.copy_prefix(src, dst, lengths)
-            self.stats.prompt_tokens_shared += int(sum(c[2] for c in copies))
+        if not copies:
+            return
+        src, dst, lengths = (torch.tensor(c, device=self.device) for c in zip(*copies, strict=True))
+        self._cache.copy_prefix(src, dst, lengths)
+        self.stats.prompt_tokens_shared += sum(c[2] for c in copies)
+        rest = [(slot, list(incoming[slot - len(rows)].prompt[n:]), n) for _, slot, n in copies]
+        rest = [r for r in rest if r[1]]
+        if not rest:
+            return
+        # Encoded after their copied tokens, padded to the widest rest: one call when that fits every slot.
+        width = round_up(max(len(t) for _, t, _ in rest), PROMPT_PAD)
+        groups = [rest] if max(n for _, _, n in rest) + width <= self.capacity else [[r] for r in rest]
+        for group in groups:
+            slots, tokens, cached = (list(x) for x in zip(*group, strict=True))
+            self._encode(torch.tensor(slots, device=self.device), tokens, prefix=False, cached=cached)
 
     def _finish_canvas(self, row: _Row, emitted: list[int]) -> Result | None:
         """Appends the emitted canvas; returns the row's Result if the row is finished."""

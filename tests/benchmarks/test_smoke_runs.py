@@ -113,7 +113,8 @@ def test_prompt_sharing_benchmark_copies_each_prompt_once(capsys, tmp_path):
         "--canvases",
         "1",
     ]
-    assert bench_prompt_sharing.main([*args, "--steps", "4", "--cache", str(tmp_path), "--no-record"]) == 0
+    args += ["--steps", "4", "--repeats", "1", "--cache", str(tmp_path), "--no-record"]
+    assert bench_prompt_sharing.main(args) == 0
     out = capsys.readouterr().out
     assert "completions identical: True" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()}

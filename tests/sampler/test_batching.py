@@ -300,3 +300,35 @@ def test_a_prompt_is_copied_from_a_row_still_running(model):
     assert shared == run(share=False)[0]
     assert stats.prompt_tokens_shared == 2 * len(prompt)
     assert all(len(t) == 4 * LENGTH for t in shared.values()), "every row ran its 4 canvases"
+
+
+def test_prompts_that_start_alike_copy_their_common_blocks(model):
+    """Prompts sharing leading blocks of 16 tokens (a system prompt, a template's fixed text) copy those from a
+    slot that holds them and encode the rest after them; every completion is the one of encoding it whole."""
+    system = list(range(20, 60))  # 40 tokens: two whole blocks and 8 more
+    prompts = {
+        "a": system + [7, 8, 9],
+        "b": system + [10, 11],  # the 2 blocks of a
+        "c": system[:20] + [12] * 9,  # 1 block
+        "d": list(system),  # 2 blocks, then its last 8 tokens
+        "e": [13] * 30,  # nothing in common
+        "f": system[:16],  # exactly a's first block: copied whole
+    }
+    requests = [Request(k, p) for k, p in prompts.items()]
+
+    def run(batch, share):
+        sampler = DiffusionSampler(
+            model, _settings(), max_batch=batch, max_prompt_tokens=48, backend="torch", share_prompts=share
+        )
+        results = sampler.generate(requests)
+        return [(r.row_id, r.token_ids, r.denoising_steps) for r in results], sampler.stats
+
+    encoded, encoded_stats = run(len(requests), share=False)
+    shared, stats = run(len(requests), share=True)
+    assert shared == encoded == run(1, share=False)[0]
+    assert stats.prompt_tokens_shared == 32 + 16 + 32 + 16
+    assert stats.encoder_calls == encoded_stats.encoder_calls + 1, (
+        "fresh prompts, then the rests after copies"
+    )
+    for batch in (2, 3):
+        assert run(batch, share=True)[0] == encoded, batch
