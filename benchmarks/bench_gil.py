@@ -103,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=positive_int, default=6, help="decoder steps per canvas (fixed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
-    parser.add_argument("--neighbours", nargs="+", default=["none", "shard", "python"])
+    parser.add_argument(
+        "--neighbours",
+        nargs="+",
+        default=["shard", "python"],
+        help="threads beside the sampler (none: alone, always run)",
+    )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "canvasflow" / "bench")
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS}")
     args = parser.parse_args(argv)
@@ -111,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.neighbours if n not in kinds]
     if unknown:
         parser.error(f"--neighbours {unknown[0]!r} is not one of {', '.join(kinds)}")
+    neighbours = [
+        "none",
+        *(n for n in dict.fromkeys(args.neighbours) if n != "none"),
+    ]  # alone first: the baseline
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = build_model(args.cache, 10.0, args.device, dtype)
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for interval in (DEFAULT_SWITCH_INTERVAL_S, WORKER_SWITCH_INTERVAL_S):
             sys.setswitchinterval(interval)
-            for name in args.neighbours:
+            for name in neighbours:
                 if kinds[name] is None:
                     wall, steps = measure(sampler, requests, sync)
                     rate = None
@@ -141,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
                         wall, steps = measure(sampler, requests, sync)
                     rate = neighbour.rate
                 ms = 1000 * wall / steps
-                alone.setdefault(interval, ms if name == "none" else None)
-                slowdown = ms / alone[interval] if alone.get(interval) else None
+                if name == "none":
+                    alone[interval] = ms
+                slowdown = ms / alone[interval]
                 print(
                     f"{interval * 1000:>13.1f} ms{name:>11}{ms:>9.1f}"
-                    f"{f'{slowdown:.1f}x' if slowdown else '-':>10}{f'{rate:.0f}' if rate else '-':>16}"
+                    f"{f'{slowdown:.1f}x':>10}{'-' if rate is None else f'{rate:.0f}':>16}"
                 )
                 records.append(
                     {

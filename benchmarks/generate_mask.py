@@ -1,6 +1,7 @@
 """The mask-diffusion part of bench_generate.py (`--family llada|dream`): canvasflow's mask sampler with the
-exact path (cache=none: LLaDA's `generate`, the whole sequence every step) against Fast-dLLM's prefix and dual
-block caches, on one randomly initialised model in a published shape, at growing batch sizes.
+exact path (cache=none: the whole sequence every step, as LLaDA's `generate` and Dream's `diffusion_generate`
+run) against Fast-dLLM's prefix and dual block caches, on one randomly initialised model in a published shape,
+at growing batch sizes.
 
 Per cache mode: generated tokens/s, forward passes per row, forward FLOPs computed (dense products, attention,
 vocabulary head) and the fraction saved against the exact path, wall-clock speed-up, peak memory, and the rows

@@ -24,7 +24,8 @@ def shard_rows(shard: int, shard_size: int, num_rows: int) -> int:
 class Progress:
     """Logs rows done, rows/s, tokens/s, ETA and per-worker counts every `interval_s` seconds. Rows are input
     rows: a prompt with several completions counts once (workers report each completion as a fraction); decoder
-    passes are per completion ("passes/row" with one completion per prompt, "passes/completion" with several)."""
+    passes are per completion sampled ("passes/row" with one completion per prompt, "passes/completion" with
+    several), rows rejected before sampling not counted."""
 
     def __init__(self, total_rows: int, done_rows: int, interval_s: float, completions: int = 1) -> None:
         self.total = total_rows
@@ -61,11 +62,11 @@ class Progress:
         # Workers report rows as they generate them, a failed attempt's rows too (its retry reports them
         # again), so their sum can pass what is left; committed rows never do.
         # round first: n completions of a row are reported as n shares of 1/n, whose float sum can fall short of 1
-        generated = sum(w["rows"] for w in self.snapshot.values())
-        reported = int(round(generated, 6))
+        reported = int(round(sum(w["rows"] for w in self.snapshot.values()), 6))
         rows = max(self.committed_rows, min(reported, self.total - self.done_before))
         tokens = sum(w["tokens"] for w in self.snapshot.values())
         steps = sum(w["steps"] for w in self.snapshot.values())
+        sampled = sum(w.get("sampled", 0) for w in self.snapshot.values())
         elapsed = max(now - self.started, 1e-9)
         done = self.done_before + rows
         rate = rows / elapsed
@@ -78,7 +79,7 @@ class Progress:
             100.0 * done / max(self.total, 1),
             rate,
             tokens / elapsed,
-            steps / max(generated * self.completions, 1),  # the rows and completions these passes made
+            steps / max(sampled, 1),
             "row" if self.completions == 1 else "completion",
             _duration(eta) if eta != float("inf") else "-",
             f" | {workers}" if workers else "",

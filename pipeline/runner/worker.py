@@ -25,11 +25,16 @@ class ProgressBoard:
     def __init__(self) -> None:
         self.workers: dict[str, dict[str, float]] = {}
 
-    def report(self, worker: str, rows: float, tokens: int, steps: int) -> None:
-        entry = self.workers.setdefault(worker, {"rows": 0, "tokens": 0, "steps": 0, "updated": 0.0})
+    def report(self, worker: str, rows: float, tokens: int, steps: int, sampled: int) -> None:
+        """`rows`: input rows done (a completion is 1/n of one; rows rejected before sampling count whole);
+        `sampled`: completions the sampler generated, whose `tokens` and decoder passes (`steps`) these are."""
+        entry = self.workers.setdefault(
+            worker, {"rows": 0, "tokens": 0, "steps": 0, "sampled": 0, "updated": 0.0}
+        )
         entry["rows"] += rows
         entry["tokens"] += tokens
         entry["steps"] += steps
+        entry["sampled"] += sampled
         entry["updated"] = time.time()
 
     def snapshot(self) -> dict[str, dict[str, float]]:
@@ -58,7 +63,7 @@ class ShardWorker:
         self.load_s = time.perf_counter() - started
         # Continuous batching runs the rows of every shard in flight here through one sampler (stream.py).
         self.shared = SharedSampler(self.generator.sampler) if spec.batching == "continuous" else None
-        self._pending = [0, 0, 0]
+        self._pending = [0, 0, 0, 0]
         self._last_flush = time.monotonic()
         self._report_lock = threading.Lock()  # rows are reported from the sampler's and the shards' threads
         self._commit_lock = threading.Lock()
@@ -78,18 +83,20 @@ class ShardWorker:
             "switch_interval_s": round(sys.getswitchinterval(), 6),
         }
 
-    def _report(self, rows: float, tokens: int, steps: int, force: bool = False) -> None:
+    def _report(
+        self, rows: float, tokens: int = 0, steps: int = 0, sampled: int = 0, force: bool = False
+    ) -> None:
+        """Adds to this worker's counters on the progress board (ProgressBoard.report), sent once a second."""
         if self.board is None:
             return
         with self._report_lock:
-            self._pending[0] += rows
-            self._pending[1] += tokens
-            self._pending[2] += steps
+            for i, value in enumerate((rows, tokens, steps, sampled)):
+                self._pending[i] += value
             now = time.monotonic()
             if force or now - self._last_flush > 1.0:
                 if any(self._pending):
                     self.board.report.remote(self.name, *self._pending)
-                self._pending = [0, 0, 0]
+                self._pending = [0, 0, 0, 0]
                 self._last_flush = now
 
     def process(
@@ -119,10 +126,10 @@ class ShardWorker:
             self.generator.generate(good, shared=self.shared)
             return {"shard": shard, "probe": True, "rows": len(good)}
         if early_errors:
-            self._report(len(early_errors), 0, 0)
+            self._report(len(early_errors))
         share = 1 / self.generator.completions  # progress counts input rows: a completion is a share of one
         out = self.generator.generate(
-            good, on_row=lambda tokens, steps: self._report(share, tokens, steps), shared=self.shared
+            good, on_row=lambda tokens, steps: self._report(share, tokens, steps, 1), shared=self.shared
         )
         generated = sorted(out.rows, key=lambda r: r["source_index"])
         with self._commit_lock:
@@ -148,7 +155,7 @@ class ShardWorker:
             "errors_by_stage": dict(Counter(e["stage"] for e in errors)),
         }
         # Rows rejected before sampling; those the postprocess rejected were counted as they finished.
-        self._report(sum(1 for e in out.errors if e["stage"] != "postprocess"), 0, 0, force=True)
+        self._report(sum(1 for e in out.errors if e["stage"] != "postprocess"), force=True)
         with self._commit_lock:  # shards in flight commit one at a time, while the sampler goes on
             commit = self.run_store.commit_shard(
                 shard,

@@ -42,6 +42,7 @@ from pipeline.sampler.sharing import PromptIndex, prefix_hashes
 logger = logging.getLogger(__name__)
 
 PROMPT_PAD = 16  # prompt lengths are padded to a multiple of this (see models.diffusion_gemma.TOKEN_PAD)
+MAX_ADMIT_ROUNDS = 4  # an admission writes prompts in at most this many rounds (sampler._admit)
 KV_LIMIT_ROUND = 256  # on CUDA, attention reads the slots up to the longest active row, rounded up to this
 
 
@@ -150,6 +151,7 @@ class DiffusionSampler:
         self.stats = SamplerStats()
         self._cache = None
         self._state: dict[str, torch.Tensor] = {}
+        self._prompts = PromptIndex(PROMPT_PAD)
         self.graphs = make_step_graphs(self, step_graphs)
 
     # ------------------------------------------------------------------------------------------ public
@@ -408,35 +410,50 @@ class DiffusionSampler:
                 row.drafts.append([])
 
     def _admit(self, rows: list[_Row], incoming: list[_Row]) -> None:
-        """Writes the prompts of `incoming` rows into slots len(rows), len(rows) + 1, ...: a prompt, or its
-        leading blocks, that a live row or an incoming row encoded whole here holds is copied from that row's
-        slot (sharing.py), and only the rest is encoded after it."""
-        index = PromptIndex(PROMPT_PAD)
-        if self.share_prompts:
-            for slot, row in enumerate(rows):
-                index.add(slot, row)
-        fresh: list[tuple[int, _Row]] = []
-        copies: list[tuple[int, int, int]] = []  # (source slot, slot, tokens copied)
-        for slot, row in enumerate(incoming, start=len(rows)):
-            source, shared = index.source(row) if self.share_prompts else (None, 0)
-            if source is None:
-                fresh.append((slot, row))
-                if self.share_prompts:
-                    index.add(slot, row)
-            else:
-                copies.append((source, slot, shared))
+        """Writes the prompts of `incoming` rows into slots len(rows), len(rows) + 1, ...: what of a prompt a
+        written row's slot holds (the whole prompt, or leading blocks) is copied from it (sharing.py) and only the
+        rest is encoded after it. In rounds: a row that would copy more from a row written in this round than
+        from one written before waits for the next round (the completions of a prompt that shares a system prompt
+        with the others copy it whole from their first completion, not the system prompt from another row)."""
+        slot_of = {id(r): i for i, r in enumerate(rows + incoming)}
+        pending, rounds = incoming, 0
+        while pending:
+            rounds += 1
+            planned = PromptIndex(PROMPT_PAD)
+            fresh: list[_Row] = []
+            copies: list[tuple[int, int, int]] = []  # (source slot, slot, tokens copied)
+            later: list[_Row] = []
+            for row in pending:
+                source, shared = self._prompts.source(row) if self.share_prompts else (None, 0)
+                if self.share_prompts and rounds < MAX_ADMIT_ROUNDS and planned.source(row)[1] > shared:
+                    later.append(row)
+                    continue
+                if source is None:
+                    fresh.append(row)
+                else:
+                    copies.append((slot_of[id(source)], slot_of[id(row)], shared))
+                planned.add(row)
+            self._write_prompts([slot_of[id(r)] for r in fresh], copies, rows + incoming)
+            if self.share_prompts:
+                waiting = {id(r) for r in later}
+                for row in pending:
+                    if id(row) not in waiting:
+                        self._prompts.add(row)
+            pending = later
+
+    def _write_prompts(self, fresh: list[int], copies: list[tuple[int, int, int]], rows: list[_Row]) -> None:
+        """Encodes the prompts of the `fresh` slots; per copy (source slot, slot, n), copies the first n tokens of
+        the source's slot, then encodes the rest of the slot's prompt after them (`rows[slot]` is its row)."""
         if fresh:
-            slots = [slot for slot, _ in fresh]
-            prefix = slots == list(range(len(slots)))
-            self._encode(
-                torch.tensor(slots, device=self.device), [list(r.prompt) for _, r in fresh], prefix=prefix
-            )
+            tokens = [list(rows[slot].prompt) for slot in fresh]
+            prefix = fresh == list(range(len(fresh)))
+            self._encode(torch.tensor(fresh, device=self.device), tokens, prefix=prefix)
         if not copies:
             return
         src, dst, lengths = (torch.tensor(c, device=self.device) for c in zip(*copies, strict=True))
         self._cache.copy_prefix(src, dst, lengths)
         self.stats.prompt_tokens_shared += sum(c[2] for c in copies)
-        rest = [(slot, list(incoming[slot - len(rows)].prompt[n:]), n) for _, slot, n in copies]
+        rest = [(slot, list(rows[slot].prompt[n:]), n) for _, slot, n in copies]
         rest = [r for r in rest if r[1]]
         if not rest:
             return
@@ -470,6 +487,9 @@ class DiffusionSampler:
                 "random_mode='torch_global' reproduces the reference only with batching='static'"
             )
         self._ensure_storage()
+        self._prompts = PromptIndex(
+            PROMPT_PAD
+        )  # the running rows' prompts, by whole prompt and leading blocks
         queue: deque[_Row] = deque()
         rows: list[_Row] = []  # rows[i] lives in slot i
         max_steps = self.settings.max_denoising_steps
@@ -510,6 +530,7 @@ class DiffusionSampler:
                     continuing.append((rows[i], canvas_tokens))
                 else:
                     leaving.add(i)
+                    self._prompts.remove(rows[i])
                     emit(rows[i], result)
             self._compact(rows, leaving)
             top_up(wait=not rows)

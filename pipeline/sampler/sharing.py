@@ -29,30 +29,40 @@ def prefix_hashes(tokens: tuple[int, ...], block: int) -> list[int]:
 
 
 class PromptIndex:
-    """The rows whose slots hold their prompt, by whole prompt and by leading blocks of `block` tokens."""
+    """The rows whose slots hold their prompt, by whole prompt and by leading blocks of `block` tokens. A row is
+    added once its prompt is written and removed when it leaves, so that an admission costs the new rows' blocks,
+    not every running row's."""
 
     def __init__(self, block: int) -> None:
         self.block = block
-        self._whole: dict[tuple[int, int], tuple[int, HasPrompt]] = {}
-        self._blocks: dict[int, tuple[int, HasPrompt]] = {}
+        self._whole: dict[tuple[int, int], dict[int, HasPrompt]] = {}
+        self._blocks: dict[int, dict[int, HasPrompt]] = {}
 
-    def add(self, slot: int, row: HasPrompt) -> None:
-        self._whole.setdefault(row.prompt_key, (slot, row))
+    def add(self, row: HasPrompt) -> None:
+        self._whole.setdefault(row.prompt_key, {})[id(row)] = row
         for chained in row.prompt_blocks:
-            self._blocks.setdefault(chained, (slot, row))
+            self._blocks.setdefault(chained, {})[id(row)] = row
 
-    def source(self, row: HasPrompt) -> tuple[int | None, int]:
-        """(slot, tokens to copy from its start) for `row`'s prompt: a slot that holds the same prompt, else the
-        one that holds the most of its leading blocks; (None, 0) when none does."""
-        held = self._whole.get(row.prompt_key)
-        if held is not None and held[1].prompt == row.prompt:
-            return held[0], len(row.prompt)
+    def remove(self, row: HasPrompt) -> None:
+        for table, keys in ((self._whole, [row.prompt_key]), (self._blocks, row.prompt_blocks)):
+            for key in keys:
+                holders = table.get(key)
+                if holders is not None and holders.pop(id(row), None) is not None and not holders:
+                    del table[key]
+
+    def source(self, row: HasPrompt) -> tuple[HasPrompt | None, int]:
+        """(a row, tokens to copy from the start of its slot) for `row`'s prompt: one that holds the same prompt,
+        else one that holds the most of its leading blocks; (None, 0) when none does."""
+        for held in self._whole.get(row.prompt_key, {}).values():
+            if held.prompt == row.prompt:
+                return held, len(row.prompt)
         found, depth = None, 0
         for i, chained in enumerate(row.prompt_blocks):
-            if chained not in self._blocks:
+            holders = self._blocks.get(chained)
+            if not holders:
                 break
-            found, depth = self._blocks[chained], i + 1
+            found, depth = next(iter(holders.values())), i + 1
         shared = depth * self.block
-        if found is None or found[1].prompt[:shared] != row.prompt[:shared]:
+        if found is None or found.prompt[:shared] != row.prompt[:shared]:
             return None, 0
-        return found[0], shared
+        return found, shared

@@ -127,7 +127,7 @@ def test_prompt_sharing_benchmark_copies_each_prompt_once(capsys, tmp_path):
 
 
 def test_gil_benchmark_measures_the_sampler_beside_a_python_thread(capsys, tmp_path):
-    args = ["--rows", "2", "--steps", "2", "--neighbours", "none", "shard", "--cache", str(tmp_path)]
+    args = ["--rows", "2", "--steps", "2", "--neighbours", "shard", "--cache", str(tmp_path)]
     assert bench_gil.main([*args, "--no-record"]) == 0
     table = [line.split() for line in capsys.readouterr().out.splitlines()]
     rows = {(cells[0], cells[2]): cells for cells in table if len(cells) == 6 and cells[1] == "ms"}

@@ -12,13 +12,13 @@ def test_retried_rows_do_not_push_progress_past_the_total(caplog):
     progress.shard_done(64)
     # two workers' counts after a shard of 64 rows failed twice and was generated a third time
     progress.snapshot = {
-        "w0": {"rows": 192, "tokens": 900, "steps": 1000},
-        "w1": {"rows": 128, "tokens": 600, "steps": 700},
+        "w0": {"rows": 192, "tokens": 900, "steps": 1000, "sampled": 192},
+        "w1": {"rows": 128, "tokens": 600, "steps": 700, "sampled": 128},
     }
     with caplog.at_level(logging.INFO, logger="canvasflow"):
         progress.tick(force=True)
     assert "progress: 240/240 rows (100.0%)" in caplog.text
-    progress.snapshot = {"w0": {"rows": 10, "tokens": 50, "steps": 60}}
+    progress.snapshot = {"w0": {"rows": 10, "tokens": 50, "steps": 60, "sampled": 10}}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="canvasflow"):
         progress.tick(force=True)
@@ -43,11 +43,12 @@ def test_a_workers_busy_time_counts_shards_held_together_once_and_includes_their
 
 def test_passes_are_counted_per_completion(caplog):
     progress = Progress(total_rows=10, done_rows=0, interval_s=0.0, completions=4)
-    # 2.5 input rows: 10 completions, each reported as a quarter row, 60 decoder passes in all
+    # 10 completions sampled, each reported as a quarter row, 60 decoder passes in all; and on w1 a row rejected
+    # before sampling (a whole row, no completion)
     progress.snapshot = {
-        "w0": {"rows": 1.5, "tokens": 90, "steps": 36},
-        "w1": {"rows": 1.0, "tokens": 60, "steps": 24},
+        "w0": {"rows": 1.5, "tokens": 90, "steps": 36, "sampled": 6},
+        "w1": {"rows": 2.0, "tokens": 60, "steps": 24, "sampled": 4},
     }
     with caplog.at_level(logging.INFO, logger="canvasflow"):
         progress.tick(force=True)
-    assert "progress: 2/10 rows (20.0%)" in caplog.text and "| 6.0 passes/completion |" in caplog.text
+    assert "progress: 3/10 rows (30.0%)" in caplog.text and "| 6.0 passes/completion |" in caplog.text

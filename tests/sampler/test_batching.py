@@ -332,3 +332,32 @@ def test_prompts_that_start_alike_copy_their_common_blocks(model):
     )
     for batch in (2, 3):
         assert run(batch, share=True)[0] == encoded, batch
+
+
+def test_completions_of_prompts_with_a_common_start_encode_each_prompt_once(model):
+    """Prompts sharing a system prompt, each with several completions, admitted together: the first prompt is
+    encoded, the others' first completions copy the system prompt and encode their rest, and every other
+    completion copies its whole prompt from its first (not the system prompt from another prompt's row)."""
+    system = list(range(20, 36))  # one block
+    prompts = [system + [40 + i] * (8 + 4 * i) for i in range(4)]
+    requests = [Request(f"p{i}", p, completion=c) for i, p in enumerate(prompts) for c in range(3)]
+
+    def run(share):
+        sampler = DiffusionSampler(
+            model,
+            _settings(),
+            max_batch=len(requests),
+            max_prompt_tokens=48,
+            backend="torch",
+            share_prompts=share,
+        )
+        results = sampler.generate(requests)
+        return [(r.row_id, r.token_ids, r.denoising_steps) for r in results], sampler.stats
+
+    encoded, encoded_stats = run(share=False)
+    shared, stats = run(share=True)
+    assert shared == encoded
+    lengths = [len(p) for p in prompts]  # 24, 28, 32, 36
+    assert stats.prompt_tokens_shared == 3 * 16 + 2 * sum(lengths)
+    # Prompts encoded: 12 padded to 48 tokens, against the first padded to 32 and the 3 rests (12-20) to 32.
+    assert encoded_stats.encoder_tokens - stats.encoder_tokens == 12 * 48 - (32 + 3 * 32)
