@@ -7,7 +7,10 @@
 #   bash benchmarks/gpu_checks.sh                         # every step (about 20 minutes at most)
 #   bash benchmarks/gpu_checks.sh vocab-head generate     # a subset, in the order given: steps tests,
 #                                                         # vocab-head, experts, generate, profile, llada,
-#                                                         # mask-decide (the mask sampler's step memory)
+#                                                         # mask-decide (the mask sampler's step memory),
+#                                                         # sharing (prompts copied between slots: identical
+#                                                         # completions in bf16 with CUDA graphs?), gil (the
+#                                                         # sampler's step beside a Python thread)
 #   BUDGET_S=570 bash benchmarks/gpu_checks.sh ...         # every step's limit cut to what is left of 570 s;
 #                                                         # a step with under 30 s left is skipped
 #   QUICK=1 bash benchmarks/gpu_checks.sh                 # small shapes: a smoke run of every step
@@ -70,7 +73,7 @@ moe_gemm() {  # the experts' products for generate / profile: $MOE_GEMM, else th
     if [ -n "${MOE_GEMM:-}" ]; then echo "$MOE_GEMM"; elif [ -s "$choice_file" ]; then cat "$choice_file"; else echo auto; fi
 }
 
-steps=${*:-tests vocab-head experts generate profile llada mask-decide}
+steps=${*:-tests vocab-head experts generate profile llada mask-decide sharing gil}
 for name in $steps; do
     case "$name:${QUICK:-0}" in
     tests:1) step tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra --strict-markers" tests/kernels ;;
@@ -87,7 +90,11 @@ for name in $steps; do
     llada:*) step llada 120 python3 benchmarks/bench_generate.py --family llada --batches 1 8 32 ;;
     mask-decide:1) step mask-decide 60 python3 benchmarks/bench_mask_decide.py --rows 4 16 --positions 64 ;;
     mask-decide:*) step mask-decide 90 python3 benchmarks/bench_mask_decide.py ;;
-    *) echo "unknown step $name (steps: tests vocab-head experts generate profile llada mask-decide)" >&2; exit 64 ;;
+    sharing:1) step sharing 60 python3 benchmarks/bench_prompt_sharing.py --prompts 8 --completions 4 --batch 32 --repeats 1 ;;
+    sharing:*) step sharing 90 python3 benchmarks/bench_prompt_sharing.py --prompts 32 --completions 8 --prompt-tokens 2048 --batch 64 ;;
+    gil:1) step gil 60 python3 benchmarks/bench_gil.py --rows 8 ;;
+    gil:*) step gil 90 python3 benchmarks/bench_gil.py --rows 32 --steps 16 ;;
+    *) echo "unknown step $name (steps: tests vocab-head experts generate profile llada mask-decide sharing gil)" >&2; exit 64 ;;
     esac
 done
 
