@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 # The GIL switch interval of a worker process (sys.setswitchinterval; Python's default is 5 ms). Every torch call
 # of the sampler's step releases the GIL and must take it back; while another thread of the worker runs Python
 # (a shard's chat templates and tokenization, its decoding, a postprocess callable, the Parquet commit), each
-# take-back waits for that thread's interval to end. At 5 ms that turns a 7 us operation into 5 ms; at 0.2 ms the
-# sampler keeps most of its pace (benchmarks/bench_gil.py).
+# take-back waits for that thread's interval to end. At 5 ms that turns a 7 us operation into 5 ms. The interval
+# cannot cut short a C call that holds the GIL (a tokenizer's), only Python bytecode (benchmarks/bench_gil.py,
+# docs/cluster.md).
 WORKER_SWITCH_INTERVAL_S = 2e-4
 
 

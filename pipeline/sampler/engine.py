@@ -69,7 +69,7 @@ class SamplerStats:
     decoder_calls: int = 0
     encoder_calls: int = 0
     encoder_tokens: int = 0  # padded tokens pushed through the encoder
-    prompt_tokens_shared: int = 0  # prompt tokens copied from a slot that held the same prompt, not encoded
+    prompt_tokens_shared: int = 0  # prompt tokens copied from another slot (whole prompts, leading blocks)
 
     def add(self, other: SamplerStats) -> None:
         for name in vars(self):
@@ -151,7 +151,7 @@ class DiffusionSampler:
         self.stats = SamplerStats()
         self._cache = None
         self._state: dict[str, torch.Tensor] = {}
-        self._prompts = PromptIndex(PROMPT_PAD)
+        self._prompts = PromptIndex(PROMPT_PAD)  # set afresh by each continuous run
         self.graphs = make_step_graphs(self, step_graphs)
 
     # ------------------------------------------------------------------------------------------ public
@@ -487,9 +487,7 @@ class DiffusionSampler:
                 "random_mode='torch_global' reproduces the reference only with batching='static'"
             )
         self._ensure_storage()
-        self._prompts = PromptIndex(
-            PROMPT_PAD
-        )  # the running rows' prompts, by whole prompt and leading blocks
+        self._prompts = PromptIndex(PROMPT_PAD)  # the written prompts of this run's rows (_admit)
         queue: deque[_Row] = deque()
         rows: list[_Row] = []  # rows[i] lives in slot i
         max_steps = self.settings.max_denoising_steps
