@@ -201,6 +201,10 @@ class RunConfig:
     shard_timeout_s: float | None = 3600.0
     # Seconds between progress lines.
     progress_interval_s: float = 5.0
+    # true: every start-up check (config, model, input, output), then what the run would do (new run or resume
+    # and how much is left, rejected rows, the first prompt as the model sees it, prompt lengths in tokens);
+    # nothing written, no worker started (pipeline/runner/dry_run.py).
+    dry_run: bool = False
 
 
 @dataclass

@@ -474,6 +474,11 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
         )
         return 2
     run_store = prep.run_store
+    if job.run.dry_run:  # reports what the run would do; writes nothing, takes no lock
+        from pipeline.runner import dry_run
+
+        warn_shard_drain(job, prep.identity["num_shards"])
+        return dry_run.report(prep)
     logger.info("run %s -> %s", prep.run_id, run_store.uri)
     warn_shard_drain(job, prep.identity["num_shards"])
     # The lock comes before anything is written in the run directory: run.overwrite too must not delete the

@@ -20,6 +20,7 @@ incomplete run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -31,7 +32,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig
 from pipeline.config.validate import validate_nightly
-from pipeline.io.lease import Lease, Refused
+from pipeline.io.lease import Lease, Refused, read_holder
 from pipeline.io.store import Store, StoreError, open_store
 
 logger = logging.getLogger("canvasflow")
@@ -114,11 +115,15 @@ def read_latest(store: Store, nightly: NightlyConfig) -> dict | None:
     return latest
 
 
+def lock_key(nightly: NightlyConfig) -> str:
+    return f"_locks/{nightly.run_prefix}.lock"
+
+
 def apply_retention(
-    store: Store, nightly: NightlyConfig, today: dt.date, latest_run: str | None
+    store: Store, nightly: NightlyConfig, today: dt.date, latest_run: str | None, *, dry_run: bool = False
 ) -> list[str]:
     """Deletes complete nights older than retention_days (never `latest_run`, this prefix's pointer's night,
-    never an incomplete run)."""
+    never an incomplete run); with `dry_run`, only names them."""
     if nightly.retention_days is None:
         return []
     cutoff = today - dt.timedelta(days=nightly.retention_days)
@@ -131,8 +136,11 @@ def apply_retention(
         if not store.exists(f"{run_id}/_SUCCESS"):
             logger.info("retention: keeping %s (incomplete)", run_id)
             continue
-        count = store.delete_prefix(f"{run_id}/")
         removed.append(run_id)
+        if dry_run:
+            logger.info("retention: would remove %s (older than %d days)", run_id, nightly.retention_days)
+            continue
+        count = store.delete_prefix(f"{run_id}/")
         logger.info(
             "retention: removed %s (%d objects, older than %d days)", run_id, count, nightly.retention_days
         )
@@ -177,9 +185,29 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
             latest_key(nightly),
         )
         return REFUSED
+    if (
+        job.run.dry_run
+    ):  # no lock, no pointer, nothing deleted: the night's plan and what retention would remove
+        job.run.id = run_id
+        logger.info("nightly %s (scheduled date %s, %s)", run_id, date.isoformat(), nightly.timezone)
+        with contextlib.suppress(StoreError):
+            holder = read_holder(store, lock_key(nightly))
+            if holder:
+                logger.warning(
+                    "%s names run %s on host %s, pid %s: while it runs, a real night is refused (exit code 3)",
+                    store.describe(lock_key(nightly)),
+                    holder.get("run_id", "?"),
+                    holder.get("host", "?"),
+                    holder.get("pid", "?"),
+                )
+        code = run(job, resolved_yaml=resolved_yaml)
+        if code == 0:  # the pointer names this night once it completes, unless it is a backfill
+            newest = run_id if latest_date is None or date >= latest_date else latest["run_id"]
+            apply_retention(store, nightly, date, newest, dry_run=True)
+        return code
     lease = Lease(
         store,
-        f"_locks/{nightly.run_prefix}.lock",
+        lock_key(nightly),
         secrets.token_hex(8),
         run_id,
         nightly.lock_stale_s,

@@ -1,0 +1,234 @@
+"""`run.dry_run=true`: every start-up check of a real run, then what the run would do, and nothing else.
+
+The plan (pipeline/runner/job.py) has read the whole input, resolved the sampler settings against the model's
+generation config and found the run id and its state. This module reports them, with what a user checks before
+spending GPU hours on a job: whether it starts a new run or resumes one (and how much is left), the rows that
+will be rejected, the first prompt exactly as the model will see it (chat template, system prompt, template),
+and the prompt lengths in tokens against the model's budget, from a sample. It writes nothing (the start-up
+check that the output is writable leaves no object behind), takes no lock and starts no Ray worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any
+
+from pipeline.data.prompts import CHARS_BOUND_FACTOR, PromptTooLong, max_token_chars, prompt_ids
+from pipeline.io.commit import RUN_LOCK
+from pipeline.io.lease import read_holder
+from pipeline.io.store import StoreError, is_s3
+from pipeline.models.loader import MASK_FAMILIES, ModelError, load_tokenizer
+
+logger = logging.getLogger("canvasflow")
+SAMPLE_ROWS = 2000  # prompts tokenized for the length figures, evenly spaced over the input
+SHOWN_ERRORS = 3  # rejected rows quoted
+SHOWN_PROMPT_CHARS = 1500  # the first prompt is cut to this many characters when shown
+# Settings the plan line leaves out: token ids, and flags a user rarely sets.
+HIDDEN_SETTINGS = frozenset({"eos_token_ids", "pad_token_id", "mask_token_id", "record_drafts"})
+
+
+def report(prep: Any) -> int:
+    """Logs the plan of `prep` (job.Prepared, from job.plan); returns the exit code: 0, it would run."""
+    job, records = prep.job, prep.records
+    logger.info("dry run (run.dry_run=true): nothing is written and no worker is started")
+    logger.info("run %s at %s: %s", prep.run_id, prep.run_store.uri, _state(prep))
+    _lock_line(prep)
+    _rejected_lines(records.table)  # the plan logged the input's row counts
+    n = prep.spec.completions_per_prompt
+    completions = (records.num_rows - records.num_errors) * n
+    logger.info(
+        "work: %d prompt(s) x %d completion(s) = %d completion(s) at most, in %d shard(s) of %d row(s); %s",
+        records.num_rows - records.num_errors,
+        n,
+        completions,
+        prep.identity["num_shards"],
+        job.run.shard_size,
+        _workers(job),
+    )
+    settings = {k: v for k, v in prep.settings.items() if k not in HIDDEN_SETTINGS and v is not None}
+    logger.info(
+        "model %s (%s, context window %d tokens, prompts up to %d tokens); sampler: %s",
+        prep.model_info.name,
+        prep.model_info.family,
+        prep.model_info.context_window,
+        prep.spec.max_prompt_tokens,
+        " ".join(f"{k}={v}" for k, v in sorted(settings.items())),
+    )
+    _prompt_lines(prep)
+    logger.info("dry run done: rerun without run.dry_run=true to generate")
+    return 0
+
+
+def _state(prep: Any) -> str:
+    status, total = prep.status, prep.identity["num_shards"]
+    if status == "new":
+        return f"a new run; all {total} shard(s) to generate"
+    if status == "replace":
+        return (
+            "run.overwrite=true: the run there (another input or config, or objects that are no run) would be "
+            f"deleted and all {total} shard(s) generated"
+        )
+    committed = prep.run_store.committed()
+    broken = prep.run_store.verify(committed)
+    left = total - len(committed) + len(broken)
+    if status == "complete" and not broken:
+        return f"complete (_SUCCESS present): all {total} shard(s) committed, nothing to do"
+    note = f", {len(broken)} of them with parts missing or altered (regenerated)" if broken else ""
+    return f"resumes: {len(committed)} of {total} shard(s) committed{note}; {left} to generate"
+
+
+def _lock_line(prep: Any) -> None:
+    try:
+        holder = read_holder(prep.run_store.store, RUN_LOCK)
+    except StoreError as e:
+        logger.warning("the run lock %s cannot be read: %s", prep.run_store.store.describe(RUN_LOCK), e)
+        return
+    if holder:
+        logger.warning(
+            "the run lock %s names host %s, pid %s: while that process runs, a real run is refused (exit "
+            "code 2); a lock left by a crashed process is taken over",
+            prep.run_store.store.describe(RUN_LOCK),
+            holder.get("host", "?"),
+            holder.get("pid", "?"),
+        )
+
+
+def _rejected_lines(table: Any) -> None:
+    errors = table.column("error")
+    if errors.null_count == len(errors):
+        return
+    logger.info("rows rejected while reading land in errors/ with their reason, e.g.:")
+    shown = 0
+    for index, error in enumerate(errors.to_pylist()):
+        if error is None:
+            continue
+        source = table.column("source_index")[index].as_py()
+        logger.info("  rejected: input row %s: %s", source, error)
+        shown += 1
+        if shown == SHOWN_ERRORS:
+            break
+    rest = len(errors) - errors.null_count - shown
+    if rest:
+        logger.info("  ... and %d more", rest)
+
+
+def _workers(job: Any) -> str:
+    cluster = job.cluster
+    where = "this machine" if cluster.mode == "local" else (cluster.address or "the Ray cluster")
+    gpus = cluster.num_gpus_per_worker
+    return (
+        f"{cluster.num_workers} worker(s) on {where} (cluster.mode={cluster.mode}"
+        f"{f', {gpus:g} GPU(s) each' if gpus else ''}), {job.run.shards_in_flight} shard(s) in flight each"
+    )
+
+
+def _sample_indices(good: list[int], limit: int) -> list[int]:
+    if len(good) <= limit:
+        return good
+    step = len(good) / limit
+    return [good[int(i * step)] for i in range(limit)]
+
+
+def _prompt_lines(prep: Any) -> None:
+    """The first prompt as rendered for the model, and prompt lengths in tokens over a sample of the rows."""
+    info, spec, table = prep.model_info, prep.spec, prep.records.table
+    if is_s3(spec.model_path):
+        logger.info(
+            "prompts: not rendered or counted: the tokenizer of model.path=%s is downloaded by the workers",
+            spec.model_path,
+        )
+        return
+    good = [i for i, error in enumerate(table.column("error").to_pylist()) if error is None]
+    if not good:
+        return
+    try:
+        tokenizer = load_tokenizer(info.model_dir, remote_code_free=info.family in MASK_FAMILIES)
+    except ModelError as e:
+        logger.warning("prompts: not counted: %s", e)
+        return
+    max_chars = spec.max_prompt_tokens * max_token_chars(tokenizer) * CHARS_BOUND_FACTOR
+    sample = _sample_indices(good, SAMPLE_ROWS)
+    rows = table.take(sample).select(["id", "prompt", "is_chat"]).to_pylist()
+    lengths: list[int] = []
+    too_long, failed = 0, []
+    for row in rows:
+        try:
+            ids = prompt_ids(
+                tokenizer,
+                row["prompt"],
+                is_chat=bool(row["is_chat"]),
+                apply_chat_template=spec.apply_chat_template,
+                max_chars=max_chars,
+                system_prompt=spec.system_prompt,
+            )
+        except PromptTooLong:
+            too_long += 1
+            continue
+        except Exception as e:  # noqa: BLE001 - a row the workers reject ("cannot render the prompt")
+            failed.append(f"{row['id']}: {e}")
+            continue
+        if not ids:
+            failed.append(f"{row['id']}: the prompt has no tokens")
+            continue
+        if not lengths:
+            _show_first(tokenizer, row, spec, len(ids))
+        lengths.append(len(ids))
+        too_long += len(ids) > spec.max_prompt_tokens
+    _length_lines(lengths, too_long, failed, len(sample), len(good), spec.max_prompt_tokens)
+
+
+def _show_first(tokenizer: Any, row: dict[str, Any], spec: Any, tokens: int) -> None:
+    from pipeline.data.prompts import render_prompt
+
+    text = render_prompt(
+        tokenizer,
+        row["prompt"],
+        is_chat=bool(row["is_chat"]),
+        apply_chat_template=spec.apply_chat_template,
+        system_prompt=spec.system_prompt,
+    )
+    cut = (
+        f"\n  ... ({len(text) - SHOWN_PROMPT_CHARS} more characters)"
+        if len(text) > SHOWN_PROMPT_CHARS
+        else ""
+    )
+    logger.info(
+        "first prompt as the model sees it (row %s, %d tokens):\n  %s%s",
+        row["id"],
+        tokens,
+        text[:SHOWN_PROMPT_CHARS].replace("\n", "\n  "),
+        cut,
+    )
+
+
+def _length_lines(
+    lengths: list[int], too_long: int, failed: list[str], sampled: int, good: int, budget: int
+) -> None:
+    scope = f"the {good}" if sampled == good else f"a sample of {sampled} of the {good}"
+    if lengths:
+        ordered = sorted(lengths)
+        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        logger.info(
+            "prompt tokens over %s prompt(s): min %d, median %d, p95 %d, max %d",
+            scope,
+            ordered[0],
+            int(statistics.median(ordered)),
+            p95,
+            ordered[-1],
+        )
+    if too_long:
+        logger.warning(
+            "%d of %s prompt(s) have more than model.max_prompt_tokens=%d tokens: they would be error rows "
+            "(raise model.max_prompt_tokens, within the context window less sampler.max_new_tokens)",
+            too_long,
+            scope,
+            budget,
+        )
+    if failed:
+        logger.warning(
+            "%d of %s prompt(s) cannot be rendered and would be error rows, e.g. %s",
+            len(failed),
+            scope,
+            failed[0],
+        )

@@ -1,0 +1,148 @@
+"""run.dry_run=true: every start-up check, then what the run would do (new run or resume, rejected rows, the
+first prompt as rendered for the model, prompt lengths); nothing written, no lock taken, no worker started."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from pipeline.config.schema import (
+    ClusterConfig,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    NightlyConfig,
+    NightlyJobConfig,
+    OutputConfig,
+    RunConfig,
+)
+from pipeline.data.prompts import prompt_ids
+from pipeline.io.commit import RUN_LOCK, SUCCESS
+from pipeline.io.lease import Lease
+from pipeline.models.loader import load_tokenizer, resolve_model_dir
+from pipeline.runner.job import plan, prepare, run
+from pipeline.runner.nightly import run_nightly
+
+SYSTEM = "Answer with the number only."
+
+
+def _input(tmp_path: Path) -> Path:
+    lines = [json.dumps({"question": f"Add: {i}+{2 * i}"}) for i in range(9)]
+    lines[2] = "{not json"
+    lines[4] = json.dumps({"question": ""})
+    lines[6] = json.dumps({"question": "Add: " + "1+" * 400 + "1"})  # longer than max_prompt_tokens
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _job(tmp_path: Path, **run) -> JobConfig:
+    return JobConfig(
+        model=ModelConfig(max_prompt_tokens=64),
+        data=DataConfig(path=str(_input(tmp_path)), prompt_column="question", system_prompt=SYSTEM),
+        output=OutputConfig(uri=str(tmp_path / "out")),
+        cluster=ClusterConfig(num_workers=1),
+        run=RunConfig(shard_size=3, **run),
+    )
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_a_dry_run_reports_the_plan_and_writes_nothing(tmp_path, caplog):
+    job = _job(tmp_path, dry_run=True)
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(job) == 0
+    log = caplog.text
+    run_id = plan(_job(tmp_path)).run_id  # the run id of the same job without dry_run: dry_run is no identity
+    assert f"run {run_id} at " in log and "a new run; all 3 shard(s) to generate" in log
+    assert "nothing is written and no worker is started" in log
+    assert "starting a local Ray instance" not in log
+    assert _tree(tmp_path / "out") == {}, "no object, not even an empty run directory"
+
+    # the rows rejected while reading, quoted with their reasons
+    assert "input row 2: " in log and "malformed JSON" in log
+    assert "input row 4: prompt (column 'question') is empty" in log
+    # the first prompt rendered as the workers render it: chat template with the system turn
+    tokenizer = load_tokenizer(resolve_model_dir("builtin:tiny-diffusiongemma"))
+    ids = prompt_ids(tokenizer, "Add: 0+0", is_chat=False, apply_chat_template=True, system_prompt=SYSTEM)
+    assert "first prompt as the model sees it (row " in log and f", {len(ids)} tokens):" in log
+    assert SYSTEM in log and "Add: 0+0" in log
+    # lengths over the 7 readable prompts; the long one is counted against model.max_prompt_tokens
+    assert "prompt tokens over the 7 prompt(s):" in log
+    assert "1 of the 7 prompt(s) have more than model.max_prompt_tokens=64 tokens" in log
+    assert "7 prompt(s) x 1 completion(s) = 7 completion(s) at most, in 3 shard(s) of 3 row(s)" in log
+
+
+def test_a_dry_run_of_a_started_run_says_how_much_is_left_and_who_holds_it(tmp_path, caplog):
+    prep = prepare(_job(tmp_path))  # a started run: _run.json and _config.yaml written
+    schema = pa.schema([("id", pa.string())])
+    prep.run_store.commit_shard(
+        0,
+        schema.empty_table(),
+        [],
+        compression="zstd",
+        stats={},
+        worker="w0",
+        attempt=1,
+    )
+    root = tmp_path / "out" / prep.run_id
+    lease = Lease(prep.run_store.store, RUN_LOCK, secrets.token_hex(8), prep.run_id, 120.0)
+    lease.acquire()  # a live process writing the run
+    try:
+        before = _tree(root)
+        with caplog.at_level("INFO", logger="canvasflow"):
+            assert run(_job(tmp_path, dry_run=True)) == 0
+        assert _tree(root) == before
+    finally:
+        lease.release()
+    assert "resumes: 1 of 3 shard(s) committed; 2 to generate" in caplog.text
+    assert (
+        f"names host {socket.gethostname()}, pid " in caplog.text and "refused (exit code 2)" in caplog.text
+    )
+
+    (root / SUCCESS).write_text("")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(_job(tmp_path, dry_run=True)) == 0
+    assert "complete (_SUCCESS present): all 3 shard(s) committed, nothing to do" in caplog.text
+
+
+def test_a_dry_run_fails_at_start_up_like_the_run(tmp_path, caplog):
+    job = _job(tmp_path, dry_run=True)
+    job.data.prompt_column = "absent"
+    assert run(job) == 2
+    assert "absent" in caplog.text
+    assert not (tmp_path / "out").exists() or _tree(tmp_path / "out") == {}
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_nightly_dry_run_takes_no_lock_moves_no_pointer_and_deletes_nothing(tmp_path, caplog, late):
+    out = tmp_path / "out"
+    for night in ("nightly-2026-10-01", "nightly-2026-11-01"):  # complete nights, LATEST on the newer one
+        (out / night).mkdir(parents=True)
+        (out / night / SUCCESS).write_text("")
+    (out / "LATEST").write_text(json.dumps({"run_id": "nightly-2026-11-01"}))
+    job = NightlyJobConfig(
+        data=DataConfig(path=str(_input(tmp_path)), prompt_column="question"),
+        output=OutputConfig(uri=str(out)),
+        cluster=ClusterConfig(num_workers=1),
+        run=RunConfig(dry_run=True),
+    )
+    date = "2026-10-30" if late else "2026-11-30"
+    before = _tree(out)
+    with caplog.at_level("INFO", logger="canvasflow"):
+        code = run_nightly(job, NightlyConfig(date=date, retention_days=7, allow_late=late))
+    assert code == 0
+    assert _tree(out) == before, "no lock, no LATEST, no run directory, nothing removed"
+    assert f"run nightly-{date} at " in caplog.text
+    assert "retention: would remove nightly-2026-10-01 (older than 7 days)" in caplog.text
+    # After a night completes LATEST names it, and retention spares LATEST's night: a backfill leaves LATEST
+    # on 2026-11-01; a new night moves it off 2026-11-01, which is then older than the cutoff.
+    assert ("would remove nightly-2026-11-01" in caplog.text) is not late
