@@ -44,7 +44,14 @@ from pipeline.runner.identity import (
 )
 from pipeline.runner.pool import ShardTask, WorkerStartError
 from pipeline.runner.ray_setup import ClusterConnectError
-from pipeline.runner.report import Progress, build_manifest, build_stats, log_summary, shard_rows
+from pipeline.runner.report import (
+    Progress,
+    build_manifest,
+    build_stats,
+    log_summary,
+    sampler_counters,
+    shard_rows,
+)
 from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
 from pipeline.sampler.settings import (
     USER_KNOBS,
@@ -592,9 +599,10 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
     new_commits: dict[int, Any] = {}
     failed = []
     worker_infos: list[dict[str, Any]] = []
+    counters: dict[str, int] = {}
     if tasks:
         try:
-            failed, worker_infos = _run_workers(prep, tasks, new_commits, progress)
+            failed, worker_infos, counters = _run_workers(prep, tasks, new_commits, progress)
         except (*STARTUP_ERRORS, WorkerStartError, ClusterConnectError) as e:
             logger.error("%s", e)
             return 2
@@ -609,7 +617,7 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
         ]
         run_store.uncommit(missing)
         all_commits = run_store.committed()
-    stats = build_stats(prep, all_commits, new_commits, worker_infos, started, failed)
+    stats = build_stats(prep, all_commits, new_commits, worker_infos, started, failed, counters)
     if failed:
         run_store.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
         logger.error(
@@ -720,9 +728,10 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
             in_flight=in_flight,
         )
         progress.final()
+        counters = sampler_counters(ray, workers)
         for worker in workers:
             ray.kill(worker)
-        return failed, infos
+        return failed, infos, counters
     finally:
         if started_ray:
             ray.shutdown()

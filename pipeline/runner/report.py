@@ -89,6 +89,53 @@ class Progress:
         self.tick(force=True)
 
 
+def sampler_counters(ray, workers) -> dict[str, int]:
+    """The sampler work counters of the workers alive at the end, summed (ShardWorker.sampler_counters), with
+    `workers`: how many answered. A worker that died took its counts with it: best effort, as progress is."""
+    total: Counter[str] = Counter()
+    answered = 0
+    for worker in workers:
+        with contextlib.suppress(Exception):
+            total.update(ray.get(worker.sampler_counters.remote(), timeout=10))
+            answered += 1
+    return {**total, "workers": answered} if answered else {}
+
+
+def sampler_summary(counters: dict[str, int], row_passes: int, batch_size: int) -> dict[str, Any] | None:
+    """stats.json's `this_invocation.sampler`: the counters and how full the batch ran. `row_passes`: decoder
+    passes of the completions this invocation committed (rows of failed attempts count only in `computed`)."""
+    if not counters:
+        return None
+    summary: dict[str, Any] = {"counters": counters, "batch_size": batch_size}
+    calls = counters.get("decoder_calls") or counters.get("forward_calls")
+    computed = counters.get("decoder_row_steps", counters.get("row_forwards"))
+    if calls and computed is not None:
+        summary["computed_rows_per_pass"] = round(computed / calls, 3)  # padding and finished rows included
+        summary["live_rows_per_pass"] = round(min(row_passes, computed) / calls, 3)
+    if counters.get("query_tokens"):
+        summary["valid_token_share"] = round(counters["valid_query_tokens"] / counters["query_tokens"], 4)
+    return summary
+
+
+def _sampler_line(summary: dict[str, Any]) -> str | None:
+    counters = summary["counters"]
+    if "live_rows_per_pass" not in summary:
+        return None
+    calls = counters.get("decoder_calls") or counters.get("forward_calls")
+    line = (
+        f"sampler: {calls} batched passes, {summary['live_rows_per_pass']:.1f} live rows per pass of "
+        f"sampler.batch_size={summary['batch_size']} ({summary['computed_rows_per_pass']:.1f} computed)"
+    )
+    if "encoder_tokens" in counters:
+        line += (
+            f"; prompts: {counters['encoder_tokens']} tokens encoded, {counters['prompt_tokens_shared']} copied "
+            "from rows holding the same leading text"
+        )
+    if "valid_token_share" in summary:
+        line += f"; {100 * summary['valid_token_share']:.0f}% of the tokens computed were not padding"
+    return line
+
+
 def _merge(counters: list[dict[str, int]]) -> dict[str, int]:
     total: Counter[str] = Counter()
     for c in counters:
@@ -130,7 +177,7 @@ def _per_worker(commits) -> dict[str, dict[str, float]]:
 
 
 def build_stats(
-    prep, all_commits: dict, new_commits: dict, worker_infos, started: float, failed
+    prep, all_commits: dict, new_commits: dict, worker_infos, started: float, failed, counters=None
 ) -> dict[str, Any]:
     """The run's stats.json. Top-level figures describe the run as committed (data/ and errors/, every
     invocation); `this_invocation` only what this process committed; `dropped_after_sampling` the sampler's
@@ -185,6 +232,11 @@ def build_stats(
             "tokens_per_s": round(this_tokens / wall, 3) if wall else None,
             # the shards this invocation's workers committed (`workers` below describes those actors)
             "per_worker": _per_worker(new_commits.values()),
+            "sampler": sampler_summary(
+                counters or {},
+                sum(c["denoising_steps"] + c.get("dropped_denoising_steps", 0) for c in new_commits.values()),
+                prep.spec.batch_size,
+            ),
         },
         # Every committed shard of the run, by the name of the worker that committed it; each invocation
         # names its pool w0, w1, ... again, so after a resume a name covers the shards of every invocation.
@@ -245,6 +297,10 @@ def log_summary(stats: dict[str, Any], uri: str, *, ran: bool = True) -> None:
         stats["tokens_per_forward"] or 0.0,
         this_run,
     )
+    sampler = inv.get("sampler") if ran else None
+    line = _sampler_line(sampler) if sampler else None
+    if line:
+        logger.info("%s", line)
     dropped = stats.get("dropped_after_sampling") or {}
     if dropped.get("rows"):
         logger.info(

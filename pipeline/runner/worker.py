@@ -83,6 +83,11 @@ class ShardWorker:
             "switch_interval_s": round(sys.getswitchinterval(), 6),
         }
 
+    def sampler_counters(self) -> dict[str, int]:
+        """The sampler's work counters since the model loaded (SamplerStats or MaskSamplerStats): forward
+        calls, rows computed per call (padding included), encoder tokens, prompt tokens copied."""
+        return dict(vars(self.generator.sampler.stats))
+
     def _report(
         self, rows: float, tokens: int = 0, steps: int = 0, sampled: int = 0, force: bool = False
     ) -> None:

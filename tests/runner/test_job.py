@@ -94,6 +94,17 @@ def test_job_writes_one_row_per_prompt(tmp_path, ray_local):
     assert stats["rows_out"] == 20 and stats["rows_error"] == 0
     assert stats["denoising_steps"] == sum(r["denoising_steps"] for r in rows)
     assert set(stats["per_worker"]) == {"w0", "w1"}
+    # The samplers' counters: every committed pass was computed, in batches of at most sampler.batch_size rows,
+    # and every prompt token was encoded or copied from another row's slot.
+    sampler = stats["this_invocation"]["sampler"]
+    counters = sampler["counters"]
+    assert counters["workers"] == 2 and sampler["batch_size"] == 4
+    assert counters["decoder_row_steps"] >= stats["denoising_steps"]
+    assert sampler["live_rows_per_pass"] == round(stats["denoising_steps"] / counters["decoder_calls"], 3)
+    assert sampler["live_rows_per_pass"] <= sampler["computed_rows_per_pass"] <= 4
+    assert counters["encoder_tokens"] + counters["prompt_tokens_shared"] >= sum(
+        r["prompt_tokens"] for r in rows
+    )
     card = (run_dir / "README.md").read_text()
     assert "load_dataset" in card
     # The card links nowhere: it once linked "canvasflow" to the bare https://github.com/.

@@ -48,6 +48,12 @@ def test_llada_job_writes_the_same_schema(tmp_path, ray_local, llada_dir):
         assert 1 <= r["canvases"] <= 2
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["rows_out"] == 10 and stats["denoising_steps"] == sum(r["denoising_steps"] for r in rows)
+    sampler = stats["this_invocation"]["sampler"]  # the mask sampler's counters, summed over the workers
+    counters = sampler["counters"]
+    assert counters["workers"] == 2 and counters["row_forwards"] >= stats["denoising_steps"]
+    assert 0 < counters["valid_query_tokens"] <= counters["query_tokens"]
+    assert sampler["valid_token_share"] == round(counters["valid_query_tokens"] / counters["query_tokens"], 4)
+    assert 0 < sampler["live_rows_per_pass"] <= sampler["computed_rows_per_pass"] <= 4
     manifest = json.loads((run_dir / "_manifest.json").read_text())
     assert manifest["sampler"]["cache"] == "dual" and manifest["sampler"]["block_length"] == 8
 
