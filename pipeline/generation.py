@@ -7,6 +7,7 @@ be generated (prompt too long, template failure, postprocess error or filter) co
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import threading
@@ -23,6 +24,7 @@ from pipeline.data.prompts import (
     prompt_ids,
 )
 from pipeline.postprocess import load_postprocess
+from pipeline.sampler.stop import StopStrings, check_stops
 
 if TYPE_CHECKING:
     from pipeline.runner.stream import SharedSampler
@@ -63,6 +65,7 @@ class GenerationSpec:
     postprocess: dict[str, Any] | None = None
     completions_per_prompt: int = 1
     system_prompt: str | None = None  # a system turn before every prompt (pipeline/data/prompts.py)
+    stop: tuple[str, ...] = ()  # stop strings (pipeline/sampler/stop.py)
 
 
 @dataclass
@@ -130,6 +133,7 @@ class Generator:
         )
         info = self.loaded.info
         check_system_prompt(self.loaded.tokenizer, spec.system_prompt, spec.apply_chat_template)
+        self.stop = self._stop_strings(spec)
         if info.family in MASK_FAMILIES:  # LLaDA, Dream: the mask-diffusion sampler (pipeline/sampler/mask)
             self._init_mask_sampler(spec)
             return
@@ -151,6 +155,7 @@ class Generator:
             max_prompt_tokens=self.max_prompt_tokens,
             backend=spec.backend,
             step_graphs="auto" if spec.cuda_graphs else "off",
+            stop=self.stop,
         )
         self.tokenizer = self.loaded.tokenizer
         self.postprocess, self.postprocess_name, self.postprocess_columns = load_postprocess(spec.postprocess)
@@ -178,9 +183,20 @@ class Generator:
             max_batch=spec.batch_size,
             max_prompt_tokens=self.max_prompt_tokens,
             backend=spec.backend,
+            stop=self.stop,
         )
         self.tokenizer = self.loaded.tokenizer
         self.postprocess, self.postprocess_name, self.postprocess_columns = load_postprocess(spec.postprocess)
+
+    def _stop_strings(self, spec: GenerationSpec) -> StopStrings | None:
+        """The samplers' stop-string check, with a tokenizer of its own: it runs in the sampler's thread, beside
+        the shards' tokenizing and decoding (under _host_lock), and tokenizers need not be thread-safe."""
+        if not spec.stop:
+            return None
+        tokenizer = copy.deepcopy(self.loaded.tokenizer)
+        return StopStrings(
+            check_stops(spec.stop), lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        )
 
     @property
     def model_name(self) -> str:
@@ -321,11 +337,14 @@ class Generator:
             prepared.kept, prepared.lengths, prepared.requests, results, strict=True
         ):
             index = request.completion
+            completion = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+            if result.finish_reason == "stop":  # the text ends before the stop string
+                completion = self.stop.cut(completion)
             row = {
                 "id": record.id,
                 "completion_index": index,
                 "prompt": record.prompt,
-                "completion": self.tokenizer.decode(result.token_ids, skip_special_tokens=True),
+                "completion": completion,
                 "completion_tokens": len(result.token_ids),
                 "prompt_tokens": n_prompt,
                 "denoising_steps": result.denoising_steps,

@@ -21,6 +21,7 @@ from pipeline.data.records import check_prompt_value, derived_id
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES
 from pipeline.sampler.settings import USER_KNOBS, check_completions, max_length_note
+from pipeline.sampler.stop import check_stops
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class LLM:
         system_prompt: a system turn before every prompt (needs the chat template; ValueError if the model's
             template refuses one).
         completions_per_prompt: completions of each prompt (generate returns a list of them per prompt).
+        stop: stop strings; a completion ends before the first of them in its text (finish_reason "stop").
         postprocess: optional `{"_target_": "module.fn", ...}` verify/postprocess stage.
         **sampler: sampler knobs (max_new_tokens, max_denoising_steps, t_min, t_max, entropy_bound,
             stability_threshold, confidence_threshold, canvas_length, seed, adaptive_stopping,
@@ -78,6 +80,7 @@ class LLM:
         endpoint_url: str | None = None,
         completions_per_prompt: int = 1,
         system_prompt: str | None = None,
+        stop: Sequence[str] | None = None,
         **sampler: Any,
     ) -> None:
         # mask: a dict of the mask-diffusion knobs (LLaDA, Dream), as sampler.mask.* in the job config
@@ -104,6 +107,7 @@ class LLM:
             postprocess=postprocess,
             completions_per_prompt=completions_per_prompt,
             system_prompt=system_prompt,
+            stop=check_stops(stop, "stop"),
         )
         self.generator = Generator(self.spec)
         info = self.generator.loaded.info

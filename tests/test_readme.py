@@ -67,5 +67,5 @@ def test_output_columns_are_those_of_the_parts():
     from pipeline.io.parts import OUTPUT_SCHEMA
 
     text = _section("Output").split("Output columns:", 1)[1].split("plus any columns", 1)[0]
-    listed = [name for name in re.findall(r"`([a-z_]+)`", text) if name not in ("eos", "length")]
+    listed = [name for name in re.findall(r"`([a-z_]+)`", text) if name not in ("eos", "length", "stop")]
     assert listed == OUTPUT_SCHEMA.names

@@ -93,6 +93,11 @@ class SamplerConfig:
     # share the prompt's id and differ by completion_index (0..n-1), each with its own keyed randomness
     # (completion 0 is the row's single completion).
     completions_per_prompt: int = 1
+    # Stop strings: a completion ends where one of them first appears in its text, which is cut before it
+    # (finish_reason "stop"); the row leaves the batch then instead of denoising more canvases. In a config
+    # file: stop: ["\n\nQuestion:", "</answer>"]; on the command line: 'sampler.stop=[Question:,</answer>]'. A
+    # string or a list of strings (pipeline/sampler/stop.py).
+    stop: Any = None
     # Rows denoised together per actor (KV-cache slots).
     batch_size: int = 8
     # continuous: a finished row leaves its slot at once and a queued row takes it.

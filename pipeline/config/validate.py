@@ -11,6 +11,7 @@ from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig, Nightl
 from pipeline.data.prompts import template_fields
 from pipeline.sampler.mask.settings import check_mask_knobs
 from pipeline.sampler.settings import SettingsError, check_completions, check_knobs
+from pipeline.sampler.stop import check_stops
 
 # pipeline/runner/job.py: RUN_LOCK_STALE_S (120) plus one run-lock heartbeat interval (30 s)
 MIN_NIGHTLY_LOCK_STALE_S = 150.0
@@ -109,6 +110,10 @@ def validate_job(job: JobConfig) -> JobConfig:
     if not job.run.progress_interval_s > 0:
         raise _fail("run.progress_interval_s", job.run.progress_interval_s, "must be > 0")
 
+    try:
+        check_stops(job.sampler.stop)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         check_knobs(vars(job.sampler), prefix="sampler.")
         check_mask_knobs(vars(job.sampler.mask), prefix="sampler.mask.")

@@ -79,8 +79,8 @@ same model and settings gives the same completion, whatever batch or machine run
 ## Columns
 
 `id`, `completion_index` (which of the prompt's completions), `prompt`, `completion`, `completion_tokens`,
-`prompt_tokens`, `denoising_steps` (decoder passes spent on the row), `canvases`, `finish_reason` (`eos` or
-`length`), `model`, `seed`, `run_id`, `source_index`, `metadata` (the input row's other columns,
+`prompt_tokens`, `denoising_steps` (decoder passes spent on the row), `canvases`, `finish_reason` (`eos`,
+`length`, or `stop`: a stop string of the sampler's `stop`, cut off with it), `model`, `seed`, `run_id`, `source_index`, `metadata` (the input row's other columns,
 JSON){columns_note}.
 Rejected input rows are in `errors/` with `id`, `source_index`, `stage`, `reason` and the raw input.
 

@@ -60,6 +60,7 @@ from pipeline.sampler.settings import (
     max_length_note,
     resolve_settings,
 )
+from pipeline.sampler.stop import check_stops, escape_hint
 
 logger = logging.getLogger("canvasflow")
 RUN_LOCK_STALE_S = 120.0  # a holder silent this long (heartbeat every 30 s) is taken over
@@ -363,6 +364,12 @@ def plan(job: JobConfig) -> Prepared:
     )
 
     settings_dict = settings.to_dict()
+    stops = check_stops(job.sampler.stop)
+    if stops:  # only when set, so that the identity (and derived run id) of other runs stays
+        settings_dict["stop"] = list(stops)
+        hint = escape_hint(stops)
+        if hint:
+            logger.warning("%s", hint)
     config_fp = config_fingerprint(job, model_id, settings_dict)
     run_id = job.run.id or derive_run_id(resolve_path(job.data.path), records.fingerprint, config_fp)
     run_store = RunStore(store.child(run_id), run_id)
@@ -400,6 +407,7 @@ def plan(job: JobConfig) -> Prepared:
         postprocess=job.postprocess,
         completions_per_prompt=job.sampler.completions_per_prompt,
         system_prompt=job.data.system_prompt,
+        stop=stops,
     )
     return Prepared(job, run_id, run_store, records, spec, info, settings_dict, identity, status)
 

@@ -57,7 +57,7 @@ class Request:
 class Result:
     row_id: str
     token_ids: list[int]  # the completion: EOS and everything after it removed, at most max_new_tokens
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "length", or "stop" (a stop string: pipeline/sampler/stop.py)
     denoising_steps: int  # decoder forward passes spent on this row
     canvases: int
     drafts: list[list[list[int]]] | None = None  # per canvas, per step: the argmax canvas
@@ -112,7 +112,8 @@ class DiffusionSampler:
     the decoder step as CUDA graphs of bucketed batch sizes on CUDA, "off" never, "eager" pads to the buckets
     without capturing (the same padding logic, testable on CPU). `share_prompts`: a prompt, or its leading blocks,
     that a slot already holds is copied from it, not encoded again (sharing.py; continuous batching only: static
-    batching encodes every prompt, as the reference does).
+    batching encodes every prompt, as the reference does). `stop` (pipeline/sampler/stop.py's StopStrings): called
+    with a row's tokens as each canvas finishes; a row whose text holds a stop string ends there.
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class DiffusionSampler:
         random_mode: str = "keyed",
         step_graphs: str = "auto",
         share_prompts: bool = True,
+        stop: Callable[[list[int]], int | None] | None = None,
     ) -> None:
         if max_batch <= 0:
             raise ValueError(f"max_batch={max_batch} must be positive")
@@ -136,6 +138,7 @@ class DiffusionSampler:
         self.max_batch = max_batch
         self.max_prompt_tokens = max_prompt_tokens
         self.share_prompts = share_prompts
+        self.stop = stop
         self.device = model.device
         self.backend = resolve_backend(backend, self.device.type)
         if hasattr(model, "set_backend"):  # the model's fused norms follow the sampler's kernel choice
@@ -470,11 +473,14 @@ class DiffusionSampler:
         cut = next((i for i, t in enumerate(emitted) if t in self.eos), None)
         reason = finish_reason(len(row.tokens), cut, self.settings.max_new_tokens)
         row.tokens.extend(emitted if cut is None else emitted[:cut])
-        if cut is None and row.canvas < self.settings.max_canvases:
+        keep = self.stop(row.tokens[: self.settings.max_new_tokens]) if self.stop is not None else None
+        if keep is not None:
+            reason = "stop"
+        elif cut is None and row.canvas < self.settings.max_canvases:
             return None
         return Result(
             row_id=row.request.row_id,
-            token_ids=row.tokens[: self.settings.max_new_tokens],
+            token_ids=row.tokens[: self.settings.max_new_tokens if keep is None else keep],
             finish_reason=reason,
             denoising_steps=row.steps_total,
             canvases=row.canvas,

@@ -82,7 +82,11 @@ def _run_batch(
             reason = finish_reason(len(row.tokens), cut, settings.max_new_tokens)
             row.tokens.extend(canvas_tokens if cut is None else canvas_tokens[:cut])
             row.canvas += 1
-            if cut is not None:
+            keep = sp.stop(row.tokens[: settings.max_new_tokens]) if sp.stop is not None else None
+            if keep is not None:  # a stop string: the row ends here, as at an EOS
+                row.tokens[keep:] = []
+                finished[i], reasons[i] = True, "stop"
+            elif cut is not None:
                 finished[i], reasons[i] = True, reason
                 canvas_tokens = canvas_tokens[: cut + 1] + [pad] * (len(canvas_tokens) - cut - 1)
             to_encode.append(canvas_tokens)

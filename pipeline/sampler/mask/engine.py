@@ -81,6 +81,7 @@ class _Row:
     refresh: bool = True  # the next forward recomputes the whole sequence (a block's first step)
     finished: bool = False
     eos: int | None = None  # position of the EOS that ended the row
+    stopped: bool = False  # ended by a stop string (pipeline/sampler/stop.py)
     tokens: list[int] = field(default_factory=list)
     drafts: list[list[list[int]]] | None = None
 
@@ -101,6 +102,7 @@ class MaskDiffusionSampler:
         max_prompt_tokens: int = 512,
         backend: str = "auto",
         decide_bytes: int = DECIDE_BYTES,
+        stop: Callable[[list[int]], int | None] | None = None,
     ) -> None:
         if max_batch <= 0:
             raise ValueError(f"max_batch={max_batch} must be positive")
@@ -116,6 +118,7 @@ class MaskDiffusionSampler:
         self.max_batch = max_batch
         self.max_prompt_tokens = max_prompt_tokens
         self.decide_bytes = decide_bytes
+        self.stop = stop  # called with a row's tokens as each of its blocks completes (stop strings)
         self.device = model.device
         # The cached forward's attention follows the sampler's kernel choice (the rest of the step is torch).
         self.backend = resolve_backend(backend, self.device.type)
@@ -244,11 +247,13 @@ class MaskDiffusionSampler:
         # the one host synchronisation of the step: [block done, EOS stop, EOS position] per row
         host = dict(zip([i for g in groups for i in g], torch.cat(flags).tolist(), strict=True))
         drafts = self._generated(rows, range(len(rows))).tolist() if self.settings.record_drafts else None
-        finished = []
+        finished, completed = [], []  # completed: rows whose block is complete, for the stop strings
         for i, row in enumerate(rows):
             if row.finished:  # static batching: computed with its batch, not advanced
                 continue
             block_done, eos_done, eos_pos = host[i]
+            if block_done or eos_done:
+                completed.append(i)
             if drafts is not None:
                 if row.step == 0:
                     row.drafts.append([])
@@ -264,10 +269,31 @@ class MaskDiffusionSampler:
                 row.block, row.step, row.refresh = row.block + 1, 0, True
             if row.finished:
                 finished.append(i)
+        if self.stop is not None and completed:
+            self._check_stops(rows, completed, finished)
         if finished:
             for i, generated in zip(finished, self._generated(rows, finished).tolist(), strict=True):
-                rows[i].tokens = generated if rows[i].eos is None else generated[: rows[i].eos]
+                if not rows[i].stopped:
+                    rows[i].tokens = generated if rows[i].eos is None else generated[: rows[i].eos]
         return [rows[i] for i in finished]
+
+    def _check_stops(self, rows: list[_Row], completed: list[int], finished: list[int]) -> None:
+        """Rows whose text, up to their last complete block (or EOS), holds a stop string end there."""
+        s = self.settings
+        for i, generated in zip(completed, self._generated(rows, completed).tolist(), strict=True):
+            row = rows[i]
+            if row.eos is not None:
+                end = row.eos
+            else:  # blocks complete so far: the row moved on to block `row.block`, or finished its last
+                end = (s.num_blocks if row.finished else row.block) * s.block_length
+            keep = self.stop(generated[: min(end, s.max_new_tokens)])
+            if keep is None:
+                continue
+            row.tokens, row.stopped = generated[:keep], True
+            if not row.finished:  # it had moved on to the next block, which it now never runs
+                row.finished, row.block = True, row.block - 1
+                finished.append(i)
+        finished.sort()
 
     def _generated(self, rows: list[_Row], indices) -> torch.Tensor:
         """[n, G] generated regions of the rows in slots `indices`."""
@@ -393,7 +419,7 @@ class MaskDiffusionSampler:
         return Result(
             row_id=row.request.row_id,
             token_ids=row.tokens,
-            finish_reason="eos" if row.eos is not None else "length",
+            finish_reason="stop" if row.stopped else "eos" if row.eos is not None else "length",
             denoising_steps=row.steps_total,
             canvases=row.block + 1,
             drafts=row.drafts,

@@ -1,0 +1,195 @@
+"""Stop strings: a row ends at the first canvas (DiffusionGemma) or block (LLaDA) whose text holds one, with
+the tokens it would have had without them, cut after the token that completes the stop string."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DiffusionGemmaForBlockDiffusion
+
+from pipeline import LLM
+from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
+from pipeline.models.loader import load_tokenizer, resolve_model_dir
+from pipeline.models.mask_checkpoint import load_mask_model
+from pipeline.sampler.engine import DiffusionSampler, Request
+from pipeline.sampler.mask.engine import MaskDiffusionSampler
+from pipeline.sampler.mask.settings import MaskSettings
+from pipeline.sampler.stop import StopStrings, check_stops
+from tests.support.mask_models import build_mask_checkpoint
+from tests.support.models import build_checkpoint, sampler_settings
+
+LENGTH = 8  # DiffusionGemma canvas / LLaDA block
+CANVASES = 4
+
+
+def _decode(ids: list[int]) -> str:
+    """Text in which every token is visible: stop strings of one or more tokens."""
+    return "".join(f"<{t}>" for t in ids)
+
+
+def _requests(count: int = 12) -> list[Request]:
+    gen = torch.Generator().manual_seed(3)
+    return [
+        Request(
+            f"row-{i}",
+            torch.randint(7, 120, (int(torch.randint(1, 20, (1,), generator=gen)),), generator=gen).tolist(),
+        )
+        for i in range(count)
+    ]
+
+
+def _stop_for(results: dict, rows: int) -> str:
+    """A two-token stop string found past the first canvas of some rows' completions but not in every row."""
+    counts: dict[str, int] = {}
+    for tokens, *_ in results.values():
+        for pair in {_decode(tokens[i : i + 2]) for i in range(LENGTH, len(tokens) - 1)}:
+            counts[pair] = counts.get(pair, 0) + 1
+    pair = max((p for p, n in counts.items() if n < rows), key=lambda p: counts[p])
+    assert counts[pair] >= 2, "the workload has a stop string that some rows hold"
+    return pair
+
+
+def _expected(tokens: list[int], stop: StopStrings) -> tuple[list[int], int] | None:
+    """The tokens kept and the blocks run when the row stops, from its completion without stop strings."""
+    keep = stop(tokens)
+    return None if keep is None else (tokens[:keep], (keep - 1) // LENGTH + 1)
+
+
+def _check(base: dict, stopped: dict, stop: StopStrings) -> int:
+    """Rows without the stop string are unchanged; rows with it end where it first appears. Returns those."""
+    ended = 0
+    for row_id, (tokens, steps, blocks, reason) in base.items():
+        expected = _expected(tokens, stop)
+        if expected is None:
+            assert stopped[row_id] == (tokens, steps, blocks, reason), row_id
+            continue
+        ended += 1
+        got_tokens, got_steps, got_blocks, got_reason = stopped[row_id]
+        assert (got_tokens, got_blocks, got_reason) == (*expected, "stop"), row_id
+        assert got_steps <= steps and (got_steps == steps) == (got_blocks == blocks), row_id
+    return ended
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp("stop") / "m", canvas_length=LENGTH, sharpness=4.0)
+    return DiffusionGemmaTextModel(DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval())
+
+
+def _gemma_run(model, requests, stop=None, batching="continuous"):
+    settings = sampler_settings(LENGTH, max_new_tokens=CANVASES * LENGTH)
+    sampler = DiffusionSampler(model, settings, max_batch=5, max_prompt_tokens=32, backend="torch", stop=stop)
+    results = sampler.generate(requests, batching=batching)
+    return {r.row_id: (r.token_ids, r.denoising_steps, r.canvases, r.finish_reason) for r in results}, sampler
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_diffusion_gemma_rows_end_at_the_canvas_holding_the_stop_string(gemma, batching):
+    requests = _requests()
+    base, plain = _gemma_run(gemma, requests, batching=batching)
+    assert sum(r[2] == CANVASES for r in base.values()) >= 4, "rows that run every canvas without a stop"
+    stop = StopStrings([_stop_for(base, len(requests))], _decode)
+    stopped, sampler = _gemma_run(gemma, requests, stop=stop, batching=batching)
+    assert _check(base, stopped, stop) >= 2
+    if batching == "continuous":  # rows that stop leave the batch: fewer rows computed
+        assert sampler.stats.decoder_row_steps < plain.stats.decoder_row_steps
+
+
+@pytest.fixture(scope="module")
+def llada(tmp_path_factory):
+    path = build_mask_checkpoint(tmp_path_factory.mktemp("stop-llada") / "m", family="llada", std=0.1)
+    return load_mask_model(path)
+
+
+def _llada_run(model, requests, stop=None, batching="continuous"):
+    settings = MaskSettings(
+        max_new_tokens=CANVASES * LENGTH,
+        steps=CANVASES * LENGTH // 2,
+        block_length=LENGTH,
+        mask_token_id=model.mask_token_id,
+        eos_token_ids=(0,),
+        pad_token_id=0,
+    )
+    sampler = MaskDiffusionSampler(
+        model, settings, max_batch=5, max_prompt_tokens=20, backend="torch", stop=stop
+    )
+    results = sampler.generate(requests, batching=batching)
+    return {r.row_id: (r.token_ids, r.denoising_steps, r.canvases, r.finish_reason) for r in results}, sampler
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_llada_rows_end_at_the_block_holding_the_stop_string(llada, batching):
+    requests = _requests()
+    base, plain = _llada_run(llada, requests, batching=batching)
+    stop = StopStrings([_stop_for(base, len(requests))], _decode)
+    stopped, sampler = _llada_run(llada, requests, stop=stop, batching=batching)
+    assert _check(base, stopped, stop) >= 2
+    if batching == "continuous":
+        assert sampler.stats.row_forwards < plain.stats.row_forwards
+
+
+def test_stop_strings_on_a_real_tokenizer_keep_the_fewest_tokens_and_cut_the_text():
+    tokenizer = load_tokenizer(resolve_model_dir("builtin:tiny-diffusiongemma"))
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    ids = tokenizer("Sort: 3 1 2 and then 9 8", add_special_tokens=False)["input_ids"]
+    stop = StopStrings(["and", "2 a"], decode)
+    keep = stop(ids)
+    assert (
+        "2 a" in decode(ids[:keep])
+        and "2 a" not in decode(ids[: keep - 1])
+        and "and" not in decode(ids[: keep - 1])
+    )
+    assert stop.cut(decode(ids)) == "Sort: 3 1 "
+    assert stop(ids[: keep - 1]) is None and StopStrings(["zz"], decode)(ids) is None
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"a": 1}, "sampler.stop={'a': 1} must be a string or a list of strings"),
+        ([""], "sampler.stop[0]='' must be a non-empty string"),
+        (["a", 3], "sampler.stop[1]=3 must be a non-empty string"),
+        (["x"] * 17, "sampler.stop has 17 strings; at most 16"),
+    ],
+)
+def test_bad_stop_strings_are_refused_naming_them(value, message):
+    with pytest.raises(ValueError) as e:
+        check_stops(value)
+    assert str(e.value).startswith(message)
+
+
+def test_the_api_cuts_the_completion_before_the_stop_string():
+    prompts = ["Add: 731+770", "Sort: 3 1 2 9 4"]
+    plain = LLM(max_new_tokens=32).generate(prompts)
+    first = plain[1].completion  # "1 2 3 4 9" from the shipped model
+    stop = first.split()[2]
+    stopped = LLM(max_new_tokens=32, stop=[f" {stop}"]).generate(prompts)
+    assert stopped[1].completion == first[: first.index(f" {stop}")] and stopped[1].finish_reason == "stop"
+    assert stopped[1].completion_tokens < plain[1].completion_tokens
+    assert (stopped[0].completion, stopped[0].finish_reason) == (plain[0].completion, plain[0].finish_reason)
+
+
+def test_the_job_takes_a_string_or_a_list_and_its_stop_strings_are_part_of_the_run_identity(tmp_path, caplog):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs, to_job_config
+    from pipeline.runner.job import plan
+
+    register_configs()
+
+    def job(*overrides):
+        with initialize_config_dir(
+            config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"
+        ):
+            cfg = compose("config", overrides=[f"output.uri={tmp_path}", *overrides])
+        return plan(to_job_config(cfg))
+
+    plain, one, listed = job(), job("sampler.stop=Question:"), job("sampler.stop=[Question:]")
+    assert "stop" not in plain.settings and plain.spec.stop == ()
+    assert one.spec.stop == listed.spec.stop == ("Question:",) and one.settings["stop"] == ["Question:"]
+    assert one.run_id == listed.run_id != plain.run_id, "another stop string, another run"
+    with caplog.at_level("WARNING", logger="canvasflow"):
+        escaped = job("sampler.stop=[Q,'\\n']")
+    assert escaped.spec.stop == ("Q", "\\n") and "holds a backslash and a letter" in caplog.text
