@@ -38,6 +38,7 @@ class Progress:
         self.last = self.started
         self.committed_rows = 0
         self.snapshot: dict[str, dict[str, float]] = {}
+        self.logged: tuple[int, int] | None = None  # rows done and tokens of the last line logged
 
     def start(self, ray, board) -> None:
         self.ray, self.board = ray, board
@@ -53,7 +54,9 @@ class Progress:
         with contextlib.suppress(Exception):  # progress is best effort; the job goes on
             self.snapshot = self.ray.get(self.board.snapshot.remote(), timeout=5)
 
-    def tick(self, force: bool = False) -> None:
+    def tick(self, force: bool = False, *, if_changed: bool = False) -> None:
+        """Logs the progress line (every `interval_s`, or at once with `force`); `if_changed`: not when rows and
+        tokens are those of the last line logged."""
         now = time.monotonic()
         if not force and now - self.last < self.interval:
             return
@@ -72,6 +75,9 @@ class Progress:
         rate = rows / elapsed
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         workers = ", ".join(f"{name}: {int(w['rows'])} rows" for name, w in sorted(self.snapshot.items()))
+        if if_changed and self.logged == (done, tokens):
+            return
+        self.logged = (done, tokens)
         logger.info(
             "progress: %d/%d rows (%.1f%%) | %.2f rows/s | %.1f tok/s | %.1f passes/%s | ETA %s%s",
             done,
@@ -86,7 +92,7 @@ class Progress:
         )
 
     def final(self) -> None:
-        self.tick(force=True)
+        self.tick(force=True, if_changed=True)
 
 
 def sampler_counters(ray, workers) -> dict[str, int]:

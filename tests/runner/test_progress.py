@@ -52,3 +52,37 @@ def test_passes_are_counted_per_completion(caplog):
     with caplog.at_level(logging.INFO, logger="canvasflow"):
         progress.tick(force=True)
     assert "progress: 3/10 rows (30.0%)" in caplog.text and "| 6.0 passes/completion |" in caplog.text
+
+
+def test_the_last_line_is_not_repeated_when_nothing_moved_since(caplog):
+    progress = Progress(total_rows=8, done_rows=0, interval_s=0.0)
+    progress.snapshot = {"w0": {"rows": 8, "tokens": 40, "steps": 30, "sampled": 8}}
+    with caplog.at_level(logging.INFO, logger="canvasflow"):
+        progress.tick()
+        progress.final()  # the run's end, right after a line with the same rows and tokens
+    assert caplog.text.count("progress: 8/8 rows") == 1
+    progress.snapshot["w0"]["tokens"] = 44  # a row's tokens reported after the last line
+    with caplog.at_level(logging.INFO, logger="canvasflow"):
+        progress.final()
+    assert caplog.text.count("progress: 8/8 rows") == 2
+
+
+def test_sampler_summary_reads_each_samplers_counters():
+    from pipeline.runner.report import _sampler_line, sampler_summary
+
+    assert sampler_summary({}, 10, 8) is None, "no worker answered"
+    gemma = {"decoder_calls": 10, "decoder_row_steps": 64, "encoder_calls": 3, "encoder_tokens": 96,
+             "prompt_tokens_shared": 32, "workers": 2}  # fmt: skip
+    summary = sampler_summary(gemma, 60, 8)
+    assert summary["live_rows_per_pass"] == 6.0 and summary["computed_rows_per_pass"] == 6.4
+    assert (
+        "10 batched passes, 6.0 live rows per pass of sampler.batch_size=8 (6.4 computed)"
+        in _sampler_line(summary)
+    )
+    assert "96 tokens encoded, 32 copied" in _sampler_line(summary)
+    mask = {"forward_calls": 4, "row_forwards": 16, "query_tokens": 200, "valid_query_tokens": 150,
+            "attention_pairs": 0, "head_tokens": 0, "valid_attention_pairs": 0, "workers": 1}  # fmt: skip
+    summary = sampler_summary(mask, 16, 4)
+    assert summary["valid_token_share"] == 0.75 and "75% of the tokens computed" in _sampler_line(summary)
+    idle = sampler_summary({"decoder_calls": 0, "decoder_row_steps": 0, "workers": 1}, 0, 8)
+    assert "live_rows_per_pass" not in idle and _sampler_line(idle) is None, "a worker that ran nothing"
