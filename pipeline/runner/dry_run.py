@@ -4,8 +4,9 @@ The plan (pipeline/runner/job.py) has read the whole input, resolved the sampler
 generation config and found the run id and its state. This module reports them, with what a user checks before
 spending GPU hours on a job: whether it starts a new run or resumes one (and how much is left), the rows that
 will be rejected, the first prompt exactly as the model will see it (chat template, system prompt, template),
-and the prompt lengths in tokens against the model's budget, from a sample. It writes nothing (the start-up
-check that the output is writable leaves no object behind), takes no lock and starts no Ray worker.
+and the prompt lengths in tokens against the model's budget, from a sample (an s3:// model's tokenizer files are
+downloaded for it, not its weights). It writes nothing (the start-up check that the output is writable leaves
+no object behind), takes no lock and starts no Ray worker.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from typing import Any
 from pipeline.data.prompts import CHARS_BOUND_FACTOR, PromptTooLong, max_token_chars, prompt_ids
 from pipeline.io.commit import RUN_LOCK
 from pipeline.io.lease import read_holder
-from pipeline.io.store import StoreError, is_s3
-from pipeline.models.loader import MASK_FAMILIES, ModelError, load_tokenizer
+from pipeline.io.store import StoreError
 
 logger = logging.getLogger("canvasflow")
 SAMPLE_ROWS = 2000  # prompts tokenized for the length figures, evenly spaced over the input
@@ -132,20 +132,9 @@ def _sample_indices(good: list[int], limit: int) -> list[int]:
 
 def _prompt_lines(prep: Any) -> None:
     """The first prompt as rendered for the model, and prompt lengths in tokens over a sample of the rows."""
-    info, spec, table = prep.model_info, prep.spec, prep.records.table
-    if is_s3(spec.model_path):
-        logger.info(
-            "prompts: not rendered or counted: the tokenizer of model.path=%s is downloaded by the workers",
-            spec.model_path,
-        )
-        return
+    spec, table, tokenizer = prep.spec, prep.records.table, prep.tokenizer  # plan loaded it for the dry run
     good = [i for i, error in enumerate(table.column("error").to_pylist()) if error is None]
     if not good:
-        return
-    try:
-        tokenizer = load_tokenizer(info.model_dir, remote_code_free=info.family in MASK_FAMILIES)
-    except ModelError as e:
-        logger.warning("prompts: not counted: %s", e)
         return
     max_chars = spec.max_prompt_tokens * max_token_chars(tokenizer) * CHARS_BOUND_FACTOR
     sample = _sample_indices(good, SAMPLE_ROWS)

@@ -36,6 +36,7 @@ from pipeline.models.loader import (
 )
 from pipeline.postprocess import PostprocessError, load_postprocess
 from pipeline.runner.identity import (
+    CONTENT_FILES,
     config_fingerprint,
     derive_run_id,
     local_model_identity,
@@ -90,6 +91,7 @@ class Prepared:
     settings: dict[str, Any]
     identity: dict[str, Any]
     status: str  # new | resume | complete; after `plan` also replace (run.overwrite), which open_run does
+    tokenizer: Any = None  # loaded by `plan` for the system-prompt check and a dry run, else None
 
 
 def run_from_hydra(cfg: Any) -> int:
@@ -226,15 +228,23 @@ def _ensure_logging() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ model
-def _inspect_model(job: JobConfig) -> tuple[ModelInfo, str]:
-    """ModelInfo and identity digest (runner/identity.py: config, tokenizer and chat-template files by content,
-    weights by a sampled fingerprint, or by size and ETag on s3://; an s3:// model is not downloaded here)."""
+# The files a tokenizer and its chat template load from (runner/identity.py hashes them with the config).
+TOKENIZER_FILES = tuple(name for name in CONTENT_FILES if name != "model.safetensors.index.json")
+
+
+def _inspect_model(job: JobConfig, *, tokenizer: bool = False) -> tuple[ModelInfo, str, Any]:
+    """ModelInfo, identity digest (runner/identity.py: config, tokenizer and chat-template files by content,
+    weights by a sampled fingerprint, or by size and ETag on s3://), and with `tokenizer` the model's tokenizer
+    (else None). An s3:// model is not downloaded here: only its config files, and with `tokenizer` its
+    tokenizer and chat-template files (megabytes, not the weights)."""
     path = job.model.path
     if not is_s3(path):
         model_dir = resolve_model_dir(path, cache_dir=job.model.cache_dir)
-        return inspect_model(
-            model_dir, name=path if path.startswith("builtin:") else None
-        ), local_model_identity(model_dir)
+        info = inspect_model(model_dir, name=path if path.startswith("builtin:") else None)
+        loaded = (
+            load_tokenizer(model_dir, remote_code_free=info.family in MASK_FAMILIES) if tokenizer else None
+        )
+        return info, local_model_identity(model_dir), loaded
     bucket, prefix = split_s3_uri(path)
     store = S3Store(f"s3://{bucket}/{prefix}", S3Options(job.output.endpoint_url, job.output.region))
     try:
@@ -242,20 +252,22 @@ def _inspect_model(job: JobConfig) -> tuple[ModelInfo, str]:
         keys = list(objects)
         if "config.json" not in keys:
             raise ModelError(f"model.path={path!r} has no config.json")
-        texts = {
-            name: store.read_text(name) if name in keys else ""
-            for name in ("config.json", "generation_config.json")
-        }
+        wanted = TOKENIZER_FILES if tokenizer else ("config.json", "generation_config.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in wanted:
+                if name in keys:
+                    store.download_file(name, os.path.join(tmp, name))
+            info = inspect_model(tmp, name=path.rstrip("/").rsplit("/", 1)[-1])
+            try:
+                loaded = (
+                    load_tokenizer(tmp, remote_code_free=info.family in MASK_FAMILIES) if tokenizer else None
+                )
+            except ModelError as e:  # it names the temporary folder the files were read from
+                raise ModelError(str(e).replace(tmp, path.rstrip("/"))) from None
     except StoreError as e:
         raise ModelError(f"model.path={path!r} cannot be read: {e}") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in texts.items():
-            if text:
-                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                    f.write(text)
-        info = inspect_model(tmp, name=path.rstrip("/").rsplit("/", 1)[-1])
     info.model_dir = path
-    return info, s3_model_identity(path, objects)
+    return info, s3_model_identity(path, objects), loaded
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -302,7 +314,10 @@ def plan(job: JobConfig) -> Prepared:
     run id's identity (a conflict without run.overwrite). Writes nothing in the run directory: that is
     open_run's, under the run lock."""
     check_local_device(job)
-    info, model_id = _inspect_model(job)
+    # The tokenizer, for the system-prompt check and a dry run's prompts (an s3:// model's tokenizer files only).
+    info, model_id, tokenizer = _inspect_model(
+        job, tokenizer=job.data.system_prompt is not None or job.run.dry_run
+    )
     knobs = {k: getattr(job.sampler, k) for k in USER_KNOBS}
     knobs["mask"] = dataclasses.asdict(job.sampler.mask)
     if job.model.family not in ("auto", info.family):
@@ -310,8 +325,7 @@ def plan(job: JobConfig) -> Prepared:
             f"model.family={job.model.family!r} but {info.model_dir} holds a {info.family} model "
             f"(model_type {info.model_type!r}); use model.family=auto or {info.family}"
         )
-    if job.data.system_prompt is not None and not is_s3(job.model.path):  # else checked as the model loads
-        tokenizer = load_tokenizer(info.model_dir, remote_code_free=info.family in MASK_FAMILIES)
+    if job.data.system_prompt is not None:
         try:
             check_system_prompt(tokenizer, job.data.system_prompt, job.data.apply_chat_template)
         except ValueError as e:
@@ -409,7 +423,7 @@ def plan(job: JobConfig) -> Prepared:
         system_prompt=job.data.system_prompt,
         stop=stops,
     )
-    return Prepared(job, run_id, run_store, records, spec, info, settings_dict, identity, status)
+    return Prepared(job, run_id, run_store, records, spec, info, settings_dict, identity, status, tokenizer)
 
 
 # Below this many batches of rows held per worker, shard ends cost many passes (bench_shard_size.py): one

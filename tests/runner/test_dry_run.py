@@ -3,6 +3,7 @@ first prompt as rendered for the model, prompt lengths); nothing written, no loc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import socket
@@ -146,3 +147,43 @@ def test_a_nightly_dry_run_takes_no_lock_moves_no_pointer_and_deletes_nothing(tm
     # After a night completes LATEST names it, and retention spares LATEST's night: a backfill leaves LATEST
     # on 2026-11-01; a new night moves it off 2026-11-01, which is then older than the cutoff.
     assert ("would remove nightly-2026-11-01" in caplog.text) is not late
+
+
+DROPS_SYSTEM = (
+    "{% for m in messages if m['role'] != 'system' %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+@pytest.mark.s3
+def test_an_s3_model_is_checked_and_its_prompts_rendered_from_its_tokenizer_files_alone(
+    tmp_path, s3_bucket, caplog
+):
+    """Only the config, tokenizer and chat-template files are read at start-up (the weights stay on S3, no model
+    cache is made); with them the dry run renders and counts the prompts, and a system prompt the model's chat
+    template drops is refused before anything runs (exit 2), not when every worker loads the model."""
+    model_dir = Path(resolve_model_dir("builtin:tiny-diffusiongemma"))
+    for file in model_dir.iterdir():
+        if file.is_file():
+            s3_bucket.put(f"models/tiny/{file.name}", file.read_bytes())
+    cache = tmp_path / "model-cache"
+
+    def job(**data) -> JobConfig:
+        return JobConfig(
+            model=ModelConfig(path=f"{s3_bucket.uri}/models/tiny", cache_dir=str(cache)),
+            data=DataConfig(path=str(_input(tmp_path)), prompt_column="question", **data),
+            output=OutputConfig(uri=str(tmp_path / "out"), endpoint_url=s3_bucket.endpoint),
+            run=RunConfig(dry_run=True),
+        )
+
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(job(system_prompt=SYSTEM)) == 0
+    assert SYSTEM in caplog.text and "prompt tokens over the 7 prompt(s):" in caplog.text
+    assert not cache.exists(), "the weights were not downloaded"
+
+    s3_bucket.put("models/tiny/chat_template.jinja", DROPS_SYSTEM.encode())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(dataclasses.replace(job(system_prompt=SYSTEM), run=RunConfig())) == 2
+    assert "this model's chat template drops system turns" in caplog.text
+    assert "reading input" not in caplog.text and not cache.exists()
