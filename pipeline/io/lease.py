@@ -46,6 +46,30 @@ def read_holder(store: Store, key: str) -> dict | None:
     return holder if isinstance(holder, dict) else {}
 
 
+def holder_age_s(store: Store, key: str, holder: dict) -> float:
+    """Seconds since the holder's last heartbeat: the lock object's age by the store's clock when the store
+    tells it (a holder whose clock runs minutes behind is not taken for dead), else by `heartbeat_at`."""
+    age = store.age_s(key)
+    return age if age is not None else time.time() - float(holder.get("heartbeat_at", 0))
+
+
+def holder_is_stale(store: Store, key: str, holder: dict, stale_s: float) -> bool:
+    """Whether the lock at `key`, held by `holder`, may be taken over: not a lock this tool wrote, silent for
+    `stale_s`, or held by a process of this host that has died."""
+    if holder == {}:  # not a lock this tool wrote (writes are atomic: no live holder's lock reads so)
+        return True
+    if holder_age_s(store, key, holder) > stale_s:
+        return True
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+    return False
+
+
 @dataclass
 class Lease:
     """`what` names the runs the lock serialises and `stale_hint` how the stale time is set, for messages."""
@@ -77,25 +101,8 @@ class Lease:
     def _holder(self) -> dict | None:
         return read_holder(self.store, self.key)
 
-    def _age(self, holder: dict) -> float:
-        """Seconds since the holder's last heartbeat: the lock object's age by the store's clock when the store
-        tells it (a holder whose clock runs minutes behind is not taken for dead), else by `heartbeat_at`."""
-        age = self.store.age_s(self.key)
-        return age if age is not None else time.time() - float(holder.get("heartbeat_at", 0))
-
     def _is_stale(self, holder: dict) -> bool:
-        if holder == {}:  # not a lock this tool wrote (writes are atomic: no live holder's lock reads so)
-            return True
-        if self._age(holder) > self.stale_s:
-            return True
-        if holder.get("host") == socket.gethostname():
-            try:
-                os.kill(int(holder.get("pid", -1)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError):
-                return False
-        return False
+        return holder_is_stale(self.store, self.key, holder, self.stale_s)
 
     def acquire(self) -> None:
         """Takes the lock or raises Refused naming its holder; StoreError if the store cannot be written."""
@@ -143,7 +150,7 @@ class Lease:
                 return  # released meanwhile: ours now
             holder = self._holder()
         if holder is not None and not self._is_stale(holder):
-            age = self._age(holder)
+            age = holder_age_s(self.store, self.key, holder)
             hint = f" ({self.stale_hint})" if self.stale_hint else ""
             raise Refused(
                 f"another run holds {self.store.describe(self.key)}: {holder.get('run_id')} on {holder.get('host')} "

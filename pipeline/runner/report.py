@@ -11,7 +11,7 @@ from typing import Any
 logger = logging.getLogger("canvasflow")
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -87,7 +87,7 @@ class Progress:
             tokens / elapsed,
             steps / max(sampled, 1),
             "row" if self.completions == 1 else "completion",
-            _duration(eta) if eta != float("inf") else "-",
+            format_duration(eta) if eta != float("inf") else "-",
             f" | {workers}" if workers else "",
         )
 
