@@ -95,8 +95,8 @@ class SamplerConfig:
     completions_per_prompt: int = 1
     # Stop strings: a completion ends where one of them first appears in its text, which is cut before it
     # (finish_reason "stop"); the row leaves the batch then instead of denoising more canvases. In a config
-    # file: stop: ["\n\nQuestion:", "</answer>"]; on the command line: 'sampler.stop=[Question:,</answer>]'. A
-    # string or a list of strings (pipeline/sampler/stop.py).
+    # file: stop: ["\n\nQuestion:", "</answer>"]; on the command line: "sampler.stop=[Question:,'</answer>']" (a
+    # value with symbols, or a number, in Hydra's quotes). A string or a list of strings (pipeline/sampler/stop.py).
     stop: Any = None
     # Rows denoised together per actor (KV-cache slots).
     batch_size: int = 8

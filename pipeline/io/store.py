@@ -87,8 +87,9 @@ class Store(ABC):
         """Deletes the keys that exist; missing keys are fine."""
 
     @abstractmethod
-    def check_writable(self) -> None:
-        """Raises StoreError naming the location if objects cannot be written and deleted there."""
+    def check_writable(self, *, create: bool = True) -> None:
+        """Raises StoreError naming the location if objects cannot be written and deleted there. `create=False`
+        (a dry run) leaves nothing behind, not even the folders a local location would be created with."""
 
     def list_sizes(self, prefix: str = "") -> dict[str, int]:
         """Like `list`, with each object's size in bytes."""
@@ -264,9 +265,15 @@ class LocalStore(Store):
             raise StoreError(f"cannot copy {path} to {dest}: {e.strerror or e}") from e
         return path.stat().st_size
 
-    def check_writable(self) -> None:
+    def check_writable(self, *, create: bool = True) -> None:
+        if not create:  # the folder, or the nearest one above it that exists, must let us create entries
+            folder = next(p for p in (self.root, *self.root.parents) if p.exists())
+            if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
+                return
         probe = f".canvasflow-probe-{os.getpid()}-{random.randrange(1 << 30)}"
         try:
+            if not create:
+                raise StoreError(f"{folder} is not a writable directory")
             self.write_bytes(probe, b"ok")
             self.delete([probe])
         except StoreError as e:
@@ -478,7 +485,7 @@ class S3Store(Store):
                     f"s3://{self.bucket}/{first.get('Key')}: {first.get('Code')}: {first.get('Message')}"
                 )
 
-    def check_writable(self) -> None:
+    def check_writable(self, *, create: bool = True) -> None:  # an S3 probe object leaves nothing behind
         probe = f".canvasflow-probe-{os.getpid()}-{random.randrange(1 << 30)}"
         where = f" (endpoint {self.options.endpoint_url})" if self.options.endpoint_url else ""
         try:

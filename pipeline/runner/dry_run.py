@@ -5,8 +5,8 @@ generation config and found the run id and its state. This module reports them, 
 spending GPU hours on a job: whether it starts a new run or resumes one (and how much is left), the rows that
 will be rejected, the first prompt exactly as the model will see it (chat template, system prompt, template),
 and the prompt lengths in tokens against the model's budget, from a sample (an s3:// model's tokenizer files are
-downloaded for it, not its weights). It writes nothing (the start-up check that the output is writable leaves
-no object behind), takes no lock and starts no Ray worker.
+downloaded for it, not its weights). It writes nothing (the output location is checked for write access
+without an object or a folder being made), takes no lock and starts no Ray worker.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def report(prep: Any) -> int:
     """Logs the plan of `prep` (job.Prepared, from job.plan); returns the exit code: 0, it would run."""
     job, records = prep.job, prep.records
     logger.info("dry run (run.dry_run=true): nothing is written and no worker is started")
-    logger.info("run %s at %s: %s", prep.run_id, prep.run_store.uri, _state(prep))
+    state, left = _state(prep)
+    logger.info("run %s at %s: %s", prep.run_id, prep.run_store.uri, state)
     _lock_line(prep)
     _rejected_lines(records.table)  # the plan logged the input's row counts
     n = prep.spec.completions_per_prompt
@@ -44,7 +45,7 @@ def report(prep: Any) -> int:
         completions,
         prep.identity["num_shards"],
         job.run.shard_size,
-        _workers(job),
+        _workers(job, left),
     )
     settings = {k: v for k, v in prep.settings.items() if k not in HIDDEN_SETTINGS and v is not None}
     logger.info(
@@ -60,22 +61,26 @@ def report(prep: Any) -> int:
     return 0
 
 
-def _state(prep: Any) -> str:
+def _state(prep: Any) -> tuple[str, int]:
+    """What the run would do, and the shards it would generate."""
     status, total = prep.status, prep.identity["num_shards"]
     if status == "new":
-        return f"a new run; all {total} shard(s) to generate"
+        return f"a new run; all {total} shard(s) to generate", total
     if status == "replace":
         return (
             "run.overwrite=true: the run there (another input or config, or objects that are no run) would be "
             f"deleted and all {total} shard(s) generated"
-        )
+        ), total
     committed = prep.run_store.committed()
     broken = prep.run_store.verify(committed)
     left = total - len(committed) + len(broken)
     if status == "complete" and not broken:
-        return f"complete (_SUCCESS present): all {total} shard(s) committed, nothing to do"
+        return f"complete (_SUCCESS present): all {total} shard(s) committed, nothing to do", 0
     note = f", {len(broken)} of them with parts missing or altered (regenerated)" if broken else ""
-    return f"resumes: {len(committed)} of {total} shard(s) committed{note}; {left} to generate"
+    codec = (prep.run_store.read_run_file() or {}).get("compression")
+    if codec and codec != prep.job.output.compression:  # job.keep_run_codec
+        note += f"; its parts keep the codec it started with, {codec}, not output.compression"
+    return f"resumes: {len(committed)} of {total} shard(s) committed{note}; {left} to generate", left
 
 
 def _lock_line(prep: Any) -> None:
@@ -113,13 +118,17 @@ def _rejected_lines(table: Any) -> None:
         logger.info("  ... and %d more", rest)
 
 
-def _workers(job: Any) -> str:
+def _workers(job: Any, left: int) -> str:
+    """The workers the run would start for `left` shards (job._run_workers: no more than shards)."""
+    if not left:
+        return "no worker to start"
     cluster = job.cluster
     where = "this machine" if cluster.mode == "local" else (cluster.address or "the Ray cluster")
     gpus = cluster.num_gpus_per_worker
+    in_flight = job.run.shards_in_flight if job.sampler.batching == "continuous" else 1
     return (
-        f"{cluster.num_workers} worker(s) on {where} (cluster.mode={cluster.mode}"
-        f"{f', {gpus:g} GPU(s) each' if gpus else ''}), {job.run.shards_in_flight} shard(s) in flight each"
+        f"{min(cluster.num_workers, left)} worker(s) on {where} (cluster.mode={cluster.mode}"
+        f"{f', {gpus:g} GPU(s) each' if gpus else ''}), {in_flight} shard(s) in flight each"
     )
 
 

@@ -367,7 +367,7 @@ def plan(job: JobConfig) -> Prepared:
     load_postprocess(job.postprocess)
 
     store = open_store(job.output.uri, endpoint_url=job.output.endpoint_url, region=job.output.region)
-    store.check_writable()
+    store.check_writable(create=not job.run.dry_run)
     logger.info("reading input %s", job.data.path)
     records = read_input(job.data, endpoint_url=job.output.endpoint_url, region=job.output.region)
     logger.info(

@@ -33,6 +33,8 @@ def check_stops(stops: Any, key: str = "sampler.stop") -> tuple[str, ...]:
     if len(stops) > MAX_STOPS:
         raise ValueError(f"{key} has {len(stops)} strings; at most {MAX_STOPS}")
     for i, stop in enumerate(stops):
+        if isinstance(stop, (int, float)) and not isinstance(stop, bool):
+            raise ValueError(f"{key}[{i}]={stop!r} must be a non-empty string: quote it, {key}=['{stop}']")
         if not isinstance(stop, str) or not stop:
             raise ValueError(f"{key}[{i}]={stop!r} must be a non-empty string")
         if len(stop) > MAX_STOP_CHARS:

@@ -61,11 +61,12 @@ def test_a_dry_run_reports_the_plan_and_writes_nothing(tmp_path, caplog):
     with caplog.at_level("INFO", logger="canvasflow"):
         assert run(job) == 0
     log = caplog.text
-    run_id = plan(_job(tmp_path)).run_id  # the run id of the same job without dry_run: dry_run is no identity
-    assert f"run {run_id} at " in log and "a new run; all 3 shard(s) to generate" in log
+    assert "a new run; all 3 shard(s) to generate" in log
     assert "nothing is written and no worker is started" in log
     assert "starting a local Ray instance" not in log
-    assert _tree(tmp_path / "out") == {}, "no object, not even an empty run directory"
+    assert not (tmp_path / "out").exists(), "no object, not even the output folder"
+    run_id = plan(_job(tmp_path)).run_id  # the run id of the same job without dry_run: dry_run is no identity
+    assert f"run {run_id} at " in log
 
     # the rows rejected while reading, quoted with their reasons
     assert "input row 2: " in log and "malformed JSON" in log
@@ -79,6 +80,7 @@ def test_a_dry_run_reports_the_plan_and_writes_nothing(tmp_path, caplog):
     assert "prompt tokens over the 7 prompt(s):" in log
     assert "1 of the 7 prompt(s) have more than model.max_prompt_tokens=64 tokens" in log
     assert "7 prompt(s) x 1 completion(s) = 7 completion(s) at most, in 3 shard(s) of 3 row(s)" in log
+    assert "1 worker(s) on this machine (cluster.mode=local), 2 shard(s) in flight each" in log
 
 
 def test_a_dry_run_of_a_started_run_says_how_much_is_left_and_who_holds_it(tmp_path, caplog):
@@ -98,12 +100,15 @@ def test_a_dry_run_of_a_started_run_says_how_much_is_left_and_who_holds_it(tmp_p
     lease.acquire()  # a live process writing the run
     try:
         before = _tree(root)
+        job = _job(tmp_path, dry_run=True)
+        job.output.compression = "snappy"  # not applied to a run started with zstd (job.keep_run_codec)
         with caplog.at_level("INFO", logger="canvasflow"):
-            assert run(_job(tmp_path, dry_run=True)) == 0
+            assert run(job) == 0
         assert _tree(root) == before
     finally:
         lease.release()
-    assert "resumes: 1 of 3 shard(s) committed; 2 to generate" in caplog.text
+    assert "resumes: 1 of 3 shard(s) committed; its parts keep the codec it started with, zstd" in caplog.text
+    assert "; 2 to generate" in caplog.text
     assert (
         f"names host {socket.gethostname()}, pid " in caplog.text and "refused (exit code 2)" in caplog.text
     )
@@ -113,6 +118,17 @@ def test_a_dry_run_of_a_started_run_says_how_much_is_left_and_who_holds_it(tmp_p
     with caplog.at_level("INFO", logger="canvasflow"):
         assert run(_job(tmp_path, dry_run=True)) == 0
     assert "complete (_SUCCESS present): all 3 shard(s) committed, nothing to do" in caplog.text
+    assert "no worker to start" in caplog.text
+
+
+def test_a_dry_run_into_folders_that_do_not_exist_yet_creates_none(tmp_path):
+    job = _job(tmp_path, dry_run=True)
+    job.output.uri = str(tmp_path / "deep" / "a" / "b")
+    assert run(job) == 0
+    assert not (tmp_path / "deep").exists()
+    (tmp_path / "file").write_text("")
+    job.output.uri = str(tmp_path / "file" / "out")  # a file in the way: refused as the run is
+    assert run(job) == 2
 
 
 def test_a_dry_run_fails_at_start_up_like_the_run(tmp_path, caplog):

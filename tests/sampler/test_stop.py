@@ -150,7 +150,8 @@ def test_stop_strings_on_a_real_tokenizer_keep_the_fewest_tokens_and_cut_the_tex
     [
         ({"a": 1}, "sampler.stop={'a': 1} must be a string or a list of strings"),
         ([""], "sampler.stop[0]='' must be a non-empty string"),
-        (["a", 3], "sampler.stop[1]=3 must be a non-empty string"),
+        (["a", 3], "sampler.stop[1]=3 must be a non-empty string: quote it, sampler.stop=['3']"),
+        (["a", None], "sampler.stop[1]=None must be a non-empty string"),
         (["x"] * 17, "sampler.stop has 17 strings; at most 16"),
     ],
 )
