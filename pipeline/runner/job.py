@@ -750,7 +750,7 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
             in_flight=in_flight,
         )
         progress.final()
-        counters = sampler_counters(ray, workers)
+        counters = sampler_counters(ray, workers, board)
         for worker in workers:
             ray.kill(worker)
         return failed, infos, counters

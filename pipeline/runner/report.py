@@ -95,16 +95,22 @@ class Progress:
         self.tick(force=True, if_changed=True)
 
 
-def sampler_counters(ray, workers) -> dict[str, int]:
-    """The sampler work counters of the workers alive at the end, summed (ShardWorker.sampler_counters), with
-    `workers`: how many answered. A worker that died took its counts with it: best effort, as progress is."""
-    total: Counter[str] = Counter()
-    answered = 0
+def sampler_counters(ray, workers, board) -> dict[str, int]:
+    """The sampler work counters of every worker actor of this invocation, summed, with `workers`: how many
+    actors. Live workers answer (ShardWorker.sampler_counters); a worker that died or was replaced counts with
+    the counters it last sent the progress board (with its rows, about once a second). Best effort, as
+    progress is."""
+    snapshots: dict[str, dict[str, int]] = {}
+    with contextlib.suppress(Exception):
+        snapshots.update(ray.get(board.sampler_counters.remote(), timeout=10))
     for worker in workers:
         with contextlib.suppress(Exception):
-            total.update(ray.get(worker.sampler_counters.remote(), timeout=10))
-            answered += 1
-    return {**total, "workers": answered} if answered else {}
+            answer = ray.get(worker.sampler_counters.remote(), timeout=10)
+            snapshots[answer["instance"]] = answer["counters"]
+    total: Counter[str] = Counter()
+    for counters in snapshots.values():
+        total.update(counters)
+    return {**total, "workers": len(snapshots)} if snapshots else {}
 
 
 def sampler_summary(counters: dict[str, int], row_passes: int, batch_size: int) -> dict[str, Any] | None:
@@ -113,8 +119,7 @@ def sampler_summary(counters: dict[str, int], row_passes: int, batch_size: int) 
     if not counters:
         return None
     summary: dict[str, Any] = {"counters": counters, "batch_size": batch_size}
-    calls = counters.get("decoder_calls") or counters.get("forward_calls")
-    computed = counters.get("decoder_row_steps", counters.get("row_forwards"))
+    calls, computed = _passes(counters)
     if calls and computed is not None:
         summary["computed_rows_per_pass"] = round(computed / calls, 3)  # padding and finished rows included
         summary["live_rows_per_pass"] = round(min(row_passes, computed) / calls, 3)
@@ -123,11 +128,19 @@ def sampler_summary(counters: dict[str, int], row_passes: int, batch_size: int) 
     return summary
 
 
+def _passes(counters: dict[str, int]) -> tuple[int | None, int | None]:
+    """(batched passes, rows computed in them): the DiffusionGemma sampler's decoder calls, or the mask
+    sampler's steps (a step may run two forwards, the rows that recompute their window and the cached ones)."""
+    if "decoder_calls" in counters:
+        return counters["decoder_calls"], counters.get("decoder_row_steps")
+    return counters.get("steps"), counters.get("step_rows")
+
+
 def _sampler_line(summary: dict[str, Any]) -> str | None:
     counters = summary["counters"]
     if "live_rows_per_pass" not in summary:
         return None
-    calls = counters.get("decoder_calls") or counters.get("forward_calls")
+    calls, _ = _passes(counters)
     line = (
         f"sampler: {calls} batched passes, {summary['live_rows_per_pass']:.1f} live rows per pass of "
         f"sampler.batch_size={summary['batch_size']} ({summary['computed_rows_per_pass']:.1f} computed)"

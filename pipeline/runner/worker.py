@@ -24,10 +24,23 @@ class ProgressBoard:
 
     def __init__(self) -> None:
         self.workers: dict[str, dict[str, float]] = {}
+        self.counters: dict[str, dict[str, int]] = {}  # worker actor instance -> its sampler's counters
 
-    def report(self, worker: str, rows: float, tokens: int, steps: int, sampled: int) -> None:
+    def report(
+        self,
+        worker: str,
+        rows: float,
+        tokens: int,
+        steps: int,
+        sampled: int,
+        instance: str | None = None,
+        counters: dict[str, int] | None = None,
+    ) -> None:
         """`rows`: input rows done (a completion is 1/n of one; rows rejected before sampling count whole);
-        `sampled`: completions the sampler generated, whose `tokens` and decoder passes (`steps`) these are."""
+        `sampled`: completions the sampler generated, whose `tokens` and decoder passes (`steps`) these are;
+        `counters`: the sampler's work counters so far in the actor `instance` (kept when the actor dies)."""
+        if instance is not None and counters is not None:
+            self.counters[instance] = counters
         entry = self.workers.setdefault(
             worker, {"rows": 0, "tokens": 0, "steps": 0, "sampled": 0, "updated": 0.0}
         )
@@ -39,6 +52,9 @@ class ProgressBoard:
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         return {k: dict(v) for k, v in self.workers.items()}
+
+    def sampler_counters(self) -> dict[str, dict[str, int]]:
+        return {k: dict(v) for k, v in self.counters.items()}
 
 
 class ShardWorker:
@@ -55,6 +71,7 @@ class ShardWorker:
         # The sampler shares this process with the Python work of the shards in flight: hand the GIL over often.
         sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
         self.name = name
+        self.instance = f"{name}:{socket.gethostname()}:{os.getpid()}"  # this actor; a replacement is another
         self.run_store = run_store
         self.compression = compression
         self.board = board
@@ -83,10 +100,11 @@ class ShardWorker:
             "switch_interval_s": round(sys.getswitchinterval(), 6),
         }
 
-    def sampler_counters(self) -> dict[str, int]:
-        """The sampler's work counters since the model loaded (SamplerStats or MaskSamplerStats): forward
-        calls, rows computed per call (padding included), encoder tokens, prompt tokens copied."""
-        return dict(vars(self.generator.sampler.stats))
+    def sampler_counters(self) -> dict[str, Any]:
+        """This actor's id and its sampler's work counters since the model loaded (SamplerStats or
+        MaskSamplerStats): batched passes, rows computed in them (padding included), encoder tokens, prompt
+        tokens copied. They also go to the progress board with every report (ProgressBoard.report)."""
+        return {"instance": self.instance, "counters": dict(vars(self.generator.sampler.stats))}
 
     def _report(
         self, rows: float, tokens: int = 0, steps: int = 0, sampled: int = 0, force: bool = False
@@ -100,7 +118,8 @@ class ShardWorker:
             now = time.monotonic()
             if force or now - self._last_flush > 1.0:
                 if any(self._pending):
-                    self.board.report.remote(self.name, *self._pending)
+                    counters = dict(vars(self.generator.sampler.stats))
+                    self.board.report.remote(self.name, *self._pending, self.instance, counters)
                 self._pending = [0, 0, 0, 0]
                 self._last_flush = now
 

@@ -80,9 +80,11 @@ def test_sampler_summary_reads_each_samplers_counters():
         in _sampler_line(summary)
     )
     assert "96 tokens encoded, 32 copied" in _sampler_line(summary)
-    mask = {"forward_calls": 4, "row_forwards": 16, "query_tokens": 200, "valid_query_tokens": 150,
+    mask = {"steps": 4, "step_rows": 16, "forward_calls": 6, "row_forwards": 16, "query_tokens": 200,
+            "valid_query_tokens": 150,
             "attention_pairs": 0, "head_tokens": 0, "valid_attention_pairs": 0, "workers": 1}  # fmt: skip
     summary = sampler_summary(mask, 16, 4)
+    assert summary["live_rows_per_pass"] == 4.0, "rows per sampler step, not per forward (a step may run two)"
     assert summary["valid_token_share"] == 0.75 and "75% of the tokens computed" in _sampler_line(summary)
     idle = sampler_summary({"decoder_calls": 0, "decoder_row_steps": 0, "workers": 1}, 0, 8)
     assert "live_rows_per_pass" not in idle and _sampler_line(idle) is None, "a worker that ran nothing"

@@ -49,6 +49,8 @@ DECIDE_BYTES = 256 << 20
 
 @dataclass
 class MaskSamplerStats:
+    steps: int = 0  # sampler steps: one decision for every row of the batch (one or two forwards, by window)
+    step_rows: int = 0  # rows in the batch at each step, summed (static batching's finished rows too)
     forward_calls: int = 0
     row_forwards: int = 0  # rows per call, summed (guidance twins and static batching's finished rows too)
     query_tokens: int = 0  # tokens computed through the layers (padding included)
@@ -239,6 +241,8 @@ class MaskDiffusionSampler:
 
     def _step(self, rows: list[_Row]) -> list[_Row]:
         """One forward and decision for every row; returns the rows that finished at this step."""
+        self.stats.steps += 1
+        self.stats.step_rows += len(rows)
         windows = [self._window(r) for r in rows]
         full = [i for i, w in enumerate(windows) if w[0] == 0]
         partial = [i for i, w in enumerate(windows) if w[0] != 0]
