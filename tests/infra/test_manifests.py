@@ -525,6 +525,9 @@ def overrides_of(command: Command) -> list[str]:
     return overrides
 
 
+ARGPARSE_SCRIPTS = ("jobs/status.py",)  # reads a run directory: a path and options, no job config
+
+
 @pytest.mark.parametrize("command", all_commands(), ids=str)
 def test_every_command_is_a_script_of_the_project_with_overrides_that_compose(command: Command):
     script = ROOT / command.script
@@ -532,6 +535,15 @@ def test_every_command_is_a_script_of_the_project_with_overrides_that_compose(co
         if command.script == "jobs/nightly.py":
             pytest.skip("jobs/nightly.py is not in this checkout yet; its commands are checked once it is")
         pytest.fail(f"{command}: {command.script} does not exist")
+    if command.script in ARGPARSE_SCRIPTS:  # not a Hydra job: its options are in its --help
+        shown = subprocess.run(
+            [sys.executable, str(script), "--help"], capture_output=True, text=True, check=True
+        )
+        for arg in command.args:
+            assert not arg.startswith("-") or arg.split("=")[0] in shown.stdout, (
+                f"{command}: {arg} is no option"
+            )
+        return
     config_dir, config_name = prepare_script(command.script)
     overrides = overrides_of(command)
     try:
