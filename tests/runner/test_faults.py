@@ -300,6 +300,8 @@ def crashing_job(output: Output, tmp_path: Path, run_id: str, crasher: str) -> t
     )
 
 
+# On S3 only: the search is the pool's (on local disk in tests/runner/test_pool.py); this is the whole job's.
+@pytest.mark.parametrize("output", [pytest.param("s3", marks=pytest.mark.s3)], indirect=True)
 def test_a_row_that_kills_its_worker_every_time_becomes_an_error_row(output, tmp_path):
     code, log = crashing_job(output, tmp_path, "f", "crash_on")
     assert code == 0, log[-3000:]
