@@ -137,17 +137,7 @@ def validate_job(job: JobConfig) -> JobConfig:
             "is required with cluster=ray: give the head's address (e.g. ray://head:10001) or 'auto'",
         )
     for key in ("model.path", "data.path", "output.uri"):
-        value = str(_get(job, key))
-        scheme = URI_SCHEME.match(value)
-        if scheme and not value.startswith("s3://"):  # e.g. S3://b, s3:/b, gs://b: would be a local folder
-            raise _fail(
-                key,
-                value,
-                f"looks like a {scheme.group(1)!r} URI; only s3://bucket/prefix (lowercase, two slashes) and "
-                "local paths are supported",
-            )
-        if value.startswith("s3://") and not value[len("s3://") :].partition("/")[0]:  # s3://, s3:///x
-            raise _fail(key, value, "needs a bucket: s3://bucket/prefix")
+        check_location(key, str(_get(job, key)))
     if _inside(job.output.uri, job.data.path):
         raise _fail(
             "output.uri",
@@ -155,13 +145,7 @@ def validate_job(job: JobConfig) -> JobConfig:
             f"is inside data.path={job.data.path!r}: the next run of the same command would read this run's "
             "files (data/*.parquet, _manifest.json, ...) as input; put the output outside the input directory",
         )
-    endpoint = job.output.endpoint_url
-    if endpoint is not None and not ENDPOINT_URL.match(endpoint):
-        raise _fail(
-            "output.endpoint_url",
-            endpoint,
-            "must be an http:// or https:// URL with a host, e.g. http://host:port (or null for AWS)",
-        )
+    check_endpoint("output.endpoint_url", job.output.endpoint_url)
     if job.postprocess is not None:
         target = job.postprocess.get("_target_")
         if not isinstance(target, str) or "." not in target:
@@ -221,3 +205,35 @@ def validate_nightly(nightly: NightlyConfig) -> NightlyConfig:
             "without a heartbeat, which comes every 30 s)",
         )
     return nightly
+
+
+def check_location(key: str, value: str) -> None:
+    """ConfigError unless `value` is a local path or s3://bucket[/prefix]."""
+    scheme = URI_SCHEME.match(value)
+    if scheme and not value.startswith("s3://"):  # e.g. S3://b, s3:/b, gs://b: would be a local folder
+        raise _fail(
+            key,
+            value,
+            f"looks like a {scheme.group(1)!r} URI; only s3://bucket/prefix (lowercase, two slashes) and "
+            "local paths are supported",
+        )
+    if value.startswith("s3://") and not value[len("s3://") :].partition("/")[0]:  # s3://, s3:///x
+        raise _fail(key, value, "needs a bucket: s3://bucket/prefix")
+
+
+def check_endpoint(key: str, endpoint: str | None) -> None:
+    """ConfigError unless `endpoint` is None or an http(s) URL with a host and no credentials in it."""
+    if endpoint is None:
+        return
+    if not ENDPOINT_URL.match(endpoint):
+        raise _fail(
+            key,
+            endpoint,
+            "must be an http:// or https:// URL with a host, e.g. http://host:port (or null for AWS)",
+        )
+    if "@" in endpoint.split("://", 1)[1].split("/", 1)[0]:
+        # not echoed: the value holds a password; error messages name the endpoint
+        raise ConfigError(
+            f"{key} holds credentials (user:password@host): remove them; S3 credentials come from the "
+            "environment or the AWS configuration chain, and an endpoint is written in logs and errors"
+        )

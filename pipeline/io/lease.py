@@ -86,15 +86,20 @@ class Lease:
     wait_same_run_s: float = 0.0
     _stop: threading.Event | None = None
     _thread: threading.Thread | None = None
+    _acquired_at: float | None = None  # when this holder first wrote the lock (kept by the heartbeats)
 
     def _payload(self) -> str:
+        now = time.time()
+        if self._acquired_at is None:
+            self._acquired_at = now
         return json.dumps(
             {
                 "token": self.token,
                 "run_id": self.run_id,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
-                "heartbeat_at": time.time(),
+                "acquired_at": self._acquired_at,
+                "heartbeat_at": now,
             }
         )
 
@@ -184,6 +189,7 @@ class Lease:
                 logger.warning("lock heartbeat failed: %s", e)
 
     def release(self) -> None:
+        self._acquired_at = None
         if self._stop is not None:
             self._stop.set()
             self._thread.join(timeout=10)

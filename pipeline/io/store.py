@@ -95,6 +95,11 @@ class Store(ABC):
         """Like `list`, with each object's size in bytes."""
         raise NotImplementedError
 
+    def folders(self) -> list[str]:
+        """Names of the folders directly under the root (key prefixes up to a '/'), sorted; one level only, so
+        that a location holding many runs of many parts is not listed whole."""
+        raise NotImplementedError
+
     def download_file(self, key: str, dest: str | os.PathLike[str]) -> int:
         """Copies one object to the local file `dest`, streaming (never whole in memory); returns its size."""
         data = self.read_bytes(key)
@@ -209,6 +214,14 @@ class LocalStore(Store):
 
     def list_sizes(self, prefix: str = "") -> dict[str, int]:
         return {key: (self.root / key).stat().st_size for key in self.list(prefix)}
+
+    def folders(self) -> list[str]:
+        try:
+            return sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir())
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StoreError(f"cannot list {self.root}: {e.strerror or e}") from e
 
     def _walk(self, prefix: str) -> list[str]:
         folder, _, _ = prefix.rpartition("/")  # only this folder can hold keys starting with `prefix`
@@ -464,6 +477,18 @@ class S3Store(Store):
         # The whole listing is one retried unit: a failure on page 7 starts over (pages are not resumable
         # across a dropped connection without trusting a continuation token from the failed attempt).
         return dict(sorted(self._call(f"list {self.describe(prefix)}", page_all).items()))
+
+    def folders(self) -> list[str]:
+        full = f"{self.prefix}/" if self.prefix else ""
+
+        def page_all() -> list[str]:
+            names = []
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"):
+                names += [p["Prefix"][len(full) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            return names
+
+        return sorted(self._call(f"list the folders of {self.uri}", page_all))
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys

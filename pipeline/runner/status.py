@@ -3,51 +3,59 @@
 A run on a cluster is watched through its driver's log, which a user away from the cluster (a laptop, a
 dashboard, the next morning) does not have. Everything needed is in the run directory: the identity and shard
 plan (`_run.json`), the commit markers (rows, tokens and times of every committed shard), `_SUCCESS`, and the
-run lock with its heartbeat (`_lock`). Reading them takes a listing and a few small GETs, never the data parts or
-the input; nothing is written. Given an output location instead, it lists the runs there.
+run lock (`_lock`: its holder, when it took the lock, its last heartbeat). Reading them takes small GETs (the
+markers 16 at a time), never the data parts or the input; nothing is written. Given an output location instead,
+it lists the folders directly below it (one level, not every part) and reports each run there.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from typing import Any
 
+from pipeline.config.schema import ConfigError
 from pipeline.io.commit import RUN_FILE, RUN_LOCK, SUCCESS, RunConflictError, RunStore
 from pipeline.io.lease import holder_age_s, holder_is_stale, read_holder
-from pipeline.io.store import Store, StoreError
+from pipeline.io.store import LocalStore, S3Options, S3Store, Store, StoreError, is_s3
 from pipeline.runner.job import RUN_LOCK_STALE_S  # a lock holder silent this long is not running
 from pipeline.runner.report import format_duration
 
-CONFIG = "_config.yaml"  # written by every invocation as it opens the run (job.open_run)
+# A status check answers in seconds or says why not: fewer, shorter attempts than a job's (S3Options' defaults).
+STATUS_S3 = {"max_attempts": 3, "connect_timeout_s": 3.0, "read_timeout_s": 15.0, "max_delay_s": 2.0}
 
 
 class NoRun(LookupError):
-    """The location holds no canvasflow run (and, listed as an output location, no run below it)."""
+    """The location holds no _run.json."""
 
 
-def run_status(store: Store, now: float | None = None) -> dict[str, Any]:
+class Unreadable(RuntimeError):
+    """The location holds a run whose _run.json does not read as one."""
+
+
+def run_status(store: Store) -> dict[str, Any]:
     """The state of the run at `store`: identity, shards committed, rows, tokens, errors, its lock holder,
-    and while it runs its rate and ETA from the commits' times. NoRun when there is no _run.json."""
-    now = time.time() if now is None else now
+    and while it runs its rate and ETA. NoRun when there is no _run.json, Unreadable when it is not a run's."""
     run_id = store.uri.rstrip("/").rsplit("/", 1)[-1]
     run_store = RunStore(store, run_id)
     try:
         identity = run_store.read_run_file()
     except RunConflictError as e:
-        raise NoRun(str(e)) from None
+        raise Unreadable(str(e)) from None
     if identity is None:
-        raise NoRun(f"{store.describe(RUN_FILE)} does not exist: {store.uri} is not a canvasflow run")
+        raise NoRun(f"{store.describe(RUN_FILE)} does not exist")
+    total = identity.get("num_shards")
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        raise Unreadable(f"{store.describe(RUN_FILE)} has no shard count (num_shards={total!r})")
     commits = sorted(run_store.committed().values(), key=lambda c: c.committed_at)
-    total = int(identity.get("num_shards", 0))
-    complete = store.exists(SUCCESS)
     holder = read_holder(store, RUN_LOCK)
     live = holder is not None and not holder_is_stale(store, RUN_LOCK, holder, RUN_LOCK_STALE_S)
     status: dict[str, Any] = {
         "run_id": identity.get("run_id", run_id),
         "uri": store.uri,
-        "state": "complete" if complete else "running" if live else "stopped",
+        "state": "complete" if store.exists(SUCCESS) else "running" if live else "stopped",
         "input_path": identity.get("input_path"),
         "model": identity.get("model"),
         "rows_in": identity.get("num_rows"),
@@ -64,37 +72,41 @@ def run_status(store: Store, now: float | None = None) -> dict[str, Any]:
         status["lock"] = {
             "host": holder.get("host"),
             "pid": holder.get("pid"),
+            "live": live,
             "heartbeat_age_s": round(holder_age_s(store, RUN_LOCK, holder), 1),
         }
     if status["state"] == "running":
-        status.update(_rate(store, commits, total, now))
+        status.update(_rate(holder, commits, total))
     return status
 
 
-def _rate(store: Store, commits: list, total: int, now: float) -> dict[str, Any]:
-    """Shards per hour since this invocation opened the run (it wrote _config.yaml then), and the ETA of the
-    shards left at that rate; an earlier invocation's commits do not count."""
-    age = store.age_s(CONFIG)
-    since = (
-        now - age if age is not None else min((c.started_at or c.committed_at for c in commits), default=now)
-    )
-    recent = [c for c in commits if c.committed_at >= since]
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _rate(holder: dict, commits: list, total: int) -> dict[str, Any]:
+    """Shards per hour of the invocation holding the lock, from when it took the lock to its last heartbeat or
+    commit (the cluster's clocks, not this machine's), and the ETA of the shards left at that rate. None for
+    both until it has committed a shard, or for a lock written before locks recorded `acquired_at`."""
+    since = _number(holder.get("acquired_at"))
+    recent = [c for c in commits if since is not None and c.committed_at >= since]
     if not recent:
         return {"shards_per_hour": None, "eta_s": None}
-    rate = len(recent) / max(now - since, 1e-9)
+    end = max(recent[-1].committed_at, _number(holder.get("heartbeat_at")) or 0.0)
+    rate = len(recent) / max(end - since, 1e-9)
     left = total - len(commits)
     return {"shards_per_hour": round(rate * 3600, 2), "eta_s": round(left / rate, 1)}
 
 
 def list_runs(store: Store) -> list[str]:
-    """The run ids directly below an output location (folders holding a _run.json)."""
-    return sorted(
-        key.split("/", 1)[0] for key in store.list("") if key.count("/") == 1 and key.endswith(f"/{RUN_FILE}")
-    )
+    """The folders directly below an output location that hold a _run.json (or a broken one)."""
+    return [name for name in store.folders() if store.child(name).exists(RUN_FILE)]
 
 
 def describe(status: dict[str, Any]) -> list[str]:
     """Lines for a person."""
+    if status["state"] == "unreadable":
+        return [f"run {status['run_id']} at {status['uri']}: unreadable: {status['error']}"]
     done, total = status["shards_committed"], status["shards_total"]
     lines = [
         f"run {status['run_id']} at {status['uri']}: {status['state']}, {done}/{total} shards committed "
@@ -107,46 +119,70 @@ def describe(status: dict[str, Any]) -> list[str]:
         lines.append(f"  rejected by stage: {stages}")
     lock = status.get("lock")
     if lock:
-        age = lock["heartbeat_age_s"]
-        lines.append(
-            f"  lock: host {lock['host']}, pid {lock['pid']}, heartbeat {age:.0f}s ago"
-            + ("" if status["state"] == "running" else " (stale: its process is gone; a rerun takes it over)")
+        state = (
+            "live"
+            if lock["live"]
+            else "stale: silent too long, or its process is gone; a rerun takes it over"
         )
-    if status["state"] == "running" and status.get("shards_per_hour"):
         lines.append(
-            f"  rate: {status['shards_per_hour']:.1f} shards/hour since this invocation started, "
+            f"  lock: host {lock['host']}, pid {lock['pid']}, heartbeat {lock['heartbeat_age_s']:.0f}s ago ({state})"
+        )
+    if status.get("shards_per_hour"):
+        lines.append(
+            f"  rate: {status['shards_per_hour']:.1f} shards/hour since this invocation took the run, "
             f"ETA {format_duration(status['eta_s'])}"
         )
     if status["state"] == "stopped":
         lines.append("  not running: rerun the same command to resume it (committed shards are kept)")
     if status["last_commit_at"]:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status["last_commit_at"]))
-        lines.append(f"  last commit: {stamp}")
+        lines.append(f"  last commit: {time_text(status['last_commit_at'])}")
     return lines
 
 
-def main(uri: str, *, endpoint_url: str | None, region: str | None, as_json: bool) -> int:
-    """Prints the status of the run at `uri`, or of every run below it; returns the exit code."""
-    from pipeline.io.store import open_store
+def time_text(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
 
+
+def open_location(uri: str, endpoint_url: str | None, region: str | None) -> Store:
+    """The store at `uri`, checked as the jobs check output.uri; ConfigError naming the bad value."""
+    from pipeline.config.validate import check_endpoint, check_location
+
+    check_location("uri", uri)
+    check_endpoint("--endpoint-url", endpoint_url)
+    if is_s3(uri):
+        return S3Store(uri, S3Options(endpoint_url=endpoint_url, region=region, **STATUS_S3))
+    return LocalStore(uri)
+
+
+def statuses(store: Store) -> dict[str, Any] | list[dict[str, Any]]:
+    """The run at `store`, or (a list) every run directly below it; NoRun when there is neither."""
     try:
-        store = open_store(uri, endpoint_url=endpoint_url, region=region)
-        try:
-            statuses = [run_status(store)]
-        except NoRun:
-            runs = list_runs(store)
-            if not runs:
-                raise
-            statuses = [run_status(store.child(run)) for run in runs]
+        return run_status(store)
     except NoRun:
-        print(f"no canvasflow run at {uri}: no {RUN_FILE} there, nor in a folder directly below it")
-        return 2
-    except StoreError as e:
-        print(f"cannot read {uri}: {e}")
+        runs = list_runs(store)
+        if not runs:
+            raise NoRun(f"no {RUN_FILE} there, nor in a folder directly below it") from None
+    found = []
+    for name in runs:
+        child = store.child(name)
+        try:
+            found.append(run_status(child))
+        except (NoRun, Unreadable, StoreError) as e:  # one broken or vanishing run hides no other
+            found.append({"run_id": name, "uri": child.uri, "state": "unreadable", "error": str(e)})
+    return found
+
+
+def main(uri: str, *, endpoint_url: str | None, region: str | None, as_json: bool) -> int:
+    """Prints the status of the run at `uri`, or of every run directly below it; returns the exit code (2 with
+    the reason on stderr when there is no run or the location cannot be read)."""
+    try:
+        result = statuses(open_location(uri, endpoint_url, region))
+    except (ConfigError, NoRun, Unreadable, StoreError) as e:
+        print(f"no status for {uri}: {e}", file=sys.stderr)
         return 2
     if as_json:
-        print(json.dumps(statuses if len(statuses) > 1 else statuses[0], indent=2, sort_keys=True))
-    else:
-        for status in statuses:
-            print("\n".join(describe(status)))
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    for status in result if isinstance(result, list) else [result]:
+        print("\n".join(describe(status)))
     return 0
