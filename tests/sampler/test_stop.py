@@ -78,23 +78,9 @@ def gemma(tmp_path_factory):
     return DiffusionGemmaTextModel(DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval())
 
 
-def _gemma_run(model, requests, stop=None, batching="continuous"):
+def _gemma_sampler(model, stop):
     settings = sampler_settings(LENGTH, max_new_tokens=CANVASES * LENGTH)
-    sampler = DiffusionSampler(model, settings, max_batch=5, max_prompt_tokens=32, backend="torch", stop=stop)
-    results = sampler.generate(requests, batching=batching)
-    return {r.row_id: (r.token_ids, r.denoising_steps, r.canvases, r.finish_reason) for r in results}, sampler
-
-
-@pytest.mark.parametrize("batching", ["continuous", "static"])
-def test_diffusion_gemma_rows_end_at_the_canvas_holding_the_stop_string(gemma, batching):
-    requests = _requests()
-    base, plain = _gemma_run(gemma, requests, batching=batching)
-    assert sum(r[2] == CANVASES for r in base.values()) >= 4, "rows that run every canvas without a stop"
-    stop = StopStrings([_stop_for(base, len(requests))], _decode)
-    stopped, sampler = _gemma_run(gemma, requests, stop=stop, batching=batching)
-    assert _check(base, stopped, stop) >= 2
-    if batching == "continuous":  # rows that stop leave the batch: fewer rows computed
-        assert sampler.stats.decoder_row_steps < plain.stats.decoder_row_steps
+    return DiffusionSampler(model, settings, max_batch=5, max_prompt_tokens=32, backend="torch", stop=stop)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +89,7 @@ def llada(tmp_path_factory):
     return load_mask_model(path)
 
 
-def _llada_run(model, requests, stop=None, batching="continuous"):
+def _llada_sampler(model, stop):
     settings = MaskSettings(
         max_new_tokens=CANVASES * LENGTH,
         steps=CANVASES * LENGTH // 2,
@@ -112,22 +98,35 @@ def _llada_run(model, requests, stop=None, batching="continuous"):
         eos_token_ids=(0,),
         pad_token_id=0,
     )
-    sampler = MaskDiffusionSampler(
+    return MaskDiffusionSampler(
         model, settings, max_batch=5, max_prompt_tokens=20, backend="torch", stop=stop
     )
+
+
+# family -> (sampler builder, the counter of rows computed)
+SAMPLERS = {"gemma": (_gemma_sampler, "decoder_row_steps"), "llada": (_llada_sampler, "row_forwards")}
+
+
+def _run(build, model, requests, batching, stop=None):
+    sampler = build(model, stop)
     results = sampler.generate(requests, batching=batching)
     return {r.row_id: (r.token_ids, r.denoising_steps, r.canvases, r.finish_reason) for r in results}, sampler
 
 
 @pytest.mark.parametrize("batching", ["continuous", "static"])
-def test_llada_rows_end_at_the_block_holding_the_stop_string(llada, batching):
+@pytest.mark.parametrize("family", ["gemma", "llada"])
+def test_rows_end_at_the_canvas_or_block_holding_the_stop_string(request, family, batching):
+    """DiffusionGemma rows end at the canvas, LLaDA rows at the block, that holds the stop string."""
+    model, (build, computed) = request.getfixturevalue(family), SAMPLERS[family]
     requests = _requests()
-    base, plain = _llada_run(llada, requests, batching=batching)
+    base, plain = _run(build, model, requests, batching)
+    if family == "gemma":
+        assert sum(r[2] == CANVASES for r in base.values()) >= 4, "rows that run every canvas without a stop"
     stop = StopStrings([_stop_for(base, len(requests))], _decode)
-    stopped, sampler = _llada_run(llada, requests, stop=stop, batching=batching)
+    stopped, sampler = _run(build, model, requests, batching, stop)
     assert _check(base, stopped, stop) >= 2
-    if batching == "continuous":
-        assert sampler.stats.row_forwards < plain.stats.row_forwards
+    if batching == "continuous":  # rows that stop leave the batch: fewer rows computed
+        assert getattr(sampler.stats, computed) < getattr(plain.stats, computed)
 
 
 def test_stop_strings_on_a_real_tokenizer_keep_the_fewest_tokens_and_cut_the_text():
