@@ -24,7 +24,7 @@ from pipeline.data.prompts import (
     prompt_ids,
 )
 from pipeline.postprocess import load_postprocess
-from pipeline.sampler.stop import StopStrings, check_stops
+from pipeline.sampler.stop import StopStrings
 
 if TYPE_CHECKING:
     from pipeline.runner.stream import SharedSampler
@@ -194,9 +194,7 @@ class Generator:
         if not spec.stop:
             return None
         tokenizer = copy.deepcopy(self.loaded.tokenizer)
-        return StopStrings(
-            check_stops(spec.stop), lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-        )
+        return StopStrings(spec.stop, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
     @property
     def model_name(self) -> str:

@@ -15,7 +15,13 @@ import logging
 import statistics
 from typing import Any
 
-from pipeline.data.prompts import CHARS_BOUND_FACTOR, PromptTooLong, max_token_chars, prompt_ids
+from pipeline.data.prompts import (
+    CHARS_BOUND_FACTOR,
+    PromptTooLong,
+    max_token_chars,
+    prompt_ids,
+    render_prompt,
+)
 from pipeline.io.commit import RUN_LOCK
 from pipeline.io.lease import read_holder
 from pipeline.io.store import StoreError
@@ -177,8 +183,6 @@ def _prompt_lines(prep: Any) -> None:
 
 
 def _show_first(tokenizer: Any, row: dict[str, Any], spec: Any, tokens: int) -> None:
-    from pipeline.data.prompts import render_prompt
-
     text = render_prompt(
         tokenizer,
         row["prompt"],
