@@ -124,12 +124,16 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def workers() -> list[psutil.Process]:
-    return [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any("ShardWorker" in c for c in p.info["cmdline"] or [])
-    ]
+def workers(job: subprocess.Popen) -> list[psutil.Process]:
+    """The Ray worker processes of this job only: its local Ray instance's processes stay in the session the job
+    started (start_job), also once the driver is gone; other tests' jobs may be running beside it."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any("ShardWorker" in c for c in p.info["cmdline"] or []):
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if os.getsid(p.pid) == job.pid:
+                    found.append(p)
+    return found
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -140,9 +144,9 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 60
-    while workers() and time.monotonic() < deadline:
+    while workers(proc) and time.monotonic() < deadline:
         time.sleep(0.5)
-    for p in workers():
+    for p in workers(proc):
         p.kill()
 
 
@@ -231,7 +235,7 @@ def test_worker_killed_mid_run_is_retried(output, tmp_path):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if len(output.commits("w")) >= 2:
-                for p in workers():
+                for p in workers(proc):
                     p.send_signal(signal.SIGKILL)
                     killed.append(p.pid)
                 if killed:
