@@ -35,9 +35,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _install_fast_interpreter()
 
 # =============================================================================================================
-# Parallel runs (pytest-xdist, `-n auto --dist loadgroup` in pyproject.toml): the Ray tests in two lanes, one
-# after another in each, on workers gw0 and gw1 first; every other module whole on one worker
-# (tests/support/xdist_ray.py).
+# Parallel runs (pytest-xdist, `-n auto --dist loadgroup` in pyproject.toml): the Ray tests, one after another
+# on worker gw0 with the CPU first; every other module whole on one worker (tests/support/xdist_ray.py).
 # =============================================================================================================
 
 
