@@ -44,6 +44,11 @@ def _fail(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} {why}")
 
 
+def without_userinfo(address: str) -> str:
+    """An address for messages: user:password@ after the scheme replaced by ***@."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^@/]*@", r"\1***@", address, flags=re.IGNORECASE)
+
+
 def check_prompt_options(data) -> None:
     """data.prompt_template parses and is not combined with messages_column; data.system_prompt has text and
     a chat template to go to (whether the model's template takes a system turn is checked when it loads)."""
@@ -135,6 +140,13 @@ def validate_job(job: JobConfig) -> JobConfig:
             "cluster.address",
             job.cluster.address,
             "is required with cluster=ray: give the head's address (e.g. ray://head:10001) or 'auto'",
+        )
+    if job.cluster.mode == "ray" and job.cluster.address.lower().startswith(("http://", "https://")):
+        raise _fail(
+            "cluster.address",
+            without_userinfo(job.cluster.address),
+            "is a dashboard / Jobs API address (the one `ray job submit` takes): a driver connects to the "
+            "cluster's GCS (host:6379) or to Ray Client (ray://host:10001), or 'auto' in a submitted job",
         )
     for key in ("model.path", "data.path", "output.uri"):
         check_location(key, str(_get(job, key)))

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import ClusterConfig
+from pipeline.config.validate import without_userinfo
 
 logger = logging.getLogger("canvasflow")
 HOST_PORT = re.compile(r"^(?:ray://)?([^/:]+|\[[0-9A-Fa-f:]+\]):(\d+)/?$")
 PROBE_TIMEOUT_S = 10.0
+RAY_ADDRESS = "RAY_ADDRESS"  # the environment variable ray.init reads
 
 
 class ClusterConnectError(RuntimeError):
@@ -55,8 +57,17 @@ def _init(ray, cluster: ClusterConfig) -> None:
     if cluster.mode == "local":
         python_path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
         cpus = max(os.cpu_count() or 1, math.ceil(cluster.num_workers * cluster.num_cpus_per_worker) + 1)
+        if os.environ.get(RAY_ADDRESS):
+            logger.warning(
+                "%s is set, but cluster.mode=local starts a Ray instance of its own on this machine; to run on "
+                "that cluster, pass cluster=ray",
+                RAY_ADDRESS,
+            )
         logger.info("starting a local Ray instance (%d CPUs)", cpus)
+        # address="local": a new instance always. Without it, ray.init joins the cluster named by RAY_ADDRESS or
+        # by the last `ray start` on this machine, and then refuses num_cpus.
         ray.init(
+            address="local",
             num_cpus=cpus,
             include_dashboard=False,
             logging_level=logging.WARNING,
@@ -64,30 +75,45 @@ def _init(ray, cluster: ClusterConfig) -> None:
         )
     else:
         logger.info("connecting to the Ray cluster at %s", cluster.address)
-        check_reachable(cluster.address)
+        named = check_reachable(cluster.address)
         try:
             ray.init(address=cluster.address, logging_level=logging.WARNING)
-        except ConnectionError as e:  # e.g. address=auto and no cluster running
-            raise ClusterConnectError(
-                f"cannot connect to the Ray cluster at cluster.address={cluster.address!r}: {e}"
-            ) from None
+        except (ConnectionError, ValueError) as e:  # e.g. address=auto and no cluster running
+            raise ClusterConnectError(f"cannot connect to the Ray cluster at {named}: {e}") from None
 
 
-def check_reachable(address: str | None) -> None:
+def check_reachable(address: str | None) -> str:
     """ClusterConnectError unless something listens at a host:port (or ray://host:port) address: ray.init
-    retries an address without a Ray head for minutes, ignoring Ctrl-C. Other forms ('auto') are left to Ray."""
+    retries an address without a Ray head for minutes, ignoring Ctrl-C. 'auto' (or none) stands for RAY_ADDRESS
+    when that is set, as in ray.init; else ('auto' alone) the finding is left to Ray. Returns how errors name
+    the address: the key and value it came from."""
+    named = f"cluster.address={address!r}"
+    from_env = os.environ.get(RAY_ADDRESS)
+    if address in (None, "auto") and from_env:
+        address, named = (
+            from_env,
+            f"{RAY_ADDRESS}={without_userinfo(from_env)!r} (cluster.address={address!r})",
+        )
+        if address.startswith(("http://", "https://")):
+            raise ClusterConnectError(
+                f"cannot connect to the Ray cluster at {named}: that is the address of its dashboard and Jobs "
+                "API, which `ray job submit` takes; a driver needs the cluster's GCS address (host:6379) or a "
+                "Ray Client address (ray://host:10001). Unset RAY_ADDRESS in this shell, or set "
+                "cluster.address to one of those"
+            )
     match = HOST_PORT.match(address or "")
     if not match:
-        return
+        return named
     host, port = match.group(1).strip("[]"), int(match.group(2))
     try:
         socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
     except OSError as e:
         raise ClusterConnectError(
-            f"cannot reach the Ray cluster at cluster.address={address!r} ({e.strerror or e}): start its head "
+            f"cannot reach the Ray cluster at {named} ({e.strerror or e}): start its head "
             "(`ray start --head`), or give the address of a running one: host:6379 (its GCS), ray://host:10001 "
             "(Ray Client), or 'auto' in a job submitted with `ray job submit`"
         ) from None
+    return named
 
 
 def worker_options(cluster: ClusterConfig, count: int) -> tuple[dict[str, Any], int | None]:

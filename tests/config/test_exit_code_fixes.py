@@ -5,6 +5,7 @@ ignored), and unexpected errors while preparing the run (a traceback and exit 1 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,9 +27,10 @@ from pipeline.runner.job import run
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(script: str, *args: str, cwd: Path) -> tuple[int, str]:
+def _cli(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
     result = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / script), *args],
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=300,
@@ -164,3 +166,23 @@ def test_an_unreachable_ray_cluster_exits_2_naming_the_address(tmp_path):
         assert code == 2, log[-2000:]
         assert f"cannot reach the Ray cluster at cluster.address='{address}'" in log
         assert "Traceback" not in log
+    # cluster.address=auto stands for RAY_ADDRESS when that is set, as in ray.init
+    code, log = _cli("generate.py", *args, env={"RAY_ADDRESS": f"127.0.0.1:{port}"}, cwd=tmp_path)
+    assert code == 2, log[-2000:]
+    assert f"cannot reach the Ray cluster at RAY_ADDRESS='127.0.0.1:{port}' (cluster.address='auto')" in log
+    assert "Traceback" not in log
+
+
+def test_a_dashboard_address_for_the_ray_cluster_exits_2_saying_which_address_a_driver_needs(tmp_path):
+    """docs/cluster.md has users `export RAY_ADDRESS=http://127.0.0.1:8265` for `ray job submit`; a job then
+    started from that shell with cluster=ray died in ray.init with a traceback."""
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    args = [f"output.uri={tmp_path / 'out'}", f"data.path={data}", "cluster=ray"]
+    code, log = _cli("generate.py", *args, env={"RAY_ADDRESS": "http://user:pw@127.0.0.1:8265"}, cwd=tmp_path)
+    assert code == 2, log[-2000:]
+    assert "RAY_ADDRESS='http://***@127.0.0.1:8265' (cluster.address='auto')" in log
+    assert "Unset RAY_ADDRESS" in log and "Traceback" not in log and "pw@" not in log
+    code, log = _cli("generate.py", *args, "cluster.address=https://head:8265", cwd=tmp_path)
+    assert code == 2, log[-2000:]
+    assert "cluster.address='https://head:8265' is a dashboard / Jobs API address" in log

@@ -56,13 +56,13 @@ def ray_head(tmp_path_factory):
         "RAY_AUTH_TOKEN_PATH": str(token),
         "OMP_NUM_THREADS": "1",
     }
-    dashboard = free_port()
+    dashboard, gcs = free_port(), free_port()
     temp_dir = (
         Path("/tmp") / f"cf-ray-{secrets.token_hex(3)}"
     )  # short: Ray's socket paths have a length limit
     args = [
         ray_cli(), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=3",
-        "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+        "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
@@ -84,7 +84,7 @@ def ray_head(tmp_path_factory):
                     f"ray head did not start:\n{(base / 'head.log').read_text()[-3000:]}", pytrace=False
                 )
             time.sleep(1)
-    yield address, env
+    yield address, env, f"127.0.0.1:{gcs}"
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=5)
@@ -103,7 +103,7 @@ def ray(env, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
-    address, env = ray_head
+    address, env, _ = ray_head
     out = tmp_path / "out"
     submitted = ray(
         env, "job", "submit", "--address", address, "--working-dir", ".", "--submission-id", "canvasflow-test",
@@ -127,3 +127,24 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
     assert table.num_rows == 8
     stats = json.loads((out / "rj" / "stats.json").read_text())
     assert set(stats["per_worker"]) == {"w0", "w1"}
+
+
+def test_a_local_job_beside_a_running_cluster_starts_a_ray_instance_of_its_own(ray_head, tmp_path):
+    """RAY_ADDRESS names a live cluster (as on a cluster's node, or after `export RAY_ADDRESS`): cluster=local
+    joined it and failed in ray.init ("num_cpus ... must not be provided"); it now starts its own, saying so."""
+    _, env, gcs = ray_head
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Sort: {i} 3 1"}) + "\n" for i in range(4)))
+    result = subprocess.run(
+        [
+            sys.executable, str(ROOT / "jobs" / "generate.py"), f"data.path={data}", f"output.uri={tmp_path / 'out'}",
+            "run.id=beside", "cluster.num_workers=1", "model.path=builtin:tiny-diffusiongemma-random",
+            "sampler.max_denoising_steps=4", "sampler.max_new_tokens=32",
+        ],
+        env={**env, "RAY_ADDRESS": gcs}, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "RAY_ADDRESS is set, but cluster.mode=local starts a Ray instance of its own" in log
+    assert "starting a local Ray instance" in log
+    assert pads.dataset(str(tmp_path / "out" / "beside" / "data"), format="parquet").count_rows() == 4
