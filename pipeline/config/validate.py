@@ -150,7 +150,7 @@ def validate_job(job: JobConfig) -> JobConfig:
         )
     for key in ("model.path", "data.path", "output.uri"):
         check_location(key, str(_get(job, key)))
-    if _inside(job.output.uri, job.data.path):
+    if is_inside(job.output.uri, job.data.path):
         raise _fail(
             "output.uri",
             job.output.uri,
@@ -171,16 +171,17 @@ def validate_job(job: JobConfig) -> JobConfig:
     return job
 
 
-def _inside(output: str, data: str) -> bool:
-    """Whether `output` is `data` or below it (a local folder or an s3:// prefix; builtin: and hf: inputs are
-    no folder)."""
-    s3 = data.startswith("s3://")
-    if data.startswith(("builtin:", "hf:")) or output.startswith("s3://") != s3:
+def is_inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it (local paths or s3:// prefixes; builtin: and hf: inputs are no
+    location)."""
+    if any(p.startswith(("builtin:", "hf:")) for p in (path, folder)):
         return False
-    if s3:
-        return f"{output.rstrip('/')}/".startswith(f"{data.rstrip('/')}/")
-    out, folder = Path(output).expanduser().resolve(), Path(data).expanduser().resolve()
-    return out == folder or folder in out.parents
+    if path.startswith("s3://") != folder.startswith("s3://"):
+        return False
+    if path.startswith("s3://"):
+        return f"{path.rstrip('/')}/".startswith(f"{folder.rstrip('/')}/")
+    inner, outer = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return inner == outer or outer in inner.parents
 
 
 def validate_nightly(nightly: NightlyConfig) -> NightlyConfig:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig
+from pipeline.config.validate import is_inside
 from pipeline.data.prompts import check_system_prompt
 from pipeline.data.readers import InputError, read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
@@ -386,6 +387,12 @@ def plan(job: JobConfig) -> Prepared:
             logger.warning("%s", hint)
     config_fp = config_fingerprint(job, model_id, settings_dict)
     run_id = job.run.id or derive_run_id(resolve_path(job.data.path), records.fingerprint, config_fp)
+    run_dir = f"{job.output.uri.rstrip('/')}/{run_id}"
+    if is_inside(job.data.path, run_dir):
+        raise ConfigError(
+            f"data.path={job.data.path!r} is inside this run's directory {run_dir}, which the run writes (and "
+            "run.overwrite=true deletes): copy the input elsewhere, or give this run another run.id"
+        )
     run_store = RunStore(store.child(run_id), run_id)
     num_shards = -(-records.num_rows // job.run.shard_size)
     identity = {

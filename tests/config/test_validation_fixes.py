@@ -225,6 +225,31 @@ def test_an_output_beside_or_above_the_input_passes(tmp_path, data_path, output_
     to_job_config(_compose("config", f"data.path={data_path}", f"output.uri={output_uri}"))
 
 
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_an_input_inside_the_runs_own_directory_is_refused_and_kept(tmp_path, caplog, overwrite):
+    """A run read from its own directory (a previous output of the same run.id as input): with
+    run.overwrite=true the run deleted the input it had just read (580 of 600 rows gone, exit 0)."""
+    source = tmp_path / "out" / "r1" / "data" / "part.jsonl"
+    source.parent.mkdir(parents=True)
+    source.write_text("".join(json.dumps({"prompt": f"Add: {i}+1"}) + "\n" for i in range(3)))
+    job = JobConfig(
+        model=ModelConfig(path="builtin:tiny-diffusiongemma-random"),
+        data=DataConfig(path=str(source.parent)),
+        output=OutputConfig(uri=str(tmp_path / "out")),
+        run=RunConfig(id="r1", overwrite=overwrite),
+    )
+    assert run(job) == 2
+    assert (
+        f"data.path={str(source.parent)!r} is inside this run's directory {tmp_path / 'out' / 'r1'}"
+        in caplog.text
+    )
+    assert sorted(p.name for p in (tmp_path / "out" / "r1").rglob("*")) == ["data", "part.jsonl"]
+    # Another run.id beside it reads the same input.
+    job.run.id = "r2"
+    job.run.dry_run = True
+    assert run(job) == 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA device")
 @pytest.mark.parametrize(
     ("model", "sampler", "message"),
