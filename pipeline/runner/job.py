@@ -130,19 +130,25 @@ def nightly_from_hydra(cfg: Any) -> int:
 
 
 REDACTED = "<redacted>"
-# A key is secret-like when one of its words (split at '_', '-', '.', case-insensitive) is one of these, or it
-# contains one of SECRET_PHRASES (e.g. aws_secret_access_key, hf_token, api_key, session_token, password).
+# A key is secret-like when one of its words (split at '_', '-', '.' and camelCase, case-insensitive) is one of
+# these, or it contains one of SECRET_PHRASES (e.g. aws_secret_access_key, hf_token, accessKeyId, password).
 SECRET_WORDS = frozenset(  # "key": fsspec/s3fs storage_options take the access key id as `key`
-    {"token", "secret", "password", "passwd", "credential", "credentials", "apikey", "passphrase", "key"}
-)
-SECRET_PHRASES = ("api_key", "access_key", "session_token", "private_key")
+    {
+        "token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey", "passphrase",
+        "key", "auth", "authorization", "bearer", "cookie", "cookies", "pat", "dsn", "signature", "sas",
+    }
+)  # fmt: skip
+SECRET_PHRASES = ("api_key", "access_key", "session_token", "private_key", "connection_string", "conn_str")
 _ENV_TEXT = "canvasflow_env_text"  # resolver that gives back `${oc.env:...}` as text (see _yaml)
 _OC_ENV = re.compile(r"\$\{\s*oc\.env\s*:")
-_ENV_ONLY = re.compile(r"^\$\{oc\.env:[^${}]*\}$")
+# A secret-like key's value that holds only `${oc.env:NAME}` texts, after an auth scheme at most, is kept.
+_ENV_REFERENCE = re.compile(r"^(?:(?:bearer|basic|token)\s+)?\$\{oc\.env:[^${}]*\}$", re.IGNORECASE)
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^@/\s]*@", re.IGNORECASE)
 
 
 def is_secret_key(key: Any) -> bool:
-    name = str(key).lower().replace("-", "_")
+    name = _CAMEL.sub("_", str(key)).lower().replace("-", "_")
     return bool(set(re.split(r"[^a-z0-9]+", name)) & SECRET_WORDS) or any(p in name for p in SECRET_PHRASES)
 
 
@@ -162,15 +168,18 @@ def _rewrite_env(node: Any) -> Any:
 
 def redact(node: Any, key: Any = None) -> Any:
     """Values of secret-like keys (is_secret_key) replaced by REDACTED, at any depth; None, booleans (e.g.
-    `token: true`, "use the stored token") and bare `${oc.env:NAME}` texts are kept."""
+    `token: true`, "use the stored token") and `${oc.env:NAME}` texts (`Bearer ${oc.env:NAME}` too) are kept.
+    In every other text, the user:password@ of a URL becomes ***@."""
     if key is not None and is_secret_key(key):
-        if node is None or isinstance(node, bool) or (isinstance(node, str) and _ENV_ONLY.match(node)):
+        if node is None or isinstance(node, bool) or (isinstance(node, str) and _ENV_REFERENCE.match(node)):
             return node
         return REDACTED
     if isinstance(node, dict):
         return {k: redact(v, k) for k, v in node.items()}
     if isinstance(node, list):
         return [redact(v) for v in node]
+    if isinstance(node, str):
+        return _URL_USERINFO.sub(r"\1***@", node)
     return node
 
 

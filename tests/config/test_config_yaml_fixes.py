@@ -117,3 +117,31 @@ def test_config_yaml_redacts_fsspec_storage_option_credentials():
     assert "AKIAEXAMPLE12345" not in text and SECRET not in text
     options = OmegaConf.create(text).data.hf_kwargs.storage_options
     assert options.key == REDACTED and options.secret == REDACTED and options.anon is False
+
+
+def test_config_yaml_redacts_camel_case_auth_keys_and_passwords_in_urls():
+    """accessKeyId, authorization, a webhook URL with user:password@, ... were written to _config.yaml as
+    given (the keys were split at '_' only, and URL values were not looked at)."""
+    job = JobConfig()
+    job.postprocess = {
+        "_target_": "tests.support.crashers.crash_on",
+        "authorization": "Bearer sk-live-SECRETAUTH",
+        "webhook_url": "https://bot:SECRETPW@hooks.example.com/x",
+        "pat": "ghp_SECRETPAT",
+        "accessKeyId": "SECRETAKID",
+        "secretAccessKey": "SECRETSAK",
+        "clientSecret": "SECRETCS",
+        "connection_string": "SECRETCONN",
+        "headers": {"Authorization": "Bearer ${oc.env:CANVASFLOW_TEST_TOKEN}", "Cookie": "SECRETCOOKIE"},
+        "author": "kept",
+        "max_new_tokens_hint": 7,
+    }
+    text = _yaml(OmegaConf.to_container(OmegaConf.structured(job)))
+    assert "SECRET" not in text
+    written = OmegaConf.to_container(OmegaConf.create(text), resolve=False)["postprocess"]
+    assert written["webhook_url"] == "https://***@hooks.example.com/x"
+    assert written["accessKeyId"] == REDACTED and written["headers"]["Cookie"] == REDACTED
+    assert written["headers"]["Authorization"] == "Bearer ${oc.env:CANVASFLOW_TEST_TOKEN}", (
+        "a reference stays"
+    )
+    assert written["author"] == "kept" and written["max_new_tokens_hint"] == 7
