@@ -220,6 +220,9 @@ def validate_nightly(nightly: NightlyConfig) -> NightlyConfig:
     return nightly
 
 
+S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # what botocore accepts
+
+
 def check_location(key: str, value: str) -> None:
     """ConfigError unless `value` is a local path or s3://bucket[/prefix]."""
     scheme = URI_SCHEME.match(value)
@@ -230,8 +233,22 @@ def check_location(key: str, value: str) -> None:
             f"looks like a {scheme.group(1)!r} URI; only s3://bucket/prefix (lowercase, two slashes) and "
             "local paths are supported",
         )
-    if value.startswith("s3://") and not value[len("s3://") :].partition("/")[0]:  # s3://, s3:///x
+    if not value.startswith("s3://"):
+        return
+    bucket = value[len("s3://") :].partition("/")[0]
+    if not bucket:  # s3://, s3:///x
         raise _fail(key, value, "needs a bucket: s3://bucket/prefix")
+    if "@" in bucket:  # not echoed: s3://KEY:SECRET@bucket holds credentials
+        raise ConfigError(
+            f"{key} holds credentials (s3://user:password@bucket): remove them; S3 credentials come from the "
+            "environment or the AWS configuration chain, and locations are written in logs and outputs"
+        )
+    if not S3_BUCKET.match(bucket):
+        raise _fail(
+            key,
+            value,
+            f"names the bucket {bucket!r}: a bucket name has only letters, digits, '.', '-' and '_'",
+        )
 
 
 def check_endpoint(key: str, endpoint: str | None) -> None:

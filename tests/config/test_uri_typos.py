@@ -56,3 +56,21 @@ def test_an_endpoint_url_without_http_scheme_and_host_fails_naming_the_key(value
 )
 def test_http_endpoint_urls_pass(value):
     assert to_job_config(_compose(f"output.endpoint_url={value}")).output.endpoint_url == value
+
+
+@pytest.mark.parametrize("key", ["output.uri", "data.path", "model.path"])
+def test_s3_uris_with_credentials_fail_without_echoing_them(key):
+    # s3://KEY:SECRET@bucket went on to botocore's "Invalid bucket name" error, the secret in it two or three times
+    with pytest.raises(ConfigError) as info:
+        to_job_config(_compose(f"{key}=s3://AKIAFAKE:SeCrEtVaLuE1@bucket/prefix"))
+    assert f"{key} holds credentials (s3://user:password@bucket)" in str(info.value)
+    assert "SeCrEtVaLuE1" not in str(info.value) and "AKIAFAKE" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["s3://my bucket/x", "s3://bucket:1/x", "s3://b%c3/x"])
+def test_s3_uris_with_an_impossible_bucket_name_fail_naming_it(value):
+    bucket = value[len("s3://") :].partition("/")[0]
+    with pytest.raises(
+        ConfigError, match=rf"data.path='{value}' names the bucket '{bucket}': a bucket name has"
+    ):
+        to_job_config(_compose(f"data.path={value}"))
