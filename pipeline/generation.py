@@ -94,20 +94,25 @@ class Prepared:
     errors: list[dict[str, Any]]
 
 
-def max_prompt_tokens_for(requested: int | None, context_window: int, max_new_tokens: int) -> int:
-    """The prompt budget: requested, or the context window minus max_new_tokens capped at 4096."""
-    room = context_window - max_new_tokens
+def max_prompt_tokens_for(requested: int | None, context_window: int, settings: Any) -> int:
+    """The prompt budget: requested, or the context window minus the completion's positions capped at 4096.
+    A DiffusionGemma completion takes whole canvases: max_new_tokens rounded up to sampler.canvas_length."""
+    span, taken = settings.max_new_tokens, f"sampler.max_new_tokens={settings.max_new_tokens}"
+    canvas = getattr(settings, "canvas_length", None)
+    if canvas is not None and settings.max_canvases * canvas > span:
+        span = settings.max_canvases * canvas
+        taken += f" in canvases of sampler.canvas_length={canvas} ({span} positions)"
+    room = context_window - span
     if room <= 0:
         raise ValueError(
-            f"sampler.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
-            f"window of {context_window} tokens"
+            f"{taken} leaves no room for a prompt in the model's context window of {context_window} tokens"
         )
     if requested is None:
         return min(room, MAX_PROMPT_TOKENS_CAP)
     if requested > room:
         raise ValueError(
-            f"model.max_prompt_tokens={requested} plus sampler.max_new_tokens={max_new_tokens} exceeds the "
-            f"model's context window of {context_window} tokens"
+            f"model.max_prompt_tokens={requested} plus {taken} exceeds the model's context window of "
+            f"{context_window} tokens"
         )
     return requested
 
@@ -146,7 +151,7 @@ class Generator:
             pad_token_id=info.pad_token_id,
         )
         self.max_prompt_tokens = max_prompt_tokens_for(
-            spec.max_prompt_tokens, info.context_window, self.settings.max_new_tokens
+            spec.max_prompt_tokens, info.context_window, self.settings
         )
         self.sampler = DiffusionSampler(
             self.loaded.model,
@@ -175,7 +180,7 @@ class Generator:
         )
         self.settings.check_completions(spec.completions_per_prompt)
         self.max_prompt_tokens = max_prompt_tokens_for(
-            spec.max_prompt_tokens, info.context_window, self.settings.max_new_tokens
+            spec.max_prompt_tokens, info.context_window, self.settings
         )
         self.sampler = MaskDiffusionSampler(
             self.loaded.model,
@@ -199,6 +204,22 @@ class Generator:
     @property
     def model_name(self) -> str:
         return self.loaded.info.name
+
+    def reserve_memory(self) -> None:
+        """Takes the sampler's slots and KV cache now rather than at its first batch, so that a batch the device
+        cannot hold fails the worker's start (exit 2, "could not start") instead of every shard at run time."""
+        import torch
+
+        try:
+            self.sampler._ensure_storage()
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            raise MemoryError(
+                f"the sampler's {self.spec.batch_size} slots (sampler.batch_size) and their KV cache do not fit "
+                f"on {self.loaded.model.device}: lower sampler.batch_size (or sampler.canvas_length / "
+                f"model.max_prompt_tokens). {str(e).strip().splitlines()[-1][:300]}"
+            ) from None
 
     def _error(
         self, record: PromptRecord, stage: str, reason: str, completion: int | None = None

@@ -363,9 +363,7 @@ def plan(job: JobConfig) -> Prepared:
             note = max_length_note(user, info.generation_config)
             if note:
                 logger.warning("%s", note)
-        max_prompt = max_prompt_tokens_for(
-            job.model.max_prompt_tokens, info.context_window, settings.max_new_tokens
-        )
+        max_prompt = max_prompt_tokens_for(job.model.max_prompt_tokens, info.context_window, settings)
     except (SettingsError, ValueError) as e:
         reference = (
             "the algorithm's reference" if info.family in MASK_FAMILIES else "the DiffusionGemma reference"

@@ -77,6 +77,7 @@ class ShardWorker:
         self.board = board
         started = time.perf_counter()
         self.generator = Generator(spec)
+        self.generator.reserve_memory()
         self.load_s = time.perf_counter() - started
         # Continuous batching runs the rows of every shard in flight here through one sampler (stream.py).
         self.shared = SharedSampler(self.generator.sampler) if spec.batching == "continuous" else None

@@ -5,6 +5,7 @@ run and hid it from retention, a negative retention_days deleted every complete 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,58 @@ def test_a_cuda_setting_on_a_local_machine_without_cuda_exits_2_before_ray_or_th
     # No Ray started for it (another test in this process may have one running) and no run written.
     assert "starting a local Ray instance" not in caplog.text and "worker(s)" not in caplog.text
     assert not (tmp_path / "out" / "r1").exists()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "model", "message"),
+    [
+        # the tiny model's context window is 1024 tokens; a completion takes whole canvases
+        (
+            SamplerConfig(canvas_length=2048, max_new_tokens=32),
+            ModelConfig(),
+            "sampler.max_new_tokens=32 in canvases of sampler.canvas_length=2048 (2048 positions) leaves no room "
+            "for a prompt in the model's context window of 1024 tokens",
+        ),
+        (
+            SamplerConfig(canvas_length=400, max_new_tokens=700),
+            ModelConfig(max_prompt_tokens=300),
+            "model.max_prompt_tokens=300 plus sampler.max_new_tokens=700 in canvases of sampler.canvas_length=400 "
+            "(800 positions) exceeds the model's context window of 1024 tokens",
+        ),
+    ],
+    ids=["canvas", "canvases"],
+)
+def test_canvases_that_reach_past_the_context_window_exit_2(sampler, model, message, tmp_path, caplog):
+    """sampler.canvas_length=2048 on a model with a 1024-token context window ran, exit 0, with no warning:
+    only max_new_tokens was checked against the window, not the canvases that hold it."""
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    model.path = "builtin:tiny-diffusiongemma-random"
+    job = JobConfig(
+        model=model,
+        sampler=sampler,
+        data=DataConfig(path=str(data)),
+        output=OutputConfig(uri=str(tmp_path / "o")),
+    )
+    assert run(job) == 2
+    assert message in caplog.text
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LLM(
+            model.path,
+            max_prompt_tokens=model.max_prompt_tokens,
+            canvas_length=sampler.canvas_length,
+            max_new_tokens=sampler.max_new_tokens,
+        )
+
+
+def test_a_batch_the_device_cannot_hold_fails_the_workers_start_naming_the_setting():
+    """sampler.batch_size=100000000 passed start-up and the dry run, then every shard failed three times with
+    'DefaultCPUAllocator: can't allocate memory' and the job asked to be rerun (exit 1)."""
+    from pipeline.generation import GenerationSpec
+    from pipeline.runner.worker import ShardWorker
+
+    spec = GenerationSpec(model_path="builtin:tiny-diffusiongemma-random", batch_size=100_000_000)
+    with pytest.raises(
+        MemoryError, match=r"the sampler's 100000000 slots \(sampler.batch_size\) and their KV cache"
+    ):
+        ShardWorker(spec, None, compression="zstd", name="w0", torch_threads=None)
