@@ -23,6 +23,7 @@ from pipeline.data.prompts import (
     max_token_chars,
     prompt_ids,
 )
+from pipeline.io.columns import RESERVED_COLUMNS
 from pipeline.postprocess import load_postprocess
 from pipeline.sampler.stop import StopStrings
 
@@ -250,7 +251,7 @@ class Generator:
         bad = [k for k in extra if not isinstance(k, str) or not k]
         if bad:
             return f"{name} returned column names that are not non-empty strings: {bad[:5]!r}"
-        taken = [k for k in extra if k in row]
+        taken = [k for k in extra if k in row or k in RESERVED_COLUMNS]
         if taken:
             return (
                 f"{name} returned columns the output already has: {taken[:5]}; a postprocess adds columns and "

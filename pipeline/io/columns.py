@@ -23,6 +23,9 @@ import pyarrow as pa
 
 from pipeline.io.parts import OUTPUT_SCHEMA, TYPE_NAMES
 
+# The columns a row has of its own (drafts: when sampler.record_drafts is on); a postprocess cannot set them.
+RESERVED_COLUMNS = frozenset(OUTPUT_SCHEMA.names) | {"drafts"}
+
 COLUMNS = "_columns/"
 DRAFTS_TYPE = pa.list_(pa.list_(pa.string()))
 _CONVERT_ERRORS = (pa.ArrowException, OverflowError, TypeError, ValueError)
@@ -139,7 +142,7 @@ def conform_rows(
     columns the run has no type for yet, inferred from this shard's values). The caller records the
     proposals with `fix_columns` and calls again with the result, so a lost race is converted too.
     """
-    reserved = set(OUTPUT_SCHEMA.names) | {"drafts"}
+    reserved = RESERVED_COLUMNS
     names: list[str] = []
     for row in rows:
         names.extend(k for k in row if k not in reserved and k not in names)

@@ -42,3 +42,18 @@ def test_a_chat_prompt_has_the_id_the_job_gives_the_same_input_row(llm, tmp_path
     job_ids = read_input(DataConfig(path=str(path), messages_column="messages")).table.column("id")
     (completion,) = llm.generate([chat])
     assert completion.error is None and completion.id == job_ids[0].as_py()
+
+
+@pytest.mark.parametrize("record_drafts", [False, True])
+def test_a_postprocess_setting_the_drafts_column_is_that_rows_error(record_drafts):
+    """{"drafts": "x"} with record_drafts off was taken as the drafts column and written as [['x']]."""
+    llm = LLM(
+        "builtin:tiny-diffusiongemma",
+        max_new_tokens=16,
+        max_denoising_steps=2,
+        record_drafts=record_drafts,
+        postprocess={"_target_": "tests.runner.postprocess_fns.sets_drafts"},
+    )
+    (out,) = llm.generate(["Add: 1+2"])
+    assert out.finish_reason == "error" and "drafts" not in out.extra
+    assert "returned columns the output already has: ['drafts']" in out.error
