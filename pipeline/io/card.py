@@ -89,6 +89,12 @@ Rejected input rows are in `errors/` with `id`, `source_index`, `stage`, `reason
 {loading}"""
 
 
+def _literal(text: str) -> str:
+    """A double-quoted Python string literal of `text` (a JSON string is one), whatever quotes or backslashes
+    the path holds."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _loading(run_uri: str, stats: dict[str, Any]) -> str:
     base = run_uri.rstrip("/")
     if not stats["rows_out"]:  # no shard wrote a data part: there is no data/ to load
@@ -97,7 +103,7 @@ has no `data/` parts. The rows and the reasons are in `errors/`:
 
 ```python
 import pyarrow.dataset as pads
-errors = pads.dataset("{base}/errors", format="parquet").to_table()
+errors = pads.dataset({_literal(base + "/errors")}, format="parquet").to_table()
 ```
 """
     storage = note = ""
@@ -106,10 +112,10 @@ errors = pads.dataset("{base}/errors", format="parquet").to_table()
         note = "  # storage_options: for non-AWS stores"  # after the call's ")": the snippet stays Python
     return f"""```python
 from datasets import load_dataset
-ds = load_dataset("parquet", data_files="{base}/data/*.parquet"{storage}){note}
+ds = load_dataset("parquet", data_files={_literal(base + "/data/*.parquet")}{storage}){note}
 
 import pyarrow.dataset as pads
-table = pads.dataset("{base}/data", format="parquet").to_table()
+table = pads.dataset({_literal(base + "/data")}, format="parquet").to_table()
 ```
 
 Only the parts listed in `_manifest.json` are part of the dataset; `_SUCCESS` marks a complete run.

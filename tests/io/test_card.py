@@ -3,7 +3,10 @@ input, when it completed) and holds no placeholder link."""
 
 from __future__ import annotations
 
+import ast
 import re
+
+import pytest
 
 from pipeline.io.card import render_card
 
@@ -46,6 +49,16 @@ def test_card_loading_snippet_is_valid_python_for_local_and_s3_runs():
         snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
         compile(snippet, f"card of {uri}", "exec")  # a SyntaxError fails the test
         assert f'data_files="{uri}/data/*.parquet"' in snippet
+
+
+@pytest.mark.parametrize("rows_out", [5, 0])
+def test_card_loading_snippet_names_a_path_with_quotes_and_backslashes_exactly(rows_out):
+    """The path went into the snippet's string literal as it was: `out "q" ü's \\x` made invalid Python."""
+    uri = '/tmp/out "q" ü\'s \\x/r1'
+    card = render_card(uri, MANIFEST, {**STATS, "rows_out": rows_out})
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    literals = [n.value for n in ast.walk(ast.parse(snippet)) if isinstance(n, ast.Constant)]
+    assert (f"{uri}/data/*.parquet" in literals) if rows_out else (f"{uri}/errors" in literals)
 
 
 def test_card_of_a_run_without_output_rows_points_at_errors_not_at_a_missing_data_folder():
