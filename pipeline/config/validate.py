@@ -44,9 +44,12 @@ def _fail(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} {why}")
 
 
-def without_userinfo(address: str) -> str:
-    """An address for messages: user:password@ after the scheme replaced by ***@."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^@/]*@", r"\1***@", address, flags=re.IGNORECASE)
+_URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^@/\s]*@", re.IGNORECASE)
+
+
+def without_userinfo(text: str) -> str:
+    """`text` for messages and outputs: the user:password@ of every URL in it replaced by ***@."""
+    return _URL_USERINFO.sub(r"\1***@", text)
 
 
 def check_prompt_options(data) -> None:

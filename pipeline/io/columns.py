@@ -142,10 +142,9 @@ def conform_rows(
     columns the run has no type for yet, inferred from this shard's values). The caller records the
     proposals with `fix_columns` and calls again with the result, so a lost race is converted too.
     """
-    reserved = RESERVED_COLUMNS
     names: list[str] = []
     for row in rows:
-        names.extend(k for k in row if k not in reserved and k not in names)
+        names.extend(k for k in row if k not in RESERVED_COLUMNS and k not in names)
     proposals = []
     for name in names:
         if name in run_columns:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig
-from pipeline.config.validate import is_inside
+from pipeline.config.validate import is_inside, without_userinfo
 from pipeline.data.prompts import check_system_prompt
 from pipeline.data.readers import InputError, read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
@@ -144,7 +144,6 @@ _OC_ENV = re.compile(r"\$\{\s*oc\.env\s*:")
 # A secret-like key's value that holds only `${oc.env:NAME}` texts, after an auth scheme at most, is kept.
 _ENV_REFERENCE = re.compile(r"^(?:(?:bearer|basic|token)\s+)?\$\{oc\.env:[^${}]*\}$", re.IGNORECASE)
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
-_URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^@/\s]*@", re.IGNORECASE)
 
 
 def is_secret_key(key: Any) -> bool:
@@ -179,7 +178,7 @@ def redact(node: Any, key: Any = None) -> Any:
     if isinstance(node, list):
         return [redact(v) for v in node]
     if isinstance(node, str):
-        return _URL_USERINFO.sub(r"\1***@", node)
+        return without_userinfo(node)
     return node
 
 
