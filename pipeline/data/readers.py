@@ -32,10 +32,13 @@ from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store,
 logger = logging.getLogger(__name__)
 
 SHIPPED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts" / "prompts.jsonl"
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz")
+# gzip is the one codec the reader decompresses (.gz under any JSON Lines name); other files in a folder are
+# skipped with a warning naming them.
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 UTF8_BOM = b"\xef\xbb\xbf"
 GZIP_MAGIC = b"\x1f\x8b"
+SKIPPED_NAMED = 5  # skipped files of a folder named in the warning; the rest are counted
 READ_PROGRESS_S = 10.0  # seconds between progress lines while a large input is read
 # Temporary folders of S3 input downloads: removed when the read ends, left behind by a killed driver.
 DOWNLOAD_PREFIXES = ("canvasflow-input-", "canvasflow-dataset-")
@@ -72,6 +75,11 @@ def detect_format(path: str, requested: str, files: list[str]) -> str:
     elif Path(path).is_dir() and any((Path(path) / marker).exists() for marker in HF_DISK_MARKERS):
         return "hf_disk"
     suffixes = {_suffix(f) for f in files}
+    if None in suffixes:  # only a single file is listed without a known suffix
+        raise InputError(
+            f"data.path={path!r}: cannot tell the format from the file name (known: {_known_suffixes()}); "
+            "set data.format to jsonl, parquet, hf_disk or hf"
+        )
     if suffixes and suffixes <= {"jsonl"}:
         return "jsonl"
     if suffixes and suffixes <= {"parquet"}:
@@ -88,6 +96,10 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
+def _known_suffixes() -> str:
+    return f"{', '.join(JSONL_SUFFIXES)}, {' or '.join(PARQUET_SUFFIXES)}"
+
+
 def _suffix(name: str) -> str | None:
     lower = name.lower()
     if lower.endswith(JSONL_SUFFIXES):
@@ -97,10 +109,11 @@ def _suffix(name: str) -> str | None:
     return None
 
 
-def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> list[str]:
-    """The data files at `path`: the file itself, or the JSONL/Parquet files under a directory/prefix."""
+def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> tuple[list[str], list[str]]:
+    """The data files at `path` (the file itself, or the JSONL/Parquet files under a directory/prefix) and the
+    other files under it, which are skipped with a warning (hidden ones are skipped silently)."""
     if path.startswith("hf:"):
-        return []
+        return [], []
     if is_s3(path):
         bucket, key = split_s3_uri(path)
         store = open_store(f"s3://{bucket}", endpoint_url=endpoint_url, region=region)
@@ -109,23 +122,18 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> li
         except StoreError as e:
             raise InputError(f"data.path={path!r} cannot be listed: {e}") from None
         if key in keys:
-            return [path]
+            return [path], []
         # A prefix is a folder: s3://b/in/prompts reads in/prompts/..., never in/prompts-old/ or
         # in/prompts_backup.jsonl (S3 prefixes match any key that starts with them).
         folder = f"{key}/" if key else ""
+        visible = [  # folder markers (keys ending in '/', made by consoles) hold nothing
+            k for k in keys if k.startswith(folder) and not k.endswith("/") and not _hidden(k[len(folder) :])
+        ]
         if any(
             f"{folder}{marker}" in keys for marker in HF_DISK_MARKERS
         ):  # a dataset saved with save_to_disk
-            return [  # folder markers (keys ending in '/', made by consoles) hold nothing
-                f"s3://{bucket}/{k}"
-                for k in keys
-                if k.startswith(folder) and not k.endswith("/") and not _hidden(k[len(folder) :])
-            ]
-        files = [
-            f"s3://{bucket}/{k}"
-            for k in keys
-            if k.startswith(folder) and _suffix(k) and not _hidden(k[len(folder) :])
-        ]
+            return [f"s3://{bucket}/{k}" for k in visible], []
+        files = [f"s3://{bucket}/{k}" for k in visible if _suffix(k)]
         if not files:
             siblings = sorted({k[len(key) :].split("/")[0] for k in keys if not k.startswith(folder)})
             hint = (
@@ -136,30 +144,86 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> li
             )
             raise InputError(
                 f"data.path={path!r}: no .jsonl or .parquet objects under s3://{bucket}/{folder}{hint}"
+                f"{_skipped_note([k[len(folder) :] for k in visible])}"
             )
-        return files
+        skipped = [k[len(folder) :] for k in visible if not _suffix(k)]
+        _warn_skipped(path, skipped)
+        return files, skipped
     local = Path(path).expanduser()
     if local.is_file():
-        return [str(local)]
+        return [str(local)], []
     if local.is_dir():
-        visible = sorted(
-            p for p in local.rglob("*") if p.is_file() and not _hidden(p.relative_to(local).as_posix())
-        )
-        files = [str(p) for p in visible if _suffix(p.name)]
+        files, skipped = _walk(local)
         if not files:
-            others = [p.relative_to(local).as_posix() for p in visible]
-            skipped = (
-                f"{len(others)} other file(s) skipped ({', '.join(others[:5])}{', ...' if others[5:] else ''}): "
-                "a file's suffix picks its format, so rename them, or give one file's path with data.format"
-                if others
-                else "it is empty"
-            )
             raise InputError(
-                f"data.path={path!r}: no {', '.join(JSONL_SUFFIXES)}, {' or '.join(PARQUET_SUFFIXES)} file in "
-                f"this directory ({skipped})"
+                f"data.path={path!r}: no {_known_suffixes()} file in this directory"
+                f"{_skipped_note(skipped) or ' (it is empty)'}"
             )
-        return files
+        _warn_skipped(path, skipped)
+        return files, skipped
+    if local.is_symlink():
+        raise InputError(f"data.path={path!r} is a broken symbolic link (to {os.readlink(local)})")
     raise InputError(f"data.path={path!r} does not exist")
+
+
+def _walk(folder: Path) -> tuple[list[str], list[str]]:
+    """The data files below a local folder, in path order, and the other files (relative paths). Symbolic
+    links to folders are followed, as users who link datasets into an input folder expect; a folder reached a
+    second time (a link loop, or two links to one folder) is read once, so no row is read twice."""
+    data: list[Path] = []
+    skipped: list[str] = []
+    seen: dict[str, str] = {}
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        relative_root = Path(root).relative_to(folder).as_posix()
+        real = os.path.realpath(root)
+        if real in seen:
+            logger.warning("skipping %s: it is the folder %s again (a symbolic link)", root, seen[real])
+            dirs[:] = []
+            continue
+        seen[real] = root
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders: see _hidden
+        for name in names:
+            relative = name if relative_root == "." else f"{relative_root}/{name}"
+            if _hidden(relative):
+                continue
+            entry = Path(root, name)
+            if entry.is_file():
+                if _suffix(name):
+                    data.append(entry)
+                else:
+                    skipped.append(relative)
+            elif entry.is_symlink() and not entry.exists() and _suffix(name):
+                raise InputError(
+                    f"{entry} is a broken symbolic link (to {os.readlink(entry)}): fix or remove it, its rows "
+                    "would be missing from the run"
+                )
+            else:  # a broken link without a data suffix, a FIFO, a socket
+                skipped.append(relative)
+    return [str(p) for p in sorted(data)], sorted(skipped)
+
+
+def _skipped_note(skipped: list[str]) -> str:
+    if not skipped:
+        return ""
+    more = ", ..." if skipped[SKIPPED_NAMED:] else ""
+    return (
+        f" ({len(skipped)} other file(s) skipped ({', '.join(skipped[:SKIPPED_NAMED])}{more}): a file's suffix "
+        "picks its format, so rename them, or give one file's path with data.format)"
+    )
+
+
+def _warn_skipped(path: str, skipped: list[str]) -> None:
+    if skipped:
+        more = ", ..." if skipped[SKIPPED_NAMED:] else ""
+        logger.warning(
+            "data.path=%r: %d file(s) skipped, not named %s: %s%s (a file's suffix picks its format: rename "
+            "the ones that hold prompts)",
+            path,
+            len(skipped),
+            _known_suffixes(),
+            ", ".join(skipped[:SKIPPED_NAMED]),
+            more,
+        )
 
 
 def read_input(
@@ -168,7 +232,7 @@ def read_input(
     """All records of the input, in input order, with a fingerprint of their content."""
     remove_stale_downloads()
     path = resolve_path(data.path)
-    files = list_files(path, endpoint_url=endpoint_url, region=region)
+    files, skipped = list_files(path, endpoint_url=endpoint_url, region=region)
     fmt = detect_format(path, data.format, files)
     builder, table = _build(data, path, files, fmt, endpoint_url, region, repeated=None)
     if table.num_rows == 0:
@@ -201,7 +265,9 @@ def read_input(
         builder, table = _build(data, path, files, fmt, endpoint_url, region, repeated, first.id_hashes)
         if builder.rows != first.rows:
             raise _changed(data, f"{first.rows} rows, then {builder.rows}")
-    return RecordTable(table=table, fingerprint=builder.fingerprint(), files=files, format=fmt)
+    return RecordTable(
+        table=table, fingerprint=builder.fingerprint(), files=files, format=fmt, skipped_files=len(skipped)
+    )
 
 
 def _changed(data: DataConfig, detail: str) -> InputError:

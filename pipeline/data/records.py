@@ -60,6 +60,7 @@ class RecordTable:
     fingerprint: str  # sha256 of the normalised records
     files: list[str]
     format: str
+    skipped_files: int = 0  # files of a folder input that are not read (not a data suffix); logged by name
 
     @property
     def num_rows(self) -> int:

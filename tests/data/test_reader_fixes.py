@@ -323,7 +323,10 @@ def test_a_directory_without_data_files_names_what_it_skipped(tmp_path, fmt):
     with pytest.raises(InputError) as info:
         read_input(DataConfig(path=str(folder), format=fmt))
     message = str(info.value)
-    assert f"data.path={str(folder)!r}: no .jsonl, .json, .ndjson, .jsonl.gz, .parquet or .pq file" in message
+    assert (
+        f"data.path={str(folder)!r}: no .jsonl, .json, .ndjson, .jsonl.gz, .json.gz, .ndjson.gz, .parquet or .pq file"
+        in message
+    )
     assert "2 other file(s) skipped (more.csv, prompts.txt)" in message
 
 
