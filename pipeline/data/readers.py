@@ -14,6 +14,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config.schema import BUILTIN_PROMPTS, DataConfig
+from pipeline.config.validate import without_userinfo
 from pipeline.data.records import InputChangedError, RecordBuilder, RecordTable, SpillError
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
 
@@ -666,16 +668,29 @@ def _load_hf(path: str, data: DataConfig):
         kwargs.setdefault("split", data.split)
     if "path" not in kwargs:
         raise InputError("data.format=hf needs data.path=hf:<name> or data.hf_kwargs.path")
+    if kwargs.get("streaming"):
+        # Not supported rather than half-supported: the records of every row are built before any GPU work
+        # anyway, and a loaded (not streamed) dataset is memory-mapped from the cache, so streaming would save
+        # no memory while making each read of the input (ids are checked in a second one) a new download.
+        raise InputError(
+            "data.hf_kwargs.streaming=true is not supported: the input is read whole before generation and a "
+            "loaded dataset is memory-mapped from the Hugging Face cache, not held in memory; remove "
+            "data.hf_kwargs.streaming"
+        )
     try:
         dataset = load_dataset(**kwargs)
     except Exception as e:  # noqa: BLE001 - surfaced with the argument names (values may be secrets)
         raise InputError(
-            f"datasets.load_dataset failed for data.path={data.path!r} (arguments: {', '.join(sorted(kwargs))}): "
-            f"{_redact(str(e), kwargs)}"
+            _redact(
+                f"datasets.load_dataset failed for data.path={data.path!r} (arguments: "
+                f"{', '.join(sorted(kwargs))}): {e}",
+                kwargs,
+            )
         ) from None
     return _select_split(dataset, data, str(kwargs["path"])).data.table
 
 
+URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
 # load_dataset arguments that name data, never a secret: their values stay in error messages (a missing
 # data_files entry is the file to fix).
 PUBLIC_HF_ARGS = frozenset({"path", "split", "name", "data_files", "data_dir", "cache_dir", "revision"})
@@ -698,4 +713,5 @@ def _redact(message: str, kwargs: dict[str, Any]) -> str:
     hidden = {t for name, v in kwargs.items() if name not in PUBLIC_HF_ARGS for t in texts(v) if len(t) >= 4}
     for text in sorted(hidden, key=len, reverse=True):  # a longer value first: it may contain a shorter one
         message = message.replace(text, "***")
-    return message
+    # A public argument may still carry a password (data_files=https://user:token@host/...).
+    return URL.sub(lambda m: without_userinfo(m.group()), message)
