@@ -354,3 +354,29 @@ def test_a_failed_load_dataset_names_the_missing_file_and_hides_secrets_at_any_d
     assert missing in str(info.value) and "datasets.load_dataset failed" in str(info.value)
     message = f"cannot open {missing} with hf_secret_token_1, AKIAEXAMPLE / nested-secret-2 and Bearer abc-3"
     assert _redact(message, kwargs) == f"cannot open {missing} with ***, *** / *** and ***"
+
+
+def test_a_large_json_document_is_refused_without_holding_it(tmp_path):
+    """The check that a file is one JSON document read the whole file into memory (and a JSON Lines file with
+    a stray first line as well): ~2.5x the file's size, enough to kill the driver on a multi-GB input."""
+    import tracemalloc
+
+    path = tmp_path / "big.json"
+    with path.open("w") as f:
+        json.dump([{"prompt": f"Add: {i}+{i}", "k": i} for i in range(200_000)], f, indent=2)
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="is not JSON Lines: it is one JSON list"):
+            read_input(DataConfig(path=str(path)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert size > 10_000_000 and peak < size / 10, (size, peak)
+
+
+def test_lines_of_a_json_lines_file_are_not_joined_into_one_document(tmp_path):
+    """The lines were joined without their newlines, so the lines '[1' and '2]' read as the document [12]."""
+    path = _write_lines(tmp_path / "in.jsonl", ["[1", "2]"])
+    with pytest.raises(InputError, match=r"none of its 2 non-blank line\(s\) is a JSON object"):
+        read_input(DataConfig(path=path))
