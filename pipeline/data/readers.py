@@ -40,6 +40,13 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjso
 PARQUET_SUFFIXES = (".parquet", ".pq")
 UTF8_BOM = b"\xef\xbb\xbf"
 GZIP_MAGIC = b"\x1f\x8b"
+# First bytes of compressed files, to name the codec of one that is read as plain text.
+COMPRESSED_MAGIC = (
+    ("gzip", re.compile(re.escape(GZIP_MAGIC))),
+    ("zstd", re.compile(rb"\x28\xb5\x2f\xfd")),
+    ("bzip2", re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)")),  # 'BZh' alone could start a text line
+    ("xz", re.compile(rb"\xfd7zXZ\x00")),
+)
 SKIPPED_NAMED = 5  # skipped files of a folder named in the warning; the rest are counted
 READ_PROGRESS_S = 10.0  # seconds between progress lines while a large input is read
 # Temporary folders of S3 input downloads: removed when the read ends, left behind by a killed driver.
@@ -426,7 +433,16 @@ def _lines(file: str, local: str) -> Iterator[tuple[int, bytes]]:
     except OSError as e:
         raise InputError(f"cannot read input file {file}: {e.strerror or e}") from None
     with raw:
-        if gz and raw.read(len(GZIP_MAGIC)) != GZIP_MAGIC:
+        head = raw.read(16)
+        if not head:  # an empty .jsonl.gz holds no rows, as an empty .jsonl
+            return
+        packed = next((name for name, magic in COMPRESSED_MAGIC if magic.match(head)), None)
+        if not gz and packed:  # else each line would be an 'invalid UTF-8' row of binary
+            fix = (
+                "name it .jsonl.gz" if packed == "gzip" else "decompress it (the reader reads plain or gzip)"
+            )
+            raise InputError(f"{file} looks {packed}-compressed (its first bytes): {fix}")
+        if gz and not head.startswith(GZIP_MAGIC):
             raise InputError(
                 f"{file} is not gzip-compressed (it does not start with the gzip header); "
                 "if it is plain JSON Lines, rename it without .gz"

@@ -4,8 +4,10 @@ valid UTF-8 and strict JSON. Real files are written and read back; S3 input runs
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 import math
 
 import numpy as np
@@ -380,3 +382,33 @@ def test_lines_of_a_json_lines_file_are_not_joined_into_one_document(tmp_path):
     path = _write_lines(tmp_path / "in.jsonl", ["[1", "2]"])
     with pytest.raises(InputError, match=r"none of its 2 non-blank line\(s\) is a JSON object"):
         read_input(DataConfig(path=path))
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (
+            lambda: gzip.compress(b'{"prompt": "Add: 1+2"}\n'),
+            r"looks gzip-compressed .*: name it \.jsonl\.gz",
+        ),
+        (lambda: bz2.compress(b'{"prompt": "Add: 1+2"}\n'), "looks bzip2-compressed .*: decompress it"),
+        (lambda: lzma.compress(b'{"prompt": "Add: 1+2"}\n'), "looks xz-compressed .*: decompress it"),
+    ],
+    ids=["gzip", "bzip2", "xz"],
+)
+def test_a_compressed_file_named_jsonl_names_its_compression(tmp_path, payload, message):
+    """It failed as 'invalid UTF-8 at byte 1' rows, with no hint that the file is compressed."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(payload())
+    with pytest.raises(InputError, match=message) as error:
+        read_input(DataConfig(path=str(path)))
+    assert str(path) in str(error.value)
+
+
+def test_an_empty_jsonl_gz_holds_no_rows_like_an_empty_jsonl(tmp_path):
+    """It said 'is not gzip-compressed'."""
+    (tmp_path / "empty.jsonl.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="holds no rows"):
+        read_input(DataConfig(path=str(tmp_path / "empty.jsonl.gz")))
+    (tmp_path / "a.jsonl").write_text('{"prompt": "Add: 1+2"}\n')
+    assert read_input(DataConfig(path=str(tmp_path))).num_rows == 1
