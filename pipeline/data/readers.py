@@ -28,16 +28,18 @@ import pyarrow as pa
 
 from pipeline.config.schema import BUILTIN_PROMPTS, DataConfig
 from pipeline.config.validate import without_userinfo
+from pipeline.data.files import (  # noqa: F401 (InputError: the readers' error)
+    HF_DISK_MARKERS,
+    InputError,
+    detect_format,
+    list_files,
+)
 from pipeline.data.records import InputChangedError, RecordBuilder, RecordTable, SpillError
-from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
+from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, split_s3_uri
 
 logger = logging.getLogger(__name__)
 
 SHIPPED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts" / "prompts.jsonl"
-# gzip is the one codec the reader decompresses (.gz under any JSON Lines name); other files in a folder are
-# skipped with a warning naming them.
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 UTF8_BOM = b"\xef\xbb\xbf"
 GZIP_MAGIC = b"\x1f\x8b"
 # First bytes of compressed files, to name the codec of one that is read as plain text.
@@ -47,20 +49,14 @@ COMPRESSED_MAGIC = (
     ("bzip2", re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)")),  # 'BZh' alone could start a text line
     ("xz", re.compile(rb"\xfd7zXZ\x00")),
 )
-SKIPPED_NAMED = 5  # skipped files of a folder named in the warning; the rest are counted
 READ_PROGRESS_S = 10.0  # seconds between progress lines while a large input is read
 # Temporary folders of S3 input downloads: removed when the read ends, left behind by a killed driver.
 DOWNLOAD_PREFIXES = ("canvasflow-input-", "canvasflow-dataset-")
 STALE_DOWNLOAD_S = 24 * 3600.0  # a download folder untouched this long belongs to no live read
-HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 JSONL_HINT = (
     'Each line must hold one JSON object, e.g. {"prompt": "..."}; convert a JSON array with '
     "`jq -c '.[]' in.json > in.jsonl`, or set data.format if it is another format."
 )
-
-
-class InputError(ValueError):
-    """The input as a whole is unusable; the message names the file or column."""
 
 
 def _printable(text: str) -> str:
@@ -70,169 +66,6 @@ def _printable(text: str) -> str:
 
 def resolve_path(path: str) -> str:
     return str(SHIPPED_PROMPTS) if path == BUILTIN_PROMPTS else path
-
-
-def detect_format(path: str, requested: str, files: list[str]) -> str:
-    if requested != "auto":
-        return requested
-    if path.startswith("hf:"):
-        return "hf"
-    if is_s3(path):
-        root = path.rstrip("/")
-        if any(f"{root}/{marker}" in files for marker in HF_DISK_MARKERS):
-            return "hf_disk"
-    elif Path(path).is_dir() and any((Path(path) / marker).exists() for marker in HF_DISK_MARKERS):
-        return "hf_disk"
-    suffixes = {_suffix(f) for f in files}
-    if None in suffixes:  # only a single file is listed without a known suffix
-        raise InputError(
-            f"data.path={path!r}: cannot tell the format from the file name (known: {_known_suffixes()}); "
-            "set data.format to jsonl, parquet, hf_disk or hf"
-        )
-    if suffixes and suffixes <= {"jsonl"}:
-        return "jsonl"
-    if suffixes and suffixes <= {"parquet"}:
-        return "parquet"
-    raise InputError(
-        f"data.path={path!r}: cannot tell the format from {sorted(suffixes) or 'no data files'}; "
-        "set data.format to jsonl, parquet, hf_disk or hf"
-    )
-
-
-def _hidden(relative: str) -> bool:
-    """A path below a directory input with a hidden part (`.ipynb_checkpoints/`, a macOS `._name` file): skipped,
-    as pyarrow datasets and Hugging Face `datasets` skip them."""
-    return any(part.startswith(".") for part in relative.split("/"))
-
-
-def _known_suffixes() -> str:
-    return f"{', '.join(JSONL_SUFFIXES)}, {' or '.join(PARQUET_SUFFIXES)}"
-
-
-def _suffix(name: str) -> str | None:
-    lower = name.lower()
-    if lower.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if lower.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    return None
-
-
-def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> tuple[list[str], list[str]]:
-    """The data files at `path` (the file itself, or the JSONL/Parquet files under a directory/prefix) and the
-    other files under it, which are skipped with a warning (hidden ones are skipped silently)."""
-    if path.startswith("hf:"):
-        return [], []
-    if is_s3(path):
-        bucket, key = split_s3_uri(path)
-        store = open_store(f"s3://{bucket}", endpoint_url=endpoint_url, region=region)
-        try:
-            keys = store.list(key)
-        except StoreError as e:
-            raise InputError(f"data.path={path!r} cannot be listed: {e}") from None
-        if key in keys:
-            return [path], []
-        # A prefix is a folder: s3://b/in/prompts reads in/prompts/..., never in/prompts-old/ or
-        # in/prompts_backup.jsonl (S3 prefixes match any key that starts with them).
-        folder = f"{key}/" if key else ""
-        visible = [  # folder markers (keys ending in '/', made by consoles) hold nothing
-            k for k in keys if k.startswith(folder) and not k.endswith("/") and not _hidden(k[len(folder) :])
-        ]
-        if any(
-            f"{folder}{marker}" in keys for marker in HF_DISK_MARKERS
-        ):  # a dataset saved with save_to_disk
-            return [f"s3://{bucket}/{k}" for k in visible], []
-        files = [f"s3://{bucket}/{k}" for k in visible if _suffix(k)]
-        if not files:
-            siblings = sorted({k[len(key) :].split("/")[0] for k in keys if not k.startswith(folder)})
-            hint = (
-                f" (keys next to it start with {', '.join(repr(key + s) for s in siblings[:3])}: "
-                "give the exact object or folder)"
-                if siblings
-                else ""
-            )
-            raise InputError(
-                f"data.path={path!r}: no .jsonl or .parquet objects under s3://{bucket}/{folder}{hint}"
-                f"{_skipped_note([k[len(folder) :] for k in visible])}"
-            )
-        skipped = [k[len(folder) :] for k in visible if not _suffix(k)]
-        _warn_skipped(path, skipped)
-        return files, skipped
-    local = Path(path).expanduser()
-    if local.is_file():
-        return [str(local)], []
-    if local.is_dir():
-        files, skipped = _walk(local)
-        if not files:
-            raise InputError(
-                f"data.path={path!r}: no {_known_suffixes()} file in this directory"
-                f"{_skipped_note(skipped) or ' (it is empty)'}"
-            )
-        _warn_skipped(path, skipped)
-        return files, skipped
-    if local.is_symlink():
-        raise InputError(f"data.path={path!r} is a broken symbolic link (to {os.readlink(local)})")
-    raise InputError(f"data.path={path!r} does not exist")
-
-
-def _walk(folder: Path) -> tuple[list[str], list[str]]:
-    """The data files below a local folder, in path order, and the other files (relative paths). Symbolic
-    links to folders are followed, as users who link datasets into an input folder expect; a folder reached a
-    second time (a link loop, or two links to one folder) is read once, so no row is read twice."""
-    data: list[Path] = []
-    skipped: list[str] = []
-    seen: dict[str, str] = {}
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        relative_root = Path(root).relative_to(folder).as_posix()
-        real = os.path.realpath(root)
-        if real in seen:
-            logger.warning("skipping %s: it is the folder %s again (a symbolic link)", root, seen[real])
-            dirs[:] = []
-            continue
-        seen[real] = root
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders: see _hidden
-        for name in names:
-            relative = name if relative_root == "." else f"{relative_root}/{name}"
-            if _hidden(relative):
-                continue
-            entry = Path(root, name)
-            if entry.is_file():
-                if _suffix(name):
-                    data.append(entry)
-                else:
-                    skipped.append(relative)
-            elif entry.is_symlink() and not entry.exists() and _suffix(name):
-                raise InputError(
-                    f"{entry} is a broken symbolic link (to {os.readlink(entry)}): fix or remove it, its rows "
-                    "would be missing from the run"
-                )
-            else:  # a broken link without a data suffix, a FIFO, a socket
-                skipped.append(relative)
-    return [str(p) for p in sorted(data)], sorted(skipped)
-
-
-def _skipped_note(skipped: list[str]) -> str:
-    if not skipped:
-        return ""
-    more = ", ..." if skipped[SKIPPED_NAMED:] else ""
-    return (
-        f" ({len(skipped)} other file(s) skipped ({', '.join(skipped[:SKIPPED_NAMED])}{more}): a file's suffix "
-        "picks its format, so rename them, or give one file's path with data.format)"
-    )
-
-
-def _warn_skipped(path: str, skipped: list[str]) -> None:
-    if skipped:
-        more = ", ..." if skipped[SKIPPED_NAMED:] else ""
-        logger.warning(
-            "data.path=%r: %d file(s) skipped, not named %s: %s%s (a file's suffix picks its format: rename "
-            "the ones that hold prompts)",
-            path,
-            len(skipped),
-            _known_suffixes(),
-            ", ".join(skipped[:SKIPPED_NAMED]),
-            more,
-        )
 
 
 def read_input(

@@ -378,10 +378,11 @@ def plan(job: JobConfig) -> Prepared:
     logger.info("reading input %s", job.data.path)
     records = read_input(job.data, endpoint_url=job.output.endpoint_url, region=job.output.region)
     logger.info(
-        "input: %d rows (%d rejected while reading) from %d file(s)",
+        "input: %d rows (%d rejected while reading) from %d file(s)%s",
         records.num_rows,
         records.num_errors,
         len(records.files),
+        f", {records.skipped_files} other file(s) skipped" if records.skipped_files else "",
     )
 
     settings_dict = settings.to_dict()

@@ -27,7 +27,7 @@ def test_gzip_json_names_are_read_and_other_files_are_named_in_a_warning(tmp_pat
     (folder / "g.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
     (folder / "f.txt").write_text(LINE)
     (folder / ".DS_Store").write_bytes(b"\0")  # hidden: skipped without a word, as before
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.readers"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.files"):
         records = read_input(DataConfig(path=str(folder)))
     assert [os.path.basename(f) for f in records.files] == [
         "a.jsonl",
@@ -64,7 +64,7 @@ def test_symbolic_links_to_folders_are_followed_once(tmp_path, caplog):
     (folder / "a.jsonl").write_text(LINE)
     (folder / "linked").symlink_to(data)
     (folder / "loop").symlink_to(folder)  # would list the folder again and again
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.readers"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.files"):
         records = read_input(DataConfig(path=str(folder)))
     assert records.files == [str(folder / "a.jsonl"), str(folder / "linked" / "b.jsonl")]
     assert records.num_rows == 2
@@ -80,7 +80,7 @@ def test_a_broken_link_to_a_data_file_fails_at_startup(tmp_path, caplog):
         read_input(DataConfig(path=str(folder)))
     (folder / "b.jsonl").unlink()
     (folder / "notes.txt").symlink_to(tmp_path / "gone.txt")  # not data: skipped, but named
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.readers"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.files"):
         assert read_input(DataConfig(path=str(folder))).skipped_files == 1
     assert any("notes.txt" in r.getMessage() for r in caplog.records)
 
@@ -91,7 +91,7 @@ def test_objects_an_s3_prefix_does_not_read_are_named_in_a_warning(s3_bucket, ca
     s3_bucket.put("in/b.json.gz", gzip.compress(LINE.encode()))
     s3_bucket.put("in/c.jsonl.zst", b"\x28\xb5\x2f\xfd")
     s3_bucket.put("in/_SUCCESS", b"")
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.readers"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.files"):
         records = read_input(DataConfig(path=f"{s3_bucket.uri}/in"), endpoint_url=s3_bucket.endpoint)
     assert records.files == [f"{s3_bucket.uri}/in/a.jsonl", f"{s3_bucket.uri}/in/b.json.gz"]
     assert records.num_rows == 2 and records.skipped_files == 2
