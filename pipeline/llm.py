@@ -11,6 +11,7 @@ seed and settings, the same completions (randomness is keyed by row id, so give 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -87,7 +88,12 @@ class LLM:
         valid = (*USER_KNOBS, "mask")
         unknown = sorted(set(sampler) - set(valid))
         if unknown:
-            raise TypeError(f"unknown sampler setting(s) {unknown}; valid ones: {', '.join(valid)}")
+            named = [
+                p for p in inspect.signature(LLM.__init__).parameters if p not in ("self", "model", "sampler")
+            ]
+            raise TypeError(
+                f"unknown setting(s) {unknown}; valid ones: {', '.join(named)}, and the sampler's {', '.join(valid)}"
+            )
         check_completions(completions_per_prompt, "completions_per_prompt")
         if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
             raise ValueError(f"system_prompt={system_prompt!r} must be a non-empty string (or None for none)")

@@ -57,3 +57,13 @@ def test_a_postprocess_setting_the_drafts_column_is_that_rows_error(record_draft
     (out,) = llm.generate(["Add: 1+2"])
     assert out.finish_reason == "error" and "drafts" not in out.extra
     assert "returned columns the output already has: ['drafts']" in out.error
+
+
+def test_an_unknown_setting_lists_every_setting_the_api_takes():
+    """The list named the sampler's knobs only, not stop, completions_per_prompt, batch_size, system_prompt."""
+    with pytest.raises(TypeError) as info:
+        LLM("builtin:tiny-diffusiongemma", bogus=1)
+    message = str(info.value)
+    assert message.startswith("unknown setting(s) ['bogus']; valid ones: ")
+    for name in ("stop", "completions_per_prompt", "batch_size", "system_prompt", "max_new_tokens", "mask"):
+        assert f" {name}," in message or message.endswith(f" {name}"), name
