@@ -23,7 +23,7 @@ from pipeline.data.prompts import (
     render_prompt,
 )
 from pipeline.io.commit import RUN_LOCK
-from pipeline.io.lease import read_holder
+from pipeline.io.lease import holder_age_s, holder_is_stale, read_holder
 from pipeline.io.store import StoreError
 
 logger = logging.getLogger("canvasflow")
@@ -95,13 +95,21 @@ def _lock_line(prep: Any) -> None:
     except StoreError as e:
         logger.warning("the run lock %s cannot be read: %s", prep.run_store.store.describe(RUN_LOCK), e)
         return
-    if holder:
+    if not holder:
+        return
+    from pipeline.runner.job import RUN_LOCK_STALE_S
+
+    where = (prep.run_store.store.describe(RUN_LOCK), holder.get("host", "?"), holder.get("pid", "?"))
+    if holder_is_stale(prep.run_store.store, RUN_LOCK, holder, RUN_LOCK_STALE_S):
+        logger.info(
+            "the run lock %s names host %s, pid %s, which no longer runs: a real run takes it over", *where
+        )
+    else:
         logger.warning(
-            "the run lock %s names host %s, pid %s: while that process runs, a real run is refused (exit "
-            "code 2); a lock left by a crashed process is taken over",
-            prep.run_store.store.describe(RUN_LOCK),
-            holder.get("host", "?"),
-            holder.get("pid", "?"),
+            "the run lock %s is held by a live process (host %s, pid %s; heartbeat %.0f s ago): a real run is "
+            "refused (exit code 2) until it ends",
+            *where,
+            holder_age_s(prep.run_store.store, RUN_LOCK, holder),
         )
 
 

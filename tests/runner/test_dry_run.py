@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import secrets
 import socket
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -105,13 +107,26 @@ def test_a_dry_run_of_a_started_run_says_how_much_is_left_and_who_holds_it(tmp_p
         with caplog.at_level("INFO", logger="canvasflow"):
             assert run(job) == 0
         assert _tree(root) == before
+        held = json.loads((root / RUN_LOCK).read_text())
     finally:
         lease.release()
     assert "resumes: 1 of 3 shard(s) committed; its parts keep the codec it started with, zstd" in caplog.text
     assert "; 2 to generate" in caplog.text
     assert (
-        f"names host {socket.gethostname()}, pid " in caplog.text and "refused (exit code 2)" in caplog.text
+        f"is held by a live process (host {socket.gethostname()}, pid {os.getpid()}; heartbeat "
+        in caplog.text
     )
+    assert "refused (exit code 2) until it ends" in caplog.text
+
+    ended = subprocess.Popen(["true"])  # the lock of a process of this host that has ended
+    ended.wait()
+    (root / RUN_LOCK).write_text(json.dumps({**held, "pid": ended.pid}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(_job(tmp_path, dry_run=True)) == 0
+    assert f"pid {ended.pid}, which no longer runs: a real run takes it over" in caplog.text
+    assert "live process" not in caplog.text
+    (root / RUN_LOCK).unlink()
 
     (root / SUCCESS).write_text("")
     caplog.clear()
