@@ -156,7 +156,7 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
         today = scheduled_date(dataclasses.replace(nightly, date=None))
         if date > today + dt.timedelta(days=1):  # a day's leeway for clocks and zones; a typo is far off
             raise ConfigError(
-                f"nightly.date={nightly.date!r} is after tomorrow ({today.isoformat()} in {nightly.timezone}): "
+                f"nightly.date={nightly.date!r} is after tomorrow (today is {today.isoformat()} in {nightly.timezone}): "
                 "a night runs on or after its date. Run as given, it would become "
                 f"{latest_key(nightly)} (every real night after it refused as late) and its retention would "
                 "delete the nights before it"

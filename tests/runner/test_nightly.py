@@ -148,7 +148,8 @@ def test_a_night_dated_after_tomorrow_is_refused_before_it_moves_latest_or_appli
         timeout=120,
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "nightly.date" in proc.stdout + proc.stderr
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()  # nightly.timezone's default is UTC
+    assert f"nightly.date='{future}' is after tomorrow (today is {today} in UTC)" in proc.stdout + proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["LATEST", "nightly-2026-11-25", "nightly-2026-11-26"]
     assert json.loads((out / "LATEST").read_text())["run_id"] == "nightly-2026-11-26"
 
