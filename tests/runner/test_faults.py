@@ -320,9 +320,9 @@ def test_a_row_that_kills_its_worker_every_time_becomes_an_error_row(output, tmp
     assert stats["errors_by_stage"] == {"worker": 1} and stats["shards"]["failed"] == []
     assert "worker: 1" in output.read("f", "README.md").decode()
     # The samplers' counters include the workers that died (their last report to the progress board): every
-    # committed row's passes were computed by some worker of this invocation. The first worker, which
-    # committed a shard or more before row 7 killed it, reported at each commit; the replacements that died on row 7
-    # counted only if they reported before (reports go once a second), so only the first and the last are sure.
+    # committed row's passes were computed by some worker of this invocation. Sure to have reported: the first
+    # worker (at each commit before row 7 killed it) and the last (at its commit); a replacement that row 7
+    # killed before its first report (they go once a second) is not counted.
     counters = stats["this_invocation"]["sampler"]["counters"]
     assert counters["workers"] >= 2 and counters["decoder_row_steps"] >= stats["denoising_steps"]
 
