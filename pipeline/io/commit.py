@@ -33,7 +33,7 @@ import pyarrow as pa
 from pipeline.io.columns import conform_table, read_run_columns, schema_signature, target_schema
 from pipeline.io.lease import read_holder
 from pipeline.io.parts import ERROR_SCHEMA, from_parquet_bytes, to_parquet_bytes, to_table
-from pipeline.io.store import Store, StoreError
+from pipeline.io.store import LocalStore, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,8 @@ class RunStore:
             return status
         objects = self._objects()
         self.store.delete(objects)
+        if isinstance(self.store, LocalStore):  # no empty errors/ or data/ of the old run is left
+            self.store.remove_empty_folders()
         logger.warning("run.overwrite=true: removed the %d objects previously at %s", len(objects), self.uri)
         return "new"
 

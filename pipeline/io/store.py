@@ -169,10 +169,18 @@ class LocalStore(Store):
     def delete_prefix(self, prefix: str) -> int:
         count = super().delete_prefix(prefix)
         if prefix.endswith("/"):  # a folder (a run): its now-empty directories go too, as they do on S3
-            for dirpath, _dirs, _files in os.walk(self._path(prefix.rstrip("/")), topdown=False):
-                with contextlib.suppress(OSError):  # not empty (e.g. a leftover temporary file) or gone
-                    os.rmdir(dirpath)
+            self.remove_empty_folders(prefix.rstrip("/"), keep_top=False)
         return count
+
+    def remove_empty_folders(self, prefix: str = "", *, keep_top: bool = True) -> None:
+        """Removes the empty directories under `prefix` (and it too unless `keep_top`), as S3 has no folder
+        that holds no object."""
+        top = self._path(prefix)
+        for dirpath, _dirs, _files in os.walk(top, topdown=False):
+            if keep_top and Path(dirpath) == top:
+                continue
+            with contextlib.suppress(OSError):  # not empty (e.g. a leftover temporary file) or gone
+                os.rmdir(dirpath)
 
     def write_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)

@@ -165,3 +165,16 @@ def test_an_unreadable_run_file_is_a_conflict_naming_it(store):
     with pytest.raises(RunConflictError, match=r"_run.json is not readable .*run.overwrite=true"):
         run.identity_status({"run_id": "r"}, overwrite=False)
     assert run.identity_status({"run_id": "r"}, overwrite=True) == "replace"
+
+
+def test_run_overwrite_leaves_no_empty_folder_of_the_old_run_on_local_disk(tmp_path):
+    """The old run's objects went, its folders stayed: an empty errors/ (a run without errors has none)."""
+    store = LocalStore(tmp_path / "root")
+    run = RunStore(store, "r")
+    assert run.check_identity({"run_id": "r", "config_fingerprint": "a"}, overwrite=False) == "new"
+    store.write_text("_run.json", json.dumps({"run_id": "r", "config_fingerprint": "a"}))
+    _commit(run, 0)
+    store.write_text("errors/part-00000.parquet", "x")
+    store.write_text(RUN_LOCK, "{}")  # the replacing process's own lock stays
+    assert run.check_identity({"run_id": "r", "config_fingerprint": "b"}, overwrite=True) == "new"  # replaced
+    assert sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*")) == [RUN_LOCK]
