@@ -56,6 +56,11 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
+def _marker(name: str) -> bool:
+    """A file such as `_SUCCESS`: no data, and not worth a warning when a folder input holds it."""
+    return name.rsplit("/", 1)[-1].startswith("_")
+
+
 def _known_suffixes() -> str:
     return f"{', '.join(JSONL_SUFFIXES)}, {' or '.join(PARQUET_SUFFIXES)}"
 
@@ -106,7 +111,7 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> tu
                 f"data.path={path!r}: no .jsonl or .parquet objects under s3://{bucket}/{folder}{hint}"
                 f"{_skipped_note([k[len(folder) :] for k in visible])}"
             )
-        skipped = [k[len(folder) :] for k in visible if not _suffix(k)]
+        skipped = [k[len(folder) :] for k in visible if not _suffix(k) and not _marker(k)]
         _warn_skipped(path, skipped)
         return files, skipped
     local = Path(path).expanduser()
@@ -114,6 +119,8 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> tu
         return [str(local)], []
     if local.is_dir():
         files, skipped = _walk(local)
+        if any((local / marker).exists() for marker in HF_DISK_MARKERS):  # save_to_disk: its .arrow files
+            return files, []  # are the data (read by the Hugging Face loader), as on S3 above
         if not files:
             raise InputError(
                 f"data.path={path!r}: no {_known_suffixes()} file in this directory"
@@ -127,39 +134,59 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> tu
 
 
 def _walk(folder: Path) -> tuple[list[str], list[str]]:
-    """The data files below a local folder, in path order, and the other files (relative paths). Symbolic
-    links to folders are followed, as users who link datasets into an input folder expect; a folder reached a
-    second time (a link loop, or two links to one folder) is read once, so no row is read twice."""
+    """The data files below a local folder, in path order, and the other files (relative paths; markers such as
+    `_SUCCESS` are not counted). Symbolic links to folders outside it are followed, as users who link datasets
+    into an input folder expect, each folder once; a link to a folder inside the input (read under its own path)
+    or to one that holds the input (a loop) is skipped with a warning, so no row is read twice."""
+    top = os.path.realpath(folder)
+    roots = [top]  # the real folders read: the input and each linked folder outside it
     data: list[Path] = []
     skipped: list[str] = []
-    seen: dict[str, str] = {}
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        relative_root = Path(root).relative_to(folder).as_posix()
-        real = os.path.realpath(root)
-        if real in seen:
-            logger.warning("skipping %s: it is the folder %s again (a symbolic link)", root, seen[real])
-            dirs[:] = []
-            continue
-        seen[real] = root
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders: see _hidden
-        for name in names:
-            relative = name if relative_root == "." else f"{relative_root}/{name}"
-            if _hidden(relative):
-                continue
-            entry = Path(root, name)
-            if entry.is_file():
-                if _suffix(name):
-                    data.append(entry)
+    pending = [folder]
+    while pending:
+        start = pending.pop(0)
+        for root, dirs, names in os.walk(start):  # links are not followed here: see below
+            relative_root = Path(root).relative_to(folder).as_posix()
+            kept = []
+            for name in sorted(d for d in dirs if not d.startswith(".")):  # hidden folders: see _hidden
+                entry = os.path.join(root, name)
+                if not os.path.islink(entry):
+                    kept.append(name)
+                    continue
+                target = os.path.realpath(entry)
+                holder = next((r for r in roots if _within(target, r) or _within(r, target)), None)
+                if holder is None:
+                    roots.append(target)
+                    pending.append(Path(entry))
+                elif _within(target, holder):
+                    logger.warning("not following %s: it links to %s, which is read already", entry, target)
                 else:
+                    logger.warning(
+                        "not following %s: it links to %s, which holds %s (a loop)", entry, target, holder
+                    )
+            dirs[:] = kept
+            for name in names:
+                relative = name if relative_root == "." else f"{relative_root}/{name}"
+                if _hidden(relative):
+                    continue
+                entry = Path(root, name)
+                if entry.is_file():
+                    if _suffix(name):
+                        data.append(entry)
+                    elif not _marker(name):
+                        skipped.append(relative)
+                elif entry.is_symlink() and not entry.exists() and _suffix(name):
+                    raise InputError(
+                        f"{entry} is a broken symbolic link (to {os.readlink(entry)}): fix or remove it, its "
+                        "rows would be missing from the run"
+                    )
+                elif not entry.is_dir():  # a broken link without a data suffix, a FIFO, a socket
                     skipped.append(relative)
-            elif entry.is_symlink() and not entry.exists() and _suffix(name):
-                raise InputError(
-                    f"{entry} is a broken symbolic link (to {os.readlink(entry)}): fix or remove it, its rows "
-                    "would be missing from the run"
-                )
-            else:  # a broken link without a data suffix, a FIFO, a socket
-                skipped.append(relative)
     return [str(p) for p in sorted(data)], sorted(skipped)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _skipped_note(skipped: list[str]) -> str:

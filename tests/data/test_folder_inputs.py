@@ -8,6 +8,7 @@ import gzip
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,47 @@ def test_symbolic_links_to_folders_are_followed_once(tmp_path, caplog):
     assert any("loop" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
+def test_a_link_to_a_folder_that_holds_the_input_is_not_followed(tmp_path, caplog):
+    """in/sub/up -> ../.. made the walk read every dataset beside the input (and, for a link to /, the whole
+    filesystem): the loop check knew only the folders it had read already."""
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "b.jsonl").write_text(LINE)
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.jsonl").write_text(LINE)
+    (folder / "sub" / "up").symlink_to(Path("..") / "..")
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.files"):
+        records = read_input(DataConfig(path=str(folder)))
+    assert records.files == [str(folder / "a.jsonl")]
+    assert any("which holds" in r.getMessage() and "(a loop)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_link_to_a_folder_inside_the_input_leaves_the_rows_under_the_real_folder(tmp_path, caplog):
+    """a_alias -> z_real: the rows were read under the link's path and z_real was called the link."""
+    folder = tmp_path / "in"
+    (folder / "z_real").mkdir(parents=True)
+    (folder / "z_real" / "a.jsonl").write_text(LINE)
+    (folder / "a_alias").symlink_to("z_real")
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.files"):
+        records = read_input(DataConfig(path=str(folder)))
+    assert records.files == [str(folder / "z_real" / "a.jsonl")] and records.num_rows == 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        warning.startswith(f"not following {folder / 'a_alias'}: it links to ") and "read already" in warning
+    )
+
+
+def test_a_saved_dataset_folder_gets_no_skipped_file_warning(tmp_path, caplog):
+    """Its .arrow files are the data: the warning told users to rename them (none on S3)."""
+    from datasets import Dataset
+
+    Dataset.from_dict({"prompt": ["Add: 1+2", "Add: 2+2"]}).save_to_disk(str(tmp_path / "saved"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.files"):
+        records = read_input(DataConfig(path=str(tmp_path / "saved")))
+    assert records.num_rows == 2 and records.skipped_files == 0
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_a_broken_link_to_a_data_file_fails_at_startup(tmp_path, caplog):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -94,8 +136,10 @@ def test_objects_an_s3_prefix_does_not_read_are_named_in_a_warning(s3_bucket, ca
     with caplog.at_level(logging.WARNING, logger="pipeline.data.files"):
         records = read_input(DataConfig(path=f"{s3_bucket.uri}/in"), endpoint_url=s3_bucket.endpoint)
     assert records.files == [f"{s3_bucket.uri}/in/a.jsonl", f"{s3_bucket.uri}/in/b.json.gz"]
-    assert records.num_rows == 2 and records.skipped_files == 2
+    assert records.num_rows == 2 and records.skipped_files == 1  # a marker such as _SUCCESS is not counted
     assert any(
-        "2 file(s) skipped" in r.getMessage() and "_SUCCESS, c.jsonl.zst" in r.getMessage()
+        "1 file(s) skipped" in r.getMessage()
+        and "c.jsonl.zst" in r.getMessage()
+        and "_SUCCESS" not in r.getMessage()
         for r in caplog.records
     )
