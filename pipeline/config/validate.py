@@ -224,6 +224,7 @@ def validate_nightly(nightly: NightlyConfig) -> NightlyConfig:
 
 
 S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # what botocore accepts
+S3_USERINFO = re.compile(r"^s3://[^/@:]+:[^@]*@[A-Za-z0-9._-]+(/|$)")  # s3://KEY:SECRET@bucket/...
 
 
 def check_location(key: str, value: str) -> None:
@@ -241,7 +242,9 @@ def check_location(key: str, value: str) -> None:
     bucket = value[len("s3://") :].partition("/")[0]
     if not bucket:  # s3://, s3:///x
         raise _fail(key, value, "needs a bucket: s3://bucket/prefix")
-    if "@" in bucket:  # not echoed: s3://KEY:SECRET@bucket holds credentials
+    if "@" in bucket or S3_USERINFO.match(
+        value
+    ):  # not echoed: s3://KEY:SECRET@bucket (a secret may hold '/')
         raise ConfigError(
             f"{key} holds credentials (s3://user:password@bucket): remove them; S3 credentials come from the "
             "environment or the AWS configuration chain, and locations are written in logs and outputs"

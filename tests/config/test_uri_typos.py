@@ -59,12 +59,19 @@ def test_http_endpoint_urls_pass(value):
 
 
 @pytest.mark.parametrize("key", ["output.uri", "data.path", "model.path"])
-def test_s3_uris_with_credentials_fail_without_echoing_them(key):
+@pytest.mark.parametrize(
+    "secret", ["SeCrEtVaLuE1", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"]
+)  # '/' as in AWS keys
+def test_s3_uris_with_credentials_fail_without_echoing_them(key, secret):
     # s3://KEY:SECRET@bucket went on to botocore's "Invalid bucket name" error, the secret in it two or three times
     with pytest.raises(ConfigError) as info:
-        to_job_config(_compose(f"{key}=s3://AKIAFAKE:SeCrEtVaLuE1@bucket/prefix"))
+        to_job_config(_compose(f"{key}=s3://AKIAFAKE:{secret}@bucket/prefix"))
     assert f"{key} holds credentials (s3://user:password@bucket)" in str(info.value)
-    assert "SeCrEtVaLuE1" not in str(info.value) and "AKIAFAKE" not in str(info.value)
+    assert secret.split("/")[0] not in str(info.value) and "AKIAFAKE" not in str(info.value)
+
+
+def test_an_at_sign_in_an_s3_key_is_no_credential():
+    to_job_config(_compose("data.path=s3://bucket/team:a@b/prompts.jsonl"))
 
 
 @pytest.mark.parametrize("value", ["s3://my bucket/x", "s3://bucket:1/x", "s3://b%c3/x"])
