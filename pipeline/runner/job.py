@@ -135,7 +135,7 @@ REDACTED = "<redacted>"
 SECRET_WORDS = frozenset(  # "key": fsspec/s3fs storage_options take the access key id as `key`
     {
         "token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey", "passphrase",
-        "key", "auth", "authorization", "bearer", "cookie", "cookies", "pat", "dsn", "signature", "sas",
+        "key", "auth", "authorization", "bearer", "cookie", "cookies", "pat", "dsn",
     }
 )  # fmt: skip
 SECRET_PHRASES = ("api_key", "access_key", "session_token", "private_key", "connection_string", "conn_str")
