@@ -101,9 +101,9 @@ def _lock_line(prep: Any) -> None:
 
     where = (prep.run_store.store.describe(RUN_LOCK), holder.get("host", "?"), holder.get("pid", "?"))
     if holder_is_stale(prep.run_store.store, RUN_LOCK, holder, RUN_LOCK_STALE_S):
-        logger.info(
-            "the run lock %s names host %s, pid %s, which no longer runs: a real run takes it over", *where
-        )
+        age = holder_age_s(prep.run_store.store, RUN_LOCK, holder)
+        why = "has ended" if age <= RUN_LOCK_STALE_S else f"has been silent for {age:.0f} s"
+        logger.info("the run lock %s names host %s, pid %s, which %s: a real run takes it over", *where, why)
     else:
         logger.warning(
             "the run lock %s is held by a live process (host %s, pid %s; heartbeat %.0f s ago): a real run is "

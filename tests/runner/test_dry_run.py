@@ -124,7 +124,7 @@ def test_a_dry_run_of_a_started_run_says_how_much_is_left_and_who_holds_it(tmp_p
     caplog.clear()
     with caplog.at_level("INFO", logger="canvasflow"):
         assert run(_job(tmp_path, dry_run=True)) == 0
-    assert f"pid {ended.pid}, which no longer runs: a real run takes it over" in caplog.text
+    assert f"pid {ended.pid}, which has ended: a real run takes it over" in caplog.text
     assert "live process" not in caplog.text
     (root / RUN_LOCK).unlink()
 
