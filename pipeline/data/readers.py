@@ -50,6 +50,8 @@ COMPRESSED_MAGIC = (
     ("xz", re.compile(rb"\xfd7zXZ\x00")),
 )
 READ_PROGRESS_S = 10.0  # seconds between progress lines while a large input is read
+LONG_LINE = 1 << 20  # bytes: a line this long that opens an array is refused without parsing it
+RAW_KEPT = 2000  # characters of such a line kept as its error row's raw text
 # Temporary folders of S3 input downloads: removed when the read ends, left behind by a killed driver.
 DOWNLOAD_PREFIXES = ("canvasflow-input-", "canvasflow-dataset-")
 STALE_DOWNLOAD_S = 24 * 3600.0  # a download folder untouched this long belongs to no live read
@@ -378,6 +380,12 @@ class _JsonDocument:
 
 
 def _jsonl_line(line: bytes, where: str) -> tuple:
+    if len(line) > LONG_LINE and line.lstrip(b" \t\r")[:1] == b"[":
+        # Not an object whatever it holds, and json.loads of a file-long array (json.dump's one line) took ~7x
+        # its size; the file is then checked for being one JSON document (_refuse_json_document).
+        size = f"{len(line) / 2**20:.0f} MiB"
+        raw = line[:RAW_KEPT].decode("utf-8", errors="replace")
+        return None, f"{where}: a JSONL line must be an object; this one ({size}) starts with '['", raw
     raw = line.decode("utf-8", errors="replace")
     try:
         text = line.decode("utf-8")
