@@ -9,6 +9,7 @@ column) raise InputError before any GPU work.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gzip
 import json
@@ -34,6 +35,7 @@ from pipeline.data.files import (  # noqa: F401 (InputError: the readers' error)
     detect_format,
     list_files,
 )
+from pipeline.data.json_document import document_kind
 from pipeline.data.records import InputChangedError, RecordBuilder, RecordTable, SpillError
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, split_s3_uri
 
@@ -52,6 +54,7 @@ COMPRESSED_MAGIC = (
 READ_PROGRESS_S = 10.0  # seconds between progress lines while a large input is read
 LONG_LINE = 1 << 20  # bytes: a line this long that opens an array is refused without parsing it
 RAW_KEPT = 2000  # characters of such a line kept as its error row's raw text
+SCAN_BLOCK = 1 << 16  # bytes read at a time by the check that a file is one JSON document
 # Temporary folders of S3 input downloads: removed when the read ends, left behind by a killed driver.
 DOWNLOAD_PREFIXES = ("canvasflow-input-", "canvasflow-dataset-")
 STALE_DOWNLOAD_S = 24 * 3600.0  # a download folder untouched this long belongs to no live read
@@ -259,9 +262,11 @@ def _file_rows(file: str, local: str) -> Iterator[tuple]:
         )
 
 
-def _lines(file: str, local: str) -> Iterator[tuple[int, bytes]]:
-    """(line number, line without its newline) of the file at `local` (`file` names it in errors),
-    decompressed on the fly for .gz, the UTF-8 byte-order mark dropped."""
+@contextlib.contextmanager
+def _opened(file: str, local: str) -> Iterator[Any]:
+    """The binary stream of the input file at `local` (`file` names it in errors), decompressed on the fly for
+    .gz; a file compressed without the .gz name, or named .gz without being gzip, is an InputError, and so is an
+    error while the body of the `with` reads the stream."""
     gz = file.lower().endswith(".gz")
     try:
         raw = open(local, "rb")  # noqa: SIM115 - closed by the with below; open errors reported apart
@@ -270,6 +275,7 @@ def _lines(file: str, local: str) -> Iterator[tuple[int, bytes]]:
     with raw:
         head = raw.read(16)
         if not head:  # an empty .jsonl.gz holds no rows, as an empty .jsonl
+            yield raw
             return
         packed = next((name for name, magic in COMPRESSED_MAGIC if magic.match(head)), None)
         if not gz and packed:  # else each line would be an 'invalid UTF-8' row of binary
@@ -283,12 +289,8 @@ def _lines(file: str, local: str) -> Iterator[tuple[int, bytes]]:
                 "if it is plain JSON Lines, rename it without .gz"
             )
         raw.seek(0)
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
         try:
-            for number, line in enumerate(stream, start=1):
-                if number == 1 and line.startswith(UTF8_BOM):  # from some editors and Windows tools
-                    line = line[len(UTF8_BOM) :]
-                yield number, line[:-1] if line.endswith(b"\n") else line
+            yield gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
         except EOFError:
             raise InputError(
                 f"{file} is a truncated gzip file (the compressed data ends early, e.g. an interrupted "
@@ -302,81 +304,41 @@ def _lines(file: str, local: str) -> Iterator[tuple[int, bytes]]:
             ) from None
 
 
+def _lines(file: str, local: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its newline) of the file at `local` (`file` names it in errors),
+    decompressed on the fly for .gz, the UTF-8 byte-order mark dropped."""
+    with _opened(file, local) as stream:
+        for number, line in enumerate(stream, start=1):
+            if number == 1 and line.startswith(UTF8_BOM):  # from some editors and Windows tools
+                line = line[len(UTF8_BOM) :]
+            yield number, line[:-1] if line.endswith(b"\n") else line
+
+
+def _text_blocks(file: str, local: str) -> Iterator[str]:
+    """The text of the file at `local`, SCAN_BLOCK bytes at a time, decoded as UTF-8 (UnicodeDecodeError, a
+    ValueError, where it is not), decompressed on the fly for .gz, the UTF-8 byte-order mark dropped."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with _opened(file, local) as stream:
+        block = stream.read(SCAN_BLOCK)
+        if block.startswith(UTF8_BOM):
+            block = block[len(UTF8_BOM) :]
+        while block:
+            yield decoder.decode(block)
+            block = stream.read(SCAN_BLOCK)
+        yield decoder.decode(b"", final=True)
+
+
 def _refuse_json_document(file: str, local: str) -> None:
     """InputError when a file whose first line is not an object is one JSON document (an array, an object
-    over several lines): its lines are not rows. Only checked then, so a JSON Lines file is never re-parsed.
-
-    The document is walked a value at a time, a line in memory at a time, and the walk stops at the first
-    byte that does not continue one document: a JSON Lines file with a bad first line stops within its first
-    lines, and a large document is checked without holding it (json.loads of the whole file took ~2.5x its
-    size)."""
+    over several lines): its lines are not rows. Only checked then, so a JSON Lines file is never re-parsed;
+    the check (pipeline/data/json_document.py) stops within the first blocks of a JSON Lines file, and reads
+    a document in blocks, without holding it."""
     try:
-        with contextlib.closing(_lines(file, local)) as lines:  # the walk may stop early: close the file now
-            kind = _JsonDocument(lines).kind()
-    except (ValueError, RecursionError):  # not one document; UnicodeDecodeError is a ValueError
+        with contextlib.closing(_text_blocks(file, local)) as blocks:  # the check may stop early: close now
+            kind = document_kind(blocks)
+    except ValueError:  # not one document; UnicodeDecodeError is a ValueError
         return
     raise InputError(f"{file} is not JSON Lines: it is one JSON {kind}. {JSONL_HINT}")
-
-
-class _JsonDocument:
-    """Checks that lines of text are one JSON document, holding a line at a time. JSON tokens never span
-    lines (a string may not hold a raw newline), so scalars are parsed by json from the current line and
-    only the containers' brackets, colons and commas are walked here."""
-
-    MAX_DEPTH = 1000  # as deep as json.loads goes before a RecursionError
-    SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, no more
-
-    def __init__(self, lines: Iterator[tuple[int, bytes]]):
-        self.lines, self.text, self.pos = lines, "", 0
-        self.decoder = json.JSONDecoder()
-
-    def kind(self) -> str:
-        """The type name of the document ('list', 'dict', ...); ValueError where it is not one document."""
-        kind = self.value(0)
-        if self.peek():
-            raise ValueError("more than one JSON value")
-        return kind
-
-    def peek(self) -> str:
-        """The next character that is not JSON whitespace ('' at the end), reading lines as needed."""
-        while True:
-            self.pos = self.SPACE.match(self.text, self.pos).end()
-            if self.pos < len(self.text):
-                return self.text[self.pos]
-            line = next(self.lines, None)
-            if line is None:
-                return ""
-            self.text, self.pos = line[1].decode("utf-8") + "\n", 0
-
-    def expect(self, allowed: str) -> str:
-        char = self.peek()
-        if not char or char not in allowed:
-            raise ValueError(f"expected one of {allowed!r}")
-        self.pos += 1
-        return char
-
-    def value(self, depth: int) -> str:
-        if depth > self.MAX_DEPTH:
-            raise RecursionError
-        char = self.peek()
-        if char not in ("[", "{"):
-            value, self.pos = self.decoder.raw_decode(self.text, self.pos)
-            return type(value).__name__
-        self.pos += 1
-        close = "]" if char == "[" else "}"
-        if self.peek() == close:
-            self.pos += 1
-        else:
-            while True:
-                if close == "}":
-                    if self.peek() != '"':
-                        raise ValueError("expected a key")
-                    self.value(depth + 1)
-                    self.expect(":")
-                self.value(depth + 1)
-                if self.expect("," + close) == close:
-                    break
-        return "list" if close == "]" else "dict"
 
 
 def _jsonl_line(line: bytes, where: str) -> tuple:

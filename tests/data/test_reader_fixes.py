@@ -146,6 +146,59 @@ def test_a_json_array_is_not_json_lines(tmp_path, text):
     assert str(path) in str(error.value) and "jq -c" in str(error.value)
 
 
+# (text, kind): a file that is one JSON container of that kind, refused whole; kind None: not one container, so its
+# lines are rows (each bad one that row's error), or, when none is an object, the file is refused as such.
+DOCUMENT_CASES = [
+    ("[1, 2]", "list"),
+    ('[\n  {"prompt": "a ] } [ {"},\n  {"prompt": "b \\" ]"}\n]', "list"),  # brackets and quotes in strings
+    ('{"a": [1, {"b": "]"}],\n "c": {}, "d": -1.5e+3}', "dict"),
+    ("\n\n  [\n[[]], {}, true, null\n]\n\n   \n", "list"),  # blank lines around it
+    ('["a\\\\", "b", "' + "x" * 40 + '\\"' + "y" * 20 + '"]', "list"),  # escapes; a string longer than blocks
+    ("[" * 500 + "]" * 500, "list"),
+    ('"just a string"', None),  # a scalar: its one line is not an object
+    ("123", None),
+    ("[1]\n[2]", None),
+    ("[1] [2]", None),  # two values on one line
+    ('[1]\n{"prompt": "Add: 1+2"}', None),
+    ('[\n{"prompt": "Add: 1+2"}', None),  # never closed
+    ('{"a": 1}}\n{"prompt": "Add: 1+2"}', None),
+    ('[}\n{"prompt": "Add: 1+2"}', None),  # mismatched
+    ('["unterminated]\n{"prompt": "x]"}', None),
+    ("[foo]", None),  # not JSON
+    ("[1\n2]", None),  # lines without a comma between their values
+    ("[12,\n]", None),  # a trailing comma
+    ('{"a" 1}', None),
+    ("[" * 2000 + "]", None),
+    (b"[\xff]", None),  # not UTF-8
+]
+
+
+@pytest.mark.parametrize("block", [1, 7, None], ids=["block-1", "block-7", "block-default"])
+@pytest.mark.parametrize(
+    ("text", "kind"), DOCUMENT_CASES, ids=[f"case{i}" for i in range(len(DOCUMENT_CASES))]
+)
+def test_only_a_file_that_is_one_json_container_is_refused_as_one(tmp_path, monkeypatch, text, kind, block):
+    """The check reads the file SCAN_BLOCK bytes at a time (pipeline/data/json_document.py): a value that ends,
+    a string or number that goes on, or a second value that starts at any block boundary is found."""
+    from pipeline.data import readers
+
+    if block is not None:
+        monkeypatch.setattr(readers, "SCAN_BLOCK", block)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes((text.encode() if isinstance(text, str) else text) + b"\n")
+    if kind is not None:
+        assert kind == type(json.loads(text)).__name__  # the table is right
+        with pytest.raises(InputError, match=f"is not JSON Lines: it is one JSON {kind}. "):
+            read_input(DataConfig(path=str(path)))
+        return
+    try:
+        records = read_input(DataConfig(path=str(path)))
+    except InputError as e:  # no line is an object: refused, but not as one document
+        assert "none of its" in str(e) and "is one JSON" not in str(e)
+    else:
+        assert records.num_errors >= 1 and records.num_rows > records.num_errors
+
+
 def test_a_non_jsonl_file_among_good_ones_fails_naming_it(tmp_path):
     _write_lines(tmp_path / "a.jsonl", ["{broken", "[1]", '{"prompt": "Add: 1+2"}', "{again"])
     _write_lines(tmp_path / "b.json", ['["Add: 3+4"]'])
@@ -372,11 +425,13 @@ def test_a_failed_load_dataset_names_the_missing_file_and_hides_secrets_at_any_d
     [
         # The check that a file is one JSON document read the whole file into memory (and a JSON Lines file
         # with a stray first line as well): ~2.5x the file's size, enough to kill the driver on a multi-GB input.
+        # Now it reads 64 KiB blocks: 0.04x of this 12 MB file.
         (2, 200_000, 0.1),
         # json.dump's default output is one line: that line was parsed whole as a JSON Lines row before the file
-        # was refused (82 MB file: 673 MB peak RSS, now 373 MB, 110 MB of it the process before reading).
-        # Parsed: 9.3x the size under tracemalloc; the line and its walk: 4x.
-        (None, 300_000, 5),
+        # was refused (82 MB file: 673 MB peak RSS, then 373 MB, 110 MB of it the process before reading).
+        # Parsed: 9.3x the size under tracemalloc; the line and a walk of its values: 4x; the line read as the
+        # first row (twice while its newline is cut off) and the check's blocks: 2.0x.
+        (None, 300_000, 2.5),
     ],
     ids=["pretty-printed", "one-line"],
 )
