@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pipeline.config import JobConfig, register_configs, to_job_config
-from pipeline.runner.job import REDACTED, _yaml, prepare
+from pipeline.config.redact import REDACTED, config_yaml
+from pipeline.runner.job import prepare
 
 ROOT = Path(__file__).resolve().parents[2]
 register_configs()
@@ -46,7 +47,7 @@ def test_config_yaml_writes_env_interpolations_as_text_and_redacts_secret_keys(t
         cfg = compose(config_name="config", overrides=overrides)
     job = to_job_config(cfg)
     assert job.data.hf_kwargs["token"] == SECRET, "the job itself gets the value"
-    prep = prepare(job, resolved_yaml=_yaml(cfg))
+    prep = prepare(job, resolved_yaml=config_yaml(cfg))
 
     text = (tmp_path / "out" / prep.run_id / "_config.yaml").read_text()
     for value in (SECRET, "literal-key-987", "literal-secret-654"):
@@ -66,7 +67,7 @@ def test_config_yaml_writes_env_interpolations_as_text_and_redacts_secret_keys(t
 def test_config_yaml_of_an_api_job_redacts_literal_secrets():
     job = JobConfig()
     job.data.hf_kwargs = {"token": SECRET, "revision": "main"}
-    text = _yaml(OmegaConf.to_container(OmegaConf.structured(job)))
+    text = config_yaml(OmegaConf.to_container(OmegaConf.structured(job)))
     assert SECRET not in text
     kwargs = OmegaConf.create(text).data.hf_kwargs
     assert kwargs.token == REDACTED and kwargs.revision == "main"
@@ -113,7 +114,7 @@ def test_config_yaml_redacts_fsspec_storage_option_credentials():
     was written to _config.yaml as it is."""
     job = JobConfig()
     job.data.hf_kwargs = {"storage_options": {"key": "AKIAEXAMPLE12345", "secret": SECRET, "anon": False}}
-    text = _yaml(OmegaConf.to_container(OmegaConf.structured(job)))
+    text = config_yaml(OmegaConf.to_container(OmegaConf.structured(job)))
     assert "AKIAEXAMPLE12345" not in text and SECRET not in text
     options = OmegaConf.create(text).data.hf_kwargs.storage_options
     assert options.key == REDACTED and options.secret == REDACTED and options.anon is False
@@ -136,7 +137,7 @@ def test_config_yaml_redacts_camel_case_auth_keys_and_passwords_in_urls():
         "author": "kept",
         "max_new_tokens_hint": 7,
     }
-    text = _yaml(OmegaConf.to_container(OmegaConf.structured(job)))
+    text = config_yaml(OmegaConf.to_container(OmegaConf.structured(job)))
     assert "SECRET" not in text
     written = OmegaConf.to_container(OmegaConf.create(text), resolve=False)["postprocess"]
     assert written["webhook_url"] == "https://***@hooks.example.com/x"

@@ -1,0 +1,91 @@
+"""The job's configuration as `_config.yaml` records it: resolved, with secrets redacted.
+
+Values of secret-like keys (tokens, passwords, access keys, at any depth) are replaced, `${oc.env:...}`
+interpolations are written as their text (never an environment variable's value), and the user:password@ of
+any URL is dropped, so that the file can be shared with the data it describes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pipeline.config.validate import without_userinfo
+
+REDACTED = "<redacted>"
+# A key is secret-like when one of its words (split at '_', '-', '.' and camelCase, case-insensitive) is one of
+# these, or it contains one of SECRET_PHRASES (e.g. aws_secret_access_key, hf_token, accessKeyId, password).
+SECRET_WORDS = frozenset(  # "key": fsspec/s3fs storage_options take the access key id as `key`
+    {
+        "token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey", "passphrase",
+        "key", "auth", "authorization", "bearer", "cookie", "cookies", "pat", "dsn",
+    }
+)  # fmt: skip
+SECRET_PHRASES = ("api_key", "access_key", "session_token", "private_key", "connection_string", "conn_str")
+_ENV_TEXT = "canvasflow_env_text"  # resolver that gives back `${oc.env:...}` as text (see _yaml)
+_OC_ENV = re.compile(r"\$\{\s*oc\.env\s*:")
+# A secret-like key's value that holds only `${oc.env:NAME}` texts, after an auth scheme at most, is kept.
+_ENV_REFERENCE = re.compile(r"^(?:(?:bearer|basic|token)\s+)?\$\{oc\.env:[^${}]*\}$", re.IGNORECASE)
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def is_secret_key(key: Any) -> bool:
+    name = _CAMEL.sub("_", str(key)).lower().replace("-", "_")
+    return bool(set(re.split(r"[^a-z0-9]+", name)) & SECRET_WORDS) or any(p in name for p in SECRET_PHRASES)
+
+
+def _env_text(*args: Any) -> str:
+    return "${oc.env:" + ",".join("null" if a is None else str(a) for a in args) + "}"
+
+
+def _rewrite_env(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _rewrite_env(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite_env(v) for v in node]
+    if isinstance(node, str) and "${" in node:
+        return _OC_ENV.sub("${" + _ENV_TEXT + ":", node)
+    return node
+
+
+def redact(node: Any, key: Any = None) -> Any:
+    """Values of secret-like keys (is_secret_key) replaced by REDACTED, at any depth; None, booleans (e.g.
+    `token: true`, "use the stored token") and `${oc.env:NAME}` texts (`Bearer ${oc.env:NAME}` too) are kept.
+    In every other text, the user:password@ of a URL becomes ***@."""
+    if key is not None and is_secret_key(key):
+        if node is None or isinstance(node, bool) or (isinstance(node, str) and _ENV_REFERENCE.match(node)):
+            return node
+        return REDACTED
+    if isinstance(node, dict):
+        return {k: redact(v, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v) for v in node]
+    if isinstance(node, str):
+        return without_userinfo(node)
+    return node
+
+
+def config_yaml(cfg: Any) -> str:
+    """The config as written to `_config.yaml` (a DictConfig or a plain container): resolved, except that
+    `${oc.env:...}` interpolations are written as their text (never an environment variable's value) and
+    values of secret-like keys are redacted."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not OmegaConf.has_resolver(_ENV_TEXT):
+        OmegaConf.register_new_resolver(_ENV_TEXT, _env_text)
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    # Resolved in a copy where oc.env gives back its own text: `${b}` with b=${oc.env:X}, "Bearer ${oc.env:X}"
+    # and oc.env defaults all come out as text.
+    resolved = OmegaConf.to_container(OmegaConf.create(_rewrite_env(raw)), resolve=True)
+    return OmegaConf.to_yaml(OmegaConf.create(redact(resolved)))
+
+
+def with_run_values(config_yaml: str, job: Any, run_id: str) -> str:
+    """`config_yaml` (from config_yaml) recording the run's actual id (a derived one, or a nightly's from its date)
+    and codec (the one it was started with: keep_run_codec)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(config_yaml)
+    OmegaConf.update(cfg, "run.id", run_id, force_add=True)
+    OmegaConf.update(cfg, "output.compression", job.output.compression, force_add=True)
+    return OmegaConf.to_yaml(cfg)
