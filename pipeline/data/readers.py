@@ -318,13 +318,13 @@ def _text_blocks(file: str, local: str) -> Iterator[str]:
     """The text of the file at `local`, SCAN_BLOCK bytes at a time, decoded as UTF-8 (UnicodeDecodeError, a
     ValueError, where it is not), decompressed on the fly for .gz, the UTF-8 byte-order mark dropped."""
     decoder = codecs.getincrementaldecoder("utf-8")()
+    started = False  # a first character was seen: the byte-order mark, where there is one, is behind
     with _opened(file, local) as stream:
-        block = stream.read(SCAN_BLOCK)
-        if block.startswith(UTF8_BOM):
-            block = block[len(UTF8_BOM) :]
-        while block:
-            yield decoder.decode(block)
-            block = stream.read(SCAN_BLOCK)
+        while block := stream.read(SCAN_BLOCK):
+            text = decoder.decode(block)
+            if not started and text:
+                started, text = True, text.removeprefix("\ufeff")
+            yield text
         yield decoder.decode(b"", final=True)
 
 
@@ -336,6 +336,8 @@ def _refuse_json_document(file: str, local: str) -> None:
     try:
         with contextlib.closing(_text_blocks(file, local)) as blocks:  # the check may stop early: close now
             kind = document_kind(blocks)
+    except InputError:  # the file cannot be read (e.g. a corrupt gzip): that, not 'not one document'
+        raise
     except ValueError:  # not one document; UnicodeDecodeError is a ValueError
         return
     raise InputError(f"{file} is not JSON Lines: it is one JSON {kind}. {JSONL_HINT}")

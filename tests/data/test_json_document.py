@@ -23,7 +23,7 @@ def _value(rng: random.Random, depth: int = 0):
                 lambda: "".join(rng.choice(STRING_CHARS) for _ in range(rng.randint(0, 12))),
                 lambda: rng.randint(-(10**6), 10**6),
                 lambda: rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30),
-                lambda: rng.choice([True, False, None]),
+                lambda: rng.choice([True, False, None, float("nan"), float("inf"), -float("inf")]),
             ]
         )()
     if pick < 0.7:
