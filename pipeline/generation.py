@@ -122,12 +122,15 @@ class Generator:
     def __init__(self, spec: GenerationSpec) -> None:
         from pipeline.models.loader import MASK_FAMILIES, load_model
         from pipeline.sampler.engine import DiffusionSampler
-        from pipeline.sampler.settings import resolve_settings
+        from pipeline.sampler.settings import diffusion_gemma_user_values, resolve_settings
 
         self.spec = spec
         # Calls from several threads (a worker's shards in flight) tokenize, decode and postprocess one at a
         # time: tokenizers and user callables need not be thread-safe; only the sampler runs alongside.
         self._host_lock = threading.Lock()
+        # Without a SharedSampler, each call runs a batch of its own in the sampler's slots and cache: one at a
+        # time (two threads of LLM.generate took each other's slots).
+        self._sampler_lock = threading.Lock()
         self.loaded = load_model(
             spec.model_path,
             dtype=spec.dtype,
@@ -143,7 +146,7 @@ class Generator:
         if info.family in MASK_FAMILIES:  # LLaDA, Dream: the mask-diffusion sampler (pipeline/sampler/mask)
             self._init_mask_sampler(spec)
             return
-        user = {k: v for k, v in spec.sampler.items() if v is not None}
+        user = diffusion_gemma_user_values(spec.sampler, info.family)  # a mask-sampler knob set is an error
         self.settings = resolve_settings(
             user,
             info.generation_config,
@@ -294,9 +297,10 @@ class Generator:
         if shared is not None:
             results = shared.run(prepared.requests, on_result=finished)
         else:
-            results = self.sampler.generate(
-                prepared.requests, batching=self.spec.batching, on_result=finished
-            )
+            with self._sampler_lock:
+                results = self.sampler.generate(
+                    prepared.requests, batching=self.spec.batching, on_result=finished
+                )
         with self._host_lock:
             return self.finish(prepared, results, started=start)
 

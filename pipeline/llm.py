@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.config.schema import BUILTIN_MODEL
+from pipeline.config.validate import CHOICES
 from pipeline.data.records import check_prompt_value, derived_id
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES
@@ -94,6 +95,17 @@ class LLM:
             raise TypeError(
                 f"unknown setting(s) {unknown}; valid ones: {', '.join(named)}, and the sampler's {', '.join(valid)}"
             )
+        _check_arguments(
+            dtype=dtype,
+            device=device,
+            batching=batching,
+            backend=backend,
+            batch_size=batch_size,
+            max_prompt_tokens=max_prompt_tokens,
+            cuda_graphs=cuda_graphs,
+            apply_chat_template=apply_chat_template,
+            mask=sampler.get("mask"),
+        )
         check_completions(completions_per_prompt, "completions_per_prompt")
         if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
             raise ValueError(f"system_prompt={system_prompt!r} must be a non-empty string (or None for none)")
@@ -141,17 +153,14 @@ class LLM:
         `ids` key each row's randomness (default: derived from position and content, as the pipeline does).
         With completions_per_prompt=n > 1, each prompt's n completions in a list (completion_index 0..n-1;
         a prompt that cannot run gives n error completions)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         n = self.generator.completions
-        if ids is not None and len(ids) != len(prompts):
-            raise ValueError(f"ids has {len(ids)} entries for {len(prompts)} prompts")
+        if ids is not None:
+            ids = _id_list(ids, len(prompts))
         records, by_index = [], {}
         for i, prompt in enumerate(prompts):
             text, is_chat, problem = check_prompt_value(prompt)
-            rid = (
-                str(ids[i]) if ids is not None else derived_id(i, text if text is not None else repr(prompt))
-            )
+            rid = ids[i] if ids is not None else derived_id(i, text if text is not None else repr(prompt))
             if problem:  # rejected as the job rejects such an input row: an error row, the others generate
                 for c in range(n):
                     by_index[i, c] = self._error(rid, prompt if isinstance(prompt, str) else "", problem, c)
@@ -194,3 +203,81 @@ class LLM:
             error=reason,
             completion_index=completion,
         )
+
+
+def _check_arguments(**values: Any) -> None:
+    """The engine arguments checked as the job checks model.* and sampler.* (pipeline/config/validate.py), with
+    errors naming the keyword: before the model loads."""
+    for name, key in (("dtype", "model.dtype"), ("device", "model.device"), ("batching", "sampler.batching")):
+        if values[name] not in CHOICES[key]:
+            raise ValueError(f"{name}={values[name]!r} is not one of {', '.join(CHOICES[key])}")
+    if values["backend"] not in CHOICES["sampler.backend"]:
+        raise ValueError(
+            f"backend={values['backend']!r} is not one of {', '.join(CHOICES['sampler.backend'])}"
+        )
+    for name, optional in (("batch_size", False), ("max_prompt_tokens", True)):
+        value = values[name]
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{name}={value!r} must be a positive integer" + (" (or None)" if optional else "")
+            )
+    for name in ("cuda_graphs", "apply_chat_template"):
+        if not isinstance(values[name], bool):
+            raise TypeError(f"{name}={values[name]!r} must be True or False")
+    if values["mask"] is not None and not isinstance(values["mask"], Mapping):
+        raise TypeError(
+            f"mask={values['mask']!r} must be a dict of the mask-diffusion settings, e.g. "
+            "mask={'steps': 64, 'cache': 'dual'}"
+        )
+
+
+def _prompt_list(prompts: Any) -> list[Any]:
+    """`generate`'s prompts as a list: one string, or any iterable of prompts (strings or chats)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (bytes, bytearray)):
+        raise TypeError("prompts must be a string, a chat or a list of them; got bytes: decode them first")
+    if isinstance(prompts, Mapping) or not isinstance(prompts, Iterable):
+        raise TypeError(
+            f"prompts must be a string, a chat or a list of them; got {type(prompts).__name__}"
+            + (
+                ": to pass one chat, wrap its messages in a list, generate([messages])"
+                if isinstance(prompts, Mapping)
+                else ""
+            )
+        )
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, Mapping) and "role" in p for p in prompts):
+        raise TypeError(
+            "prompts is a list of messages, which is one chat: pass generate([messages]) (a list of chats), "
+            "or generate([text, ...]) for text prompts"
+        )
+    return prompts
+
+
+def _id_list(ids: Any, count: int) -> list[str]:
+    """`generate`'s ids, checked as the job checks an id column: strings or integers, not empty, unique (they
+    key each row's random numbers), one per prompt."""
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+        raise TypeError(
+            f"ids must be a list of strings or integers, one per prompt; got {type(ids).__name__}"
+        )
+    ids = list(ids)
+    if len(ids) != count:
+        raise ValueError(f"ids has {len(ids)} entries for {count} prompts")
+    first: dict[str, int] = {}
+    for i, value in enumerate(ids):
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise TypeError(f"ids[{i}]={value!r} must be a string or an integer, got {type(value).__name__}")
+        text = str(value)
+        if not text.strip():
+            raise ValueError(f"ids[{i}]={value!r} is empty")
+        if text in first:
+            raise ValueError(
+                f"ids[{i}]={value!r} repeats ids[{first[text]}]: ids key each row's random numbers, so they "
+                "must be unique (to sample one prompt several times, use completions_per_prompt)"
+            )
+        first[text] = i
+    return [str(value) for value in ids]

@@ -236,9 +236,15 @@ def resolve_settings(
         for k in ("seed", "adaptive_stopping", "revise_accepted", "record_drafts")
         if user.get(k) is not None
     }
+    for k in ("adaptive_stopping", "revise_accepted", "record_drafts"):  # "no" would be truthy
+        if k in extras and not isinstance(extras[k], bool):
+            raise SettingsError(f"sampler.{k}={extras[k]!r} must be true or false")
+    canvas = user.get("canvas_length")
+    if canvas is not None and (isinstance(canvas, bool) or not isinstance(canvas, int) or canvas < 1):
+        raise SettingsError(f"sampler.canvas_length={canvas!r} must be a positive integer")
     return SamplerSettings(
         **values,
-        canvas_length=int(user.get("canvas_length") or canvas_length),
+        canvas_length=canvas_length if canvas is None else canvas,
         eos_token_ids=tuple(generation_config.get("eos_token_ids", eos_token_ids)),
         pad_token_id=int(generation_config.get("pad_token_id", pad_token_id)),
         **extras,

@@ -67,3 +67,100 @@ def test_an_unknown_setting_lists_every_setting_the_api_takes():
     assert message.startswith("unknown setting(s) ['bogus']; valid ones: ")
     for name in ("stop", "completions_per_prompt", "batch_size", "system_prompt", "max_new_tokens", "mask"):
         assert f" {name}," in message or message.endswith(f" {name}"), name
+
+
+def test_calls_from_several_threads_give_each_the_completions_of_a_call_alone(llm):
+    """Two threads of generate took each other's sampler slots: KeyError in _admit, or other rows' text."""
+    import threading
+
+    prompts, ids = [f"Add: {i}+{i}" for i in range(6)], [f"r{i}" for i in range(6)]
+    alone = [(c.completion, c.denoising_steps) for c in llm.generate(prompts, ids=ids)]
+    results, failures = [], []
+
+    def call() -> None:
+        try:
+            results.append([(c.completion, c.denoising_steps) for c in llm.generate(prompts, ids=ids)])
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and results == [alone] * 3
+
+
+@pytest.mark.parametrize(
+    ("prompts", "error", "message"),
+    [
+        ({"prompt": "Add: 1+2"}, TypeError, "got dict: to pass one chat, wrap its messages in a list"),
+        (b"Add: 1+2", TypeError, "got bytes: decode them first"),
+        (None, TypeError, "prompts must be a string, a chat or a list of them; got NoneType"),
+        (5, TypeError, "got int"),
+        ([{"role": "user", "content": "Add: 1+2"}], TypeError, r"is one chat: pass generate\(\[messages\]\)"),
+    ],
+    ids=["dict", "bytes", "none", "int", "unwrapped-chat"],
+)
+def test_prompts_that_are_no_list_of_prompts_are_refused_naming_their_type(llm, prompts, error, message):
+    """A dict generated its keys, bytes one error row per byte, None and 5 a bare 'not iterable'."""
+    with pytest.raises(error, match=message):
+        llm.generate(prompts)
+
+
+def test_any_iterable_of_prompts_and_ids_is_taken(llm):
+    listed = llm.generate(["Add: 1+2", "Add: 2+3"], ids=["a", 7])
+    generated = llm.generate((p for p in ["Add: 1+2", "Add: 2+3"]), ids=iter(["a", 7]))
+    assert [c.id for c in generated] == ["a", "7"]
+    assert [c.completion for c in generated] == [c.completion for c in listed]
+
+
+@pytest.mark.parametrize(
+    ("ids", "error", "message"),
+    [
+        (["a", "a", "b"], ValueError, r"ids\[1\]='a' repeats ids\[0\]: ids key each row's random numbers"),
+        ([None, None, None], TypeError, r"ids\[0\]=None must be a string or an integer, got NoneType"),
+        (["a", " ", "c"], ValueError, r"ids\[1\]=' ' is empty"),
+        ("abc", TypeError, "ids must be a list of strings or integers, one per prompt; got str"),
+        ([True, "b", "c"], TypeError, r"ids\[0\]=True must be a string or an integer, got bool"),
+        (["a", "b"], ValueError, "ids has 2 entries for 3 prompts"),
+    ],
+    ids=["duplicate", "none", "blank", "string", "bool", "count"],
+)
+def test_ids_are_checked_as_the_job_checks_an_id_column(llm, ids, error, message):
+    """Duplicates shared their random numbers; None became the id 'None'; 'abc' became the ids a, b, c."""
+    with pytest.raises(error, match=message):
+        llm.generate(["Add: 1+2", "Add: 2+3", "Add: 3+4"], ids=ids)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"dtype": "foo"}, ValueError, "dtype='foo' is not one of auto, float32, bfloat16, float16"),
+        ({"device": "gpu"}, ValueError, "device='gpu' is not one of auto, cpu, cuda"),
+        ({"batching": "dynamic"}, ValueError, "batching='dynamic' is not one of continuous, static"),
+        ({"batch_size": 0}, ValueError, "batch_size=0 must be a positive integer"),
+        ({"batch_size": "4"}, ValueError, "batch_size='4' must be a positive integer"),
+        (
+            {"max_prompt_tokens": -5},
+            ValueError,
+            r"max_prompt_tokens=-5 must be a positive integer \(or None\)",
+        ),
+        ({"cuda_graphs": "no"}, TypeError, "cuda_graphs='no' must be True or False"),
+        ({"mask": "dual"}, TypeError, "mask='dual' must be a dict of the mask-diffusion settings"),
+        ({"adaptive_stopping": "no"}, ValueError, "sampler.adaptive_stopping='no' must be true or false"),
+        ({"canvas_length": 0}, ValueError, "sampler.canvas_length=0 must be a positive integer"),
+        ({"canvas_length": 2.7}, ValueError, "sampler.canvas_length=2.7 must be a positive integer"),
+        (
+            {"mask": {"steps": 4}},
+            ValueError,
+            r"sampler.mask.steps=4 is a mask-diffusion \(LLaDA, Dream\) setting",
+        ),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_engine_arguments_are_checked_naming_the_keyword(kwargs, error, message):
+    """Each was accepted (a string 'no' as true, canvas_length=0 as the model's, mask ignored on a DiffusionGemma
+    model) or failed with an internal error (KeyError 'foo', TypeError from a comparison)."""
+    with pytest.raises(error, match=message):
+        LLM("builtin:tiny-diffusiongemma", max_new_tokens=16, max_denoising_steps=2, **kwargs)
