@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.data.prompts import (
+    API_NAMES,
     CHARS_BOUND_FACTOR,
+    JOB_NAMES,
     PromptTooLong,
     check_system_prompt,
     max_token_chars,
@@ -67,6 +69,7 @@ class GenerationSpec:
     completions_per_prompt: int = 1
     system_prompt: str | None = None  # a system turn before every prompt (pipeline/data/prompts.py)
     stop: tuple[str, ...] = ()  # stop strings (pipeline/sampler/stop.py)
+    api: bool = False  # errors name the Python API's keywords (LLM) rather than the job's config keys
 
 
 @dataclass
@@ -141,7 +144,8 @@ class Generator:
             version=spec.model_version,
         )
         info = self.loaded.info
-        check_system_prompt(self.loaded.tokenizer, spec.system_prompt, spec.apply_chat_template)
+        names = API_NAMES if spec.api else JOB_NAMES
+        check_system_prompt(self.loaded.tokenizer, spec.system_prompt, spec.apply_chat_template, names)
         self.stop = self._stop_strings(spec)
         if info.family in MASK_FAMILIES:  # LLaDA, Dream: the mask-diffusion sampler (pipeline/sampler/mask)
             self._init_mask_sampler(spec)

@@ -126,6 +126,7 @@ class LLM:
             completions_per_prompt=completions_per_prompt,
             system_prompt=system_prompt,
             stop=check_stops(stop, "stop"),
+            api=True,
         )
         self.generator = Generator(self.spec)
         info = self.generator.loaded.info

@@ -60,18 +60,34 @@ def render_prompt(
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def check_system_prompt(tokenizer: Any, system_prompt: str | None, apply_chat_template: bool) -> None:
+# How check_system_prompt names the settings: the job's config keys, or the Python API's keywords (LLM).
+JOB_NAMES = {
+    "system_prompt": "data.system_prompt",
+    "templating_off": "apply_chat_template",
+    "instead": "put the instructions in the prompt (data.prompt_template)",
+}
+API_NAMES = {
+    "system_prompt": "system_prompt",
+    "templating_off": "apply_chat_template=False",
+    "instead": "put the instructions in each prompt, or give chats with their own system message",
+}
+
+
+def check_system_prompt(
+    tokenizer: Any, system_prompt: str | None, apply_chat_template: bool, names: dict[str, str] = JOB_NAMES
+) -> None:
     """ValueError when `system_prompt` cannot be applied to this model's prompts: templating is off, the
     tokenizer has no chat template, or its template refuses a system turn (some do)."""
     if system_prompt is None:
         return
+    key = names["system_prompt"]
     if not apply_chat_template or not has_chat_template(tokenizer):
         why = (
-            "templating is off (apply_chat_template)"
+            f"templating is off ({names['templating_off']})"
             if not apply_chat_template
             else "this model's tokenizer has none"
         )
-        raise ValueError(f"data.system_prompt is a system turn of the chat template, and {why}")
+        raise ValueError(f"{key} is a system turn of the chat template, and {why}")
     marker = "canvasflow system turn check"
     try:
         text = render_prompt(tokenizer, "x", is_chat=False, apply_chat_template=True, system_prompt=marker)
@@ -81,8 +97,7 @@ def check_system_prompt(tokenizer: Any, system_prompt: str | None, apply_chat_te
         problem = None if marker in text else "drops system turns (the rendered prompt does not hold it)"
     if problem:
         raise ValueError(
-            f"data.system_prompt: this model's chat template {problem}; leave data.system_prompt unset and put "
-            "the instructions in the prompt (data.prompt_template)"
+            f"{key}: this model's chat template {problem}; leave {key} unset and {names['instead']}"
         )
 
 

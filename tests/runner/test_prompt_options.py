@@ -58,9 +58,19 @@ def test_a_model_whose_chat_template_drops_system_turns_refuses_a_system_prompt(
         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     )
     LLM(str(model))  # fine without a system prompt
-    message = "data.system_prompt: this model's chat template drops system turns"
-    with pytest.raises(ValueError, match=message):
+    # The API names its own keyword and a fix it has (it has no data.prompt_template).
+    with pytest.raises(ValueError) as info:
         LLM(str(model), system_prompt="Digits.")
+    assert str(info.value) == (
+        "system_prompt: this model's chat template drops system turns (the rendered prompt does not hold it); "
+        "leave system_prompt unset and put the instructions in each prompt, or give chats with their own "
+        "system message"
+    )
+    with pytest.raises(
+        ValueError, match=r"system_prompt is a system turn .* templating is off \(apply_chat_template=False\)"
+    ):
+        LLM(str(model), system_prompt="Digits.", apply_chat_template=False)
+    message = "data.system_prompt: this model's chat template drops system turns"
     job = make_job(tmp_path, str(tmp_path / "absent.jsonl"), model__path=str(model), data__system_prompt="D.")
     with caplog.at_level("INFO", logger="canvasflow"):
         assert run(job) == 2
