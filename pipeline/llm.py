@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -22,10 +23,11 @@ from pipeline.config.validate import CHOICES
 from pipeline.data.records import check_prompt_value, derived_id
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES
-from pipeline.sampler.settings import USER_KNOBS, check_completions, max_length_note
+from pipeline.sampler.settings import USER_KNOBS, SettingsError, check_completions, max_length_note
 from pipeline.sampler.stop import check_stops
 
 logger = logging.getLogger(__name__)
+JOB_KEY = re.compile(r"\bsampler\.(?=[a-z_]+(?:\.[a-z_]+)?=)")  # 'sampler.' before a key=value in a message
 
 
 @dataclass
@@ -128,7 +130,10 @@ class LLM:
             stop=check_stops(stop, "stop"),
             api=True,
         )
-        self.generator = Generator(self.spec)
+        try:
+            self.generator = Generator(self.spec)
+        except SettingsError as e:  # named as the job's sampler.* keys: name the keyword instead
+            raise SettingsError(JOB_KEY.sub("", str(e))) from None
         info = self.generator.loaded.info
         if info.family not in MASK_FAMILIES:
             note = max_length_note(self.spec.sampler, info.generation_config)

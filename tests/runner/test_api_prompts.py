@@ -148,13 +148,13 @@ def test_ids_are_checked_as_the_job_checks_an_id_column(llm, ids, error, message
         ),
         ({"cuda_graphs": "no"}, TypeError, "cuda_graphs='no' must be True or False"),
         ({"mask": "dual"}, TypeError, "mask='dual' must be a dict of the mask-diffusion settings"),
-        ({"adaptive_stopping": "no"}, ValueError, "sampler.adaptive_stopping='no' must be true or false"),
-        ({"canvas_length": 0}, ValueError, "sampler.canvas_length=0 must be a positive integer"),
-        ({"canvas_length": 2.7}, ValueError, "sampler.canvas_length=2.7 must be a positive integer"),
+        ({"adaptive_stopping": "no"}, ValueError, "^adaptive_stopping='no' must be true or false"),
+        ({"canvas_length": 0}, ValueError, "^canvas_length=0 must be a positive integer"),
+        ({"canvas_length": 2.7}, ValueError, "^canvas_length=2.7 must be a positive integer"),
         (
             {"mask": {"steps": 4}},
             ValueError,
-            r"sampler.mask.steps=4 is a mask-diffusion \(LLaDA, Dream\) setting",
+            r"^mask.steps=4 is a mask-diffusion \(LLaDA, Dream\) setting",
         ),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
@@ -164,3 +164,14 @@ def test_engine_arguments_are_checked_naming_the_keyword(kwargs, error, message)
     model) or failed with an internal error (KeyError 'foo', TypeError from a comparison)."""
     with pytest.raises(error, match=message):
         LLM("builtin:tiny-diffusiongemma", max_new_tokens=16, max_denoising_steps=2, **kwargs)
+
+
+def test_sampler_setting_errors_name_the_keywords_the_api_takes():
+    """They named the job's keys (sampler.t_max=...), which the API does not take."""
+    with pytest.raises(ValueError) as info:
+        LLM("builtin:tiny-diffusiongemma", t_min=0.5, t_max=0.3)
+    assert str(info.value).startswith("t_max=0.3 must be greater than t_min=0.5 (the temperature falls")
+    with pytest.raises(
+        ValueError, match=r"^mask\.steps=4 is a mask-diffusion \(LLaDA, Dream\) setting; .* with sampler\.\*"
+    ):
+        LLM("builtin:tiny-diffusiongemma", mask={"steps": 4})
