@@ -23,7 +23,13 @@ from pipeline.config.validate import CHOICES
 from pipeline.data.records import check_prompt_value, derived_id
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES
-from pipeline.sampler.settings import USER_KNOBS, SettingsError, check_completions, max_length_note
+from pipeline.sampler.settings import (
+    USER_KNOBS,
+    SettingsError,
+    check_completions,
+    is_int,
+    max_length_note,
+)
 from pipeline.sampler.stop import check_stops
 
 logger = logging.getLogger(__name__)
@@ -214,18 +220,19 @@ class LLM:
 def _check_arguments(**values: Any) -> None:
     """The engine arguments checked as the job checks model.* and sampler.* (pipeline/config/validate.py), with
     errors naming the keyword: before the model loads."""
-    for name, key in (("dtype", "model.dtype"), ("device", "model.device"), ("batching", "sampler.batching")):
+    for name, key in (
+        ("dtype", "model.dtype"),
+        ("device", "model.device"),
+        ("batching", "sampler.batching"),
+        ("backend", "sampler.backend"),
+    ):
         if values[name] not in CHOICES[key]:
             raise ValueError(f"{name}={values[name]!r} is not one of {', '.join(CHOICES[key])}")
-    if values["backend"] not in CHOICES["sampler.backend"]:
-        raise ValueError(
-            f"backend={values['backend']!r} is not one of {', '.join(CHOICES['sampler.backend'])}"
-        )
     for name, optional in (("batch_size", False), ("max_prompt_tokens", True)):
         value = values[name]
         if optional and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(
                 f"{name}={value!r} must be a positive integer" + (" (or None)" if optional else "")
             )

@@ -240,7 +240,7 @@ def resolve_settings(
         if k in extras and not isinstance(extras[k], bool):
             raise SettingsError(f"sampler.{k}={extras[k]!r} must be true or false")
     canvas = user.get("canvas_length")
-    if canvas is not None and (isinstance(canvas, bool) or not isinstance(canvas, int) or canvas < 1):
+    if canvas is not None and (not is_int(canvas) or canvas < 1):
         raise SettingsError(f"sampler.canvas_length={canvas!r} must be a positive integer")
     return SamplerSettings(
         **values,
