@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.config.schema import BUILTIN_MODEL
 from pipeline.config.validate import CHOICES
-from pipeline.data.records import check_prompt_value, derived_id
+from pipeline.data.records import SURROGATE_HINT, check_prompt_value, derived_id, has_surrogate
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES
 from pipeline.sampler.settings import (
@@ -34,6 +34,17 @@ from pipeline.sampler.stop import check_stops
 
 logger = logging.getLogger(__name__)
 JOB_KEY = re.compile(r"\bsampler\.(?=[a-z_]+(?:\.[a-z_]+)?=)")  # 'sampler.' before a key=value in a message
+JOB_GROUPS = (
+    ("sampled with sampler.mask.* (", "sampled with mask={...} ("),
+    ("sampled with sampler.* (", "sampled with LLM(...) keywords ("),
+)
+
+
+def api_message(text: str) -> str:
+    """A sampler settings error as the API's user writes settings: keywords, not the job's sampler.* keys."""
+    for job, api in JOB_GROUPS:
+        text = text.replace(job, api)
+    return JOB_KEY.sub("", text)
 
 
 @dataclass
@@ -139,7 +150,7 @@ class LLM:
         try:
             self.generator = Generator(self.spec)
         except SettingsError as e:  # named as the job's sampler.* keys: name the keyword instead
-            raise SettingsError(JOB_KEY.sub("", str(e))) from None
+            raise SettingsError(api_message(str(e))) from None
         info = self.generator.loaded.info
         if info.family not in MASK_FAMILIES:
             note = max_length_note(self.spec.sampler, info.generation_config)
@@ -285,6 +296,8 @@ def _id_list(ids: Any, count: int) -> list[str]:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise TypeError(f"ids[{i}]={value!r} must be a string or an integer, got {type(value).__name__}")
         text = str(value)
+        if has_surrogate(text):
+            raise ValueError(f"ids[{i}]={value!r} is {SURROGATE_HINT}")
         if not text.strip():
             raise ValueError(f"ids[{i}]={value!r} is empty")
         if text in first:

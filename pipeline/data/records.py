@@ -93,7 +93,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _has_surrogate(text: str) -> bool:
+def has_surrogate(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -115,7 +115,7 @@ def _check_text(value: Any, what: str, *, allow_blank: bool = False) -> tuple[st
             return None, f"{what} is not valid UTF-8 (byte {e.start})"
     if not isinstance(value, str):
         return None, f"{what} must be a string, got {type(value).__name__}"
-    if _has_surrogate(value):
+    if has_surrogate(value):
         return None, f"{what} is {SURROGATE_HINT}"
     if not allow_blank and not value.strip():
         return None, f"{what} is empty"
@@ -128,7 +128,7 @@ def _check_messages(value: Any) -> tuple[str | None, str | None]:
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             return None, f"messages[{i}] must be an object with a string 'role'"
-        if _has_surrogate(message["role"]):
+        if has_surrogate(message["role"]):
             return None, f"messages[{i}].role is {SURROGATE_HINT}"
         _, problem = _check_text(message.get("content"), f"messages[{i}].content")
         if problem:
@@ -165,7 +165,7 @@ def _template_value(value: Any, name: str) -> tuple[str | None, str | None]:
 
 def _valid_text(text: str) -> str:
     """`text` with lone surrogates escaped (\\ud800), so that it can be written as UTF-8."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8") if _has_surrogate(text) else text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if has_surrogate(text) else text
 
 
 def _safe_json(value: Any) -> str:
@@ -316,12 +316,12 @@ class RecordBuilder:
             text = _json(extra)
         except RecursionError:
             return None, "the other columns are nested too deeply to store as JSON metadata; flatten them"
-        if not _has_surrogate(text):
+        if not has_surrogate(text):
             return text, None
         for name, value in extra.items():
-            if _has_surrogate(name):
+            if has_surrogate(name):
                 return None, f"a column name ({_valid_text(name)!r}) is {SURROGATE_HINT}"
-            if _has_surrogate(_json(value)):
+            if has_surrogate(_json(value)):
                 return None, f"column {name!r} is {SURROGATE_HINT}; fix or drop that value in the input"
         return None, f"the other columns are {SURROGATE_HINT}"
 
@@ -345,7 +345,7 @@ class RecordBuilder:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             return None, f"id in column {column!r} must be a string or an integer, got {type(value).__name__}"
         text = str(value)
-        if _has_surrogate(text):
+        if has_surrogate(text):
             return None, f"id in column {column!r} is {SURROGATE_HINT}"
         if not text.strip():
             return None, f"empty id (column {column!r})"

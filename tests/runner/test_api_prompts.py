@@ -124,11 +124,17 @@ def test_any_iterable_of_prompts_and_ids_is_taken(llm):
         ("abc", TypeError, "ids must be a list of strings or integers, one per prompt; got str"),
         ([True, "b", "c"], TypeError, r"ids\[0\]=True must be a string or an integer, got bool"),
         (["a", "b"], ValueError, "ids has 2 entries for 3 prompts"),
+        (
+            ["a", "x\ud800", "c"],
+            ValueError,
+            r"ids\[1\]='x\\ud800' is not valid UTF-8 \(it holds a lone surrogate",
+        ),
     ],
-    ids=["duplicate", "none", "blank", "string", "bool", "count"],
+    ids=["duplicate", "none", "blank", "string", "bool", "count", "surrogate"],
 )
 def test_ids_are_checked_as_the_job_checks_an_id_column(llm, ids, error, message):
-    """Duplicates shared their random numbers; None became the id 'None'; 'abc' became the ids a, b, c."""
+    """Duplicates shared their random numbers; None became the id 'None'; 'abc' became the ids a, b, c; a lone
+    surrogate failed the whole call with a UnicodeEncodeError from the random-number key."""
     with pytest.raises(error, match=message):
         llm.generate(["Add: 1+2", "Add: 2+3", "Add: 3+4"], ids=ids)
 
@@ -172,6 +178,7 @@ def test_sampler_setting_errors_name_the_keywords_the_api_takes():
         LLM("builtin:tiny-diffusiongemma", t_min=0.5, t_max=0.3)
     assert str(info.value).startswith("t_max=0.3 must be greater than t_min=0.5 (the temperature falls")
     with pytest.raises(
-        ValueError, match=r"^mask\.steps=4 is a mask-diffusion \(LLaDA, Dream\) setting; .* with sampler\.\*"
+        ValueError,
+        match=r"^mask\.steps=4 is a mask-diffusion \(LLaDA, Dream\) setting; .* with LLM\(\.\.\.\) keywords \(max_",
     ):
         LLM("builtin:tiny-diffusiongemma", mask={"steps": 4})
