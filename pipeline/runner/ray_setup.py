@@ -66,13 +66,8 @@ def _init(ray, cluster: ClusterConfig) -> None:
         logger.info("starting a local Ray instance (%d CPUs)", cpus)
         # address="local": a new instance always. Without it, ray.init joins the cluster named by RAY_ADDRESS or
         # by the last `ray start` on this machine, and then refuses num_cpus.
-        ray.init(
-            address="local",
-            num_cpus=cpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": {"PYTHONPATH": python_path, "TOKENIZERS_PARALLELISM": "false"}},
-        )
+        with _environment({"PYTHONPATH": python_path, "TOKENIZERS_PARALLELISM": "false"}):
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
         logger.info("connecting to the Ray cluster at %s", cluster.address)
         named = check_reachable(cluster.address)
@@ -138,3 +133,20 @@ def worker_options(cluster: ClusterConfig, count: int) -> tuple[dict[str, Any], 
     if threads is None and cluster.mode == "local" and not gpus:
         threads = max(1, (os.cpu_count() or 1) // max(count, 1))
     return options, threads
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """`values` set in os.environ while a local Ray instance starts: its raylet, and so every worker it
+    starts, inherits them. (As a job's runtime_env they would keep Ray's prestarted idle workers, which have
+    none, from hosting the actors: each actor would wait for a process of its own.)"""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

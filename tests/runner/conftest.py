@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -10,11 +12,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=4,
-            include_dashboard=False,
-            logging_level="ERROR",
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-        )
+        # The workers inherit OMP_NUM_THREADS and TOKENIZERS_PARALLELISM from tests/conftest.py's environment (a
+        # runtime_env would keep Ray's prestarted workers from hosting actors: pipeline/runner/ray_setup.py).
+        assert os.environ["OMP_NUM_THREADS"] and os.environ["TOKENIZERS_PARALLELISM"]
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
