@@ -20,6 +20,9 @@ logger = logging.getLogger("canvasflow")
 HOST_PORT = re.compile(r"^(?:ray://)?([^/:]+|\[[0-9A-Fa-f:]+\]):(\d+)/?$")
 PROBE_TIMEOUT_S = 10.0
 RAY_ADDRESS = "RAY_ADDRESS"  # the environment variable ray.init reads
+RAY_AUTH_MODE = (
+    "RAY_AUTH_MODE"  # Ray's authentication mode: token (a new local instance's default) or disabled
+)
 
 
 class ClusterConnectError(RuntimeError):
@@ -66,7 +69,8 @@ def _init(ray, cluster: ClusterConfig) -> None:
         logger.info("starting a local Ray instance (%d CPUs)", cpus)
         # address="local": a new instance always. Without it, ray.init joins the cluster named by RAY_ADDRESS or
         # by the last `ray start` on this machine, and then refuses num_cpus.
-        with _environment({"PYTHONPATH": python_path, "TOKENIZERS_PARALLELISM": "false"}):
+        env = {"PYTHONPATH": python_path, "TOKENIZERS_PARALLELISM": "false"}
+        with _environment(env), _quiet_default_token_auth():
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
         logger.info("connecting to the Ray cluster at %s", cluster.address)
@@ -150,3 +154,26 @@ def _environment(values: dict[str, str]):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+@contextlib.contextmanager
+def _quiet_default_token_auth():
+    """Without Ray's warning that it turned token authentication on for the new local instance, its default:
+    printed on every run, it named a setting (RAY_AUTH_MODE=disabled) that the user of a private, short-lived
+    instance has no reason to touch. Authentication stays on; any other message of Ray's goes through."""
+    logger_ = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    drop = _DropMessage("Token authentication is enabled for this Ray cluster")
+    logger_.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger_.removeFilter(drop)

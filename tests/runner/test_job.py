@@ -317,8 +317,10 @@ def test_cli_on_a_user_jsonl_with_a_custom_prompt_column(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "progress:" in result.stdout + result.stderr
-    assert f"output: {out}/r1/data/" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert "progress:" in log
+    assert f"output: {out}/r1/data/" in log
+    assert "Token authentication" not in log, "Ray's warning about the local instance's default (token auth)"
     table = pq.read_table(out / "r1" / "data" / "part-00000.parquet")
     assert table.num_rows == 5
     assert json.loads(table.column("metadata")[0].as_py()) == {"source": "me"}
