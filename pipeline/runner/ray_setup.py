@@ -20,9 +20,6 @@ logger = logging.getLogger("canvasflow")
 HOST_PORT = re.compile(r"^(?:ray://)?([^/:]+|\[[0-9A-Fa-f:]+\]):(\d+)/?$")
 PROBE_TIMEOUT_S = 10.0
 RAY_ADDRESS = "RAY_ADDRESS"  # the environment variable ray.init reads
-RAY_AUTH_MODE = (
-    "RAY_AUTH_MODE"  # Ray's authentication mode: token (a new local instance's default) or disabled
-)
 
 
 class ClusterConnectError(RuntimeError):
