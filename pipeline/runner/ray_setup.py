@@ -153,22 +153,16 @@ def _environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, start: str) -> None:
-        super().__init__()
-        self.start = start
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.start)
-
-
 @contextlib.contextmanager
 def _quiet_default_token_auth():
     """Without Ray's warning that it turned token authentication on for the new local instance, its default:
     printed on every run, it named a setting (RAY_AUTH_MODE=disabled) that the user of a private, short-lived
     instance has no reason to touch. Authentication stays on; any other message of Ray's goes through."""
     logger_ = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    drop = _DropMessage("Token authentication is enabled for this Ray cluster")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
     logger_.addFilter(drop)
     try:
         yield
