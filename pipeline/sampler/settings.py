@@ -150,13 +150,27 @@ def parse_generation_config(raw: Mapping[str, Any]) -> dict[str, Any]:
             for key in keys:
                 if block.get(key) is not None and key not in out:
                     out[key] = block[key]
-    eos = raw.get("eos_token_id")
-    if eos is not None:
-        out["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-    if raw.get("pad_token_id") is not None:
-        out["pad_token_id"] = int(raw["pad_token_id"])
+    out.update(special_token_ids(raw))
     if is_int(raw.get("max_length")):
         out["max_length"] = raw["max_length"]
+    return out
+
+
+def special_token_ids(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """eos_token_ids (a tuple, from an id or a list of ids) and pad_token_id of a generation_config.json
+    mapping, those it sets; SettingsError naming a value that is not a token id (or list of them)."""
+    out: dict[str, Any] = {}
+    eos = raw.get("eos_token_id")
+    if eos is not None:
+        ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        if not all(is_int(i) and i >= 0 for i in ids):
+            raise SettingsError(f"eos_token_id={eos!r} must be a token id or a list of token ids")
+        out["eos_token_ids"] = tuple(ids)
+    pad = raw.get("pad_token_id")
+    if pad is not None:
+        if not (is_int(pad) and pad >= 0):
+            raise SettingsError(f"pad_token_id={pad!r} must be a token id")
+        out["pad_token_id"] = pad
     return out
 
 
@@ -199,14 +213,21 @@ def read_generation_json(model_dir: str) -> dict[str, Any]:
         return {}
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
+            raw = json.load(f)
         except json.JSONDecodeError as e:
             raise SettingsError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path} is not a JSON object (got a {type(raw).__name__})")
+    return raw
 
 
 def read_generation_config(model_dir: str) -> dict[str, Any]:
     """Parsed knobs of `<model_dir>/generation_config.json`, or {} when the file does not exist."""
-    return parse_generation_config(read_generation_json(model_dir))
+    try:
+        return parse_generation_config(read_generation_json(model_dir))
+    except SettingsError as e:
+        path = os.path.join(model_dir, "generation_config.json")
+        raise SettingsError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
 
 
 def resolve_settings(

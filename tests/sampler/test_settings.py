@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -53,6 +54,31 @@ def test_both_generation_config_formats(raw, tmp_path):
         "eos_token_ids": (1, 106),
         "pad_token_id": 0,
     }
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"pad_token_id": [0]}, "pad_token_id=[0] must be a token id"),
+        (
+            {"eos_token_id": [1, "<eos>"]},
+            "eos_token_id=[1, '<eos>'] must be a token id or a list of token ids",
+        ),
+        ({"eos_token_id": -1}, "eos_token_id=-1 must be a token id"),
+        ([1], "is not a JSON object (got a list)"),
+    ],
+    ids=["pad-list", "eos-string", "eos-negative", "not-an-object"],
+)
+def test_special_tokens_that_are_not_token_ids_are_named_with_the_file(content, message, tmp_path):
+    """They ended in a TypeError or AttributeError traceback (int() of a list, .get of a list) at startup."""
+    from pipeline.sampler.mask.settings import MaskSettingsError, read_mask_generation_config
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(content))
+    path = str(tmp_path / "generation_config.json")
+    with pytest.raises(SettingsError, match=re.escape(path) + ".*" + re.escape(message)):
+        read_generation_config(str(tmp_path))
+    with pytest.raises(MaskSettingsError, match=re.escape(message)):
+        read_mask_generation_config(str(tmp_path))
 
 
 def test_precedence_user_over_model_over_reference():

@@ -32,6 +32,7 @@ from pipeline.sampler.settings import (
     is_number,
     is_seed,
     read_generation_json,
+    special_token_ids,
 )
 
 ALGORITHMS = ("llada", "dream")
@@ -260,11 +261,10 @@ def read_mask_generation_config(model_dir: str) -> dict[str, Any]:
                 f"{', '.join(DREAM_ALGS)}"
             )
         out["remasking"] = raw["alg"]
-    eos = raw.get("eos_token_id")
-    if eos is not None:
-        out["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-    if raw.get("pad_token_id") is not None:
-        out["pad_token_id"] = int(raw["pad_token_id"])
+    try:
+        out.update(special_token_ids(raw))
+    except SettingsError as e:
+        raise MaskSettingsError(f"{model_dir}/generation_config.json: {e}") from None
     return out
 
 
