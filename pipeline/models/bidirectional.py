@@ -151,13 +151,19 @@ class BidirectionalLM(nn.Module):
     def __init__(self, spec: MaskLMSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        shape = (spec.vocab_size, spec.hidden_size)
+        self.embed = nn.Embedding(*shape, _weight=torch.empty(shape))
+        # Built on the meta device, the module is loading a checkpoint (mask_checkpoint.py): nn.Embedding's
+        # normal_ and a float64 arange there would import torch._dynamo (1.7 s) for values never used.
+        on_meta = self.embed.weight.device.type == "meta"
+        if not on_meta:
+            nn.init.normal_(self.embed.weight)
         self.layers = nn.ModuleList(Layer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = (
             None if spec.tie_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         )
-        self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(spec, "cpu" if on_meta else None), persistent=False)
         self.backend = "torch"  # the cached attention's kernels: auto, torch or triton (set_backend)
 
     # ---------------------------------------------------------------------------------------- properties

@@ -1,7 +1,8 @@
 """DiffusionGemma's text model as the sampler needs it: hidden states in, no sampling.
 
-The weights are transformers' own modules (so any Hugging Face checkpoint loads, with its tied encoder and
-decoder); this file owns the orchestration that `generate` does not offer:
+The weights are transformers' own modules, or the same weights under the same names in gemma_layers' modules
+(models/gemma_checkpoint.py loads a checkpoint into those without importing transformers' modeling); this
+file owns the orchestration that `generate` does not offer:
 
 - a static KV cache with one slot per batch row ([slots, kv_heads, capacity, head_dim] per layer), allocated
   once and reused as rows come and go (continuous batching);
@@ -18,7 +19,7 @@ RMS-normed); full layers use k=v. `tests/models/test_diffusion_gemma.py` checks 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -102,16 +103,50 @@ class SlotKVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-class DiffusionGemmaTextModel(nn.Module):
-    """Encoder/decoder forward over a DiffusionGemma checkpoint's (shared) text weights."""
+TIED_MESSAGE = (
+    "canvasflow runs DiffusionGemma with tied weights (encoder = decoder, head = embedding; "
+    "tie_word_embeddings=True) and cannot run this checkpoint"
+)
 
-    def __init__(self, hf_model: nn.Module, *, backend: str = "auto", moe_gemm: str = "auto") -> None:
+
+@dataclass
+class TextWeights:
+    """What the text forward runs on: the decoder's modules (transformers' DiffusionGemmaDecoderModel, or
+    gemma_layers.TextDecoder as models/gemma_checkpoint.py loads a checkpoint), its config, and the encoder's
+    per-layer scalars [layers, 1] (its only values of its own in the tied layout)."""
+
+    decoder: nn.Module
+    text_config: Any
+    canvas_length: int
+    encoder_layer_scalars: torch.Tensor
+
+    @classmethod
+    def of_transformers(cls, hf_model: nn.Module) -> TextWeights:
+        """The text weights of a transformers DiffusionGemmaForBlockDiffusion, shared with it (training runs the
+        sampler on the weights it updates). ValueError for untied weights (_check_tied)."""
+        _check_tied(hf_model)
+        layers = hf_model.model.encoder.language_model.layers
+        return cls(
+            decoder=hf_model.model.decoder,
+            text_config=hf_model.config.text_config,
+            canvas_length=int(hf_model.config.canvas_length),
+            encoder_layer_scalars=torch.stack([e.layer_scalar.detach().clone() for e in layers]),
+        )
+
+
+class DiffusionGemmaTextModel(nn.Module):
+    """Encoder/decoder forward over a DiffusionGemma checkpoint's (shared) text weights: `model` is transformers'
+    DiffusionGemmaForBlockDiffusion or TextWeights."""
+
+    def __init__(
+        self, model: nn.Module | TextWeights, *, backend: str = "auto", moe_gemm: str = "auto"
+    ) -> None:
         super().__init__()
         self.backend = check_backend(backend)
         self.moe_gemm = check_gemm(moe_gemm)  # the grouped experts' products (models/moe.py)
-        decoder = hf_model.model.decoder
-        text_config = hf_model.config.text_config
-        _check_tied(hf_model)
+        weights = model if isinstance(model, TextWeights) else TextWeights.of_transformers(model)
+        decoder = weights.decoder
+        text_config = weights.text_config
         if getattr(text_config, "use_bidirectional_attention", None) == "all":
             # transformers' encoder is then non-causal, with sliding_window rewritten to a two-sided bound
             # (window // 2 + 1); ours is causal. ("vision" only affects image tokens, which we never see.)
@@ -120,17 +155,12 @@ class DiffusionGemmaTextModel(nn.Module):
                 "encoder is causal"
             )
         self.text_config = text_config
-        self.canvas_length = int(hf_model.config.canvas_length)
+        self.canvas_length = weights.canvas_length
         self.embed_tokens = decoder.embed_tokens
         self.layers = decoder.layers
         # transformers ties every encoder weight to the decoder's but not the buffers: the encoder's per-layer
         # scalars are its own values in a checkpoint, so the causal encode path multiplies by those.
-        encoder_layers = hf_model.model.encoder.language_model.layers
-        self.register_buffer(
-            "encoder_layer_scalars",
-            torch.stack([e.layer_scalar.detach().clone() for e in encoder_layers]),
-            persistent=False,
-        )
+        self.register_buffer("encoder_layer_scalars", weights.encoder_layer_scalars, persistent=False)
         self.norm = decoder.norm
         self.rotary_emb = decoder.rotary_emb
         self.self_conditioning = decoder.self_conditioning
@@ -388,10 +418,7 @@ def _check_tied(hf_model: nn.Module) -> None:
             or (ours.shape == theirs.shape and torch.equal(ours, theirs))
         )
         if not same:
-            raise ValueError(
-                f"{name} differs from the decoder's weight: canvasflow runs DiffusionGemma with tied weights "
-                "(encoder = decoder, head = embedding; tie_word_embeddings=True) and cannot run this checkpoint"
-            )
+            raise ValueError(f"{name} differs from the decoder's weight: {TIED_MESSAGE}")
 
 
 def _scale(norm: nn.Module) -> torch.Tensor | None:

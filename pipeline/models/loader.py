@@ -166,16 +166,22 @@ def inspect_model(model_dir: str, name: str | None = None) -> ModelInfo:
         )
     if FAMILY_OF_TYPE[model_type] in MASK_FAMILIES:
         return _inspect_mask_model(model_dir, config, name)
-    text = config.get("text_config", {})
+    from pipeline.models.gemma_config import parse_config
+
+    try:
+        parsed = parse_config(config)  # the architecture checked here, before any worker starts
+    except ValueError as e:
+        raise ModelError(f"{Path(model_dir) / 'config.json'}: {e}") from None
+    text = config.get("text_config") or {}
     eos = text.get("eos_token_id", 1)
     generation = read_generation_config(model_dir)
     return ModelInfo(
         model_dir=model_dir,
         name=name or Path(model_dir).name,
         model_type=model_type,
-        canvas_length=int(config.get("canvas_length", 256)),
-        vocab_size=int(text.get("vocab_size", 262_144)),
-        context_window=int(text.get("max_position_embeddings", 131_072)),
+        canvas_length=parsed.canvas_length,
+        vocab_size=parsed.text_config.vocab_size,
+        context_window=parsed.text_config.max_position_embeddings,
         eos_token_ids=tuple(generation.get("eos_token_ids", eos if isinstance(eos, list) else [eos])),
         pad_token_id=int(generation.get("pad_token_id", text.get("pad_token_id", 0) or 0)),
         generation_config=generation,
@@ -229,19 +235,46 @@ def pick_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+# tokenizer_config.json's tokenizer_class (a "Fast" suffix stripped) -> the class AutoTokenizer loads for it
+# in a DiffusionGemma checkpoint (model type registered with GemmaTokenizer; the generic names resolve to
+# TokenizersBackend there). Loading it directly skips AutoTokenizer's reading of config.json through
+# transformers' config classes (1.5-2 s of imports per process).
+DECLARED_TOKENIZERS = {
+    "GemmaTokenizer": "GemmaTokenizer",
+    "TokenizersBackend": "TokenizersBackend",
+    "PreTrainedTokenizer": "TokenizersBackend",
+}
+
+
 def load_tokenizer(model_dir: str, *, remote_code_free: bool = False):
     """The model's tokenizer. `remote_code_free` (mask families, whose config.json and tokenizer_config.json
-    name custom classes) reads tokenizer.json, or vocab.json + merges.txt (Qwen2's BPE, Dream), directly."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2TokenizerFast
+    name custom classes) reads tokenizer.json, or vocab.json + merges.txt (Qwen2's BPE, Dream), directly. A
+    DiffusionGemma tokenizer whose class tokenizer_config.json names (DECLARED_TOKENIZERS) loads as that class,
+    as AutoTokenizer would; any other goes through AutoTokenizer."""
+    import transformers
 
     try:
         if not remote_code_free:
-            return AutoTokenizer.from_pretrained(model_dir)
+            declared = getattr(transformers, _declared_tokenizer(model_dir) or "AutoTokenizer", None)
+            return (declared or transformers.AutoTokenizer).from_pretrained(model_dir)
         if (Path(model_dir) / "tokenizer.json").exists():
-            return PreTrainedTokenizerFast.from_pretrained(model_dir)
-        return Qwen2TokenizerFast.from_pretrained(model_dir)
+            return transformers.PreTrainedTokenizerFast.from_pretrained(model_dir)
+        return transformers.Qwen2TokenizerFast.from_pretrained(model_dir)
     except Exception as e:  # noqa: BLE001 - surfaced with the path
         raise ModelError(f"cannot load the tokenizer from {model_dir}: {e}") from e
+
+
+def _declared_tokenizer(model_dir: str) -> str | None:
+    """The transformers class for tokenizer_config.json's tokenizer_class, if DECLARED_TOKENIZERS maps it and
+    no auto_map (remote code) is declared; else None."""
+    try:
+        config = json.loads((Path(model_dir) / "tokenizer_config.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or "auto_map" in config:
+        return None
+    name = config.get("tokenizer_class")
+    return DECLARED_TOKENIZERS.get(name.removesuffix("Fast")) if isinstance(name, str) else None
 
 
 def load_model(
@@ -256,11 +289,6 @@ def load_model(
 ) -> LoadedModel:
     """Loads weights and tokenizer of the model at `path` (see module docstring) for the sampler; `version`:
     the content version of an s3:// model (resolve_model_dir)."""
-    from transformers import DiffusionGemmaForBlockDiffusion
-    from transformers.utils import logging as hf_logging
-
-    from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
-
     model_dir = resolve_model_dir(
         path, cache_dir=cache_dir, endpoint_url=endpoint_url, region=region, version=version
     )
@@ -277,15 +305,15 @@ def load_model(
         return LoadedModel(
             info=info, model=native, tokenizer=load_tokenizer(model_dir, remote_code_free=True)
         )
-    hf_logging.disable_progress_bar()
+    from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel
+    from pipeline.models.gemma_checkpoint import load_text_weights
+
     try:
-        hf_model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=torch_dtype)
-    except Exception as e:  # noqa: BLE001 - surfaced with the path
+        weights = load_text_weights(model_dir, dtype=torch_dtype, device=device_name)
+    except Exception as e:  # noqa: BLE001 - surfaced with the path (config, safetensors and shape errors)
         raise ModelError(f"cannot load the weights from {model_dir}: {e}") from e
-    hf_model.eval().requires_grad_(False)
     try:
-        native = DiffusionGemmaTextModel(hf_model).to(device_name)
-    except ValueError as e:  # a checkpoint layout the forward does not run (untied weights, ...)
+        native = DiffusionGemmaTextModel(weights)
+    except ValueError as e:  # a config the forward does not run (a bidirectional encoder, ...)
         raise ModelError(f"{model_dir}: {e}") from e
-    del hf_model  # the vision tower is not needed; the text weights live on in `native`
     return LoadedModel(info=info, model=native, tokenizer=load_tokenizer(model_dir))

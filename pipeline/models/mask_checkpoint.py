@@ -19,12 +19,11 @@ import torch
 
 from pipeline.models import dream, llada
 from pipeline.models.bidirectional import BidirectionalLM, MaskLMSpec, rope_inv_freq
+from pipeline.models.weights import WEIGHTS_FILE, describe_missing, read_tensors, weight_files
 
 logger = logging.getLogger(__name__)
 
 FAMILIES: dict[str, ModuleType] = {llada.MODEL_TYPE: llada, dream.MODEL_TYPE: dream}
-INDEX_FILE = "model.safetensors.index.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def family_module(model_type: str) -> ModuleType:
@@ -43,24 +42,6 @@ def spec_for(model_dir: str | os.PathLike[str], config: dict[str, Any] | None = 
     return family_module(config.get("model_type", "")).spec_from_config(config, str(model_dir))
 
 
-def _weight_files(model_dir: Path) -> dict[str, Path]:
-    """Published tensor name -> the file holding it."""
-    index = model_dir / INDEX_FILE
-    if index.exists():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no weight_map")
-        return {name: model_dir / file for name, file in weight_map.items()}
-    single = model_dir / WEIGHTS_FILE
-    if not single.exists():
-        raise ValueError(f"{model_dir} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
-
-
 def load_mask_model(
     model_dir: str | os.PathLike[str],
     *,
@@ -68,40 +49,25 @@ def load_mask_model(
     device: str | torch.device = "cpu",
 ) -> BidirectionalLM:
     """The native module with the checkpoint's weights (every published tensor accounted for)."""
-    from safetensors import safe_open
-
     model_dir = Path(model_dir)
     spec = spec_for(model_dir)
     family = family_module(read_config(model_dir)["model_type"])
     with torch.device("meta"):
         model = BidirectionalLM(spec)
-    wanted = {family.published_name(name): name for name in model.state_dict()}
-    files = _weight_files(model_dir)
-    missing = sorted(set(wanted) - set(files))
+    shapes = model.state_dict()
+    wanted = {family.published_name(name): name for name in shapes}
+    files = weight_files(model_dir)
+    missing = set(wanted) - set(files)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s): {shown}")
+        raise ValueError(describe_missing(model_dir, missing))
     unused = sorted(set(files) - set(wanted))
     if unused:
         logger.warning(
             "%s: ignoring %d tensor(s) not used by the model: %s", model_dir, len(unused), unused[:5]
         )
-    state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for published in wanted:
-        by_file.setdefault(files[published], []).append(published)
-    for file, names in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for published in names:
-                tensor = f.get_tensor(published).to(device=device, dtype=dtype)
-                native = wanted[published]
-                expected = model.state_dict()[native].shape
-                if tensor.shape != expected:
-                    raise ValueError(
-                        f"{model_dir}: tensor {published} has shape {tuple(tensor.shape)}; the config implies "
-                        f"{tuple(expected)}"
-                    )
-                state[native] = tensor
+    published_shapes = {published: shapes[native].shape for published, native in wanted.items()}
+    tensors = read_tensors(model_dir, files, published_shapes, dtype=dtype, device=device)
+    state = {wanted[published]: tensor for published, tensor in tensors.items()}
     model.load_state_dict(state, assign=True, strict=True)
     model.register_buffer("inv_freq", rope_inv_freq(spec, device), persistent=False)  # was built on meta
     return model.eval().requires_grad_(False)

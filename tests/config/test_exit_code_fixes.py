@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import pipeline.runner.job as job_module
 from pipeline.config.schema import (
     ClusterConfig,
     DataConfig,
@@ -57,25 +58,40 @@ def test_config_that_does_not_compose_exits_2_naming_the_key(tmp_path, script, o
     assert not (tmp_path / "out").exists()
 
 
-def _broken_model(tmp_path: Path) -> Path:
-    model = tmp_path / "model"
-    shutil.copytree(resolve_model_dir("builtin:tiny-diffusiongemma"), model)
-    # A field of the wrong type: unforeseen, so it takes the "unexpected error" path with its traceback
-    (model / "config.json").write_text('{"model_type": "diffusion_gemma", "text_config": []}')
-    return model
+# A bug while preparing the run, injected: inspecting the model raises an AttributeError. (Every input that
+# once did this is now a clear error of its own, like a config.json that is not an object below.)
+def _buggy_inspect(*args, **kwargs):
+    raise AttributeError("'list' object has no attribute 'get' (injected)")
+
+
+def _inject_bug(tmp_path: Path) -> dict[str, str]:
+    """The environment of a job whose process gets the bug at startup, through a sitecustomize module."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import pipeline.runner.job as job\n"
+        "def _buggy_inspect(*args, **kwargs):\n"
+        "    raise AttributeError(\"'list' object has no attribute 'get' (injected)\")\n"
+        "job.inspect_model = _buggy_inspect\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
 
 
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
-        (b'{"model_type": "diffusion_gemma",', "is not valid JSON"),
-        (b'["diffusion_gemma"]', "is not a JSON object"),
-        (b'{"model_type": "diffusion_gemma\xff"}', "is not valid UTF-8"),
+        (b'{"model_type": "diffusion_gemma",', " is not valid JSON"),
+        (b'["diffusion_gemma"]', " is not a JSON object"),
+        (b'{"model_type": "diffusion_gemma\xff"}', " is not valid UTF-8"),
+        (
+            b'{"model_type": "diffusion_gemma", "text_config": []}',
+            ": text_config must be an object, got list",
+        ),
     ],
 )
 def test_an_unreadable_model_config_exits_2_naming_the_file_without_a_traceback(tmp_path, content, problem):
-    """A truncated or non-object config.json in model.path is the user's error: it ended in a JSONDecodeError
-    (or AttributeError) traceback as if canvasflow had a bug."""
+    """A truncated or non-object config.json (or text_config) in model.path is the user's error: it ended in a
+    JSONDecodeError (or AttributeError) traceback as if canvasflow had a bug."""
     model = tmp_path / "model"
     shutil.copytree(resolve_model_dir("builtin:tiny-diffusiongemma"), model)
     (model / "config.json").write_bytes(content)
@@ -89,16 +105,17 @@ def test_an_unreadable_model_config_exits_2_naming_the_file_without_a_traceback(
         cwd=tmp_path,
     )
     assert code == 2, log[-2000:]
-    assert f"{model / 'config.json'} {problem}" in log
+    assert f"{model / 'config.json'}{problem}" in log
     assert "Traceback" not in log
     assert not (tmp_path / "out").exists()
 
 
-def test_unexpected_error_while_preparing_exits_2_with_its_traceback(tmp_path, caplog):
+def test_unexpected_error_while_preparing_exits_2_with_its_traceback(tmp_path, caplog, monkeypatch):
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    monkeypatch.setattr(job_module, "inspect_model", _buggy_inspect)
     job = JobConfig(
-        model=ModelConfig(path=str(_broken_model(tmp_path))),
+        model=ModelConfig(path="builtin:tiny-diffusiongemma"),
         data=DataConfig(path=str(data)),
         output=OutputConfig(uri=str(tmp_path / "out")),
         cluster=ClusterConfig(num_workers=1),
@@ -113,8 +130,8 @@ def test_unexpected_error_while_preparing_exits_2_with_its_traceback(tmp_path, c
 def test_cli_unexpected_startup_error_exits_2(tmp_path, script):
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
-    args = [f"output.uri={tmp_path / 'out'}", f"data.path={data}", f"model.path={_broken_model(tmp_path)}"]
-    code, log = _cli(script, *args, cwd=tmp_path)
+    args = [f"output.uri={tmp_path / 'out'}", f"data.path={data}"]
+    code, log = _cli(script, *args, cwd=tmp_path, env=_inject_bug(tmp_path))
     assert code == 2, log[-2000:]
     assert "could not start (exit code 2)" in log and "AttributeError" in log
 

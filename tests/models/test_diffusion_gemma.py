@@ -11,6 +11,7 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, 
 
 from benchmarks.bench_generate import SHAPES, VISION
 from pipeline.models.diffusion_gemma import DiffusionGemmaTextModel, softcapped_logits
+from pipeline.models.gemma_checkpoint import load_text_weights
 from pipeline.models.moe import moe_forward
 from tests.support.hf_compat import cache_kw, cache_of
 from tests.support.models import build_checkpoint
@@ -125,7 +126,8 @@ BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton"], ids=["torch-n
 def test_logits_match_transformers(request, dtype, slots, backend, model):
     checkpoint = request.getfixturevalue(model)
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=dtype).eval()
-    native = DiffusionGemmaTextModel(hf, backend=backend)
+    # The model as the workers load it (models/gemma_checkpoint.py), transformers' as the reference.
+    native = DiffusionGemmaTextModel(load_text_weights(checkpoint, dtype=dtype), backend=backend)
     gen = torch.Generator().manual_seed(0)
     vocab, length, prompt_len = native.vocab_size, native.canvas_length, 13
     rows = len(slots)

@@ -1,0 +1,113 @@
+"""Loads a DiffusionGemma checkpoint (Hugging Face layout) into the sampler's text model without transformers'
+modeling code: config.json read by gemma_config (transformers' defaults and per-layer settings), the weights
+with safetensors into gemma_layers' modules, built on the meta device.
+
+What is read: the decoder's text weights (`model.decoder.*`) and the encoder's per-layer scalars (buffers,
+which transformers does not tie). The encoder's other text weights and the head (`lm_head.weight`), where a
+checkpoint holds them, must equal the decoder's: canvasflow runs the tied layout (diffusion_gemma._check_tied
+says why), and refuses a checkpoint that would compute another function. The vision tower is not read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.models.diffusion_gemma import TIED_MESSAGE, TextWeights
+from pipeline.models.gemma_config import GemmaConfig, parse_config
+from pipeline.models.gemma_layers import TextDecoder
+from pipeline.models.weights import describe_missing, read_tensors, weight_files
+
+logger = logging.getLogger(__name__)
+
+DECODER = "model.decoder."
+ENCODER = "model.encoder.language_model."
+HEAD = "lm_head.weight"
+SCALAR = "layer_scalar"  # a buffer: transformers builds it as 1 where a checkpoint lacks it
+
+
+def read_config(model_dir: str | Path) -> GemmaConfig:
+    """The checkpoint's config.json (ValueError naming the file when it is not a DiffusionGemma config)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    try:
+        return parse_config(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load_text_weights(
+    model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> TextWeights:
+    """The text weights of the checkpoint in `model_dir`, in `dtype` on `device`. ValueError (naming the
+    tensor) for a missing tensor, a shape the config does not imply, or untied weights."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    text = config.text_config
+    with torch.device("meta"):
+        decoder = TextDecoder(text)
+    shapes = {DECODER + name: t.shape for name, t in decoder.state_dict().items()}
+    files = weight_files(model_dir)
+    absent_scalars = {n for n in shapes if n.endswith(SCALAR) and n not in files}
+    missing = set(shapes) - set(files) - absent_scalars
+    if missing:
+        raise ValueError(describe_missing(model_dir, missing))
+    state = read_tensors(
+        model_dir, files, {n: s for n, s in shapes.items() if n in files}, dtype=dtype, device=device
+    )
+    for name in absent_scalars:
+        logger.warning("%s: no %s in the checkpoint; using 1, as transformers does", model_dir, name)
+        state[name] = torch.ones(1, dtype=dtype, device=device)
+    decoder.load_state_dict({n[len(DECODER) :]: t for n, t in state.items()}, assign=True, strict=True)
+    decoder.init_buffers(dtype, device)
+    _check_tied(model_dir, config, files, state, dtype)
+    names = [f"{ENCODER}layers.{i}.{SCALAR}" for i in range(len(decoder.layers))]
+    held = {n: torch.Size([1]) for n in names if n in files}
+    encoder_scalars = read_tensors(model_dir, files, held, dtype=dtype, device=device)
+    ones = torch.ones(1, dtype=dtype, device=device)
+    return TextWeights(
+        decoder=decoder.eval().requires_grad_(False),
+        text_config=text,
+        canvas_length=int(config.canvas_length),
+        encoder_layer_scalars=torch.stack([encoder_scalars.get(n, ones) for n in names]),
+    )
+
+
+def _check_tied(
+    model_dir: Path,
+    config: GemmaConfig,
+    files: dict[str, Path],
+    decoder: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> None:
+    """Every encoder text weight and the head that the checkpoint holds equals the decoder's tensor it is tied
+    to (compared in the model's dtype, as transformers would have loaded both). With tie_word_embeddings=False
+    transformers keeps them apart, so there they must be in the checkpoint: one absent would be random."""
+    embedding = DECODER + "embed_tokens.weight"
+    twins = {HEAD: embedding, ENCODER + "embed_tokens.weight": embedding}
+    for name in decoder:  # the encoder's final norm is not compared: its output is never used
+        rest = name[len(DECODER) :]
+        if rest.startswith("layers.") and not rest.endswith(SCALAR):
+            twins[ENCODER + rest] = name
+    untied = not config.tie_word_embeddings  # transformers ties by the top-level flag
+    if untied:
+        absent = [k for k in twins if k not in files]
+        if absent:
+            raise ValueError(
+                f"{model_dir}: tie_word_embeddings=False, and the checkpoint lacks {absent[0]} "
+                f"({len(absent)} such): transformers would initialise it at random. {TIED_MESSAGE}"
+            )
+    present = {k: twin for k, twin in twins.items() if k in files}
+    for key, twin in present.items():
+        theirs = decoder[twin]
+        ours = read_tensors(model_dir, files, {key: theirs.shape}, dtype=dtype, device=theirs.device)[key]
+        if not torch.equal(ours, theirs):
+            raise ValueError(f"{key} differs from the decoder's weight: {TIED_MESSAGE}")

@@ -1,0 +1,67 @@
+"""Reads a checkpoint's safetensors (`model.safetensors`, or the shards `model.safetensors.index.json` names)
+tensor by tensor, each cast to the model's dtype and moved to its device as it is read: the weights are never
+held twice, and nothing of transformers' modeling is imported."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def weight_files(model_dir: Path) -> dict[str, Path]:
+    """Published tensor name -> the file holding it."""
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / WEIGHTS_FILE
+    if not single.exists():
+        raise ValueError(f"{model_dir} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+
+
+def describe_missing(model_dir: Path, missing: Iterable[str]) -> str:
+    missing = sorted(missing)
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s): {shown}"
+
+
+def read_tensors(
+    model_dir: Path,
+    files: Mapping[str, Path],
+    shapes: Mapping[str, torch.Size],
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> dict[str, torch.Tensor]:
+    """The tensors named in `shapes` (published names, each in `files`), read file by file, each checked
+    against its expected shape (ValueError naming it) and cast to `dtype` on `device`."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in shapes:
+        by_file.setdefault(files[name], []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in names:
+                tensor = f.get_tensor(name)
+                if tensor.shape != shapes[name]:
+                    raise ValueError(
+                        f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)}; the config implies "
+                        f"{tuple(shapes[name])}"
+                    )
+                out[name] = tensor.to(device=device, dtype=dtype)
+    return out
