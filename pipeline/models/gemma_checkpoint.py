@@ -3,7 +3,7 @@ modeling code: config.json read by gemma_config (transformers' defaults and per-
 with safetensors into gemma_layers' modules, built on the meta device.
 
 What is read: the decoder's text weights (`model.decoder.*`) and the encoder's per-layer scalars (buffers,
-which transformers does not tie). The encoder's other text weights and the head (`lm_head.weight`), where a
+which transformers does not tie; a checkpoint must hold them). The encoder's other text weights and the head (`lm_head.weight`), where a
 checkpoint holds them, must equal the decoder's: canvasflow runs the tied layout (diffusion_gemma._check_tied
 says why), and refuses a checkpoint that would compute another function. The vision tower is not read.
 """
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 DECODER = "model.decoder."
 ENCODER = "model.encoder.language_model."
 HEAD = "lm_head.weight"
-SCALAR = "layer_scalar"  # a buffer: transformers builds it as 1 where a checkpoint lacks it
+SCALAR = "layer_scalar"  # a buffer: transformers builds the decoder's as 1 where a checkpoint lacks it
 
 
 def read_config(model_dir: str | Path) -> GemmaConfig:
@@ -64,20 +64,26 @@ def load_text_weights(
         model_dir, files, {n: s for n, s in shapes.items() if n in files}, dtype=dtype, device=device
     )
     for name in absent_scalars:
-        logger.warning("%s: no %s in the checkpoint; using 1, as transformers does", model_dir, name)
+        logger.warning(
+            "%s: no %s in the checkpoint; using 1, the value transformers gives it", model_dir, name
+        )
         state[name] = torch.ones(1, dtype=dtype, device=device)
     decoder.load_state_dict({n[len(DECODER) :]: t for n, t in state.items()}, assign=True, strict=True)
     decoder.init_buffers(dtype, device)
     _check_tied(model_dir, config, files, state, dtype)
+    # The encoder's scalars are its own (buffers are not tied). transformers leaves a missing one uninitialised
+    # (any value), so a checkpoint without them has no defined encoder: refused.
     names = [f"{ENCODER}layers.{i}.{SCALAR}" for i in range(len(decoder.layers))]
-    held = {n: torch.Size([1]) for n in names if n in files}
-    encoder_scalars = read_tensors(model_dir, files, held, dtype=dtype, device=device)
-    ones = torch.ones(1, dtype=dtype, device=device)
+    if set(names) - set(files):
+        raise ValueError(describe_missing(model_dir, set(names) - set(files)))
+    encoder_scalars = read_tensors(
+        model_dir, files, dict.fromkeys(names, torch.Size([1])), dtype=dtype, device=device
+    )
     return TextWeights(
         decoder=decoder.eval().requires_grad_(False),
         text_config=text,
         canvas_length=int(config.canvas_length),
-        encoder_layer_scalars=torch.stack([encoder_scalars.get(n, ones) for n in names]),
+        encoder_layer_scalars=torch.stack([encoder_scalars[n] for n in names]),
     )
 
 

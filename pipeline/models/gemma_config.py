@@ -108,6 +108,18 @@ def parse_config(config: dict[str, Any]) -> GemmaConfig:
             f"text_config.hidden_activation={values['hidden_activation']!r} is not supported; canvasflow runs "
             f"{', '.join(ACTIVATIONS)}"
         )
+    bidirectional = values["use_bidirectional_attention"]
+    if bidirectional not in (None, "vision", "all"):
+        raise ValueError(
+            f"text_config.use_bidirectional_attention={bidirectional!r} is not one of null, 'vision', 'all'"
+        )
+    if (
+        bidirectional == "all"
+    ):  # transformers' encoder is then non-causal; ours is causal (diffusion_gemma.py)
+        raise ValueError(
+            "text_config.use_bidirectional_attention='all' (a bidirectional encoder) is not supported: "
+            "canvasflow's encoder is causal"
+        )
     if values["top_k_experts"] > values["num_experts"]:
         raise ValueError(
             f"text_config.top_k_experts={values['top_k_experts']} exceeds num_experts={values['num_experts']}"
@@ -118,7 +130,7 @@ def parse_config(config: dict[str, Any]) -> GemmaConfig:
     text = TextConfig(
         **values,
         layer_types=layer_types,
-        rope_parameters=_rope(raw.get("rope_parameters"), layer_types, head_dims),
+        rope_parameters=_rope(raw, layer_types, head_dims),
         head_dims=head_dims,
         kv_heads=kv_heads,
     )
@@ -153,10 +165,13 @@ def _layer_types(layer_types: Any, layers: int) -> tuple[str, ...]:
 def _per_layer(
     raw: dict[str, Any], values: dict[str, Any], layer_types: tuple[str, ...]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Head dim and key/value heads of each layer: the globals, with `per_layer_config`'s overrides, or, without
-    one, transformers' rule: full layers get global_head_dim (default 512) and num_global_key_value_heads."""
-    overrides = raw.get("per_layer_config")
-    if overrides is None:
+    """Head dim and key/value heads of each layer: the globals, with `per_layer_config`'s overrides (null: none),
+    or, without the key, transformers' rule: full layers get global_head_dim (default 512) and
+    num_global_key_value_heads. Overrides that change nothing (the global value, an empty `skip`) are dropped,
+    as transformers drops them; any other key is refused."""
+    if "per_layer_config" in raw:
+        overrides = {} if raw["per_layer_config"] is None else raw["per_layer_config"]
+    else:
         full = {"head_dim": raw.get("global_head_dim", 512)}
         if raw.get("num_global_key_value_heads") is not None:
             full["num_key_value_heads"] = raw["num_global_key_value_heads"]
@@ -168,13 +183,17 @@ def _per_layer(
         index = int(key) if isinstance(key, int) or (isinstance(key, str) and key.isdigit()) else -1
         if not 0 <= index < len(layer_types) or not isinstance(override, dict):
             raise ValueError(f"text_config.per_layer_config[{key!r}]: keys are layer indices, values objects")
-        unknown = sorted(set(override) - set(PER_LAYER_KEYS))
+        unknown = sorted(
+            k
+            for k, v in override.items()
+            if k not in PER_LAYER_KEYS and not (k == "skip" and v == []) and v != values.get(k, raw.get(k))
+        )
         if unknown:
             raise ValueError(
                 f"text_config.per_layer_config[{key!r}] sets {unknown}; canvasflow runs per-layer "
                 f"{' and '.join(PER_LAYER_KEYS)} only"
             )
-        by_layer[index] = override
+        by_layer[index] = {k: v for k, v in override.items() if k in PER_LAYER_KEYS}
     head_dims, kv_heads = [], []
     for i in range(len(layer_types)):
         layer = {**{k: values[k] for k in PER_LAYER_KEYS}, **by_layer.get(i, {})}
@@ -191,9 +210,14 @@ def _per_layer(
     return tuple(head_dims), tuple(kv_heads)
 
 
-def _rope(rope: Any, layer_types: tuple[str, ...], head_dims: tuple[int, ...]) -> dict[str, dict[str, Any]]:
-    """Each layer type's RoPE parameters (transformers' defaults without any), of a type gemma_layers runs,
-    for one head dim per layer type (the cos/sin of a type are shared by its layers)."""
+def _rope(
+    raw: dict[str, Any], layer_types: tuple[str, ...], head_dims: tuple[int, ...]
+) -> dict[str, dict[str, Any]]:
+    """Each layer type's RoPE parameters (transformers' defaults without any), standardised as transformers
+    does (a legacy `type` names the rope_type; rope_theta and partial_rotary_factor set at the top of
+    text_config fill in), of a type gemma_layers runs, for one head dim per layer type (the cos/sin of a type
+    are shared by its layers)."""
+    rope = raw.get("rope_parameters")
     rope = DEFAULT_ROPE if rope is None else rope
     if not isinstance(rope, dict):
         raise ValueError(f"text_config.rope_parameters must be an object per layer type, got {rope!r}")
@@ -201,9 +225,15 @@ def _rope(rope: Any, layer_types: tuple[str, ...], head_dims: tuple[int, ...]) -
     for layer_type in sorted(set(layer_types)):
         where = f"text_config.rope_parameters[{layer_type!r}]"
         params = rope.get(layer_type)
+        if isinstance(params, dict):
+            params = dict(params)
+            params.setdefault("rope_type", params.get("type", "default"))
+            for key in ("rope_theta", "partial_rotary_factor"):
+                if raw.get(key) is not None:
+                    params.setdefault(key, raw[key])
         if not isinstance(params, dict) or not isinstance(params.get("rope_theta"), (int, float)):
             raise ValueError(f"{where} must be an object with a rope_theta, got {params!r}")
-        kind = params.get("rope_type", "default")
+        kind = params["rope_type"]
         if kind not in ROPE_TYPES:
             raise ValueError(
                 f"{where}.rope_type={kind!r} is not supported; canvasflow runs {', '.join(ROPE_TYPES)}"
@@ -215,5 +245,5 @@ def _rope(rope: Any, layer_types: tuple[str, ...], head_dims: tuple[int, ...]) -
             raise ValueError(
                 f"the {layer_type} layers have head dims {dims}; canvasflow needs one per layer type"
             )
-        out[layer_type] = dict(params)
+        out[layer_type] = params
     return out

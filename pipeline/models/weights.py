@@ -15,15 +15,16 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
-    """Published tensor name -> the file holding it."""
+    """Published tensor name -> the file holding it. A single model.safetensors comes first where an index is
+    also present, as in transformers' from_pretrained."""
     index = model_dir / INDEX_FILE
-    if index.exists():
+    single = model_dir / WEIGHTS_FILE
+    if index.exists() and not single.exists():
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map")
         return {name: model_dir / file for name, file in weight_map.items()}
-    single = model_dir / WEIGHTS_FILE
     if not single.exists():
         raise ValueError(f"{model_dir} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
     from safetensors import safe_open
