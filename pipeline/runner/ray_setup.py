@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import signal
 import socket
 import threading
@@ -66,7 +67,7 @@ def _init(ray, cluster: ClusterConfig) -> None:
         logger.info("starting a local Ray instance (%d CPUs)", cpus)
         # address="local": a new instance always. Without it, ray.init joins the cluster named by RAY_ADDRESS or
         # by the last `ray start` on this machine, and then refuses num_cpus.
-        env = {"PYTHONPATH": python_path, "TOKENIZERS_PARALLELISM": "false"}
+        env = {"PYTHONPATH": python_path, "TOKENIZERS_PARALLELISM": "false", **_instance_token()}
         with _environment(env), _quiet_default_token_auth():
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
@@ -151,6 +152,18 @@ def _environment(values: dict[str, str]):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _instance_token() -> dict[str, str]:
+    """A token of this instance's own for Ray's token authentication (its default for a new local instance),
+    passed as RAY_AUTH_TOKEN to the processes that start with it. Without one Ray writes a token to
+    ~/.ray/auth_token, readable by every user of the machine (mode 0644) and reused by every later instance:
+    anyone who could read it could connect to the job's Ray services, which listen on all interfaces, and run
+    code as its user. In the environment, only the user (and root) can read it. A token or token file the
+    user chose (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) is kept."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return {}
+    return {"RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 @contextlib.contextmanager
