@@ -3,14 +3,14 @@ modeling code: config.json read by gemma_config (transformers' defaults and per-
 with safetensors into gemma_layers' modules, built on the meta device.
 
 What is read: the decoder's text weights (`model.decoder.*`) and the encoder's per-layer scalars (buffers,
-which transformers does not tie; a checkpoint must hold them). The encoder's other text weights and the head (`lm_head.weight`), where a
-checkpoint holds them, must equal the decoder's: canvasflow runs the tied layout (diffusion_gemma._check_tied
-says why), and refuses a checkpoint that would compute another function. The vision tower is not read.
+which transformers does not tie; a checkpoint must hold them). The encoder's other text weights and the head
+(`lm_head.weight`), where a checkpoint holds them, must equal the decoder's: canvasflow runs the tied layout
+(diffusion_gemma._check_tied says why), and refuses a checkpoint that would compute another function. The
+vision tower is not read.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -31,13 +31,10 @@ SCALAR = "layer_scalar"  # a buffer: transformers builds the decoder's as 1 wher
 
 def read_config(model_dir: str | Path) -> GemmaConfig:
     """The checkpoint's config.json (ValueError naming the file when it is not a DiffusionGemma config)."""
+    from pipeline.models.loader import read_config_json
+
     path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} is not a JSON object")
+    config = read_config_json(path)  # a ModelError naming the file if it is not a JSON object
     try:
         return parse_config(config)
     except ValueError as e:

@@ -113,9 +113,8 @@ def parse_config(config: dict[str, Any]) -> GemmaConfig:
         raise ValueError(
             f"text_config.use_bidirectional_attention={bidirectional!r} is not one of null, 'vision', 'all'"
         )
-    if (
-        bidirectional == "all"
-    ):  # transformers' encoder is then non-causal; ours is causal (diffusion_gemma.py)
+    # "all": transformers' encoder is then non-causal; ours is causal (diffusion_gemma.py)
+    if bidirectional == "all":
         raise ValueError(
             "text_config.use_bidirectional_attention='all' (a bidirectional encoder) is not supported: "
             "canvasflow's encoder is causal"

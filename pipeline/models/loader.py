@@ -141,7 +141,7 @@ def resolve_model_dir(
     return str(local)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config_json(path: Path) -> dict[str, Any]:
     """The JSON object in `path`; ModelError naming the file when it is not one (truncated, not UTF-8, ...)."""
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
@@ -158,7 +158,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def inspect_model(model_dir: str, name: str | None = None) -> ModelInfo:
     """Reads config.json and generation_config.json (no weights)."""
-    config = _read_config(Path(model_dir) / "config.json")
+    config = read_config_json(Path(model_dir) / "config.json")
     model_type = config.get("model_type", "")
     if model_type not in SUPPORTED_TYPES:
         raise ModelError(
