@@ -16,6 +16,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from numbers import Integral
 from typing import Any
 
 from pipeline.config.schema import BUILTIN_MODEL
@@ -25,7 +26,6 @@ from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES
 from pipeline.sampler.settings import (
     USER_KNOBS,
-    SettingsError,
     check_completions,
     is_int,
     max_length_note,
@@ -33,15 +33,18 @@ from pipeline.sampler.settings import (
 from pipeline.sampler.stop import check_stops
 
 logger = logging.getLogger(__name__)
-JOB_KEY = re.compile(r"\bsampler\.(?=[a-z_]+(?:\.[a-z_]+)?=)")  # 'sampler.' before a key=value in a message
+# The job's keys in a message, as the API's keywords: 'sampler.' before a sampler key (sampler.mask.steps=16 reads
+# mask.steps=16), 'model.' before the model keys LLM takes as keywords, model.path= as model=.
+JOB_KEY = re.compile(r"\bsampler\.(?=[a-z_])|\bmodel\.(?=(?:dtype|device|max_prompt_tokens|endpoint_url)\b)")
 JOB_GROUPS = (
     ("sampled with sampler.mask.* (", "sampled with mask={...} ("),
     ("sampled with sampler.* (", "sampled with LLM(...) keywords ("),
+    ("model.path=", "model="),
 )
 
 
 def api_message(text: str) -> str:
-    """A sampler settings error as the API's user writes settings: keywords, not the job's sampler.* keys."""
+    """An error as the API's user writes settings: keywords, not the job's sampler.* and model.* keys."""
     for job, api in JOB_GROUPS:
         text = text.replace(job, api)
     return JOB_KEY.sub("", text)
@@ -149,8 +152,8 @@ class LLM:
         )
         try:
             self.generator = Generator(self.spec)
-        except SettingsError as e:  # named as the job's sampler.* keys: name the keyword instead
-            raise SettingsError(api_message(str(e))) from None
+        except ValueError as e:  # settings, model and backend errors name the job's keys: name the keyword
+            raise type(e)(api_message(str(e))) from None
         info = self.generator.loaded.info
         if info.family not in MASK_FAMILIES:
             note = max_length_note(self.spec.sampler, info.generation_config)
@@ -204,7 +207,8 @@ class LLM:
             record = record_of[err["source_index"]]
             for c in range(n):
                 if (err["source_index"], c) not in by_index:
-                    by_index[err["source_index"], c] = self._error(record.id, record.prompt, err["reason"], c)
+                    reason = api_message(err["reason"])  # a prompt too long names max_prompt_tokens, ...
+                    by_index[err["source_index"], c] = self._error(record.id, record.prompt, reason, c)
                     if err["stage"] == "postprocess":
                         break
         if n == 1:
@@ -293,9 +297,10 @@ def _id_list(ids: Any, count: int) -> list[str]:
         raise ValueError(f"ids has {len(ids)} entries for {count} prompts")
     first: dict[str, int] = {}
     for i, value in enumerate(ids):
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
+        if isinstance(value, bool) or not isinstance(value, (str, Integral)):  # NumPy's integers are Integral
             raise TypeError(f"ids[{i}]={value!r} must be a string or an integer, got {type(value).__name__}")
-        text = str(value)
+        text = str(value) if isinstance(value, str) else str(int(value))
+        ids[i] = text
         if has_surrogate(text):
             raise ValueError(f"ids[{i}]={value!r} is {SURROGATE_HINT}")
         if not text.strip():
@@ -306,4 +311,4 @@ def _id_list(ids: Any, count: int) -> list[str]:
                 "must be unique (to sample one prompt several times, use completions_per_prompt)"
             )
         first[text] = i
-    return [str(value) for value in ids]
+    return ids

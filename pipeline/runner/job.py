@@ -288,9 +288,11 @@ def plan(job: JobConfig) -> Prepared:
         reference = (
             "the algorithm's reference" if info.family in MASK_FAMILIES else "the DiffusionGemma reference"
         )
+        config = f"the model's generation_config.json in {info.model_dir}"
+        if "from the model's generation_config.json" in str(e):  # the error names the values it took there
+            raise ConfigError(str(e).replace("the model's generation_config.json", config)) from None
         raise ConfigError(
-            f"{e} (sampler values not set in the config come from the model's generation_config.json in "
-            f"{info.model_dir}, else {reference} defaults)"
+            f"{e} (sampler values not set in the config come from {config}, else {reference} defaults)"
         ) from None
     load_postprocess(job.postprocess)
 

@@ -24,6 +24,7 @@ from pipeline.config.schema import (
     SamplerConfig,
 )
 from pipeline.io.store import LocalStore
+from pipeline.llm import api_message
 from pipeline.runner.job import run
 from pipeline.runner.nightly import date_of, run_nightly
 
@@ -325,7 +326,7 @@ def test_canvases_that_reach_past_the_context_window_exit_2(sampler, model, mess
     )
     assert run(job) == 2
     assert message in caplog.text
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(api_message(message))):  # the API's keywords
         LLM(
             model.path,
             max_prompt_tokens=model.max_prompt_tokens,

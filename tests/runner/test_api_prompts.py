@@ -4,8 +4,11 @@ problem, the others generate; a chat prompt gets the id the job would give the s
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
+import torch
 
 from pipeline import LLM
 from pipeline.config.schema import DataConfig
@@ -115,6 +118,20 @@ def test_any_iterable_of_prompts_and_ids_is_taken(llm):
     assert [c.completion for c in generated] == [c.completion for c in listed]
 
 
+def test_numpy_ids_are_the_integers_and_strings_they_hold(llm):
+    """An id column read with pandas or NumPy holds np.int64 values: they were refused ("got int64")."""
+    prompts = ["Add: 1+2", "Add: 2+3", "Add: 3+4"]
+    plain = llm.generate(prompts, ids=[7, 8, "c"])
+    for ids in (np.array([7, 8, 9])[:2].tolist() + [np.str_("c")], [np.int64(7), np.int32(8), np.str_("c")]):
+        out = llm.generate(prompts, ids=ids)
+        assert [c.id for c in out] == ["7", "8", "c"]
+        assert [c.completion for c in out] == [c.completion for c in plain]
+    with pytest.raises(ValueError, match=r"ids\[1\]=np.int64\(7\) repeats ids\[0\]"):
+        llm.generate(prompts, ids=np.array([7, 7, 9]))
+    with pytest.raises(TypeError, match=r"ids\[0\]=np.True_ must be a string or an integer, got bool"):
+        llm.generate(prompts, ids=np.array([True, False, True]))
+
+
 @pytest.mark.parametrize(
     ("ids", "error", "message"),
     [
@@ -182,3 +199,39 @@ def test_sampler_setting_errors_name_the_keywords_the_api_takes():
         match=r"^mask\.steps=4 is a mask-diffusion \(LLaDA, Dream\) setting; .* with LLM\(\.\.\.\) keywords \(max_",
     ):
         LLM("builtin:tiny-diffusiongemma", mask={"steps": 4})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens": 100_000}, "^max_new_tokens=100000 leaves no room for a prompt"),
+        ({"max_prompt_tokens": 10**6}, r"^max_prompt_tokens=1000000 plus max_new_tokens=16 .*exceeds"),
+        ({"backend": "triton"}, r"^backend=triton needs a CUDA device .*; use backend=auto$"),
+        ({"device": "cuda"}, r"^device=cuda but no CUDA device is visible .*; use device=auto$"),
+        ({"model": "/no/such/model"}, r"^model='/no/such/model' is not a directory"),
+        (
+            {"model": "builtin:tiny-llada", "completions_per_prompt": 2},
+            r"identical completions: .* Set mask\.temperature > 0",
+        ),
+    ],
+    ids=["max_new_tokens", "max_prompt_tokens", "backend", "device", "model", "mask-hint"],
+)
+def test_errors_of_the_model_and_the_sampler_name_the_keywords_the_api_takes(kwargs, message, monkeypatch):
+    """Only sampler settings errors were rewritten: the others named model.device, sampler.backend, ...,
+    which LLM does not take."""
+    if torch.cuda.is_available() and {"backend", "device"} & set(kwargs):
+        pytest.skip("a CUDA device is visible: these are the errors of a machine without one")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, the Triton backend runs on a CPU
+    kwargs = {"model": "builtin:tiny-diffusiongemma", "max_new_tokens": 16, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        LLM(kwargs.pop("model"), **kwargs)
+
+
+def test_a_prompt_too_long_is_an_error_naming_the_keywords(llm):
+    (out,) = llm.generate(["Add: " + "1" * 2000])
+    assert out.finish_reason == "error"
+    assert re.fullmatch(
+        r"prompt has \d+ tokens, more than fit: max_prompt_tokens=\d+ \(context window "
+        r"\d+, max_new_tokens=16\)",
+        out.error,
+    ), out.error

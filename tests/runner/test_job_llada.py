@@ -129,6 +129,16 @@ def test_a_dream_job_samples_with_dreams_algorithm_and_its_generation_config(tmp
             {"sampler__max_new_tokens": 20},
             "sampler.max_new_tokens=20 must be a multiple of sampler.mask.block_length=8",
         ),
+        (  # values the user did not set are named with the file they came from
+            {
+                "model__path": "builtin:tiny-llada",
+                "sampler__mask__steps": None,
+                "sampler__mask__block_length": None,
+                "sampler__max_new_tokens": 24,
+            },
+            "sampler.mask.steps=16 must be a multiple of the number of blocks (3 = max_new_tokens 24 / "
+            "block_length 8); steps=16, block_length=8 come from the model's generation_config.json in ",
+        ),
         (
             {"sampler__mask__top_p": 0.9},
             "sampler.mask.top_p=0.9 is a setting of Dream's algorithm: set sampler.mask.algorithm=dream",

@@ -416,6 +416,17 @@ def test_settings_resolution_and_errors():
         MaskSettingsError, match="sampler.mask.steps=6 must be a multiple of the number of blocks"
     ):
         resolve_mask_settings({"max_new_tokens": 16, "block_length": 4, "steps": 6}, {}, **tokens)
+    with pytest.raises(MaskSettingsError) as info:  # the user set neither steps nor block_length
+        resolve_mask_settings({"max_new_tokens": 24}, {"block_length": 8, "steps": 16}, **tokens)
+    assert str(info.value).endswith(
+        "(3 = max_new_tokens 24 / block_length 8); steps=16, block_length=8 come from the model's "
+        "generation_config.json: set sampler.mask.steps / sampler.mask.block_length to override"
+    )
+    with pytest.raises(MaskSettingsError) as info:  # the user's steps, the config's block_length
+        resolve_mask_settings({"max_new_tokens": 24, "steps": 16}, {"block_length": 8}, **tokens)
+    assert str(info.value).endswith(
+        "; block_length=8 comes from the model's generation_config.json: set sampler.mask.block_length to override"
+    )
     with pytest.raises(MaskSettingsError, match="sampler.mask.cache='full' is not one of none, prefix, dual"):
         resolve_mask_settings({"cache": "full"}, {}, **tokens)
     with pytest.raises(MaskSettingsError, match="sampler.mask.threshold=1.5"):

@@ -21,6 +21,7 @@ shrinks to it; values given explicitly are validated as given.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -358,11 +359,24 @@ def resolve_mask_settings(
         values[key] = float(values[key])
     if values["top_p"] is not None:
         values["top_p"] = float(values["top_p"])
-    return MaskSettings(
-        **values,
-        mask_token_id=mask_token_id,
-        eos_token_ids=tuple(generation_config.get("eos_token_ids", eos_token_ids)),
-        pad_token_id=int(generation_config.get("pad_token_id", pad_token_id)),
-        seed=int(user.get("seed") or 0),
-        record_drafts=bool(user.get("record_drafts") or False),
-    )
+    try:
+        return MaskSettings(
+            **values,
+            mask_token_id=mask_token_id,
+            eos_token_ids=tuple(generation_config.get("eos_token_ids", eos_token_ids)),
+            pad_token_id=int(generation_config.get("pad_token_id", pad_token_id)),
+            seed=int(user.get("seed") or 0),
+            record_drafts=bool(user.get("record_drafts") or False),
+        )
+    except MaskSettingsError as e:  # a value the user did not set: say where it came from
+        taken = [k for k in KNOBS if k in explicit and user.get(k) is None and re.search(rf"\b{k}\b", str(e))]
+        if not taken:
+            raise
+        named = ", ".join(f"{k}={values[k]!r}" for k in taken)
+        keys = " / ".join(
+            f"sampler.mask.{k}" if k != "max_new_tokens" else "sampler.max_new_tokens" for k in taken
+        )
+        raise MaskSettingsError(
+            f"{e}; {named} {'comes' if len(taken) == 1 else 'come'} from the model's generation_config.json: "
+            f"set {keys} to override"
+        ) from None
