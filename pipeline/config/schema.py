@@ -201,7 +201,7 @@ class RunConfig:
     # Seconds a worker may go without finishing a shard (one shard's time, the shards in flight being worked
     # through in turn) before it is taken as hung (a stuck device, a deadlock, a storage call that never
     # returns): the worker is killed and replaced, and each shard it held counts a failed attempt. A
-    # replacement's first shard also gets cluster.worker_start_timeout_s for the model load.
+    # replacement's shards wait for its model load (at most cluster.worker_start_timeout_s), then get this.
     # null: no limit. Raise it for shards that legitimately take longer (large shard_size, long outputs).
     shard_timeout_s: float | None = 3600.0
     # Seconds between progress lines.

@@ -145,8 +145,8 @@ def run_pool(
     one sampler, pipeline/runner/stream.py), every worker one before any gets a second. `shard_timeout_s`
     (None: no limit) bounds how long a worker holding shards goes without finishing one: one shard's time
     when it holds one, and its oldest shard is named as the one that hung (its shards share one sampler and
-    commit one at a time, so none can be stuck while others finish); a worker started as a replacement gets
-    `start_grace_s` more for its first shard, which waits for the model load. A dead or hung worker takes
+    commit one at a time, so none can be stuck while others finish); a replacement's shards wait for its model
+    load: their clock starts once it is up, and gives up at `start_grace_s` more if it never is. A dead or hung worker takes
     every shard it held down with it, each charged an attempt; a retried shard runs alone on its worker, and a
     shard is given up on only once an attempt that ran alone failed too, never for another shard's fault. A
     shard whose last attempt alone killed its worker has its failing rows searched for (isolate.py): probes of
@@ -161,7 +161,7 @@ def run_pool(
     queue = deque(tasks)
     held: list[dict[Any, ShardTask]] = [{} for _ in workers]  # per worker: ref -> task, oldest first
     deadline = [float("inf")] * len(workers)  # of each worker's oldest shard
-    fresh: set[int] = set()  # replacement workers that have not finished a shard yet
+    fresh: set[int] = set()  # replacement workers not yet seen up (their model loaded)
     starting: dict[int, Any] = {}  # replacement workers not yet known to be up: their `ready` call
     failed: list[ShardTask] = []
 
@@ -328,6 +328,11 @@ def run_pool(
                 )
                 settle(task, fatal=False)
             fresh.discard(index)  # it ran the shard, so its model is loaded
+            start_clock(index)
+        for index in [i for i in fresh if held[i] and started(i)]:
+            # Up now: its shards get run.shard_timeout_s from here, not the start's grace on top (which cost
+            # every retry and search probe of a hanging row cluster.worker_start_timeout_s more).
+            fresh.discard(index)
             start_clock(index)
         now = time.monotonic()
         for index in range(len(workers)):

@@ -245,6 +245,29 @@ def test_a_row_that_hangs_its_worker_is_found_by_the_shard_timeout(ray_local):
     assert "timed out after 2s (run.shard_timeout_s)" in commits[0]["skipped"][2]
 
 
+def test_a_replacements_shards_get_the_shard_timeout_from_its_start_not_the_start_grace_too(ray_local):
+    """A replacement's shards had cluster.worker_start_timeout_s on top of run.shard_timeout_s until it
+    finished one: a hanging row's retries and search probes, which all run on replacements and never finish,
+    each waited both (with the defaults 615 s instead of 15 s). Here, on one worker with a 30 s grace: the
+    shard's second attempt and the search's probes of the row hang on replacements, each for the 2 s timeout
+    after its worker's start."""
+    began = time.monotonic()
+    commits, replaced = _run(
+        ray_local,
+        workers=1,
+        shards=1,
+        size=2,
+        in_flight=1,
+        attempts=2,
+        seconds=0.1,
+        timeout_s=2.0,
+        hang_rows=[1],
+        grace_s=30.0,
+    )
+    assert list(commits[0]["skipped"]) == [1] and len(replaced) >= 3, (commits, replaced)
+    assert time.monotonic() - began < 30.0, "a shard on a replacement waited for the start's grace"
+
+
 def test_rows_that_kill_their_worker_only_together_fail_their_shard_saying_so(ray_local):
     """No single row kills the worker, the shard's rows together do (a batch too big for memory): the search
     finds no failing row and gives the shard up, as it did before the search, naming what to change."""
