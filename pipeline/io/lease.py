@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.io.store import Store, StoreError
 
@@ -53,20 +54,37 @@ def holder_age_s(store: Store, key: str, holder: dict) -> float:
     return age if age is not None else time.time() - float(holder.get("heartbeat_at", 0))
 
 
+def process_start(pid: int) -> str | None:
+    """What tells process `pid` from a later one given the same pid (a container restarted with the same
+    hostname runs its driver as pid 1 again): on Linux the boot id and the process's start time in clock ticks
+    since boot; None where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{int(stat[stat.rindex(b')') + 2 :].split()[19])}"  # field 22, starttime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def holder_is_stale(store: Store, key: str, holder: dict, stale_s: float) -> bool:
     """Whether the lock at `key`, held by `holder`, may be taken over: not a lock this tool wrote, silent for
-    `stale_s`, or held by a process of this host that has died."""
+    `stale_s`, or held by a process of this host that has died (its pid gone, or now another process's)."""
     if holder == {}:  # not a lock this tool wrote (writes are atomic: no live holder's lock reads so)
         return True
     if holder_age_s(store, key, holder) > stale_s:
         return True
     if holder.get("host") == socket.gethostname():
         try:
-            os.kill(int(holder.get("pid", -1)), 0)
+            pid = int(holder.get("pid", -1))
+            os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        except (PermissionError, ValueError):
+        except ValueError:
             return False
+        except PermissionError:  # alive, another user's: still maybe not the holder's process
+            pass
+        started = holder.get("process_start")  # absent from locks written before it was recorded
+        return started is not None and process_start(pid) not in (None, started)
     return False
 
 
@@ -98,6 +116,7 @@ class Lease:
                 "run_id": self.run_id,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "process_start": process_start(os.getpid()),
                 "acquired_at": self._acquired_at,
                 "heartbeat_at": now,
             }

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config.schema import NightlyConfig
+from pipeline.io.lease import process_start
 from pipeline.io.store import LocalStore
 from pipeline.runner.nightly import (
     Lease,
@@ -83,6 +84,28 @@ def test_a_live_lock_refuses_an_overlapping_run_and_a_stale_one_is_taken_over(tm
     taker = _lock(store, stale_s=30)
     taker.acquire()
     taker.release()
+
+
+@pytest.mark.skipif(process_start(os.getpid()) is None, reason="needs /proc (Linux)")
+def test_a_lock_of_a_dead_process_whose_pid_was_given_again_is_taken_over_at_once(tmp_path):
+    """A container restarted with the same hostname runs its driver as pid 1 again: the crashed driver's lock
+    named a live pid of this host (the rerun's own), and every rerun was refused until the heartbeat went
+    stale (exit 2 each time, eating a Job's restart limit). Here this process's pid plays the reused one."""
+    store = LocalStore(tmp_path)
+    crashed = {"token": "t", "run_id": "old", "host": socket.gethostname(), "pid": os.getpid()}
+    for start, taken in (("another-boot/123", True), (process_start(os.getpid()), False), (None, False)):
+        lock = {**crashed, "heartbeat_at": time.time(), "process_start": start}
+        if start is None:  # a lock written before the start was recorded: the pid alone, as before
+            del lock["process_start"]
+        store.write_text("_locks/n.lock", json.dumps(lock))
+        taker = _lock(store)
+        if taken:
+            taker.acquire()
+            assert json.loads(store.read_text("_locks/n.lock"))["process_start"] == process_start(os.getpid())
+            taker.release()
+        else:  # the same process (or one that cannot be told apart) holds it: alive
+            with pytest.raises(Refused, match="another run holds"):
+                taker.acquire()
 
 
 def test_a_live_holder_whose_clock_runs_behind_is_not_taken_over(tmp_path):
