@@ -118,9 +118,9 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> tu
     if local.is_file():
         return [str(local)], []
     if local.is_dir():
+        if any((local / marker).exists() for marker in HF_DISK_MARKERS):  # save_to_disk: every file of it
+            return _dataset_files(local), []  # (its .arrow files hold the data), as on S3 above
         files, skipped = _walk(local)
-        if any((local / marker).exists() for marker in HF_DISK_MARKERS):  # save_to_disk: its .arrow files
-            return files, []  # are the data (read by the Hugging Face loader), as on S3 above
         if not files:
             raise InputError(
                 f"data.path={path!r}: no {_known_suffixes()} file in this directory"
@@ -182,7 +182,16 @@ def _walk(folder: Path) -> tuple[list[str], list[str]]:
                     )
                 elif not entry.is_dir():  # a broken link without a data suffix, a FIFO, a socket
                     skipped.append(relative)
-    return [str(p) for p in sorted(data)], sorted(skipped)
+    # In the order of their paths as strings, as S3 lists keys: the same folder read locally or from S3 gives
+    # its rows in the same order, so the same derived ids and run id ('a-b.jsonl' before 'a/b.jsonl').
+    return [str(p) for p in sorted(data, key=lambda p: p.relative_to(folder).as_posix())], sorted(skipped)
+
+
+def _dataset_files(folder: Path) -> list[str]:
+    """Every visible file of a dataset saved with `save_to_disk` (its .arrow shards, state and info files), in
+    the order S3 lists them."""
+    files = [p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder).as_posix())]
+    return [str(p) for p in sorted(files, key=lambda p: p.relative_to(folder).as_posix())]
 
 
 def _within(path: str, folder: str) -> bool:

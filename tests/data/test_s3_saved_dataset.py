@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,11 @@ def test_a_saved_dataset_dict_on_s3_reads_as_the_local_one(s3_bucket, tmp_path, 
         local = read_input(DataConfig(path=str(tmp_path / "dd"), **config))
         assert remote.format == "hf_disk" and remote.num_rows == rows
         assert remote.table.to_pylist() == local.table.to_pylist() and remote.fingerprint == local.fingerprint
+        # the files the manifest lists: every file of the dataset, its .arrow data included (locally only its
+        # two JSON files were listed)
+        names = [f.removeprefix(f"{s3_bucket.uri}/in/dd/") for f in remote.files]
+        assert names == [str(Path(f).relative_to(tmp_path / "dd")) for f in local.files]
+        assert any(n.startswith(f"{split}/data-") and n.endswith(".arrow") for n in names), names
     assert remote.num_errors == 0 and local.num_errors == 0
     assert f"downloading the saved dataset {s3_bucket.uri}/in/dd (" in caplog.text
     assert os.listdir(tmpdir) == []  # the download and the record spill are both gone
