@@ -150,6 +150,32 @@ def keep_run_codec(prep: Prepared) -> None:
     output.compression = started
 
 
+def keep_run_dtype(prep: Prepared, gpus: float) -> None:
+    """Resolves model.dtype=auto once per run, as the workers would (bfloat16 on a GPU, else float32:
+    loader.pick_dtype), and records it in _run.json at the run's first start; every later start of the run loads
+    the model in the recorded dtype, so that one run's rows come from one precision whichever workers run it (a
+    run started on CPU workers and resumed on GPU ones held float32 and bfloat16 rows). `gpus`: each worker's."""
+    job = prep.job
+    device = job.model.device if job.model.device != "auto" else ("cuda" if gpus else "cpu")
+    dtype = job.model.dtype if job.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    run_file = prep.run_store.read_run_file() or {}
+    recorded = run_file.get("dtype")
+    if recorded is None:  # a new run (or one started before the dtype was recorded): from here on, this one
+        prep.run_store.write_run_file({**run_file, "dtype": dtype})
+    elif recorded != dtype:  # only with model.dtype=auto: an explicit dtype is part of the run's identity
+        logger.warning(
+            "model.dtype=auto: run %s was started in %s, which its workers keep (one precision per run), though "
+            "on these workers (%s) auto means %s. Use a new run.id to generate in %s.",
+            prep.run_id,
+            recorded,
+            "GPU" if device == "cuda" else "CPU",
+            dtype,
+            dtype,
+        )
+        dtype = recorded
+    prep.spec = dataclasses.replace(prep.spec, dtype=dtype)
+
+
 def _ensure_logging() -> None:
     root = logging.getLogger()
     if not root.handlers:
@@ -634,6 +660,7 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
     try:
         count = min(job.cluster.num_workers, len(tasks))
         options, threads = worker_options(job.cluster, count)
+        keep_run_dtype(prep, options["num_gpus"])
         board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
         worker_cls = ray.remote(ShardWorker)
 
