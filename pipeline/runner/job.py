@@ -698,7 +698,7 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
 
         def on_commit(commit: dict[str, Any]) -> None:
             new_commits[commit["shard"]] = commit
-            progress.shard_done(shard_rows(commit["shard"], size, total))
+            progress.shard_done(commit["shard"], shard_rows(commit["shard"], size, total))
 
         failed = run_pool(
             workers,

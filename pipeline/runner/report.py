@@ -37,22 +37,28 @@ class Progress:
         self.started = time.monotonic()
         self.last = self.started
         self.committed_rows = 0
-        self.snapshot: dict[str, dict[str, float]] = {}
+        self.committed_shards: set[int] = set()
+        self.snapshot: dict[
+            str, dict[str, float]
+        ] = {}  # per worker: rows, tokens, passes, completions sampled
+        self.shards: dict[int, float] = {}  # per shard: rows its latest attempt reported (ProgressBoard)
         self.logged: tuple[int, int] | None = None  # rows done and tokens of the last line logged
 
     def start(self, ray, board) -> None:
         self.ray, self.board = ray, board
         self.started = self.last = time.monotonic()
 
-    def shard_done(self, input_rows: int) -> None:
-        """A shard of `input_rows` input rows was committed."""
+    def shard_done(self, shard: int, input_rows: int) -> None:
+        """Shard `shard`, of `input_rows` input rows, was committed."""
+        self.committed_shards.add(shard)
         self.committed_rows += input_rows
 
     def _refresh(self) -> None:
         if self.board is None:
             return
         with contextlib.suppress(Exception):  # progress is best effort; the job goes on
-            self.snapshot = self.ray.get(self.board.snapshot.remote(), timeout=5)
+            board = self.ray.get(self.board.snapshot.remote(), timeout=5)
+            self.snapshot, self.shards = board["workers"], board["shards"]
 
     def tick(self, force: bool = False, *, if_changed: bool = False) -> None:
         """Logs the progress line (every `interval_s`, or at once with `force`); `if_changed`: not when rows and
@@ -62,11 +68,13 @@ class Progress:
             return
         self.last = now
         self._refresh()
-        # Workers report rows as they generate them, a failed attempt's rows too (its retry reports them
-        # again), so their sum can pass what is left; committed rows never do.
-        # round first: n completions of a row are reported as n shares of 1/n, whose float sum can fall short of 1
-        reported = int(round(sum(w["rows"] for w in self.snapshot.values()), 6))
-        rows = max(self.committed_rows, min(reported, self.total - self.done_before))
+        # Rows done: the committed shards' and those the latest attempt of each other shard reported, not those
+        # of attempts that failed (a retried shard's rows counted twice or more: 100% and ETA 0:00:00 while a
+        # shard was still being retried). Round first: n completions of a row are reported as n shares of 1/n,
+        # whose float sum can fall short of 1.
+        running = sum(rows for shard, rows in self.shards.items() if shard not in self.committed_shards)
+        left = self.total - self.done_before - self.committed_rows
+        rows = self.committed_rows + max(0, min(int(round(running, 6)), left))
         tokens = sum(w["tokens"] for w in self.snapshot.values())
         steps = sum(w["steps"] for w in self.snapshot.values())
         sampled = sum(w.get("sampled", 0) for w in self.snapshot.values())

@@ -25,6 +25,9 @@ class ProgressBoard:
     def __init__(self) -> None:
         self.workers: dict[str, dict[str, float]] = {}
         self.counters: dict[str, dict[str, int]] = {}  # worker actor instance -> its sampler's counters
+        self.shards: dict[
+            int, list[float]
+        ] = {}  # shard -> [its latest attempt, the rows that attempt reported]
 
     def report(
         self,
@@ -35,12 +38,21 @@ class ProgressBoard:
         sampled: int,
         instance: str | None = None,
         counters: dict[str, int] | None = None,
+        shards: dict[tuple[int, int], float] | None = None,
     ) -> None:
         """`rows`: input rows done (a completion is 1/n of one; rows rejected before sampling count whole);
         `sampled`: completions the sampler generated, whose `tokens` and decoder passes (`steps`) these are;
-        `counters`: the sampler's work counters so far in the actor `instance` (kept when the actor dies)."""
+        `counters`: the sampler's work counters so far in the actor `instance` (kept when the actor dies);
+        `shards`: the rows by (shard, attempt). A shard's later attempt replaces the count of its earlier ones,
+        whose rows are done again."""
         if instance is not None and counters is not None:
             self.counters[instance] = counters
+        for (shard, attempt), done in (shards or {}).items():
+            latest = self.shards.setdefault(shard, [attempt, 0.0])
+            if attempt > latest[0]:
+                latest[:] = [attempt, 0.0]
+            if attempt == latest[0]:
+                latest[1] += done
         entry = self.workers.setdefault(
             worker, {"rows": 0, "tokens": 0, "steps": 0, "sampled": 0, "updated": 0.0}
         )
@@ -50,8 +62,12 @@ class ProgressBoard:
         entry["sampled"] += sampled
         entry["updated"] = time.time()
 
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        return {k: dict(v) for k, v in self.workers.items()}
+    def snapshot(self) -> dict[str, dict]:
+        """Per worker its counters (`workers`), per shard the rows its latest attempt reported (`shards`)."""
+        return {
+            "workers": {k: dict(v) for k, v in self.workers.items()},
+            "shards": {shard: rows for shard, (_, rows) in self.shards.items()},
+        }
 
     def sampler_counters(self) -> dict[str, dict[str, int]]:
         return {k: dict(v) for k, v in self.counters.items()}
@@ -82,6 +98,7 @@ class ShardWorker:
         # Continuous batching runs the rows of every shard in flight here through one sampler (stream.py).
         self.shared = SharedSampler(self.generator.sampler) if spec.batching == "continuous" else None
         self._pending = [0, 0, 0, 0]
+        self._pending_shards: Counter[tuple[int, int]] = Counter()  # rows by (shard, attempt)
         self._last_flush = time.monotonic()
         self._report_lock = threading.Lock()  # rows are reported from the sampler's and the shards' threads
         self._commit_lock = threading.Lock()
@@ -108,20 +125,31 @@ class ShardWorker:
         return {"instance": self.instance, "counters": dict(vars(self.generator.sampler.stats))}
 
     def _report(
-        self, rows: float, tokens: int = 0, steps: int = 0, sampled: int = 0, force: bool = False
+        self,
+        attempt: tuple[int, int],
+        rows: float,
+        tokens: int = 0,
+        steps: int = 0,
+        sampled: int = 0,
+        force: bool = False,
     ) -> None:
-        """Adds to this worker's counters on the progress board (ProgressBoard.report), sent once a second."""
+        """Adds to this worker's counters on the progress board (ProgressBoard.report), sent once a second;
+        `attempt`: the (shard, attempt) the rows belong to."""
         if self.board is None:
             return
         with self._report_lock:
             for i, value in enumerate((rows, tokens, steps, sampled)):
                 self._pending[i] += value
+            self._pending_shards[attempt] += rows
             now = time.monotonic()
             if force or now - self._last_flush > 1.0:
                 if any(self._pending):
                     counters = dict(vars(self.generator.sampler.stats))
-                    self.board.report.remote(self.name, *self._pending, self.instance, counters)
+                    self.board.report.remote(
+                        self.name, *self._pending, self.instance, counters, dict(self._pending_shards)
+                    )
                 self._pending = [0, 0, 0, 0]
+                self._pending_shards.clear()
                 self._last_flush = now
 
     def process(
@@ -150,11 +178,12 @@ class ShardWorker:
         if probe:
             self.generator.generate(good, shared=self.shared)
             return {"shard": shard, "probe": True, "rows": len(good)}
+        key = (shard, attempt)
         if early_errors:
-            self._report(len(early_errors))
+            self._report(key, len(early_errors))
         share = 1 / self.generator.completions  # progress counts input rows: a completion is a share of one
         out = self.generator.generate(
-            good, on_row=lambda tokens, steps: self._report(share, tokens, steps, 1), shared=self.shared
+            good, on_row=lambda tokens, steps: self._report(key, share, tokens, steps, 1), shared=self.shared
         )
         generated = sorted(out.rows, key=lambda r: r["source_index"])
         with self._commit_lock:
@@ -180,7 +209,7 @@ class ShardWorker:
             "errors_by_stage": dict(Counter(e["stage"] for e in errors)),
         }
         # Rows rejected before sampling; those the postprocess rejected were counted as they finished.
-        self._report(sum(1 for e in out.errors if e["stage"] != "postprocess"), force=True)
+        self._report(key, sum(1 for e in out.errors if e["stage"] != "postprocess"), force=True)
         with self._commit_lock:  # shards in flight commit one at a time, while the sampler goes on
             commit = self.run_store.commit_shard(
                 shard,

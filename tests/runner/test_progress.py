@@ -1,28 +1,35 @@
-"""The progress line never counts past the rows there are, when retried shards report their rows again."""
+"""The progress line counts the rows of committed shards and of the latest attempt of the others: never those
+of failed attempts, which are generated again (it showed 100% and ETA 0:00:00 while a shard was retried)."""
 
 from __future__ import annotations
 
 import logging
 
 from pipeline.runner.report import Progress
+from pipeline.runner.worker import ProgressBoard
 
 
-def test_retried_rows_do_not_push_progress_past_the_total(caplog):
+def test_rows_of_failed_attempts_are_not_counted(caplog):
+    # 240 rows in shards of 64 (the last of 48), 40 of them done before this invocation; shard 0 committed.
     progress = Progress(total_rows=240, done_rows=40, interval_s=0.0)
-    progress.shard_done(64)
-    # two workers' counts after a shard of 64 rows failed twice and was generated a third time
-    progress.snapshot = {
-        "w0": {"rows": 192, "tokens": 900, "steps": 1000, "sampled": 192},
-        "w1": {"rows": 128, "tokens": 600, "steps": 700, "sampled": 128},
-    }
+    progress.shard_done(0, 64)
+    board = ProgressBoard()
+    board.report("w0", 64, 300, 400, 64, shards={(0, 1): 64})  # shard 0, committed since
+    board.report("w0", 64, 300, 400, 64, shards={(1, 1): 60, (2, 1): 4})
+    board.report("w1", 60, 300, 400, 60, shards={(1, 2): 30, (3, 1): 30})  # shard 1 failed and was retried
+    board.report("w1", 0, 0, 0, 0, shards={(1, 1): 3})  # a late report of its failed attempt
+    snapshot = board.snapshot()
+    assert snapshot["shards"] == {0: 64, 1: 30, 2: 4, 3: 30}
+    progress.snapshot, progress.shards = snapshot["workers"], snapshot["shards"]
     with caplog.at_level(logging.INFO, logger="canvasflow"):
         progress.tick(force=True)
-    assert "progress: 240/240 rows (100.0%)" in caplog.text
-    progress.snapshot = {"w0": {"rows": 10, "tokens": 50, "steps": 60, "sampled": 10}}
+    # 40 before + 64 committed + 30 + 4 + 30 running, where the workers' sums (128 + 60) made 100%
+    assert "progress: 168/240 rows (70.0%)" in caplog.text and "w0: 128 rows, w1: 60 rows" in caplog.text
+    progress.shards = {1: 200}  # more than is left (never expected): at most the total
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="canvasflow"):
         progress.tick(force=True)
-    assert "progress: 104/240 rows (43.3%)" in caplog.text  # committed rows count when workers lag behind
+    assert "progress: 240/240 rows (100.0%)" in caplog.text
 
 
 def test_a_workers_busy_time_counts_shards_held_together_once_and_includes_their_commits():
@@ -49,6 +56,7 @@ def test_passes_are_counted_per_completion(caplog):
         "w0": {"rows": 1.5, "tokens": 90, "steps": 36, "sampled": 6},
         "w1": {"rows": 2.0, "tokens": 60, "steps": 24, "sampled": 4},
     }
+    progress.shards = {0: 1.5, 1: 2.0}
     with caplog.at_level(logging.INFO, logger="canvasflow"):
         progress.tick(force=True)
     assert "progress: 3/10 rows (30.0%)" in caplog.text and "| 6.0 passes/completion |" in caplog.text
@@ -57,6 +65,7 @@ def test_passes_are_counted_per_completion(caplog):
 def test_the_last_line_is_not_repeated_when_nothing_moved_since(caplog):
     progress = Progress(total_rows=8, done_rows=0, interval_s=0.0)
     progress.snapshot = {"w0": {"rows": 8, "tokens": 40, "steps": 30, "sampled": 8}}
+    progress.shards = {0: 8}
     with caplog.at_level(logging.INFO, logger="canvasflow"):
         progress.tick()
         progress.final()  # the run's end, right after a line with the same rows and tokens
