@@ -55,9 +55,9 @@ def holder_age_s(store: Store, key: str, holder: dict) -> float:
 
 
 def process_start(pid: int) -> str | None:
-    """What tells process `pid` from a later one given the same pid (a container restarted with the same
-    hostname runs its driver as pid 1 again): on Linux the boot id and the process's start time in clock ticks
-    since boot; None where /proc cannot tell."""
+    """What tells process `pid` from a later one given the same pid (after a reboot, or pids wrapping around):
+    on Linux the boot id and the process's start time in clock ticks since boot; None where /proc cannot
+    tell."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -66,14 +66,26 @@ def process_start(pid: int) -> str | None:
         return None
 
 
+def pid_namespace() -> str | None:
+    """This process's pid namespace (Linux: 'pid:[inode]'), in which a lock's pid names its holder; None where
+    /proc cannot tell."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def holder_is_stale(store: Store, key: str, holder: dict, stale_s: float) -> bool:
     """Whether the lock at `key`, held by `holder`, may be taken over: not a lock this tool wrote, silent for
-    `stale_s`, or held by a process of this host that has died (its pid gone, or now another process's)."""
+    `stale_s`, or held by a process we can see that has died (its pid gone, or now another process's). Its pid
+    is looked up only on the same host in the same pid namespace: containers that share a hostname (host
+    networking) each number their processes apart, so there it would name another process or none, and a
+    restarted container's holder is judged by its heartbeat."""
     if holder == {}:  # not a lock this tool wrote (writes are atomic: no live holder's lock reads so)
         return True
     if holder_age_s(store, key, holder) > stale_s:
         return True
-    if holder.get("host") == socket.gethostname():
+    if holder.get("host") == socket.gethostname() and holder.get("pid_namespace") == pid_namespace():
         try:
             pid = int(holder.get("pid", -1))
             os.kill(pid, 0)
@@ -116,6 +128,7 @@ class Lease:
                 "run_id": self.run_id,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "pid_namespace": pid_namespace(),
                 "process_start": process_start(os.getpid()),
                 "acquired_at": self._acquired_at,
                 "heartbeat_at": now,

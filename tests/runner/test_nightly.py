@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config.schema import NightlyConfig
-from pipeline.io.lease import process_start
+from pipeline.io.lease import pid_namespace, process_start
 from pipeline.io.store import LocalStore
 from pipeline.runner.nightly import (
     Lease,
@@ -62,6 +62,7 @@ def test_a_live_lock_refuses_an_overlapping_run_and_a_stale_one_is_taken_over(tm
                 "token": "t",
                 "run_id": "old",
                 "host": socket.gethostname(),
+                "pid_namespace": pid_namespace(),
                 "pid": 2**22 + 17,
                 "heartbeat_at": time.time(),
             }
@@ -86,26 +87,44 @@ def test_a_live_lock_refuses_an_overlapping_run_and_a_stale_one_is_taken_over(tm
     taker.release()
 
 
-@pytest.mark.skipif(process_start(os.getpid()) is None, reason="needs /proc (Linux)")
-def test_a_lock_of_a_dead_process_whose_pid_was_given_again_is_taken_over_at_once(tmp_path):
-    """A container restarted with the same hostname runs its driver as pid 1 again: the crashed driver's lock
-    named a live pid of this host (the rerun's own), and every rerun was refused until the heartbeat went
-    stale (exit 2 each time, eating a Job's restart limit). Here this process's pid plays the reused one."""
+@pytest.mark.skipif(pid_namespace() is None, reason="needs /proc (Linux)")
+@pytest.mark.parametrize(
+    ("namespace", "start", "taken", "why"),
+    [
+        ("ours", "another-boot/123", True, "its pid names a process started since: the holder died"),
+        ("ours", "ours", False, "the holder itself, alive"),
+        ("ours", None, False, "a lock written before the start was recorded: its live pid, as before"),
+        ("pid:[1]", None, False, "another container sharing the hostname: the pid means nothing here"),
+        ("pid:[1]", "another-boot/123", False, "the same, whatever its start"),
+        (None, "another-boot/123", False, "a lock written before the namespace was recorded: the heartbeat"),
+    ],
+    ids=["pid-reused", "alive", "no-start", "other-namespace", "other-namespace-start", "no-namespace"],
+)
+def test_the_pid_of_a_same_host_holder_is_judged_only_in_its_own_pid_namespace(
+    tmp_path, namespace, start, taken, why
+):
+    """A lock names its holder's pid, pid namespace and process start. A driver of a container that shares the
+    hostname (host networking) sees other processes under those pids: it took over a live lock whose pid was
+    not alive in its namespace, or kept out a rerun that found its own pid in a dead holder's lock. Only in
+    the holder's namespace is the pid looked up (this process's pid plays the holder's; the heartbeat is
+    fresh, so every other case is the heartbeat's to decide: alive)."""
     store = LocalStore(tmp_path)
-    crashed = {"token": "t", "run_id": "old", "host": socket.gethostname(), "pid": os.getpid()}
-    for start, taken in (("another-boot/123", True), (process_start(os.getpid()), False), (None, False)):
-        lock = {**crashed, "heartbeat_at": time.time(), "process_start": start}
-        if start is None:  # a lock written before the start was recorded: the pid alone, as before
-            del lock["process_start"]
-        store.write_text("_locks/n.lock", json.dumps(lock))
-        taker = _lock(store)
-        if taken:
+    lock = {"token": "t", "run_id": "old", "host": socket.gethostname(), "pid": os.getpid()}
+    lock["heartbeat_at"] = time.time()
+    if namespace is not None:
+        lock["pid_namespace"] = pid_namespace() if namespace == "ours" else namespace
+    if start is not None:
+        lock["process_start"] = process_start(os.getpid()) if start == "ours" else start
+    store.write_text("_locks/n.lock", json.dumps(lock))
+    taker = _lock(store)
+    if taken:
+        taker.acquire()
+        mine = json.loads(store.read_text("_locks/n.lock"))
+        assert (mine["pid_namespace"], mine["process_start"]) == (pid_namespace(), process_start(os.getpid()))
+        taker.release()
+    else:
+        with pytest.raises(Refused, match="another run holds"):
             taker.acquire()
-            assert json.loads(store.read_text("_locks/n.lock"))["process_start"] == process_start(os.getpid())
-            taker.release()
-        else:  # the same process (or one that cannot be told apart) holds it: alive
-            with pytest.raises(Refused, match="another run holds"):
-                taker.acquire()
 
 
 def test_a_live_holder_whose_clock_runs_behind_is_not_taken_over(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config.schema import ClusterConfig, DataConfig, JobConfig, OutputConfig, RunConfig
 from pipeline.io.commit import RUN_FILE, RUN_LOCK, SUCCESS
-from pipeline.io.lease import Lease
+from pipeline.io.lease import Lease, pid_namespace
 from pipeline.io.store import open_store
 from pipeline.runner.job import RUN_LOCK_STALE_S, prepare
 from pipeline.runner.status import describe, list_runs, run_status
@@ -84,6 +84,7 @@ def test_a_running_run_then_a_stopped_one_then_a_complete_one(tmp_path):
         "token": "t",
         "run_id": "r1",
         "host": os.uname().nodename,
+        "pid_namespace": pid_namespace(),
         "pid": int(dead.stdout),
         "heartbeat_at": 0,
     }
