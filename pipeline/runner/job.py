@@ -24,7 +24,7 @@ from pipeline.config.validate import is_inside
 from pipeline.data.prompts import check_system_prompt
 from pipeline.data.readers import InputError, read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
-from pipeline.io.commit import RUN_LOCK, SUCCESS, RunConflictError, RunStore
+from pipeline.io.commit import COMMITS, RUN_LOCK, SUCCESS, RunConflictError, RunStore
 from pipeline.io.lease import Lease, Refused
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
 from pipeline.models.loader import (
@@ -160,7 +160,9 @@ def keep_run_dtype(prep: Prepared, gpus: float) -> None:
     dtype = job.model.dtype if job.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     run_file = prep.run_store.read_run_file() or {}
     recorded = run_file.get("dtype")
-    if recorded is None:  # a new run (or one started before the dtype was recorded): from here on, this one
+    if recorded != dtype and (recorded is None or not prep.run_store.store.list(COMMITS)):
+        # A new run, one with no shard committed yet (stopped before any, e.g. to give its workers GPUs), or one
+        # started before the dtype was recorded: this start decides.
         prep.run_store.write_run_file({**run_file, "dtype": dtype})
     elif recorded != dtype:  # only with model.dtype=auto: an explicit dtype is part of the run's identity
         logger.warning(

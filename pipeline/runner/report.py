@@ -285,8 +285,9 @@ def build_manifest(prep, all_commits: dict) -> dict[str, Any]:
         "completed_at": time.time(),
         "model": prep.model_info.name,
         "model_identity": prep.identity["model_identity"],
-        # the dtype the run's workers load the model in (_run.json: model.dtype=auto resolved once per run)
-        "dtype": (prep.run_store.read_run_file() or {}).get("dtype", prep.spec.dtype),
+        # the dtype the run's workers load the model in (_run.json: model.dtype=auto resolved once per run);
+        # null for a run completed before it was recorded
+        "dtype": (prep.run_store.read_run_file() or {}).get("dtype"),
         "input": {
             "path": prep.job.data.path,
             "fingerprint": prep.records.fingerprint,

@@ -32,6 +32,15 @@ def test_a_new_run_records_the_dtype_its_workers_load_the_model_in(tmp_path, dev
 def test_a_resume_on_other_workers_keeps_the_runs_dtype_and_says_so(tmp_path, caplog):
     data = write_prompts(tmp_path / "p.jsonl", 4)
     keep_run_dtype(prepare(make_job(tmp_path, data)), gpus=0)  # started on CPU workers
+    # Stopped before any shard was committed (to give the workers GPUs, as the job advises when the cluster has
+    # none yet): the next start decides, silently.
+    again = prepare(make_job(tmp_path, data))
+    with caplog.at_level(logging.WARNING, logger="canvasflow"):
+        keep_run_dtype(again, gpus=1)
+    assert again.spec.dtype == "bfloat16" and _run_file(tmp_path)["dtype"] == "bfloat16" and not caplog.text
+    keep_run_dtype(prepare(make_job(tmp_path, data)), gpus=0)  # back on CPU workers, which commit a shard
+    (tmp_path / "out" / "test-run" / "_commits").mkdir()
+    (tmp_path / "out" / "test-run" / "_commits" / "shard-00000.json").write_text("{}")
     resumed = prepare(make_job(tmp_path, data))
     assert resumed.status == "resume"
     with caplog.at_level(logging.WARNING, logger="canvasflow"):
