@@ -23,9 +23,10 @@ from pipeline.config.schema import BUILTIN_MODEL
 from pipeline.config.validate import CHOICES
 from pipeline.data.records import SURROGATE_HINT, check_prompt_value, derived_id, has_surrogate
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
-from pipeline.models.loader import MASK_FAMILIES
+from pipeline.models.loader import MASK_FAMILIES, ModelError
 from pipeline.sampler.settings import (
     USER_KNOBS,
+    SettingsError,
     check_completions,
     is_int,
     max_length_note,
@@ -34,12 +35,16 @@ from pipeline.sampler.stop import check_stops
 
 logger = logging.getLogger(__name__)
 # The job's keys in a message, as the API's keywords: 'sampler.' before a sampler key (sampler.mask.steps=16 reads
-# mask.steps=16), 'model.' before the model keys LLM takes as keywords, model.path= as model=.
-JOB_KEY = re.compile(r"\bsampler\.(?=[a-z_])|\bmodel\.(?=(?:dtype|device|max_prompt_tokens|endpoint_url)\b)")
+# mask.steps=16), 'model.' before the model keys LLM takes as keywords, model.path= as model=. Only as words of
+# their own: not within a path or name ('/runs/sampler.v2', 'my-model.dtype').
+NOT_WITHIN = r"(?<![\w./~-])"
+JOB_KEY = re.compile(
+    rf"{NOT_WITHIN}sampler\.(?=[a-z_])|{NOT_WITHIN}model\.(?=(?:dtype|device|max_prompt_tokens|endpoint_url)\b)"
+)
+MODEL_PATH = re.compile(rf"{NOT_WITHIN}model\.path=")
 JOB_GROUPS = (
     ("sampled with sampler.mask.* (", "sampled with mask={...} ("),
     ("sampled with sampler.* (", "sampled with LLM(...) keywords ("),
-    ("model.path=", "model="),
 )
 
 
@@ -47,7 +52,7 @@ def api_message(text: str) -> str:
     """An error as the API's user writes settings: keywords, not the job's sampler.* and model.* keys."""
     for job, api in JOB_GROUPS:
         text = text.replace(job, api)
-    return JOB_KEY.sub("", text)
+    return JOB_KEY.sub("", MODEL_PATH.sub("model=", text))
 
 
 @dataclass
@@ -153,6 +158,8 @@ class LLM:
         try:
             self.generator = Generator(self.spec)
         except ValueError as e:  # settings, model and backend errors name the job's keys: name the keyword
+            if type(e) is not ValueError and not isinstance(e, (SettingsError, ModelError)):
+                raise  # another kind (a UnicodeDecodeError): as it is
             raise type(e)(api_message(str(e))) from None
         info = self.generator.loaded.info
         if info.family not in MASK_FAMILIES:

@@ -20,8 +20,11 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     index = model_dir / INDEX_FILE
     single = model_dir / WEIGHTS_FILE
     if index.exists() and not single.exists():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # not UTF-8 (a UnicodeDecodeError is one) or not JSON
+            raise ValueError(f"{index} is not a JSON file ({e}): re-download it") from None
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map")
         return {name: model_dir / file for name, file in weight_map.items()}

@@ -211,11 +211,14 @@ def read_generation_json(model_dir: str) -> dict[str, Any]:
     path = os.path.join(model_dir, "generation_config.json")
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise SettingsError(f"{path} is not valid JSON: {e}") from e
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:  # a traceback at start-up, "unexpected error"
+        raise SettingsError(f"{path} is not valid UTF-8 (byte {e.start}): fix or re-download it") from None
+    except (ValueError, RecursionError) as e:
+        raise SettingsError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise SettingsError(f"{path} is not a JSON object (got a {type(raw).__name__})")
     return raw

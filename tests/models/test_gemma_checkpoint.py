@@ -167,6 +167,22 @@ def test_a_single_weights_file_is_read_before_an_index_beside_it(checkpoint, tmp
     _assert_same_tensors(DiffusionGemmaTextModel(load_text_weights(both)), _transformers(both))
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"\xff{", "is not a JSON file"), (b"[1]", "has no weight_map"), (b"{}", "has no weight_map")],
+    ids=["not-utf8", "a-list", "no-map"],
+)
+def test_an_index_that_is_not_a_weight_map_is_refused_naming_it(checkpoint, tmp_path, content, message):
+    """A list ended in an AttributeError ('list' object has no attribute 'get'), bytes that are not UTF-8 in a
+    UnicodeDecodeError, neither naming the file."""
+    sharded = tmp_path / "sharded"
+    shutil.copytree(checkpoint, sharded)
+    (sharded / WEIGHTS).unlink()
+    (sharded / "model.safetensors.index.json").write_bytes(content)
+    with pytest.raises(ModelError, match=r"model\.safetensors\.index\.json " + message):
+        load_model(str(sharded))
+
+
 def test_every_activation_the_config_accepts_is_transformers_function():
     assert set(gemma_layers.ACTIVATIONS) == set(gemma_config.ACTIVATIONS)
     x = torch.linspace(-6, 6, 97)

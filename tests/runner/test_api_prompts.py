@@ -209,12 +209,16 @@ def test_sampler_setting_errors_name_the_keywords_the_api_takes():
         ({"backend": "triton"}, r"^backend=triton needs a CUDA device .*; use backend=auto$"),
         ({"device": "cuda"}, r"^device=cuda but no CUDA device is visible .*; use device=auto$"),
         ({"model": "/no/such/model"}, r"^model='/no/such/model' is not a directory"),
+        (  # a path holding the job's key names stays as it is
+            {"model": "/tmp/runs/sampler.v2/model.dtype"},
+            r"^model='/tmp/runs/sampler\.v2/model\.dtype' is not a directory",
+        ),
         (
             {"model": "builtin:tiny-llada", "completions_per_prompt": 2},
             r"identical completions: .* Set mask\.temperature > 0",
         ),
     ],
-    ids=["max_new_tokens", "max_prompt_tokens", "backend", "device", "model", "mask-hint"],
+    ids=["max_new_tokens", "max_prompt_tokens", "backend", "device", "model", "path", "mask-hint"],
 )
 def test_errors_of_the_model_and_the_sampler_name_the_keywords_the_api_takes(kwargs, message, monkeypatch):
     """Only sampler settings errors were rewritten: the others named model.device, sampler.backend, ...,

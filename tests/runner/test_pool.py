@@ -248,7 +248,7 @@ def test_a_row_that_hangs_its_worker_is_found_by_the_shard_timeout(ray_local):
 def test_a_replacements_shards_get_the_shard_timeout_from_its_start_not_the_start_grace_too(ray_local):
     """A replacement's shards had cluster.worker_start_timeout_s on top of run.shard_timeout_s until it
     finished one: a hanging row's retries and search probes, which all run on replacements and never finish,
-    each waited both (with the defaults 615 s instead of 15 s). Here, on one worker with a 30 s grace: the
+    each waited both (with the defaults 4,200 s instead of 3,600 s). Here, on one worker with a 30 s grace: the
     shard's second attempt and the search's probes of the row hang on replacements, each for the 2 s timeout
     after its worker's start."""
     began = time.monotonic()

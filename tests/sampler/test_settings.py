@@ -66,14 +66,18 @@ def test_both_generation_config_formats(raw, tmp_path):
         ),
         ({"eos_token_id": -1}, "eos_token_id=-1 must be a token id"),
         ([1], "is not a JSON object (got a list)"),
+        (b'{"steps": "\xff"}', "is not valid UTF-8 (byte 11): fix or re-download it"),
+        (b'{"steps": 4', "is not valid JSON: Expecting ',' delimiter"),
     ],
-    ids=["pad-list", "eos-string", "eos-negative", "not-an-object"],
+    ids=["pad-list", "eos-string", "eos-negative", "not-an-object", "not-utf8", "not-json"],
 )
 def test_special_tokens_that_are_not_token_ids_are_named_with_the_file(content, message, tmp_path):
-    """They ended in a TypeError or AttributeError traceback (int() of a list, .get of a list) at startup."""
+    """They ended in a TypeError or AttributeError traceback (int() of a list, .get of a list) at startup, and
+    bytes that are not UTF-8 in a UnicodeDecodeError ('unexpected error while preparing the run')."""
     from pipeline.sampler.mask.settings import MaskSettingsError, read_mask_generation_config
 
-    (tmp_path / "generation_config.json").write_text(json.dumps(content))
+    raw = content if isinstance(content, bytes) else json.dumps(content).encode()
+    (tmp_path / "generation_config.json").write_bytes(raw)
     path = str(tmp_path / "generation_config.json")
     with pytest.raises(SettingsError, match=re.escape(path) + ".*" + re.escape(message)):
         read_generation_config(str(tmp_path))
