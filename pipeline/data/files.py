@@ -182,9 +182,9 @@ def _walk(folder: Path) -> tuple[list[str], list[str]]:
                     )
                 elif not entry.is_dir():  # a broken link without a data suffix, a FIFO, a socket
                     skipped.append(relative)
-    # In the order of their paths as strings, as S3 lists keys: the same folder read locally or from S3 gives
-    # its rows in the same order, so the same derived ids and run id ('a-b.jsonl' before 'a/b.jsonl').
-    return [str(p) for p in sorted(data, key=lambda p: p.relative_to(folder).as_posix())], sorted(skipped)
+    # Path order (part by part: a/b.jsonl before a-b.jsonl, where S3 lists a-b.jsonl first): kept, as the order
+    # of the rows makes their derived ids and the run id, which a run started before must find again.
+    return [str(p) for p in sorted(data)], sorted(skipped)
 
 
 def _dataset_files(folder: Path) -> list[str]:

@@ -143,20 +143,3 @@ def test_objects_an_s3_prefix_does_not_read_are_named_in_a_warning(s3_bucket, ca
         and "_SUCCESS" not in r.getMessage()
         for r in caplog.records
     )
-
-
-@pytest.mark.s3
-def test_a_folder_read_locally_and_from_s3_gives_its_rows_in_one_order(s3_bucket, tmp_path):
-    """S3 lists keys in string order ('a-b.jsonl' before 'a/b.jsonl', as '-' sorts before '/'); the local
-    folder was read part by part (a/b.jsonl first): other derived ids and another run id for the same data."""
-    folder = tmp_path / "in"
-    for name in ("a/b.jsonl", "a-b.jsonl", "a.c/d.jsonl", "a0.jsonl"):
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps({"prompt": f"from {name}"}) + "\n")
-        s3_bucket.put(f"in/{name}", (folder / name).read_bytes())
-    local = read_input(DataConfig(path=str(folder)))
-    remote = read_input(DataConfig(path=f"{s3_bucket.uri}/in"), endpoint_url=s3_bucket.endpoint)
-    order = ["a-b.jsonl", "a.c/d.jsonl", "a/b.jsonl", "a0.jsonl"]
-    assert [str(Path(f).relative_to(folder)) for f in local.files] == order
-    assert [f.removeprefix(f"{s3_bucket.uri}/in/") for f in remote.files] == order
-    assert local.table.to_pylist() == remote.table.to_pylist() and local.fingerprint == remote.fingerprint
