@@ -686,12 +686,13 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
         workers, infos = start_workers(make_worker, count, job.cluster.worker_start_timeout_s, options)
         for info in infos:
             logger.info(
-                "worker %s ready on %s (%s%s, %s kernels, model loaded in %.1fs)",
+                "worker %s ready on %s (%s%s, %s kernels, %s, model loaded in %.1fs)",
                 info["worker"],
                 info["host"],
                 info["device"],
                 f" {info['gpu']}" if info["gpu"] else "",
                 info["backend"],
+                info["dtype"],
                 info["load_s"],
             )
         progress.start(ray, board)

@@ -114,6 +114,7 @@ class ShardWorker:
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "backend": self.generator.sampler.backend,
+            "dtype": str(self.generator.loaded.model.dtype).removeprefix("torch."),
             "load_s": round(self.load_s, 2),
             "switch_interval_s": round(sys.getswitchinterval(), 6),
         }

@@ -57,8 +57,14 @@ def test_a_resume_on_other_workers_keeps_the_runs_dtype_and_says_so(tmp_path, ca
 
 
 @pytest.mark.ray
-def test_a_run_records_its_dtype_in_the_run_file_and_the_manifest(tmp_path, ray_local):
+def test_a_run_records_its_dtype_in_the_run_file_and_the_manifest(tmp_path, ray_local, caplog):
     data = write_prompts(tmp_path / "p.jsonl", 4)
-    assert run(make_job(tmp_path, data, cluster__num_workers=1)) == 0
-    manifest = json.loads((tmp_path / "out" / "test-run" / "_manifest.json").read_text())
+    with caplog.at_level(logging.INFO, logger="canvasflow"):
+        assert run(make_job(tmp_path, data, cluster__num_workers=1)) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
     assert _run_file(tmp_path)["dtype"] == manifest["dtype"] == "float32"
+    # what the workers loaded, in the log and in stats.json
+    assert "ready on " in caplog.text and "(cpu, torch kernels, float32, model loaded in " in caplog.text
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert [w["dtype"] for w in stats["workers"]] == ["float32"]
