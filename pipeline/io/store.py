@@ -397,9 +397,7 @@ class S3Store(Store):
             except ClientError as e:
                 if _error_code(e) in ("PreconditionFailed", "412"):
                     return False  # another writer created it first
-                if _error_code(e) == "ConditionalRequestConflict":  # 409: a concurrent write in flight
-                    return not self.exists(key) and put()
-                raise
+                raise  # a 409 ConditionalRequestConflict (a concurrent write in flight) is retried with backoff
 
         return self._call(f"write {self.describe(key)} (if absent)", put)
 
@@ -409,11 +407,13 @@ class S3Store(Store):
 
         return self._call(f"read {self.describe(key)}", get)
 
-    def download_file(self, key: str, dest: str | os.PathLike[str]) -> int:
-        """Streams the object into `dest` (fsynced); a retried attempt starts the file over."""
+    def download_file(self, key: str, dest: str | os.PathLike[str], etag: str | None = None) -> int:
+        """Streams the object into `dest` (fsynced); a retried attempt starts the file over. With `etag`, only
+        that version of the object (412 PreconditionFailed when it was replaced since it was listed)."""
+        condition = {"IfMatch": f'"{etag}"'} if etag else {}
 
         def get() -> int:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **condition)["Body"]
             size = 0
             with open(dest, "wb") as f:
                 # iter_chunks raises IncompleteReadError if the connection ends before Content-Length bytes.
@@ -499,19 +499,38 @@ class S3Store(Store):
         return sorted(self._call(f"list the folders of {self.uri}", page_all))
 
     def delete(self, keys: list[str]) -> None:
+        from botocore.exceptions import ClientError
+
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            chunk = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
-            if not chunk:
+            pending = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
+            if not pending:
                 continue
+            errors: list[dict] = []
 
-            def delete_chunk(chunk: list[dict[str, str]] = chunk) -> list[dict]:
+            def delete_chunk(pending: list[dict[str, str]] = pending, errors: list[dict] = errors) -> None:
                 response = self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}
+                    Bucket=self.bucket, Delete={"Objects": pending, "Quiet": True}
                 )
-                return response.get("Errors", [])
+                # Per-key failures come back in a 200 answer: the transient ones (InternalError, SlowDown under
+                # load) are retried like a failed call, for those keys only.
+                failed = response.get("Errors", [])
+                transient = [e for e in failed if e.get("Code") in RETRYABLE_CODES]
+                errors.extend(e for e in failed if e.get("Code") not in RETRYABLE_CODES)
+                if transient:
+                    pending[:] = [{"Key": e["Key"]} for e in transient]
+                    first = transient[0]
+                    raise ClientError(
+                        {
+                            "Error": {
+                                "Code": first["Code"],
+                                "Message": f"{len(transient)} key(s), e.g. {first['Key']}",
+                            }
+                        },
+                        "DeleteObjects",
+                    )
 
-            errors = self._call(f"delete under {self.uri}", delete_chunk)
-            if errors:  # per-key failures come back in a 200 answer, not as an exception
+            self._call(f"delete under {self.uri}", delete_chunk)
+            if errors:
                 first = errors[0]
                 raise StoreError(
                     f"cannot delete {len(errors)} object(s) under {self.uri}, e.g. "
@@ -557,6 +576,7 @@ def _error_code(error: Exception) -> str:
 RETRYABLE_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
     "InternalError", "ServiceUnavailable", "503", "500", "502", "504",
+    "ConditionalRequestConflict",  # 409 to a conditional write while another write of the key is in flight
 }  # fmt: skip
 
 _HINTS = {

@@ -64,7 +64,7 @@ def resolve_model_dir(
         _remove_leftovers(target)
         store = S3Store(uri, S3Options(endpoint_url=endpoint_url, region=region))
         try:
-            _download(store, target)
+            _download(store, target, version)
         except StoreError as e:
             where = f" (endpoint {endpoint_url})" if endpoint_url else ""
             raise ModelError(f"model.path={path!r}{where} cannot be downloaded: {e}") from e
@@ -137,9 +137,21 @@ def _remove_leftovers(target: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _download(store: S3Store, target: Path) -> None:
+def _download(store: S3Store, target: Path, version: str | None) -> None:
+    """Copies every object under the prefix into `target`. With `version` (the identity the driver computed from
+    its listing: sizes and ETags), objects replaced since are refused rather than cached under that version: a
+    worker started later (a replacement, a resume) would load another model than the run's."""
+    from pipeline.runner.identity import s3_model_identity, s3_objects
+
     # Zero-byte keys ending in '/' are "folder" placeholders some tools create; they are not files.
-    sizes = {k: v for k, v in store.list_sizes("").items() if not k.endswith("/")}
+    objects = {k: v for k, v in s3_objects(store).items() if not k.endswith("/")}
+    if version is not None and objects and s3_model_identity(store.uri, objects) != version:
+        raise ModelError(
+            f"model.path={store.uri!r}: its objects changed since the run started (new or replaced files: "
+            "their sizes or ETags differ), so this worker would load another model than the run's. Put the "
+            "published files back, or start a new run (a new run.id) with the new model"
+        )
+    sizes = {k: v["size"] for k, v in objects.items()}
     if not sizes:
         raise ModelError(
             f"model.path={store.uri!r}: no objects under this prefix; check the bucket and prefix"
@@ -160,7 +172,10 @@ def _download(store: S3Store, target: Path) -> None:
             (tmp / key).parent.mkdir(parents=True, exist_ok=True)
         store.client  # noqa: B018 - build the boto3 client once, before the threads share it
         with ThreadPoolExecutor(max_workers=min(DOWNLOAD_THREADS, len(sizes))) as pool:
-            futures = [pool.submit(store.download_file, key, tmp / key) for key in sizes]
+            futures = [
+                pool.submit(store.download_file, key, tmp / key, objects[key]["etag"] or None)
+                for key in sizes
+            ]
             try:
                 for future in as_completed(futures):
                     future.result()

@@ -312,6 +312,26 @@ def test_s3_calls_retry_through_faults(fault, s3_bucket, s3_fault_proxy, caplog)
 
 
 @pytest.mark.s3
+def test_a_key_that_delete_objects_failed_to_delete_is_deleted_again(s3_bucket, s3_fault_proxy, caplog):
+    """DeleteObjects answers 200 and lists the keys it failed to delete (InternalError, SlowDown under load):
+    they were reported as a StoreError at once (a nightly retention then exited 1 after a complete night)."""
+    store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint)
+    for name in ("a", "b", "c"):
+        store.write_text(name, name)
+    s3_fault_proxy.reset_counts()
+    s3_fault_proxy.fail_a_key_of_next_delete(2)
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.store"):
+        store.delete(["a", "b", "c"])
+    assert s3_fault_proxy.count("POST") == 3, "the key that failed, twice, then deleted"
+    assert len([r for r in caplog.records if "InternalError" in r.getMessage()]) == 2
+    assert s3_bucket.keys() == []
+    store.write_text("d", "d")
+    s3_fault_proxy.fail_a_key_of_next_delete(1, code="AccessDenied")  # not transient: reported at once
+    with pytest.raises(StoreError, match=r"cannot delete 1 object\(s\) under .*base/d: AccessDenied"):
+        store.delete(["d"])
+
+
+@pytest.mark.s3
 def test_s3_refused_connections_are_retried_until_the_endpoint_is_back(s3_bucket, s3_fault_proxy, caplog):
     store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint, max_attempts=30, max_delay_s=0.2)
     store.write_text("before", "x")  # boto3 now pools a keep-alive connection; the outage cuts it too

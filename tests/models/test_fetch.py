@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.io.store import S3Store, split_s3_uri
+from pipeline.io.store import S3Options, S3Store, split_s3_uri
 from pipeline.models.fetch import MARKER, PARTIAL, cache_path, resolve_model_dir
 from pipeline.models.loader import ModelError
 
@@ -143,8 +143,8 @@ def test_completed_copy_is_reused_without_s3(s3_model, s3_fault_proxy, tmp_path:
 def _download_then_die(uri: str, cache_dir: str, endpoint: str) -> None:
     real = S3Store.download_file
 
-    def half_then_killed(self, key, dest):
-        size = real(self, key, dest)
+    def half_then_killed(self, key, dest, etag=None):
+        size = real(self, key, dest, etag)
         if key.endswith("00001-of-00002.safetensors"):
             with open(dest, "r+b") as f:
                 f.truncate(size // 2)  # a shard half on disk...
@@ -181,8 +181,8 @@ def test_killed_download_never_looks_complete_and_is_redone(s3_model, s3_fault_p
 def test_short_download_is_rejected_and_leaves_nothing(s3_model, s3_env, tmp_path, monkeypatch) -> None:
     real = S3Store.download_file
 
-    def short(self, key, dest):
-        size = real(self, key, dest)
+    def short(self, key, dest, etag=None):
+        size = real(self, key, dest, etag)
         if key == "tokenizer.json":
             with open(dest, "r+b") as f:
                 f.truncate(size - 1)
@@ -230,3 +230,24 @@ def test_s3_errors_name_the_model(s3_bucket, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="must not contain empty, '.' or '..' segments"):
         resolve_model_dir(f"{s3_bucket.uri}/a/../b", **options)
     assert sorted(p.name for p in (tmp_path / s3_bucket.name).iterdir() if not p.name.endswith(".lock")) == []
+
+
+@pytest.mark.s3
+def test_objects_replaced_since_the_run_started_are_not_cached_under_its_version(s3_model, s3_env, tmp_path):
+    """A worker started after the prefix was republished (a replacement, a resume) downloaded the new weights
+    into the directory named for the run's model version, and reused it from then on: one run, two models."""
+    from pipeline.runner.identity import s3_model_identity, s3_objects
+
+    store = S3Store(s3_model, S3Options(endpoint_url=s3_env.endpoint))
+    version = s3_model_identity(s3_model, s3_objects(store))  # the driver's, at the run's start
+    new = _rng.randbytes(len(MODEL["model-00002-of-00002.safetensors"]))  # same size, other bytes
+    store.write_bytes("model-00002-of-00002.safetensors", new)
+    with pytest.raises(ModelError, match="its objects changed since the run started"):
+        resolve_model_dir(s3_model, cache_dir=str(tmp_path), endpoint_url=s3_env.endpoint, version=version)
+    target = cache_path(s3_model, cache_dir=str(tmp_path), endpoint_url=s3_env.endpoint, version=version)
+    assert not target.exists() and leftovers(target) == []
+    current = s3_model_identity(s3_model, s3_objects(store))  # a new run's
+    model_dir = resolve_model_dir(
+        s3_model, cache_dir=str(tmp_path), endpoint_url=s3_env.endpoint, version=current
+    )
+    assert (Path(model_dir) / "model-00002-of-00002.safetensors").read_bytes() == new

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import socket
 import threading
 import time
@@ -33,16 +34,17 @@ IDLE_TIMEOUT_S = 30.0  # an idle client connection is closed after this: every h
 class Request:
     method: str
     path: str
-    fault: str | None  # None (forwarded), "error" or "drop"
+    fault: str | None  # None (forwarded), "error", "drop" or "key_error"
 
 
 @dataclass
 class _Fault:
-    kind: str  # "error" or "drop"
+    kind: str  # "error", "drop" or "key_error"
     remaining: int
     method: str | None
     status: int = 0
     code: str = ""
+    skip: int = 0  # matching requests let through untouched before the fault applies
 
 
 class FaultProxy:
@@ -140,11 +142,23 @@ class FaultProxy:
             time.sleep(0.02)
 
     def fail_next(
-        self, count: int, status: int = 503, code: str = "SlowDown", method: str | None = None
+        self, count: int, status: int = 503, code: str = "SlowDown", method: str | None = None, skip: int = 0
     ) -> None:
-        """The next `count` requests (of `method`, if given) get an S3 error; they never reach upstream."""
+        """The next `count` requests (of `method`, if given; after `skip` of them let through) get an S3 error;
+        they never reach upstream."""
         with self._lock:
-            self._faults.append(_Fault("error", count, method, status, code))
+            self._faults.append(_Fault("error", count, method, status, code, skip))
+
+    def clear_faults(self) -> None:
+        """Drops the faults not applied yet."""
+        with self._lock:
+            self._faults.clear()
+
+    def fail_a_key_of_next_delete(self, count: int, code: str = "InternalError") -> None:
+        """The next `count` DeleteObjects requests are forwarded (every key is deleted), and their answer names
+        the first key as not deleted with `code`: S3's per-key failure inside a 200 answer."""
+        with self._lock:
+            self._faults.append(_Fault("key_error", count, "POST", 200, code))
 
     def drop_next(self, count: int, method: str | None = None) -> None:
         """The next `count` requests (of `method`, if given) are forwarded, but the answer is cut: half the
@@ -174,7 +188,10 @@ class FaultProxy:
     def _take_fault(self, method: str, path: str) -> _Fault | None:
         with self._lock:
             fault = next((f for f in self._faults if f.remaining > 0 and f.method in (None, method)), None)
-            if fault is not None:
+            if fault is not None and fault.skip > 0:
+                fault.skip -= 1
+                fault = None
+            elif fault is not None:
                 fault.remaining -= 1
             self._faults = [f for f in self._faults if f.remaining > 0]
             self.requests.append(Request(method, path, fault.kind if fault else None))
@@ -236,6 +253,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(fault.status, fault.code)
             return
         status, reason, headers, data = self._forward(body)
+        if fault is not None and fault.kind == "key_error":
+            key = re.search(rb"<Key>(.*?)</Key>", body)[1].decode()
+            data = (
+                '<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult><Error>'
+                f"<Key>{key}</Key><Code>{fault.code}</Code><Message>{fault.code}</Message>"
+                "</Error></DeleteResult>"
+            ).encode()
         if fault is not None and fault.kind == "drop":
             self._send_cut(status, reason, headers, data)
             return
