@@ -115,14 +115,20 @@ class RunStore:
         # The token of the run lock the driver holds; workers check it before writing a shard (None: no check).
         self.fence = fence
 
-    def check_fence(self, shard: int) -> None:
+    def check_fence(self, shard: int | None) -> None:
         """FencedError unless the run lock still holds `fence`: an actor that outlived its driver (Ray reaps
-        them seconds after the driver dies) must not commit into a run that a new driver has taken over."""
+        them seconds after the driver dies) must not commit into a run that a new driver has taken over, nor
+        a driver finalize a run taken over while it was cut off from the store (`shard` None)."""
         if self.fence is None:
             return
         holder = read_holder(self.store, RUN_LOCK)
         if not holder or holder.get("token") != self.fence:
             who = f"{holder.get('host')} pid {holder.get('pid')}" if holder else "no lock"
+            if shard is None:
+                raise FencedError(
+                    f"the run lock {self.store.describe(RUN_LOCK)} was taken over by another process (now: "
+                    f"{who}) while this one went without a heartbeat"
+                )
             raise FencedError(
                 f"not committing shard {shard}: the run lock {self.store.describe(RUN_LOCK)} is no longer held "
                 f"by this worker's driver (now: {who}); its driver has ended and the run is another's"

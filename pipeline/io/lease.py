@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.io.store import Store, StoreError
@@ -117,6 +117,7 @@ class Lease:
     _stop: threading.Event | None = None
     _thread: threading.Thread | None = None
     _acquired_at: float | None = None  # when this holder first wrote the lock (kept by the heartbeats)
+    _lost: threading.Event = field(default_factory=threading.Event)  # taken over by another process
 
     def _payload(self) -> str:
         now = time.time()
@@ -186,6 +187,8 @@ class Lease:
             if self.store.write_if_absent(self.key, self._payload().encode("utf-8")):
                 return  # released meanwhile: ours now
             holder = self._holder()
+            if holder and holder.get("token") == self.token:  # our write landed though its answer was lost
+                return
         if holder is not None and not self._is_stale(holder):
             age = holder_age_s(self.store, self.key, holder)
             hint = f" ({self.stale_hint})" if self.stale_hint else ""
@@ -212,10 +215,30 @@ class Lease:
                 f"lost the race for {self.store.describe(self.key)} to {current and current.get('run_id')}"
             )
 
+    @property
+    def lost(self) -> bool:
+        """Whether another process took the lock over (this one was silent past `stale_s`, e.g. cut off from the
+        store): the heartbeat stopped, and this process must not go on writing what the lock guards."""
+        return self._lost.is_set()
+
     def _heartbeat(self) -> None:
         interval = max(1.0, self.stale_s / 4)
         while not self._stop.wait(interval):
             try:
+                holder = self._holder()
+                if holder is None or holder.get("token") != self.token:
+                    # Taken over (or released by its new holder): writing it back would make two holders.
+                    self._lost.set()
+                    logger.error(
+                        "lost %s to %s (this process went without a heartbeat for over %gs): it stops "
+                        "writing what the lock guards",
+                        self.store.describe(self.key),
+                        f"{holder.get('run_id')} on {holder.get('host')}, pid {holder.get('pid')}"
+                        if holder
+                        else "another process, which has released it since",
+                        self.stale_s,
+                    )
+                    return
                 self.store.write_text(self.key, self._payload())
             except StoreError as e:  # the next beat retries; a long outage makes the lock stale, as it should
                 logger.warning("lock heartbeat failed: %s", e)
@@ -225,6 +248,8 @@ class Lease:
         if self._stop is not None:
             self._stop.set()
             self._thread.join(timeout=10)
+        if self.lost:  # another process's now
+            return
         try:
             holder = self._holder()
             if holder is not None and holder.get("token") == self.token:

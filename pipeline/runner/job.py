@@ -24,7 +24,7 @@ from pipeline.config.validate import is_inside
 from pipeline.data.prompts import check_system_prompt
 from pipeline.data.readers import InputError, read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
-from pipeline.io.commit import COMMITS, RUN_LOCK, SUCCESS, RunConflictError, RunStore
+from pipeline.io.commit import COMMITS, RUN_LOCK, SUCCESS, FencedError, RunConflictError, RunStore
 from pipeline.io.lease import Lease, Refused
 from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
 from pipeline.models.loader import (
@@ -614,6 +614,11 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
             len(all_commits),
             prep.identity["num_shards"],
         )
+        return 1
+    try:
+        run_store.check_fence(None)  # the lock was taken over while this process was cut off: not ours to end
+    except FencedError as e:
+        logger.error("run %s: %s; not finalizing it (exit code 1)", prep.run_id, e)
         return 1
     remove_stale_temp(run_store, complete=True)  # also those too young at the start (a quick retry's)
     from pipeline.io.card import render_card

@@ -32,6 +32,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig
 from pipeline.config.validate import validate_nightly
+from pipeline.io.commit import RUN_FILE, SUCCESS
 from pipeline.io.lease import Lease, Refused, read_holder
 from pipeline.io.store import Store, StoreError, open_store
 
@@ -140,7 +141,14 @@ def apply_retention(
         if dry_run:
             logger.info("retention: would remove %s (older than %d days)", run_id, nightly.retention_days)
             continue
-        count = store.delete_prefix(f"{run_id}/")
+        # The run's markers go last: a retention cut short (an outage, a pod at its deadline) leaves a night
+        # that still reads as complete, which the next retention removes; _SUCCESS gone first left a half
+        # deleted night that read as incomplete, kept for ever.
+        keys = store.list(f"{run_id}/")
+        last = [f"{run_id}/{name}" for name in (RUN_FILE, SUCCESS)]
+        store.delete([k for k in keys if k not in last])
+        store.delete_prefix(f"{run_id}/")  # the markers, last; on a local output the emptied folders too
+        count = len(keys)
         logger.info(
             "retention: removed %s (%d objects, older than %d days)", run_id, count, nightly.retention_days
         )
@@ -175,15 +183,7 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
         return 2
     run_id = run_id_for(nightly, date)
     latest_date = date_of(nightly, latest["run_id"]) if latest else None
-    if latest_date is not None and latest_date > date and not nightly.allow_late:
-        logger.error(
-            "refusing to run %s late: the newer night %s is already complete (%s). Set "
-            "nightly.allow_late=true to backfill it anyway; %s will keep pointing at the newest night.",
-            run_id,
-            latest["run_id"],
-            latest_key(nightly),
-            latest_key(nightly),
-        )
+    if _late(nightly, run_id, date, latest):
         return REFUSED
     if (
         job.run.dry_run
@@ -226,10 +226,22 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
         return 2
     logger.info("nightly %s (scheduled date %s, %s)", run_id, date.isoformat(), nightly.timezone)
     try:
+        # Read again under the lock: a newer night may have completed between the first read and the lock.
+        try:
+            latest = read_latest(store, nightly)
+        except StoreError as e:
+            logger.error("%s", e)
+            return 2
+        latest_date = date_of(nightly, latest["run_id"]) if latest else None
+        if _late(nightly, run_id, date, latest):
+            return REFUSED
         job.run.id = run_id
         code = run(job, resolved_yaml=resolved_yaml)
         if code != 0:
             return code
+        if lease.lost:  # another night took the lock over: the pointer and retention are its
+            logger.error("%s: not moving %s nor applying retention", run_id, latest_key(nightly))
+            return 1
         if latest_date is None or date >= latest_date:
             store.write_text(
                 latest_key(nightly),
@@ -244,8 +256,28 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
                 + "\n",
             )
             logger.info("%s -> %s", latest_key(nightly), run_id)
-        newest = read_latest(store, nightly)
-        apply_retention(store, nightly, date, newest["run_id"] if newest else None)
+        try:
+            newest = read_latest(store, nightly)
+            apply_retention(store, nightly, date, newest["run_id"] if newest else None)
+        except StoreError as e:  # the night is complete and published: the next night's retention retries
+            logger.error("retention failed (the next night retries it; %s is complete): %s", run_id, e)
         return 0
     finally:
         lease.release()
+
+
+def _late(nightly: NightlyConfig, run_id: str, date: dt.date, latest: dict | None) -> bool:
+    """Whether the night `run_id` comes after a newer complete night (`latest`, the prefix's pointer) and may not
+    run (unless nightly.allow_late): logs why."""
+    latest_date = date_of(nightly, latest["run_id"]) if latest else None
+    if latest_date is None or latest_date <= date or nightly.allow_late:
+        return False
+    logger.error(
+        "refusing to run %s late: the newer night %s is already complete (%s). Set "
+        "nightly.allow_late=true to backfill it anyway; %s will keep pointing at the newest night.",
+        run_id,
+        latest["run_id"],
+        latest_key(nightly),
+        latest_key(nightly),
+    )
+    return True

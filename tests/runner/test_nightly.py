@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import socket
@@ -11,13 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from pipeline.config.schema import NightlyConfig
 from pipeline.io.lease import pid_namespace, process_start
-from pipeline.io.store import LocalStore
+from pipeline.io.store import LocalStore, StoreError
 from pipeline.runner.nightly import (
     Lease,
     Refused,
@@ -127,6 +129,27 @@ def test_the_pid_of_a_same_host_holder_is_judged_only_in_its_own_pid_namespace(
             taker.acquire()
 
 
+def test_a_holder_whose_lock_was_taken_over_stops_and_never_writes_it_back(tmp_path, caplog):
+    """A holder cut off from the store past stale_s is taken over; when it got through again, its heartbeat
+    wrote its own lock back over the new holder's: two holders (the new one's commits then fenced, its
+    cleanup deleting the old one's parts; on the nightly lock two nights moving LATEST and deleting)."""
+    store = LocalStore(tmp_path)
+    first = _lock(store, stale_s=4.0)  # a heartbeat a second
+    first.acquire()
+    assert not first.lost
+    taker = _lock(store)
+    store.write_text("_locks/n.lock", taker._payload())  # the takeover, while the first one was silent
+    with caplog.at_level(logging.ERROR, logger="canvasflow"):
+        deadline = time.monotonic() + 10
+        while not first.lost and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert first.lost and "lost " in caplog.text and "it stops writing what the lock guards" in caplog.text
+    time.sleep(1.5)  # beats it would have sent
+    assert json.loads(store.read_text("_locks/n.lock"))["token"] == taker.token
+    first.release()  # not its lock any more: left alone
+    assert json.loads(store.read_text("_locks/n.lock"))["token"] == taker.token
+
+
 def test_a_live_holder_whose_clock_runs_behind_is_not_taken_over(tmp_path):
     """A remote holder 10 minutes behind writes heartbeat_at values that look 600 s old; its lock was written
     a moment ago by the store's clock, so it is alive. (Judged by heartbeat_at it was taken over: two runs.)"""
@@ -157,6 +180,29 @@ def test_retention_removes_only_old_complete_runs(tmp_path):
     assert removed == ["nightly-2026-11-01"]
     kept = {k.split("/")[0] for k in store.list("")}
     assert kept == {"nightly-2026-11-02", "nightly-2026-11-03", "nightly-2026-11-09", "nightly-2026-11-10"}
+
+
+@pytest.mark.s3
+def test_a_retention_cut_short_leaves_a_complete_night_that_the_next_one_removes(s3_bucket, s3_fault_proxy):
+    """Keys were deleted in sorted order, 1,000 at a time: _SUCCESS, _run.json and _commits/ went with the first
+    batch, so a retention that failed on a later batch (an outage, a pod at its deadline) left a night that read
+    as incomplete, kept for ever ("retention: keeping ... (incomplete)"), unreadable to status and dry runs."""
+    night = "nightly-2026-11-01"
+    keys = [f"{night}/{name}" for name in ("_SUCCESS", "_run.json", "_commits/shard-00000.json")]
+    keys += [f"{night}/data/part-{i:05d}.parquet" for i in range(1001)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: s3_bucket.put(key, b"x"), keys))
+    store = s3_bucket.store(endpoint_url=s3_fault_proxy.endpoint)
+    config = NightlyConfig(retention_days=5)
+    # the first DeleteObjects goes through, every later one fails (each of its attempts)
+    s3_fault_proxy.fail_next(100, 503, "ServiceUnavailable", method="POST", skip=1)
+    with pytest.raises(StoreError):
+        apply_retention(store, config, dt.date(2026, 11, 10), None)
+    left = s3_bucket.keys()
+    assert 0 < len(left) < len(keys) and f"{night}/_SUCCESS" in left, "cut short, still complete"
+    s3_fault_proxy.clear_faults()  # the outage is over
+    assert apply_retention(store, config, dt.date(2026, 11, 11), None) == [night]
+    assert s3_bucket.keys() == []
 
 
 def test_retention_on_a_local_output_removes_the_night_s_directory_too(tmp_path):
