@@ -227,12 +227,19 @@ def pick_device(device: str) -> str:
     return device
 
 
+def dtype_name(dtype: str, device: str) -> str:
+    """model.dtype as loaded on `device` ('cuda' or 'cpu'): auto is bfloat16 on a GPU, float32 on a CPU."""
+    if dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return dtype
+
+
 def pick_dtype(dtype: str, device: str):
     import torch
 
-    if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        dtype_name(dtype, device)
+    ]
 
 
 # tokenizer_config.json's tokenizer_class (a "Fast" suffix stripped) -> the class AutoTokenizer loads for it

@@ -31,6 +31,7 @@ from pipeline.models.loader import (
     MASK_FAMILIES,
     ModelError,
     ModelInfo,
+    dtype_name,
     inspect_model,
     load_tokenizer,
     resolve_model_dir,
@@ -151,13 +152,13 @@ def keep_run_codec(prep: Prepared) -> None:
 
 
 def keep_run_dtype(prep: Prepared, gpus: float) -> None:
-    """Resolves model.dtype=auto once per run, as the workers would (bfloat16 on a GPU, else float32:
-    loader.pick_dtype), and records it in _run.json at the run's first start; every later start of the run loads
+    """Resolves model.dtype=auto once per run, as the workers would (loader.dtype_name: bfloat16 on a GPU, else
+    float32), and records it in _run.json at the run's first start; every later start of the run loads
     the model in the recorded dtype, so that one run's rows come from one precision whichever workers run it (a
     run started on CPU workers and resumed on GPU ones held float32 and bfloat16 rows). `gpus`: each worker's."""
     job = prep.job
     device = job.model.device if job.model.device != "auto" else ("cuda" if gpus else "cpu")
-    dtype = job.model.dtype if job.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    dtype = dtype_name(job.model.dtype, device)
     run_file = prep.run_store.read_run_file() or {}
     recorded = run_file.get("dtype")
     if recorded != dtype and (recorded is None or not prep.run_store.store.list(COMMITS)):

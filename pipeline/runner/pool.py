@@ -146,12 +146,13 @@ def run_pool(
     (None: no limit) bounds how long a worker holding shards goes without finishing one: one shard's time
     when it holds one, and its oldest shard is named as the one that hung (its shards share one sampler and
     commit one at a time, so none can be stuck while others finish); a replacement's shards wait for its model
-    load: their clock starts once it is up, and gives up at `start_grace_s` more if it never is. A dead or hung worker takes
-    every shard it held down with it, each charged an attempt; a retried shard runs alone on its worker, and a
-    shard is given up on only once an attempt that ran alone failed too, never for another shard's fault. A
-    shard whose last attempt alone killed its worker has its failing rows searched for (isolate.py): probes of
-    its rows, dispatched first and alone, then the shard again with those rows in `skip` and `max_attempts`
-    attempts of its own (one that kills its worker alone again is given up on, not searched twice). A
+    load: their clock starts once it is up, and gives up at `start_grace_s` more if it never is. A dead or hung
+    worker takes every shard it held down with it, each charged an attempt; a retried shard runs alone on its
+    worker, and a shard is given up on only once an attempt that ran alone failed too, never for another
+    shard's fault. A shard whose last attempt alone killed its worker has its failing rows searched for
+    (isolate.py): probes of its rows, dispatched first and alone, then the shard again with those rows in
+    `skip` and `max_attempts` attempts of its own (one that kills its worker alone again is given up on, not
+    searched twice). A
     replacement that failed to start, or had not started by its first shard's deadline, fails the shards it
     held as an error does: that says nothing about their rows, which are not searched.
     """

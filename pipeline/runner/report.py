@@ -38,10 +38,9 @@ class Progress:
         self.last = self.started
         self.committed_rows = 0
         self.committed_shards: set[int] = set()
-        self.snapshot: dict[
-            str, dict[str, float]
-        ] = {}  # per worker: rows, tokens, passes, completions sampled
-        self.shards: dict[int, float] = {}  # per shard: rows its latest attempt reported (ProgressBoard)
+        # per worker: rows, tokens, passes, completions sampled; per shard: rows its latest attempt reported
+        self.snapshot: dict[str, dict[str, float]] = {}
+        self.shards: dict[int, float] = {}
         self.logged: tuple[int, int] | None = None  # rows done and tokens of the last line logged
 
     def start(self, ray, board) -> None:

@@ -25,9 +25,8 @@ class ProgressBoard:
     def __init__(self) -> None:
         self.workers: dict[str, dict[str, float]] = {}
         self.counters: dict[str, dict[str, int]] = {}  # worker actor instance -> its sampler's counters
-        self.shards: dict[
-            int, list[float]
-        ] = {}  # shard -> [its latest attempt, the rows that attempt reported]
+        # shard -> [its latest attempt, the rows that attempt reported]
+        self.shards: dict[int, list[float]] = {}
 
     def report(
         self,
