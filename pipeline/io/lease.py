@@ -221,23 +221,41 @@ class Lease:
         store): the heartbeat stopped, and this process must not go on writing what the lock guards."""
         return self._lost.is_set()
 
+    def held(self) -> bool:
+        """Whether this process still holds the lock, read from the store now: the heartbeat notices a takeover
+        only at its next beat, so a holder about to do what the lock guards (move a pointer, delete) asks here
+        first. False, with `lost` set and logged, when another process holds it or none does; StoreError when
+        the store cannot tell."""
+        if self.lost:
+            return False
+        holder = self._holder()
+        if holder is not None and holder.get("token") == self.token:
+            return True
+        self._mark_lost(holder)
+        return False
+
+    def _mark_lost(self, holder: dict | None) -> None:
+        # Taken over (or released by its new holder): writing it back would make two holders.
+        if self._lost.is_set():  # the heartbeat and held() both saw it
+            return
+        self._lost.set()
+        logger.error(
+            "lost %s to %s (this process went without a heartbeat for over %gs): it stops writing what the lock "
+            "guards",
+            self.store.describe(self.key),
+            f"{holder.get('run_id')} on {holder.get('host')}, pid {holder.get('pid')}"
+            if holder
+            else "another process, which has released it since",
+            self.stale_s,
+        )
+
     def _heartbeat(self) -> None:
         interval = max(1.0, self.stale_s / 4)
         while not self._stop.wait(interval):
             try:
                 holder = self._holder()
                 if holder is None or holder.get("token") != self.token:
-                    # Taken over (or released by its new holder): writing it back would make two holders.
-                    self._lost.set()
-                    logger.error(
-                        "lost %s to %s (this process went without a heartbeat for over %gs): it stops "
-                        "writing what the lock guards",
-                        self.store.describe(self.key),
-                        f"{holder.get('run_id')} on {holder.get('host')}, pid {holder.get('pid')}"
-                        if holder
-                        else "another process, which has released it since",
-                        self.stale_s,
-                    )
+                    self._mark_lost(holder)
                     return
                 self.store.write_text(self.key, self._payload())
             except StoreError as e:  # the next beat retries; a long outage makes the lock stale, as it should

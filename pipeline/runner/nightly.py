@@ -239,7 +239,14 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
         code = run(job, resolved_yaml=resolved_yaml)
         if code != 0:
             return code
-        if lease.lost:  # another night took the lock over: the pointer and retention are its
+        try:
+            held = lease.held()  # read now: the heartbeat sees a takeover only at its next beat
+        except StoreError as e:
+            logger.error(
+                "%s: cannot read the nightly lock (%s); not moving %s", run_id, e, latest_key(nightly)
+            )
+            return 1
+        if not held:  # another night took the lock over: the pointer and retention are its
             logger.error("%s: not moving %s nor applying retention", run_id, latest_key(nightly))
             return 1
         if latest_date is None or date >= latest_date:

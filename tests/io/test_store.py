@@ -312,6 +312,30 @@ def test_s3_calls_retry_through_faults(fault, s3_bucket, s3_fault_proxy, caplog)
 
 
 @pytest.mark.s3
+def test_a_conditional_write_answered_409_is_retried_a_bounded_number_of_times(
+    s3_bucket, s3_fault_proxy, caplog
+):
+    """S3 answers 409 ConditionalRequestConflict to an If-None-Match PUT while another write of the key is in
+    flight: retried with backoff like any transient error, up to max_attempts (it recursed without bound)."""
+    store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint, max_attempts=4)
+    s3_fault_proxy.fail_next(2, 409, "ConditionalRequestConflict", method="PUT")
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.store"):
+        assert store.write_if_absent("lock", b"mine") is True
+    assert s3_fault_proxy.count("PUT") == 3 and store.read_bytes("lock") == b"mine"
+    assert len([r for r in caplog.records if "ConditionalRequestConflict" in r.getMessage()]) == 2
+    assert store.write_if_absent("lock", b"theirs") is False  # exists: 412 or the HEAD before it
+    s3_fault_proxy.reset_counts()
+    s3_fault_proxy.fail_next(100, 409, "ConditionalRequestConflict", method="PUT")
+    with pytest.raises(
+        StoreError, match=r"base/other \(if absent\) \(after 4 attempt\(s\)\): ConditionalRequestConflict"
+    ):
+        store.write_if_absent("other", b"x")
+    s3_fault_proxy.clear_faults()
+    assert s3_fault_proxy.count("PUT") == 4, "max_attempts, then the error"
+    assert not store.exists("other")
+
+
+@pytest.mark.s3
 def test_a_key_that_delete_objects_failed_to_delete_is_deleted_again(s3_bucket, s3_fault_proxy, caplog):
     """DeleteObjects answers 200 and lists the keys it failed to delete (InternalError, SlowDown under load):
     they were reported as a StoreError at once (a nightly retention then exited 1 after a complete night)."""
