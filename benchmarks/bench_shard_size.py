@@ -15,7 +15,7 @@ shard size, by default every row at once).
         --shards 64 256 1024 4096
 
 Results are appended to benchmarks/results/shard_size.jsonl. The job warns when run.shard_size is below 8
-batches with one shard in flight (pipeline/runner/job.py: warn_shard_drain).
+batches with one shard in flight (pipeline/runner/plan.py: warn_shard_drain).
 """
 
 from __future__ import annotations

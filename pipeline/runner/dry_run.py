@@ -1,6 +1,6 @@
 """`run.dry_run=true`: every start-up check of a real run, then what the run would do, and nothing else.
 
-The plan (pipeline/runner/job.py) has read the whole input, resolved the sampler settings against the model's
+The plan (pipeline/runner/plan.py) has read the whole input, resolved the sampler settings against the model's
 generation config and found the run id and its state. This module reports them, with what a user checks before
 spending GPU hours on a job: whether it starts a new run or resumes one (and how much is left), the rows that
 will be rejected, the first prompt exactly as the model will see it (chat template, system prompt, template),

@@ -127,7 +127,7 @@ def test_a_checkpoint_max_length_the_sampler_ignores_is_logged_at_startup(tmp_pa
     """A generation_config.json with max_length (a per-row budget in transformers' generate) and no
     max_new_tokens: the job says once, before any work, that every row gets sampler.max_new_tokens."""
     from pipeline.models.tiny import TINY_GENERATION_CONFIG
-    from pipeline.runner.job import plan
+    from pipeline.runner.plan import plan
     from tests.support.models import build_checkpoint
 
     generation = {k: v for k, v in TINY_GENERATION_CONFIG.items() if k != "max_new_tokens"}

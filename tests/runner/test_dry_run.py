@@ -28,8 +28,9 @@ from pipeline.data.prompts import prompt_ids
 from pipeline.io.commit import RUN_LOCK, SUCCESS
 from pipeline.io.lease import Lease
 from pipeline.models.loader import load_tokenizer, resolve_model_dir
-from pipeline.runner.job import plan, prepare, run
+from pipeline.runner.job import prepare, run
 from pipeline.runner.nightly import run_nightly
+from pipeline.runner.plan import plan
 
 SYSTEM = "Answer with the number only."
 

@@ -167,7 +167,7 @@ def test_settings_added_later_leave_the_identity_of_runs_that_do_not_use_them(tm
     prompt_template and system_prompt were added. A new setting enters the fingerprint only when it is used
     (or changes outputs); update these values only for a change that changes outputs, and say so."""
     from pipeline.config.schema import SamplerConfig
-    from pipeline.runner.job import plan
+    from pipeline.runner.plan import plan
 
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Add: {i}+{i}"}) + "\n" for i in range(4)))

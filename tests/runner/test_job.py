@@ -340,7 +340,7 @@ def test_too_few_rows_held_per_worker_are_warned_about(caplog):
     import logging
 
     from pipeline.config.schema import JobConfig
-    from pipeline.runner.job import warn_shard_drain
+    from pipeline.runner.plan import warn_shard_drain
 
     job = JobConfig()
     job.sampler.batch_size, job.run.shard_size = 32, 64

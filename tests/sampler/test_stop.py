@@ -175,7 +175,7 @@ def test_the_job_takes_a_string_or_a_list_and_its_stop_strings_are_part_of_the_r
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import register_configs, to_job_config
-    from pipeline.runner.job import plan
+    from pipeline.runner.plan import plan
 
     register_configs()
 
