@@ -37,7 +37,8 @@ from pipeline.data.files import (  # noqa: F401 (InputError: the readers' error)
 )
 from pipeline.data.json_document import document_kind
 from pipeline.data.records import InputChangedError, RecordBuilder, RecordTable, SpillError
-from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, split_s3_uri
+from pipeline.io.s3 import S3Store
+from pipeline.io.store import S3Options, StoreError, is_s3, split_s3_uri
 
 logger = logging.getLogger(__name__)
 

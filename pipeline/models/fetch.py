@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from pipeline.io.store import S3Options, S3Store, StoreError, fsync_dir, is_s3, split_s3_uri
+from pipeline.io.s3 import S3Store
+from pipeline.io.store import S3Options, StoreError, fsync_dir, is_s3, split_s3_uri
 from pipeline.models.loader import ModelError, default_cache_dir
 
 logger = logging.getLogger(__name__)

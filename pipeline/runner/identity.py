@@ -88,7 +88,7 @@ def local_model_identity(model_dir: str) -> str:
 def s3_objects(store: Any) -> dict[str, dict[str, Any]]:
     """Key (relative to the store's prefix) -> {size, etag} of every object under an S3Store, in one listing
     (ListObjectsV2 returns both; nothing is downloaded)."""
-    from pipeline.io.store import call_with_retries
+    from pipeline.io.s3 import call_with_retries
 
     strip = len(f"{store.prefix}/") if store.prefix else 0
     full = f"{store.prefix}/" if store.prefix else ""

@@ -20,7 +20,8 @@ from pipeline.data.prompts import check_system_prompt
 from pipeline.data.readers import read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
 from pipeline.io.commit import RunStore
-from pipeline.io.store import S3Options, S3Store, StoreError, is_s3, open_store, split_s3_uri
+from pipeline.io.s3 import S3Store
+from pipeline.io.store import S3Options, StoreError, is_s3, open_store, split_s3_uri
 from pipeline.models.loader import (
     MASK_FAMILIES,
     ModelError,

@@ -19,7 +19,8 @@ from typing import Any
 from pipeline.config.schema import ConfigError
 from pipeline.io.commit import RUN_FILE, RUN_LOCK, SUCCESS, RunConflictError, RunStore
 from pipeline.io.lease import holder_age_s, holder_is_stale, read_holder
-from pipeline.io.store import LocalStore, S3Options, S3Store, Store, StoreError, is_s3
+from pipeline.io.s3 import S3Store
+from pipeline.io.store import LocalStore, S3Options, Store, StoreError, is_s3
 from pipeline.runner.job import RUN_LOCK_STALE_S  # a lock holder silent this long is not running
 from pipeline.runner.report import format_duration
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 import pipeline.io.store as store_module
-from pipeline.io.store import LocalStore, S3Options, S3Store, Store, StoreError
+from pipeline.io.s3 import S3Store
+from pipeline.io.store import LocalStore, S3Options, Store, StoreError
 from tests.support.seaweed import SeaweedError, free_ports, inet_sockets, start_seaweedfs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -300,7 +301,7 @@ def test_s3_calls_retry_through_faults(fault, s3_bucket, s3_fault_proxy, caplog)
         ("GET", lambda: store.list("p/"), lambda result: result == ["p/obj.bin"]),
         ("POST", lambda: store.delete(["p/obj.bin"]), lambda result: result is None),
     ]
-    with caplog.at_level(logging.WARNING, logger="pipeline.io.store"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.s3"):
         for method, call, check in operations:
             s3_fault_proxy.reset_counts()
             FAULTS[fault](s3_fault_proxy, method)
@@ -319,7 +320,7 @@ def test_a_conditional_write_answered_409_is_retried_a_bounded_number_of_times(
     flight: retried with backoff like any transient error, up to max_attempts (it recursed without bound)."""
     store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint, max_attempts=4)
     s3_fault_proxy.fail_next(2, 409, "ConditionalRequestConflict", method="PUT")
-    with caplog.at_level(logging.WARNING, logger="pipeline.io.store"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.s3"):
         assert store.write_if_absent("lock", b"mine") is True
     assert s3_fault_proxy.count("PUT") == 3 and store.read_bytes("lock") == b"mine"
     assert len([r for r in caplog.records if "ConditionalRequestConflict" in r.getMessage()]) == 2
@@ -344,7 +345,7 @@ def test_a_key_that_delete_objects_failed_to_delete_is_deleted_again(s3_bucket, 
         store.write_text(name, name)
     s3_fault_proxy.reset_counts()
     s3_fault_proxy.fail_a_key_of_next_delete(2)
-    with caplog.at_level(logging.WARNING, logger="pipeline.io.store"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.s3"):
         store.delete(["a", "b", "c"])
     assert s3_fault_proxy.count("POST") == 3, "the key that failed, twice, then deleted"
     assert len([r for r in caplog.records if "InternalError" in r.getMessage()]) == 2
@@ -362,7 +363,7 @@ def test_s3_refused_connections_are_retried_until_the_endpoint_is_back(s3_bucket
     s3_fault_proxy.reset_counts()
     started = time.monotonic()
     s3_fault_proxy.refuse_connections(1.5)
-    with caplog.at_level(logging.WARNING, logger="pipeline.io.store"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.s3"):
         store.write_text("after", "y")
     assert time.monotonic() - started >= 1.4
     assert s3_fault_proxy.count("PUT") == 1  # refused attempts never got through; the retry did

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.io.store import S3Options, S3Store, split_s3_uri
+from pipeline.io.s3 import S3Store
+from pipeline.io.store import S3Options, split_s3_uri
 from pipeline.models.fetch import MARKER, PARTIAL, cache_path, resolve_model_dir
 from pipeline.models.loader import ModelError
 

@@ -333,7 +333,8 @@ class S3Bucket:
         return self.server.endpoint
 
     def store(self, prefix: str = "", *, endpoint_url: str | None = None, **options):
-        from pipeline.io.store import S3Options, S3Store
+        from pipeline.io.s3 import S3Store
+        from pipeline.io.store import S3Options
 
         settings = {**FAST_RETRIES, **options}
         uri = f"{self.uri}/{prefix.strip('/')}" if prefix.strip("/") else self.uri
