@@ -411,7 +411,7 @@ def test_an_empty_directory_says_so(tmp_path):
 def test_a_failed_load_dataset_names_the_missing_file_and_hides_secrets_at_any_depth(tmp_path):
     """The file a data_files argument names is no secret: it was hidden with the token; a value nested in
     storage_options or headers was not hidden at all."""
-    from pipeline.data.readers import _redact
+    from pipeline.data.hf_datasets import redact
 
     missing = str(tmp_path / "nope" / "prompts.jsonl")
     kwargs = {
@@ -426,7 +426,7 @@ def test_a_failed_load_dataset_names_the_missing_file_and_hides_secrets_at_any_d
         read_input(data)
     assert missing in str(info.value) and "datasets.load_dataset failed" in str(info.value)
     message = f"cannot open {missing} with hf_secret_token_1, AKIAEXAMPLE / nested-secret-2 and Bearer abc-3"
-    assert _redact(message, kwargs) == f"cannot open {missing} with ***, *** / *** and ***"
+    assert redact(message, kwargs) == f"cannot open {missing} with ***, *** / *** and ***"
 
 
 @pytest.mark.parametrize(

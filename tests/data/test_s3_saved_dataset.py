@@ -78,7 +78,7 @@ def test_a_saved_dataset_on_s3_with_a_missing_file_fails_naming_the_prefix(s3_bu
 def test_folder_markers_are_skipped_and_a_key_that_maps_outside_is_refused(s3_bucket, tmp_path):
     from datasets import Dataset
 
-    from pipeline.data.readers import _download_prefix
+    from pipeline.data.hf_datasets import download_prefix
 
     Dataset.from_dict({"prompt": ["Add: 1+2", "Add: 3+4"]}).save_to_disk(str(tmp_path / "ds"))
     _upload(s3_bucket, tmp_path / "ds", "in/ds")
@@ -91,7 +91,7 @@ def test_folder_markers_are_skipped_and_a_key_that_maps_outside_is_refused(s3_bu
     target = tmp_path / "outside"
     for bad in (f"/{target}/x", "../x", "./x"):
         with pytest.raises(InputError, match="does not map to a file below it"):
-            _download_prefix(
+            download_prefix(
                 f"{s3_bucket.uri}/in/ds", [f"{s3_bucket.uri}/in/ds/{bad}"], str(tmp_path / "dl"), None, None
             )
     assert not target.exists()
