@@ -19,6 +19,7 @@ from pipeline.io.store import CHUNK, S3Options, Store, StoreError, split_s3_uri
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+POOL_CONNECTIONS = 32  # HTTP connections a client keeps (threads calling it at once)
 
 
 class S3Store(Store):
@@ -229,6 +230,9 @@ def make_s3_client(options: S3Options):
     config = Config(
         # One HTTP attempt per botocore call: call_with_retries owns the policy (backoff, logging, counts).
         retries={"total_max_attempts": 1, "mode": "standard"},
+        # One connection per thread that shares the client (RunStore.committed reads 16 markers at a time): with
+        # botocore's default of 10, connections were dropped and opened again.
+        max_pool_connections=POOL_CONNECTIONS,
         connect_timeout=options.connect_timeout_s,
         read_timeout=options.read_timeout_s,
         s3={"addressing_style": "path"} if options.endpoint_url else None,

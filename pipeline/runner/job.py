@@ -237,8 +237,10 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
         except STARTUP_ERRORS as e:
             logger.error("%s", e)
             return 2
+        committed = None
         if prep.status == "complete":
-            broken = run_store.verify(run_store.committed())
+            committed = run_store.committed()
+            broken = run_store.verify(committed)
             stats, problem = _final_stats(run_store) if not broken else (None, None)
             if stats is not None:
                 logger.info("run %s is already complete (_SUCCESS present); nothing to do", prep.run_id)
@@ -258,7 +260,7 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
                     prep.run_id,
                     problem,
                 )
-        return _resume(job, prep, started)
+        return _resume(job, prep, started, committed)
     finally:
         lease.release()
 
@@ -290,11 +292,12 @@ def _final_stats(run_store: RunStore) -> tuple[dict[str, Any] | None, str | None
     return stats, None
 
 
-def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
-    """Runs the shards not yet committed and finalizes the run (the caller holds the run lock)."""
+def _resume(job: JobConfig, prep: Prepared, started: float, committed: dict[int, Any] | None = None) -> int:
+    """Runs the shards not yet committed and finalizes the run (the caller holds the run lock). `committed`:
+    the run's markers when the caller has read them already."""
     run_store = prep.run_store
     remove_stale_temp(run_store)
-    committed = run_store.committed()
+    committed = run_store.committed() if committed is None else committed
     broken = run_store.verify(committed)
     if broken:
         logger.warning(
@@ -333,7 +336,7 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
             logger.error("%s", e)
             return 2
 
-    all_commits = run_store.committed()
+    all_commits = run_store.committed(known=committed)  # reads only the markers this run's workers wrote
     missing = run_store.verify(all_commits)
     if (
         missing and not failed
@@ -342,7 +345,7 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
             ShardTask(shard=s, start=0, stop=0, last_error="part missing after commit") for s in missing
         ]
         run_store.uncommit(missing)
-        all_commits = run_store.committed()
+        all_commits = {shard: commit for shard, commit in all_commits.items() if shard not in missing}
     stats = build_stats(prep, all_commits, new_commits, worker_infos, started, failed, counters)
     if failed:
         run_store.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
@@ -363,7 +366,7 @@ def _resume(job: JobConfig, prep: Prepared, started: float) -> int:
     from pipeline.io.card import render_card
 
     manifest = build_manifest(prep, all_commits)
-    run_store.finalize(manifest, stats, render_card(run_store.uri, manifest, stats))
+    run_store.finalize(all_commits, manifest, stats, render_card(run_store.uri, manifest, stats))
     log_summary(stats, run_store.uri)
     return 0
 

@@ -402,6 +402,21 @@ def test_endpoint_refusing_connections_is_retried(s3_bucket, s3_fault_proxy, tmp
     assert_exactly_once(out, "e", 12)
 
 
+@pytest.mark.s3
+def test_a_run_reads_each_commit_marker_once(s3_bucket, s3_fault_proxy, tmp_path):
+    """The driver read every marker after the workers and again to finalize: two GETs per shard on S3 (with the
+    start's read on a resume, three: 83 of 96 s of a resume of 10,000 shards)."""
+    data_file = write_prompts(tmp_path / "in.jsonl", 12)
+    args = [f"data.path={data_file}", "run.id=m", "run.shard_size=2", *COMMON, "output=s3"]
+    args += [f"output.uri={s3_bucket.uri}/runs", f"output.endpoint_url={s3_fault_proxy.endpoint}"]
+    code, log = finish(start_job(args, tmp_path))
+    assert code == 0, log[-3000:]
+    assert s3_fault_proxy.count("GET", "/runs/m/_commits/") == 6, "one GET per shard's marker"
+    out = Output.__new__(Output)
+    out.kind, out.bucket = "s3", s3_bucket
+    assert_exactly_once(out, "m", 12)
+
+
 def test_unreachable_output_fails_at_startup(tmp_path):
     data_file = write_prompts(tmp_path / "in.jsonl", 3)
     code, log = finish(
