@@ -211,7 +211,14 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
         from pipeline.runner import dry_run
 
         warn_shard_drain(job, prep.identity["num_shards"])
-        return dry_run.report(prep)
+        try:
+            return dry_run.report(prep)
+        except StoreError as e:
+            logger.error("dry run: %s", e)
+            return 2
+        except Exception:  # noqa: BLE001 - a bug: exit code 2 (nothing was started), not 1 (shards failed)
+            logger.exception("the dry run failed (exit code 2): unexpected error; the traceback follows")
+            return 2
     logger.info("run %s -> %s", prep.run_id, run_store.uri)
     warn_shard_drain(job, prep.identity["num_shards"])
     # The lock comes before anything is written in the run directory: run.overwrite too must not delete the

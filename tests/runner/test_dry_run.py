@@ -219,3 +219,15 @@ def test_an_s3_model_is_checked_and_its_prompts_rendered_from_its_tokenizer_file
         assert run(dataclasses.replace(job(system_prompt=SYSTEM), run=RunConfig())) == 2
     assert "this model's chat template drops system turns" in caplog.text
     assert "reading input" not in caplog.text and not cache.exists()
+
+
+def test_the_length_sample_is_spread_evenly_over_the_rows_without_an_error():
+    from pipeline.runner.dry_run import _sample_indices
+
+    # two chunks, as a spilled record table has; every third row rejected
+    errors = pa.chunked_array([["bad" if i % 3 == 0 else None for i in range(n, n + 50)] for n in (0, 50)])
+    good = [i for i in range(100) if i % 3]
+    assert _sample_indices(errors, 10) == [good[int(i * len(good) / 10)] for i in range(10)]
+    assert _sample_indices(errors, 1000) == good
+    clean = pa.chunked_array([pa.nulls(30, pa.string()), pa.nulls(20, pa.string())])
+    assert _sample_indices(clean, 5) == [0, 10, 20, 30, 40]
