@@ -228,6 +228,9 @@ def build_stats(
         "rows_error": sum(c.error_rows for c in commits),
         "rows_filtered": sum(c.filtered for c in commits),
         "errors_by_stage": _merge([c.errors_by_stage for c in commits]),
+        "last_commit_at": max(
+            (c.committed_at for c in commits), default=None
+        ),  # status reads it, not markers
         "finish_reasons": _merge([c.finish_reasons for c in commits]),
         "tokens_generated": tokens,  # completion tokens of the rows in data/
         "denoising_steps": steps,  # decoder passes of the rows in data/

@@ -15,6 +15,8 @@ def ray_local():
         # The workers inherit OMP_NUM_THREADS and TOKENIZERS_PARALLELISM from tests/conftest.py's environment (a
         # runtime_env would keep Ray's prestarted workers from hosting actors: pipeline/runner/ray_setup.py).
         assert os.environ["OMP_NUM_THREADS"] and os.environ["TOKENIZERS_PARALLELISM"]
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+        # address="local": a new instance even where `ray start` left a cluster running on this machine (ray.init
+        # would join it, and refuse num_cpus).
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()

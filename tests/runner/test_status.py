@@ -161,3 +161,30 @@ def test_a_marker_deleted_between_the_listing_and_its_read_is_skipped(tmp_path):
     listing = store.list
     store.list = lambda prefix="": before if prefix == "_commits/" else listing(prefix)  # the earlier listing
     assert set(prep.run_store.committed()) == {1}
+
+
+@pytest.mark.ray
+def test_a_complete_run_is_reported_from_its_stats_without_reading_its_markers(tmp_path, ray_local):
+    """The status of an output location read every marker of every run, complete ones too: 31 s for 11,000
+    markers on S3. A complete run's stats.json has its totals, written from every marker when it completed."""
+    from pipeline.runner.job import run
+    from tests.runner.test_job import make_job, write_prompts
+
+    assert run(make_job(tmp_path, write_prompts(tmp_path / "p.jsonl", 14), run__shard_size=4)) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    store = open_store(str(run_dir))
+    from_markers = run_status(store)
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert from_markers["state"] == "complete" and from_markers["shards_committed"] == 4
+    assert (from_markers["rows_out"], from_markers["tokens"]) == (14, stats["tokens_generated"])
+    assert from_markers["last_commit_at"] == stats["last_commit_at"]
+    markers = {p.name: p.read_bytes() for p in (run_dir / "_commits").iterdir()}
+    for name in markers:  # unreadable markers: only stats.json can give the totals now
+        (run_dir / "_commits" / name).write_text("{")
+    assert run_status(store) == from_markers
+    del stats["last_commit_at"]  # a run completed before stats.json recorded it: its markers are read
+    (run_dir / "stats.json").write_text(json.dumps(stats))
+    assert run_status(store)["shards_committed"] == 0
+    for name, payload in markers.items():
+        (run_dir / "_commits" / name).write_bytes(payload)
+    assert run_status(store) == from_markers
