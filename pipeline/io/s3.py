@@ -8,6 +8,7 @@ never appear in logs or messages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from pipeline.io.store import CHUNK, S3Options, Store, StoreError, split_s3_uri
+from pipeline.io.store import CHUNK, PROBE_PREFIX, PROBE_STALE_S, S3Options, Store, StoreError, split_s3_uri
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -208,7 +209,7 @@ class S3Store(Store):
                 )
 
     def check_writable(self, *, create: bool = True) -> None:  # an S3 probe object leaves nothing behind
-        probe = f".canvasflow-probe-{os.getpid()}-{random.randrange(1 << 30)}"
+        probe = f"{PROBE_PREFIX}{os.getpid()}-{random.randrange(1 << 30)}"
         where = f" (endpoint {self.options.endpoint_url})" if self.options.endpoint_url else ""
         try:
             self.write_bytes(probe, b"ok")
@@ -218,6 +219,10 @@ class S3Store(Store):
                 f"output location {self.uri}{where} is not writable: {e}. Check that bucket '{self.bucket}' "
                 "exists, output.endpoint_url and the credentials in the environment / AWS configuration."
             ) from None
+        # Probes of processes killed between their write and delete: nothing else lists or removes them.
+        with contextlib.suppress(StoreError):  # best effort (e.g. credentials that may not list)
+            old = [key for key in self.list(PROBE_PREFIX) if (self.age_s(key) or 0.0) > PROBE_STALE_S]
+            self.delete(old)
 
     def child(self, prefix: str) -> S3Store:
         return S3Store(f"{self.uri}/{prefix.strip('/')}", self.options)

@@ -17,15 +17,17 @@ import secrets
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 TMP_PREFIX = ".tmp-"  # local temporary files; never listed (remove_temp_files deletes those left behind)
 CHUNK = 8 << 20  # streaming copies: bytes per read
+# check_writable's probe object; one this old is a leftover of a process killed between writing and deleting it
+PROBE_PREFIX = ".canvasflow-probe-"
+PROBE_STALE_S = 60.0
 
 
 class StoreError(RuntimeError):
@@ -105,10 +107,13 @@ class Store(ABC):
         Path(dest).write_bytes(data)
         return len(data)
 
-    def remove_temp_files(self, older_than_s: float) -> tuple[int, int]:
+    def remove_temp_files(
+        self, older_than_s: float, targets: Collection[str] | None = None
+    ) -> tuple[int, int]:
         """Deletes the temporary files of writes that never finished (a process killed between writing and
-        renaming one) untouched for more than `older_than_s`; returns their count and bytes. Only a local store
-        has them: an S3 write is one PUT, so here there is nothing to do."""
+        renaming one) untouched for more than `older_than_s`, with `targets` only those of writes of these keys
+        at the root; returns their count and bytes. Only a local store has them: an S3 write is one PUT, so
+        here there is nothing to do."""
         return 0, 0
 
     def age_s(self, key: str) -> float | None:
@@ -252,7 +257,9 @@ class LocalStore(Store):
             except OSError as e:
                 raise StoreError(f"cannot delete {path}: {e.strerror or e}") from e
 
-    def remove_temp_files(self, older_than_s: float) -> tuple[int, int]:
+    def remove_temp_files(
+        self, older_than_s: float, targets: Collection[str] | None = None
+    ) -> tuple[int, int]:
         """See Store.remove_temp_files: `.tmp-*` files anywhere below the root, aged by modification time (a
         write in flight keeps it recent). Best effort: one that cannot be deleted is logged and skipped (it is
         never listed or read)."""
@@ -261,6 +268,10 @@ class LocalStore(Store):
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if not name.startswith(TMP_PREFIX):
+                    continue
+                if targets is not None and (
+                    dirpath != str(self.root) or name[len(TMP_PREFIX) :].rsplit(".", 1)[0] not in targets
+                ):
                     continue
                 path = Path(dirpath) / name
                 try:
@@ -290,12 +301,13 @@ class LocalStore(Store):
             folder = next(p for p in (self.root, *self.root.parents) if p.exists())
             if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
                 return
-        probe = f".canvasflow-probe-{os.getpid()}-{random.randrange(1 << 30)}"
+        probe = f"{PROBE_PREFIX}{os.getpid()}-{random.randrange(1 << 30)}"
         try:
             if not create:
                 raise StoreError(f"{folder} is not a writable directory")
             self.write_bytes(probe, b"ok")
             self.delete([probe])
+            self._remove_old_probes()
         except StoreError as e:
             file = _file_in_the_way(self.root)
             fix = (
@@ -304,6 +316,21 @@ class LocalStore(Store):
                 else "check output.uri and the permissions of that directory"
             )
             raise StoreError(f"output location {self.uri} is not writable ({e}): {fix}") from None
+
+    def _remove_old_probes(self) -> None:
+        """Deletes the probes (and their temporary files) that processes killed in check_writable left at the
+        root, which nothing else lists or removes. Best effort."""
+        cutoff = time.time() - PROBE_STALE_S
+        with contextlib.suppress(OSError), os.scandir(self.root) as entries:
+            for entry in entries:
+                if not entry.name.startswith((PROBE_PREFIX, TMP_PREFIX + PROBE_PREFIX)):
+                    continue
+                with contextlib.suppress(OSError):
+                    if (
+                        entry.is_file(follow_symlinks=False)
+                        and entry.stat(follow_symlinks=False).st_mtime < cutoff
+                    ):
+                        os.unlink(entry.path)
 
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self._path(prefix))

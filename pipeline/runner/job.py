@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.config.redact import config_yaml, with_run_values
 from pipeline.config.schema import ConfigError, JobConfig
 from pipeline.data.readers import InputError
-from pipeline.io.commit import COMMITS, RUN_LOCK, SUCCESS, FencedError, RunConflictError, RunStore
+from pipeline.io.commit import COMMITS, RUN_FILE, RUN_LOCK, SUCCESS, FencedError, RunConflictError, RunStore
 from pipeline.io.lease import Lease, Refused
 from pipeline.io.store import StoreError
 from pipeline.models.loader import ModelError, dtype_name
@@ -250,6 +250,9 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
             broken = run_store.verify(committed)
             stats, problem = _final_stats(run_store) if not broken else (None, None)
             if stats is not None:
+                remove_stale_temp(
+                    run_store, complete=True
+                )  # a kill's leftovers; the run is otherwise untouched
                 logger.info("run %s is already complete (_SUCCESS present); nothing to do", prep.run_id)
                 log_summary(stats, run_store.uri, ran=False)
                 return 0
@@ -273,6 +276,7 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
 
 
 FINAL_FILES = ("_manifest.json", "stats.json", "README.md")  # written by RunStore.finalize, before _SUCCESS
+DRIVER_FILES = frozenset({RUN_FILE, "_config.yaml", *FINAL_FILES, SUCCESS})  # written under the run lock only
 SUMMARY_KEYS = (
     "rows_in",
     "rows_out",
@@ -389,11 +393,15 @@ def remove_stale_temp(run_store: RunStore, *, complete: bool = False) -> None:
 
     `complete`: every shard is committed and this run's workers are done, so a temporary file of any age under
     the shard folders (data/, errors/, _commits/) belongs to a write that must never land (a worker killed
-    mid-write, or one still finishing a shard that its retry committed): those go too, and a complete run's
-    folders hold its committed objects only."""
+    mid-write, or one still finishing a shard that its retry committed): those go too, as do those of the
+    driver's own files at the top (a driver killed while it finalized), and a complete run holds its committed
+    objects only."""
     count, size = run_store.store.remove_temp_files(older_than_s=STALE_TEMP_S)
     for folder in SHARD_FOLDERS if complete else ():
         removed, nbytes = run_store.store.child(folder).remove_temp_files(older_than_s=0)
+        count, size = count + removed, size + nbytes
+    if complete:  # only the lock's holder writes these: one of any age is a killed driver's (not _lock's)
+        removed, nbytes = run_store.store.remove_temp_files(older_than_s=0, targets=DRIVER_FILES)
         count, size = count + removed, size + nbytes
     if count:
         logger.info(

@@ -110,8 +110,8 @@ def test_a_run_removes_the_stale_temporary_files_that_killed_writes_left(tmp_pat
     """A write SIGKILLed between write and rename leaves its `.tmp-*` file in the run directory, never listed
     and so never cleaned. A run holding the lock removes those untouched for STALE_TEMP_S before its workers
     start, and again before it finalizes (by then, one too young at the start may be old enough); never a
-    younger one, which may be a write in flight, except under the shard folders of a complete run (no write
-    there may land any more)."""
+    younger one, which may be a write in flight, except under the shard folders of a complete run and those of
+    the driver's own files (no such write may land any more)."""
     data = write_prompts(tmp_path / "prompts.jsonl", 8)
     run_dir = tmp_path / "out" / "test-run"
     store = LocalStore(run_dir)
@@ -130,8 +130,9 @@ def test_a_run_removes_the_stale_temporary_files_that_killed_writes_left(tmp_pat
         leftover("_run.json", 7, STALE_TEMP_S + 30),
     ]
     aged_during_run = leftover("data/part-00001.parquet", 500, 0)  # a quick retry: too young at the start
-    young = leftover("_config.yaml", 9, 0)
+    young = leftover("_lock", 9, 0)  # e.g. a heartbeat's write in flight
     young_in_shards = leftover("errors/part-00003.parquet", 11, 0)  # e.g. a worker killed mid-write just now
+    young_of_driver = leftover("_config.yaml", 13, 0)  # only the lock's holder writes it: a killed driver's
     job = make_job(tmp_path, data)
     job.postprocess = {"_target_": "tests.runner.postprocess_fns.age_file", "path": str(aged_during_run)}
     prepare(job)  # the killed run had started (its _run.json); its postprocess ages that file in the workers
@@ -140,9 +141,43 @@ def test_a_run_removes_the_stale_temporary_files_that_killed_writes_left(tmp_pat
     assert not any(path.exists() for path in stale) and not aged_during_run.exists()
     assert young.exists(), "a temporary file younger than STALE_TEMP_S may be a write in flight"
     assert not young_in_shards.exists(), "once every shard is committed, none under the shard folders lands"
+    assert not young_of_driver.exists(), "nor one of the driver's own files"
     removed = [r.getMessage() for r in caplog.records if "stale temporary file" in r.getMessage()]
     assert removed == [
         f"removed 4 stale temporary file(s) (1237 bytes) of interrupted writes under {run_dir}",
-        f"removed 2 stale temporary file(s) (511 bytes) of interrupted writes under {run_dir}",
+        f"removed 3 stale temporary file(s) (524 bytes) of interrupted writes under {run_dir}",
     ]
     assert read_parts(run_dir).num_rows == 8 and (run_dir / "_SUCCESS").exists()
+
+
+def test_a_driver_killed_while_it_finalized_leaves_no_temporary_file_once_the_run_is_complete(
+    tmp_path, ray_local
+):
+    """A driver killed while writing _manifest.json, stats.json, README.md or _SUCCESS left its `.tmp-*` file at
+    the top of the run for good: the rerun that finalized kept it (too young), and every later rerun found the
+    run complete and returned before any cleanup. So did a start killed in the output location's write check
+    (its probe, or the probe's temporary file, at the top of output.uri)."""
+    data = write_prompts(tmp_path / "prompts.jsonl", 8)
+    out = tmp_path / "out"
+    run_dir = out / "test-run"
+    assert run(make_job(tmp_path, data)) == 0
+    store = LocalStore(run_dir)
+    manifest = _write_temp(run_dir / "_manifest.json", b"{")  # killed in finalize: _SUCCESS not written yet
+    (run_dir / "_SUCCESS").unlink()
+    assert run(make_job(tmp_path, data)) == 0 and (run_dir / "_SUCCESS").exists()
+    assert not manifest.exists()
+    readme = _write_temp(run_dir / "README.md", b"#")  # a complete run's leftover, from any kill before
+    heartbeat = _write_temp(run_dir / RUN_LOCK, b"{}")  # a heartbeat's write, maybe in flight: never touched
+    old_probe, old_probe_temp = (
+        out / ".canvasflow-probe-1-2",
+        _write_temp(out / ".canvasflow-probe-3-4", b"ok"),
+    )
+    old_probe.write_text("ok")
+    for path in (old_probe, old_probe_temp):
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    new_probe = out / ".canvasflow-probe-5-6"  # another process's check, just now
+    new_probe.write_text("ok")
+    assert run(make_job(tmp_path, data)) == 0
+    assert not readme.exists() and heartbeat.exists() and new_probe.exists()
+    assert not old_probe.exists() and not old_probe_temp.exists()
+    assert read_parts(run_dir).num_rows == 8 and store.exists("README.md")
