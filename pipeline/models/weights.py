@@ -32,8 +32,32 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         raise ValueError(f"{model_dir} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
     from safetensors import safe_open
 
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors (SafetensorError) and OSError
+        raise ValueError(
+            f"{single} is not a readable safetensors file ({e}): copy or download it again"
+        ) from None
+
+
+def check_weight_files(model_dir: Path) -> None:
+    """ValueError naming the file unless every weight file of the checkpoint is there and its safetensors
+    header reads, with the tensors it lists inside the file (a copy cut short fails here): only the headers
+    are read, so that a missing or truncated file fails the job at start-up, not in every worker after the
+    cluster has started."""
+    from safetensors import safe_open
+
+    for file in sorted(set(weight_files(model_dir).values())):
+        if not file.is_file():
+            raise ValueError(f"{file}, named by {model_dir / INDEX_FILE}, does not exist")
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors (SafetensorError) and OSError
+            raise ValueError(
+                f"{file} is not a readable safetensors file ({e}): copy or download it again"
+            ) from None
 
 
 def describe_missing(model_dir: Path, missing: Iterable[str]) -> str:

@@ -7,11 +7,14 @@ output, input, the run id's identity) and what the run will be (`Prepared`), wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig
@@ -30,6 +33,7 @@ from pipeline.models.loader import (
     load_tokenizer,
     resolve_model_dir,
 )
+from pipeline.models.weights import INDEX_FILE, WEIGHTS_FILE, check_weight_files
 from pipeline.postprocess import load_postprocess
 from pipeline.runner.identity import (
     CONTENT_FILES,
@@ -80,6 +84,10 @@ def _inspect_model(job: JobConfig, *, tokenizer: bool = False) -> tuple[ModelInf
     if not is_s3(path):
         model_dir = resolve_model_dir(path, cache_dir=job.model.cache_dir)
         info = inspect_model(model_dir, name=path if path.startswith("builtin:") else None)
+        try:  # the weight files' headers only: a missing or cut file fails here, not in every worker
+            check_weight_files(Path(model_dir))
+        except ValueError as e:
+            raise ModelError(f"model.path={path!r}: {e}") from None
         loaded = (
             load_tokenizer(model_dir, remote_code_free=info.family in MASK_FAMILIES) if tokenizer else None
         )
@@ -91,6 +99,7 @@ def _inspect_model(job: JobConfig, *, tokenizer: bool = False) -> tuple[ModelInf
         keys = list(objects)
         if "config.json" not in keys:
             raise ModelError(f"model.path={path!r} has no config.json")
+        _check_s3_weights(store, path, keys)
         wanted = TOKENIZER_FILES if tokenizer else ("config.json", "generation_config.json")
         with tempfile.TemporaryDirectory() as tmp:
             for name in wanted:
@@ -107,6 +116,28 @@ def _inspect_model(job: JobConfig, *, tokenizer: bool = False) -> tuple[ModelInf
         raise ModelError(f"model.path={path!r} cannot be read: {e}") from None
     info.model_dir = path
     return info, s3_model_identity(path, objects), loaded
+
+
+def _check_s3_weights(store: S3Store, path: str, keys: list[str]) -> None:
+    """ModelError unless the weight files of the s3:// model are all there (model.safetensors, or every file
+    its model.safetensors.index.json names), before any worker downloads them."""
+    if WEIGHTS_FILE in keys:
+        return
+    if INDEX_FILE not in keys:
+        raise ModelError(f"model.path={path!r} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    try:
+        index = json.loads(store.read_bytes(INDEX_FILE).decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ModelError(f"{store.describe(INDEX_FILE)} is not a JSON file ({e}): upload it again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelError(f"{store.describe(INDEX_FILE)} has no weight_map")
+    missing = sorted({str(file) for file in weight_map.values()} - set(keys))
+    if missing:
+        raise ModelError(
+            f"{store.describe(INDEX_FILE)} names {len(missing)} weight file(s) that are not there: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
 
 
 def check_local_device(job: JobConfig) -> None:
@@ -130,6 +161,29 @@ def check_local_device(job: JobConfig) -> None:
     raise ConfigError(
         f"{setting} needs a CUDA device and this machine has none (cluster.mode=local runs the workers here); "
         f"{fix}, or run on a GPU cluster with cluster=ray"
+    )
+
+
+def check_local_gpus(job: JobConfig, num_shards: int) -> None:
+    """cluster.mode=local with cluster.num_gpus_per_worker set: the workers' GPUs must be on this machine, or Ray
+    waits for them (cluster.worker_start_timeout_s, 10 minutes by default, logging that no node fits)."""
+    gpus, cluster = job.cluster.num_gpus_per_worker, job.cluster
+    if cluster.mode != "local" or not gpus or not num_shards:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    workers = min(cluster.num_workers, num_shards)  # the job starts no more workers than shards
+    fit = (
+        have * math.floor(1 / gpus + 1e-9) if gpus < 1 else math.floor(have / gpus + 1e-9)
+    )  # as Ray packs them
+    if fit >= workers:
+        return
+    raise ConfigError(
+        f"cluster.num_gpus_per_worker={gpus:g} for {workers} worker(s), but this machine has {have} CUDA "
+        f"device(s), room for {fit} such worker(s) (cluster.mode=local runs the workers here): lower "
+        "cluster.num_workers or cluster.num_gpus_per_worker, unset cluster.num_gpus_per_worker (it then means 1 "
+        "where the machine has GPUs, else 0), or run on a GPU cluster with cluster=ray"
     )
 
 
@@ -219,6 +273,7 @@ def plan(job: JobConfig) -> Prepared:
         )
     run_store = RunStore(store.child(run_id), run_id)
     num_shards = -(-records.num_rows // job.run.shard_size)
+    check_local_gpus(job, num_shards)
     identity = {
         "run_id": run_id,
         "input_path": job.data.path,

@@ -10,6 +10,8 @@ import re
 import secrets
 import signal
 import socket
+import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,18 @@ def _init(ray, cluster: ClusterConfig) -> None:
         # by the last `ray start` on this machine, and then refuses num_cpus.
         env = {"PYTHONPATH": python_path, "TOKENIZERS_PARALLELISM": "false", **_instance_token()}
         with _environment(env), _quiet_default_token_auth():
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+            try:
+                ray.init(
+                    address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING
+                )
+            except Exception as e:  # noqa: BLE001 - Ray's own (RuntimeError, OSError, ...): the job did not start
+                with contextlib.suppress(Exception):  # what it had started
+                    ray.shutdown()
+                raise ClusterConnectError(
+                    f"could not start a local Ray instance: {type(e).__name__}: {e}. Ray writes its session files "
+                    f"under {_ray_temp_dir()}/ray: check that this folder is writable and has room (a few hundred "
+                    "MB), or point RAY_TMPDIR (or TMPDIR) at one that is"
+                ) from None
     else:
         logger.info("connecting to the Ray cluster at %s", cluster.address)
         named = check_reachable(cluster.address)
@@ -77,6 +90,16 @@ def _init(ray, cluster: ClusterConfig) -> None:
             ray.init(address=cluster.address, logging_level=logging.WARNING)
         except (ConnectionError, ValueError) as e:  # e.g. address=auto and no cluster running
             raise ClusterConnectError(f"cannot connect to the Ray cluster at {named}: {e}") from None
+
+
+def _ray_temp_dir() -> str:
+    """Where a local Ray instance puts its session folder: RAY_TMPDIR, else on Linux TMPDIR as set (Ray does
+    not fall back as Python's tempfile does), else the system's temporary folder."""
+    if os.environ.get("RAY_TMPDIR"):
+        return os.environ["RAY_TMPDIR"]
+    if sys.platform.startswith("linux") and os.environ.get("TMPDIR"):
+        return os.environ["TMPDIR"]
+    return tempfile.gettempdir()
 
 
 def check_reachable(address: str | None) -> str:

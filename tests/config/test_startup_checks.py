@@ -1,0 +1,143 @@
+"""What used to fail only once the cluster had started (or never) fails at start-up, exit code 2, naming what to
+fix: workers asking for GPUs this machine does not have, a model whose weights are missing or cut short, and a
+local Ray instance that cannot start."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config.schema import (
+    ClusterConfig,
+    ConfigError,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    OutputConfig,
+)
+from pipeline.models.loader import ModelError, resolve_model_dir
+from pipeline.runner.plan import plan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _job(tmp_path: Path, **model) -> JobConfig:
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Add: {i}+1"}) + "\n" for i in range(5)))
+    return JobConfig(
+        model=ModelConfig(**model),
+        data=DataConfig(path=str(data)),
+        output=OutputConfig(uri=str(tmp_path / "out")),
+        cluster=ClusterConfig(num_workers=2),
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_workers_asking_for_gpus_this_machine_lacks_are_refused(tmp_path):
+    """cluster.num_gpus_per_worker=1 on a machine without GPUs (cluster.mode=local) passed the dry run, then
+    waited cluster.worker_start_timeout_s (10 minutes) for a node that fits, logging Ray's autoscaler errors."""
+    job = _job(tmp_path)
+    job.cluster.num_gpus_per_worker = 1
+    with pytest.raises(ConfigError) as error:
+        plan(job)
+    assert str(error.value).startswith(
+        "cluster.num_gpus_per_worker=1 for 1 worker(s), but this machine has 0 CUDA device(s), room for 0 such "
+        "worker(s) (cluster.mode=local runs the workers here)"
+    )  # 5 rows: one shard, so one worker
+    job.cluster.num_gpus_per_worker = 0
+    plan(job)
+
+
+def _model_copy(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_dir("builtin:tiny-diffusiongemma"), model)
+    return model
+
+
+def _cut(model: Path) -> str:
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return f"{weights} is not a readable safetensors file ("
+
+
+def _sharded(model: Path) -> str:
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model.safetensors"},
+    }
+    (model / "model.safetensors").rename(model / "model-00002-of-00002.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    return f"{model / 'model-00001-of-00002.safetensors'}, named by {model / 'model.safetensors.index.json'}"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda model: (model / "model.safetensors").unlink() or f"{model} has neither model.safetensors nor",
+        _cut,
+        _sharded,
+    ],
+    ids=["missing", "cut-short", "index-names-a-missing-shard"],
+)
+def test_a_model_whose_weights_are_missing_or_cut_short_is_refused(tmp_path, damage):
+    """It passed the dry run, then every worker failed to load it once Ray had started (on a GPU cluster: once
+    the GPU nodes were up)."""
+    model = _model_copy(tmp_path)
+    problem = damage(model)
+    with pytest.raises(ModelError) as error:
+        plan(_job(tmp_path, path=str(model)))
+    assert str(error.value).startswith(f"model.path={str(model)!r}: ") and problem in str(error.value)
+
+
+@pytest.mark.s3
+def test_an_s3_model_whose_weights_are_not_all_there_is_refused(tmp_path, s3_bucket):
+    source = Path(resolve_model_dir("builtin:tiny-diffusiongemma"))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (source / name).exists():
+            s3_bucket.put(f"m/{name}", (source / name).read_bytes())
+    job = _job(tmp_path, path=f"{s3_bucket.uri}/m")
+    job.output.endpoint_url = s3_bucket.endpoint
+    with pytest.raises(
+        ModelError, match=r"/m' has neither model.safetensors nor model.safetensors.index.json"
+    ):
+        plan(job)
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    s3_bucket.put("m/model.safetensors.index.json", json.dumps(index).encode())
+    s3_bucket.put("m/model-00002-of-00002.safetensors", (source / "model.safetensors").read_bytes())
+    with pytest.raises(
+        ModelError, match=r"names 1 weight file\(s\) that are not there: model-00001-of-00002"
+    ):
+        plan(job)
+
+
+def test_a_local_ray_instance_that_cannot_start_exits_2_naming_its_folder(tmp_path):
+    """Ray's session folder lives under TMPDIR (RAY_TMPDIR), which Ray takes as set: one it cannot use ended the
+    job in a Hydra traceback with exit code 1 ("shards failed")."""
+    not_a_folder = tmp_path / "tmp"
+    not_a_folder.write_text("")
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "generate.py"),
+            f"data.path={data}",
+            f"output.uri={tmp_path / 'out'}",
+        ],
+        env={**os.environ, "TMPDIR": str(not_a_folder)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 2, log[-3000:]
+    assert "could not start a local Ray instance: NotADirectoryError" in log and "Traceback" not in log
+    assert f"Ray writes its session files under {not_a_folder}/ray: check that this folder is writable" in log
