@@ -94,34 +94,56 @@ def device_failed(error: BaseException) -> bool:
     return any(marker in text for marker in DEVICE_FAILURES)
 
 
+START_REPLACEMENTS = 2  # per worker slot: a worker whose process died while it loaded the model is replaced
+
+
 def start_workers(
     make_worker: Callable[[int], Any], count: int, timeout_s: float, options: dict[str, Any]
 ) -> tuple[list[Any], list[dict[str, Any]]]:
-    """Starts `count` workers (each loads the model) and waits until all are ready, at most `timeout_s`."""
+    """Starts `count` workers (each loads the model) and waits until all are ready, at most `timeout_s`. A
+    worker whose process died meanwhile (killed, out of memory, its node lost) is replaced, START_REPLACEMENTS
+    times per slot; one whose model load raised is not (the error would repeat): WorkerStartError."""
     import ray
-    from ray.exceptions import GetTimeoutError
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     workers = [make_worker(i) for i in range(count)]
     refs = [w.ready.remote() for w in workers]
     infos = []
     deadline = time.monotonic() + timeout_s
-    for i, ref in enumerate(refs):
-        try:
-            infos.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
-        except GetTimeoutError:
-            for w in workers:
-                ray.kill(w)
-            free = ray.available_resources()
-            raise WorkerStartError(
-                f"{count - i} of {count} workers did not start within cluster.worker_start_timeout_s={timeout_s:g}s. "
-                f"Each asks for {options.get('num_cpus')} CPU and {options.get('num_gpus')} GPU; the cluster has "
-                f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free. Lower cluster.num_workers, or "
-                "wait for (or add) nodes."
-            ) from None
-        except Exception as e:  # noqa: BLE001 - reported with the worker's own message
-            for w in workers:
-                ray.kill(w)
-            raise WorkerStartError(f"worker {i} failed to start: {_short(e)}") from None
+    for i in range(count):
+        replaced = 0
+        while True:
+            try:
+                infos.append(ray.get(refs[i], timeout=max(1.0, deadline - time.monotonic())))
+                break
+            except GetTimeoutError:
+                for w in workers:
+                    ray.kill(w)
+                free = ray.available_resources()
+                raise WorkerStartError(
+                    f"{count - i} of {count} workers did not start within cluster.worker_start_timeout_s="
+                    f"{timeout_s:g}s. Each asks for {options.get('num_cpus')} CPU and {options.get('num_gpus')} "
+                    f"GPU; the cluster has {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free. Lower "
+                    "cluster.num_workers, or wait for (or add) nodes."
+                ) from None
+            except Exception as e:  # noqa: BLE001 - reported with the worker's own message
+                died = isinstance(e, RayActorError) and not e.actor_init_failed
+                if not died or replaced == START_REPLACEMENTS:
+                    for w in workers:
+                        ray.kill(w)
+                    raise WorkerStartError(f"worker {i} failed to start: {_short(e)}") from None
+                replaced += 1
+                logger.warning(
+                    "worker %d died while it started (%s): starting replacement %d of %d",
+                    i,
+                    _short(e),
+                    replaced,
+                    START_REPLACEMENTS,
+                )
+                with contextlib.suppress(Exception):
+                    ray.kill(workers[i])
+                workers[i] = make_worker(i)
+                refs[i] = workers[i].ready.remote()
     return workers, infos
 
 

@@ -4,15 +4,24 @@ many shards they held while each one ran."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import signal
 import threading
 import time
 
 import pyarrow as pa
 import pytest
 
-from pipeline.runner.pool import ShardTask, device_failed, run_pool
+from pipeline.runner.pool import (
+    START_REPLACEMENTS,
+    ShardTask,
+    WorkerStartError,
+    device_failed,
+    run_pool,
+    start_workers,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -427,3 +436,57 @@ def test_a_worker_that_cannot_start_makes_no_row_an_error_row(ray_local, caplog,
     )
     assert why in failed[0].last_error, failed[0].last_error
     assert not re.search(r"row [013] \(id '\w+'\) of shard 0 killed its worker", caplog.text), caplog.text
+
+
+class DiesWhileStarting:
+    """A worker whose process is killed while it loads the model, the first `deaths` times any is made (counted
+    in the file `counter`), or whose load raises (`raises`)."""
+
+    def __init__(self, counter: str, deaths: int, raises: bool = False) -> None:
+        if raises:
+            raise RuntimeError("CUDA error: uncorrectable ECC error encountered")
+        with open(counter, "a+") as f:
+            f.seek(0)
+            died = len(f.read())
+            if died < deaths:
+                f.write("x")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid()}
+
+
+@pytest.mark.parametrize(
+    ("deaths", "raises", "made", "error"),
+    [
+        (1, False, 2, None),
+        (2, False, 3, None),
+        (3, False, 3, "worker 0 failed to start: The actor never ran"),
+        (0, True, 1, "worker 0 failed to start: "),
+    ],
+    ids=["died-once", "died-twice", "died-every-time", "load-raised"],
+)
+def test_a_worker_whose_process_died_while_it_started_is_replaced(
+    ray_local, tmp_path, caplog, deaths, raises, made, error
+):
+    """A worker killed while it loaded the model (out of memory, a lost node, a kill) ended the job with exit
+    code 2 ('failed to start'), though a rerun went through. A load that raises is not retried: it would fail
+    again."""
+    cls = ray_local.remote(DiesWhileStarting).options(num_cpus=0)
+    calls = []
+
+    def make_worker(index: int):
+        calls.append(index)
+        return cls.remote(str(tmp_path / "deaths"), deaths, raises)
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.runner.pool"):
+        if error is None:
+            workers, infos = start_workers(make_worker, 1, 120.0, {"num_cpus": 0, "num_gpus": 0})
+            assert len(workers) == 1 and infos[0]["pid"] > 0
+        else:
+            with pytest.raises(WorkerStartError, match=re.escape(error)):
+                start_workers(make_worker, 1, 120.0, {"num_cpus": 0, "num_gpus": 0})
+    assert calls == [0] * made
+    replaced = [r.getMessage() for r in caplog.records if "died while it started" in r.getMessage()]
+    assert len(replaced) == min(deaths, START_REPLACEMENTS)
