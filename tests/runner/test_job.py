@@ -327,8 +327,11 @@ def test_cli_on_a_user_jsonl_with_a_custom_prompt_column(tmp_path):
 
 
 def test_workers_that_cannot_be_placed_fail_clearly(tmp_path, caplog, ray_local):
+    """On a cluster (the test's Ray instance, joined) without the GPUs the workers ask for; a local job is
+    refused that before it starts (tests/config/test_startup_checks.py)."""
     data = write_prompts(tmp_path / "p.jsonl", 3)
     job = make_job(tmp_path, data, cluster__num_gpus_per_worker=1.0, cluster__worker_start_timeout_s=3.0)
+    job.cluster.mode, job.cluster.address = "ray", "auto"
     assert run(job) == 2
     assert "did not start within cluster.worker_start_timeout_s=3s" in caplog.text
     assert "1.0 GPU" in caplog.text and "0 GPU free" in caplog.text
