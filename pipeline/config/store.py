@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -110,9 +111,12 @@ def unknown_keys(values: Any, schema: type, prefix: str = "") -> list[str]:
     return unknown
 
 
-def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], script: str) -> None:
+def run_cli(
+    hydra_main: Callable[[], Any], task_started: Callable[[], bool], script: str, schema: type = JobConfig
+) -> None:
     """Calls a `@hydra.main` function so that a failure before the job's task ran exits 2, not Hydra's 1.
 
+    `schema` is the dataclass the script's config is typed by (its dict-typed fields take new keys with '+').
     Hydra reports a config that does not compose (an unknown key, a value of the wrong type, a missing group
     option, an override it cannot parse) and exits 1, which the README reserves for "shards failed, rerun".
     Exit codes the task itself chose (0, 1, 2, 3) pass through unchanged; Ctrl-C exits 130 and SIGTERM 143,
@@ -142,7 +146,7 @@ def run_cli(hydra_main: Callable[[], Any], task_started: Callable[[], bool], scr
     except SystemExit as e:
         if e.code in (None, 0) or task_started():
             raise
-        sys.stderr.write(_compose_failure(e.__context__, script) + "\n")
+        sys.stderr.write(_compose_failure(e.__context__, script, schema) + "\n")
         sys.exit(STARTUP_FAILED)
 
 
@@ -163,12 +167,38 @@ def _postprocess_key_without_option(argv: list[str]) -> str | None:
     return keys[0] if keys and not chosen else None
 
 
-def _compose_failure(error: BaseException | None, script: str) -> str:
+def _free_form_field(key: str, schema: type) -> str | None:
+    """The dict-typed field of `schema` (a dataclass, nested) that `key` lies below, e.g. data.hf_kwargs for
+    data.hf_kwargs.data_files; None when the key is not below one."""
+    parts = key.split(".")
+    node: Any = schema
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hint = typing.get_type_hints(node).get(part)
+        if hint is None:
+            return None
+        options = (
+            typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        )
+        if any(o is dict or typing.get_origin(o) is dict for o in options):
+            return ".".join(parts[: i + 1])
+        node = hint
+    return None
+
+
+def _compose_failure(error: BaseException | None, script: str, schema: type = JobConfig) -> str:
     """The line added after Hydra's own report: which key, and how to fix it."""
     cause = getattr(error, "__cause__", None)
     key = getattr(cause, "full_key", None) or getattr(error, "full_key", None)
     name = type(cause).__name__ if cause is not None else type(error).__name__
-    if key and name in ("ConfigAttributeError", "ConfigKeyError"):
+    free_form = _free_form_field(key, schema) if key else None
+    if free_form and name in ("ConfigAttributeError", "ConfigKeyError"):
+        fix = (
+            f"{key} is a new key under {free_form}, whose keys are free-form: add it with a '+', "
+            f"+{key}=... (without one, Hydra only changes keys that the config already has)"
+        )
+    elif key and name in ("ConfigAttributeError", "ConfigKeyError"):
         fix = f"{key} is not a configuration key: fix its spelling (`python {script} --cfg job` prints every key)"
     elif key and name == "ValidationError":
         fix = (

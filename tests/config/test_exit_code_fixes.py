@@ -154,6 +154,30 @@ def test_postprocess_key_without_a_postprocess_option_exits_2_without_a_tracebac
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "key", "field"),
+    [
+        (
+            ["data.format=hf", "data.path=hf:json", "data.hf_kwargs.data_files=/tmp/d/chat.jsonl"],
+            "data.hf_kwargs.data_files",
+            "data.hf_kwargs",
+        ),
+        (
+            ["postprocess=callable", "postprocess._target_=m.f", "postprocess.threshold=1"],
+            "postprocess.threshold",
+            "postprocess",
+        ),
+    ],
+)
+def test_a_new_key_under_a_free_form_dict_without_plus_says_to_add_the_plus(tmp_path, overrides, key, field):
+    """The key was right but lacked the '+' that a key new to a dict-typed field needs: canvasflow told the
+    user to fix its spelling."""
+    code, log = _cli("generate.py", f"output.uri={tmp_path / 'out'}", *overrides, cwd=tmp_path)
+    assert code == 2, log[-2000:]
+    assert f"{key} is a new key under {field}, whose keys are free-form: add it with a '+', +{key}=..." in log
+    assert "fix its spelling" not in log
+
+
 def test_postprocess_key_with_a_postprocess_option_still_composes(tmp_path):
     code, log = _cli(
         "generate.py",
