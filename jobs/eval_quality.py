@@ -15,13 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline.training.config import register_configs  # noqa: E402
+from pipeline.config.store import run_cli  # noqa: E402
+from pipeline.training.config import EvalJob, register_configs  # noqa: E402
 
 register_configs()
+_started = []  # set once Hydra has composed the config and calls main
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval_quality")
 def main(cfg: DictConfig) -> None:
+    _started.append(True)
     from pipeline.training.config import exit_on_bad_value, to_eval_config
     from pipeline.training.quality import run_eval
 
@@ -30,4 +33,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # a config that does not compose exits 2, Ctrl-C 130 and SIGTERM 143 with one line each
+    run_cli(
+        main,
+        lambda: bool(_started),
+        "jobs/eval_quality.py",
+        EvalJob,
+        interrupted_note="no new results were written (they are written once every grid point ran); rerun to evaluate again",
+    )

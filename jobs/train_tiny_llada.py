@@ -16,6 +16,7 @@ import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from pipeline.config.store import run_cli  # noqa: E402
 from pipeline.training.mask_train import MaskTrainConfig  # noqa: E402
 
 
@@ -25,10 +26,12 @@ class _Schema:
 
 
 ConfigStore.instance().store(name="train_tiny_llada_schema", node=_Schema)
+_started = []  # set once Hydra has composed the config and calls main
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_tiny_llada")
 def main(cfg: DictConfig) -> None:
+    _started.append(True)
     import logging
 
     from pipeline.training.config import exit_on_bad_value
@@ -41,4 +44,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # a config that does not compose exits 2, Ctrl-C 130 and SIGTERM 143 with one line each
+    run_cli(
+        main,
+        lambda: bool(_started),
+        "jobs/train_tiny_llada.py",
+        _Schema,
+        interrupted_note="train.out_dir keeps the checkpoint it held (the run writes to <train.out_dir>.partial); rerun to train again",
+    )

@@ -111,17 +111,26 @@ def unknown_keys(values: Any, schema: type, prefix: str = "") -> list[str]:
     return unknown
 
 
+RESUME_NOTE = "every committed shard is kept; rerun the same command to resume the run"
+
+
 def run_cli(
-    hydra_main: Callable[[], Any], task_started: Callable[[], bool], script: str, schema: type = JobConfig
+    hydra_main: Callable[[], Any],
+    task_started: Callable[[], bool],
+    script: str,
+    schema: type = JobConfig,
+    interrupted_note: str = RESUME_NOTE,
 ) -> None:
     """Calls a `@hydra.main` function so that a failure before the job's task ran exits 2, not Hydra's 1.
 
-    `schema` is the dataclass the script's config is typed by (its dict-typed fields take new keys with '+').
+    `schema` is the dataclass the script's config is typed by (its dict-typed fields take new keys with '+');
+    `interrupted_note` says, after Ctrl-C or SIGTERM, what was kept and what to do.
     Hydra reports a config that does not compose (an unknown key, a value of the wrong type, a missing group
     option, an override it cannot parse) and exits 1, which the README reserves for "shards failed, rerun".
     Exit codes the task itself chose (0, 1, 2, 3) pass through unchanged; Ctrl-C exits 130 and SIGTERM 143,
     each with one line, not a traceback."""
-    problem = _postprocess_key_without_option(sys.argv[1:])
+    has_postprocess = any(f.name == "postprocess" for f in dataclasses.fields(schema))
+    problem = _postprocess_key_without_option(sys.argv[1:]) if has_postprocess else None
     if problem:
         sys.stderr.write(
             f"could not start (exit code {STARTUP_FAILED}): {problem} sets a key of the postprocess stage, but no "
@@ -139,9 +148,7 @@ def run_cli(
         what, code = (
             ("terminated by SIGTERM", TERMINATED) if _terminated.is_set() else ("interrupted", INTERRUPTED)
         )
-        sys.stderr.write(
-            f"{what} (exit code {code}): every committed shard is kept; rerun the same command to resume the run\n"
-        )
+        sys.stderr.write(f"{what} (exit code {code}): {interrupted_note}\n")
         sys.exit(code)
     except SystemExit as e:
         if e.code in (None, 0) or task_started():
@@ -210,5 +217,5 @@ def _compose_failure(error: BaseException | None, script: str, schema: type = Jo
     elif name == "OverrideParseException":
         fix = "An override is not key=value in Hydra's syntax: quote values with special characters"
     else:
-        fix = f"See the error above (`python {script} --help` lists the groups, `--cfg job` every key)"
+        fix = f"See the error above (`python {script} --help` lists what can be set, `--cfg job` every key)"
     return f"could not start (exit code {STARTUP_FAILED}): the configuration did not compose. {fix}."

@@ -32,3 +32,34 @@ def test_a_bad_value_exits_2_naming_it(tmp_path, script, override, named):
     assert proc.returncode == 2, proc.stderr
     assert named in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def _job(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "said"),
+    [
+        ("jobs/eval_quality.py", "eval.rows_per_tsk=4", "eval.rows_per_tsk is not a configuration key"),
+        ("jobs/train_tiny.py", "train.stepz=3", "train.stepz is not a configuration key"),
+        ("jobs/train_tiny_llada.py", "train.stepz=3", "train.stepz is not a configuration key"),
+        ("jobs/train_tiny.py", "train.steps=abc", "train.steps got a value of the wrong type"),
+        (
+            "jobs/train_tiny.py",
+            "train.text_overrides.num_hidden_layers=2",
+            "train.text_overrides.num_hidden_layers is a new key under train.text_overrides, whose keys are "
+            "free-form: add it with a '+', +train.text_overrides.num_hidden_layers=...",
+        ),
+    ],
+)
+def test_a_config_that_does_not_compose_exits_2_saying_how_to_fix_it(tmp_path, script, override, said):
+    """These jobs ended with Hydra's own report and exit code 1, where jobs/generate.py exits 2 and says how."""
+    key = "eval" if "eval" in script else "train"
+    proc = _job(script, override, f"{key}.out_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2, proc.stderr
+    assert f"could not start (exit code 2): the configuration did not compose. {said}" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
