@@ -63,3 +63,14 @@ def test_a_config_that_does_not_compose_exits_2_saying_how_to_fix_it(tmp_path, s
     assert f"could not start (exit code 2): the configuration did not compose. {said}" in proc.stderr
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize("script", ["jobs/eval_quality.py", "jobs/train_tiny.py", "jobs/train_tiny_llada.py"])
+def test_help_lists_only_what_the_job_can_set(script):
+    """--help listed generate.py's config groups (cluster, data, model, ...), which these jobs cannot use."""
+    proc = _job(script, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Configuration groups" not in proc.stdout and "postprocess:" not in proc.stdout
+    key = "eval" if "eval" in script else "train"
+    assert f"python {script} [{key}.key=value ...]" in proc.stdout
+    assert f"\n{key}:\n  " in proc.stdout  # the config with its keys
+
