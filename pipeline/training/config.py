@@ -83,7 +83,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # Any model path the loader accepts; the default is the shipped trained tiny model.
+    # A DiffusionGemma model, any path the loader accepts (mask-diffusion models are refused: the grid sets
+    # DiffusionGemma knobs); the default is the shipped trained tiny model.
     model: str = "builtin:tiny-diffusiongemma"
     threads: int = 1
     # Held-out rows per task: addition (3-digit operands), sort and reverse (random lengths).

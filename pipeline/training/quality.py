@@ -199,10 +199,21 @@ def run_eval(cfg: Any) -> str:
 
     import torch
 
-    from pipeline.models.loader import load_model
+    from pipeline.models.loader import MASK_FAMILIES, inspect_model, load_model, resolve_model_dir
     from pipeline.training.evaluate import format_scores, heldout_instances
 
     points = expand_grid(cfg.grid, ablate_all=cfg.ablate_all)  # a bad grid fails before anything is loaded
+    model_dir = resolve_model_dir(cfg.model)
+    family = inspect_model(model_dir, name=cfg.model if cfg.model.startswith("builtin:") else None).family
+    if (
+        family in MASK_FAMILIES
+    ):  # its grid is of DiffusionGemma knobs: resolving them failed on canvas_length=0
+        raise ConfigError(
+            f"eval.model={cfg.model!r} is a {family} model (mask diffusion): jobs/eval_quality.py evaluates "
+            "DiffusionGemma models only (its grid sets the DiffusionGemma sampler's knobs). Give a DiffusionGemma "
+            "checkpoint, e.g. eval.model=builtin:tiny-diffusiongemma; the tiny LLaDA model is measured by "
+            "benchmarks/bench_mask_cache.py (docs/quality.md)"
+        )
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

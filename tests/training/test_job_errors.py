@@ -74,3 +74,14 @@ def test_help_lists_only_what_the_job_can_set(script):
     assert f"python {script} [{key}.key=value ...]" in proc.stdout
     assert f"\n{key}:\n  " in proc.stdout  # the config with its keys
 
+
+def test_eval_of_a_mask_diffusion_model_says_it_evaluates_diffusiongemma_models_only(tmp_path):
+    """eval.model=builtin:tiny-llada failed on "sampler.canvas_length=0 must be a positive integer", a key the
+    user never set."""
+    out = tmp_path / "out"
+    proc = _job("jobs/eval_quality.py", "eval.model=builtin:tiny-llada", f"eval.out_dir={out}")
+    assert proc.returncode == 2, proc.stderr
+    assert "eval.model='builtin:tiny-llada' is a llada model (mask diffusion)" in proc.stderr
+    assert "evaluates DiffusionGemma models only" in proc.stderr
+    assert "canvas_length" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
