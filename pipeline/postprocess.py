@@ -33,8 +33,16 @@ def load_postprocess(spec: dict[str, Any] | None) -> tuple[PostprocessFn | None,
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        missing = getattr(e, "name", None)
+        if isinstance(e, ModuleNotFoundError) and missing and f"{module_name}.".startswith(f"{missing}."):
+            hint = (  # the module itself (or its package) is not on the path, not one of its own imports
+                "; for a module in the current directory run the job with PYTHONPATH=. (the workers inherit "
+                "it), else install its package into the environment that runs the job"
+            )
+        else:
+            hint = " (raised while importing it: fix the module, or install what it imports)"
         raise PostprocessError(
-            f"postprocess._target_={target!r}: cannot import {module_name!r}: {e}"
+            f"postprocess._target_={target!r}: cannot import {module_name!r}: {e}{hint}"
         ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):

@@ -62,3 +62,23 @@ def test_a_callable_with_optional_parameters_loads_without_keyword_arguments(tmp
     monkeypatch.syspath_prepend(str(tmp_path))
     fn, _, _ = load_postprocess({"_target_": "pp_optional.fn"})
     assert fn({"id": "a"}) == {"x": 2}
+
+
+@pytest.mark.parametrize("target", ["mymod.fn", "mypkg.sub.fn"])
+def test_a_module_that_is_not_on_the_path_says_to_run_with_pythonpath_or_install_it(target):
+    """ "cannot import 'mymod': No module named 'mymod'" gave no hint of the README's advice."""
+    with pytest.raises(PostprocessError) as error:
+        load_postprocess({"_target_": target})
+    message = str(error.value)
+    assert f"cannot import {target.rpartition('.')[0]!r}: No module named" in message
+    assert "run the job with PYTHONPATH=. (the workers inherit it), else install its package" in message
+
+
+def test_a_failing_import_inside_the_module_is_not_taken_for_a_missing_module(tmp_path, monkeypatch):
+    (tmp_path / "pp_needs_dep.py").write_text("import pp_absent_dependency\n\ndef fn(row):\n    return {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PostprocessError) as error:
+        load_postprocess({"_target_": "pp_needs_dep.fn"})
+    message = str(error.value)
+    assert "No module named 'pp_absent_dependency'" in message and "install what it imports" in message
+    assert "PYTHONPATH" not in message
