@@ -23,6 +23,17 @@ class InputError(ValueError):
     """The input as a whole is unusable; the message names the file or column."""
 
 
+def s3_input_note(endpoint_url: str | None) -> str:
+    """Added to an error reading an s3:// input: the endpoint comes from output.endpoint_url, the only setting
+    of it, which the input uses too (an input on MinIO or SeaweedFS read without it went to AWS)."""
+    if endpoint_url:
+        return f" (the input is read through output.endpoint_url={endpoint_url}, as the output is)"
+    return (
+        " (the input is read from AWS S3, as no output.endpoint_url is set: for another S3-compatible store "
+        "(MinIO, SeaweedFS, R2, ...) set output.endpoint_url=<its URL>, which the input uses too)"
+    )
+
+
 def detect_format(path: str, requested: str, files: list[str]) -> str:
     if requested != "auto":
         return requested
@@ -85,7 +96,9 @@ def list_files(path: str, *, endpoint_url: str | None, region: str | None) -> tu
         try:
             keys = store.list(key)
         except StoreError as e:
-            raise InputError(f"data.path={path!r} cannot be listed: {e}") from None
+            raise InputError(
+                f"data.path={path!r} cannot be listed: {e}{s3_input_note(endpoint_url)}"
+            ) from None
         if key in keys:
             return [path], []
         # A prefix is a folder: s3://b/in/prompts reads in/prompts/..., never in/prompts-old/ or

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from pipeline.config.schema import DataConfig
 from pipeline.config.validate import without_userinfo
-from pipeline.data.files import InputError
+from pipeline.data.files import InputError, s3_input_note
 from pipeline.io.s3 import S3Store
 from pipeline.io.store import S3Options, StoreError, is_s3, split_s3_uri
 
@@ -75,7 +75,9 @@ def download_prefix(
             dest.parent.mkdir(parents=True, exist_ok=True)
             size += store.download_file(object_key, dest)
     except StoreError as e:
-        raise InputError(f"cannot download the saved dataset {path}: {e}") from None
+        raise InputError(
+            f"cannot download the saved dataset {path}: {e}{s3_input_note(endpoint_url)}"
+        ) from None
     except OSError as e:
         raise InputError(
             f"cannot download the saved dataset {path} to the temporary folder {folder}: {e}; set TMPDIR to a "

@@ -33,6 +33,7 @@ from pipeline.data.files import (  # noqa: F401 (InputError: the readers' error)
     InputError,
     detect_format,
     list_files,
+    s3_input_note,
 )
 from pipeline.data.hf_datasets import load_hub, saved_dataset
 from pipeline.data.json_document import document_kind
@@ -234,7 +235,8 @@ def _local_copy(file: str, endpoint_url: str | None, region: str | None) -> Iter
             store.download_file(key, local)
             yield local
     except StoreError as e:
-        raise InputError(f"cannot read input file: {e}") from None
+        note = s3_input_note(endpoint_url) if is_s3(file) else ""
+        raise InputError(f"cannot read input file: {e}{note}") from None
 
 
 def _file_rows(file: str, local: str) -> Iterator[tuple]:
