@@ -64,6 +64,13 @@ JSONL_HINT = (
     'Each line must hold one JSON object, e.g. {"prompt": "..."}; convert a JSON array with '
     "`jq -c '.[]' in.json > in.jsonl`, or set data.format if it is another format."
 )
+# For a file that is one JSON object: `jq -c '.[]'` would write its values, not rows.
+JSONL_HINT_OBJECT = (
+    'Each line must hold one JSON object, e.g. {"prompt": "..."}. If the object is one row, write it on one '
+    'line: `jq -c . in.json > in.jsonl`; if it holds the rows in an array under a key, e.g. "data": [...], '
+    "write that array's objects one per line: `jq -c '.data[]' in.json > in.jsonl`. Or set data.format if it "
+    "is another format."
+)
 
 
 def _printable(text: str) -> str:
@@ -343,7 +350,8 @@ def _refuse_json_document(file: str, local: str) -> None:
         raise
     except ValueError:  # not one document; UnicodeDecodeError is a ValueError
         return
-    raise InputError(f"{file} is not JSON Lines: it is one JSON {kind}. {JSONL_HINT}")
+    hint = JSONL_HINT_OBJECT if kind == "dict" else JSONL_HINT
+    raise InputError(f"{file} is not JSON Lines: it is one JSON {kind}. {hint}")
 
 
 def _jsonl_line(line: bytes, where: str) -> tuple:

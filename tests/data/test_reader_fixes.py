@@ -144,6 +144,27 @@ def test_a_json_array_is_not_json_lines(tmp_path, text):
     with pytest.raises(InputError, match="is not JSON Lines") as error:
         read_input(DataConfig(path=str(path)))
     assert str(path) in str(error.value) and "jq -c" in str(error.value)
+    if text.startswith("["):
+        assert "`jq -c '.[]' in.json > in.jsonl`" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{\n  "prompt": "Add: 1+2"\n}', '{"data": [\n  {"prompt": "Add: 1+2"},\n  {"prompt": "Add: 3+4"}\n]}'],
+    ids=["one-row", "rows-under-a-key"],
+)
+def test_a_json_object_gets_advice_for_an_object(tmp_path, text):
+    """A file holding one JSON object was told to run `jq -c '.[]'`, which converts arrays only (on an object it
+    writes its values, not rows)."""
+    path = tmp_path / "in.json"
+    path.write_text(text + "\n")
+    with pytest.raises(InputError) as error:
+        read_input(DataConfig(path=str(path)))
+    message = str(error.value)
+    assert f"{path} is not JSON Lines: it is one JSON dict." in message
+    assert "jq -c '.[]'" not in message
+    assert "if the object is one row, write it on one line: `jq -c . in.json > in.jsonl`" in message.lower()
+    assert "`jq -c '.data[]' in.json > in.jsonl`" in message
 
 
 # (text, kind): a file that is one JSON container of that kind, refused whole; kind None: not one container, so its
