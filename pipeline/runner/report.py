@@ -81,7 +81,10 @@ class Progress:
         done = self.done_before + rows
         rate = rows / elapsed
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        workers = ", ".join(f"{name}: {int(w['rows'])} rows" for name, w in sorted(self.snapshot.items()))
+        # rounded as the total is: 24 shares of 1/3 sum to 7.999..., which int() made 7 rows
+        workers = ", ".join(
+            f"{name}: {int(round(w['rows'], 6))} rows" for name, w in sorted(self.snapshot.items())
+        )
         if if_changed and self.logged == (done, tokens):
             return
         self.logged = (done, tokens)

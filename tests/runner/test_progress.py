@@ -62,6 +62,21 @@ def test_passes_are_counted_per_completion(caplog):
     assert "progress: 3/10 rows (30.0%)" in caplog.text and "| 6.0 passes/completion |" in caplog.text
 
 
+def test_a_workers_rows_count_whole_rows_with_several_completions_per_prompt(caplog):
+    """data.limit=8 sampler.completions_per_prompt=3 on one worker ended on "progress: 8/8 rows ... | w0: 7 rows":
+    the worker reports each completion as 1/3 of a row, and the 24 float shares sum to just under 8."""
+    progress = Progress(total_rows=8, done_rows=0, interval_s=0.0, completions=3)
+    board = ProgressBoard()
+    share = 1 / 3
+    for _ in range(24):  # as ShardWorker reports them: a share per completion
+        board.report("w0", share, 5, 2, 1, shards={(0, 1): share})
+    snapshot = board.snapshot()
+    progress.snapshot, progress.shards = snapshot["workers"], snapshot["shards"]
+    with caplog.at_level(logging.INFO, logger="canvasflow"):
+        progress.final()
+    assert "progress: 8/8 rows (100.0%)" in caplog.text and "| w0: 8 rows" in caplog.text
+
+
 def test_the_last_line_is_not_repeated_when_nothing_moved_since(caplog):
     progress = Progress(total_rows=8, done_rows=0, interval_s=0.0)
     progress.snapshot = {"w0": {"rows": 8, "tokens": 40, "steps": 30, "sampled": 8}}
