@@ -138,7 +138,8 @@ class DataConfig:
     system_prompt: str | None = None
     # Column with a unique row id; None derives a stable id from each row's content and position.
     id_column: str | None = None
-    # Render string prompts with the tokenizer's chat template as a single user turn (when it has one).
+    # Render string prompts with the tokenizer's chat template as a single user turn (when it has one). Chat
+    # messages (messages_column) are always rendered with it: false with messages_column fails at start-up.
     apply_chat_template: bool = True
     # Arguments for datasets.load_dataset when format=hf (e.g. {name: ..., split: train}).
     hf_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -53,8 +53,18 @@ def without_userinfo(text: str) -> str:
 
 
 def check_prompt_options(data) -> None:
-    """data.prompt_template parses and is not combined with messages_column; data.system_prompt has text and
-    a chat template to go to (whether the model's template takes a system turn is checked when it loads)."""
+    """data.prompt_template parses and is not combined with messages_column; chat messages are not combined with
+    data.apply_chat_template=false; data.system_prompt has text and a chat template to go to (whether the
+    model's template takes a system turn is checked when it loads)."""
+    if data.messages_column and not data.apply_chat_template:
+        # Messages have no text but the chat template's rendering: they were templated anyway, the key ignored.
+        raise _fail(
+            "data.apply_chat_template",
+            False,
+            f"turns the chat template off, and data.messages_column={data.messages_column!r} gives chat "
+            "messages, which only the chat template turns into a prompt: remove data.apply_chat_template=false "
+            "(it applies to plain prompts), or give plain prompts in data.prompt_column",
+        )
     if data.prompt_template is not None:
         if data.messages_column:
             raise _fail(

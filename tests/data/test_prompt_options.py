@@ -50,6 +50,12 @@ def test_a_bad_template_is_refused_at_startup_naming_the_key(template, message):
         (DataConfig(prompt_template="{q}", messages_column="chat"), "set one of them"),
         (DataConfig(system_prompt="  "), "data.system_prompt='  ' is empty"),
         (DataConfig(system_prompt="Be brief.", apply_chat_template=False), "apply_chat_template=false"),
+        # chat rows were templated anyway, the key silently ignored
+        (
+            DataConfig(messages_column="messages", apply_chat_template=False),
+            r"data.apply_chat_template=False turns the chat template off, and data.messages_column='messages' "
+            "gives chat messages",
+        ),
     ],
 )
 def test_prompt_options_that_cannot_work_together_are_refused(data, message):
