@@ -33,3 +33,39 @@ def test_ablate_all_adds_a_no_revision_twin_per_point():
     points = expand_grid([{}, {"max_denoising_steps": 8}], ablate_all=True)
     assert [p.name for p in points] == ["default", "steps=8", "default no-revision", "steps=8 no-revision"]
     assert points[3].overrides == {"max_denoising_steps": 8, "revise_accepted": False}
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "quality.md"
+
+
+def test_the_docs_table_is_what_the_tool_prints_for_the_shipped_grid():
+    """docs/quality.md labelled points and columns otherwise than jobs/eval_quality.py prints them ("t 0.1-0.2"
+    for "t_min=0.1 t_max=0.2", "addition" for "addition acc / passes"). The docs' figures, put back through the
+    tool's own table, must give the docs' table."""
+    from pipeline.models.loader import inspect_model, resolve_model_dir
+    from pipeline.sampler.settings import resolve_settings
+    from pipeline.training.evaluate import TaskScore
+    from pipeline.training.quality import PointResult, markdown_table
+
+    lines = DOCS.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| point | steps |"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    documented = lines[start:end]
+    tasks = ["addition", "sort", "reverse", "all"]
+    info = inspect_model(resolve_model_dir("builtin:tiny-diffusiongemma"), name="builtin:tiny-diffusiongemma")
+    results = []
+    for point, row in zip(expand_grid(_shipped_grid()), documented[2:], strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")][-len(tasks) :]
+        scores = {}
+        for task, cell in zip(tasks, cells, strict=True):
+            accuracy, passes = cell.split(" / ")
+            scores[task] = TaskScore(task, 64, float(accuracy.rstrip("%")) / 100, float(passes))
+        settings = resolve_settings(
+            {**point.overrides, "seed": 0},
+            info.generation_config,
+            canvas_length=info.canvas_length,
+            eos_token_ids=info.eos_token_ids,
+            pad_token_id=info.pad_token_id,
+        )
+        results.append(PointResult(point, settings.to_dict(), scores, [], 0.0))
+    assert markdown_table(results).splitlines() == documented
