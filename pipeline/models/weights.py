@@ -1,14 +1,18 @@
 """Reads a checkpoint's safetensors (`model.safetensors`, or the shards `model.safetensors.index.json` names)
 tensor by tensor, each cast to the model's dtype and moved to its device as it is read: the weights are never
-held twice, and nothing of transformers' modeling is imported."""
+held twice, and nothing of transformers' modeling is imported. `check_weight_files` checks the files' headers
+only, without torch, for the driver's start-up checks."""
 
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the driver checks weight files without importing torch (2 s, 140 MB)
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,22 +46,53 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
 
 
 def check_weight_files(model_dir: Path) -> None:
-    """ValueError naming the file unless every weight file of the checkpoint is there and its safetensors
-    header reads, with the tensors it lists inside the file (a copy cut short fails here): only the headers
-    are read, so that a missing or truncated file fails the job at start-up, not in every worker after the
-    cluster has started."""
-    from safetensors import safe_open
-
-    for file in sorted(set(weight_files(model_dir).values())):
+    """ValueError naming the file unless every weight file of the checkpoint is there, its safetensors header
+    reads and the file holds the bytes its header lists (a copy cut short fails here). Reads the headers only,
+    and imports neither torch nor safetensors: the driver runs it at start-up, so that a missing or truncated
+    file fails the job there, not in every worker once the cluster has started."""
+    index = model_dir / INDEX_FILE
+    single = model_dir / WEIGHTS_FILE
+    if not single.exists() and not index.exists():
+        raise ValueError(f"{model_dir} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    files = [single] if single.exists() else sorted(set(weight_files(model_dir).values()))
+    for file in files:
         if not file.is_file():
-            raise ValueError(f"{file}, named by {model_dir / INDEX_FILE}, does not exist")
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except Exception as e:  # noqa: BLE001 - safetensors' own errors (SafetensorError) and OSError
+            raise ValueError(f"{file}, named by {index}, does not exist")
+        problem = _header_problem(file)
+        if problem:
             raise ValueError(
-                f"{file} is not a readable safetensors file ({e}): copy or download it again"
-            ) from None
+                f"{file} is not a readable safetensors file ({problem}): copy or download it again"
+            )
+
+
+def _header_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's header (8-byte length, then JSON naming each tensor's byte range
+    in the data that follows), or None."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a header"
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            return f"its header claims {length} bytes; the file has {size}"
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            return f"its header is not JSON: {e}"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [
+        entry["data_offsets"][1]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+    ]
+    data = size - 8 - length
+    if not all(isinstance(end, int) for end in ends):
+        return "its header lists tensors without byte offsets"
+    if ends and max(ends) > data:
+        return f"its tensors need {max(ends)} bytes of data; the file has {data}: it was cut short"
+    return None
 
 
 def describe_missing(model_dir: Path, missing: Iterable[str]) -> str:
