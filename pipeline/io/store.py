@@ -265,13 +265,13 @@ class LocalStore(Store):
         never listed or read)."""
         cutoff = time.time() - older_than_s
         count = size = 0
-        for dirpath, _dirs, files in os.walk(self.root):
+        for dirpath, dirs, files in os.walk(self.root):
+            if targets is not None:
+                dirs.clear()  # their keys are at the root: the walk stops there
             for name in files:
                 if not name.startswith(TMP_PREFIX):
                     continue
-                if targets is not None and (
-                    dirpath != str(self.root) or name[len(TMP_PREFIX) :].rsplit(".", 1)[0] not in targets
-                ):
+                if targets is not None and name[len(TMP_PREFIX) :].rsplit(".", 1)[0] not in targets:
                     continue
                 path = Path(dirpath) / name
                 try:

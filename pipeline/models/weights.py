@@ -18,19 +18,26 @@ INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def read_weight_map(data: bytes, where: str) -> dict[str, str]:
+    """The weight_map of a model.safetensors.index.json (`data`, read from `where`): published tensor name ->
+    the file holding it. ValueError naming `where` when it is not one."""
+    try:
+        index = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # not UTF-8 (a UnicodeDecodeError is one) or not JSON
+        raise ValueError(f"{where} is not a JSON file ({e}): re-download it") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{where} has no weight_map")
+    return weight_map
+
+
 def weight_files(model_dir: Path) -> dict[str, Path]:
     """Published tensor name -> the file holding it. A single model.safetensors comes first where an index is
     also present, as in transformers' from_pretrained."""
     index = model_dir / INDEX_FILE
     single = model_dir / WEIGHTS_FILE
     if index.exists() and not single.exists():
-        try:
-            weight_map = json.loads(index.read_bytes().decode("utf-8"))
-        except (ValueError, RecursionError) as e:  # not UTF-8 (a UnicodeDecodeError is one) or not JSON
-            raise ValueError(f"{index} is not a JSON file ({e}): re-download it") from None
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no weight_map")
+        weight_map = read_weight_map(index.read_bytes(), str(index))
         return {name: model_dir / file for name, file in weight_map.items()}
     if not single.exists():
         raise ValueError(f"{model_dir} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")

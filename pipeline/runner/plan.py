@@ -7,7 +7,6 @@ output, input, the run id's identity) and what the run will be (`Prepared`), wit
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ from pipeline.models.loader import (
     load_tokenizer,
     resolve_model_dir,
 )
-from pipeline.models.weights import INDEX_FILE, WEIGHTS_FILE, check_weight_files
+from pipeline.models.weights import INDEX_FILE, WEIGHTS_FILE, check_weight_files, read_weight_map
 from pipeline.postprocess import load_postprocess
 from pipeline.runner.identity import (
     CONTENT_FILES,
@@ -126,12 +125,9 @@ def _check_s3_weights(store: S3Store, path: str, keys: list[str]) -> None:
     if INDEX_FILE not in keys:
         raise ModelError(f"model.path={path!r} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
     try:
-        index = json.loads(store.read_bytes(INDEX_FILE).decode("utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise ModelError(f"{store.describe(INDEX_FILE)} is not a JSON file ({e}): upload it again") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelError(f"{store.describe(INDEX_FILE)} has no weight_map")
+        weight_map = read_weight_map(store.read_bytes(INDEX_FILE), store.describe(INDEX_FILE))
+    except ValueError as e:
+        raise ModelError(str(e)) from None
     missing = sorted({str(file) for file in weight_map.values()} - set(keys))
     if missing:
         raise ModelError(

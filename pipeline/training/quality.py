@@ -205,9 +205,8 @@ def run_eval(cfg: Any) -> str:
     points = expand_grid(cfg.grid, ablate_all=cfg.ablate_all)  # a bad grid fails before anything is loaded
     model_dir = resolve_model_dir(cfg.model)
     family = inspect_model(model_dir, name=cfg.model if cfg.model.startswith("builtin:") else None).family
-    if (
-        family in MASK_FAMILIES
-    ):  # its grid is of DiffusionGemma knobs: resolving them failed on canvas_length=0
+    # Its grid is of DiffusionGemma knobs: resolving them failed on canvas_length=0.
+    if family in MASK_FAMILIES:
         raise ConfigError(
             f"eval.model={cfg.model!r} is a {family} model (mask diffusion): jobs/eval_quality.py evaluates "
             "DiffusionGemma models only (its grid sets the DiffusionGemma sampler's knobs). Give a DiffusionGemma "
