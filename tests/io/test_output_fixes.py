@@ -199,3 +199,124 @@ def test_run_overwrite_leaves_no_empty_folder_of_the_old_run_on_local_disk(tmp_p
     store.write_text(RUN_LOCK, "{}")  # the replacing process's own lock stays
     assert run.check_identity({"run_id": "r", "config_fingerprint": "b"}, overwrite=True) == "new"  # replaced
     assert sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*")) == [RUN_LOCK]
+
+
+def _commit_with_errors(run: RunStore, shard: int, rows: int, errors: int) -> None:
+    table = to_table(
+        [{"id": f"r{shard}-{i}", "source_index": shard * 10 + i} for i in range(rows)],
+        pa.schema([("id", pa.string()), ("source_index", pa.int64())]),
+    )
+    error_rows = [
+        {"id": f"e{shard}-{i}", "source_index": shard * 10 + rows + i, "stage": "read", "reason": "bad"}
+        for i in range(errors)
+    ]
+    run.commit_shard(shard, table, error_rows, compression="zstd", stats={}, worker="w0", attempt=1)
+
+
+def test_cleaning_uncommitted_objects_keeps_every_committed_part_and_deletes_every_other_one(store):
+    """On a resume, committed error parts stay (deleting them loses rejected rows: the shard then fails its
+    post-run check) and every uncommitted part goes, in errors/ too (kept, its rows would be there twice)."""
+    run = RunStore(store, "r")
+    _commit_with_errors(run, 0, rows=2, errors=1)
+    _commit_with_errors(run, 1, rows=0, errors=2)  # every row rejected: an errors part only
+    store.write_bytes("data/part-00002.parquet", b"a killed attempt's part")
+    store.write_bytes("errors/part-00002.parquet", b"a killed attempt's part")
+    committed = run.committed()
+    assert run.clean_uncommitted(committed) == ["data/part-00002.parquet", "errors/part-00002.parquet"]
+    assert sorted(store.list("data/") + store.list("errors/")) == [
+        "data/part-00000.parquet",
+        "errors/part-00000.parquet",
+        "errors/part-00001.parquet",
+    ], "only the committed parts are left"
+    assert run.verify(committed) == [], "every committed part is still whole"
+
+
+@pytest.mark.parametrize("part", ["data/part-00000.parquet", "errors/part-00000.parquet"])
+def test_a_committed_part_that_is_missing_or_altered_fails_verification(store, part):
+    """An errors part removed or changed by hand counts as a broken shard as a data part does: the run cannot
+    be complete without the rejected rows that part held."""
+    run = RunStore(store, "r")
+    _commit_with_errors(run, 0, rows=2, errors=1)
+    _commit_with_errors(run, 1, rows=2, errors=1)
+    committed = run.committed()
+    assert run.verify(committed) == []
+    store.write_bytes(part, store.read_bytes(part) + b"x")
+    assert run.verify(committed) == [0], f"{part} has another size than its marker records"
+    store.delete([part])
+    assert run.verify(committed) == [0], f"{part} is missing"
+
+
+@pytest.mark.parametrize("key", ["input_fingerprint", "config_fingerprint", "shard_size", "num_rows"])
+def test_a_run_id_holding_a_run_of_another_shard_plan_or_input_is_a_conflict(store, key):
+    """run.shard_size is not in the config fingerprint: a resume with another one, had it been let through,
+    would cut the remaining shards at other rows than the committed ones, so rows would be lost or doubled."""
+    run = RunStore(store, "r")
+    identity = {"input_fingerprint": "i", "config_fingerprint": "c", "shard_size": 6, "num_rows": 18}
+    run.write_run_file(identity)
+    assert run.identity_status(dict(identity), overwrite=False) == "resume"
+    changed = {**identity, key: "other"}
+    with pytest.raises(RunConflictError, match=rf"started with a different input or config \({key} "):
+        run.identity_status(changed, overwrite=False)
+    assert run.identity_status(changed, overwrite=True) == "replace"
+
+
+class _MarkerVanishes(LocalStore):
+    """A local store on which one commit marker is deleted right after the markers are listed, as a run being
+    replaced by another process does between a resume's listing and its reads."""
+
+    def __init__(self, root: Path, vanishing: str) -> None:
+        super().__init__(root)
+        self.vanishing = vanishing
+
+    def list(self, prefix: str = "") -> list[str]:
+        keys = super().list(prefix)
+        if prefix == "_commits/" and self.vanishing in keys:
+            self.delete([self.vanishing])
+        return keys
+
+
+def test_a_marker_deleted_between_the_listing_and_its_read_is_skipped(tmp_path):
+    run = RunStore(LocalStore(tmp_path / "root"), "r")
+    for shard in (0, 1, 2):
+        _commit(run, shard)
+    racing = RunStore(_MarkerVanishes(tmp_path / "root", "_commits/shard-00001.json"), "r")
+    assert sorted(racing.committed()) == [0, 2], "the vanished marker's shard is uncommitted, not an error"
+
+
+class _TakenOverWhileWriting(LocalStore):
+    """A local store on which another driver takes the run lock over while a part is being written (the old
+    lock's holder gone silent, the new one acquiring it), between a worker's first fence check and its marker."""
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        super().write_bytes(key, data)
+        if key.startswith("data/"):
+            super().write_text(RUN_LOCK, "{}")  # not a lock this tool wrote: the next acquire replaces it
+            Lease(LocalStore(self.root), RUN_LOCK, "new-driver", "r", 120.0).acquire()
+
+
+def test_a_lock_taken_over_while_the_parts_were_written_leaves_the_shard_uncommitted(tmp_path):
+    """The marker is the commit point: the fence is checked again right before it, so a worker whose driver lost
+    the lock while its parts were being written commits nothing (the new holder regenerates the shard)."""
+    store = _TakenOverWhileWriting(tmp_path / "root")
+    Lease(LocalStore(store.root), RUN_LOCK, "old-driver", "r", 120.0).acquire()
+    with pytest.raises(FencedError, match="not committing shard 0"):
+        _commit(RunStore(store, "r", fence="old-driver"), 0)
+    assert store.list("_commits/") == [], "no marker is written once the lock is another's"
+    assert json.loads(store.read_text(RUN_LOCK))["token"] == "new-driver"
+
+
+def test_a_part_given_the_runs_column_schema_gets_a_marker_that_describes_it(store):
+    """finalize rewrites the parts written before a postprocess column was fixed; each rewritten part's marker
+    is rewritten too, else the next start finds the part's size unlike its marker's and regenerates the shard."""
+    from pipeline.io.columns import RunColumn, fix_columns
+
+    run = RunStore(store, "r")
+    _commit(run, 0)
+    fix_columns(store, [RunColumn("score", pa.float64(), "declared by test", 0)])
+    commits = run.committed()
+    assert run.conform_parts(commits) == [0]
+    on_store = RunStore(store, "r").committed()[0]
+    assert on_store.data_bytes == len(store.read_bytes("data/part-00000.parquet"))
+    assert on_store.columns == commits[0].columns and ["score", "double"] in on_store.columns
+    assert run.verify(run.committed()) == [], "the rewritten part matches its marker"
+    assert run.conform_parts(run.committed()) == [], "a part with the run's schema is left as it is"
