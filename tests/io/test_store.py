@@ -180,6 +180,27 @@ def test_local_failed_write_keeps_old_object_and_leaves_no_temp_file(
     assert sorted(os.listdir(tmp_path / "d")) == ["part.parquet"]
 
 
+def test_local_write_whose_rename_fails_leaves_no_temp_file(tmp_path: Path) -> None:
+    """A key whose path is a directory: the data is written to a temporary file and the rename onto the
+    directory fails; the write is refused naming the path and the temporary file goes with it."""
+    store = LocalStore(tmp_path)
+    store.write_bytes("d/sub/part.parquet", b"x")
+    with pytest.raises(StoreError, match=r"cannot write .*/d/sub"):
+        store.write_bytes("d/sub", b"new")
+    assert sorted(os.listdir(tmp_path / "d")) == ["sub"], "no temporary file is left beside the key"
+    assert store.list() == ["d/sub/part.parquet"]
+
+
+def test_local_delete_prefix_of_a_folder_removes_its_empty_directories(tmp_path: Path) -> None:
+    """As on S3, where a folder with no object is gone: deleting a run's prefix leaves no empty directory tree."""
+    store = LocalStore(tmp_path / "root")
+    fill(store)
+    assert store.delete_prefix("a/") == 3
+    assert not (store.root / "a").exists(), "the folder and its empty subfolders are removed"
+    assert sorted(p.name for p in store.root.iterdir()) == ["ab.txt", "b.txt", "dir with space"]
+    assert store.delete_prefix("ab") == 1 and (store.root / "dir with space").is_dir(), "not a folder prefix"
+
+
 KILLED_BEFORE_RENAME = """
 import os, sys, time
 from pipeline.io.store import LocalStore
