@@ -358,6 +358,64 @@ def test_a_conditional_write_answered_409_is_retried_a_bounded_number_of_times(
 
 
 @pytest.mark.s3
+def test_a_conditional_write_that_loses_the_race_after_its_check_returns_false(s3_bucket, s3_fault_proxy):
+    """Another writer creates the key between write_if_absent's HEAD and its PUT (here: the HEAD answered 404
+    though the key exists): the PUT's If-None-Match is answered 412, which means "not created", not an error.
+    A key seen to exist is never PUT at all (the only guard on stores that ignore If-None-Match)."""
+    store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint)
+    assert store.write_if_absent("_columns/c.json", b"first")
+    s3_fault_proxy.reset_counts()
+    assert store.write_if_absent("_columns/c.json", b"second") is False
+    assert s3_fault_proxy.count("PUT") == 0, "an existing key is not written"
+    s3_fault_proxy.fail_next(1, 404, "NoSuchKey", method="HEAD")
+    assert store.write_if_absent("_columns/c.json", b"third") is False
+    assert s3_fault_proxy.count("PUT") == 1 and store.read_bytes("_columns/c.json") == b"first"
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(
+    "status, code", [(429, "TooManyRequests"), (408, "RequestTimeoutException"), (502, "BadGateway")]
+)
+def test_s3_throttling_and_server_statuses_are_retried_whatever_their_error_code(
+    s3_bucket, s3_fault_proxy, status, code
+):
+    """Retried by HTTP status too (429, 408, 5xx): gateways in front of S3-compatible stores answer them with
+    codes that are not in RETRYABLE_CODES."""
+    store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint)
+    s3_fault_proxy.fail_next(2, status, code, method="PUT")
+    store.write_text("k", "v")
+    assert s3_fault_proxy.count("PUT") == 3, "two answers retried, then written"
+    assert store.read_text("k") == "v"
+
+
+@pytest.mark.s3
+def test_s3_download_cut_midway_is_retried_from_the_start_of_the_file(s3_bucket, s3_fault_proxy, tmp_path):
+    store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint)
+    payload = os.urandom(300_000)
+    store.write_bytes("model.bin", payload)
+    s3_fault_proxy.drop_next(1, method="GET")  # half the body, then the connection closes
+    dest = tmp_path / "model.bin"
+    assert store.download_file("model.bin", dest) == len(payload)
+    assert s3_fault_proxy.count("GET", fault="drop") == 1
+    assert dest.read_bytes() == payload, "the retry rewrote the file, not appended to the cut attempt"
+
+
+@pytest.mark.s3
+def test_s3_check_writable_removes_old_probes_and_keeps_another_processs_fresh_one(s3_bucket, monkeypatch):
+    """A probe left by a process killed in check_writable is deleted once older than PROBE_STALE_S; a young
+    one may be another process's check in flight and stays."""
+    import pipeline.io.s3 as s3_module
+
+    store = s3_bucket.store("base")
+    store.write_bytes(".canvasflow-probe-1-1", b"ok")
+    time.sleep(2.2)  # S3 ages objects by Last-Modified (1 s resolution)
+    store.write_bytes(".canvasflow-probe-2-2", b"ok")
+    monkeypatch.setattr(s3_module, "PROBE_STALE_S", 1.0)
+    store.check_writable()
+    assert store.list() == [".canvasflow-probe-2-2"]
+
+
+@pytest.mark.s3
 def test_a_key_that_delete_objects_failed_to_delete_is_deleted_again(s3_bucket, s3_fault_proxy, caplog):
     """DeleteObjects answers 200 and lists the keys it failed to delete (InternalError, SlowDown under load):
     they were reported as a StoreError at once (a nightly retention then exited 1 after a complete night)."""
