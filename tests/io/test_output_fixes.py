@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.io.commit import RUN_LOCK, FencedError, RunConflictError, RunStore
-from pipeline.io.lease import Lease
+from pipeline.io.lease import Lease, Refused, read_holder
 from pipeline.io.parts import to_table
 from pipeline.io.store import LocalStore, Store, StoreError
 
@@ -320,3 +320,62 @@ def test_a_part_given_the_runs_column_schema_gets_a_marker_that_describes_it(sto
     assert on_store.columns == commits[0].columns and ["score", "double"] in on_store.columns
     assert run.verify(run.committed()) == [], "the rewritten part matches its marker"
     assert run.conform_parts(run.committed()) == [], "a part with the run's schema is left as it is"
+
+
+def test_a_release_after_an_unnoticed_takeover_leaves_the_new_holders_lock(store):
+    """The heartbeat notices a takeover only at its next beat: a holder releasing before then deletes the lock
+    only if it still holds its own token, never the process's that took it over."""
+    old = Lease(store, RUN_LOCK, "old-driver", "r", 120.0)
+    old.acquire()
+    taken = {"token": "new-driver", "run_id": "r", "host": "elsewhere", "pid": 1, "heartbeat_at": 0}
+    store.write_text(RUN_LOCK, json.dumps(taken))
+    old.release()
+    assert json.loads(store.read_text(RUN_LOCK))["token"] == "new-driver", "the new holder keeps its lock"
+
+
+def test_of_concurrent_takers_of_a_stale_lock_exactly_one_goes_on(tmp_path):
+    """Each taker writes its token over the stale lock, then reads it back after a moment: the one whose write
+    landed last holds it, every other one is refused ("lost the race") instead of going on as a second holder."""
+    store = LocalStore(tmp_path / "root")
+    dead = {"token": "dead", "run_id": "r", "host": "elsewhere", "pid": 1, "heartbeat_at": 0}
+    store.write_text(RUN_LOCK, json.dumps(dead))
+    os.utime(store.root / RUN_LOCK, (0, 0))  # silent for decades: stale
+    barrier = threading.Barrier(4)
+    outcome: dict[int, str] = {}
+    leases = [Lease(store, RUN_LOCK, f"taker-{i}", "r", 120.0) for i in range(4)]
+
+    def take(i: int) -> None:
+        barrier.wait()
+        try:
+            leases[i].acquire()
+            outcome[i] = "held"
+        except Refused as e:
+            outcome[i] = str(e)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, result in outcome.items() if result == "held"]
+    try:
+        assert len(winners) == 1, outcome
+        assert json.loads(store.read_text(RUN_LOCK))["token"] == f"taker-{winners[0]}"
+    finally:
+        for i in winners:
+            leases[i].release()
+
+
+class _ReleasedWhileRead(LocalStore):
+    """A local store on which the lock is released between read_holder's existence check and its read."""
+
+    def read_bytes(self, key: str) -> bytes:
+        if key == RUN_LOCK:
+            self.delete([key])
+        return super().read_bytes(key)
+
+
+def test_a_lock_released_between_its_check_and_its_read_is_free(tmp_path):
+    store = _ReleasedWhileRead(tmp_path / "root")
+    store.write_text(RUN_LOCK, json.dumps({"token": "leaving", "run_id": "r", "host": "h", "pid": 1}))
+    assert read_holder(store, RUN_LOCK) is None, "no lock, not a StoreError"
