@@ -55,3 +55,11 @@ by_completion.columns = {"score": "double"}
 def sets_drafts(row):
     """A column the row has only when sampler.record_drafts is on."""
     return {"drafts": "x", "ok": True}
+
+
+def delete_file(row, path, from_index):
+    """Keeps the row (adding no column) and, from input row `from_index` on, deletes the file `path`: a part
+    removed by something else after its shard committed, for tests/runner/test_job.py."""
+    if row["source_index"] >= from_index and os.path.exists(path):
+        os.remove(path)
+    return {}

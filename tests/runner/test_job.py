@@ -366,3 +366,42 @@ def test_too_few_rows_held_per_worker_are_warned_about(caplog):
         "to keep the batch full as shards end, which wastes GPU passes (benchmarks/bench_shard_size.py); use "
         "run.shard_size >= 256",
     ]
+
+
+def test_a_part_deleted_after_its_shard_committed_fails_the_run_and_a_rerun_regenerates_it(
+    tmp_path, ray_local
+):
+    """The driver checks every committed part once its workers are done: a part gone since its commit (here:
+    deleted while the next shard ran) fails the run (exit 1, no _SUCCESS), rather than finalizing a run that
+    lacks its rows; the rerun regenerates that shard."""
+    data = write_prompts(tmp_path / "p.jsonl", 12)
+    run_dir = tmp_path / "out" / "test-run"
+    job = make_job(tmp_path, data, cluster__num_workers=1, run__shards_in_flight=1)
+    job.postprocess = {
+        "_target_": "tests.runner.postprocess_fns.delete_file",
+        "path": str(run_dir / "data" / "part-00000.parquet"),
+        "from_index": 6,  # the rows of shard 1, which runs after shard 0 committed
+    }
+    assert run(job) == 1
+    assert not (run_dir / "_SUCCESS").exists(), "a run missing a committed part is not complete"
+    assert not (run_dir / "_commits" / "shard-00000.json").exists(), "the shard is uncommitted"
+    assert run(job) == 0  # only shard 0 runs, whose rows delete nothing
+    assert sorted(read_parts(run_dir).column("source_index").to_pylist()) == list(range(12))
+
+
+def test_a_complete_run_whose_regeneration_cannot_start_is_no_longer_marked_complete(
+    tmp_path, caplog, ray_local
+):
+    """A complete run with a part deleted by hand: the rerun that finds it drops _SUCCESS before it regenerates
+    the shard, so that a rerun failing to start its workers leaves no run claiming to be complete without it."""
+    data = write_prompts(tmp_path / "p.jsonl", 12)
+    run_dir = tmp_path / "out" / "test-run"
+    assert run(make_job(tmp_path, data)) == 0
+    (run_dir / "data" / "part-00001.parquet").unlink()
+    job = make_job(tmp_path, data, cluster__num_gpus_per_worker=1.0, cluster__worker_start_timeout_s=3.0)
+    job.cluster.mode, job.cluster.address = "ray", "auto"
+    assert run(job) == 2
+    assert "did not start within cluster.worker_start_timeout_s=3s" in caplog.text
+    assert not (run_dir / "_SUCCESS").exists(), "the run lacks shard 1's rows: it is not complete"
+    assert run(make_job(tmp_path, data)) == 0 and (run_dir / "_SUCCESS").exists()
+    assert read_parts(run_dir).num_rows == 12
