@@ -199,7 +199,7 @@ def test_a_run_whose_every_row_is_rejected_has_a_card_that_reads_its_errors(tmp_
     assert json.loads((run_dir / "stats.json").read_text())["rows_out"] == 0
 
 
-def test_resume_regenerates_only_uncommitted_shards(tmp_path, ray_local):
+def test_resume_regenerates_only_uncommitted_shards(tmp_path, ray_local, caplog):
     data = write_prompts(tmp_path / "p.jsonl", 18)
     assert run(make_job(tmp_path, data)) == 0
     run_dir = tmp_path / "out" / "test-run"
@@ -208,7 +208,11 @@ def test_resume_regenerates_only_uncommitted_shards(tmp_path, ray_local):
     (run_dir / "_commits" / "shard-00001.json").unlink()
     (run_dir / "_SUCCESS").unlink()
     (run_dir / "data" / "part-00009.parquet").write_bytes(b"partial garbage")
-    assert run(make_job(tmp_path, data)) == 0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(make_job(tmp_path, data)) == 0
+    done = [int(m) for m in re.findall(r"progress: (\d+)/18 rows", caplog.text)]
+    assert done and done[-1] == 18, f"progress counts the rows of the shards committed before: {done}"
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["shards"]["committed_this_invocation"] == 1
     assert stats["shards"]["skipped_already_committed"] == 2
