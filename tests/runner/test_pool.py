@@ -173,6 +173,13 @@ def test_each_worker_holds_up_to_in_flight_shards(ray_local):
     assert {c["peak"] for c in commits.values()} == {1}
 
 
+def test_every_worker_gets_a_shard_before_any_gets_a_second(ray_local):
+    """Two shards, two idle workers that could each hold both: one shard each, not both on one worker while
+    the other idles."""
+    commits, _ = _run(ray_local, workers=2, shards=2, in_flight=2, seconds=0.5)
+    assert {s: c["peak"] for s, c in commits.items()} == {0: 1, 1: 1}, "each shard ran alone on its worker"
+
+
 def test_a_retried_shard_runs_alone_on_its_worker(ray_local):
     commits, _ = _run(ray_local, workers=1, shards=5, in_flight=2, seconds=0.3, fail=[(1, 1)])
     assert commits[1]["attempt"] == 2 and commits[1]["peak"] == 1, commits[1]
