@@ -216,3 +216,57 @@ def test_records_built_in_batches_equal_one_batch(tmp_path, monkeypatch):
         r["source_index"] for r in _records(batched) if (r["error"] or "").startswith("duplicate id")
     ]
     assert duplicates == [7, 8, 9]
+
+
+def test_ids_that_are_blank_or_booleans_are_error_rows_naming_the_column(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"id": "  ", "prompt": "x"}, {"id": True, "prompt": "y"}, {"id": 1, "prompt": "z"}],
+    )
+    rows = _records(read_input(DataConfig(path=path, id_column="id")))
+    assert rows[0]["error"] == "empty id (column 'id')", "a whitespace id names no row"
+    assert rows[1]["error"] == "id in column 'id' must be a string or an integer, got bool"
+    assert rows[2]["error"] is None and rows[2]["id"] == "1", "an integer id is its text"
+
+
+def test_an_error_rows_raw_input_is_truncated(tmp_path):
+    from pipeline.data.records import RAW_LIMIT
+
+    broken = "{" + "x" * (3 * RAW_LIMIT)  # malformed JSON, longer than an error row keeps
+    rows = _records(
+        read_input(DataConfig(path=_write_jsonl(tmp_path / "in.jsonl", [broken, {"prompt": "ok"}])))
+    )
+    assert "malformed JSON" in rows[0]["error"]
+    assert rows[0]["raw"] == broken[:RAW_LIMIT], "the first RAW_LIMIT characters of the line"
+
+
+def test_fingerprint_tracks_the_columns_carried_as_metadata(tmp_path):
+    """The other columns of a row go to the output's `metadata`: an input changed only there is another input
+    (a resume over it would mix rows of both in one run)."""
+    a = read_input(DataConfig(path=_write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x", "label": 1}])))
+    b = read_input(DataConfig(path=_write_jsonl(tmp_path / "b.jsonl", [{"prompt": "x", "label": 2}])))
+    assert a.fingerprint != b.fingerprint
+
+
+def test_a_second_read_that_meets_more_rows_than_the_first_says_the_input_changed(tmp_path):
+    """Repeated ids make the reader read the input again; a row that the first read did not see (the file grew
+    in between) is InputChangedError, which read_input reports as a changed input, not an IndexError."""
+    from array import array
+
+    from pipeline.data.records import InputChangedError, RecordBuilder
+
+    data = DataConfig(path="unused", id_column="id")
+    first = RecordBuilder(data)
+    for index, rid in enumerate(["a", "a"]):
+        first.add(index, {"id": rid, "prompt": "p"}, None, None)
+    assert first.repeated_ids(first.finish()) == frozenset({"a"})
+    second = RecordBuilder(data, repeated=frozenset({"a"}), first_read=array("q", first.id_hashes))
+    try:
+        for index, rid in enumerate(["a", "a"]):
+            second.add(index, {"id": rid, "prompt": "p"}, None, None)
+        with pytest.raises(
+            InputChangedError, match="row 2 has another id than when the input was first read"
+        ):
+            second.add(2, {"id": "b", "prompt": "p"}, None, None)
+    finally:
+        second.discard()
