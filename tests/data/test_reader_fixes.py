@@ -282,6 +282,24 @@ def test_invalid_utf8_in_a_parquet_string_column_is_that_rows_error(tmp_path):
     assert [r["source_index"] for r in rows] == [0, 1, 2, 3]
 
 
+def test_a_bad_parquet_value_past_the_first_batch_names_its_row_in_the_file(tmp_path):
+    """The reader decodes 4,096 rows at a time: a bad value in a later batch names its row in the file, not in
+    the batch."""
+    values = [f"Add: {i}+1".encode() for i in range(5000)]
+    values[4100] = b"Add: \xff\xfe"
+    pq.write_table(
+        pa.table({"prompt": _string_array_with_invalid_utf8(values)}),
+        tmp_path / "a.parquet",
+        row_group_size=5000,
+    )
+    rows = _rows(str(tmp_path / "a.parquet"))
+    bad = [r for r in rows if r["error"] is not None]
+    assert [r["source_index"] for r in bad] == [4100]
+    assert bad[0]["error"].startswith("a.parquet row 4100: column 'prompt' is not valid UTF-8"), bad[0][
+        "error"
+    ]
+
+
 def test_undecodable_parquet_fails_at_startup_naming_the_file(tmp_path):
     pq.write_table(pa.table({"prompt": ["Add: 1+2"] * 1000}), tmp_path / "in.parquet", compression="snappy")
     payload = bytearray((tmp_path / "in.parquet").read_bytes())
