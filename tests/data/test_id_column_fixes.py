@@ -47,3 +47,15 @@ def test_unparseable_jsonl_lines_are_still_error_rows_with_an_id_column(tmp_path
     path.write_text('{"prompt": "Add: 1+2", "uid": "a"}\n{broken\n')
     rows = read_input(DataConfig(path=str(path), id_column="uid")).table.to_pylist()
     assert rows[0]["error"] is None and "malformed JSON" in rows[1]["error"]
+
+
+def test_parquet_rows_that_all_fail_to_decode_are_error_rows_with_an_id_column(tmp_path):
+    """No row decodes, so none shows its columns: the id column (in the file's schema) is not called missing;
+    every row is an error row naming the bad value."""
+    from tests.data.test_reader_fixes import _string_array_with_invalid_utf8
+
+    prompts = _string_array_with_invalid_utf8([b"Add: \xff", b"Add: \xfe"])
+    pq.write_table(pa.table({"prompt": prompts, "uid": ["a", "b"]}), tmp_path / "p.parquet")
+    rows = read_input(DataConfig(path=str(tmp_path / "p.parquet"), id_column="uid")).table.to_pylist()
+    assert [r["source_index"] for r in rows] == [0, 1]
+    assert all("column 'prompt' is not valid UTF-8" in r["error"] for r in rows), rows
