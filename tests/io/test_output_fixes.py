@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -379,3 +380,37 @@ def test_a_lock_released_between_its_check_and_its_read_is_free(tmp_path):
     store = _ReleasedWhileRead(tmp_path / "root")
     store.write_text(RUN_LOCK, json.dumps({"token": "leaving", "run_id": "r", "host": "h", "pid": 1}))
     assert read_holder(store, RUN_LOCK) is None, "no lock, not a StoreError"
+
+
+def test_a_live_holders_lock_never_looks_stale_between_its_heartbeats(tmp_path):
+    """The heartbeat rewrites the lock several times per stale_s (every second here): sampled over more than
+    stale_s, a live holder's lock is never old enough for another process to take it over, nor near it."""
+    from pipeline.io.lease import holder_is_stale
+
+    store = LocalStore(tmp_path / "root")
+    live = Lease(store, RUN_LOCK, "live", "r", 4.0)
+    live.acquire()
+    try:
+        ages = []
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            holder = read_holder(store, RUN_LOCK)
+            ages.append(store.age_s(RUN_LOCK))
+            assert not holder_is_stale(store, RUN_LOCK, holder, 4.0), f"stale at age {ages[-1]:.2f}s"
+            time.sleep(0.05)
+        assert max(ages) < 2.5, f"a heartbeat every second, the oldest lock seen {max(ages):.2f}s old"
+    finally:
+        live.release()
+
+
+def test_a_location_holding_objects_but_no_run_is_replaced_only_with_overwrite(store):
+    run = RunStore(store, "r")
+    store.write_text("notes.txt", "someone else's file")
+    store.write_text(RUN_LOCK, "{}")  # the lock of the process asking
+    with pytest.raises(
+        RunConflictError, match=r"is not empty but holds no canvasflow run \(1 objects, e.g. 'notes.txt'\)"
+    ):
+        run.check_identity({"run_id": "r"}, overwrite=False)
+    assert store.exists("notes.txt")
+    assert run.check_identity({"run_id": "r"}, overwrite=True) == "new"
+    assert store.list() == [RUN_LOCK], "the objects went, the asking process's lock stayed"
