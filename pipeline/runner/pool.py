@@ -209,6 +209,11 @@ def run_pool(
             deadline[index] = time.monotonic() + shard_timeout_s + grace
 
     def room(index: int, alone: bool) -> bool:
+        if index in starting and any(started(i) for i in range(len(workers))):
+            # A replacement not up yet (its node lost for good, no node with room for it, a model load that
+            # hangs) gets nothing while a worker that is up can take the shard: given to it, the shard waited
+            # for its start, up to run.shard_timeout_s + cluster.worker_start_timeout_s, beside idle workers.
+            return False
         if alone or any(t.alone for t in held[index].values()):
             return not held[index]
         return len(held[index]) < in_flight

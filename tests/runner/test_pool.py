@@ -54,6 +54,7 @@ class HeldRecorder:
         raise_rows: tuple = (),
         device_rows: tuple = (),
         oom: tuple = (),
+        exits: tuple = (),
         start_fails: float | None = None,
         start_hangs: bool = False,
     ) -> None:
@@ -69,6 +70,7 @@ class HeldRecorder:
             set(raise_rows),
         )
         self.device_rows, self.device_broken, self.oom = set(device_rows), False, set(oom)
+        self.exits = set(exits)
         self.lock, self.work = threading.Lock(), threading.Lock()
         self.active: dict[int, int] = {}  # shard -> most shards held while it ran
 
@@ -84,6 +86,8 @@ class HeldRecorder:
         try:
             with self.work:
                 time.sleep(60 if (shard, attempt) in self.hang or rows & self.hang_rows else self.seconds)
+            if (shard, attempt) in self.exits:
+                os._exit(1)  # as a worker whose node is lost
             if rows & self.die or (self.die_together and self.die_together <= rows):
                 os._exit(1)  # the worker process dies, as on a device fault or OOM kill
             if self.device_broken or rows & self.device_rows:  # as a CUDA error: every later call fails too
@@ -413,6 +417,29 @@ def test_which_cuda_errors_leave_the_device_unusable(message, failed):
     assert device_failed(RuntimeError(message)) is failed
 
 
+def test_a_dead_workers_shards_go_to_a_worker_that_is_up_not_to_a_replacement_that_is_not(ray_local, caplog):
+    """Worker 1 dies (its node lost) holding shard 1, and its replacement never starts (no node left with room
+    for it). The shard was retried on that replacement, while worker 0 sat idle: the run hung at 98.7% until
+    run.shard_timeout_s + cluster.worker_start_timeout_s had passed (70 min with the defaults) or the node came
+    back. Worker 0 now runs it and the run ends at once."""
+    began = time.monotonic()
+    commits, replaced = _run(
+        ray_local,
+        workers=2,
+        shards=6,
+        in_flight=1,
+        seconds=0.3,
+        exits=[(1, 1)],
+        timeout_s=20.0,
+        grace_s=20.0,
+        broken_slots=[1],
+        broken={"start_hangs": True},
+    )
+    assert replaced == [1] and commits[1]["attempt"] == 2, (replaced, commits[1])
+    assert "worker 1 died holding shard(s) 1 (attempt 1/3)" in caplog.text, caplog.text
+    assert time.monotonic() - began < 15.0, "a shard waited for a replacement that never started"
+
+
 @pytest.mark.parametrize(
     ("broken", "timeout_s", "why"),
     [
@@ -432,7 +459,7 @@ def test_a_worker_that_cannot_start_makes_no_row_an_error_row(ray_local, caplog,
     failed = []
     _run(
         ray_local,
-        **{**SMALL, "shards": 1},
+        **{**SMALL, "workers": 1, "shards": 1},
         timeout_s=timeout_s,
         grace_s=1.0,
         die=[2],
