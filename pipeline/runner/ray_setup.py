@@ -89,7 +89,22 @@ def _init(ray, cluster: ClusterConfig) -> None:
         try:
             ray.init(address=cluster.address, logging_level=logging.WARNING)
         except (ConnectionError, ValueError) as e:  # e.g. address=auto and no cluster running
+            if "InvalidAuthToken" in f"{e} {e.__cause__}":
+                raise ClusterConnectError(_token_refused(named)) from None
             raise ClusterConnectError(f"cannot connect to the Ray cluster at {named}: {e}") from None
+
+
+def _token_refused(named: str) -> str:
+    """What to do when the cluster's GCS refused this process's token (or its lack of one). ray.init says only
+    "Failed to connect to Ray cluster at HOST:PORT", after about 20 s of warnings from Ray's C++ client."""
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        why = "the cluster uses token authentication and this process sent no token (RAY_AUTH_MODE is not 'token')"
+    else:
+        why = "the cluster refused this process's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+    return (
+        f"cannot connect to the Ray cluster at {named}: {why}. Export RAY_AUTH_MODE=token and the cluster's "
+        "token as RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH naming the file that holds it (default ~/.ray/auth_token)"
+    )
 
 
 def _ray_temp_dir() -> str:

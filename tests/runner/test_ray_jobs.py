@@ -148,3 +148,31 @@ def test_a_local_job_beside_a_running_cluster_starts_a_ray_instance_of_its_own(r
     assert "RAY_ADDRESS is set, but cluster.mode=local starts a Ray instance of its own" in log
     assert "starting a local Ray instance" in log
     assert pads.dataset(str(tmp_path / "out" / "beside" / "data"), format="parquet").count_rows() == 4
+
+
+@pytest.mark.parametrize(
+    ("auth", "why"),
+    [
+        ({}, "the cluster uses token authentication and this process sent no token"),
+        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "the cluster refused this process's token"),
+    ],
+    ids=["no-token", "wrong-token"],
+)
+def test_a_driver_without_the_clusters_token_is_told_so(ray_head, tmp_path, auth, why):
+    """A driver connecting to a cluster with token authentication without its token (or with another) failed
+    saying only "cannot connect to the Ray cluster at cluster.address='127.0.0.1:PORT': Failed to connect to
+    Ray cluster at HOST:PORT", as if the cluster were down; it now names the token and how to pass it."""
+    _, env, gcs = ray_head
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")} | auth
+    result = subprocess.run(
+        [
+            sys.executable, str(ROOT / "jobs" / "generate.py"), "cluster=ray", f"cluster.address={gcs}",
+            f"output.uri={tmp_path / 'out'}", "run.id=notoken", "data.limit=4",
+            "model.path=builtin:tiny-diffusiongemma-random",
+        ],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 2, log[-3000:]
+    assert f"cannot connect to the Ray cluster at cluster.address='{gcs}': {why}" in log, log[-3000:]
+    assert "Export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN" in log
