@@ -117,14 +117,20 @@ def start_workers(
                 infos.append(ray.get(refs[i], timeout=max(1.0, deadline - time.monotonic())))
                 break
             except GetTimeoutError:
+                # Free while the workers that did start hold theirs: "0 CPU free" alone read as a cluster busy
+                # with other work when this job's own workers had taken it all; the totals say what is missing.
+                free, total = ray.available_resources(), ray.cluster_resources()
                 for w in workers:
                     ray.kill(w)
-                free = ray.available_resources()
+                cpus, gpus = float(options.get("num_cpus") or 0), float(options.get("num_gpus") or 0)
                 raise WorkerStartError(
                     f"{count - i} of {count} workers did not start within cluster.worker_start_timeout_s="
-                    f"{timeout_s:g}s. Each asks for {options.get('num_cpus')} CPU and {options.get('num_gpus')} "
-                    f"GPU; the cluster has {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free. Lower "
-                    "cluster.num_workers, or wait for (or add) nodes."
+                    f"{timeout_s:g}s. Each asks for {options.get('num_cpus')} CPU and {options.get('num_gpus')} GPU "
+                    f"({count * cpus:g} CPU and "
+                    f"{count * gpus:g} GPU for {count}); the cluster has {total.get('CPU', 0):g} CPU and "
+                    f"{total.get('GPU', 0):g} GPU in all, {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} "
+                    "GPU free beside the workers that started. Lower cluster.num_workers, or wait for (or add) "
+                    "nodes."
                 ) from None
             except Exception as e:  # noqa: BLE001 - reported with the worker's own message
                 died = isinstance(e, RayActorError) and not e.actor_init_failed

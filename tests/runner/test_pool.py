@@ -472,6 +472,26 @@ def test_a_worker_that_cannot_start_makes_no_row_an_error_row(ray_local, caplog,
     assert not re.search(r"row [013] \(id '\w+'\) of shard 0 killed its worker", caplog.text), caplog.text
 
 
+class Idle:
+    def ready(self) -> bool:
+        return True
+
+
+def test_workers_that_do_not_fit_are_reported_with_what_the_cluster_has_in_all(ray_local):
+    """Three 2-CPU workers on the test's 4-CPU instance: two start and hold every CPU. The error said "the
+    cluster has 0 CPU and 0 GPU free", as if other work held the cluster, not what it has against what the
+    workers need."""
+    cls = ray_local.remote(Idle).options(num_cpus=2)
+    with pytest.raises(WorkerStartError) as error:
+        start_workers(lambda index: cls.remote(), 3, 3.0, {"num_cpus": 2.0, "num_gpus": 0})
+    total = ray_local.cluster_resources()["CPU"]
+    assert str(error.value).startswith(
+        "1 of 3 workers did not start within cluster.worker_start_timeout_s=3s. Each asks for 2.0 CPU and 0 GPU "
+        f"(6 CPU and 0 GPU for 3); the cluster has {total:g} CPU and 0 GPU in all, 0 CPU and 0 GPU free beside "
+        "the workers that started."
+    ), error.value
+
+
 class DiesWhileStarting:
     """A worker whose process is killed while it loads the model, the first `deaths` times any is made (counted
     in the file `counter`), or whose load raises (`raises`)."""
