@@ -164,6 +164,7 @@ def test_a_driver_without_the_clusters_token_is_told_so(ray_head, tmp_path, auth
     Ray cluster at HOST:PORT", as if the cluster were down; it now names the token and how to pass it."""
     _, env, gcs = ray_head
     env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")} | auth
+    env["RAY_gcs_server_port_wait_time_s"] = "2"  # ray.init's tries at a refused connection: 20 by default
     result = subprocess.run(
         [
             sys.executable, str(ROOT / "jobs" / "generate.py"), "cluster=ray", f"cluster.address={gcs}",
