@@ -126,9 +126,9 @@ def start_workers(
                 raise WorkerStartError(
                     f"{count - i} of {count} workers did not start within cluster.worker_start_timeout_s="
                     f"{timeout_s:g}s. Each asks for {options.get('num_cpus')} CPU and {options.get('num_gpus')} GPU "
-                    f"({count * cpus:g} CPU and "
-                    f"{count * gpus:g} GPU for {count}); the cluster has {total.get('CPU', 0):g} CPU and "
-                    f"{total.get('GPU', 0):g} GPU in all, {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} "
+                    f"({count * cpus:g} CPU and {count * gpus:g} GPU for {count}); the cluster has "
+                    f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU in all, {free.get('CPU', 0):g} CPU "
+                    f"and {free.get('GPU', 0):g} "
                     "GPU free beside the workers that started. Lower cluster.num_workers, or wait for (or add) "
                     "nodes."
                 ) from None
@@ -214,19 +214,20 @@ def run_pool(
             grace = start_grace_s if index in fresh else 0.0
             deadline[index] = time.monotonic() + shard_timeout_s + grace
 
-    def room(index: int, alone: bool) -> bool:
-        if index in starting and any(started(i) for i in range(len(workers))):
-            # A replacement not up yet (its node lost for good, no node with room for it, a model load that
-            # hangs) gets nothing while a worker that is up can take the shard: given to it, the shard waited
-            # for its start, up to run.shard_timeout_s + cluster.worker_start_timeout_s, beside idle workers.
+    def room(index: int, alone: bool, skip_starting: bool) -> bool:
+        if skip_starting and index in starting:
             return False
         if alone or any(t.alone for t in held[index].values()):
             return not held[index]
         return len(held[index]) < in_flight
 
     def dispatch() -> None:
+        # A replacement not up yet (its node lost for good, no node with room for it, a model load that hangs)
+        # gets nothing while a worker that is up can take the shard: given to it, the shard waited for its start,
+        # up to run.shard_timeout_s + cluster.worker_start_timeout_s, beside idle workers.
+        skip_starting = bool(starting) and any(started(i) for i in range(len(workers)))
         while queue:
-            open_ = [i for i in range(len(workers)) if room(i, queue[0].alone)]
+            open_ = [i for i in range(len(workers)) if room(i, queue[0].alone, skip_starting)]
             if not open_:
                 return
             index = min(open_, key=lambda i: (len(held[i]), i))
