@@ -486,10 +486,13 @@ def test_workers_that_do_not_fit_are_reported_with_what_the_cluster_has_in_all(r
     with pytest.raises(WorkerStartError) as error:
         start_workers(lambda index: cls.remote(), 3, 3.0, {"num_cpus": 2.0, "num_gpus": 0})
     total = ray_local.cluster_resources()["CPU"]
-    assert str(error.value).startswith(
-        "1 of 3 workers did not start within cluster.worker_start_timeout_s=3s. Each asks for 2.0 CPU and 0 GPU "
-        f"(6 CPU and 0 GPU for 3); the cluster has {total:g} CPU and 0 GPU in all, 0 CPU and 0 GPU free beside "
-        "the workers that started."
+    # 1 of 3, unless the two that fit were still starting at the deadline (a loaded machine): what this pins is
+    # the need against the totals, whichever count and free share the timing gives.
+    assert re.match(
+        r"[13] of 3 workers did not start within cluster\.worker_start_timeout_s=3s\. Each asks for 2\.0 CPU and "
+        rf"0 GPU \(6 CPU and 0 GPU for 3\); the cluster has {total:g} CPU and 0 GPU in all, \d+ CPU and 0 GPU "
+        r"free beside the workers that started\.",
+        str(error.value),
     ), error.value
 
 
