@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 logger = logging.getLogger("canvasflow")
@@ -25,27 +25,51 @@ class Progress:
     """Logs rows done, rows/s, tokens/s, ETA and per-worker counts every `interval_s` seconds. Rows are input
     rows: a prompt with several completions counts once (workers report each completion as a fraction); decoder
     passes are per completion sampled ("passes/row" with one completion per prompt, "passes/completion" with
-    several), rows rejected before sampling not counted."""
+    several), rows rejected before sampling not counted.
 
-    def __init__(self, total_rows: int, done_rows: int, interval_s: float, completions: int = 1) -> None:
+    rows/s is this invocation's average; the ETA comes from the rate of the last `window_s` seconds, so that
+    neither the workers' start nor a stall hides in it (a run stalled at 2960/3000 rows showed ETA 0:00:07 for
+    minutes). When no row was done for `window_s` the ETA is "-" and the line says for how long."""
+
+    def __init__(
+        self, total_rows: int, done_rows: int, interval_s: float, completions: int = 1, clock=time.monotonic
+    ) -> None:
         self.total = total_rows
         self.completions = completions
         self.done_before = done_rows
         self.interval = interval_s
         self.board = None
         self.ray = None
-        self.started = time.monotonic()
-        self.last = self.started
         self.committed_rows = 0
         self.committed_shards: set[int] = set()
         # per worker: rows, tokens, passes, completions sampled; per shard: rows its latest attempt reported
         self.snapshot: dict[str, dict[str, float]] = {}
         self.shards: dict[int, float] = {}
         self.logged: tuple[int, int] | None = None  # rows done and tokens of the last line logged
+        self.clock = clock
+        self.window_s = max(120.0, 12 * interval_s)
+        self.samples: deque[tuple[float, int]] = deque()  # (time, rows done) of the lines of the last window
+        self.started = self.last = self.moved_at = clock()  # moved_at: when rows done last grew
+        self.last_done = done_rows
 
     def start(self, ray, board) -> None:
         self.ray, self.board = ray, board
-        self.started = self.last = time.monotonic()
+        self.started = self.last = self.moved_at = self.clock()
+        self.samples.clear()
+
+    def _eta(self, now: float, done: int) -> tuple[float, float]:
+        """(seconds left at the rate of the last window, seconds since rows done last grew)."""
+        if done > self.last_done:  # rows of a failed attempt dropped, then done again, count as movement
+            self.moved_at = now
+        self.last_done = done
+        self.samples.append((now, done))
+        while len(self.samples) > 1 and self.samples[1][0] <= now - self.window_s:
+            self.samples.popleft()  # the oldest kept is the window's base: at or before its start
+        since, base = self.samples[0]
+        if now - self.started <= self.window_s or since == now:
+            since, base = self.started, self.done_before
+        rate = (done - base) / max(now - since, 1e-9)
+        return ((self.total - done) / rate if rate > 0 else float("inf")), now - self.moved_at
 
     def shard_done(self, shard: int, input_rows: int) -> None:
         """Shard `shard`, of `input_rows` input rows, was committed."""
@@ -62,7 +86,7 @@ class Progress:
     def tick(self, force: bool = False, *, if_changed: bool = False) -> None:
         """Logs the progress line (every `interval_s`, or at once with `force`); `if_changed`: not when rows and
         tokens are those of the last line logged."""
-        now = time.monotonic()
+        now = self.clock()
         if not force and now - self.last < self.interval:
             return
         self.last = now
@@ -80,7 +104,8 @@ class Progress:
         elapsed = max(now - self.started, 1e-9)
         done = self.done_before + rows
         rate = rows / elapsed
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        eta, still_s = self._eta(now, done)
+        stalled = done < self.total and still_s >= self.window_s
         # rounded as the total is: 24 shares of 1/3 sum to 7.999..., which int() made 7 rows
         workers = ", ".join(
             f"{name}: {int(round(w['rows'], 6))} rows" for name, w in sorted(self.snapshot.items())
@@ -89,7 +114,7 @@ class Progress:
             return
         self.logged = (done, tokens)
         logger.info(
-            "progress: %d/%d rows (%.1f%%) | %.2f rows/s | %.1f tok/s | %.1f passes/%s | ETA %s%s",
+            "progress: %d/%d rows (%.1f%%) | %.2f rows/s | %.1f tok/s | %.1f passes/%s | ETA %s%s%s",
             done,
             self.total,
             100.0 * done / max(self.total, 1),
@@ -97,7 +122,8 @@ class Progress:
             tokens / elapsed,
             steps / max(sampled, 1),
             "row" if self.completions == 1 else "completion",
-            format_duration(eta) if eta != float("inf") else "-",
+            "-" if stalled or eta == float("inf") else format_duration(eta),
+            f" (no row done for {format_duration(still_s)})" if stalled else "",
             f" | {workers}" if workers else "",
         )
 

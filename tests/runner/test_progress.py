@@ -112,3 +112,48 @@ def test_sampler_summary_reads_each_samplers_counters():
     assert summary["valid_token_share"] == 0.75 and "75% of the tokens computed" in _sampler_line(summary)
     idle = sampler_summary({"decoder_calls": 0, "decoder_row_steps": 0, "workers": 1}, 0, 8)
     assert "live_rows_per_pass" not in idle and _sampler_line(idle) is None, "a worker that ran nothing"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _line_at(progress, clock, t, rows, caplog) -> str:
+    clock.now = 1000.0 + t
+    progress.snapshot = {"w0": {"rows": rows, "tokens": 10 * rows, "steps": 5 * rows, "sampled": rows}}
+    progress.shards = {0: rows}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="canvasflow"):
+        progress.tick(force=True)
+    return caplog.text
+
+
+def test_the_eta_follows_the_last_window_and_a_stall_shows(caplog):
+    """A run stalled at 2960/3000 rows (a node lost with two shards) showed ETA 0:00:07 for minutes: the ETA came
+    from the average since the start, 40 rows at the run's 6 rows/s."""
+    clock = _Clock()
+    progress = Progress(total_rows=3000, done_rows=0, interval_s=5.0, completions=1, clock=clock)
+    assert progress.window_s == 120.0
+    # 2 minutes of start-up (model load), then 20 rows/s for 148 s
+    assert "ETA - |" in _line_at(progress, clock, 60, 0, caplog), "no row yet: no rate"
+    assert "no row done for" not in _line_at(progress, clock, 100, 0, caplog), "within the first window"
+    text = _line_at(progress, clock, 125, 0, caplog)
+    assert "ETA - (no row done for 0:02:05)" in text, "start-up that takes longer than the window"
+    for t in range(130, 270, 5):
+        _line_at(progress, clock, t, 20 * (t - 122), caplog)
+    text = _line_at(progress, clock, 270, 2960, caplog)
+    # the window's rate (20 rows/s), not the average since the start (11 rows/s): 2 s left, not 4
+    assert "progress: 2960/3000 rows (98.7%) | 10.96 rows/s" in text and "ETA 0:00:02 |" in text, text
+    assert "no row done" not in text
+    # then nothing moves: the ETA grows as the window's rate falls, then gives way to the stall
+    assert "ETA 0:00:04 |" in _line_at(progress, clock, 330, 2960, caplog)
+    assert "ETA - (no row done for 0:02:00)" in _line_at(progress, clock, 390, 2960, caplog)
+    assert "ETA - (no row done for 0:08:30)" in _line_at(progress, clock, 780, 2960, caplog)
+    text = _line_at(progress, clock, 785, 2962, caplog)  # rows again: the stall note goes
+    # the window's base is the line at 390 s (the last at or before its start): 38 rows at 2 rows in 395 s
+    assert "no row done" not in text and "ETA 2:05:05 |" in text, text
+    assert "no row done" not in _line_at(progress, clock, 1100, 3000, caplog), "done: no stall"
