@@ -99,12 +99,22 @@ def test_wrong_type_fails_naming_the_key():
         ),
         (["sampler.max_denoising_steps=-1"], "sampler.max_denoising_steps=-1 must be a positive integer"),
         (["run.shard_timeout_s=0"], "run.shard_timeout_s=0.0 must be > 0 (or null for no limit)"),
+        # zero is no valid count or duration: the bounds are strict
+        (["run.max_shard_attempts=0"], "run.max_shard_attempts=0 must be a positive integer"),
+        (["data.limit=0"], "data.limit=0 must be a positive integer (or null for the default)"),
+        (["run.progress_interval_s=0"], "run.progress_interval_s=0.0 must be > 0"),
+        (["data.prompt_column=''"], "data.prompt_column='' must not be empty"),
+        (["run.id=" + "a" * 129], "must start with a letter or digit and use only letters"),  # 128 at most
     ],
 )
 def test_impossible_values_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
         to_job_config(_compose(*overrides))
     assert message in str(info.value)
+
+
+def test_a_run_id_of_128_characters_is_the_longest_accepted():
+    assert to_job_config(_compose("run.id=" + "a" * 128)).run.id == "a" * 128
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

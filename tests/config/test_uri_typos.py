@@ -81,3 +81,19 @@ def test_s3_uris_with_an_impossible_bucket_name_fail_naming_it(value):
         ConfigError, match=rf"data.path='{value}' names the bucket '{bucket}': a bucket name has"
     ):
         to_job_config(_compose(f"data.path={value}"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "output.endpoint_url=http://AKIAFAKE:SeCrEtVaLuE1@127.0.0.1:8333",
+        "cluster.address=https://AKIAFAKE:SeCrEtVaLuE1@head:8265",  # with cluster=ray: a dashboard address
+    ],
+)
+def test_urls_with_credentials_fail_without_echoing_them(override):
+    """An endpoint or Ray address holding user:password@ fails at start-up, and the error (which is logged)
+    holds neither the user nor the password."""
+    with pytest.raises(ConfigError) as info:
+        to_job_config(_compose("output.uri=s3://bucket/runs", "cluster=ray", override))
+    assert override.split("=")[0] in str(info.value)
+    assert "SeCrEtVaLuE1" not in str(info.value) and "AKIAFAKE" not in str(info.value)

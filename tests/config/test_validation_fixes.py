@@ -96,7 +96,11 @@ def test_bad_nightly_values_fail_naming_the_key(override, message):
 def test_valid_nightly_values_pass():
     job = to_job_config(
         _compose(
-            "nightly", "nightly.date=2028-02-29", "nightly.run_prefix=gen.v2", "nightly.retention_days=0"
+            "nightly",
+            "nightly.date=2028-02-29",
+            "nightly.run_prefix=gen.v2",
+            "nightly.retention_days=0",
+            "nightly.lock_stale_s=150",  # the bound itself is enough (MIN_NIGHTLY_LOCK_STALE_S)
         ),
         NightlyJobConfig,
     )
