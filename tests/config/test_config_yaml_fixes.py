@@ -122,7 +122,8 @@ def test_config_yaml_redacts_fsspec_storage_option_credentials():
 
 def test_config_yaml_redacts_camel_case_auth_keys_and_passwords_in_urls():
     """accessKeyId, authorization, a webhook URL with user:password@, ... were written to _config.yaml as
-    given (the keys were split at '_' only, and URL values were not looked at)."""
+    given (the keys were split at '_' only, and URL values were not looked at). Dashed keys and the items of
+    lists are redacted too."""
     job = JobConfig()
     job.postprocess = {
         "_target_": "tests.support.crashers.crash_on",
@@ -133,6 +134,8 @@ def test_config_yaml_redacts_camel_case_auth_keys_and_passwords_in_urls():
         "secretAccessKey": "SECRETSAK",
         "clientSecret": "SECRETCS",
         "connection_string": "SECRETCONN",
+        "conn-str": "SECRETDASHED",  # '-' is a word break as '_' is
+        "mirrors": [{"token": "SECRETINLIST"}, "https://u:SECRETLISTPW@m.example.com"],  # lists are walked
         "headers": {"Authorization": "Bearer ${oc.env:CANVASFLOW_TEST_TOKEN}", "Cookie": "SECRETCOOKIE"},
         "author": "kept",
         "max_new_tokens_hint": 7,
@@ -146,3 +149,4 @@ def test_config_yaml_redacts_camel_case_auth_keys_and_passwords_in_urls():
         "a reference stays"
     )
     assert written["author"] == "kept" and written["max_new_tokens_hint"] == 7
+    assert written["mirrors"] == [{"token": REDACTED}, "https://***@m.example.com"]
