@@ -24,8 +24,11 @@ SECRET_WORDS = frozenset(  # "key": fsspec/s3fs storage_options take the access 
 SECRET_PHRASES = ("api_key", "access_key", "session_token", "private_key", "connection_string", "conn_str")
 _ENV_TEXT = "canvasflow_env_text"  # resolver that gives back `${oc.env:...}` as text (see _yaml)
 _OC_ENV = re.compile(r"\$\{\s*oc\.env\s*:")
-# A secret-like key's value that holds only `${oc.env:NAME}` texts, after an auth scheme at most, is kept.
-_ENV_REFERENCE = re.compile(r"^(?:(?:bearer|basic|token)\s+)?\$\{oc\.env:[^${}]*\}$", re.IGNORECASE)
+# A secret-like key's value that holds only `${oc.env:NAME}` texts, after an auth scheme at most, is kept; a
+# default after the name (`${oc.env:NAME,default}`, a literal fallback secret) is redacted unless null.
+_ENV_REFERENCE = re.compile(
+    r"^((?:(?:bearer|basic|token)\s+)?\$\{oc\.env:[^${},]*)(?:,([^${}]*))?\}$", re.IGNORECASE
+)
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
@@ -50,12 +53,19 @@ def _rewrite_env(node: Any) -> Any:
 
 def redact(node: Any, key: Any = None) -> Any:
     """Values of secret-like keys (is_secret_key) replaced by REDACTED, at any depth; None, booleans (e.g.
-    `token: true`, "use the stored token") and `${oc.env:NAME}` texts (`Bearer ${oc.env:NAME}` too) are kept.
-    In every other text, the user:password@ of a URL becomes ***@."""
+    `token: true`, "use the stored token") and `${oc.env:NAME}` texts (`Bearer ${oc.env:NAME}` too) are kept,
+    the literal default of `${oc.env:NAME,default}` redacted. In every other text, the user:password@ of a URL
+    becomes ***@."""
     if key is not None and is_secret_key(key):
-        if node is None or isinstance(node, bool) or (isinstance(node, str) and _ENV_REFERENCE.match(node)):
+        if node is None or isinstance(node, bool):
             return node
-        return REDACTED
+        reference = _ENV_REFERENCE.match(node) if isinstance(node, str) else None
+        if reference is None:
+            return REDACTED
+        default = reference.group(2)
+        if default is None or default.strip() in ("", "null"):
+            return node
+        return f"{reference.group(1)},'{REDACTED}'}}"
     if isinstance(node, dict):
         return {k: redact(v, k) for k, v in node.items()}
     if isinstance(node, list):

@@ -150,3 +150,24 @@ def test_config_yaml_redacts_camel_case_auth_keys_and_passwords_in_urls():
     )
     assert written["author"] == "kept" and written["max_new_tokens_hint"] == 7
     assert written["mirrors"] == [{"token": REDACTED}, "https://***@m.example.com"]
+
+
+def test_config_yaml_redacts_the_literal_default_of_an_env_reference_under_a_secret_key(monkeypatch):
+    """`token: ${oc.env:HF_TOKEN,hf_...}` names a variable and a literal fallback token: the reference stays
+    as text, and the fallback (a secret given in the config) is redacted; a null default is kept."""
+    monkeypatch.delenv("CANVASFLOW_UNSET_TOKEN", raising=False)
+    job = JobConfig()
+    job.data.hf_kwargs = {
+        "token": "${oc.env:CANVASFLOW_UNSET_TOKEN," + SECRET + "}",
+        "headers": {"Authorization": "Bearer ${oc.env:CANVASFLOW_UNSET_TOKEN,'" + SECRET + "'}"},
+        "api_key": "${oc.env:CANVASFLOW_UNSET_TOKEN,null}",
+        "cache_dir": "${oc.env:CANVASFLOW_UNSET_DIR,/tmp/cache}",  # not secret-like: kept
+    }
+    text = config_yaml(OmegaConf.to_container(OmegaConf.structured(job)))
+    assert SECRET not in text
+    kwargs = OmegaConf.to_container(OmegaConf.create(text), resolve=False)["data"]["hf_kwargs"]
+    assert kwargs["token"].startswith("${oc.env:CANVASFLOW_UNSET_TOKEN,")
+    assert kwargs["headers"]["Authorization"].startswith("Bearer ${oc.env:CANVASFLOW_UNSET_TOKEN,")
+    assert kwargs["api_key"] == "${oc.env:CANVASFLOW_UNSET_TOKEN,null}"
+    assert kwargs["cache_dir"] == "${oc.env:CANVASFLOW_UNSET_DIR,/tmp/cache}"
+    assert OmegaConf.create(text).data.hf_kwargs.token == REDACTED, "the file still resolves"
