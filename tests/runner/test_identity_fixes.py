@@ -72,6 +72,7 @@ def test_weight_tokenizer_and_template_changes_give_a_new_derived_run(tmp_path):
             json.dumps({**json.loads((model / "tokenizer_config.json").read_text()), "chat_template": "x"})
         ),
         "special_tokens_map.json added": lambda: (model / "special_tokens_map.json").write_text("{}"),
+        "added_tokens.json added": lambda: (model / "added_tokens.json").write_text("{}"),
     }
     for what, change in changes.items():
         change()
@@ -180,3 +181,73 @@ def test_settings_added_later_leave_the_identity_of_runs_that_do_not_use_them(tm
         run=RunConfig(shard_size=2),
     )
     assert plan(job).identity["config_fingerprint"][:12] == fingerprint
+
+
+def _fingerprint_and_id(tmp_path: Path, **settings) -> tuple[str, str]:
+    """plan()'s config fingerprint and derived run id of a job with `settings` ({"group__key": value})."""
+    from pipeline.runner.plan import plan
+
+    data = tmp_path / "cols.jsonl"
+    if not data.exists():
+        rows = [
+            {
+                "prompt": f"Add: {i}+1",
+                "question": f"{i}+2",
+                "uid": f"u{i}",
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            for i in range(3)
+        ]
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    job = _job(tmp_path, "builtin:tiny-diffusiongemma-random")
+    job.data.path = str(data)
+    for name, value in settings.items():
+        group, key = name.split("__")
+        if group == "postprocess":
+            job.postprocess = value
+        else:
+            setattr(getattr(job, group), key, value)
+    prep = plan(job)
+    return prep.identity["config_fingerprint"], prep.run_id
+
+
+def test_settings_that_change_outputs_change_the_config_fingerprint_and_others_keep_it(tmp_path):
+    """Resume depends on the fingerprint: every setting that changes what a row holds must change it (else a
+    changed job resumes the old run and mixes outputs), and engine, cluster, retry and progress settings must
+    not (else a rerun on a bigger cluster starts over)."""
+    base = _fingerprint_and_id(tmp_path)
+    changes = {
+        "model__dtype": "float32",
+        "model__max_prompt_tokens": 64,
+        "sampler__seed": 1,
+        "sampler__stop": "x",
+        "sampler__completions_per_prompt": 2,
+        "data__prompt_column": "question",
+        "data__messages_column": "messages",
+        "data__id_column": "uid",
+        "data__apply_chat_template": False,
+        "data__prompt_template": "Add: {question}",
+        "data__system_prompt": "Digits.",
+        "postprocess__": {"_target_": "pipeline.tasks.checker.check_row"},
+    }
+    seen = {base[0]}
+    for name, value in changes.items():
+        fingerprint, _ = _fingerprint_and_id(tmp_path, **{name: value})
+        assert fingerprint not in seen, f"{name}={value!r} changes outputs: the fingerprint must change"
+        seen.add(fingerprint)
+    check_row = {"_target_": "pipeline.tasks.checker.check_row"}
+    assert _fingerprint_and_id(tmp_path, postprocess__={**check_row, "drop_incorrect": True})[0] not in seen
+    same = {
+        "cluster__num_workers": 4,
+        "cluster__worker_start_timeout_s": 60.0,
+        "run__progress_interval_s": 1.0,
+        "run__shards_in_flight": 1,
+        "run__max_shard_attempts": 5,
+        "run__shard_timeout_s": None,
+        "sampler__batch_size": 3,
+        "sampler__batching": "static",
+        "sampler__cuda_graphs": False,
+        "output__compression": "snappy",
+    }
+    for name, value in same.items():
+        assert _fingerprint_and_id(tmp_path, **{name: value}) == base, f"{name} changes no output"
