@@ -13,7 +13,13 @@ import pytest
 
 from pipeline.config.schema import ConfigError, DataConfig, JobConfig
 from pipeline.config.validate import validate_job
-from pipeline.data.prompts import check_system_prompt, render_prompt, template_fields
+from pipeline.data.prompts import (
+    PromptTooLong,
+    check_system_prompt,
+    prompt_ids,
+    render_prompt,
+    template_fields,
+)
 from pipeline.data.readers import InputError, read_input
 
 TEMPLATE = "Question: {question}\nContext: {context} ({year}) {{braces}}"
@@ -132,6 +138,20 @@ def test_the_system_turn_goes_first_unless_a_chat_has_its_own():
     chat = json.dumps([{"role": "user", "content": "hi"}])
     assert render(chat, is_chat=True, system_prompt="S") == "system:S|user:hi"
     assert render("hi", is_chat=False) == "user:hi"
+
+
+def test_a_templated_prompt_opens_the_models_turn_and_fits_a_limit_of_its_own_length():
+    """The model is conditioned on the user turn followed by the opening of its own turn (the generation
+    prompt), and a rendered prompt of exactly max_chars characters is tokenized, one more is not."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSETS)
+    text = render_prompt(tok, "Add: 1+2", is_chat=False, apply_chat_template=True)
+    assert text == "<bos><start_of_turn>user\nAdd: 1+2<end_of_turn>\n<start_of_turn>model\n"
+    ids = prompt_ids(tok, "Add: 1+2", is_chat=False, apply_chat_template=True, max_chars=len(text))
+    assert tok.decode(ids) == text
+    with pytest.raises(PromptTooLong):
+        prompt_ids(tok, "Add: 1+2", is_chat=False, apply_chat_template=True, max_chars=len(text) - 1)
 
 
 def test_a_chat_template_that_refuses_or_drops_system_turns_is_reported():
