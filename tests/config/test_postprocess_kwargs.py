@@ -20,8 +20,11 @@ def test_an_unknown_keyword_argument_fails_naming_it_and_the_parameters():
 
 
 def test_known_keyword_arguments_load():
-    fn, name, _ = load_postprocess({"_target_": CHECKER, "drop_incorrect": True})
+    """The kwargs are bound, and the callable's declared column types come back with it (the run's column
+    types, e.g. score as double, come from them rather than from the first shard's values)."""
+    fn, name, columns = load_postprocess({"_target_": CHECKER, "drop_incorrect": True})
     assert name == CHECKER and fn.keywords == {"drop_incorrect": True}
+    assert columns == {"task": "string", "expected": "string", "is_correct": "bool", "score": "double"}
 
 
 def test_a_callable_taking_any_keyword_argument_loads(tmp_path, monkeypatch):
