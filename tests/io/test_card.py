@@ -69,3 +69,20 @@ def test_card_of_a_run_without_output_rows_points_at_errors_not_at_a_missing_dat
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert 'pads.dataset("/data/r1/errors", format="parquet")' in snippet
     compile(snippet, "card", "exec")
+
+
+def test_card_shows_the_config_fingerprint_completions_and_rows_dropped_after_sampling():
+    """The config fingerprint is the config's (not the input's), the completions row appears only with more
+    than one completion per prompt, and rows dropped by the postprocess are counted."""
+    plain = render_card("/data/r1", MANIFEST, STATS)
+    assert "| config fingerprint | `5692e7e622cb1e85` |" in plain
+    assert "completions per prompt" not in plain and "dropped by the postprocess" not in plain
+    dropped = {"rows": 2, "tokens": 11, "denoising_steps": 5}
+    card = render_card(
+        "/data/r1", {**MANIFEST, "completions_per_prompt": 3}, {**STATS, "dropped_after_sampling": dropped}
+    )
+    assert "| completions per prompt (`completion_index` 0-2, each keyed apart) | 3 |" in card
+    assert (
+        "dropped by the postprocess (`errors/`, not in the figures above) | 2 rows, 11 tokens, 5 decoder"
+        in card
+    )
