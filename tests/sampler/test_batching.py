@@ -361,3 +361,38 @@ def test_completions_of_prompts_with_a_common_start_encode_each_prompt_once(mode
     assert stats.prompt_tokens_shared == 3 * 16 + 2 * sum(lengths)
     # Prompts encoded: 12 padded to 48 tokens, against the first padded to 32 and the 3 rests (12-20) to 32.
     assert encoded_stats.encoder_tokens - stats.encoder_tokens == 12 * 48 - (32 + 3 * 32)
+
+
+def test_no_revision_keeps_accepted_tokens_and_emits_the_sampled_ones():
+    """revise_accepted=False (the ablation): (a) a token accepted at the first step is kept to the end of the
+    canvas, whatever later steps predict and however few positions they accept; (b) a position first accepted
+    at the canvas's last step emits the token it sampled and accepted, not the step's argmax."""
+    from tests.support.models import ScriptedModel
+
+    vocab, length = 50, 8
+    positions = torch.arange(length)
+    peaked = torch.full((2, length, vocab), -30.0)
+    peaked[:, positions, positions + 10] = 30.0  # position i certainly says token 10+i
+    flat = torch.zeros(2, length, vocab)  # high entropy: one position accepted a step; argmax 0
+
+    def run(script, steps, bound):
+        settings = _settings(
+            max_new_tokens=length,
+            max_denoising_steps=steps,
+            entropy_bound=bound,
+            canvas_length=length,
+            revise_accepted=False,
+            adaptive_stopping=False,
+        )
+        sampler = DiffusionSampler(
+            ScriptedModel(script), settings, max_batch=2, max_prompt_tokens=4, backend="torch"
+        )
+        return [r.token_ids for r in sampler.generate([Request("a", [5, 6]), Request("b", [7])])]
+
+    assert run([peaked, flat, flat], steps=3, bound=0.3) == [list(range(10, 10 + length))] * 2
+    twins = torch.full((2, length, vocab), -30.0)
+    twins[:, positions, positions + 10] = twins[:, positions, positions + 30] = 30.0  # argmax: the first
+    for tokens in run([twins], steps=1, bound=1e6):
+        assert all(t in (10 + i, 30 + i) for i, t in enumerate(tokens))
+        assert any(t == 30 + i for i, t in enumerate(tokens)), "the sampled tokens, not the argmax"
+
