@@ -396,3 +396,22 @@ def test_no_revision_keeps_accepted_tokens_and_emits_the_sampled_ones():
         assert all(t in (10 + i, 30 + i) for i, t in enumerate(tokens))
         assert any(t == 30 + i for i, t in enumerate(tokens)), "the sampled tokens, not the argmax"
 
+
+def test_keyed_draws_differ_by_canvas_step_and_stream():
+    """Every keyed draw is a function of (row key, canvas, step): each canvas starts from its own noise, and
+    the re-noise of a step is not the initial canvas nor another step's re-noise."""
+    from pipeline.kernels import rng
+    from pipeline.sampler.draws import KeyedDraws
+
+    draws = KeyedDraws(vocab_size=1000, canvas_length=64)
+    k0, k1 = (torch.tensor([w]) for w in rng.row_key(0, "row"))
+
+    def idx(i):
+        return torch.tensor([i])
+
+    drawn = [draws.initial_canvas(k0, k1, idx(c)) for c in range(3)]
+    drawn += [draws.noise(k0, k1, idx(c), idx(s)) for c in range(3) for s in range(3)]
+    distinct = {tuple(d.flatten().tolist()) for d in drawn}
+    assert len(distinct) == len(drawn)
+    samples = {tuple(draws.sample_state(k0, k1, idx(c), idx(s)).tolist()) for c in range(3) for s in range(3)}
+    assert len(samples) == 9
