@@ -93,3 +93,29 @@ def test_an_eos_past_max_new_tokens_is_a_length_finish(model):
             [row], batching=batching
         )
         assert (ended[0].token_ids, ended[0].finish_reason) == (full[: full.index(early)], "eos")
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_each_canvas_starts_its_stability_history_afresh(batching):
+    """A model that predicts the same confident canvas at every step: each canvas stops after
+    stability_threshold + 1 steps (its first step has no history to be stable against, however alike the
+    previous canvas was), or runs max_denoising_steps with adaptive_stopping=False; the last canvas is not
+    encoded."""
+    from tests.support.models import ScriptedModel
+
+    vocab, length, steps = 40, 8, 6
+    peaked = torch.full((1, length, vocab), -30.0)
+    peaked[:, torch.arange(length), torch.arange(length) + 10] = 30.0
+    for adaptive, per_canvas in ((True, 2), (False, steps)):
+        settings = _settings(
+            canvas_length=length,
+            max_new_tokens=2 * length,
+            max_denoising_steps=steps,
+            adaptive_stopping=adaptive,
+        )
+        sampler = DiffusionSampler(
+            ScriptedModel([peaked] * 2 * steps), settings, max_batch=1, max_prompt_tokens=4, backend="torch"
+        )
+        result = sampler.generate([Request("r", [5])], batching=batching)[0]
+        assert (result.canvases, result.denoising_steps) == (2, 2 * per_canvas)
+        assert sampler.stats.encoder_calls == 2, "the prompt and the first canvas"
