@@ -16,7 +16,7 @@ from pipeline.models.mask_checkpoint import load_mask_model
 from pipeline.sampler.engine import DiffusionSampler, Request
 from pipeline.sampler.mask.engine import MaskDiffusionSampler
 from pipeline.sampler.mask.settings import MaskSettings
-from pipeline.sampler.stop import StopStrings, check_stops
+from pipeline.sampler.stop import MAX_STOP_CHARS, MAX_STOPS, StopStrings, check_stops
 from tests.support.mask_models import build_mask_checkpoint
 from tests.support.models import build_checkpoint, sampler_settings
 
@@ -142,6 +142,35 @@ def test_stop_strings_on_a_real_tokenizer_keep_the_fewest_tokens_and_cut_the_tex
     )
     assert stop.cut(decode(ids)) == "Sort: 3 1 "
     assert stop(ids[: keep - 1]) is None and StopStrings(["zz"], decode)(ids) is None
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_stop_string_past_max_new_tokens_does_not_end_the_row(gemma, batching):
+    """max_new_tokens=26 with 8-token canvases: tokens 26-31 of the last canvas are cut off, so a stop string
+    found only there neither ends the row ("length", not "stop") nor keeps tokens past max_new_tokens."""
+    requests = _requests(6)
+
+    def run(max_new_tokens, stop=None):
+        settings = sampler_settings(LENGTH, max_new_tokens=max_new_tokens, eos_token_ids=())
+        sampler = DiffusionSampler(
+            gemma, settings, max_batch=3, max_prompt_tokens=32, backend="torch", stop=stop
+        )
+        return {
+            r.row_id: (r.token_ids, r.finish_reason) for r in sampler.generate(requests, batching=batching)
+        }
+
+    full, cut = run(CANVASES * LENGTH), run(CANVASES * LENGTH - 6)
+    row, tokens = next((k, v[0]) for k, v in full.items() if set(v[0][26:]) - set(v[0][:26]))
+    late = next(t for t in tokens[26:] if t not in tokens[:26])
+    assert cut[row] == (tokens[:26], "length")
+    assert run(CANVASES * LENGTH - 6, StopStrings([_decode([late])], _decode))[row] == cut[row]
+
+
+def test_stop_strings_keep_the_fewest_tokens_up_to_the_last_one_and_accept_the_limits():
+    """The stop string may end with the row's last token; MAX_STOPS strings of MAX_STOP_CHARS are allowed."""
+    tokens = [3, 4, 5]
+    assert [StopStrings([s], _decode)(tokens) for s in ("<3>", "<4><5>", "<5>", "<6>")] == [1, 3, 3, None]
+    assert len(check_stops(["x" * MAX_STOP_CHARS] * MAX_STOPS)) == MAX_STOPS
 
 
 @pytest.mark.parametrize(
