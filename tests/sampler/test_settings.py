@@ -94,6 +94,12 @@ def test_precedence_user_over_model_over_reference():
     assert settings.t_min == 0.3
     assert settings.t_max == REFERENCE_DEFAULTS["t_max"]
     assert settings.max_canvases == 8  # 256 / 32
+    # the model's special tokens over the ones passed in (the tokenizer's); flat keys over nested ones
+    model = parse_generation_config({**NESTED, "t_min": 0.2, "eos_token_id": [2, 9], "pad_token_id": 3})
+    settings = resolve_settings({}, model, canvas_length=32, eos_token_ids=(1,), pad_token_id=0)
+    assert (settings.eos_token_ids, settings.pad_token_id, settings.t_min) == ((2, 9), 3, 0.2)
+    settings = resolve_settings({}, {}, canvas_length=32, eos_token_ids=(1,), pad_token_id=0)
+    assert (settings.eos_token_ids, settings.pad_token_id) == ((1,), 0)
 
 
 def test_unset_engine_knobs_take_their_defaults():
@@ -123,6 +129,7 @@ def test_temperature_schedule_counts_remaining_steps():
     ("values", "message"),
     [
         ({"t_min": 0.5, "t_max": 0.4}, "sampler.t_max=0.4 must be greater than sampler.t_min=0.5"),
+        ({"t_min": 0.5, "t_max": 0.5}, "sampler.t_max=0.5 must be greater than sampler.t_min=0.5"),
         ({"max_denoising_steps": 0}, "sampler.max_denoising_steps=0 must be a positive integer"),
         ({"entropy_bound": -1.0}, "sampler.entropy_bound=-1.0 must be a number > 0"),
         ({"stability_threshold": -2}, "sampler.stability_threshold=-2 must be an integer >= 0"),
