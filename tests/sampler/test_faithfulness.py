@@ -113,6 +113,29 @@ def test_stopping_statistics_equal_transformers(stability, seed):
         assert torch.equal(out.stable & out.confident, expected)
 
 
+def test_a_mean_entropy_equal_to_the_threshold_is_not_confident():
+    """Confidence is mean entropy < confidence_threshold, strictly, as transformers' criteria: uniform logits
+    over two tokens with the threshold at exactly their entropy do not stop."""
+    logits = torch.zeros(1, 4, 2)
+    threshold = float(_entropy(logits).mean())
+    argmax = logits.argmax(-1)
+    none = torch.empty(1, 0, 4, dtype=torch.long)
+    out = step_reference(
+        argmax,
+        argmax,
+        argmax,
+        _entropy(logits),
+        argmax,
+        none,
+        entropy_bound=0.1,
+        confidence_threshold=threshold,
+    )
+    assert not out.confident.any()
+    assert torch.equal(
+        out.stable & out.confident, StableAndConfidentStoppingCriteria(0, threshold)(argmax, logits)
+    )
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return build_checkpoint(
