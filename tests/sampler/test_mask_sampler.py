@@ -322,6 +322,15 @@ def test_threshold_rule_is_fast_dllms():
             assert torch.equal(out.transferred[row], expected)
 
 
+def test_a_threshold_of_1_commits_every_certain_position():
+    """confidence >= threshold (Fast-dLLM drops a pick only below it): at threshold 1, every masked position
+    whose probability is exactly 1 in float32 is committed in one step, not one a step."""
+    logits = torch.full((1, 6, 9), -200.0)
+    logits[0, torch.arange(6), torch.arange(6) + 2] = 200.0  # p = 1.0 exactly
+    out = _decide(logits, torch.zeros(1, 6, dtype=torch.long), steps_left=torch.tensor([6]), threshold=1.0)
+    assert out.transferred.all() and out.tokens[0].tolist() == [2, 3, 4, 5, 6, 7]
+
+
 @pytest.mark.parametrize("rule", ["margin", "entropy"])
 def test_margin_and_entropy_rank_by_the_tempered_distribution_as_dreams(rule):
     """Dream's margin and entropy rules (`topk_margin`, `entropy`) score positions on the distribution it
@@ -391,6 +400,12 @@ def test_self_correction_in_the_sampler_remasks_and_finishes(llada_fp32):
             for before, after in zip(drafts, drafts[1:], strict=False):
                 remasks += sum(a != mask and b == mask for a, b in zip(before, after, strict=True))
     assert remasks > 0
+    # an EOS in a block just completed is final: it ends the row, also in the last block (here the only one)
+    one_block, _ = _run(
+        llada_fp32, _prompts(8), max_new_tokens=16, steps=8, block_length=16, remask_threshold=0.5
+    )
+    assert any(r.finish_reason == "eos" for r in one_block.values())
+    assert all(EOS not in r.token_ids for r in one_block.values())
 
 
 def test_eos_stop_needs_everything_before_decided():
@@ -431,6 +446,8 @@ def test_settings_resolution_and_errors():
         resolve_mask_settings({"cache": "full"}, {}, **tokens)
     with pytest.raises(MaskSettingsError, match="sampler.mask.threshold=1.5"):
         resolve_mask_settings({"threshold": 1.5}, {}, **tokens)
+    s = resolve_mask_settings({"threshold": 1, "remask_threshold": 1}, {}, **tokens)  # (0, 1] and [0, 1]
+    assert (s.threshold, s.remask_threshold) == (1, 1.0)
 
 
 @pytest.mark.parametrize("seed", [2**63, 2**64, -1, True, 1.0, "5"])
