@@ -19,7 +19,7 @@ import torch
 from pipeline.kernels import rng
 from pipeline.models.mask_checkpoint import load_mask_model
 from pipeline.sampler.engine import Request
-from pipeline.sampler.mask.decide import StepKeys, dream_transfer
+from pipeline.sampler.mask.decide import StepKeys, dream_transfer, filter_top_p
 from pipeline.sampler.mask.engine import MaskDiffusionSampler
 from pipeline.sampler.mask.settings import (
     MaskSettings,
@@ -116,6 +116,14 @@ def _settings(width: int, steps: int, **knobs) -> MaskSettings:
         algorithm="dream", max_new_tokens=width, steps=steps, block_length=width, mask_token_id=0,
         eos_token_ids=(1,), pad_token_id=1, **knobs,
     )  # fmt: skip
+
+
+def test_top_p_keeps_the_token_after_a_cumulative_probability_of_exactly_top_p():
+    """Dream removes the tokens after the cumulative probability exceeds top_p (`> top_p`): two equal tokens
+    of probability 0.5 both stay under top_p=0.5, as Dream's sample_tokens keeps them."""
+    logits = torch.tensor([[0.0, 0.0, -1e4, -1e4]])
+    assert torch.isfinite(filter_top_p(logits, 0.5)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.4)).tolist() == [[True, False, False, False]]
 
 
 def test_alg_temp_draws_positions_as_dreams_multinomial_without_replacement():
