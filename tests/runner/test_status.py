@@ -188,3 +188,25 @@ def test_a_complete_run_is_reported_from_its_stats_without_reading_its_markers(t
     for name, payload in markers.items():
         (run_dir / "_commits" / name).write_bytes(payload)
     assert run_status(store) == from_markers
+
+
+def test_the_rate_counts_this_invocations_shards_up_to_its_last_heartbeat(tmp_path):
+    """shards/hour: the shards committed since the lock holder took the run (not an earlier invocation's), over
+    the time from then to its last heartbeat (a stalled run's rate falls); ETA: the shards left at that rate.
+    A running run is not told to rerun; a complete run whose lock is still held (a rerun finding it complete)
+    is complete."""
+    prep = _started_run(tmp_path, str(tmp_path / "out"), "r1")
+    _commit(prep, 3)  # an earlier invocation's
+    _commit(prep, 0, 1)
+    at = {s: c.committed_at for s, c in prep.run_store.committed().items()}
+    store = prep.run_store.store
+    holder = {"token": "t", "run_id": "r1", "host": "another-host", "pid": 1}  # live: a fresh heartbeat
+    store.write_text(RUN_LOCK, json.dumps({**holder, "acquired_at": at[0], "heartbeat_at": at[0] + 3600}))
+    status = run_status(store)
+    assert status["state"] == "running" and status["last_commit_at"] == at[1]
+    assert (status["shards_per_hour"], status["eta_s"]) == (2.0, 1800.0)
+    lines = "\n".join(describe(status))
+    assert "rate: 2.0 shards/hour since this invocation took the run, ETA 0:30:00" in lines
+    assert "not running" not in lines
+    (tmp_path / "out" / "r1" / SUCCESS).write_text("")
+    assert run_status(store)["state"] == "complete"
