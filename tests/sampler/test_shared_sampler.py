@@ -129,7 +129,10 @@ def test_a_failing_callback_fails_its_own_caller_only(model):
     expected = _key(_sampler(model).generate(shards[1]))
     shared = SharedSampler(_sampler(model))
 
+    calls = []
+
     def broken(result) -> None:
+        calls.append(result.row_id)
         raise RuntimeError(f"progress report failed for {result.row_id}")
 
     first = shared.submit(shards[0], on_result=broken)
@@ -137,6 +140,13 @@ def test_a_failing_callback_fails_its_own_caller_only(model):
     assert _key(second.wait()) == expected
     with pytest.raises(RuntimeError, match="progress report failed for s0-row-"):
         first.wait()
+    assert len(calls) == 1, "a caller whose callback failed is not called back again for its other rows"
+
+
+def test_a_caller_with_no_rows_is_done_at_once(model):
+    """A shard whose every row was rejected before sampling waits for nothing (it hung for ever)."""
+    pending = SharedSampler(_sampler(model)).submit([])
+    assert pending.done.is_set() and pending.wait() == []
 
 
 def test_mask_diffusion_shards_share_the_sampler_with_their_own_results(tmp_path):
