@@ -239,3 +239,22 @@ def test_a_prompt_too_long_is_an_error_naming_the_keywords(llm):
         r"\d+, max_new_tokens=16\)",
         out.error,
     ), out.error
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        (
+            "http://alice:hunter2@127.0.0.1:9",
+            r"^endpoint_url holds credentials \(user:password@host\): remove",
+        ),
+        ("127.0.0.1:9", r"^endpoint_url='127.0.0.1:9' must be an http:// or https:// URL"),
+    ],
+    ids=["credentials", "no-scheme"],
+)
+def test_an_endpoint_url_is_checked_as_the_job_checks_it_and_never_echoes_a_password(endpoint, message):
+    """LLM(endpoint_url=...) went unchecked: one with user:password@ failed (after a minute of S3 retries) with
+    a ModelError echoing the password twice, in canvasflow's '(endpoint ...)' and in botocore's URL."""
+    with pytest.raises(ValueError, match=message) as info:
+        LLM("s3://bucket/model", endpoint_url=endpoint)
+    assert "hunter2" not in str(info.value)
