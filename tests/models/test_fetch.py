@@ -252,3 +252,37 @@ def test_objects_replaced_since_the_run_started_are_not_cached_under_its_version
         s3_model, cache_dir=str(tmp_path), endpoint_url=s3_env.endpoint, version=current
     )
     assert (Path(model_dir) / "model-00002-of-00002.safetensors").read_bytes() == new
+
+
+def test_the_cache_directory_differs_per_endpoint_and_per_version() -> None:
+    """One bucket name on two S3 services, or one prefix at two content versions, are two models: a copy of
+    one must never be served for the other."""
+    uri = "s3://models/m"
+    paths = {
+        cache_path(uri, cache_dir="/c", endpoint_url=endpoint, version=version)
+        for endpoint in (None, "http://a:9000", "http://b:9000")
+        for version in (None, "v1", "v2")
+    }
+    assert len(paths) == 9
+
+
+@pytest.mark.s3
+def test_a_copy_without_its_marker_is_fetched_again(s3_model, s3_fault_proxy, tmp_path: Path) -> None:
+    """Only the completion marker makes a copy complete: a directory in its place without one (copied by hand,
+    or left by an older version) is replaced by a full download, never served as it is."""
+    options = {"cache_dir": str(tmp_path), "endpoint_url": s3_fault_proxy.endpoint}
+    model_dir = Path(resolve_model_dir(s3_model, **options))
+    (model_dir / MARKER).unlink()
+    (model_dir / "tokenizer.json").unlink()
+    s3_fault_proxy.reset_counts()
+    assert resolve_model_dir(s3_model, **options) == str(model_dir)
+    assert_is_the_model(str(model_dir))
+    assert object_gets(s3_fault_proxy) == len(MODEL)
+
+
+@pytest.mark.s3
+def test_folder_placeholder_keys_are_not_files(s3_model, s3_bucket, s3_env, tmp_path: Path) -> None:
+    """A zero-byte 'extra/' key (a "folder" some S3 tools create) next to extra/notes.md is no file of the
+    model: downloading it as one clashed with the folder of the same name."""
+    s3_bucket.put(f"{PREFIX}/extra/", b"")
+    assert_is_the_model(resolve_model_dir(s3_model, cache_dir=str(tmp_path), endpoint_url=s3_env.endpoint))
