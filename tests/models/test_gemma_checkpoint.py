@@ -122,6 +122,8 @@ CONFIGS = {
     },
     # a legacy `type` key and rope_theta / partial_rotary_factor at the top of text_config, as older configs have
     "legacy-rope": {"text_config": tiny_text_config(**LEGACY_ROPE)},
+    # every token routed to every expert (dense routing) is a valid mixture of experts
+    "top-k-all-experts": {"text_config": tiny_text_config(top_k_experts=4)},
 }
 
 
@@ -169,8 +171,13 @@ def test_a_single_weights_file_is_read_before_an_index_beside_it(checkpoint, tmp
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"\xff{", "is not a JSON file"), (b"[1]", "has no weight_map"), (b"{}", "has no weight_map")],
-    ids=["not-utf8", "a-list", "no-map"],
+    [
+        (b"\xff{", "is not a JSON file"),
+        (b"[1]", "has no weight_map"),
+        (b"{}", "has no weight_map"),
+        (b'{"weight_map": {}}', "has no weight_map"),
+    ],
+    ids=["not-utf8", "a-list", "no-map", "empty-map"],
 )
 def test_an_index_that_is_not_a_weight_map_is_refused_naming_it(checkpoint, tmp_path, content, message):
     """A list ended in an AttributeError ('list' object has no attribute 'get'), bytes that are not UTF-8 in a
@@ -255,6 +262,14 @@ def test_encoder_weights_or_a_head_of_their_own_are_refused_and_equal_ones_load(
     with pytest.raises(ModelError, match="lm_head.weight differs"):
         load_model(_edit(checkpoint, tmp_path / "head", tensors=head))
 
+    def encoder_embedding(state):  # the encoder embeds the prompt: another one computes another function
+        state["model.encoder.language_model.embed_tokens.weight"] = (
+            state["model.decoder.embed_tokens.weight"] * 2
+        )
+
+    with pytest.raises(ModelError, match="language_model.embed_tokens.weight differs"):
+        load_model(_edit(checkpoint, tmp_path / "encoder-embedding", tensors=encoder_embedding))
+
     def equal(state):
         for key in [k for k in state if k.startswith("model.decoder.layers.")]:
             if not key.endswith("layer_scalar"):
@@ -297,10 +312,21 @@ def test_encoder_weights_or_a_head_of_their_own_are_refused_and_equal_ones_load(
         ),
         ({"use_bidirectional_attention": "all"}, r"text_config.use_bidirectional_attention='all' .* not supported"),
         ({"top": {"canvas_length": 0}}, r"canvas_length=0 must be a positive integer"),
+        ({"top_k_experts": 5}, r"text_config.top_k_experts=5 exceeds num_experts=4"),
+        ({"rms_norm_eps": 0}, r"text_config.rms_norm_eps=0 must be a number in \(0, 1\)"),
+        ({"sliding_window": True}, r"text_config.sliding_window=True must be a positive integer"),
+        ({"num_key_value_heads": 3}, r"layer 0: num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+        (  # transformers rotates a part of each head then; gemma_layers' default RoPE rotates all of it
+            {"rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1.0, "partial_rotary_factor": 0.5},
+                "full_attention": {"rope_theta": 1.0},
+            }},
+            r"text_config.rope_parameters\['sliding_attention'\]: a partial_rotary_factor with rope_type 'default'",
+        ),
     ],
     ids=[
         "no-experts", "string-size", "activation", "layer-types", "per-layer-key", "rope-theta", "rope-type",
-        "head-dims", "bidirectional", "canvas",
+        "head-dims", "bidirectional", "canvas", "top-k", "eps", "bool-size", "kv-heads", "partial-default-rope",
     ],
 )  # fmt: skip
 def test_a_config_the_forward_cannot_run_is_refused_at_startup_naming_the_value(
