@@ -83,6 +83,23 @@ def _sharded(model: Path) -> str:
     return f"{model / 'model-00001-of-00002.safetensors'}, named by {model / 'model.safetensors.index.json'}"
 
 
+def _cut_by_one_byte(model: Path) -> str:
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])  # the smallest cut: the data's end is counted exactly
+    return "bytes of data; the file has"
+
+
+def _last_shard_cut(model: Path) -> str:
+    """Every shard is checked, not only the first."""
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").unlink()
+    (model / "model-00001-of-00002.safetensors").write_bytes(data)
+    (model / "model-00002-of-00002.safetensors").write_bytes(data[:-100])
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    return f"{model / 'model-00002-of-00002.safetensors'} is not a readable safetensors file"
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -90,8 +107,17 @@ def _sharded(model: Path) -> str:
         _cut,
         _cut_in_the_data,
         _sharded,
+        _cut_by_one_byte,
+        _last_shard_cut,
     ],
-    ids=["missing", "cut-in-the-header", "cut-in-the-data", "index-names-a-missing-shard"],
+    ids=[
+        "missing",
+        "cut-in-the-header",
+        "cut-in-the-data",
+        "index-names-a-missing-shard",
+        "cut-by-one-byte",
+        "last-shard-cut",
+    ],
 )
 def test_a_model_whose_weights_are_missing_or_cut_short_is_refused(tmp_path, damage):
     """It passed the dry run, then every worker failed to load it once Ray had started (on a GPU cluster: once
