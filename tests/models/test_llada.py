@@ -188,3 +188,21 @@ def test_cached_windows_equal_the_full_forward(llada_dir, slots, backend):
         for row in range(2):
             keep = inside[row]
             torch.testing.assert_close(got[row][keep], full[row][window[row][keep]], **FP32)
+
+
+def test_a_pad_token_id_of_0_in_config_json_is_the_pad_not_eos(llada_dir, tmp_path):
+    """config.json's pad_token_id=0 is a pad id like any other: only an absent one falls back to EOS."""
+    model = tmp_path / "m"
+    model.mkdir()
+    for file in llada_dir.iterdir():
+        (model / file.name).write_bytes(file.read_bytes())
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "pad_token_id": 0, "eos_token_id": 5}))
+    generation = model / "generation_config.json"
+    if generation.exists():
+        generation.write_text(
+            json.dumps({k: v for k, v in json.loads(generation.read_text()).items() if "pad" not in k})
+        )
+    assert inspect_model(str(model)).pad_token_id == 0
+    (model / "config.json").write_text(json.dumps({**config, "pad_token_id": None, "eos_token_id": 5}))
+    assert inspect_model(str(model)).pad_token_id == 5

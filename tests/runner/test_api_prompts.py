@@ -258,3 +258,8 @@ def test_an_endpoint_url_is_checked_as_the_job_checks_it_and_never_echoes_a_pass
     with pytest.raises(ValueError, match=message) as info:
         LLM("s3://bucket/model", endpoint_url=endpoint)
     assert "hunter2" not in str(info.value)
+
+
+def test_a_builtin_models_rows_name_the_builtin(llm):
+    """The model column names what the user asked for (builtin:...), not the directory it was found in."""
+    assert llm.generate(["Add: 1+2"])[0].model == "builtin:tiny-diffusiongemma"
