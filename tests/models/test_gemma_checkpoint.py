@@ -379,3 +379,12 @@ def test_the_tokenizer_is_the_one_autotokenizer_loads(checkpoint, tmp_path, decl
         chat, add_generation_prompt=True, tokenize=False
     ) == theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert ours.all_special_ids == theirs.all_special_ids and ours.eos_token_id == theirs.eos_token_id
+
+
+def test_a_model_type_canvasflow_does_not_run_is_refused_naming_it(tmp_path):
+    """A config.json of another architecture fails at startup naming its model_type and those that run."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(
+        ModelError, match=r"model_type 'llama' is not supported; canvasflow runs diffusion_gemma, llada"
+    ):
+        inspect_model(str(tmp_path))
