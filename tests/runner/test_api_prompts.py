@@ -263,3 +263,11 @@ def test_an_endpoint_url_is_checked_as_the_job_checks_it_and_never_echoes_a_pass
 def test_a_builtin_models_rows_name_the_builtin(llm):
     """The model column names what the user asked for (builtin:...), not the directory it was found in."""
     assert llm.generate(["Add: 1+2"])[0].model == "builtin:tiny-diffusiongemma"
+
+
+def test_the_dtype_keyword_is_the_dtype_the_model_is_loaded_in(llm):
+    """LLM(dtype=...) reaches the loader; auto is float32 on a CPU, bfloat16 on a GPU (as model.dtype=auto)."""
+    bf16 = LLM("builtin:tiny-diffusiongemma", dtype="bfloat16", max_new_tokens=16, max_denoising_steps=2)
+    assert {p.dtype for p in bf16.generator.loaded.model.parameters()} == {torch.bfloat16}
+    auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    assert {p.dtype for p in llm.generator.loaded.model.parameters()} == {auto}
