@@ -63,3 +63,10 @@ def delete_file(row, path, from_index):
     if row["source_index"] >= from_index and os.path.exists(path):
         os.remove(path)
     return {}
+
+
+def by_completion(row):
+    """Keeps completion 0, filters out completion 1, raises on completion 2."""
+    if row["completion_index"] == 2:
+        raise ValueError("bad completion")
+    return {} if row["completion_index"] == 0 else None

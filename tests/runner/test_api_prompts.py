@@ -271,3 +271,25 @@ def test_the_dtype_keyword_is_the_dtype_the_model_is_loaded_in(llm):
     assert {p.dtype for p in bf16.generator.loaded.model.parameters()} == {torch.bfloat16}
     auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     assert {p.dtype for p in llm.generator.loaded.model.parameters()} == {auto}
+
+
+def test_the_system_prompt_keyword_reaches_the_prompt(llm):
+    """LLM(system_prompt=...) renders a system turn before each prompt: more prompt tokens, same prompt."""
+    with_system = LLM("builtin:tiny-diffusiongemma", system_prompt="Answer briefly.", max_new_tokens=16)
+    (plain,), (system,) = llm.generate(["Add: 1+2"]), with_system.generate(["Add: 1+2"])
+    assert system.prompt_tokens > plain.prompt_tokens
+
+
+def test_each_completion_rejected_by_the_postprocess_gets_its_own_reason():
+    """With several completions of a prompt, one filtered out and one raising each get their own error."""
+    llm = LLM(
+        "builtin:tiny-diffusiongemma",
+        max_new_tokens=16,
+        max_denoising_steps=2,
+        completions_per_prompt=3,
+        postprocess={"_target_": "tests.runner.postprocess_fns.by_completion"},
+    )
+    ((kept, filtered, raised),) = llm.generate(["Add: 1+2"])
+    assert kept.error is None and kept.finish_reason != "error"
+    assert filtered.error.startswith("completion 1: filtered out by"), filtered.error
+    assert raised.error.startswith("completion 2: ") and "bad completion" in raised.error, raised.error
