@@ -267,8 +267,9 @@ def test_a_builtin_models_rows_name_the_builtin(llm):
 
 def test_the_dtype_keyword_is_the_dtype_the_model_is_loaded_in(llm):
     """LLM(dtype=...) reaches the loader; auto is float32 on a CPU, bfloat16 on a GPU (as model.dtype=auto)."""
-    bf16 = LLM("builtin:tiny-diffusiongemma", dtype="bfloat16", max_new_tokens=16, max_denoising_steps=2)
-    assert {p.dtype for p in bf16.generator.loaded.model.parameters()} == {torch.bfloat16}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        loaded = LLM("builtin:tiny-diffusiongemma", dtype=name, max_new_tokens=16).generator.loaded
+        assert {p.dtype for p in loaded.model.parameters()} == {dtype}, name
     auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     assert {p.dtype for p in llm.generator.loaded.model.parameters()} == {auto}
 
