@@ -286,3 +286,37 @@ def test_folder_placeholder_keys_are_not_files(s3_model, s3_bucket, s3_env, tmp_
     model: downloading it as one clashed with the folder of the same name."""
     s3_bucket.put(f"{PREFIX}/extra/", b"")
     assert_is_the_model(resolve_model_dir(s3_model, cache_dir=str(tmp_path), endpoint_url=s3_env.endpoint))
+
+
+@pytest.mark.s3
+def test_the_api_and_the_workers_load_an_s3_model_from_its_endpoint_cache_and_version(
+    s3_bucket, s3_env, tmp_path: Path, monkeypatch
+) -> None:
+    """LLM(endpoint_url=) and a worker's GenerationSpec (cache_dir, model_version) reach the download: a dropped
+    version would serve a run the copy of another model version, a dropped endpoint ask AWS for the bucket."""
+    from pipeline import LLM
+    from pipeline.generation import GenerationSpec, Generator
+    from pipeline.models.loader import ASSETS
+    from pipeline.runner.identity import s3_model_identity, s3_objects
+
+    for file in (ASSETS / "tiny-diffusiongemma").iterdir():
+        s3_bucket.put(f"tiny/{file.name}", file.read_bytes())
+    uri, endpoint = f"{s3_bucket.uri}/tiny", s3_env.endpoint
+    monkeypatch.setenv("CANVASFLOW_CACHE", str(tmp_path / "home"))
+    llm = LLM(uri, endpoint_url=endpoint, max_new_tokens=16, max_denoising_steps=2)
+    default = cache_path(uri, cache_dir=str(tmp_path / "home" / "models"), endpoint_url=endpoint)
+    assert llm.generator.loaded.info.model_dir == str(default)
+    version = s3_model_identity(uri, s3_objects(S3Store(uri, S3Options(endpoint_url=endpoint))))
+    spec = GenerationSpec(uri, endpoint_url=endpoint, cache_dir=str(tmp_path / "c"), model_version=version)
+    expected = cache_path(uri, cache_dir=str(tmp_path / "c"), endpoint_url=endpoint, version=version)
+    assert Generator(spec).loaded.info.model_dir == str(expected)
+
+
+def test_an_empty_canvasflow_cache_variable_counts_as_unset(monkeypatch) -> None:
+    """CANVASFLOW_CACHE= (set, empty) keeps the default cache, not the current directory."""
+    from pipeline.models.loader import default_cache_dir
+
+    monkeypatch.setenv("CANVASFLOW_CACHE", "")
+    assert default_cache_dir() == Path.home() / ".cache" / "canvasflow"
+    monkeypatch.setenv("CANVASFLOW_CACHE", "/data/cf")
+    assert default_cache_dir() == Path("/data/cf")
