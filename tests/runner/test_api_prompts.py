@@ -294,3 +294,27 @@ def test_each_completion_rejected_by_the_postprocess_gets_its_own_reason():
     assert kept.error is None and kept.finish_reason != "error"
     assert filtered.error.startswith("completion 1: filtered out by"), filtered.error
     assert raised.error.startswith("completion 2: ") and "bad completion" in raised.error, raised.error
+
+
+def test_the_prompt_budget_is_the_context_window_left_capped_at_4096(llm):
+    """max_prompt_tokens_for at its bounds: a window the completion fills exactly leaves no room (refused),
+    a requested budget may take all that is left but not one token more, and unset it is capped."""
+    from pipeline.generation import MAX_PROMPT_TOKENS_CAP, max_prompt_tokens_for
+
+    settings = llm.settings
+    span = max(settings.max_new_tokens, settings.max_canvases * settings.canvas_length)
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        max_prompt_tokens_for(None, span, settings)
+    assert max_prompt_tokens_for(None, span + 1, settings) == 1
+    assert max_prompt_tokens_for(100, span + 100, settings) == 100
+    with pytest.raises(ValueError, match="max_prompt_tokens=101 plus .* exceeds"):
+        max_prompt_tokens_for(101, span + 100, settings)
+    assert max_prompt_tokens_for(None, span + 10 * MAX_PROMPT_TOKENS_CAP, settings) == MAX_PROMPT_TOKENS_CAP
+
+
+def test_a_model_directory_without_config_json_is_refused_naming_it(tmp_path):
+    """It ended in a FileNotFoundError (a traceback) rather than an error naming the path and the fix."""
+    with pytest.raises(
+        ValueError, match=r"^model='.*' has no config.json; is it a Hugging Face model directory"
+    ):
+        LLM(str(tmp_path))
