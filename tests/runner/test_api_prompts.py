@@ -318,3 +318,15 @@ def test_a_model_directory_without_config_json_is_refused_naming_it(tmp_path):
         ValueError, match=r"^model='.*' has no config.json; is it a Hugging Face model directory"
     ):
         LLM(str(tmp_path))
+
+
+def test_a_prompt_of_exactly_max_prompt_tokens_generates(llm):
+    """max_prompt_tokens is the most a prompt may have: that many generate, one more is an error row."""
+    (out,) = llm.generate(["Add: 1+2"])
+    n = out.prompt_tokens
+    for budget, ok in ((n, True), (n - 1, False)):
+        limited = LLM(
+            "builtin:tiny-diffusiongemma", max_prompt_tokens=budget, max_new_tokens=16, max_denoising_steps=2
+        )
+        (got,) = limited.generate(["Add: 1+2"])
+        assert (got.error is None) == ok and (got.prompt_tokens == n if ok else "more than fit" in got.error)
