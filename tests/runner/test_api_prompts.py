@@ -330,3 +330,12 @@ def test_a_prompt_of_exactly_max_prompt_tokens_generates(llm):
         )
         (got,) = limited.generate(["Add: 1+2"])
         assert (got.error is None) == ok and (got.prompt_tokens == n if ok else "more than fit" in got.error)
+
+
+def test_completions_hold_no_special_tokens_text():
+    """The random model samples special tokens (<pad>, <mask>, ...) among its own: a completion's text is
+    decoded without them, as the job writes it."""
+    llm = LLM("builtin:tiny-diffusiongemma-random", max_new_tokens=32, max_denoising_steps=2)
+    outs = llm.generate(["Add: 1+2", "Sort: 3 1 2", "hello", "x"])
+    special = llm.tokenizer.all_special_tokens
+    assert not [(o.completion, t) for o in outs for t in special if t in o.completion]
