@@ -65,7 +65,7 @@ def delete_file(row, path, from_index):
     return {}
 
 
-def by_completion(row):
+def keep_filter_raise(row):
     """Keeps completion 0, filters out completion 1, raises on completion 2."""
     if row["completion_index"] == 2:
         raise ValueError("bad completion")

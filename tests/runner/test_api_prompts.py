@@ -288,7 +288,7 @@ def test_each_completion_rejected_by_the_postprocess_gets_its_own_reason():
         max_new_tokens=16,
         max_denoising_steps=2,
         completions_per_prompt=3,
-        postprocess={"_target_": "tests.runner.postprocess_fns.by_completion"},
+        postprocess={"_target_": "tests.runner.postprocess_fns.keep_filter_raise"},
     )
     ((kept, filtered, raised),) = llm.generate(["Add: 1+2"])
     assert kept.error is None and kept.finish_reason != "error"
