@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from pipeline.models.loader import ModelError, inspect_model, load_model
-from tests.support.mask_models import ReferenceModel, build_mask_checkpoint
+from tests.support.mask_models import ReferenceModel, build_mask_checkpoint, with_distinct_norms
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +79,8 @@ def test_unsupported_configs_are_refused_naming_the_key(dream_dir, tmp_path, key
 def test_every_norm_is_read_from_its_published_name(dream_dir, tmp_path):
     """The tiny checkpoint's norms are all ones, under which a swapped norm name (input_layernorm read as the
     MLP's) computes the same function: with distinct norms, the logits must still be the reference's."""
-    model_dir = tmp_path / "m"
-    shutil.copytree(dream_dir, model_dir)
-    tensors = load_file(str(model_dir / "model.safetensors"))
+    model_dir = with_distinct_norms(dream_dir, tmp_path / "m")
     gen = torch.Generator().manual_seed(1)
-    for name in [n for n in tensors if "norm" in n]:
-        tensors[name] = 1 + 0.5 * torch.randn(tensors[name].shape, generator=gen)
-    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     model = load_model(str(model_dir), device="cpu").model
     ids = torch.randint(3, model.vocab_size, (1, 9), generator=gen)
     expected = ReferenceModel(model_dir)(ids, torch.ones_like(ids))[0].float()

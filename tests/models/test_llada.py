@@ -5,7 +5,6 @@ float64 forward written from the description over a left-padded batch)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.models.bidirectional import BidirectionalLM
 from pipeline.models.loader import ModelError, inspect_model, load_model
-from tests.support.mask_models import ReferenceModel, build_mask_checkpoint
+from tests.support.mask_models import ReferenceModel, build_mask_checkpoint, with_distinct_norms
 
 FP32 = dict(atol=1e-4, rtol=1e-4)
 
@@ -212,13 +211,8 @@ def test_a_pad_token_id_of_0_in_config_json_is_the_pad_not_eos(llada_dir, tmp_pa
 def test_every_norm_is_read_from_its_published_name(llada_dir, tmp_path):
     """The tiny checkpoint's norms are all ones, under which a swapped norm name (attn_norm read as ff_norm)
     computes the same function: with distinct norms, the logits must still be the reference's."""
-    model_dir = tmp_path / "m"
-    shutil.copytree(llada_dir, model_dir)
-    tensors = load_file(str(model_dir / "model.safetensors"))
+    model_dir = with_distinct_norms(llada_dir, tmp_path / "m")
     gen = torch.Generator().manual_seed(1)
-    for name in [n for n in tensors if "norm" in n]:
-        tensors[name] = 1 + 0.5 * torch.randn(tensors[name].shape, generator=gen)
-    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     model = load_model(str(model_dir), device="cpu").model
     ids = torch.randint(3, model.vocab_size, (1, 9), generator=gen)
     expected = ReferenceModel(model_dir)(ids, torch.ones_like(ids))[0].float()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -72,6 +73,19 @@ def build_mask_checkpoint(
         tensors[head][config["eos_token_id"]] = tensors[head][eos_like] * 1.2
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+def with_distinct_norms(source: Path, target: Path, seed: int = 1) -> Path:
+    """A copy of checkpoint `source` at `target` whose norm weights are 1 + 0.5 N(0, 1) each. The tiny
+    checkpoints' norms are all ones, under which a norm read under another's published name computes the same
+    function."""
+    shutil.copytree(source, target)
+    tensors = load_file(str(target / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for name in [n for n in tensors if "norm" in n]:
+        tensors[name] = 1 + 0.5 * torch.randn(tensors[name].shape, generator=gen)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
