@@ -283,7 +283,7 @@ def test_a_copy_without_its_marker_is_fetched_again(s3_model, s3_fault_proxy, tm
 @pytest.mark.s3
 def test_folder_placeholder_keys_are_not_files(s3_model, s3_bucket, s3_env, tmp_path: Path) -> None:
     """A zero-byte 'extra/' key (a "folder" some S3 tools create) next to extra/notes.md is no file of the
-    model: downloading it as one clashed with the folder of the same name."""
+    model: downloaded as one, it would clash with the folder of the same name."""
     s3_bucket.put(f"{PREFIX}/extra/", b"")
     assert_is_the_model(resolve_model_dir(s3_model, cache_dir=str(tmp_path), endpoint_url=s3_env.endpoint))
 

@@ -313,7 +313,7 @@ def test_the_prompt_budget_is_the_context_window_left_capped_at_4096(llm):
 
 
 def test_a_model_directory_without_config_json_is_refused_naming_it(tmp_path):
-    """It ended in a FileNotFoundError (a traceback) rather than an error naming the path and the fix."""
+    """An error naming the path and the fix; without the check it would end in a FileNotFoundError traceback."""
     with pytest.raises(
         ValueError, match=r"^model='.*' has no config.json; is it a Hugging Face model directory"
     ):
