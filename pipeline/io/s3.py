@@ -78,6 +78,17 @@ class S3Store(Store):
 
         return self._call(f"read {self.describe(key)}", get)
 
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """`length` bytes of the object from `offset` (one ranged GET; fewer where the object ends first)."""
+        if length <= 0:
+            return b""
+
+        def get() -> bytes:
+            span = f"bytes={offset}-{offset + length - 1}"
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=span)["Body"].read()
+
+        return self._call(f"read {self.describe(key)} (bytes {offset} to {offset + length})", get)
+
     def download_file(self, key: str, dest: str | os.PathLike[str], etag: str | None = None) -> int:
         """Streams the object into `dest` (fsynced); a retried attempt starts the file over. With `etag`, only
         that version of the object (412 PreconditionFailed when it was replaced since it was listed)."""

@@ -12,6 +12,7 @@ vision tower is not read.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -49,8 +50,7 @@ def load_text_weights(
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     text = config.text_config
-    with torch.device("meta"):
-        decoder = TextDecoder(text)
+    decoder = _meta_decoder(config)
     shapes = {DECODER + name: t.shape for name, t in decoder.state_dict().items()}
     files = weight_files(model_dir)
     absent_scalars = {n for n in shapes if n.endswith(SCALAR) and n not in files}
@@ -70,7 +70,7 @@ def load_text_weights(
     _check_tied(model_dir, config, files, state, dtype)
     # The encoder's scalars are its own (buffers are not tied). transformers leaves a missing one uninitialised
     # (any value), so a checkpoint without them has no defined encoder: refused.
-    names = [f"{ENCODER}layers.{i}.{SCALAR}" for i in range(len(decoder.layers))]
+    names = _encoder_scalars(len(decoder.layers))
     if set(names) - set(files):
         raise ValueError(describe_missing(model_dir, set(names) - set(files)))
     encoder_scalars = read_tensors(
@@ -84,6 +84,43 @@ def load_text_weights(
     )
 
 
+def checkpoint_shapes(model_dir: str | Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """What load_text_weights reads or compares, from config.json alone (the model built on the meta device,
+    nothing allocated): each tensor's shape, and the names a checkpoint may lack (the decoder's scalars, and
+    with tied weights the encoder's text weights and the head)."""
+    config = read_config(model_dir)
+    decoder = _meta_decoder(config)
+    shapes = {DECODER + name: tuple(t.shape) for name, t in decoder.state_dict().items()}
+    optional = {n for n in shapes if n.endswith(SCALAR)}
+    twins = _twins(shapes)
+    shapes.update({key: shapes[twin] for key, twin in twins.items()})
+    if config.tie_word_embeddings:
+        optional |= set(twins)
+    shapes.update(dict.fromkeys(_encoder_scalars(len(decoder.layers)), (1,)))
+    return shapes, optional
+
+
+def _meta_decoder(config: GemmaConfig) -> TextDecoder:
+    with torch.device("meta"):
+        return TextDecoder(config.text_config)
+
+
+def _encoder_scalars(num_layers: int) -> list[str]:
+    return [f"{ENCODER}layers.{i}.{SCALAR}" for i in range(num_layers)]
+
+
+def _twins(decoder_names: Iterable[str]) -> dict[str, str]:
+    """Tensor name -> the decoder tensor it is tied to: the head, the encoder's embedding and its layers' text
+    weights (not its final norm, whose output is never used)."""
+    embedding = DECODER + "embed_tokens.weight"
+    twins = {HEAD: embedding, ENCODER + "embed_tokens.weight": embedding}
+    for name in decoder_names:
+        rest = name[len(DECODER) :]
+        if rest.startswith("layers.") and not rest.endswith(SCALAR):
+            twins[ENCODER + rest] = name
+    return twins
+
+
 def _check_tied(
     model_dir: Path,
     config: GemmaConfig,
@@ -94,12 +131,7 @@ def _check_tied(
     """Every encoder text weight and the head that the checkpoint holds equals the decoder's tensor it is tied
     to (compared in the model's dtype, as transformers would have loaded both). With tie_word_embeddings=False
     transformers keeps them apart, so there they must be in the checkpoint: one absent would be random."""
-    embedding = DECODER + "embed_tokens.weight"
-    twins = {HEAD: embedding, ENCODER + "embed_tokens.weight": embedding}
-    for name in decoder:  # the encoder's final norm is not compared: its output is never used
-        rest = name[len(DECODER) :]
-        if rest.startswith("layers.") and not rest.endswith(SCALAR):
-            twins[ENCODER + rest] = name
+    twins = _twins(decoder)
     untied = not config.tie_word_embeddings  # transformers ties by the top-level flag
     if untied:
         absent = [k for k in twins if k not in files]

@@ -50,12 +50,8 @@ def load_mask_model(
 ) -> BidirectionalLM:
     """The native module with the checkpoint's weights (every published tensor accounted for)."""
     model_dir = Path(model_dir)
-    spec = spec_for(model_dir)
-    family = family_module(read_config(model_dir)["model_type"])
-    with torch.device("meta"):
-        model = BidirectionalLM(spec)
+    model, wanted = _meta_model(model_dir)
     shapes = model.state_dict()
-    wanted = {family.published_name(name): name for name in shapes}
     files = weight_files(model_dir)
     missing = set(wanted) - set(files)
     if missing:
@@ -69,8 +65,26 @@ def load_mask_model(
     tensors = read_tensors(model_dir, files, published_shapes, dtype=dtype, device=device)
     state = {wanted[published]: tensor for published, tensor in tensors.items()}
     model.load_state_dict(state, assign=True, strict=True)
-    model.register_buffer("inv_freq", rope_inv_freq(spec, device), persistent=False)  # was built on meta
+    model.register_buffer(
+        "inv_freq", rope_inv_freq(model.spec, device), persistent=False
+    )  # was built on meta
     return model.eval().requires_grad_(False)
+
+
+def checkpoint_shapes(model_dir: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """Published tensor name -> the shape config.json implies (the module built on the meta device)."""
+    model, wanted = _meta_model(Path(model_dir))
+    shapes = model.state_dict()
+    return {published: tuple(shapes[native].shape) for published, native in wanted.items()}
+
+
+def _meta_model(model_dir: Path) -> tuple[BidirectionalLM, dict[str, str]]:
+    """The native module on the meta device, and published tensor name -> native name."""
+    config = read_config(model_dir)
+    family = family_module(config.get("model_type", ""))
+    with torch.device("meta"):
+        model = BidirectionalLM(spec_for(model_dir, config))
+    return model, {family.published_name(name): name for name in model.state_dict()}
 
 
 def save_mask_checkpoint(

@@ -10,10 +10,8 @@ import dataclasses
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig
@@ -22,26 +20,17 @@ from pipeline.data.prompts import check_system_prompt
 from pipeline.data.readers import read_input, resolve_path
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
 from pipeline.io.commit import RunStore
-from pipeline.io.s3 import S3Store
-from pipeline.io.store import S3Options, StoreError, is_s3, open_store, split_s3_uri
+from pipeline.io.store import is_s3, open_store
 from pipeline.models.loader import (
     MASK_FAMILIES,
-    ModelError,
     ModelInfo,
-    inspect_model,
-    load_tokenizer,
-    resolve_model_dir,
 )
-from pipeline.models.weights import INDEX_FILE, WEIGHTS_FILE, check_weight_files, read_weight_map
 from pipeline.postprocess import load_postprocess
 from pipeline.runner.identity import (
-    CONTENT_FILES,
     config_fingerprint,
     derive_run_id,
-    local_model_identity,
-    s3_model_identity,
-    s3_objects,
 )
+from pipeline.runner.model_check import inspect_job_model
 from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
 from pipeline.sampler.settings import (
     USER_KNOBS,
@@ -67,73 +56,6 @@ class Prepared:
     identity: dict[str, Any]
     status: str  # new | resume | complete; after `plan` also replace (run.overwrite), which open_run does
     tokenizer: Any = None  # loaded by `plan` for the system-prompt check and a dry run, else None
-
-
-# ------------------------------------------------------------------------------------------------ model
-# The files a tokenizer and its chat template load from (runner/identity.py hashes them with the config).
-TOKENIZER_FILES = tuple(name for name in CONTENT_FILES if name != "model.safetensors.index.json")
-
-
-def _inspect_model(job: JobConfig, *, tokenizer: bool = False) -> tuple[ModelInfo, str, Any]:
-    """ModelInfo, identity digest (runner/identity.py: config, tokenizer and chat-template files by content,
-    weights by a sampled fingerprint, or by size and ETag on s3://), and with `tokenizer` the model's tokenizer
-    (else None). An s3:// model is not downloaded here: only its config files, and with `tokenizer` its
-    tokenizer and chat-template files (megabytes, not the weights)."""
-    path = job.model.path
-    if not is_s3(path):
-        model_dir = resolve_model_dir(path, cache_dir=job.model.cache_dir)
-        info = inspect_model(model_dir, name=path if path.startswith("builtin:") else None)
-        try:  # the weight files' headers only: a missing or cut file fails here, not in every worker
-            check_weight_files(Path(model_dir))
-        except ValueError as e:
-            raise ModelError(f"model.path={path!r}: {e}") from None
-        loaded = (
-            load_tokenizer(model_dir, remote_code_free=info.family in MASK_FAMILIES) if tokenizer else None
-        )
-        return info, local_model_identity(model_dir), loaded
-    bucket, prefix = split_s3_uri(path)
-    store = S3Store(f"s3://{bucket}/{prefix}", S3Options(job.output.endpoint_url, job.output.region))
-    try:
-        objects = s3_objects(store)
-        keys = list(objects)
-        if "config.json" not in keys:
-            raise ModelError(f"model.path={path!r} has no config.json")
-        _check_s3_weights(store, path, keys)
-        wanted = TOKENIZER_FILES if tokenizer else ("config.json", "generation_config.json")
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in wanted:
-                if name in keys:
-                    store.download_file(name, os.path.join(tmp, name))
-            info = inspect_model(tmp, name=path.rstrip("/").rsplit("/", 1)[-1])
-            try:
-                loaded = (
-                    load_tokenizer(tmp, remote_code_free=info.family in MASK_FAMILIES) if tokenizer else None
-                )
-            except ModelError as e:  # it names the temporary folder the files were read from
-                raise ModelError(str(e).replace(tmp, path.rstrip("/"))) from None
-    except StoreError as e:
-        raise ModelError(f"model.path={path!r} cannot be read: {e}") from None
-    info.model_dir = path
-    return info, s3_model_identity(path, objects), loaded
-
-
-def _check_s3_weights(store: S3Store, path: str, keys: list[str]) -> None:
-    """ModelError unless the weight files of the s3:// model are all there (model.safetensors, or every file
-    its model.safetensors.index.json names), before any worker downloads them."""
-    if WEIGHTS_FILE in keys:
-        return
-    if INDEX_FILE not in keys:
-        raise ModelError(f"model.path={path!r} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
-    try:
-        weight_map = read_weight_map(store.read_bytes(INDEX_FILE), store.describe(INDEX_FILE))
-    except ValueError as e:
-        raise ModelError(str(e)) from None
-    missing = sorted({str(file) for file in weight_map.values()} - set(keys))
-    if missing:
-        raise ModelError(
-            f"{store.describe(INDEX_FILE)} names {len(missing)} weight file(s) that are not there: "
-            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
-        )
 
 
 def check_local_device(job: JobConfig) -> None:
@@ -189,8 +111,8 @@ def plan(job: JobConfig) -> Prepared:
     open_run's, under the run lock."""
     check_local_device(job)
     # The tokenizer, for the system-prompt check and a dry run's prompts (an s3:// model's tokenizer files only).
-    info, model_id, tokenizer = _inspect_model(
-        job, tokenizer=job.data.system_prompt is not None or job.run.dry_run
+    info, model_id, tokenizer = inspect_job_model(
+        job, tokenizer=job.data.system_prompt is not None or job.run.dry_run, shapes=job.run.dry_run
     )
     knobs = {k: getattr(job.sampler, k) for k in USER_KNOBS}
     knobs["mask"] = dataclasses.asdict(job.sampler.mask)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.runner.plan as plan_module
+import pipeline.runner.model_check as model_check
 from pipeline.config.schema import (
     ClusterConfig,
     DataConfig,
@@ -69,10 +69,10 @@ def _inject_bug(tmp_path: Path) -> dict[str, str]:
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
-        "import pipeline.runner.plan as plan\n"
+        "import pipeline.runner.model_check as model_check\n"
         "def _buggy_inspect(*args, **kwargs):\n"
         "    raise AttributeError(\"'list' object has no attribute 'get' (injected)\")\n"
-        "plan.inspect_model = _buggy_inspect\n"
+        "model_check.inspect_model = _buggy_inspect\n"
     )
     return {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
 
@@ -113,7 +113,7 @@ def test_an_unreadable_model_config_exits_2_naming_the_file_without_a_traceback(
 def test_unexpected_error_while_preparing_exits_2_with_its_traceback(tmp_path, caplog, monkeypatch):
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
-    monkeypatch.setattr(plan_module, "inspect_model", _buggy_inspect)
+    monkeypatch.setattr(model_check, "inspect_model", _buggy_inspect)
     job = JobConfig(
         model=ModelConfig(path="builtin:tiny-diffusiongemma"),
         data=DataConfig(path=str(data)),

@@ -23,6 +23,7 @@ from pipeline.config.schema import (
     OutputConfig,
 )
 from pipeline.models.loader import ModelError, resolve_model_dir
+from pipeline.models.weights import read_header
 from pipeline.runner.plan import plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,6 +149,110 @@ def test_an_s3_model_whose_weights_are_not_all_there_is_refused(tmp_path, s3_buc
         ModelError, match=r"names 1 weight file\(s\) that are not there: model-00001-of-00002"
     ):
         plan(job)
+    # Each file's header is read by ranged GETs, so an upload cut short fails here, before any node downloads it.
+    s3_bucket.put("m/model-00001-of-00002.safetensors", (source / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(ModelError) as error:
+        plan(job)
+    assert str(error.value).startswith(
+        f"{s3_bucket.uri}/m/model-00001-of-00002.safetensors is not a readable safetensors file (its tensors need "
+    ) and str(error.value).endswith("it was cut short): upload it again")
+    s3_bucket.put("m/model-00001-of-00002.safetensors", (source / "model.safetensors").read_bytes())
+    plan(job)
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 128
+    s3_bucket.put("m/config.json", json.dumps(config).encode())
+    plan(job)
+    job.run.dry_run = True  # the shapes against config.json: a dry run's check
+    with pytest.raises(ModelError, match=r"/m': 15 tensor\(s\) do not have the shape config.json implies \("):
+        plan(job)
+
+
+def _edit_config(**changes):
+    def edit(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        (config.get("text_config") or config).update(changes)
+        (model / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def _drop_layer_1_norms(model: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    for name in [n for n in tensors if n.startswith("model.decoder.layers.1.") and "layernorm" in n]:
+        del tensors[name]
+    save_file(tensors, model / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("builtin", "damage", "problem"),
+    [
+        (
+            "builtin:tiny-diffusiongemma",
+            _edit_config(hidden_size=64),
+            "77 tensor(s) do not have the shape config.json implies (model.decoder.embed_tokens.weight is "
+            "[128, 128], not [128, 64], ",
+        ),
+        (
+            "builtin:tiny-diffusiongemma",
+            _drop_layer_1_norms,
+            "the checkpoint lacks 7 tensor(s) that config.json implies: model.decoder.layers.1.input_layernorm.weight, ",
+        ),
+        (
+            "builtin:tiny-llada",
+            _edit_config(mlp_hidden_size=256),
+            "12 tensor(s) do not have the shape config.json implies (model.transformer.blocks.0.ff_out.weight is "
+            "[128, 384], not [128, 256]",
+        ),
+    ],
+    ids=["diffusiongemma-hidden-size", "diffusiongemma-missing-tensors", "llada-mlp-size"],
+)
+def test_a_dry_run_refuses_weights_of_another_model_than_the_config(tmp_path, builtin, damage, problem):
+    """Weights whose shapes config.json does not imply (a config of another size of the model, a hand edit)
+    passed the dry run, then every worker failed to load them once the cluster had started. The dry run builds
+    the model on the meta device (torch, which a real run's driver does not import) and compares the headers'
+    shapes; a real run leaves the comparison to the workers."""
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_dir(builtin), model)
+    damage(model)
+    job = _job(tmp_path, path=str(model))
+    plan(job)
+    job.run.dry_run = True
+    with pytest.raises(ModelError) as error:
+        plan(job)
+    assert str(error.value).startswith(f"model.path={str(model)!r}: {problem}"), str(error.value)
+
+
+def test_a_header_over_the_safetensors_limit_is_not_read():
+    """A file whose first 8 bytes are not a safetensors header length (a pickled checkpoint renamed) could
+    claim a header of gigabytes, all read into memory before its JSON failed to parse."""
+    reads = []
+
+    def read(offset, length):
+        reads.append((offset, length))
+        return (2**31).to_bytes(8, "little") if offset == 0 else b"{}"
+
+    with pytest.raises(ValueError, match="its header claims 2147483648 bytes, over safetensors' limit"):
+        read_header(read, 2**33)
+    assert reads == [(0, 8)]
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [
+        ({"w": {"dtype": "F32", "data_offsets": [0, 4]}}, "its header lists tensors without a shape"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, "lists tensors without byte offsets"),
+        ({"w": "F32"}, "its header lists tensors without byte offsets"),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, "lists tensors without a shape"),
+    ],
+    ids=["no-shape", "one-offset", "entry-not-an-object", "negative-dimension"],
+)
+def test_a_header_whose_tensors_lack_a_shape_or_offsets_is_refused(header, problem):
+    data = json.dumps(header).encode()
+    blob = len(data).to_bytes(8, "little") + data + bytes(4)
+    with pytest.raises(ValueError, match=problem):
+        read_header(lambda offset, length: blob[offset : offset + length], len(blob))
 
 
 def test_a_local_ray_instance_that_cannot_start_exits_2_naming_its_folder(tmp_path):
