@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -103,7 +104,18 @@ class ShardCommit:
     @classmethod
     def from_json(cls, text: str) -> ShardCommit:
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in fields})
+        commit = cls(**{k: v for k, v in json.loads(text).items() if k in fields})
+        if isinstance(
+            commit.columns, list
+        ):  # the same in most markers: one list shared (2.5 of 4 KB a marker)
+            key = json.dumps(commit.columns)
+            commit.columns = _SHARED_COLUMNS.setdefault(key, commit.columns)
+        return commit
+
+
+# A run's markers held by its driver share one `columns` list per distinct part schema (ShardCommit.from_json);
+# nothing modifies such a list in place (conform_parts assigns a new one).
+_SHARED_COLUMNS: dict[str, list[list[str]]] = {}
 
 
 class RunStore:
@@ -220,28 +232,26 @@ class RunStore:
         keys = self.store.list(COMMITS)
         reuse = {commit_key(shard): commit for shard, commit in (known or {}).items()}
         unread = [key for key in keys if key not in reuse]
-        with ThreadPoolExecutor(max_workers=MARKER_READERS) as pool:
-            texts = dict(zip(unread, pool.map(self._read_marker, unread), strict=True))
-        commits = {}
-        for key in keys:
-            if key in reuse:
-                commits[reuse[key].shard] = reuse[key]
-                continue
-            text = texts[key]
-            if text is None:
-                continue
-            try:
-                commit = ShardCommit.from_json(text)
-            except (ValueError, TypeError, AttributeError) as e:  # not JSON, not a marker's fields
-                # Its parts are then uncommitted leftovers, and the regenerated shard's marker replaces it.
-                logger.warning(
-                    "%s is not a readable commit marker (%s): its shard counts as uncommitted and is regenerated",
-                    self.store.describe(key),
-                    e,
-                )
-                continue
-            commits[commit.shard] = commit
-        return commits
+        listed = set(keys)
+        commits = {commit.shard: commit for key, commit in reuse.items() if key in listed}
+        with ThreadPoolExecutor(max_workers=MARKER_READERS) as pool:  # each parsed as it arrives
+            for key, text in zip(unread, pool.map(self._read_marker, unread), strict=True):
+                if text is not None:
+                    self._add_marker(commits, key, text)
+        return dict(sorted(commits.items()))
+
+    def _add_marker(self, commits: dict[int, ShardCommit], key: str, text: str) -> None:
+        try:
+            commit = ShardCommit.from_json(text)
+        except (ValueError, TypeError, AttributeError) as e:  # not JSON, not a marker's fields
+            # Its parts are then uncommitted leftovers, and the regenerated shard's marker replaces it.
+            logger.warning(
+                "%s is not a readable commit marker (%s): its shard counts as uncommitted and is regenerated",
+                self.store.describe(key),
+                e,
+            )
+            return
+        commits[commit.shard] = commit
 
     def _read_marker(self, key: str) -> str | None:
         try:
@@ -364,9 +374,21 @@ class RunStore:
         manifest, stats and dataset card, then _SUCCESS last."""
         if self.conform_parts(commits, manifest.get("compression", "zstd")):
             manifest["parts"] = [vars(commits[s]) for s in sorted(commits)]
-        self.store.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        self.store.write_text(MANIFEST, manifest_text(manifest))
         self.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
         self.store.write_text("README.md", card)
         self.store.write_text(
             SUCCESS, json.dumps({"run_id": self.run_id, "completed_at": time.time()}) + "\n"
         )
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """The manifest as JSON, indented, with each of its `parts` on one line: a run of 150,000 shards wrote
+    252 MB indented whole (a driver peak of 2.4 GB building it), most of it whitespace."""
+    parts = manifest.get("parts")
+    if not parts:
+        return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    placeholder = f"\0parts {uuid.uuid4().hex}\0"  # in no value of the manifest
+    text = json.dumps({**manifest, "parts": placeholder}, indent=2, sort_keys=True)
+    lines = ",\n".join("    " + json.dumps(part, sort_keys=True, separators=(", ", ": ")) for part in parts)
+    return text.replace(json.dumps(placeholder), "[\n" + lines + "\n  ]", 1) + "\n"
