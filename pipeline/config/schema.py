@@ -143,7 +143,7 @@ class DataConfig:
     apply_chat_template: bool = True
     # Arguments for datasets.load_dataset when format=hf (e.g. {name: ..., split: train}).
     hf_kwargs: dict[str, Any] = field(default_factory=dict)
-    # Split of a saved DatasetDict (format hf_disk / hf).
+    # Split of a saved DatasetDict (format hf_disk / hf); refused on JSONL and Parquet files (no splits).
     split: str | None = None
     # Only the first N input rows (None: all).
     limit: int | None = None

@@ -90,6 +90,12 @@ def read_input(
     path = resolve_path(data.path)
     files, skipped = list_files(path, endpoint_url=endpoint_url, region=region)
     fmt = detect_format(path, data.format, files)
+    if data.split is not None and fmt in ("jsonl", "parquet"):  # else every row is read, whatever the split
+        raise InputError(
+            f"data.split={data.split!r} picks a split of a Hugging Face dataset, but data.path={data.path!r} is "
+            f"{fmt} input, which has no splits: unset data.split to read all of it, or point data.path at the "
+            "split's file or folder"
+        )
     builder, table = _build(data, path, files, fmt, endpoint_url, region, repeated=None)
     if table.num_rows == 0:
         raise InputError(f"data.path={data.path!r} holds no rows")

@@ -24,3 +24,23 @@ def test_split_of_a_saved_dataset_dict_is_read(tmp_path):
     rows = Dataset.from_dict({"prompt": ["Add: 1+2", "Add: 3+4"]})
     DatasetDict({"train": rows, "test": rows.select([0])}).save_to_disk(str(tmp_path / "dd"))
     assert read_input(DataConfig(path=str(tmp_path / "dd"), split="test")).num_rows == 1
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_split_of_jsonl_or_parquet_files_fails_at_startup(tmp_path, suffix):
+    """data.split=test on a JSONL or Parquet input was ignored: the job ran on every row of the files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / f"in.{suffix}"
+    if suffix == "jsonl":
+        path.write_text('{"prompt": "Add: 1+2"}\n')
+    else:
+        pq.write_table(pa.table({"prompt": ["Add: 1+2"]}), path)
+    with pytest.raises(InputError) as error:
+        read_input(DataConfig(path=str(path), split="test"))
+    assert str(error.value).startswith(
+        f"data.split='test' picks a split of a Hugging Face dataset, but data.path={str(path)!r} is {suffix} "
+        "input, which has no splits: unset data.split"
+    )
+    assert read_input(DataConfig(path=str(path))).num_rows == 1
