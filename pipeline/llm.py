@@ -132,6 +132,7 @@ class LLM:
             cuda_graphs=cuda_graphs,
             apply_chat_template=apply_chat_template,
             mask=sampler.get("mask"),
+            postprocess=postprocess,
         )
         # as the job checks model.endpoint_url: no user:password@ (echoed by every S3 error), an http(s) URL
         check_endpoint("endpoint_url", endpoint_url)
@@ -268,6 +269,22 @@ def _check_arguments(**values: Any) -> None:
             f"mask={values['mask']!r} must be a dict of the mask-diffusion settings, e.g. "
             "mask={'steps': 64, 'cache': 'dual'}"
         )
+    postprocess = values["postprocess"]
+    if postprocess is not None and not isinstance(postprocess, Mapping):
+        raise TypeError(
+            f"postprocess={postprocess!r} must be a dict naming an importable callable, e.g. "
+            "postprocess={'_target_': 'mymodule.score'} (its other keys are the callable's keyword arguments)"
+            + _target_hint(postprocess)
+        )
+
+
+def _target_hint(fn: Any) -> str:
+    """For a callable given as `postprocess`: the `_target_` that names it, where an import can find it."""
+    if not callable(fn):
+        return ""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    named = f": postprocess={{'_target_': '{module}.{name}'}}" if module and name.isidentifier() else ""
+    return f"; give the dict, not the callable itself{named}"
 
 
 def _prompt_list(prompts: Any) -> list[Any]:

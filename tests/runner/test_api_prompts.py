@@ -189,6 +189,33 @@ def test_engine_arguments_are_checked_naming_the_keyword(kwargs, error, message)
         LLM("builtin:tiny-diffusiongemma", max_new_tokens=16, max_denoising_steps=2, **kwargs)
 
 
+@pytest.mark.parametrize("given", ["sets_drafts", "its name", "a lambda"])
+def test_a_postprocess_that_is_no_dict_is_refused_naming_the_dict_to_give(given):
+    """A callable (what a Python user passes first) failed with "'function' object is not iterable", a dotted
+    name with "dictionary update sequence element #0 has length 1; 2 is required"."""
+    from tests.runner import postprocess_fns
+
+    postprocess = {
+        "sets_drafts": postprocess_fns.sets_drafts,
+        "its name": "tests.runner.postprocess_fns.sets_drafts",
+        "a lambda": lambda row: {},
+    }[given]
+    with pytest.raises(TypeError) as info:
+        LLM("builtin:tiny-diffusiongemma", postprocess=postprocess)
+    message = str(info.value)
+    assert message.startswith(
+        f"postprocess={postprocess!r} must be a dict naming an importable callable, e.g. "
+        "postprocess={'_target_': 'mymodule.score'}"
+    )
+    hint = {
+        "sets_drafts": "; give the dict, not the callable itself: "
+        "postprocess={'_target_': 'tests.runner.postprocess_fns.sets_drafts'}",
+        "its name": " (its other keys are the callable's keyword arguments)",
+        "a lambda": "; give the dict, not the callable itself",
+    }[given]
+    assert message.endswith(hint)
+
+
 def test_sampler_setting_errors_name_the_keywords_the_api_takes():
     """They named the job's keys (sampler.t_max=...), which the API does not take."""
     with pytest.raises(ValueError) as info:
