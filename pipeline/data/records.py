@@ -21,7 +21,7 @@ import mmap
 import os
 import tempfile
 from array import array
-from collections.abc import Set
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,12 +75,39 @@ def derived_id(index: int, content: str) -> str:
     return hashlib.sha256(f"{index}\x1f{content}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def _json(value: Any) -> str:
+class NotText(TypeError):
+    """A binary value (bytes, e.g. of a Parquet binary column) that is not UTF-8 text, which JSON cannot hold."""
+
+    def __init__(self, error: UnicodeDecodeError) -> None:
+        super().__init__(f"binary data that is not UTF-8 text (byte {error.start} of the value)")
+
+
+def _text_default(value: Any) -> Any:
+    """JSON for a value json has no type for: bytes as their UTF-8 text (NotText where they are not one), the
+    others (dates, decimals) as str()."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise NotText(e) from None
+    return str(value)
+
+
+def _lossy_default(value: Any) -> Any:
+    """As _text_default, bytes that are not UTF-8 with their bad bytes replaced: for showing a row."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _json(value: Any, default: Callable[[Any], Any] = _text_default) -> str:
     """Strict JSON text: NaN and +-Infinity (which JSON has no spelling for) are written as null."""
     try:
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str, allow_nan=False)
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=default, allow_nan=False)
     except ValueError:  # a non-finite float somewhere
-        return json.dumps(_finite(value), ensure_ascii=False, sort_keys=True, default=str, allow_nan=False)
+        return json.dumps(
+            _finite(value), ensure_ascii=False, sort_keys=True, default=default, allow_nan=False
+        )
 
 
 def _finite(value: Any) -> Any:
@@ -125,15 +152,17 @@ def _check_text(value: Any, what: str, *, allow_blank: bool = False) -> tuple[st
 def _check_messages(value: Any) -> tuple[str | None, str | None]:
     if not isinstance(value, list) or not value:
         return None, "messages must be a non-empty list of {role, content} objects"
+    messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             return None, f"messages[{i}] must be an object with a string 'role'"
         if has_surrogate(message["role"]):
             return None, f"messages[{i}].role is {SURROGATE_HINT}"
-        _, problem = _check_text(message.get("content"), f"messages[{i}].content")
+        content, problem = _check_text(message.get("content"), f"messages[{i}].content")
         if problem:
             return None, problem
-    return _json([{"role": m["role"], "content": m["content"]} for m in value]), None
+        messages.append({"role": message["role"], "content": content})  # binary content as its text
+    return _json(messages), None
 
 
 def check_prompt_value(value: Any) -> tuple[str | None, bool, str | None]:
@@ -170,9 +199,24 @@ def _valid_text(text: str) -> str:
 
 def _safe_json(value: Any) -> str:
     try:
-        return _json(value)
+        return _json(value, _lossy_default)
     except RecursionError:
         return "<nested too deeply to show>"
+
+
+def _binary_problem(extra: dict[str, Any]) -> str:
+    """Why the columns `extra`, one of which holds bytes that are not UTF-8 text, cannot be metadata."""
+    for name, value in extra.items():
+        try:
+            _json(value)
+        except NotText as e:
+            return (
+                f"column {name!r} holds {e}, which the JSON of the metadata column cannot hold; drop the "
+                "column or encode its values as text (e.g. base64) in the input"
+            )
+        except RecursionError:
+            continue
+    return "the other columns hold binary data that is not UTF-8 text"
 
 
 class RecordSpill:
@@ -316,6 +360,8 @@ class RecordBuilder:
             text = _json(extra)
         except RecursionError:
             return None, "the other columns are nested too deeply to store as JSON metadata; flatten them"
+        except NotText:
+            return None, _binary_problem(extra)
         if not has_surrogate(text):
             return text, None
         for name, value in extra.items():

@@ -393,6 +393,31 @@ def test_non_finite_floats_in_jsonl_metadata_are_written_as_null(tmp_path):
     }
 
 
+# ---------------------------------------------------------------------------------------- binary columns
+def test_binary_values_are_carried_as_their_text_and_one_that_is_no_text_is_that_rows_error(tmp_path):
+    """A Parquet binary column (bytes in Python) was written with str(): metadata {"tag": "b'ok'"}, and a chat's
+    binary content reached the model as the text "b'Add: 1+2'"."""
+    message = pa.struct([("role", pa.string()), ("content", pa.binary())])
+    pq.write_table(
+        pa.table(
+            {
+                "messages": pa.array([[{"role": "user", "content": b"Add: 1+2"}]] * 2, pa.list_(message)),
+                "tag": pa.array([b"ok", b"\x89PNG"]),
+                "nested": [{"b": b"x"}, {"b": b"y"}],
+            }
+        ),
+        tmp_path / "in.parquet",
+    )
+    good, bad = _rows(str(tmp_path / "in.parquet"), messages_column="messages")
+    assert json.loads(good["prompt"]) == [{"role": "user", "content": "Add: 1+2"}]
+    assert good["error"] is None and json.loads(good["metadata"]) == {"tag": "ok", "nested": {"b": "x"}}
+    assert bad["error"] == (
+        "column 'tag' holds binary data that is not UTF-8 text (byte 0 of the value), which the JSON of the "
+        "metadata column cannot hold; drop the column or encode its values as text (e.g. base64) in the input"
+    )
+    assert json.loads(bad["raw"])["tag"] == "\ufffdPNG", "the raw row shows the bytes, bad ones replaced"
+
+
 # ---------------------------------------------------------------------------------------- duplicate ids
 def test_duplicate_of_an_id_first_seen_on_an_error_row_is_flagged(tmp_path):
     path = _write_lines(
