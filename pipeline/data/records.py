@@ -23,6 +23,7 @@ import tempfile
 from array import array
 from collections.abc import Callable, Set
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -184,7 +185,7 @@ def _template_value(value: Any, name: str) -> tuple[str | None, str | None]:
         return min(
             repr(value), str(np.float32(value)), key=len
         ), None  # a float32 column's 0.1, not 0.1000000015
-    if isinstance(value, (bool, int, float)):
+    if isinstance(value, (bool, int, float, Decimal)):  # Decimal: a Parquet decimal column's, "1.50"
         return str(value), None
     if not isinstance(value, (str, bytes)):
         kind = "null" if value is None else f"a {type(value).__name__}"
@@ -388,6 +389,8 @@ class RecordBuilder:
         value = row.get(column)
         if value is None:
             return None, f"missing id (column {column!r})"
+        if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+            value = int(value)  # a decimal column of integers: SQL NUMBER(38, 0) exports, e.g. Snowflake's
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             return None, f"id in column {column!r} must be a string or an integer, got {type(value).__name__}"
         text = str(value)

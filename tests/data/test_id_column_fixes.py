@@ -59,3 +59,28 @@ def test_parquet_rows_that_all_fail_to_decode_are_error_rows_with_an_id_column(t
     rows = read_input(DataConfig(path=str(tmp_path / "p.parquet"), id_column="uid")).table.to_pylist()
     assert [r["source_index"] for r in rows] == [0, 1]
     assert all("column 'prompt' is not valid UTF-8" in r["error"] for r in rows), rows
+
+
+def test_a_decimal_id_column_of_integers_gives_their_integer_ids(tmp_path):
+    """SQL NUMBER(38, 0) columns (Snowflake's integers) are Parquet decimals: every row was an error row, "id in
+    column 'uid' must be a string or an integer, got Decimal". A decimal with a fraction is still refused."""
+    from decimal import Decimal
+
+    uids = [Decimal(12345678901234567890123), Decimal(7), None]
+    fractions = [Decimal("1.00"), Decimal("1.50"), Decimal("2.00")]
+    pq.write_table(
+        pa.table(
+            {
+                "prompt": ["Add: 1+2", "Add: 3+4", "Add: 5+6"],
+                "uid": pa.array(uids, pa.decimal128(38, 0)),
+                "frac": pa.array(fractions, pa.decimal128(5, 2)),
+            }
+        ),
+        tmp_path / "p.parquet",
+    )
+    rows = read_input(DataConfig(path=str(tmp_path / "p.parquet"), id_column="uid")).table.to_pylist()
+    assert [(r["id"], r["error"]) for r in rows[:2]] == [("12345678901234567890123", None), ("7", None)]
+    assert rows[2]["error"] == "missing id (column 'uid')"
+    rows = read_input(DataConfig(path=str(tmp_path / "p.parquet"), id_column="frac")).table.to_pylist()
+    assert [r["id"] for r in rows if r["error"] is None] == ["1", "2"]
+    assert rows[1]["error"] == "id in column 'frac' must be a string or an integer, got Decimal"

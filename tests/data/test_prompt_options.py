@@ -178,3 +178,18 @@ def test_a_float32_column_fills_the_template_as_written(tmp_path):
     pq.write_table(table, path)
     records = read_input(DataConfig(path=str(path), prompt_template="{price} {exact}")).table.to_pylist()
     assert [r["prompt"] for r in records] == ["0.1 0.1", f"2.5 {1 / 3!r}"]
+
+
+def test_a_decimal_column_fills_the_template_as_written(tmp_path):
+    """A Parquet decimal column (SQL DECIMAL / NUMERIC exports) made every row an error row, "column 'price' is
+    a Decimal; data.prompt_template fills strings and numbers": a decimal is a number."""
+    from decimal import Decimal
+
+    path = tmp_path / "in.parquet"
+    prices = pa.array([Decimal("1.50"), Decimal("-20.00")], pa.decimal128(6, 2))
+    pq.write_table(pa.table({"item": ["tea", "debt"], "price": prices}), path)
+    records = read_input(DataConfig(path=str(path), prompt_template="{item} costs {price}")).table.to_pylist()
+    assert [(r["prompt"], r["error"]) for r in records] == [
+        ("tea costs 1.50", None),
+        ("debt costs -20.00", None),
+    ]
