@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 
 SHIPPED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts" / "prompts.jsonl"
 UTF8_BOM = b"\xef\xbb\xbf"
+# Byte-order marks of the encodings JSON Lines is not read in (UTF-32's first: it starts with UTF-16's).
+OTHER_BOMS = (
+    ("UTF-32", (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")),
+    ("UTF-16", (b"\xff\xfe", b"\xfe\xff")),
+)
 GZIP_MAGIC = b"\x1f\x8b"
 # First bytes of compressed files, to name the codec of one that is read as plain text.
 COMPRESSED_MAGIC = (
@@ -327,7 +332,21 @@ def _lines(file: str, local: str) -> Iterator[tuple[int, bytes]]:
         for number, line in enumerate(stream, start=1):
             if number == 1 and line.startswith(UTF8_BOM):  # from some editors and Windows tools
                 line = line[len(UTF8_BOM) :]
+            elif number == 1:
+                _refuse_other_encoding(file, line)
             yield number, line[:-1] if line.endswith(b"\n") else line
+
+
+def _refuse_other_encoding(file: str, first_line: bytes) -> None:
+    """InputError for a file that starts with the byte-order mark of UTF-16 or UTF-32 (what Windows PowerShell 5
+    writes with `>`): else each of its lines was an 'invalid UTF-8' row, and the file 'not JSON Lines'."""
+    for encoding, marks in OTHER_BOMS:
+        if first_line.startswith(marks):
+            raise InputError(
+                f"{file} is {encoding}-encoded (it starts with a {encoding} byte-order mark), and JSON Lines is "
+                f"read as UTF-8: convert it, e.g. `iconv -f {encoding} -t UTF-8 in.jsonl > out.jsonl` (in "
+                "PowerShell, write files with `Out-File -Encoding utf8`)"
+            )
 
 
 def _text_blocks(file: str, local: str) -> Iterator[str]:

@@ -260,6 +260,31 @@ def test_utf8_bom_at_the_start_of_a_jsonl_gz_file_is_ignored(tmp_path):
     assert [(r["prompt"], r["error"]) for r in _rows(str(path))] == [("Add: 1+2", None)]
 
 
+@pytest.mark.parametrize(
+    ("encoding", "named", "suffix"),
+    [
+        ("utf-16", "UTF-16", "jsonl"),  # little-endian with its BOM, as Windows PowerShell 5's `>` writes
+        ("utf-16-be", "UTF-16", "jsonl"),
+        ("utf-32", "UTF-32", "jsonl"),
+        ("utf-16", "UTF-16", "jsonl.gz"),
+    ],
+)
+def test_a_utf16_or_utf32_jsonl_file_fails_at_startup_naming_its_encoding(tmp_path, encoding, named, suffix):
+    """It failed as "not JSON Lines: none of its 2 non-blank line(s) is a JSON object (first: ...: invalid
+    UTF-8 at byte 0)", with advice on converting a JSON array: nothing said the file was UTF-16."""
+    text = '{"prompt": "Add: 1+2"}\n{"prompt": "Add: 3+4"}\n'
+    data = ("\ufeff" + text).encode(encoding) if encoding.endswith("-be") else text.encode(encoding)
+    path = tmp_path / f"in.{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    with pytest.raises(InputError) as error:
+        read_input(DataConfig(path=str(tmp_path)))
+    assert str(error.value) == (
+        f"{path} is {named}-encoded (it starts with a {named} byte-order mark), and JSON Lines is read as "
+        f"UTF-8: convert it, e.g. `iconv -f {named} -t UTF-8 in.jsonl > out.jsonl` (in PowerShell, write "
+        "files with `Out-File -Encoding utf8`)"
+    )
+
+
 # ---------------------------------------------------------------------------------------- parquet
 def _string_array_with_invalid_utf8(values: list[bytes]) -> pa.Array:
     """A string column holding the given bytes unvalidated, as a non-validating writer produces."""
