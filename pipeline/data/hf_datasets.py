@@ -110,10 +110,15 @@ def load_hub(path: str, data: DataConfig) -> pa.Table:
     from datasets import load_dataset
 
     kwargs = dict(data.hf_kwargs)
-    if path.startswith("hf:"):
-        kwargs.setdefault("path", path[len("hf:") :])
-    if data.split is not None:
-        kwargs.setdefault("split", data.split)
+    named = {"path": path[len("hf:") :] if path.startswith("hf:") else None, "split": data.split}
+    for key, value in named.items():  # given twice: the two must agree, else one would be ignored
+        if value is not None and key in kwargs and kwargs[key] != value:
+            raise InputError(
+                f"data.{key}={getattr(data, key)!r} and data.hf_kwargs.{key}={kwargs[key]!r} disagree: both "
+                f"give load_dataset's {key}; set it in one of them"
+            )
+        if value is not None:
+            kwargs[key] = value
     if "path" not in kwargs:
         raise InputError("data.format=hf needs data.path=hf:<name> or data.hf_kwargs.path")
     if kwargs.get("streaming"):

@@ -32,3 +32,26 @@ def test_a_password_in_a_data_files_url_is_not_echoed():
     message = str(info.value)
     assert "SECRETURL" not in message and "bot:" not in message
     assert "http://***@127.0.0.1:1/x.jsonl" in message, "the file is still named"
+
+
+@pytest.mark.parametrize("key", ["split", "path"])
+def test_a_split_or_path_given_twice_differently_fails_at_startup(tmp_path, key):
+    """data.split=test with data.hf_kwargs.split=train read the train split, and data.path=hf:parquet with
+    data.hf_kwargs.path=json loaded with json: the value in hf_kwargs won, the other was ignored."""
+    files = {}
+    for split, prompts in (("train", ["Add: 1+2"]), ("test", ["Add: 3+4", "Add: 5+6"])):
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    given, other = {"split": ("test", "train"), "path": ("hf:parquet", "json")}[key]
+    data = DataConfig(path="hf:json", format="hf", split="test", hf_kwargs={"data_files": files})
+    setattr(data, key, given)
+    data.hf_kwargs[key] = other
+    with pytest.raises(InputError) as info:
+        read_input(data)
+    assert str(info.value) == (
+        f"data.{key}={given!r} and data.hf_kwargs.{key}={other!r} disagree: both give load_dataset's {key}; "
+        "set it in one of them"
+    )
+    data.path, data.split = "hf:json", "test"
+    data.hf_kwargs[key] = {"split": "test", "path": "json"}[key]  # the same value twice: read
+    assert read_input(data).num_rows == 2
