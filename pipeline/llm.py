@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -76,7 +77,8 @@ class LLM:
     """Loads a diffusion LM once and generates for lists of prompts.
 
     Args:
-        model: a Hugging Face model directory, an s3:// prefix, or a builtin (default: the tiny model).
+        model: a Hugging Face model directory (a str or a pathlib.Path), an s3:// prefix, or a builtin
+            (default: the tiny model).
         dtype, device: as `model.dtype` / `model.device` of the job config ("auto" picks for the device).
         batch_size: KV-cache slots (rows denoised together).
         apply_chat_template: render plain prompts as one user turn of the tokenizer's chat template.
@@ -95,7 +97,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str = BUILTIN_MODEL,
+        model: str | os.PathLike[str] = BUILTIN_MODEL,
         *,
         dtype: str = "auto",
         device: str = "auto",
@@ -112,6 +114,7 @@ class LLM:
         stop: Sequence[str] | None = None,
         **sampler: Any,
     ) -> None:
+        model = _model_path(model)
         # mask: a dict of the mask-diffusion knobs (LLaDA, Dream), as sampler.mask.* in the job config
         valid = (*USER_KNOBS, "mask")
         unknown = sorted(set(sampler) - set(valid))
@@ -240,6 +243,18 @@ class LLM:
             error=reason,
             completion_index=completion,
         )
+
+
+def _model_path(model: Any) -> str:
+    """`model` as the loader takes it: a string (a pathlib.Path, as transformers' from_pretrained takes, is one)."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str):
+        raise TypeError(
+            f"model={model!r} must be a Hugging Face model directory (a str or a path), an s3:// URI or a "
+            f"builtin:... name, got {type(model).__name__}"
+        )
+    return model
 
 
 def _check_arguments(**values: Any) -> None:

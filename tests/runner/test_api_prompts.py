@@ -339,6 +339,25 @@ def test_the_prompt_budget_is_the_context_window_left_capped_at_4096(llm):
     assert max_prompt_tokens_for(None, span + 10 * MAX_PROMPT_TOKENS_CAP, settings) == MAX_PROMPT_TOKENS_CAP
 
 
+def test_a_model_directory_given_as_a_path_loads_as_its_string_does(llm):
+    """LLM(pathlib.Path(dir)), as transformers' from_pretrained takes, failed deep in the loader with
+    "AttributeError: 'PosixPath' object has no attribute 'startswith'"."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "pipeline" / "assets" / "tiny-diffusiongemma"
+    by_path = LLM(shipped, max_new_tokens=16, max_denoising_steps=2)
+    (out,) = by_path.generate(["Add: 1+2"], ids=["r1"])
+    (expected,) = LLM(str(shipped), max_new_tokens=16, max_denoising_steps=2).generate(
+        ["Add: 1+2"], ids=["r1"]
+    )
+    assert out.error is None and out.model == "tiny-diffusiongemma"
+    assert (out.completion, out.denoising_steps) == (expected.completion, expected.denoising_steps)
+    with pytest.raises(
+        TypeError, match=r"^model=5 must be a Hugging Face model directory \(a str or a path\)"
+    ):
+        LLM(5)
+
+
 def test_a_model_directory_without_config_json_is_refused_naming_it(tmp_path):
     """An error naming the path and the fix; without the check it would end in a FileNotFoundError traceback."""
     with pytest.raises(
