@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig, NightlyJobConfig
+from pipeline.config.schema import ConfigError, DataConfig, JobConfig, NightlyConfig, NightlyJobConfig
 from pipeline.data.prompts import template_fields
 from pipeline.sampler.mask.settings import check_mask_knobs
 from pipeline.sampler.settings import SettingsError, check_completions, check_knobs
@@ -53,7 +53,8 @@ def without_userinfo(text: str) -> str:
 
 
 def check_prompt_options(data) -> None:
-    """data.prompt_template parses and is not combined with messages_column; chat messages are not combined with
+    """data.prompt_template parses and is not combined with messages_column (nor either with a prompt_column
+    set to another column than the default); chat messages are not combined with
     data.apply_chat_template=false; data.system_prompt has text and a chat template to go to (whether the
     model's template takes a system turn is checked when it loads)."""
     if data.messages_column and not data.apply_chat_template:
@@ -77,6 +78,19 @@ def check_prompt_options(data) -> None:
             template_fields(data.prompt_template)
         except ValueError as e:
             raise _fail("data.prompt_template", data.prompt_template, str(e)) from None
+    if data.prompt_column != DataConfig.prompt_column and (data.messages_column or data.prompt_template):
+        # The prompts come from the other key: the column was silently not read.
+        key, value = (
+            ("messages_column", data.messages_column)
+            if data.messages_column
+            else ("prompt_template", data.prompt_template)
+        )
+        raise _fail(
+            "data.prompt_column",
+            data.prompt_column,
+            f"names a column of plain prompts, and data.{key}={value!r} gives the prompts instead, so the "
+            "column would not be read: set one of them",
+        )
     if data.system_prompt is not None:
         if not data.system_prompt.strip():
             raise _fail("data.system_prompt", data.system_prompt, "is empty: leave it unset (null) for none")

@@ -62,10 +62,29 @@ def test_a_bad_template_is_refused_at_startup_naming_the_key(template, message):
             r"data.apply_chat_template=False turns the chat template off, and data.messages_column='messages' "
             "gives chat messages",
         ),
+        # the prompts came from the other key, the column silently not read
+        (
+            DataConfig(prompt_column="question", messages_column="chat"),
+            r"^data.prompt_column='question' names a column of plain prompts, and data.messages_column='chat' "
+            "gives the prompts instead, so the column would not be read: set one of them",
+        ),
+        (
+            DataConfig(prompt_column="question", prompt_template="Q: {q}"),
+            r"^data.prompt_column='question' names a column of plain prompts, and "
+            r"data.prompt_template='Q: \{q\}' gives the prompts instead",
+        ),
     ],
 )
 def test_prompt_options_that_cannot_work_together_are_refused(data, message):
     with pytest.raises(ConfigError, match=message):
+        validate_job(JobConfig(data=data))
+
+
+def test_the_default_prompt_column_goes_with_messages_or_a_template():
+    for data in (
+        DataConfig(messages_column="chat"),
+        DataConfig(prompt_column="prompt", prompt_template="{q}"),
+    ):
         validate_job(JobConfig(data=data))
 
 
