@@ -104,21 +104,23 @@ def read_input(
     builder, table = _build(data, path, files, fmt, endpoint_url, region, repeated=None)
     if table.num_rows == 0:
         raise InputError(f"data.path={data.path!r} holds no rows")
+    # With data.limit only the first rows were read: the message says so, as later rows may have the column.
+    rows = f"{data.path!r}" if data.limit is None else f"the first {data.limit} of {data.path!r} (data.limit)"
     if builder.rows_with_prompt == 0 and not builder.all_unparseable:
         seen = _printable(", ".join(sorted(builder.columns_seen))) or "none"
         if data.prompt_template:
             raise InputError(
-                f"no row of {data.path!r} has every column of data.prompt_template "
+                f"no row of {rows} has every column of data.prompt_template "
                 f"({', '.join(builder.template_fields)}); columns seen: {seen}. Fix data.prompt_template."
             )
         column = data.messages_column or data.prompt_column
         raise InputError(
-            f"no row of {data.path!r} has the prompt column {column!r}; columns seen: {seen}. "
+            f"no row of {rows} has the prompt column {column!r}; columns seen: {seen}. "
             "Set data.prompt_column (or data.messages_column)."
         )
     if data.id_column and builder.rows_with_id == 0 and not builder.all_unparseable:
         raise InputError(
-            f"data.id_column={data.id_column!r} is not a column of {data.path!r} (no row has it); columns "
+            f"data.id_column={data.id_column!r} is not a column of {rows} (no row has it); columns "
             f"seen: {_printable(', '.join(sorted(builder.columns_seen))) or 'none'}. Fix data.id_column, or "
             "leave it unset (null) to derive stable ids from each row's position and content."
         )

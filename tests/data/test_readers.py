@@ -144,6 +144,12 @@ def test_saved_hugging_face_dataset(tmp_path):
             "no row of .* has the prompt column 'prompt'",
         ),
         (
+            ".jsonl",
+            lambda p: _write_jsonl(p, [{"text": "x"}, {"prompt": "y"}]),
+            {"limit": 1},
+            r"no row of the first 1 of .* \(data.limit\) has the prompt column 'prompt'",
+        ),
+        (
             ".parquet",
             lambda p: pq.write_table(pa.table({"x": [1]}), p),
             {},
@@ -167,6 +173,7 @@ def test_saved_hugging_face_dataset(tmp_path):
     ids=[
         "missing-file",
         "missing-column-jsonl",
+        "missing-column-within-the-limit",
         "missing-column-parquet",
         "missing-id-column",
         "corrupt-parquet",
