@@ -147,6 +147,11 @@ class DataConfig:
     split: str | None = None
     # Only the first N input rows (None: all).
     limit: int | None = None
+    # The input columns carried to the output's `metadata` (JSON): None carries every column but the prompt's
+    # and the id's; a list carries only those (e.g. [source, difficulty]; [] none), and a Parquet input's other
+    # columns are not read at all (an image or a long document column costs nothing, and its values cannot
+    # make a row an error row).
+    metadata_columns: list[str] | None = None
 
 
 @dataclass

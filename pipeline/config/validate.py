@@ -52,6 +52,24 @@ def without_userinfo(text: str) -> str:
     return _URL_USERINFO.sub(r"\1***@", text)
 
 
+def check_metadata_columns(columns: Any) -> None:
+    """data.metadata_columns: null, or a list of distinct, non-empty column names."""
+    if columns is None:
+        return
+    if isinstance(columns, str) or not isinstance(columns, (list, tuple)):
+        raise _fail(
+            "data.metadata_columns",
+            columns,
+            "must be a list of column names, e.g. [source, difficulty] (null: all)",
+        )
+    for name in columns:
+        if not isinstance(name, str) or not name.strip():
+            raise _fail("data.metadata_columns", list(columns), f"holds {name!r}, which is no column name")
+    repeated = sorted({name for name in columns if list(columns).count(name) > 1})
+    if repeated:
+        raise _fail("data.metadata_columns", list(columns), f"names {repeated[0]!r} twice")
+
+
 def check_prompt_options(data) -> None:
     """data.prompt_template parses and is not combined with messages_column (nor either with a prompt_column
     set to another column than the default); chat messages are not combined with
@@ -156,6 +174,7 @@ def validate_job(job: JobConfig) -> JobConfig:
         if not str(_get(job, key)).strip():
             raise _fail(key, _get(job, key), "must not be empty")
     check_prompt_options(job.data)
+    check_metadata_columns(job.data.metadata_columns)
     if job.run.id is not None and not RUN_ID_PATTERN.match(job.run.id):
         raise _fail(
             "run.id",

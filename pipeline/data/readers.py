@@ -124,6 +124,14 @@ def read_input(
             f"seen: {_printable(', '.join(sorted(builder.columns_seen))) or 'none'}. Fix data.id_column, or "
             "leave it unset (null) to derive stable ids from each row's position and content."
         )
+    if data.metadata_columns and not builder.all_unparseable:
+        unseen = [name for name in data.metadata_columns if name not in builder.columns_seen]
+        if unseen:
+            raise InputError(
+                f"data.metadata_columns names {', '.join(map(repr, unseen))}, which no row of {rows} has; "
+                f"columns seen: {_printable(', '.join(sorted(builder.columns_seen))) or 'none'}. Fix "
+                "data.metadata_columns."
+            )
     repeated = builder.repeated_ids(table)
     if repeated:  # rare: marking the later rows of an id needs the rows themselves, so read them again
         logger.info(
@@ -186,17 +194,19 @@ def _build(
     first_read: Any = None,
 ) -> tuple[RecordBuilder, pa.Table]:
     """Every row of the input through a RecordBuilder: the builder (counts, fingerprint) and the records."""
+    builder = RecordBuilder(data, repeated=repeated, first_read=first_read)
+    seen = builder.columns_seen  # also the columns of the Parquet files and tables, read or not
     if fmt == "jsonl":
         rows = _jsonl_rows(files, endpoint_url, region)
     elif fmt == "parquet":
-        rows = _parquet_rows(files, data, endpoint_url, region)
+        rows = _parquet_rows(files, data, endpoint_url, region, seen)
     elif fmt == "hf_disk":
-        rows = _saved_dataset_rows(path, data, files, endpoint_url, region)
+        rows = _saved_dataset_rows(path, data, files, endpoint_url, region, seen)
     elif fmt == "hf":
-        rows = _arrow_rows(load_hub(path, data), data, path)
+        rows = _arrow_rows(load_hub(path, data), data, path, seen)
     else:
+        builder.discard()
         raise InputError(f"data.format={fmt!r} is not one of jsonl, parquet, hf_disk, hf")
-    builder = RecordBuilder(data, repeated=repeated, first_read=first_read)
     started = last_log = time.monotonic()
     try:
         for index, (row, error, raw) in enumerate(rows):
@@ -412,18 +422,23 @@ def _jsonl_line(line: bytes, where: str) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------- parquet
-def _parquet_rows(files: list[str], data: DataConfig, endpoint_url: str | None, region: str | None):
+def _parquet_rows(
+    files: list[str], data: DataConfig, endpoint_url: str | None, region: str | None, seen: set[str]
+):
     """(row dict | None, error | None, raw | None) per row, a file at a time and 4,096 rows at a time (an S3
-    object through a temporary file), so the driver never holds a decoded copy of the input."""
+    object through a temporary file), so the driver never holds a decoded copy of the input. With
+    data.metadata_columns, only the columns a record takes are read. `seen` gets every file's columns."""
     import pyarrow.parquet as pq
 
     for file in files:
         with _local_copy(file, endpoint_url, region) as local, open(local, "rb") as f:
             try:
                 reader = pq.ParquetFile(f)
-                _check_columns(reader.schema_arrow.names, data, file)
+                names = reader.schema_arrow.names
+                _check_columns(names, data, file)
+                seen.update(names)
                 name, start = os.path.basename(file), 0
-                for batch in reader.iter_batches(batch_size=4096):
+                for batch in reader.iter_batches(batch_size=4096, columns=_columns_read(names, data)):
                     yield from _batch_rows(batch, lambda i, s=start, n=name: f"{n} row {s + i}")
                     start += batch.num_rows
             except InputError:
@@ -460,9 +475,28 @@ def _check_columns(names: list[str], data: DataConfig, file: str | None = None) 
         )
 
 
-def _arrow_rows(table, data: DataConfig, where: str) -> Iterator[tuple]:
+def _columns_read(names: list[str], data: DataConfig) -> list[str] | None:
+    """The columns of `names` a record takes: with data.metadata_columns, those and the prompt's (or the
+    template's) and the id's; else None, every column."""
+    if data.metadata_columns is None:
+        return None
+    from pipeline.data.prompts import template_fields
+
+    wanted = set(data.metadata_columns) | {data.id_column}
+    if data.prompt_template:
+        wanted.update(template_fields(data.prompt_template))
+    else:
+        wanted.add(data.messages_column or data.prompt_column)
+    return [name for name in names if name in wanted]
+
+
+def _arrow_rows(table, data: DataConfig, where: str, seen: set[str]) -> Iterator[tuple]:
     """(row dict | None, error | None, raw | None) per row of a loaded table (a Hugging Face dataset)."""
     _check_columns(table.column_names, data)
+    seen.update(table.column_names)
+    columns = _columns_read(table.column_names, data)
+    if columns is not None:
+        table = table.select(columns)
     start = 0
     for batch in table.to_batches(max_chunksize=4096):
         yield from _batch_rows(batch, lambda i, s=start: f"{os.path.basename(where)} row {s + i}")
@@ -508,7 +542,12 @@ def _lossy(value) -> str:
 
 
 def _saved_dataset_rows(
-    path: str, data: DataConfig, files: list[str], endpoint_url: str | None, region: str | None
+    path: str,
+    data: DataConfig,
+    files: list[str],
+    endpoint_url: str | None,
+    region: str | None,
+    seen: set[str],
 ) -> Iterator[tuple]:
     with saved_dataset(path, data, files, endpoint_url, region) as table:
-        yield from _arrow_rows(table, data, path)
+        yield from _arrow_rows(table, data, path, seen)

@@ -212,8 +212,9 @@ def _binary_problem(extra: dict[str, Any]) -> str:
             _json(value)
         except NotText as e:
             return (
-                f"column {name!r} holds {e}, which the JSON of the metadata column cannot hold; drop the "
-                "column or encode its values as text (e.g. base64) in the input"
+                f"column {name!r} holds {e}, which the JSON of the metadata column cannot hold; leave the "
+                "column out (data.metadata_columns lists the columns to carry) or encode its values as text "
+                "(e.g. base64) in the input"
             )
         except RecursionError:
             continue
@@ -297,6 +298,8 @@ class RecordBuilder:
         self.rows_with_prompt = 0
         self.rows_with_id = 0  # rows that have the data.id_column key (null or not)
         self.parsed_rows = 0
+        # data.metadata_columns: the columns carried in `metadata` (None: all but the prompt's and the id's)
+        self.metadata_columns = None if data.metadata_columns is None else frozenset(data.metadata_columns)
 
     @property
     def all_unparseable(self) -> bool:
@@ -354,7 +357,10 @@ class RecordBuilder:
 
     def _metadata(self, row: dict[str, Any]) -> tuple[str | None, str | None]:
         """(the other columns as JSON | None, None), or (None, reason) naming the offending column."""
-        extra = {k: v for k, v in row.items() if k not in self._reserved()}
+        keep = self.metadata_columns
+        extra = {
+            k: v for k, v in row.items() if (k in keep if keep is not None else k not in self._reserved())
+        }
         if not extra:
             return None, None
         try:

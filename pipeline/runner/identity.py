@@ -128,7 +128,11 @@ def config_fingerprint(job: JobConfig, model_id: str, sampler_settings: dict[str
             "id_column": job.data.id_column,
             "apply_chat_template": job.data.apply_chat_template,
             # only when set, so that the fingerprints (and derived run ids) of runs without them stay as they were
-            **{k: v for k in ("prompt_template", "system_prompt") if (v := getattr(job.data, k)) is not None},
+            **{
+                k: v
+                for k in ("prompt_template", "system_prompt", "metadata_columns")
+                if (v := getattr(job.data, k)) is not None
+            },
         },
         "postprocess": job.postprocess,
     }

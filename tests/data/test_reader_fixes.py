@@ -438,7 +438,8 @@ def test_binary_values_are_carried_as_their_text_and_one_that_is_no_text_is_that
     assert good["error"] is None and json.loads(good["metadata"]) == {"tag": "ok", "nested": {"b": "x"}}
     assert bad["error"] == (
         "column 'tag' holds binary data that is not UTF-8 text (byte 0 of the value), which the JSON of the "
-        "metadata column cannot hold; drop the column or encode its values as text (e.g. base64) in the input"
+        "metadata column cannot hold; leave the column out (data.metadata_columns lists the columns to carry) or "
+        "encode its values as text (e.g. base64) in the input"
     )
     assert json.loads(bad["raw"])["tag"] == "\ufffdPNG", "the raw row shows the bytes, bad ones replaced"
 
