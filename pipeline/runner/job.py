@@ -2,7 +2,8 @@
 run lock, open the run, run the worker pool over the shards not yet committed, finalize.
 
 `run(job)` returns the process exit code: 0 when the run is complete (`_SUCCESS` written), 1 when some
-shards failed (everything committed is kept; rerun the same command to retry them), 2 when the job could
+shards failed or the run's final files could not be written (everything committed is kept; rerun the same
+command to retry them), 2 when the job could
 not start (bad config, unreadable input, unreachable output, model that does not load) — in which case no
 GPU work was done.
 """
@@ -346,7 +347,22 @@ def _resume(job: JobConfig, prep: Prepared, started: float, committed: dict[int,
         except (*STARTUP_ERRORS, WorkerStartError, ClusterConnectError) as e:
             logger.error("%s", e)
             return 2
+    try:
+        return _finish(prep, started, committed, new_commits, failed, worker_infos, counters)
+    except StoreError as e:  # a full disk, a store that went away: what is committed stays committed
+        logger.error(
+            "run %s: %s. Every committed shard is kept; once the output location can be written again (free "
+            "space, permissions, the store's health), rerun the same command to finish the run (exit code 1)",
+            prep.run_id,
+            e,
+        )
+        return 1
 
+
+def _finish(prep: Prepared, started: float, committed, new_commits, failed, worker_infos, counters) -> int:
+    """After the workers: checks every committed part, then writes stats.json and reports the failed shards
+    (1), or finalizes the run (0). StoreError when the output location cannot be read or written."""
+    run_store = prep.run_store
     all_commits = run_store.committed(known=committed)  # reads only the markers this run's workers wrote
     missing = run_store.verify(all_commits)
     if (
@@ -359,7 +375,10 @@ def _resume(job: JobConfig, prep: Prepared, started: float, committed: dict[int,
         all_commits = {shard: commit for shard, commit in all_commits.items() if shard not in missing}
     stats = build_stats(prep, all_commits, new_commits, worker_infos, started, failed, counters)
     if failed:
-        run_store.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        try:
+            run_store.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        except StoreError as e:  # the failed shards are still the news: say which, and what to do
+            logger.error("could not write stats.json: %s", e)
         logger.error(
             "%d shard(s) failed (%s); %d of %d shards are committed and kept. Rerun the same command to retry.",
             len(failed),

@@ -156,6 +156,24 @@ def test_rerun_of_a_complete_run_missing_its_stats_or_card_writes_them_again(tmp
     assert json.loads((run_dir / "stats.json").read_text())["rows_out"] == 6
 
 
+def test_a_final_file_that_cannot_be_written_exits_1_with_a_message_and_a_rerun_finishes(
+    tmp_path, ray_local, caplog
+):
+    """A full disk (or a store gone) while the run's manifest, stats or card were written crashed the driver with
+    a StoreError traceback (Hydra's "Error executing job"), not saying that the committed shards are kept nor
+    what to do. Now it exits 1 saying so, and a rerun finishes the run from its commit markers."""
+    data = write_prompts(tmp_path / "p.jsonl", 6)
+    run_dir = tmp_path / "out" / "test-run"
+    (run_dir / "_manifest.json").mkdir(parents=True)  # a write there fails, as on a full disk
+    with caplog.at_level("ERROR", logger="canvasflow"):
+        assert run(make_job(tmp_path, data)) == 1
+    assert "_manifest.json" in caplog.text and "rerun the same command to finish the run" in caplog.text
+    assert not (run_dir / "_SUCCESS").exists() and len(list((run_dir / "_commits").iterdir())) == 1
+    (run_dir / "_manifest.json").rmdir()
+    assert run(make_job(tmp_path, data)) == 0
+    assert json.loads((run_dir / "_manifest.json").read_text())["rows_out"] == 6
+
+
 def test_rerun_of_a_complete_run_with_a_deleted_part_regenerates_that_shard(tmp_path, ray_local, caplog):
     """A data part deleted from a complete run: the rerun said "complete, nothing to do" and the run stayed
     short of the part's rows for good. Now _SUCCESS goes, the shard is regenerated and the run is whole."""
