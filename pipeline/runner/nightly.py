@@ -250,18 +250,24 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
             logger.error("%s: not moving %s nor applying retention", run_id, latest_key(nightly))
             return 1
         if latest_date is None or date >= latest_date:
-            store.write_text(
-                latest_key(nightly),
-                json.dumps(
-                    {
-                        "run_id": run_id,
-                        "uri": f"{store.uri.rstrip('/')}/{run_id}",
-                        "date": date.isoformat(),
-                        "updated_at": time.time(),
-                    }
+            pointer = {
+                "run_id": run_id,
+                "uri": f"{store.uri.rstrip('/')}/{run_id}",
+                "date": date.isoformat(),
+                "updated_at": time.time(),
+            }
+            try:
+                store.write_text(latest_key(nightly), json.dumps(pointer) + "\n")
+            except StoreError as e:  # the night is complete: a retry of it finds it so and moves the pointer
+                logger.error(
+                    "%s is complete, but %s could not be moved to it (%s): rerun the same night (nightly.date=%s) "
+                    "to move it; retention is not applied",
+                    run_id,
+                    latest_key(nightly),
+                    e,
+                    date.isoformat(),
                 )
-                + "\n",
-            )
+                return 1
             logger.info("%s -> %s", latest_key(nightly), run_id)
         try:
             newest = read_latest(store, nightly)

@@ -472,3 +472,28 @@ def test_an_interrupted_acquire_leaves_no_lock_of_its_own(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         lease.acquire()
     assert not store.exists("_lock")
+
+
+@pytest.mark.ray
+def test_a_latest_pointer_that_cannot_be_written_exits_1_and_a_retry_of_the_night_moves_it(
+    tmp_path, ray_local, caplog
+):
+    """A complete night whose LATEST could not be written (a full disk, a store that failed every retry) crashed
+    the nightly job with a StoreError traceback. Now it exits 1 saying to rerun the night, which finds the night
+    complete and moves LATEST."""
+    from pipeline.runner.nightly import run_nightly
+    from tests.runner.test_job import make_job, write_prompts
+
+    job = make_job(tmp_path, write_prompts(tmp_path / "p.jsonl", 4), run__id=None)
+    out = tmp_path / "out"
+    (out / "LATEST").mkdir(parents=True)  # a write there fails, as on a full disk
+    nightly = NightlyConfig(date="2026-11-26")
+    with caplog.at_level("ERROR", logger="canvasflow"):
+        assert run_nightly(job, nightly) == 1
+    assert "nightly-2026-11-26 is complete, but LATEST could not be moved to it" in caplog.text
+    assert (out / "nightly-2026-11-26" / "_SUCCESS").exists()
+    assert not (out / "_locks" / "nightly.lock").exists(), "the nightly lock is released"
+    (out / "LATEST").rmdir()
+    job.run.id = None  # run_nightly set it to the night's
+    assert run_nightly(job, nightly) == 0
+    assert json.loads((out / "LATEST").read_text())["run_id"] == "nightly-2026-11-26"
