@@ -20,7 +20,16 @@ from typing import Any
 from pipeline.config.redact import config_yaml, with_run_values
 from pipeline.config.schema import ConfigError, JobConfig
 from pipeline.data.readers import InputError
-from pipeline.io.commit import COMMITS, RUN_FILE, RUN_LOCK, SUCCESS, FencedError, RunConflictError, RunStore
+from pipeline.io.commit import (
+    COMMITS,
+    MANIFEST,
+    RUN_FILE,
+    RUN_LOCK,
+    SUCCESS,
+    FencedError,
+    RunConflictError,
+    RunStore,
+)
 from pipeline.io.lease import Lease, Refused
 from pipeline.io.store import StoreError
 from pipeline.models.loader import ModelError, dtype_name
@@ -289,12 +298,18 @@ SUMMARY_KEYS = (
 
 
 def _final_stats(run_store: RunStore) -> tuple[dict[str, Any] | None, str | None]:
-    """A complete run's stats, or (None, what is wrong) when one of its final files is missing or stats.json
-    does not read (deleted or cut short by hand or by a copy): finalizing again from the commit markers
-    repairs them."""
+    """A complete run's stats, or (None, what is wrong) when one of its final files is missing or stats.json or
+    _manifest.json does not read (deleted or cut short by hand or by a copy): finalizing again from the commit
+    markers repairs them."""
     missing = [name for name in FINAL_FILES if not run_store.store.exists(name)]
     if missing:
         return None, f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+    try:  # readers take the run's parts from it: one cut short lists none
+        manifest = json.loads(run_store.store.read_text(MANIFEST))
+    except (StoreError, ValueError) as e:
+        return None, f"its {MANIFEST} is not readable ({e})"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("parts"), list):
+        return None, f"its {MANIFEST} lacks the run's parts"
     try:
         stats = json.loads(run_store.store.read_text("stats.json"))
     except (StoreError, ValueError) as e:

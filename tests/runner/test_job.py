@@ -154,6 +154,10 @@ def test_rerun_of_a_complete_run_missing_its_stats_or_card_writes_them_again(tmp
     (run_dir / "stats.json").write_text('{"rows_in": ')
     assert run(make_job(tmp_path, data)) == 0
     assert json.loads((run_dir / "stats.json").read_text())["rows_out"] == 6
+    # A manifest cut short (a copy interrupted) was kept for good: "already complete; nothing to do".
+    (run_dir / "_manifest.json").write_text('{"canvasflow_version": "0.1.0", "par')
+    assert run(make_job(tmp_path, data)) == 0
+    assert json.loads((run_dir / "_manifest.json").read_text())["parts"] == manifest["parts"]
 
 
 def test_a_final_file_that_cannot_be_written_exits_1_with_a_message_and_a_rerun_finishes(
