@@ -82,7 +82,7 @@ def _state(prep: Any) -> tuple[str, int]:
     committed = prep.run_store.committed()
     broken = prep.run_store.verify(committed)
     left = total - len(committed) + len(broken)
-    if status == "complete" and not broken:
+    if status == "complete" and not broken and len(committed) == total:
         return f"complete (_SUCCESS present): all {total} shard(s) committed, nothing to do", 0
     note = f", {len(broken)} of them with parts missing or altered (regenerated)" if broken else ""
     codec = (prep.run_store.read_run_file() or {}).get("compression")

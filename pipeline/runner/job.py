@@ -258,7 +258,9 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
         if prep.status == "complete":
             committed = run_store.committed()
             broken = run_store.verify(committed)
-            stats, problem = _final_stats(run_store) if not broken else (None, None)
+            # shards whose marker was deleted or does not read (a partial copy): committed no more
+            unmarked = [shard for shard in range(prep.identity["num_shards"]) if shard not in committed]
+            stats, problem = _final_stats(run_store) if not (broken or unmarked) else (None, None)
             if stats is not None:
                 remove_stale_temp(
                     run_store, complete=True
@@ -266,13 +268,23 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
                 logger.info("run %s is already complete (_SUCCESS present); nothing to do", prep.run_id)
                 log_summary(stats, run_store.uri, ran=False)
                 return 0
-            if broken:  # the run is not complete any more: _SUCCESS goes until the shards are back
-                logger.warning(
-                    "run %s is complete but the parts of shard(s) %s are missing or altered (removed or "
-                    "changed by hand, or a partial copy): regenerating them",
-                    prep.run_id,
-                    broken,
-                )
+            if (
+                broken or unmarked
+            ):  # the run is not complete any more: _SUCCESS goes until the shards are back
+                if broken:
+                    logger.warning(
+                        "run %s is complete but the parts of shard(s) %s are missing or altered (removed or "
+                        "changed by hand, or a partial copy): regenerating them",
+                        prep.run_id,
+                        broken,
+                    )
+                if unmarked:
+                    logger.warning(
+                        "run %s is complete but the commit markers of shard(s) %s are missing or unreadable "
+                        "(removed or changed by hand, or a partial copy): regenerating them",
+                        prep.run_id,
+                        unmarked,
+                    )
                 run_store.store.delete([SUCCESS])
             else:
                 logger.warning(

@@ -200,6 +200,31 @@ def test_rerun_of_a_complete_run_with_a_deleted_part_regenerates_that_shard(tmp_
     assert (run_dir / "_SUCCESS").exists()
 
 
+def test_rerun_of_a_complete_run_with_an_unreadable_commit_marker_regenerates_that_shard(
+    tmp_path, ray_local, caplog
+):
+    """A commit marker cut short in a complete run: the rerun warned that its shard "counts as uncommitted and is
+    regenerated", then said "already complete; nothing to do" and left the marker broken. Now the shard is
+    regenerated (its part was an uncommitted leftover) and the run is whole again, its markers all readable."""
+    data = write_prompts(tmp_path / "p.jsonl", 12)
+    job = make_job(tmp_path, data, run__shard_size=4)
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    before = read_parts(run_dir).sort_by("id")
+    marker = run_dir / "_commits" / "shard-00001.json"
+    marker.write_text(marker.read_text()[:40])
+    with caplog.at_level("INFO"):
+        assert run(make_job(tmp_path, data, run__shard_size=4, run__dry_run=True)) == 0
+        assert "resumes: 2 of 3 shard(s) committed; 1 to generate" in caplog.text
+        assert run(job) == 0
+    assert "the commit markers of shard(s) [1] are missing or unreadable" in caplog.text
+    assert json.loads(marker.read_text())["shard"] == 1
+    after = read_parts(run_dir).sort_by("id")
+    assert after.column("completion").to_pylist() == before.column("completion").to_pylist()
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["rows_out"] == 12 and stats["shards"]["committed_this_invocation"] == 1
+
+
 def test_a_run_whose_every_row_is_rejected_has_a_card_that_reads_its_errors(tmp_path, ray_local, caplog):
     """No data part is written, so the card's snippet and the closing log line point at errors/, not at a
     data/ folder that does not exist; the card's own snippet reads the rejected rows back."""
