@@ -94,6 +94,37 @@ def to_job_config(cfg: Any, schema: type[JobConfig] = JobConfig) -> JobConfig:
     return validate_job(job)
 
 
+def check_text_overrides(overrides: list[str], schema: type[JobConfig] = JobConfig) -> None:
+    """ConfigError for a command-line override of a text key (run.id, output.uri, nightly.run_prefix, ...) whose
+    value Hydra read as a number or a boolean that does not read back as it was typed: run.id=1.10 ran as run
+    1.1, run.id=1e3 as 1000.0, run.id=true as True. Quoted, Hydra keeps the text."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        value = override.value()
+        if not isinstance(value, (bool, int, float)) or override.is_delete():
+            continue
+        key, typed = override.key_or_group, override.input_line.split("=", 1)[1]
+        if str(value) == typed or _field_type(key, schema) not in (str, str | None):
+            continue
+        kind = "boolean" if isinstance(value, bool) else "number"
+        raise ConfigError(
+            f"{key}={typed} is read by Hydra as the {kind} {value!r}, which as text is {str(value)!r}, not "
+            f"{typed!r}: quote the value to keep it as typed, '{key}=\"{typed}\"' (the outer quotes for the "
+            "shell)"
+        )
+
+
+def _field_type(key: str, schema: type) -> Any:
+    """The annotated type of the dotted `key` in `schema` (a dataclass, nested); None when it has no such key."""
+    node: Any = schema
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return node
+
+
 def unknown_keys(values: Any, schema: type, prefix: str = "") -> list[str]:
     """Full names of the keys of `values` that `schema` (a dataclass, nested) does not have; the contents of
     dict-typed fields (data.hf_kwargs, postprocess) are free-form. Merging into the schema would drop them

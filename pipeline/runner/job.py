@@ -64,11 +64,20 @@ STARTUP_ERRORS = (
 )
 
 
+def _command_line_overrides() -> list[str]:
+    """The overrides of the command line that Hydra composed the config from; none outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def run_from_hydra(cfg: Any) -> int:
     from pipeline.config import to_job_config
+    from pipeline.config.store import check_text_overrides
 
     _ensure_logging()
     try:
+        check_text_overrides(_command_line_overrides())
         job = to_job_config(cfg)
         resolved_yaml = config_yaml(cfg)
     except ConfigError as e:
@@ -83,10 +92,12 @@ def run_from_hydra(cfg: Any) -> int:
 def nightly_from_hydra(cfg: Any) -> int:
     from pipeline.config import to_job_config
     from pipeline.config.schema import NightlyJobConfig
+    from pipeline.config.store import check_text_overrides
     from pipeline.runner.nightly import run_nightly
 
     _ensure_logging()
     try:
+        check_text_overrides(_command_line_overrides(), NightlyJobConfig)
         job = to_job_config(cfg, NightlyJobConfig)
         resolved_yaml = config_yaml(cfg)
     except ConfigError as e:

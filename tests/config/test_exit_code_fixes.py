@@ -58,6 +58,37 @@ def test_config_that_does_not_compose_exits_2_naming_the_key(tmp_path, script, o
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("script", "override", "message"),
+    [
+        (
+            "generate.py",
+            "run.id=1.10",
+            "run.id=1.10 is read by Hydra as the number 1.1, which as text is '1.1'",
+        ),
+        ("generate.py", "run.id=true", "run.id=true is read by Hydra as the boolean True"),
+        (
+            "nightly.py",
+            "nightly.run_prefix=2024.10",
+            "nightly.run_prefix=2024.10 is read by Hydra as the number",
+        ),
+    ],
+)
+def test_a_text_key_given_a_number_that_changes_as_text_exits_2(tmp_path, script, override, message):
+    """run.id=1.10 wrote the run to <output.uri>/1.1 (run.id=1e3 to 1000.0, run.id=true to True): Hydra reads the
+    value as a number or boolean and OmegaConf turns it back into other text. Now the job refuses it, saying how
+    to quote it; quoted, the value is kept as typed."""
+    code, log = _cli(script, f"output.uri={tmp_path / 'out'}", override, cwd=tmp_path)
+    assert code == 2, log[-2000:]
+    assert message in log and "quote the value to keep it as typed" in log
+    assert not (tmp_path / "out").exists()
+    if script == "generate.py" and override == "run.id=1.10":
+        code, log = _cli(
+            script, f"output.uri={tmp_path / 'out'}", 'run.id="1.10"', "run.dry_run=true", cwd=tmp_path
+        )
+        assert code == 0 and f"run 1.10 at {tmp_path / 'out' / '1.10'}" in log, log[-2000:]
+
+
 # A bug while preparing the run, injected: inspecting the model raises an AttributeError. (Every input that
 # once did this is now a clear error of its own, like a config.json that is not an object below.)
 def _buggy_inspect(*args, **kwargs):
