@@ -20,6 +20,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.config import register_configs  # noqa: E402
 from pipeline.config.store import run_cli  # noqa: E402
+from pipeline.runner.nightly import resume_note  # noqa: E402
 
 register_configs()
 _started = []  # set once Hydra has composed the config and calls main
@@ -36,4 +37,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, lambda: bool(_started), "jobs/nightly.py")  # a config that does not compose exits 2
+    # A config that does not compose exits 2; Ctrl-C or SIGTERM names the night to rerun.
+    run_cli(main, lambda: bool(_started), "jobs/nightly.py", interrupted_note=resume_note)

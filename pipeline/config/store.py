@@ -150,12 +150,13 @@ def run_cli(
     task_started: Callable[[], bool],
     script: str,
     schema: type = JobConfig,
-    interrupted_note: str = RESUME_NOTE,
+    interrupted_note: str | Callable[[], str] = RESUME_NOTE,
 ) -> None:
     """Calls a `@hydra.main` function so that a failure before the job's task ran exits 2, not Hydra's 1.
 
     `schema` is the dataclass the script's config is typed by (its dict-typed fields take new keys with '+');
-    `interrupted_note` says, after Ctrl-C or SIGTERM, what was kept and what to do.
+    `interrupted_note` (or the function giving it, called then) says, after Ctrl-C or SIGTERM, what was kept
+    and what to do.
     Hydra reports a config that does not compose (an unknown key, a value of the wrong type, a missing group
     option, an override it cannot parse) and exits 1, which the README reserves for "shards failed, rerun".
     Exit codes the task itself chose (0, 1, 2, 3) pass through unchanged; Ctrl-C exits 130 and SIGTERM 143,
@@ -179,7 +180,8 @@ def run_cli(
         what, code = (
             ("terminated by SIGTERM", TERMINATED) if _terminated.is_set() else ("interrupted", INTERRUPTED)
         )
-        sys.stderr.write(f"{what} (exit code {code}): {interrupted_note}\n")
+        note = interrupted_note() if callable(interrupted_note) else interrupted_note
+        sys.stderr.write(f"{what} (exit code {code}): {note}\n")
         sys.exit(code)
     except SystemExit as e:
         if e.code in (None, 0) or task_started():

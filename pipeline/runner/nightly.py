@@ -31,6 +31,7 @@ import time
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig
+from pipeline.config.store import RESUME_NOTE
 from pipeline.config.validate import validate_nightly
 from pipeline.io.commit import RUN_FILE, SUCCESS
 from pipeline.io.lease import Lease, Refused, read_holder
@@ -155,6 +156,23 @@ def apply_retention(
     return removed
 
 
+# The night this process runs, once its date is known: what a Ctrl-C or SIGTERM tells the user to rerun.
+_running: list[dt.date] = []
+
+
+def resume_note() -> str:
+    """After Ctrl-C or SIGTERM: how to resume the night. The same command without nightly.date runs the night
+    of the date it is started on: past midnight (in nightly.timezone) that is the next night, and this one
+    would stay incomplete."""
+    if not _running:
+        return RESUME_NOTE
+    night = _running[-1].isoformat()
+    return (
+        f"every committed shard is kept; rerun with nightly.date={night} to resume this night (without it, "
+        "a rerun after midnight runs the next night)"
+    )
+
+
 def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | None = None) -> int:
     from pipeline.runner.job import run
 
@@ -182,6 +200,7 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
         logger.exception("could not start the nightly run (exit code 2): unexpected error")
         return 2
     run_id = run_id_for(nightly, date)
+    _running.append(date)
     latest_date = date_of(nightly, latest["run_id"]) if latest else None
     if _late(nightly, run_id, date, latest):
         return REFUSED

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from pipeline.runner.nightly import resume_note
 from tests.runner.test_faults import start_job, wait_for
 
 
@@ -30,6 +31,32 @@ def test_ctrl_c_exits_130_with_one_line(capsys):
     assert capsys.readouterr().err == (
         "interrupted (exit code 130): every committed shard is kept; rerun the same command to resume the run\n"
     )
+
+
+def test_an_interrupted_night_says_which_night_to_rerun(tmp_path, capsys, monkeypatch):
+    """ "rerun the same command" resumed an interrupted night only before midnight: a nightly without
+    nightly.date then runs the next night, and the interrupted one stays incomplete."""
+    import pipeline.runner.job as job_module
+    from pipeline.config.schema import JobConfig, NightlyConfig, OutputConfig
+    from pipeline.config.store import run_cli
+    from pipeline.runner.nightly import run_nightly
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the night's job runs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job_module, "run", interrupted)
+    job = JobConfig(output=OutputConfig(uri=str(tmp_path / "out")))
+    nightly = NightlyConfig(date="2026-11-26", timezone="UTC")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(
+            lambda: run_nightly(job, nightly), lambda: True, "jobs/nightly.py", interrupted_note=resume_note
+        )
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == (
+        "interrupted (exit code 130): every committed shard is kept; rerun with nightly.date=2026-11-26 to resume "
+        "this night (without it, a rerun after midnight runs the next night)\n"
+    )
+    assert not (tmp_path / "out" / "_locks" / "nightly.lock").exists(), "the night's lock is released"
 
 
 @pytest.mark.ray
