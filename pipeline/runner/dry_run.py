@@ -83,6 +83,14 @@ def _state(prep: Any) -> tuple[str, int]:
     broken = prep.run_store.verify(committed)
     left = total - len(committed) + len(broken)
     if status == "complete" and not broken and len(committed) == total:
+        from pipeline.runner.job import final_stats
+
+        _, problem = final_stats(prep.run_store)
+        if problem:  # what the real run does then (job.final_stats): no shard, the final files again
+            return (
+                f"complete (_SUCCESS present): all {total} shard(s) committed, but {problem}: the run would "
+                "write _manifest.json, stats.json and README.md again from the commit markers"
+            ), 0
         return f"complete (_SUCCESS present): all {total} shard(s) committed, nothing to do", 0
     note = f", {len(broken)} of them with parts missing or altered (regenerated)" if broken else ""
     codec = (prep.run_store.read_run_file() or {}).get("compression")

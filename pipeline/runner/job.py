@@ -271,7 +271,7 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
             broken = run_store.verify(committed)
             # shards whose marker was deleted or does not read (a partial copy): committed no more
             unmarked = [shard for shard in range(prep.identity["num_shards"]) if shard not in committed]
-            stats, problem = _final_stats(run_store) if not (broken or unmarked) else (None, None)
+            stats, problem = final_stats(run_store) if not (broken or unmarked) else (None, None)
             if stats is not None:
                 remove_stale_temp(
                     run_store, complete=True
@@ -320,7 +320,7 @@ SUMMARY_KEYS = (
 )
 
 
-def _final_stats(run_store: RunStore) -> tuple[dict[str, Any] | None, str | None]:
+def final_stats(run_store: RunStore) -> tuple[dict[str, Any] | None, str | None]:
     """A complete run's stats, or (None, what is wrong) when one of its final files is missing or stats.json or
     _manifest.json does not read (deleted or cut short by hand or by a copy): finalizing again from the commit
     markers repairs them."""

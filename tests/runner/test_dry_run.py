@@ -137,8 +137,18 @@ def test_a_dry_run_of_a_started_run_says_how_much_is_left_and_who_holds_it(tmp_p
     caplog.clear()
     with caplog.at_level("INFO", logger="canvasflow"):
         assert run(_job(tmp_path, dry_run=True)) == 0
-    assert "complete (_SUCCESS present): all 3 shard(s) committed, nothing to do" in caplog.text
+    # _SUCCESS without the final files (deleted, or a copy cut short): a real run writes them again
+    assert (
+        "complete (_SUCCESS present): all 3 shard(s) committed, but _manifest.json, stats.json, README.md are "
+        "missing: the run would write _manifest.json, stats.json and README.md again from the commit markers"
+    ) in caplog.text
     assert "no worker to start" in caplog.text
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(_job(tmp_path)) == 0  # the repair the dry run announced; no worker started
+    caplog.clear()
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(_job(tmp_path, dry_run=True)) == 0
+    assert "complete (_SUCCESS present): all 3 shard(s) committed, nothing to do" in caplog.text
 
 
 def test_a_dry_run_into_folders_that_do_not_exist_yet_creates_none(tmp_path):
