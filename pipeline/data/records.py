@@ -151,6 +151,11 @@ def _check_text(value: Any, what: str, *, allow_blank: bool = False) -> tuple[st
 
 
 def _check_messages(value: Any) -> tuple[str | None, str | None]:
+    if isinstance(value, str):  # e.g. a column of json.dumps(messages): its text is not parsed
+        return None, (
+            "messages must be a non-empty list of {role, content} objects, got a string (JSON text is not "
+            "parsed: store the messages as a list of objects, or give the text in data.prompt_column)"
+        )
     if not isinstance(value, list) or not value:
         return None, "messages must be a non-empty list of {role, content} objects"
     messages = []

@@ -88,13 +88,18 @@ def test_chat_messages_column(tmp_path):
         [
             {"messages": [{"role": "user", "content": "hi"}]},
             {"messages": [{"role": "user"}]},
-            {"messages": "not a list"},
+            {"messages": json.dumps([{"role": "user", "content": "hi"}])},  # a column of JSON text
+            {"messages": 5},
         ],
     )
     rows = _records(read_input(DataConfig(path=path, messages_column="messages")))
     assert rows[0]["is_chat"] and json.loads(rows[0]["prompt"]) == [{"content": "hi", "role": "user"}]
     assert "messages[0].content is null" in rows[1]["error"]
-    assert "non-empty list" in rows[2]["error"]
+    assert rows[2]["error"].endswith(
+        "messages must be a non-empty list of {role, content} objects, got a string (JSON text is not parsed: "
+        "store the messages as a list of objects, or give the text in data.prompt_column)"
+    )
+    assert rows[3]["error"].endswith("messages must be a non-empty list of {role, content} objects")
 
 
 def test_parquet_file_and_directory(tmp_path):
