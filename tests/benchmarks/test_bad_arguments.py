@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
         ["benchmarks/bench_shard_size.py", "--shards", "0", "--no-record"],
         ["benchmarks/bench_shard_size.py", "--batches", "8", "-1", "--no-record"],
         ["benchmarks/bench_read_input.py", "--rows", "0", "--no-record"],
+        ["benchmarks/bench_finalize.py", "--shards", "0", "--no-record"],
         ["benchmarks/bench_batching.py", "--batch", "0"],
         ["benchmarks/bench_mask_cache.py", "--rows-per-task", "0"],
         ["benchmarks/bench_mask_decide.py", "--rows", "0", "--no-record"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from benchmarks import (
     bench_experts,
+    bench_finalize,
     bench_generate,
     bench_gil,
     bench_mask_decide,
@@ -134,3 +135,11 @@ def test_gil_benchmark_measures_the_sampler_beside_a_python_thread(capsys, tmp_p
     assert set(rows) == {("5.0", "none"), ("5.0", "shard"), ("0.2", "none"), ("0.2", "shard")}
     assert all(float(cells[3]) > 0 for cells in rows.values())
     assert int(rows[("0.2", "shard")][5]) > 0, "the neighbour ran while the sampler did"
+
+
+def test_finalize_benchmark_measures_markers_and_manifest(capsys):
+    (row,) = bench_finalize.main(["--shards", "300", "--no-record"])
+    assert (
+        row["shards"] == 300 and row["manifest_mb"] > 0 and row["peak_rss_mb"] >= row["baseline_rss_mb"] > 0
+    )
+    assert "     300 " in capsys.readouterr().out
