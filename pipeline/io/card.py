@@ -11,6 +11,16 @@ def render_card(run_uri: str, manifest: dict[str, Any], stats: dict[str, Any]) -
     sampler = manifest.get("sampler", {})
     knobs = "\n".join(f"| `{k}` | {json.dumps(v)} |" for k, v in sorted(sampler.items()))
     loading = _loading(run_uri, stats)
+    kept = manifest.get("input", {}).get(
+        "metadata_columns"
+    )  # data.metadata_columns; None: every other column
+    carried = (
+        "the input row's other columns"
+        if kept is None
+        else f"the input row's columns {', '.join(f'`{c}`' for c in kept)}"
+        if kept
+        else "null in every row: data.metadata_columns is []"
+    )
     finish = ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("finish_reasons", {}).items())) or "none"
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(stats.get("errors_by_stage", {}).items())) or "none"
     dropped = stats.get("dropped_after_sampling") or {}
@@ -80,7 +90,7 @@ same model and settings gives the same completion, whatever batch or machine run
 
 `id`, `completion_index` (which of the prompt's completions), `prompt`, `completion`, `completion_tokens`,
 `prompt_tokens`, `denoising_steps` (decoder passes spent on the row), `canvases`, `finish_reason` (`eos`,
-`length`, or `stop`: a stop string of the sampler's `stop`, cut off with it), `model`, `seed`, `run_id`, `source_index`, `metadata` (the input row's other columns,
+`length`, or `stop`: a stop string of the sampler's `stop`, cut off with it), `model`, `seed`, `run_id`, `source_index`, `metadata` ({carried},
 JSON){columns_note}.
 Rejected input rows are in `errors/` with `id`, `source_index`, `stage`, `reason` and the raw input.
 

@@ -325,6 +325,7 @@ def build_manifest(prep, all_commits: dict) -> dict[str, Any]:
             "files": prep.records.files,
             "format": prep.records.format,
             "rows": prep.records.num_rows,
+            "metadata_columns": prep.job.data.metadata_columns,  # carried in `metadata`; null: every other one
         },
         "config_fingerprint": prep.identity["config_fingerprint"],
         "sampler": prep.settings,

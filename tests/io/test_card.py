@@ -43,6 +43,20 @@ def test_card_of_a_manifest_without_the_newer_fields_still_renders():
     )
 
 
+@pytest.mark.parametrize(
+    ("kept", "said"),
+    [
+        (None, "`metadata` (the input row's other columns,\nJSON)"),
+        (["source", "level"], "`metadata` (the input row's columns `source`, `level`,\nJSON)"),
+        ([], "`metadata` (null in every row: data.metadata_columns is [],\nJSON)"),
+    ],
+    ids=["every-column", "listed", "none"],
+)
+def test_card_says_which_input_columns_metadata_carries(kept, said):
+    manifest = {**MANIFEST, "input": {**MANIFEST["input"], "metadata_columns": kept}}
+    assert said in render_card("/data/r1", manifest, STATS)
+
+
 def test_card_loading_snippet_is_valid_python_for_local_and_s3_runs():
     for uri in ("/data/r1", "s3://out/r1"):
         card = render_card(uri, MANIFEST, STATS)
