@@ -11,11 +11,13 @@ seed and settings, the same completions (randomness is keyed by row id, so give 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from numbers import Integral
 from typing import Any
@@ -187,11 +189,15 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[Sequence[dict[str, str]]],
         *,
         ids: Sequence[str] | None = None,
+        progress: bool = True,
     ) -> list[Completion] | list[list[Completion]]:
         """Completions in prompt order. A prompt is a string or a chat (a list of {role, content} messages).
         `ids` key each row's randomness (default: derived from position and content, as the pipeline does).
         With completions_per_prompt=n > 1, each prompt's n completions in a list (completion_index 0..n-1;
-        a prompt that cannot run gives n error completions)."""
+        a prompt that cannot run gives n error completions). `progress`: a progress bar (tqdm, on stderr or
+        in a notebook) of the completions sampled, with tokens per second."""
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress={progress!r} must be True or False")
         prompts = _prompt_list(prompts)
         n = self.generator.completions
         if ids is not None:
@@ -205,7 +211,8 @@ class LLM:
                     by_index[i, c] = self._error(rid, prompt if isinstance(prompt, str) else "", problem, c)
             else:
                 records.append(PromptRecord(rid, text, is_chat, i))
-        out = self.generator.generate(records)
+        with _progress_bar(len(records) * n, progress) as on_row:
+            out = self.generator.generate(records, on_row)
         names = {f.name for f in fields(Completion)} - {"extra", "error"}
         for row in out.rows:
             base = {k: row[k] for k in names}
@@ -243,6 +250,28 @@ class LLM:
             error=reason,
             completion_index=completion,
         )
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, show: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """The `on_row(tokens, steps)` callback of a tqdm bar over `total` completions (None when not shown)."""
+    if not show or not total:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    tokens, started = 0, time.perf_counter()
+    with tqdm(total=total, desc="generating", unit="row", dynamic_ncols=True) as bar:
+
+        def on_row(row_tokens: int, steps: int) -> None:
+            nonlocal tokens
+            tokens += row_tokens
+            bar.set_postfix_str(
+                f"{tokens / max(time.perf_counter() - started, 1e-9):.1f} tok/s", refresh=False
+            )
+            bar.update(1)
+
+        yield on_row
 
 
 def _model_path(model: Any) -> str:

@@ -385,3 +385,15 @@ def test_completions_hold_no_special_tokens_text():
     outs = llm.generate(["Add: 1+2", "Sort: 3 1 2", "hello", "x"])
     special = llm.tokenizer.all_special_tokens
     assert not [(o.completion, t) for o in outs for t in special if t in o.completion]
+
+
+def test_generate_shows_a_progress_bar_of_the_completions_unless_told_not_to(llm, capsys):
+    """A long generate call in a script or notebook said nothing until it returned (vLLM's LLM.generate, which
+    users know, shows a tqdm bar)."""
+    llm.generate(["Add: 1+2", "Add: 2+2", ""])  # the empty prompt is an error row: not sampled, not counted
+    err = capsys.readouterr().err
+    assert "generating: 100%" in err and "2/2 [" in err and "tok/s]" in err
+    llm.generate(["Add: 1+2"], progress=False)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="progress='yes' must be True or False"):
+        llm.generate(["Add: 1+2"], progress="yes")
