@@ -6,8 +6,8 @@ for any other, so that several prefixes can share one output.uri.
     python jobs/nightly.py output.uri=s3://bucket/nightly output=s3 nightly.timezone=Europe/Paris
     python jobs/nightly.py nightly.date=2026-11-26        # retry or backfill a given night
 
-Exit codes: 0 complete, 1 shards failed (rerun resumes), 2 could not start, 3 refused (overlap or late),
-130 interrupted (Ctrl-C), 143 stopped (SIGTERM).
+Exit codes: 0 complete, 1 shards failed or LATEST could not be written (rerun the night), 2 could not start,
+3 refused (overlap or late), 130 interrupted (Ctrl-C), 143 stopped (SIGTERM).
 """
 
 import sys
