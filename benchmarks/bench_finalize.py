@@ -15,14 +15,14 @@ that driver work's alone; bytes per shard count what it holds above 100 shards.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.common import PEAK_RSS_MB, positive_int, probe, record  # noqa: E402
 
 PROBE = """
 import json, sys, time
@@ -40,10 +40,9 @@ print(json.dumps({
     "read_s": read - started,
     "finalize_s": time.perf_counter() - read,
     "manifest_mb": run.store.list_sizes(MANIFEST)[MANIFEST] / 1e6,
-    # VmHWM: this process image's own peak (ru_maxrss would keep the parent's peak across fork and exec)
-    "peak_rss_mb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1e3,
+    "peak_rss_mb": PEAK_RSS_MB,
 }))
-"""
+""".replace("PEAK_RSS_MB", PEAK_RSS_MB)
 
 
 def write_markers(folder: str, shards: int) -> str:
@@ -68,16 +67,8 @@ def write_markers(folder: str, shards: int) -> str:
     return run_dir
 
 
-def probe(run_dir: str) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, run_dir], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    from benchmarks.common import positive_int
 
     parser.add_argument("--shards", type=positive_int, nargs="+", default=[10_000, 50_000, 150_000])
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "finalize.jsonl"))
@@ -89,10 +80,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{'shards':>8} {'read s':>7} {'finalize s':>10} {'manifest MB':>11} {'peak MB':>8} {'B/shard':>8}"
     )
     with tempfile.TemporaryDirectory(prefix="canvasflow-bench-finalize-") as folder:
-        baseline = probe(write_markers(folder, 100))["peak_rss_mb"]
+        baseline = probe(PROBE, write_markers(folder, 100))["peak_rss_mb"]
         print(f"baseline (100 shards): {baseline:.0f} MB\n{header}")
         for shards in args.shards:
-            m = probe(write_markers(folder, shards))
+            m = probe(PROBE, write_markers(folder, shards))
             assert m["shards"] == shards, m
             row = {
                 "benchmark": "finalize",
@@ -109,11 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{shards:>8,} {row['read_s']:>7.2f} {row['finalize_s']:>10.2f} {row['manifest_mb']:>11.1f} "
                 f"{row['peak_rss_mb']:>8.0f} {row['bytes_per_shard']:>8,}"
             )
-    if not args.no_record:
-        from benchmarks.common import append_results
-
-        append_results(args.results, results)
-        print(f"appended {len(results)} rows to {args.results}")
+    record(args.results, results, skip=args.no_record)
     return results
 
 

@@ -17,12 +17,13 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.common import PEAK_RSS_MB, positive_int, probe, record  # noqa: E402
 
 PROBE = """
 import json, sys, time
@@ -35,10 +36,9 @@ print(json.dumps({
     "seconds": time.perf_counter() - started,
     "rows": records.num_rows,
     "table_mb": records.table.nbytes / 1e6,
-    # VmHWM: this process image's own peak (ru_maxrss would keep the parent's peak across fork and exec)
-    "peak_rss_mb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1e3,
+    "peak_rss_mb": PEAK_RSS_MB,
 }))
-"""
+""".replace("PEAK_RSS_MB", PEAK_RSS_MB)
 
 
 def write_inputs(folder: str, rows: int, seed: int = 0) -> dict[str, str]:
@@ -60,16 +60,8 @@ def write_inputs(folder: str, rows: int, seed: int = 0) -> dict[str, str]:
     return {"jsonl": jsonl, "parquet": parquet}
 
 
-def probe(path: str) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, path], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    from benchmarks.common import positive_int
 
     parser.add_argument("--rows", type=positive_int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "read_input.jsonl"))
@@ -79,12 +71,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     header = f"{'format':8} {'rows':>10} {'file MB':>8} {'s':>7} {'rows/s':>9} {'table MB':>9} {'peak MB':>8} {'B/row':>7}"
     with tempfile.TemporaryDirectory(prefix="canvasflow-bench-read-") as folder:
-        baselines = {fmt: probe(path)["peak_rss_mb"] for fmt, path in write_inputs(folder, 100).items()}
+        baselines = {
+            fmt: probe(PROBE, path)["peak_rss_mb"] for fmt, path in write_inputs(folder, 100).items()
+        }
         print(f"baseline (100 rows): {', '.join(f'{k} {v:.0f} MB' for k, v in baselines.items())}\n{header}")
         for rows in args.rows:
             for fmt, path in write_inputs(folder, rows).items():
                 baseline = baselines[fmt]
-                m = probe(path)
+                m = probe(PROBE, path)
                 assert m["rows"] == rows, (path, m)
                 extra = m["peak_rss_mb"] - baseline
                 row = {
@@ -104,11 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"{fmt:8} {rows:>10,} {row['file_mb']:>8.1f} {row['seconds']:>7.2f} {row['rows_per_s']:>9,} "
                     f"{row['table_mb']:>9.1f} {row['peak_rss_mb']:>8.0f} {row['bytes_per_row']:>7,}"
                 )
-    if not args.no_record:
-        from benchmarks.common import append_results
-
-        append_results(args.results, results)
-        print(f"appended {len(results)} rows to {args.results}")
+    record(args.results, results, skip=args.no_record)
     return results
 
 

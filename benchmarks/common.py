@@ -102,6 +102,28 @@ def peak_extra_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, torch.cuda.max_memory_allocated() - base
 
 
+# A Python expression for the peak resident memory of the process evaluating it, in MB (Linux): VmHWM, this
+# process image's own peak (ru_maxrss would keep the parent's peak across fork and exec). For PROBE scripts.
+PEAK_RSS_MB = 'int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1e3'
+
+
+def probe(code: str, *args: str) -> dict[str, Any]:
+    """Runs `code` (Python, which prints a JSON object as its last line) in a fresh interpreter at the checkout's
+    root with `args` as sys.argv[1:], and returns that object: a measurement of its own, memory included."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def record(path: str, rows: list[dict[str, Any]], *, skip: bool) -> None:
+    """Appends `rows` to the results file `path` (append_results) and says so, unless `skip` (--no-record)."""
+    if not skip:
+        append_results(path, rows)
+        print(f"appended {len(rows)} rows to {path}")
+
+
 def environment(checkout: str | None = None) -> dict[str, Any]:
     """Device name, git commit of `checkout` (default: this one; outside a checkout $CANVASFLOW_COMMIT, if
     set) and whether tracked files differ from it (None outside a checkout), UTC date, torch and triton
