@@ -310,9 +310,18 @@ def check_endpoint(key: str, endpoint: str | None) -> None:
             endpoint,
             "must be an http:// or https:// URL with a host, e.g. http://host:port (or null for AWS)",
         )
-    if "@" in endpoint.split("://", 1)[1].split("/", 1)[0]:
-        # not echoed: the value holds a password; error messages name the endpoint
+    if "@" in endpoint.split("://", 1)[1]:
+        # not echoed: the value holds a password (one with a '/', as AWS secret keys have, ends the host at
+        # that '/'); error messages name the endpoint
         raise ConfigError(
             f"{key} holds credentials (user:password@host): remove them; S3 credentials come from the "
             "environment or the AWS configuration chain, and an endpoint is written in logs and errors"
+        )
+    if "?" in endpoint or "#" in endpoint:
+        # not echoed: a query is where a signed URL carries its signature and session token (X-Amz-Signature,
+        # X-Amz-Security-Token), and botocore takes no endpoint with one
+        raise ConfigError(
+            f"{key} holds a query string or fragment ('?...' or '#...'): an endpoint is http(s)://host[:port] "
+            "(a presigned URL's X-Amz-Signature or token is no setting: S3 credentials come from the "
+            "environment or the AWS configuration chain)"
         )
