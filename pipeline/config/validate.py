@@ -270,13 +270,43 @@ S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # what botocore accepts
 S3_USERINFO = re.compile(r"^s3://[^/@:]+:[^@]*@[A-Za-z0-9._-]+(/|$)")  # s3://KEY:SECRET@bucket/...
 
 
+# A query parameter of a presigned (or otherwise signed) URL: its signature, key id or session token.
+SIGNED_QUERY = re.compile(
+    r"[?&;](?:x-amz-[a-z-]*|signature|sig|awsaccesskeyid|[a-z_-]*token)=", re.IGNORECASE
+)
+
+
+def check_no_credentials(key: str, value: str) -> None:
+    """ConfigError, not echoing `value`, when the location holds credentials: s3://KEY:SECRET@bucket, or the
+    query of a presigned URL (X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, ...)."""
+    if SIGNED_QUERY.search(value):
+        raise ConfigError(
+            f"{key} holds a signed URL's query (a signature, key id or token after '?'): remove it; give "
+            "s3://bucket/prefix or a local path, with S3 credentials from the environment or the AWS "
+            "configuration chain (locations are written in logs and outputs)"
+        )
+    if not value.startswith("s3://"):
+        return
+    bucket = value[len("s3://") :].partition("/")[0]
+    if "@" in bucket or S3_USERINFO.match(
+        value
+    ):  # not echoed: s3://KEY:SECRET@bucket (a secret may hold '/')
+        raise ConfigError(
+            f"{key} holds credentials (s3://user:password@bucket): remove them; S3 credentials come from the "
+            "environment or the AWS configuration chain, and locations are written in logs and outputs"
+        )
+
+
 def check_location(key: str, value: str) -> None:
     """ConfigError unless `value` is a local path or s3://bucket[/prefix]."""
+    check_no_credentials(key, value)
     scheme = URI_SCHEME.match(value)
     if scheme and not value.startswith("s3://"):  # e.g. S3://b, s3:/b, gs://b: would be a local folder
         raise _fail(
             key,
-            value,
+            value
+            if "@" not in value
+            else f"{scheme.group(0)}/...",  # https://user:pass/word@host: not echoed
             f"looks like a {scheme.group(1)!r} URI; only s3://bucket/prefix (lowercase, two slashes) and "
             "local paths are supported",
         )
@@ -285,13 +315,6 @@ def check_location(key: str, value: str) -> None:
     bucket = value[len("s3://") :].partition("/")[0]
     if not bucket:  # s3://, s3:///x
         raise _fail(key, value, "needs a bucket: s3://bucket/prefix")
-    if "@" in bucket or S3_USERINFO.match(
-        value
-    ):  # not echoed: s3://KEY:SECRET@bucket (a secret may hold '/')
-        raise ConfigError(
-            f"{key} holds credentials (s3://user:password@bucket): remove them; S3 credentials come from the "
-            "environment or the AWS configuration chain, and locations are written in logs and outputs"
-        )
     if not S3_BUCKET.match(bucket):
         raise _fail(
             key,

@@ -119,3 +119,25 @@ def test_endpoints_with_a_slashed_password_or_a_signed_query_fail_without_echoin
     for shown, key in ((str(job_error.value), "output.endpoint_url"), (str(api_error.value), "endpoint_url")):
         assert shown.startswith(f"{key} holds ")
         assert "CANARYsecret" not in shown and "AKIAFAKE" not in shown and "wJalr" not in shown
+
+
+SIGNED = "X-Amz-Credential=AKIAFAKE%2F20260101&X-Amz-Security-Token=CANARYtoken&X-Amz-Signature=CANARYsig"
+
+
+@pytest.mark.parametrize("key", ["output.uri", "data.path", "model.path"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"https://bucket.s3.amazonaws.com/prompts.jsonl?{SIGNED}",  # a presigned URL pasted as a path
+        f"s3://bucket/prompts.jsonl?{SIGNED}",
+        "https://AKIAFAKE:wJalr/CANARYsig@host/prompts.jsonl",
+    ],
+)
+def test_locations_holding_a_signed_query_or_a_password_fail_without_echoing_them(key, value):
+    """A presigned URL's signature and session token were echoed by the 'looks like a https URI' refusal, or
+    (after s3://) in 'reading input ...' and every error naming the location."""
+    with pytest.raises(ConfigError) as info:
+        to_job_config(_compose(f"{key}='{value}'"))
+    shown = str(info.value)
+    assert shown.startswith(key)
+    assert "CANARY" not in shown and "AKIAFAKE" not in shown and "wJalr" not in shown
