@@ -23,7 +23,7 @@ from numbers import Integral
 from typing import Any
 
 from pipeline.config.schema import BUILTIN_MODEL
-from pipeline.config.validate import CHOICES, check_endpoint
+from pipeline.config.validate import CHOICES, check_endpoint, check_no_credentials
 from pipeline.data.records import SURROGATE_HINT, check_prompt_value, derived_id, has_surrogate
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES, ModelError
@@ -141,6 +141,7 @@ class LLM:
         )
         # as the job checks model.endpoint_url: no user:password@ (echoed by every S3 error), an http(s) URL
         check_endpoint("endpoint_url", endpoint_url)
+        check_no_credentials("model", model)  # as the job checks model.path: errors name the model
         check_completions(completions_per_prompt, "completions_per_prompt")
         if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
             raise ValueError(f"system_prompt={system_prompt!r} must be a non-empty string (or None for none)")

@@ -141,3 +141,17 @@ def test_locations_holding_a_signed_query_or_a_password_fail_without_echoing_the
     shown = str(info.value)
     assert shown.startswith(key)
     assert "CANARY" not in shown and "AKIAFAKE" not in shown and "wJalr" not in shown
+
+
+@pytest.mark.parametrize(
+    "model", ["s3://AKIAFAKE:wJalr/CANARYsig@bucket/models/dg", f"s3://bucket/models/dg?{SIGNED}"]
+)
+def test_the_api_refuses_a_model_location_with_credentials_without_echoing_them(model):
+    """LLM(model=s3://KEY:SECRET@bucket/...) went on to botocore's 'Invalid bucket name' error, the key and
+    secret in the ModelError three times."""
+    from pipeline import LLM
+
+    with pytest.raises(ConfigError) as info:
+        LLM(model)
+    assert str(info.value).startswith("model holds ")
+    assert "CANARY" not in str(info.value) and "AKIAFAKE" not in str(info.value)
