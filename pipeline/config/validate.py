@@ -187,6 +187,12 @@ def validate_job(job: JobConfig) -> JobConfig:
             job.cluster.address,
             "is required with cluster=ray: give the head's address (e.g. ray://head:10001) or 'auto'",
         )
+    if job.cluster.address and ("@" in job.cluster.address or SIGNED_QUERY.search(job.cluster.address)):
+        # not echoed: the driver logs the address it connects to, and errors name it
+        raise ConfigError(
+            "cluster.address holds credentials (user:password@ or a token in a query): remove them; Ray's "
+            "token authentication takes the token from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (docs/cluster.md)"
+        )
     if job.cluster.mode == "ray" and job.cluster.address.lower().startswith(("http://", "https://")):
         raise _fail(
             "cluster.address",

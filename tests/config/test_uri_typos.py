@@ -155,3 +155,21 @@ def test_the_api_refuses_a_model_location_with_credentials_without_echoing_them(
         LLM(model)
     assert str(info.value).startswith("model holds ")
     assert "CANARY" not in str(info.value) and "AKIAFAKE" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "ray://user:CANARYtoken@head:10001",
+        "AKIAFAKE:wJalr/CANARYtoken@head:6379",
+        "head:6379?token=CANARYtoken",
+    ],
+)
+def test_a_ray_address_holding_credentials_fails_without_echoing_them(address):
+    """cluster.address=ray://user:TOKEN@head:10001 was accepted, then logged ("connecting to the Ray cluster at
+    ...", the dry run's "2 worker(s) on ...") and repeated in the connection error."""
+    with pytest.raises(ConfigError) as info:
+        to_job_config(_compose("cluster=ray", f"cluster.address='{address}'"))
+    shown = str(info.value)
+    assert shown.startswith("cluster.address holds credentials")
+    assert "CANARY" not in shown and "AKIAFAKE" not in shown and "wJalr" not in shown
