@@ -213,7 +213,10 @@ def main(uri: str, *, endpoint_url: str | None, region: str | None, as_json: boo
     the reason on stderr when there is no run or the location cannot be read)."""
     try:
         result = statuses(open_location(uri, endpoint_url, region))
-    except (ConfigError, NoRun, Unreadable, StoreError) as e:
+    except ConfigError as e:  # names the argument; `uri` itself may hold the credentials it refuses
+        print(f"no status: {e}", file=sys.stderr)
+        return 2
+    except (NoRun, Unreadable, StoreError) as e:
         print(f"no status for {uri}: {e}", file=sys.stderr)
         return 2
     if as_json:

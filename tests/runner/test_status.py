@@ -210,3 +210,13 @@ def test_the_rate_counts_this_invocations_shards_up_to_its_last_heartbeat(tmp_pa
     assert "not running" not in lines
     (tmp_path / "out" / "r1" / SUCCESS).write_text("")
     assert run_status(store)["state"] == "complete"
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://AKIAFAKE:CANARYsecret@bucket/runs", "s3://bucket/runs?X-Amz-Security-Token=CANARYsecret"]
+)
+def test_a_location_holding_credentials_is_refused_without_echoing_them(uri):
+    """The refusal was printed as "no status for s3://AKIAFAKE:CANARYsecret@bucket/runs: uri holds credentials"."""
+    shown = subprocess.run([*CLI, uri, "--json"], capture_output=True, text=True)
+    assert shown.returncode == 2 and "uri holds " in shown.stderr
+    assert "CANARY" not in shown.stderr + shown.stdout and "AKIAFAKE" not in shown.stderr + shown.stdout
