@@ -37,6 +37,36 @@ def is_secret_key(key: Any) -> bool:
     return bool(set(re.split(r"[^a-z0-9]+", name)) & SECRET_WORDS) or any(p in name for p in SECRET_PHRASES)
 
 
+# `key=value` (an override) or `key: value` (YAML) in text that Hydra prints before the job starts: a compose
+# error echoing an override, `--cfg job`, `--help`. A `${...}` interpolation is one value.
+_ASSIGNED = re.compile(r"(?P<key>[A-Za-z_][A-Za-z0-9_-]*)(?P<sep>=|:[ \t]+)")
+_VALUE = re.compile(r"\$\{[^}\n]*\}|'[^'\n]*'|\"[^\"\n]*\"|[^\s,}\]]+")
+_NOT_SECRETS = frozenset({"full_key"})  # Hydra's label for the key an error is about
+
+
+def redact_text(text: str) -> str:
+    """`text` with the values of secret-like keys in `key=value` and `key: value` redacted as in redact()
+    (null, booleans and `${oc.env:NAME}` kept) and the user:password@ of URLs dropped."""
+    parts, pos = [], 0
+    while (match := _ASSIGNED.search(text, pos)) is not None:
+        value = _VALUE.match(text, match.end())
+        parts.append(text[pos : match.end()])
+        pos = (
+            match.end()
+        )  # a value that is not redacted is searched too: `a=b.token=SECRET`, `x={key: SECRET}`
+        key, line = match.group("key"), text[: match.start()].rpartition("\n")[2].rstrip()
+        if match.group("sep") != "=" and line and line[-1] not in "{,-":
+            continue  # `key: value` only as YAML has it (a line's first key, in {...}, a list item), not prose
+        if value is None or key in _NOT_SECRETS or not is_secret_key(key):
+            continue
+        shown = value.group().strip("'\"")
+        if shown.lower() not in ("null", "none", "true", "false", "...") and not _ENV_REFERENCE.match(shown):
+            parts.append(REDACTED)
+            pos = value.end()
+    parts.append(text[pos:])
+    return without_userinfo("".join(parts))
+
+
 def _env_text(*args: Any) -> str:
     return "${oc.env:" + ",".join("null" if a is None else str(a) for a in args) + "}"
 

@@ -172,6 +172,10 @@ def run_cli(
         )
         sys.exit(STARTUP_FAILED)
     install_sigterm_handler()
+    streams = sys.stdout, sys.stderr
+    # Until the task runs, what Hydra prints (a compose error echoing an override, --cfg job, --help) has the
+    # values of secret-like keys redacted, as _config.yaml has.
+    sys.stdout, sys.stderr = (_RedactedUntilStarted(stream, task_started) for stream in streams)
     try:
         hydra_main()
     except (
@@ -188,6 +192,25 @@ def run_cli(
             raise
         sys.stderr.write(_compose_failure(e.__context__, script, schema) + "\n")
         sys.exit(STARTUP_FAILED)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+class _RedactedUntilStarted:
+    """A text stream whose writes go through redact_text until `started()` (the job's own output, which
+    logs no secret, is left as it is)."""
+
+    def __init__(self, stream: Any, started: Callable[[], bool]) -> None:
+        self._stream, self._started = stream, started
+
+    def write(self, text: str) -> int:
+        from pipeline.config.redact import redact_text
+
+        self._stream.write(text if self._started() else redact_text(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 _POSTPROCESS_OPTION = re.compile(r"^(?:\+\+|\+)?postprocess=(.*)$")

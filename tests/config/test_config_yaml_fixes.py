@@ -171,3 +171,41 @@ def test_config_yaml_redacts_the_literal_default_of_an_env_reference_under_a_sec
     assert kwargs["api_key"] == "${oc.env:CANVASFLOW_UNSET_TOKEN,null}"
     assert kwargs["cache_dir"] == "${oc.env:CANVASFLOW_UNSET_DIR,/tmp/cache}"
     assert OmegaConf.create(text).data.hf_kwargs.token == REDACTED, "the file still resolves"
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "code"),
+    [
+        ("generate.py", ["--cfg", "job"], 0),
+        ("nightly.py", ["--help"], 0),
+        ("generate.py", ["postprocess.api_key=CANARY-key1"], 2),  # no '+': Hydra echoes the override to fix
+        ("generate.py", ["+postprocess.password=pa#CANARY-pw2"], 2),  # not parsed: Hydra echoes the override
+    ],
+)
+def test_what_hydra_prints_before_the_job_starts_redacts_secret_keys(script, args, code):
+    """`--cfg job`, `--help` and Hydra's compose errors printed the values of token/password/key-like keys,
+    which _config.yaml redacts: "To append to your config use +postprocess.api_key=<the key>"."""
+    overrides = [
+        "postprocess=callable",
+        "postprocess._target_=pipeline.tasks.checker.check_row",
+        "+postprocess.api_key=CANARY-key1",
+        "'+data.hf_kwargs.storage_options={key: CANARY-key3, secret: CANARY-secret4}'",
+        "+data.hf_kwargs.token=${oc.env:HF_TOKEN}",
+    ]
+    if code:
+        overrides = [o for o in overrides if "api_key" not in o]
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / script), *args, *[o.strip("'") for o in overrides]],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_TOKEN": "CANARY-env5"},
+        timeout=120,
+    )
+    output = shown.stdout + shown.stderr
+    assert shown.returncode == code, output
+    assert "CANARY" not in output
+    assert REDACTED in output
+    if args == ["--cfg", "job"]:
+        assert (
+            "token: ${oc.env:HF_TOKEN}" in output and "_target_: pipeline.tasks.checker.check_row" in output
+        )
