@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.redact import redact
 from pipeline.config.schema import JobConfig
 
 
@@ -134,7 +135,9 @@ def config_fingerprint(job: JobConfig, model_id: str, sampler_settings: dict[str
                 if (v := getattr(job.data, k)) is not None
             },
         },
-        "postprocess": job.postprocess,
+        # Secret-like keyword arguments (an API key) count by name, not value: rotating a key neither starts
+        # a new run nor is refused as another config, and no digest of a secret reaches _run.json or the card.
+        "postprocess": redact(job.postprocess),
     }
     if job.sampler.completions_per_prompt != 1:  # only then, so that other runs keep their identity (and id)
         relevant["completions_per_prompt"] = job.sampler.completions_per_prompt

@@ -251,3 +251,21 @@ def test_settings_that_change_outputs_change_the_config_fingerprint_and_others_k
     }
     for name, value in same.items():
         assert _fingerprint_and_id(tmp_path, **{name: value}) == base, f"{name} changes no output"
+
+
+def test_a_postprocess_secret_counts_by_name_not_value_in_the_config_fingerprint():
+    """A literal or ${oc.env:...} API key in the postprocess kwargs was part of the config fingerprint: rotating
+    the key gave a rerun another derived run id (every shard generated again), or refused an explicit run.id
+    as another config; and a digest of the secret went into _run.json, the manifest and the card."""
+    from pipeline.config.schema import JobConfig
+    from pipeline.runner.identity import config_fingerprint
+
+    def fingerprint(**kwargs) -> str:
+        job = JobConfig()
+        job.postprocess = {"_target_": "pipeline.tasks.checker.check", "drop_incorrect": True, **kwargs}
+        return config_fingerprint(job, "model", {})
+
+    assert fingerprint(api_key="sk-old") == fingerprint(api_key="sk-rotated") != fingerprint()
+    assert fingerprint(api_key="sk-old", retries=2) != fingerprint(api_key="sk-old", retries=3)
+    # a postprocess without secrets keeps the fingerprint (and run id) it had
+    assert fingerprint() == "ac7a172df37268974934be92eb3b61ce330720755127b415369cfdc70be204c4"
