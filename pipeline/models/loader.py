@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.sampler.settings import read_generation_config
+from pipeline.sampler.settings import is_int, read_generation_config
 
 logger = logging.getLogger(__name__)
 
@@ -175,17 +175,55 @@ def inspect_model(model_dir: str, name: str | None = None) -> ModelInfo:
     text = config.get("text_config") or {}
     eos = text.get("eos_token_id", 1)
     generation = read_generation_config(model_dir)
+    vocab_size = parsed.text_config.vocab_size
+    eos_ids, pad = special_tokens(
+        model_dir,
+        generation,
+        [] if eos is None else eos if isinstance(eos, list) else [eos],
+        text.get("pad_token_id", 0) or 0,
+        vocab_size,
+        config_keys="text_config.",
+    )
     return ModelInfo(
         model_dir=model_dir,
         name=name or Path(model_dir).name,
         model_type=model_type,
         canvas_length=parsed.canvas_length,
-        vocab_size=parsed.text_config.vocab_size,
+        vocab_size=vocab_size,
         context_window=parsed.text_config.max_position_embeddings,
-        eos_token_ids=tuple(generation.get("eos_token_ids", eos if isinstance(eos, list) else [eos])),
-        pad_token_id=int(generation.get("pad_token_id", text.get("pad_token_id", 0) or 0)),
+        eos_token_ids=eos_ids,
+        pad_token_id=pad,
         generation_config=generation,
     )
+
+
+def special_tokens(
+    model_dir: str,
+    generation: dict[str, Any],
+    eos: list[Any],
+    pad: Any,
+    vocab_size: int,
+    *,
+    config_keys: str = "",
+) -> tuple[tuple[int, ...], int]:
+    """The EOS ids and the pad id: generation_config.json's (parsed), else config.json's `eos` and `pad`
+    (under `config_keys`). ModelError naming the file and key when one is not a token of the vocabulary: a pad
+    id past it fails every batch's embedding lookup (an IndexError in every shard), an EOS id past it never
+    ends a row."""
+    eos_ids = tuple(generation.get("eos_token_ids", eos))
+    pad = generation.get("pad_token_id", pad)
+    for key, value, ids in (("eos_token_id", list(eos_ids), eos_ids), ("pad_token_id", pad, (pad,))):
+        if all(is_int(i) and 0 <= i < vocab_size for i in ids):
+            continue
+        parsed_key = "eos_token_ids" if key == "eos_token_id" else key  # read_generation_config's names
+        source, prefix = (
+            ("generation_config.json", "") if parsed_key in generation else ("config.json", config_keys)
+        )
+        raise ModelError(
+            f"{Path(model_dir) / source}: {prefix}{key}={value!r} is not a token id of the model's vocabulary "
+            f"(0 to {vocab_size - 1}, vocab_size={vocab_size}): fix the file"
+        )
+    return eos_ids, pad
 
 
 def _inspect_mask_model(model_dir: str, config: dict[str, Any], name: str | None) -> ModelInfo:
@@ -200,6 +238,13 @@ def _inspect_mask_model(model_dir: str, config: dict[str, Any], name: str | None
     generation = read_mask_generation_config(model_dir)
     default_eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
     pad = config.get("pad_token_id")
+    eos_ids, pad_id = special_tokens(
+        model_dir,
+        generation,
+        default_eos,
+        pad if pad is not None else (default_eos or [0])[0],
+        spec.vocab_size,
+    )
     return ModelInfo(
         model_dir=model_dir,
         name=name or Path(model_dir).name,
@@ -207,8 +252,8 @@ def _inspect_mask_model(model_dir: str, config: dict[str, Any], name: str | None
         canvas_length=0,  # no canvases: blocks of sampler.mask.block_length
         vocab_size=spec.vocab_size,
         context_window=spec.context_window,
-        eos_token_ids=tuple(generation.get("eos_token_ids", default_eos)),
-        pad_token_id=int(generation.get("pad_token_id", pad if pad is not None else (default_eos or [0])[0])),
+        eos_token_ids=eos_ids,
+        pad_token_id=pad_id,
         generation_config=generation,
         family=spec.family,
         mask_token_id=spec.mask_token_id,

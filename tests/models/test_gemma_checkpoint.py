@@ -388,3 +388,39 @@ def test_a_model_type_canvasflow_does_not_run_is_refused_naming_it(tmp_path):
         ModelError, match=r"model_type 'llama' is not supported; canvasflow runs diffusion_gemma, llada"
     ):
         inspect_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "file, edit, message",
+    [
+        ("generation_config.json", {"pad_token_id": 5000}, r"generation_config.json: pad_token_id=5000"),
+        (
+            "generation_config.json",
+            {"eos_token_id": [1, 128]},
+            r"generation_config.json: eos_token_id=\[1, 128\]",
+        ),
+        ("config.json", {"pad_token_id": 128}, r"config.json: text_config.pad_token_id=128"),
+        ("config.json", {"eos_token_id": "1"}, r"config.json: text_config.eos_token_id=\['1'\]"),
+    ],
+    ids=["generation-pad", "generation-eos", "config-pad", "config-eos-string"],
+)
+def test_a_special_token_id_outside_the_vocabulary_is_refused_at_startup_naming_it(
+    checkpoint, tmp_path, file, edit, message
+):
+    """A pad id past the vocabulary made every shard fail in the embedding lookup ("IndexError: index out of
+    range in self", exit 1); an EOS id past it never ended a row. Both now fail inspect_model, which the
+    driver and LLM run before any worker starts."""
+    model_dir = tmp_path / "m"
+    shutil.copytree(checkpoint, model_dir)
+    generation = model_dir / "generation_config.json"
+    if file == "generation_config.json":
+        generation.write_text(json.dumps({**json.loads(generation.read_text()), **edit}))
+    else:
+        generation.write_text(
+            json.dumps({k: v for k, v in json.loads(generation.read_text()).items() if k not in edit})
+        )
+        config = json.loads((model_dir / "config.json").read_text())
+        config["text_config"].update(edit)
+        (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=rf"{message} is not a token id of the model's vocabulary .*=128\)"):
+        inspect_model(str(model_dir))

@@ -5,6 +5,7 @@ float64 forward written from the description over a left-padded batch)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -218,3 +219,14 @@ def test_every_norm_is_read_from_its_published_name(llada_dir, tmp_path):
     expected = ReferenceModel(model_dir)(ids, torch.ones_like(ids))[0].float()
     logits = model.logits(model(ids, torch.arange(9)[None], torch.ones(1, 9, dtype=torch.bool)))[0]
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_pad_token_id_outside_the_vocabulary_is_refused_at_startup(llada_dir, tmp_path):
+    """It failed every batch's embedding lookup: IndexError in every shard of the run."""
+    model = tmp_path / "m"
+    shutil.copytree(llada_dir, model)
+    generation = model / "generation_config.json"
+    raw = json.loads(generation.read_text()) if generation.exists() else {}
+    generation.write_text(json.dumps({**raw, "pad_token_id": 500}))
+    with pytest.raises(ModelError, match=r"generation_config.json: pad_token_id=500 is not a token id"):
+        inspect_model(str(model))
