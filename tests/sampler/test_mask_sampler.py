@@ -19,7 +19,12 @@ from pipeline.models.mask_checkpoint import load_mask_model
 from pipeline.sampler.engine import Request
 from pipeline.sampler.mask.decide import StepKeys, decide, eos_stop
 from pipeline.sampler.mask.engine import MaskDiffusionSampler
-from pipeline.sampler.mask.settings import MaskSettings, MaskSettingsError, resolve_mask_settings
+from pipeline.sampler.mask.settings import (
+    MaskSettings,
+    MaskSettingsError,
+    mask_user_values,
+    resolve_mask_settings,
+)
 from pipeline.sampler.settings import MAX_SEED
 from tests.support.mask_models import ReferenceModel, build_mask_checkpoint, reference_generate, until_eos
 
@@ -462,3 +467,33 @@ def test_a_seed_outside_int64_or_not_an_integer_is_refused_naming_it(seed):
         MaskSettings(max_new_tokens=8, steps=8, block_length=8, seed=seed, **tokens)
     assert resolve_mask_settings({"seed": MAX_SEED}, {}, family="llada", **tokens).seed == MAX_SEED
     assert resolve_mask_settings({"seed": 0}, {}, family="llada", **tokens).seed == 0
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"record_drafts": "no"}, "record_drafts='no' must be true or false"),
+        ({"record_drafts": 0}, "record_drafts=0 must be true or false"),
+        ({"adaptive_stopping": "false"}, "adaptive_stopping='false' is a DiffusionGemma setting"),
+        ({"revise_accepted": 0}, "revise_accepted=0 is a DiffusionGemma setting"),
+    ],
+)
+def test_a_switch_that_is_not_a_bool_is_refused_as_for_diffusion_gemma(knobs, message):
+    """LLM("builtin:tiny-llada", record_drafts="no") recorded drafts ("no" is truthy) and adaptive_stopping="false"
+    was ignored, where a DiffusionGemma model refuses both."""
+    from pipeline import LLM
+
+    with pytest.raises(MaskSettingsError, match=f"^{re.escape(message)}"):
+        LLM("builtin:tiny-llada", **knobs)
+    with pytest.raises(MaskSettingsError, match=re.escape(f"sampler.{message}")):
+        resolve_mask_settings(
+            mask_user_values(knobs, "llada"),
+            {},
+            family="llada",
+            mask_token_id=2,
+            eos_token_ids=(0,),
+            pad_token_id=0,
+        )
+    assert (
+        LLM("builtin:tiny-llada", record_drafts=False, adaptive_stopping=True).settings.record_drafts is False
+    )

@@ -181,6 +181,8 @@ def check_mask_knobs(values: Mapping[str, Any], prefix: str = "sampler.mask.") -
         raise bad("max_new_tokens", "must be a positive integer", "sampler.max_new_tokens")
     if given("seed") and not is_seed(values["seed"]):  # the same check as the DiffusionGemma sampler's
         raise bad("seed", SEED_RANGE, "sampler.seed")
+    if given("record_drafts") and not isinstance(values["record_drafts"], bool):  # "no" would be truthy
+        raise bad("record_drafts", "must be true or false", "sampler.record_drafts")
     for key in ("steps", "block_length"):
         if given(key) and (not is_int(values[key]) or values[key] <= 0):
             raise bad(key, "must be a positive integer")
@@ -286,7 +288,8 @@ def mask_user_values(sampler: Mapping[str, Any], family: str) -> dict[str, Any]:
     """The mask sampler's user values from the job's sampler knobs (`mask` nested, plus max_new_tokens, seed,
     record_drafts); a DiffusionGemma-only knob that is set is an error naming it."""
     set_elsewhere = [k for k in DIFFUSION_GEMMA_ONLY if sampler.get(k) is not None]
-    set_elsewhere += [k for k in DIFFUSION_GEMMA_SWITCHES if sampler.get(k) is False]  # on by default
+    # on by default: anything else (false, or a value that is not a bool) is a choice made for another family
+    set_elsewhere += [k for k in DIFFUSION_GEMMA_SWITCHES if sampler.get(k) not in (None, True)]
     if set_elsewhere:
         raise MaskSettingsError(
             f"sampler.{set_elsewhere[0]}={sampler[set_elsewhere[0]]!r} is a DiffusionGemma setting; a {family} "
@@ -366,7 +369,7 @@ def resolve_mask_settings(
             eos_token_ids=tuple(generation_config.get("eos_token_ids", eos_token_ids)),
             pad_token_id=int(generation_config.get("pad_token_id", pad_token_id)),
             seed=int(user.get("seed") or 0),
-            record_drafts=bool(user.get("record_drafts") or False),
+            record_drafts=user.get("record_drafts") or False,
         )
     except MaskSettingsError as e:  # a value the user did not set: say where it came from
         taken = [k for k in KNOBS if k in explicit and user.get(k) is None and re.search(rf"\b{k}\b", str(e))]
