@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -244,11 +245,13 @@ def resolve_settings(
     """User values (None = unset) over the model's generation config over the reference defaults."""
     check_knobs(user)
     values: dict[str, Any] = {}
+    configured: list[str] = []  # the knobs taken from the model's generation config
     for key in KNOBS:
         if user.get(key) is not None:
             values[key] = user[key]
         elif generation_config.get(key) is not None:
             values[key] = generation_config[key]
+            configured.append(key)
         else:
             values[key] = REFERENCE_DEFAULTS[key]
     # The reference validates floats strictly; accept ints where a float is meant.
@@ -266,10 +269,21 @@ def resolve_settings(
     canvas = user.get("canvas_length")
     if canvas is not None and (not is_int(canvas) or canvas < 1):
         raise SettingsError(f"sampler.canvas_length={canvas!r} must be a positive integer")
-    return SamplerSettings(
-        **values,
-        canvas_length=canvas_length if canvas is None else canvas,
-        eos_token_ids=tuple(generation_config.get("eos_token_ids", eos_token_ids)),
-        pad_token_id=int(generation_config.get("pad_token_id", pad_token_id)),
-        **extras,
-    )
+    try:
+        return SamplerSettings(
+            **values,
+            canvas_length=canvas_length if canvas is None else canvas,
+            eos_token_ids=tuple(generation_config.get("eos_token_ids", eos_token_ids)),
+            pad_token_id=int(generation_config.get("pad_token_id", pad_token_id)),
+            **extras,
+        )
+    except SettingsError as e:  # a value the user did not set: say where it came from
+        taken = [k for k in configured if re.search(rf"\b{k}=", str(e))]
+        if not taken:
+            raise
+        named = ", ".join(f"{k}={values[k]!r}" for k in taken)
+        keys = " / ".join(f"sampler.{k}" for k in taken)
+        raise SettingsError(
+            f"{e}; {named} {'comes' if len(taken) == 1 else 'come'} from the model's generation_config.json: "
+            f"set {keys} to override"
+        ) from None

@@ -171,3 +171,30 @@ def test_a_max_length_budget_the_sampler_does_not_apply_is_reported_unless_max_n
     assert max_length_note({"max_new_tokens": 64}, model) is None
     assert max_length_note({}, {**model, "max_new_tokens": 64}) is None
     assert max_length_note({}, parse_generation_config(FLAT)) is None
+
+
+@pytest.mark.parametrize(
+    ("user", "config", "message"),
+    [
+        ({}, {"max_new_tokens": 0}, "max_new_tokens=0 comes from the model's generation_config.json: set "
+         "sampler.max_new_tokens to override"),
+        ({"t_min": 0.9}, {"t_max": 0.8}, "t_max=0.8 comes from the model's generation_config.json: set "
+         "sampler.t_max to override"),
+        ({}, {"t_min": 0.9, "t_max": 0.8}, "t_min=0.9, t_max=0.8 come from the model's generation_config.json: "
+         "set sampler.t_min / sampler.t_max to override"),
+    ],
+)  # fmt: skip
+def test_an_invalid_value_from_the_generation_config_says_where_it_came_from(user, config, message, tmp_path):
+    """LLM(model) on a model whose generation_config.json holds max_new_tokens 0 failed with "max_new_tokens=0
+    must be a positive integer", a setting its user never gave, as the mask sampler's settings say."""
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    with pytest.raises(SettingsError) as info:
+        resolve_settings(
+            user, read_generation_config(str(tmp_path)), canvas_length=8, eos_token_ids=(1,), pad_token_id=0
+        )
+    assert str(info.value).endswith(f"; {message}")
+    with pytest.raises(SettingsError) as info:  # the user's own value is named as it is
+        resolve_settings(
+            {"t_min": 0.9, "t_max": 0.8}, {}, canvas_length=8, eos_token_ids=(1,), pad_token_id=0
+        )
+    assert "generation_config" not in str(info.value)
