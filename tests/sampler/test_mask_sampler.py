@@ -203,7 +203,7 @@ def test_caching_saves_forward_flops(llada_fp32):
         dict(cache="prefix", temperature=0.8),
         dict(cache="dual", threshold=0.3, remasking="margin"),
         dict(cache="none", cfg_scale=1.0, remasking="random", temperature=1.0),
-        dict(cache="dual", remask_threshold=0.2, steps=24),
+        dict(cache="dual", remask_threshold=0.2),  # 4 steps a block of 8: 2 tokens a step, remasks
         dict(algorithm="dream", block_length=24, remasking="entropy", temperature=0.7, top_p=0.9, alg_temp=0.5),
         dict(algorithm="dream", block_length=12, remasking="origin", cfg_scale=0.5, top_k=6, temperature=1.0),
     ],
@@ -383,7 +383,7 @@ def test_self_correction_remasks_low_probability_tokens():
     assert out.tokens[0].tolist() == [3, 3, 3, 0, 0, 3]
     # row 1 commits ceil(3 / 3) = 1: no budget, net progress first
     assert not out.remasked[1].any() and int(out.transferred[1].sum()) == 1
-    out = remask(steps_left=torch.tensor([1, 1]), allow_remask=torch.tensor([False, False]))
+    out = remask(steps_left=torch.tensor([1, 3]), allow_remask=torch.tensor([False, False]))
     assert not out.remasked.any()
 
 
@@ -496,4 +496,43 @@ def test_a_switch_that_is_not_a_bool_is_refused_as_for_diffusion_gemma(knobs, me
         )
     assert (
         LLM("builtin:tiny-llada", record_drafts=False, adaptive_stopping=True).settings.record_drafts is False
+    )
+
+
+@pytest.mark.parametrize(
+    "mask, steps_hint",
+    [
+        ({}, "Set mask.steps from 6 to 12 (a multiple of 2)"),  # tiny-llada's 16 steps over 2 blocks of 8
+        ({"steps": 4}, "Set mask.steps from 6 to 12"),  # 2 steps a block: no step between first and last
+        ({"algorithm": "dream", "remasking": "entropy"}, "Set fewer mask.steps or longer blocks"),
+        ({"block_length": 4, "steps": 4, "threshold": 0.5}, "Set fewer mask.steps or longer blocks"),
+    ],
+    ids=["llada-default", "two-steps-a-block", "dream-one-a-step", "threshold-one-step-a-block"],
+)
+def test_a_remask_threshold_that_could_never_remask_is_refused(mask, steps_hint):
+    """sampler.mask.remask_threshold was taken and did nothing with LLaDA's default schedule (steps =
+    max_new_tokens: one token a step, and a step remasks fewer than it commits): the same completions as
+    without it."""
+    from pipeline import LLM
+
+    with pytest.raises(
+        MaskSettingsError, match="remask_threshold=0.5 would never mask a token again"
+    ) as info:
+        LLM("builtin:tiny-llada", mask={**mask, "remask_threshold": 0.5})
+    assert steps_hint in str(info.value)
+
+
+def test_a_remask_threshold_is_taken_where_the_schedule_lets_it_act(llada_fp32):
+    """Where a step between a block's first and last commits two tokens, tokens are remasked."""
+    for steps, block, commits in ((12, 8, [2, 2, 1, 1, 1, 1]), (6, 8, [3, 3, 2]), (8, 16, [2] * 8)):
+        settings = _settings(llada_fp32, steps=steps, block_length=block, remask_threshold=0.9)
+        assert settings.can_remask and settings.commits_per_step() == commits
+    got, _ = _run(llada_fp32, _prompts(4), steps=12, remask_threshold=0.9, record_drafts=True)
+    mask = llada_fp32.mask_token_id
+    assert any(
+        a != mask and b == mask
+        for r in got.values()
+        for drafts in r.drafts
+        for before, after in zip(drafts, drafts[1:], strict=False)
+        for a, b in zip(before, after, strict=True)
     )

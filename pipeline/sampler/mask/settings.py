@@ -132,12 +132,62 @@ class MaskSettings:
                 f"sampler.mask.steps={self.steps} must be a multiple of the number of blocks ({blocks} = "
                 f"max_new_tokens {self.max_new_tokens} / block_length {self.block_length})"
             )
+        if self.remask_threshold > 0 and not self.can_remask:
+            raise MaskSettingsError(
+                f"sampler.mask.remask_threshold={self.remask_threshold!r} would never mask a token again: a "
+                "step remasks fewer tokens than it commits, and only between a block's first and last steps, "
+                f"and with steps={self.steps} over blocks of block_length={self.block_length} "
+                f"({self.steps_per_block} steps a block) no such step commits more than one token. "
+                f"{self._remask_hint()}"
+            )
+
+    def _remask_hint(self) -> str:
+        """How to make self-correction act (can_remask false). LLaDA's schedule commits two tokens or more
+        in a step between a block's first and last exactly when the block has 3 to block_length - 2 steps."""
+        blocks, length = self.num_blocks, self.block_length
+        unset = "or sampler.mask.threshold, or leave remask_threshold unset"
+        if self.algorithm == "llada" and length - 2 >= 3:
+            low, high = 3 * blocks, (length - 2) * blocks
+            return f"Set sampler.mask.steps from {low} to {high} (a multiple of {blocks}), {unset}"
+        return f"Set fewer sampler.mask.steps or longer blocks, {unset}"
 
     @property
     def draws_random_numbers(self) -> bool:
         """Whether a step draws keyed random numbers (sampled tokens or positions): if not, the completion is
         a function of the prompt alone, and every completion of a prompt is the same."""
         return self.temperature > 0 or self.remasking in ("random", "origin") or self.alg_temp > 0
+
+    @property
+    def can_remask(self) -> bool:
+        """Whether self-correction (remask_threshold) can ever act. A step remasks fewer tokens than it
+        commits, and only between a block's first and last steps (decide.py): a schedule that commits at most
+        one token in each of those steps never remasks (LLaDA's default, steps = max_new_tokens, commits one a
+        step). Commits of a threshold or of Dream's `origin` vary from row to row: they can, given such a
+        step."""
+        if self.threshold is not None or self.remasking == "origin":
+            return self.steps_per_block >= 3
+        return any(count >= 2 for count in self.commits_per_step()[1:-1])
+
+    def commits_per_step(self) -> list[int]:
+        """Tokens a block's schedule commits at each of its steps, without self-correction (decide.py):
+        LLaDA's ceil(masked / steps left), or Dream's int(masked * (1 - s / t)) in float32 (all left at the
+        last)."""
+        steps, masked, counts = self.steps_per_block, self.block_length, []
+        if self.algorithm == "dream":
+            import torch
+
+            points = torch.linspace(1, self.eps, steps + 1)  # float32, as decide.dream_transfer
+            fractions = (1 - points[1:] / points[:-1]).numpy()
+        for step in range(steps):
+            if step == steps - 1:
+                count = masked
+            elif self.algorithm == "dream":
+                count = int(fractions.dtype.type(masked) * fractions[step])  # a float32 product, truncated
+            else:
+                count = -(-masked // (steps - step))
+            counts.append(count)
+            masked -= count
+        return counts
 
     def check_completions(self, completions: int) -> None:
         """MaskSettingsError when `completions` > 1 completions of a prompt would all be the same."""
