@@ -198,7 +198,10 @@ class DiffusionSampler:
         slots, length, dim = self.max_batch, self.length, self.model.hidden_size
         dev = self.device
         self._cache = self.model.new_cache(slots, self.capacity)
-        history = max(self.settings.stability_threshold, 0)
+        # A canvas is stable once its argmax equals each of the last stability_threshold ones: never within
+        # max_denoising_steps steps when the threshold is as large, so the history need not be any longer (a
+        # threshold of 10**8 asked for 200 GB).
+        history = min(max(self.settings.stability_threshold, 0), self.settings.max_denoising_steps)
         self._state = {
             "canvas": torch.zeros(slots, length, dtype=torch.long, device=dev),
             "argmax": torch.zeros(slots, length, dtype=torch.long, device=dev),

@@ -1,5 +1,6 @@
 """Sampler edge cases: canvases shorter than the prompt padding, the padding rows of bucketed steps, drafts
-under static batching, and the finish reason of an EOS past max_new_tokens."""
+under static batching, the finish reason of an EOS past max_new_tokens, and a stability threshold past
+max_denoising_steps."""
 
 from __future__ import annotations
 
@@ -119,3 +120,19 @@ def test_each_canvas_starts_its_stability_history_afresh(batching):
         result = sampler.generate([Request("r", [5])], batching=batching)[0]
         assert (result.canvases, result.denoising_steps) == (2, 2 * per_canvas)
         assert sampler.stats.encoder_calls == 2, "the prompt and the first canvas"
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_stability_threshold_past_max_denoising_steps_never_stops_and_takes_no_memory(model, batching):
+    """Each slot held an argmax history of stability_threshold canvases: sampler.stability_threshold=10**8 failed
+    every worker's start ("the sampler's 8 slots (sampler.batch_size) and their KV cache do not fit ... you
+    tried to allocate 204800000000 bytes"), 10**6 took 2 GB and 10 s. A canvas cannot be stable for more steps
+    than it runs: such a threshold runs max_denoising_steps every canvas, as adaptive_stopping=false does."""
+    rows = [Request(f"r{i}", [7 + i] * 5) for i in range(3)]
+    knobs = dict(max_denoising_steps=4, eos_token_ids=())
+    huge = _sampler(model, batch=2, stability_threshold=10**12, **knobs)
+    got = huge.generate(rows, batching=batching)
+    assert huge._state["history"].shape[1] == 4
+    off = _sampler(model, batch=2, stability_threshold=4, adaptive_stopping=False, **knobs)
+    assert _outputs(got) == _outputs(off.generate(rows, batching=batching))
+    assert all(r.denoising_steps == 4 * r.canvases for r in got)
