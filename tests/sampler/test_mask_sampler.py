@@ -502,8 +502,14 @@ def test_a_switch_that_is_not_a_bool_is_refused_as_for_diffusion_gemma(knobs, me
 @pytest.mark.parametrize(
     "mask, steps_hint",
     [
-        ({}, "Set mask.steps from 6 to 12 (a multiple of 2)"),  # tiny-llada's 16 steps over 2 blocks of 8
-        ({"steps": 4}, "Set mask.steps from 6 to 12"),  # 2 steps a block: no step between first and last
+        (
+            {},
+            "Set mask.steps to a multiple of 2 between 6 and 12 (3 to 6 steps a block)",
+        ),  # tiny-llada's 16 steps over 2 blocks of 8
+        (
+            {"steps": 4},
+            "Set mask.steps to a multiple of 2 between 6 and 12",
+        ),  # 2 steps a block: no step between first and last
         ({"algorithm": "dream", "remasking": "entropy"}, "Set fewer mask.steps or longer blocks"),
         ({"block_length": 4, "steps": 4, "threshold": 0.5}, "Set fewer mask.steps or longer blocks"),
     ],

@@ -148,7 +148,10 @@ class MaskSettings:
         unset = "or sampler.mask.threshold, or leave remask_threshold unset"
         if self.algorithm == "llada" and length - 2 >= 3:
             low, high = 3 * blocks, (length - 2) * blocks
-            return f"Set sampler.mask.steps from {low} to {high} (a multiple of {blocks}), {unset}"
+            return (
+                f"Set sampler.mask.steps to a multiple of {blocks} between {low} and {high} (3 to {length - 2} "
+                f"steps a block), {unset}"
+            )
         return f"Set fewer sampler.mask.steps or longer blocks, {unset}"
 
     @property
