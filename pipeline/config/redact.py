@@ -60,11 +60,19 @@ def redact_text(text: str) -> str:
         if value is None or key in _NOT_SECRETS or not is_secret_key(key):
             continue
         shown = value.group().strip("'\"")
-        if shown.lower() not in ("null", "none", "true", "false", "...") and not _ENV_REFERENCE.match(shown):
+        if not _placeholder(shown) and not _ENV_REFERENCE.match(shown):
             parts.append(REDACTED)
             pos = value.end()
     parts.append(text[pos:])
     return without_userinfo("".join(parts))
+
+
+def _placeholder(value: str) -> bool:
+    """A value that is no secret: null, a boolean, or a usage text's placeholder (`key=value ...` in --help,
+    `<redacted>`, `<YOUR_KEY>`)."""
+    return value.lower() in ("null", "none", "true", "false", "...", "value") or (
+        value.startswith("<") and value.endswith(">")
+    )
 
 
 def _env_text(*args: Any) -> str:

@@ -209,3 +209,5 @@ def test_what_hydra_prints_before_the_job_starts_redacts_secret_keys(script, arg
         assert (
             "token: ${oc.env:HF_TOKEN}" in output and "_target_: pipeline.tasks.checker.check_row" in output
         )
+    if args == ["--help"]:  # the usage line's placeholder is no secret
+        assert "python jobs/nightly.py [group=option ...] [key=value ...]" in output, output
