@@ -51,9 +51,8 @@ def redact_text(text: str) -> str:
     while (match := _ASSIGNED.search(text, pos)) is not None:
         value = _VALUE.match(text, match.end())
         parts.append(text[pos : match.end()])
-        pos = (
-            match.end()
-        )  # a value that is not redacted is searched too: `a=b.token=SECRET`, `x={key: SECRET}`
+        # A value that is not redacted is searched too: `a=b.token=SECRET`, `x={key: SECRET}`.
+        pos = match.end()
         key, line = match.group("key"), text[: match.start()].rpartition("\n")[2].rstrip()
         if match.group("sep") != "=" and line and line[-1] not in "{,-":
             continue  # `key: value` only as YAML has it (a line's first key, in {...}, a list item), not prose

@@ -11,9 +11,8 @@ def render_card(run_uri: str, manifest: dict[str, Any], stats: dict[str, Any]) -
     sampler = manifest.get("sampler", {})
     knobs = "\n".join(f"| `{k}` | {json.dumps(v)} |" for k, v in sorted(sampler.items()))
     loading = _loading(run_uri, stats)
-    kept = manifest.get("input", {}).get(
-        "metadata_columns"
-    )  # data.metadata_columns; None: every other column
+    # data.metadata_columns; None: every other column
+    kept = manifest.get("input", {}).get("metadata_columns")
     carried = (
         "the input row's other columns"
         if kept is None

@@ -65,9 +65,8 @@ def load_mask_model(
     tensors = read_tensors(model_dir, files, published_shapes, dtype=dtype, device=device)
     state = {wanted[published]: tensor for published, tensor in tensors.items()}
     model.load_state_dict(state, assign=True, strict=True)
-    model.register_buffer(
-        "inv_freq", rope_inv_freq(model.spec, device), persistent=False
-    )  # was built on meta
+    # inv_freq was built on the meta device with the module
+    model.register_buffer("inv_freq", rope_inv_freq(model.spec, device), persistent=False)
     return model.eval().requires_grad_(False)
 
 

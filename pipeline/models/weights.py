@@ -98,9 +98,8 @@ def read_header(read: Callable[[int, int], bytes], size: int) -> dict[str, Any]:
     (length,) = struct.unpack("<Q", read(0, 8))
     if length > size - 8:
         raise ValueError(f"its header claims {length} bytes; the file has {size}")
-    if (
-        length > MAX_HEADER_BYTES
-    ):  # not read: e.g. a pickled checkpoint renamed, whose first bytes say anything
+    # Not read: e.g. a pickled checkpoint renamed, whose first 8 bytes say anything.
+    if length > MAX_HEADER_BYTES:
         raise ValueError(f"its header claims {length} bytes, over safetensors' limit of {MAX_HEADER_BYTES}")
     try:
         header = json.loads(read(8, length).decode("utf-8"))
