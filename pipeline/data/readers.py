@@ -279,7 +279,7 @@ def _file_rows(file: str, local: str) -> Iterator[tuple]:
         row = _jsonl_line(line, f"{name}:{number}")
         if seen_object:
             yield row
-        elif row[0] is None:
+        elif row[0] is None and not isinstance(row[1], _ObjectError):
             if not pending:
                 _refuse_json_document(file, local)
             pending.append(row)
@@ -391,6 +391,31 @@ def _refuse_json_document(file: str, local: str) -> None:
     raise InputError(f"{file} is not JSON Lines: it is one JSON {kind}. {hint}")
 
 
+class _DuplicateKeys(ValueError):
+    """A JSON object of the line has a key more than once (json.loads would keep the last value silently)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(keys)
+        self.keys = keys
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The object of `pairs`; _DuplicateKeys naming the keys that occur more than once. Costs ~2% of a read
+    (the C scanner builds the pairs list instead of the dict, and one call per object)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKeys(list(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k))))
+    return obj
+
+
+_decode_json = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
+
+
+class _ObjectError(str):
+    """The error of a line that is a JSON object, unusable as a row: the file is JSON Lines all the same."""
+
+
 def _jsonl_line(line: bytes, where: str) -> tuple:
     if len(line) > LONG_LINE and line.lstrip(b" \t\r")[:1] == b"[":
         # Not an object whatever it holds, and json.loads of a file-long array (json.dump's one line) took ~7x
@@ -404,9 +429,19 @@ def _jsonl_line(line: bytes, where: str) -> tuple:
     except UnicodeDecodeError as e:
         return None, f"{where}: invalid UTF-8 at byte {e.start}", raw
     try:
-        obj = json.loads(text)
+        obj = _decode_json(text)
     except json.JSONDecodeError as e:
         return None, f"{where}: malformed JSON ({e.msg} at column {e.colno})", raw
+    except _DuplicateKeys as e:
+        keys = ", ".join(_printable(repr(k)) for k in e.keys)
+        return (
+            None,
+            _ObjectError(
+                f"{where}: duplicate key(s) {keys} in one JSON object, so which value is meant is unclear (a "
+                "JSON reader keeps only the last one); keep one value per key in the input"
+            ),
+            raw,
+        )
     except RecursionError:
         limit = sys.getrecursionlimit()
         return (
@@ -452,7 +487,14 @@ def _parquet_rows(
 
 def _check_columns(names: list[str], data: DataConfig, file: str | None = None) -> None:
     """InputError when the prompt (or messages) column or the declared id column is not among `names` (the
-    columns of `file`, or of the whole input)."""
+    columns of `file`, or of the whole input), or when a name occurs twice (a row would keep the last value)."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise InputError(
+            f"{file or 'the input'} has the column(s) {_printable(', '.join(map(repr, twice)))} more than once, "
+            "so which value a row means is unclear (a reader keeps only the last one); rename or drop the "
+            "extra column(s) when writing it"
+        )
     if data.prompt_template:
         from pipeline.data.prompts import template_fields
 
