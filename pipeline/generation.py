@@ -27,7 +27,7 @@ from pipeline.data.prompts import (
 )
 from pipeline.io.columns import RESERVED_COLUMNS
 from pipeline.postprocess import load_postprocess
-from pipeline.sampler.stop import StopStrings
+from pipeline.sampler.stop import StopStrings, stop_token_ids
 
 if TYPE_CHECKING:
     from pipeline.runner.stream import SharedSampler
@@ -207,7 +207,8 @@ class Generator:
         if not spec.stop:
             return None
         tokenizer = copy.deepcopy(self.loaded.tokenizer)
-        return StopStrings(spec.stop, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        token_ids = stop_token_ids(spec.stop, tokenizer, "stop" if spec.api else "sampler.stop")
+        return StopStrings(spec.stop, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), token_ids)
 
     @property
     def model_name(self) -> str:

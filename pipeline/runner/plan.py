@@ -39,7 +39,7 @@ from pipeline.sampler.settings import (
     max_length_note,
     resolve_settings,
 )
-from pipeline.sampler.stop import check_stops, escape_hint
+from pipeline.sampler.stop import check_stops, escape_hint, stop_token_ids
 
 logger = logging.getLogger("canvasflow")
 
@@ -110,9 +110,13 @@ def plan(job: JobConfig) -> Prepared:
     run id's identity (a conflict without run.overwrite). Writes nothing in the run directory: that is
     open_run's, under the run lock."""
     check_local_device(job)
-    # The tokenizer, for the system-prompt check and a dry run's prompts (an s3:// model's tokenizer files only).
+    # The tokenizer, for the system-prompt and stop-string checks and a dry run's prompts (an s3:// model's
+    # tokenizer files only).
+    stops = check_stops(job.sampler.stop)
     info, model_id, tokenizer = inspect_job_model(
-        job, tokenizer=job.data.system_prompt is not None or job.run.dry_run, shapes=job.run.dry_run
+        job,
+        tokenizer=job.data.system_prompt is not None or bool(stops) or job.run.dry_run,
+        shapes=job.run.dry_run,
     )
     knobs = {k: getattr(job.sampler, k) for k in USER_KNOBS}
     knobs["mask"] = dataclasses.asdict(job.sampler.mask)
@@ -124,6 +128,11 @@ def plan(job: JobConfig) -> Prepared:
     if job.data.system_prompt is not None:
         try:
             check_system_prompt(tokenizer, job.data.system_prompt, job.data.apply_chat_template)
+        except ValueError as e:
+            raise ConfigError(f"{e} (model {job.model.path})") from None
+    if stops:
+        try:
+            stop_token_ids(stops, tokenizer)  # refuses a stop string that can never match
         except ValueError as e:
             raise ConfigError(f"{e} (model {job.model.path})") from None
     try:
@@ -175,7 +184,6 @@ def plan(job: JobConfig) -> Prepared:
     )
 
     settings_dict = settings.to_dict()
-    stops = check_stops(job.sampler.stop)
     if stops:  # only when set, so that the identity (and derived run id) of other runs stays
         settings_dict["stop"] = list(stops)
         hint = escape_hint(stops)

@@ -9,11 +9,15 @@ its text (pipeline/generation.py) before the stop string, which is not part of t
 Text is decoded exactly as the output's `completion` column is (special tokens skipped), so that a stop string
 matches the text the user reads. Each check decodes the row's tokens so far: a canvas of 256 tokens every few
 dozen decoder passes, negligible beside the passes themselves.
+
+A stop string that is a special token of the tokenizer ("<end_of_turn>", "<|eot_id|>") is never in that text:
+it is matched as its token id instead, and the row ends at that token (kept in the tokens, as vLLM keeps a stop
+token id; its text is empty). One that holds a special token among other text could never match: refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 MAX_STOPS = 16  # stop strings per job
@@ -55,14 +59,54 @@ def escape_hint(stops: Sequence[str], key: str = "sampler.stop") -> str | None:
     return None
 
 
+def special_tokens(tokenizer: Any) -> dict[str, int]:
+    """The special tokens that decoding with skip_special_tokens=True leaves out, by text, with their ids."""
+    candidates = {token.content: i for i, token in tokenizer.added_tokens_decoder.items()}
+    candidates.update(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids, strict=True))
+    return {
+        text: i
+        for text, i in candidates.items()
+        if text and tokenizer.decode([i], skip_special_tokens=True) == ""
+    }
+
+
+def stop_token_ids(stops: Sequence[str], tokenizer: Any, key: str = "sampler.stop") -> dict[str, int]:
+    """The stop strings that are special tokens of `tokenizer`, with their ids: completions are decoded
+    without special tokens, so these are matched by id. ValueError naming a stop string that holds a special
+    token among other text, which could match neither way."""
+    specials = special_tokens(tokenizer)
+    found = {}
+    for i, stop in enumerate(stops):
+        if stop in specials:
+            found[stop] = specials[stop]
+            continue
+        inside = sorted((t for t in specials if t in stop), key=stop.index)
+        if inside:
+            raise ValueError(
+                f"{key}[{i}]={stop!r} holds the special token {inside[0]!r}, which is not in a completion's "
+                f"text (decoded without special tokens), so it never matches: give {inside[0]!r} as a stop "
+                "string of its own (a completion then ends at that token), and the text before it as another"
+            )
+    return found
+
+
 class StopStrings:
     """`decode(token_ids) -> text` decodes as the output does. Called with a row's tokens, returns how many
-    leading tokens to keep (the fewest whose text holds a stop string), or None when the text holds none."""
+    leading tokens to keep (the fewest whose text holds a stop string, or up to and including the first stop
+    token), or None when there is none. `token_ids`: the stop strings that are special tokens (stop_token_ids),
+    matched by id."""
 
-    def __init__(self, stops: Sequence[str], decode: Callable[[list[int]], str]) -> None:
+    def __init__(
+        self,
+        stops: Sequence[str],
+        decode: Callable[[list[int]], str],
+        token_ids: Mapping[str, int] | None = None,
+    ) -> None:
+        token_ids = token_ids or {}
         if not stops:
             raise ValueError("StopStrings needs at least one stop string")
-        self.stops = tuple(stops)
+        self.stops = tuple(stop for stop in stops if stop not in token_ids)  # matched in the text
+        self.token_ids = frozenset(token_ids[stop] for stop in stops if stop in token_ids)
         self.decode = decode
 
     def find(self, text: str) -> int | None:
@@ -76,7 +120,15 @@ class StopStrings:
         return text if at is None else text[:at]
 
     def __call__(self, tokens: list[int]) -> int | None:
-        if not tokens or self.find(self.decode(tokens)) is None:
+        token = (
+            next((i for i, t in enumerate(tokens) if t in self.token_ids), None) if self.token_ids else None
+        )
+        if token is not None:  # a stop string in the text before the stop token ends the row earlier
+            return self._in_text(tokens[:token]) or token + 1
+        return self._in_text(tokens)
+
+    def _in_text(self, tokens: list[int]) -> int | None:
+        if not tokens or not self.stops or self.find(self.decode(tokens)) is None:
             return None
         # The fewest leading tokens whose text holds a stop string: text only grows as tokens are added.
         low, high = 1, len(tokens)

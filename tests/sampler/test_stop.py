@@ -16,7 +16,7 @@ from pipeline.models.mask_checkpoint import load_mask_model
 from pipeline.sampler.engine import DiffusionSampler, Request
 from pipeline.sampler.mask.engine import MaskDiffusionSampler
 from pipeline.sampler.mask.settings import MaskSettings
-from pipeline.sampler.stop import MAX_STOP_CHARS, MAX_STOPS, StopStrings, check_stops
+from pipeline.sampler.stop import MAX_STOP_CHARS, MAX_STOPS, StopStrings, check_stops, stop_token_ids
 from tests.support.mask_models import build_mask_checkpoint
 from tests.support.models import build_checkpoint, sampler_settings
 
@@ -145,6 +145,48 @@ def test_stop_strings_on_a_real_tokenizer_keep_the_fewest_tokens_and_cut_the_tex
 
 
 @pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_stop_string_that_is_a_special_token_ends_the_row_at_that_token(gemma, batching):
+    """Completions are decoded without special tokens, so "<end_of_turn>" never matched in the text: it is
+    matched as its token id, and a row ends at its first one (kept, as vLLM keeps a stop token id)."""
+    tokenizer = load_tokenizer(
+        resolve_model_dir("builtin:tiny-diffusiongemma")
+    )  # the checkpoint's vocabulary
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    special = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    requests = _requests()
+    base, _ = _run(_gemma_sampler, gemma, requests, batching)
+    stop = StopStrings(["<end_of_turn>"], decode, stop_token_ids(["<end_of_turn>"], tokenizer))
+    stopped, _ = _run(_gemma_sampler, gemma, requests, batching, stop)
+    ended = 0
+    for row_id, (tokens, _steps, _canvases, reason) in base.items():
+        if special not in tokens:
+            assert stopped[row_id][0] == tokens and stopped[row_id][3] == reason, row_id
+            continue
+        ended += 1
+        kept = tokens[: tokens.index(special) + 1]
+        assert (stopped[row_id][0], stopped[row_id][3]) == (kept, "stop"), row_id
+        assert stop.cut(decode(kept)) == decode(kept[:-1])
+    assert ended >= 2 and special not in kept[:2], "rows of the workload that emit <end_of_turn>"
+    # A stop string in the text before the stop token ends the row there.
+    both = StopStrings(["<end_of_turn>", decode(kept[:2])], decode, {"<end_of_turn>": special})
+    assert both(kept) == len(kept[:2]) and both(kept[:-1] + [999]) == 2
+
+
+def test_a_stop_string_holding_a_special_token_among_text_is_refused():
+    tokenizer = load_tokenizer(resolve_model_dir("builtin:tiny-diffusiongemma"))
+    assert stop_token_ids(["</a>", "<end_of_turn>", "<eos>"], tokenizer) == {"<end_of_turn>": 6, "<eos>": 1}
+    with pytest.raises(ValueError) as e:
+        stop_token_ids(["x", "</a><end_of_turn>"], tokenizer)
+    assert str(e.value).startswith(
+        "sampler.stop[1]='</a><end_of_turn>' holds the special token '<end_of_turn>', which is not in a "
+        "completion's text (decoded without special tokens), so it never matches: give '<end_of_turn>' as a "
+        "stop string of its own"
+    )
+    with pytest.raises(ValueError, match=r"^stop\[0\]='</a><eos>' holds the special token '<eos>'"):
+        LLM(max_new_tokens=8, stop=["</a><eos>"])
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
 def test_a_stop_string_past_max_new_tokens_does_not_end_the_row(gemma, batching):
     """max_new_tokens=26 with 8-token canvases: tokens 26-31 of the last canvas are cut off, so a stop string
     found only there neither ends the row ("length", not "stop") nor keeps tokens past max_new_tokens."""
@@ -204,6 +246,7 @@ def test_the_job_takes_a_string_or_a_list_and_its_stop_strings_are_part_of_the_r
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import register_configs, to_job_config
+    from pipeline.config.schema import ConfigError
     from pipeline.runner.plan import plan
 
     register_configs()
@@ -222,3 +265,5 @@ def test_the_job_takes_a_string_or_a_list_and_its_stop_strings_are_part_of_the_r
     with caplog.at_level("WARNING", logger="canvasflow"):
         escaped = job("sampler.stop=[Q,'\\n']")
     assert escaped.spec.stop == ("Q", "\\n") and "holds a backslash and a letter" in caplog.text
+    with pytest.raises(ConfigError, match=r"sampler.stop\[0\]='A:<end_of_turn>' holds the special token"):
+        job("sampler.stop=['A:<end_of_turn>']")
