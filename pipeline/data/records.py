@@ -130,6 +130,9 @@ def has_surrogate(text: str) -> bool:
 
 
 SURROGATE_HINT = "not valid UTF-8 (it holds a lone surrogate such as \\ud800, e.g. half of an escaped emoji)"
+# What a text that shows nothing may hold: whitespace, NUL (fixed-width exports pad with it) and the zero-width
+# characters (a byte-order mark, a space or joiner of zero width), which str.strip() keeps.
+INVISIBLE = "".join(c for c in map(chr, range(0x3001)) if c.isspace()) + "\x00\u200b\u200c\u200d\u2060\ufeff"
 
 
 def _check_text(value: Any, what: str, *, allow_blank: bool = False) -> tuple[str | None, str | None]:
@@ -145,8 +148,13 @@ def _check_text(value: Any, what: str, *, allow_blank: bool = False) -> tuple[st
         return None, f"{what} must be a string, got {type(value).__name__}"
     if has_surrogate(value):
         return None, f"{what} is {SURROGATE_HINT}"
-    if not allow_blank and not value.strip():
-        return None, f"{what} is empty"
+    if not allow_blank and not value.strip(INVISIBLE):
+        if not value.strip():
+            return None, f"{what} is empty"
+        return (
+            None,
+            f"{what} is blank: it holds only {ascii(value)[1:-1][:60]} (NUL or zero-width characters)",
+        )
     return value, None
 
 
