@@ -44,6 +44,10 @@ RECORD_SCHEMA = pa.schema(
 )
 RAW_LIMIT = 2000
 BATCH_ROWS = 65536  # records buffered as Python objects before they become an Arrow batch
+# ... or fewer, so that their text stays within this many characters: an Arrow string column holds at most 2 GiB
+# (a batch of 65,536 rows of 33 KB documents failed with "Cannot convert pyarrow.lib.ChunkedArray to
+# pyarrow.lib.Array"); 2**28 characters are at most 1 GiB of UTF-8 in any one column.
+BATCH_CHARS = 1 << 28
 SPILL_PREFIX = "canvasflow-records-"
 
 
@@ -299,6 +303,7 @@ class RecordBuilder:
     ) -> None:
         self.data = data
         self.columns: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
+        self.chars = 0  # characters of the buffered records' text
         self.spill = RecordSpill()
         self.written = 0
         self.hash = hashlib.sha256()
@@ -356,9 +361,14 @@ class RecordBuilder:
             "error": error,
             "raw": _valid_text(raw[:RAW_LIMIT]) if (error and raw) else None,
         }
+        kept, shown = record["prompt"], record["raw"]
+        chars = len(rid) + len(kept or "") + len(metadata or "") + len(error or "") + len(shown or "")
+        if self.chars + chars > BATCH_CHARS and self.columns["id"]:  # a batch over it holds one row alone
+            self._flush()
+        self.chars += chars
         for name, value in record.items():
             self.columns[name].append(value)
-        self.hash.update(_json([rid, record["prompt"], is_chat, metadata, error]).encode("utf-8", "replace"))
+        self.hash.update(_json([rid, kept, is_chat, metadata, error]).encode("utf-8", "replace"))
         if len(self.columns["id"]) >= BATCH_ROWS:
             self._flush()
 
@@ -367,6 +377,7 @@ class RecordBuilder:
         self.spill.write(pa.RecordBatch.from_pydict(self.columns, schema=RECORD_SCHEMA))
         self.written += 1
         self.columns = {name: [] for name in RECORD_SCHEMA.names}
+        self.chars = 0
 
     def _metadata(self, row: dict[str, Any]) -> tuple[str | None, str | None]:
         """(the other columns as JSON | None, None), or (None, reason) naming the offending column."""

@@ -153,3 +153,20 @@ def test_download_folders_left_by_killed_reads_are_removed_after_a_day(tmp_path)
     os.utime(tmp_path / "other-tool-d4", (old, old))
     assert remove_stale_downloads(str(tmp_path)) == 2
     assert sorted(os.listdir(tmp_path)) == ["canvasflow-input-c3", "other-tool-d4"]
+
+
+@pytest.mark.slow  # 2.2 GB of text: ~30 s and ~5 GB of memory
+def test_records_whose_text_passes_2_gib_in_one_batch_are_split_into_batches(tmpdir_env):
+    """An Arrow string column holds at most 2 GiB: the records of 65,536 rows of 33 KB documents failed to
+    become one batch ("Cannot convert pyarrow.lib.ChunkedArray to pyarrow.lib.Array"). Two rows of 1.1 GB
+    prompts are the smallest such input; each is a batch of its own."""
+    big = "x" * 1_100_000_000
+    builder = RecordBuilder(DataConfig())
+    for index in range(2):
+        builder.add(index, {"prompt": big}, None, None)
+    builder.add(2, {"prompt": "Add: 1+2"}, None, None)
+    table = builder.finish()
+    assert table.num_rows == 3 and table.column("error").null_count == 3
+    assert [len(chunk) for chunk in table.column("prompt").chunks] == [1, 1, 1]
+    assert table.column("prompt")[1].as_buffer().size == len(big)
+    del table
