@@ -155,18 +155,24 @@ def test_download_folders_left_by_killed_reads_are_removed_after_a_day(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["canvasflow-input-c3", "other-tool-d4"]
 
 
-@pytest.mark.slow  # 2.2 GB of text: ~30 s and ~5 GB of memory
-def test_records_whose_text_passes_2_gib_in_one_batch_are_split_into_batches(tmpdir_env):
-    """An Arrow string column holds at most 2 GiB: the records of 65,536 rows of 33 KB documents failed to
-    become one batch ("Cannot convert pyarrow.lib.ChunkedArray to pyarrow.lib.Array"). Two rows of 1.1 GB
-    prompts are the smallest such input; each is a batch of its own."""
-    big = "x" * 1_100_000_000
+def _build(prompts: list[str]) -> tuple[pa.Table, str]:
     builder = RecordBuilder(DataConfig())
-    for index in range(2):
-        builder.add(index, {"prompt": big}, None, None)
-    builder.add(2, {"prompt": "Add: 1+2"}, None, None)
-    table = builder.finish()
-    assert table.num_rows == 3 and table.column("error").null_count == 3
-    assert [len(chunk) for chunk in table.column("prompt").chunks] == [1, 1, 1]
-    assert table.column("prompt")[1].as_buffer().size == len(big)
-    del table
+    for index, prompt in enumerate(prompts):
+        builder.add(index, {"prompt": prompt}, None, None)
+    return builder.finish(), builder.fingerprint()
+
+
+def test_a_batch_is_cut_before_its_text_passes_the_character_limit(tmpdir_env, monkeypatch):
+    """An Arrow string column holds at most 2 GiB: the records of 65,536 rows of 33 KB documents failed to
+    become one batch ("Cannot convert pyarrow.lib.ChunkedArray to pyarrow.lib.Array"). A batch is cut before
+    its text passes records.BATCH_CHARS (2**28 characters, at most 1 GiB of UTF-8), here lowered to 200; a
+    row over it is a batch of its own. The records and the fingerprint are those of one batch."""
+    assert records_module.BATCH_CHARS * 4 < 2**31  # 4 UTF-8 bytes per character at most
+    prompts = ["a" * 60, "b" * 60, "c" * 60, "d" * 500, "e" * 10, "f" * 10]
+    whole, whole_fingerprint = _build(prompts)
+    assert [len(chunk) for chunk in whole.column("prompt").chunks] == [6]
+    monkeypatch.setattr(records_module, "BATCH_CHARS", 200)
+    table, fingerprint = _build(prompts)
+    # Each record's text is its prompt plus its 16-character id: 76 + 76 fit, a third would pass 200.
+    assert [len(chunk) for chunk in table.column("prompt").chunks] == [2, 1, 1, 2]
+    assert table.to_pylist() == whole.to_pylist() and fingerprint == whole_fingerprint
