@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 import types
 import typing
 from collections.abc import Callable
@@ -191,6 +192,14 @@ def run_cli(
         if e.code in (None, 0) or task_started():
             raise
         sys.stderr.write(_compose_failure(e.__context__, script, schema) + "\n")
+        sys.exit(STARTUP_FAILED)
+    except Exception as e:
+        if task_started():
+            raise
+        # HYDRA_FULL_ERROR=1: Hydra raises its compose error instead of exiting 1; printed here, while stderr
+        # still redacts, not by the interpreter after the streams are restored.
+        traceback.print_exc()
+        sys.stderr.write(_compose_failure(e, script, schema) + "\n")
         sys.exit(STARTUP_FAILED)
     finally:
         sys.stdout, sys.stderr = streams

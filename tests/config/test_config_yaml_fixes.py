@@ -211,3 +211,30 @@ def test_what_hydra_prints_before_the_job_starts_redacts_secret_keys(script, arg
         )
     if args == ["--help"]:  # the usage line's placeholder is no secret
         assert "python jobs/nightly.py [group=option ...] [key=value ...]" in output, output
+
+
+@pytest.mark.parametrize(
+    ("override", "shown"),
+    [
+        # No '+': ConfigCompositionException. Not parsed: OverrideParseException.
+        ("postprocess.api_key=CANARY-full1", "+postprocess.api_key=<redacted>"),
+        ("+postprocess.password=pa#CANARY-full2", "+postprocess.password=<redacted>"),
+    ],
+)
+def test_hydra_full_error_tracebacks_of_compose_errors_are_redacted(override, shown):
+    """With HYDRA_FULL_ERROR=1 Hydra raises its compose error instead of exiting 1: the interpreter printed the
+    traceback after run_cli had restored the streams, "To append to your config use
+    +postprocess.api_key=CANARY" with it, and the job exited 1."""
+    overrides = ["postprocess=callable", "postprocess._target_=pipeline.tasks.checker.check_row", override]
+    shown_run = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "generate.py"), *overrides],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+        timeout=120,
+    )
+    output = shown_run.stdout + shown_run.stderr
+    assert shown_run.returncode == 2, output
+    assert "CANARY" not in output
+    assert "Traceback (most recent call last)" in output and shown in output, output
+    assert "could not start (exit code 2): the configuration did not compose" in output
