@@ -333,13 +333,7 @@ def check_endpoint(key: str, endpoint: str | None) -> None:
     """ConfigError unless `endpoint` is None or an http(s) URL with a host and no credentials in it."""
     if endpoint is None:
         return
-    if not ENDPOINT_URL.match(endpoint):
-        raise _fail(
-            key,
-            endpoint,
-            "must be an http:// or https:// URL with a host, e.g. http://host:port (or null for AWS)",
-        )
-    if "@" in endpoint.split("://", 1)[1]:
+    if "@" in endpoint:
         # not echoed: the value holds a password (one with a '/', as AWS secret keys have, ends the host at
         # that '/'); error messages name the endpoint
         raise ConfigError(
@@ -353,4 +347,10 @@ def check_endpoint(key: str, endpoint: str | None) -> None:
             f"{key} holds a query string or fragment ('?...' or '#...'): an endpoint is http(s)://host[:port] "
             "(a presigned URL's X-Amz-Signature or token is no setting: S3 credentials come from the "
             "environment or the AWS configuration chain)"
+        )
+    if not ENDPOINT_URL.match(endpoint):
+        raise _fail(
+            key,
+            endpoint,
+            "must be an http:// or https:// URL with a host, e.g. http://host:port (or null for AWS)",
         )
