@@ -41,34 +41,117 @@ def is_secret_key(key: Any) -> bool:
 # error echoing an override, `--cfg job`, `--help`. A `${...}` interpolation is one value.
 _ASSIGNED = re.compile(r"(?P<key>[A-Za-z_][A-Za-z0-9_-]*)(?P<sep>=|:[ \t]+)")
 _VALUE = re.compile(r"\$\{[^}\n]*\}|'[^'\n]*'|\"[^\"\n]*\"|[^\s,}\]]+")
-_NOT_SECRETS = frozenset({"full_key"})  # Hydra's label for the key an error is about
+# In a flow mapping ({a: b, ...}) a plain value runs to the next ',', '}' or ']' (`{Authorization: Bearer X}`);
+# a quoted one only when it ends there (YAML writes a quote in a quoted text as '': ''Bearer X'').
+_FLOW_VALUE = re.compile(
+    r"\$\{[^}\n]*\}|(?:'[^'\n]*'|\"[^\"\n]*\")(?=[ \t]*(?:[,}\]\n]|$))|[^,}\]\n]*[^\s,}\]]"
+)
+# Hydra's label for the key an error is about; the logger that conf/config.yaml sets to WARNING (--cfg hydra)
+_NOT_SECRETS = frozenset({"full_key", "botocore.credentials"})
+# A YAML line as OmegaConf.to_yaml writes it (--cfg, --help, --info): `key: value`, `key:` before a nested block,
+# or a list item.
+_YAML_LINE = re.compile(
+    r"^(?P<head>[ \t]*(?:- )*)(?:(?P<key>[A-Za-z_][A-Za-z0-9_.-]*):(?:[ \t]+(?P<value>.*?))?|(?P<item>\S.*?))[ \t]*$"
+)
 
 
 def redact_text(text: str) -> str:
     """`text` with the values of secret-like keys in `key=value` and `key: value` redacted as in redact()
-    (null, booleans and `${oc.env:NAME}` kept) and the user:password@ of URLs dropped."""
+    (null, booleans and `${oc.env:NAME}` kept) and the user:password@ of URLs dropped. A `{...}` or `[...]`
+    value is redacted whole; in YAML, so is a value on the lines below its key (a nested block, a folded text)."""
+    return without_userinfo(_redact_assigned(_redact_yaml_lines(text)))
+
+
+def _redact_assigned(text: str) -> str:
     parts, pos = [], 0
     while (match := _ASSIGNED.search(text, pos)) is not None:
-        value = _VALUE.match(text, match.end())
         parts.append(text[pos : match.end()])
         # A value that is not redacted is searched too: `a=b.token=SECRET`, `x={key: SECRET}`.
         pos = match.end()
         key, line = match.group("key"), text[: match.start()].rpartition("\n")[2].rstrip()
-        if match.group("sep") != "=" and line and line[-1] not in "{,-":
+        flow = match.group("sep") != "=" and line.endswith(("{", ","))
+        if match.group("sep") != "=" and line and not flow and line[-1] != "-":
             continue  # `key: value` only as YAML has it (a line's first key, in {...}, a list item), not prose
-        if value is None or key in _NOT_SECRETS or not is_secret_key(key):
+        if key in _NOT_SECRETS or not is_secret_key(key):
             continue
-        shown = value.group().strip("'\"")
+        end = _bracketed_end(text, match.end())
+        if end is None:
+            value = (_FLOW_VALUE if flow else _VALUE).match(text, match.end())
+            if value is None:
+                continue
+            end = value.end()
+        shown = text[match.end() : end].strip("'\"")
         if not _placeholder(shown) and not _ENV_REFERENCE.match(shown):
             parts.append(REDACTED)
-            pos = value.end()
+            pos = end
     parts.append(text[pos:])
-    return without_userinfo("".join(parts))
+    return "".join(parts)
+
+
+def _bracketed_end(text: str, start: int) -> int | None:
+    """Where the `{...}` or `[...]` starting at `start` ends (the end of its line when it does not close there
+    or below); None when no bracket starts there."""
+    if start >= len(text) or text[start] not in "{[":
+        return None
+    depth = 0
+    for i in range(start, len(text)):
+        depth += (text[i] in "{[") - (text[i] in "}]")
+        if depth == 0:
+            return i + 1
+    newline = text.find("\n", start)
+    return len(text) if newline < 0 else newline
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def _redact_yaml_lines(text: str) -> str:
+    """`text` with the YAML value of a secret-like key redacted where it runs past its line: a nested mapping or
+    list below `key:`, or a text folded over the lines below, which are indented deeper than the key (list items
+    of `key:` also at its indentation). A text folded below another key, or a list item, is joined onto one
+    line where it holds a secret (`override_dirname: '...{aws_secret_access_key:` / `  SECRET}}'`)."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        line, i = lines[i], i + 1
+        match = _YAML_LINE.match(line)
+        if match is None or (match.group("item") is not None and "- " not in match.group("head")):
+            out.append(line)
+            continue
+        key, value = match.group("key"), match.group("key") and match.group("value")
+        column = len(match.group("head")) if key else _indent(line)
+        end = i
+        while end < len(lines) and lines[end].strip():
+            below = _indent(lines[end])
+            if not (
+                below > column
+                or (key and value is None and below == column and lines[end].lstrip()[:2] == "- ")
+            ):
+                break
+            end += 1
+        rest = [below.strip() for below in lines[i:end]]
+        if key and key not in _NOT_SECRETS and is_secret_key(key):
+            shown = " ".join([value or "", *rest]).strip()
+            if not rest and (value is None or _placeholder(shown) or _ENV_REFERENCE.match(shown)):
+                out.append(line)
+            else:
+                out.append(f"{match.group('head')}{key}: {REDACTED}")
+                i = end
+            continue
+        scalar = value if key else match.group("item")
+        joined = " ".join([scalar, *rest]) if scalar is not None and rest else None
+        if joined is not None and _redact_assigned(joined) != joined:
+            out.append(f"{match.group('head')}{key + ': ' if key else ''}{joined}")
+            i = end
+        else:
+            out.append(line)
+    return "\n".join(out)
 
 
 def _placeholder(value: str) -> bool:
     """A value that is no secret: null, a boolean, or a usage text's placeholder (`key=value ...` in --help,
     `<redacted>`, `<YOUR_KEY>`)."""
+    value = value.rstrip("\\")  # `key=value\` in a YAML text folded with `\ `
     return value.lower() in ("null", "none", "true", "false", "...", "value") or (
         value.startswith("<") and value.endswith(">")
     )

@@ -238,3 +238,38 @@ def test_hydra_full_error_tracebacks_of_compose_errors_are_redacted(override, sh
     assert "CANARY" not in output
     assert "Traceback (most recent call last)" in output and shown in output, output
     assert "could not start (exit code 2): the configuration did not compose" in output
+
+
+@pytest.mark.parametrize("args", [["--cfg", "job"], ["--cfg", "all"], ["--info", "config"], ["--help"]])
+def test_nested_and_multi_word_secret_values_are_redacted_before_the_job_starts(args):
+    """`--cfg job` showed the value of a secret-like key that YAML writes over several lines (a list, a mapping)
+    or with spaces ("Authorization: Bearer CANARY"), `--cfg all` the overrides holding them ("+postprocess.
+    api_key=[CANARY, ...]", "auth={user: u, pass: CANARY}"), also where a long one is folded onto the next line
+    (hydra.job.override_dirname)."""
+    overrides = [
+        "postprocess=callable",
+        "postprocess._target_=pipeline.tasks.checker.check_row",
+        "+postprocess.headers={Authorization: 'Bearer CANARY-n1 x', Accept: text/plain}",
+        "+postprocess.api_key=[CANARY-n2, CANARY-n3]",
+        "+postprocess.auth={user: u, pass: CANARY-n4}",
+        '+postprocess.token="multi word CANARY-n5"',
+        "+data.hf_kwargs.storage_options={client_kwargs: {region_name: eu-west-1, endpoint_url: "
+        "http://127.0.0.1:8333, aws_secret_access_key: CANARY-n6}}",
+        "+postprocess.credentials={profile: [CANARY-n7]}",
+        "+postprocess.hf_token=${oc.env:HF_TOKEN}",
+    ]
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "generate.py"), *args, *overrides],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_TOKEN": "CANARY-env8"},
+        timeout=120,
+    )
+    output = shown.stdout + shown.stderr
+    assert shown.returncode == 0, output
+    assert "CANARY" not in output, output
+    for kept in ("Accept: text/plain", "region_name: eu-west-1", "hf_token: ${oc.env:HF_TOKEN}"):
+        assert kept in output, kept
+    if args == ["--cfg", "all"]:  # the logger botocore.credentials is no secret
+        assert "botocore.credentials:\n        level: WARNING" in output, output
+    assert "Authorization: <redacted>" in output and "api_key: <redacted>" in output
