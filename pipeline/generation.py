@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config.redact import secret_values, without_secrets
 from pipeline.data.prompts import (
     API_NAMES,
     CHARS_BOUND_FACTOR,
@@ -172,6 +173,7 @@ class Generator:
         )
         self.tokenizer = self.loaded.tokenizer
         self.postprocess, self.postprocess_name, self.postprocess_columns = load_postprocess(spec.postprocess)
+        self.postprocess_secrets = secret_values(spec.postprocess)
 
     def _init_mask_sampler(self, spec: GenerationSpec) -> None:
         from pipeline.sampler.mask.engine import MaskDiffusionSampler
@@ -200,6 +202,7 @@ class Generator:
         )
         self.tokenizer = self.loaded.tokenizer
         self.postprocess, self.postprocess_name, self.postprocess_columns = load_postprocess(spec.postprocess)
+        self.postprocess_secrets = secret_values(spec.postprocess)
 
     def _stop_strings(self, spec: GenerationSpec) -> StopStrings | None:
         """The samplers' stop-string check, with a tokenizer of its own: it runs in the sampler's thread, beside
@@ -394,9 +397,11 @@ class Generator:
                 try:
                     extra = self.postprocess(dict(row))
                 except Exception as e:  # noqa: BLE001 - a bad row never stops the job
-                    out.errors.append(
-                        self._error(record, "postprocess", f"{self.postprocess_name} raised {e!r}", index)
+                    # e.g. an HTTP client's error naming the URL with its ?key=: the callable's secrets not shown
+                    reason = without_secrets(
+                        f"{self.postprocess_name} raised {e!r}", self.postprocess_secrets
                     )
+                    out.errors.append(self._error(record, "postprocess", reason, index))
                     continue
                 if extra is None:
                     out.filtered += 1

@@ -219,3 +219,44 @@ def with_run_values(config_yaml: str, job: Any, run_id: str) -> str:
     OmegaConf.update(cfg, "run.id", run_id, force_add=True)
     OmegaConf.update(cfg, "output.compression", job.output.compression, force_add=True)
     return OmegaConf.to_yaml(cfg)
+
+
+def secret_values(node: Any, key: Any = None) -> list[str]:
+    """The texts (numbers as text) that redact() would replace in `node`: every one under a secret-like key, at
+    any depth, longest first. What a message from code given them (a postprocess callable's exception) must
+    not show."""
+    if key is not None and is_secret_key(key):
+        return sorted(set(_scalars(node)), key=len, reverse=True)
+    if isinstance(node, dict):
+        found = [v for k, child in node.items() for v in secret_values(child, k)]
+    elif isinstance(node, list):
+        found = [v for child in node for v in secret_values(child)]
+    else:
+        return []
+    return sorted(set(found), key=len, reverse=True)
+
+
+def _scalars(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [v for child in node.values() for v in _scalars(child)]
+    if isinstance(node, list):
+        return [v for child in node for v in _scalars(child)]
+    text = str(node)
+    if node is None or isinstance(node, bool) or len(text) < 4:
+        return []  # shorter: no secret, and replacing it would mask other text
+    scheme = _AUTH_SCHEME.match(text)  # "Bearer TOKEN": the token alone too
+    return [text, scheme.group(1)] if scheme and len(scheme.group(1)) >= 4 else [text]
+
+
+_AUTH_SCHEME = re.compile(r"^(?:bearer|basic|token)\s+(\S.*)$", re.IGNORECASE)
+
+
+def without_secrets(text: str, secrets: list[str]) -> str:
+    """`text` with each of `secrets` (from secret_values), also as a URL's query or path encodes it, replaced
+    by REDACTED; the user:password@ of URLs dropped."""
+    from urllib.parse import quote, quote_plus
+
+    for secret in secrets:
+        for shown in dict.fromkeys((secret, quote_plus(secret), quote(secret, safe=""), quote(secret))):
+            text = text.replace(shown, REDACTED)
+    return without_userinfo(text)

@@ -70,3 +70,14 @@ def keep_filter_raise(row):
     if row["completion_index"] == 2:
         raise ValueError("bad completion")
     return {} if row["completion_index"] == 0 else None
+
+
+def calls_an_api(row, endpoint, api_key, headers):
+    """Asks an HTTP API (requests, the key in the query and a header) about odd rows: with no server at
+    `endpoint`, requests raises naming the URL with its ?key=."""
+    if row["source_index"] % 2 == 0:
+        return {"checked": True}
+    import requests
+
+    requests.get(endpoint, params={"key": api_key}, headers=headers, timeout=5)
+    return {"checked": True}

@@ -174,3 +174,29 @@ def test_type_inference_and_conversion_within_a_shard():
     kept, bad, _ = conform_rows(rows, column, shard=0, callable_name="m.f")
     assert [r["id"] for r in kept] == ["0", "2"] and [r["id"] for r, _ in bad] == ["1"]
     assert "which is int64 in this run (declared by m.f)" in bad[0][1]
+
+
+def test_a_postprocess_exception_naming_its_secret_arguments_is_recorded_without_them(tmp_path, ray_local):
+    """A postprocess callable calling an API that could not be reached put requests' "Max retries exceeded with
+    url: /v1/check?key=CANARY..." into errors/ (and LLM.generate's error): the API key given as
+    +postprocess.api_key, which _config.yaml redacts."""
+    import socket
+
+    secret = "CANARY-pp/7f3a+k="  # '/', '+' and '=' as the URL encodes them: %2F, %2B, %3D
+    with socket.socket() as closed:  # bound, not listening: connections to it are refused
+        closed.bind(("127.0.0.1", 0))
+        job = one_worker_job(tmp_path, 4, "calls_an_api")
+        job.postprocess.update(
+            endpoint=f"http://127.0.0.1:{closed.getsockname()[1]}/v1/check",
+            api_key=secret,
+            headers={"Authorization": "Bearer CANARY-bearer-3c9d"},
+        )
+        assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    errors = read_parts(run_dir, "errors").to_pylist()
+    assert sorted(e["source_index"] for e in errors) == [1, 3]
+    for error in errors:
+        assert "Max retries exceeded with url: /v1/check?key=<redacted>" in error["reason"], error["reason"]
+    shown = "".join(f.read_text(errors="replace") for f in run_dir.rglob("*") if f.is_file())
+    shown += repr(errors) + repr(read_parts(run_dir).to_pylist())
+    assert "CANARY" not in shown and "7f3a" not in shown
