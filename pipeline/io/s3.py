@@ -316,8 +316,11 @@ def call_with_retries(what: str, fn: Callable[[], T], options: S3Options) -> T:
             return fn()
         except (BotoCoreError, ClientError, OSError) as e:
             if not is_retryable(e) or attempt >= options.max_attempts:
+                from pipeline.config.validate import without_userinfo
+
                 code = _error_code(e)
-                detail = f"{code}: {e}" if code else str(e)
+                # botocore names the endpoint, which AWS_ENDPOINT_URL may give as http://KEY:SECRET@host
+                detail = without_userinfo(f"{code}: {e}" if code else str(e))
                 hint = _HINTS.get(code) or _HINTS.get(type(e).__name__)
                 raise StoreError(
                     f"cannot {what} (after {attempt} attempt(s)): {detail}" + (f" ({hint})" if hint else "")

@@ -516,6 +516,23 @@ def test_s3_check_writable_on_an_unreachable_endpoint_names_the_location(s3_env)
 
 
 @pytest.mark.s3
+def test_s3_errors_drop_the_password_of_an_endpoint_from_aws_endpoint_url(
+    s3_env, monkeypatch, caplog
+) -> None:
+    """AWS_ENDPOINT_URL=http://KEY:SECRET@host (botocore's own setting, which output.endpoint_url's check does not
+    see) came back in "Could not connect to the endpoint URL: \"http://KEY:SECRET@127.0.0.1:...\"", logged as
+    the job's start-up error."""
+    (port,) = free_ports(1)  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://AKIAFAKE:CANARY-ep-secret@127.0.0.1:{port}")
+    store = S3Store("s3://some-bucket/out", S3Options(max_attempts=1))
+    with pytest.raises(StoreError) as error:
+        store.list("")
+    message = str(error.value)
+    assert f"http://***@127.0.0.1:{port}/some-bucket" in message and "is the endpoint URL right" in message
+    assert "CANARY" not in message + caplog.text and "AKIAFAKE" not in message + caplog.text
+
+
+@pytest.mark.s3
 def test_s3_list_and_delete_span_several_pages(s3_bucket) -> None:
     store = s3_bucket.store("many")
     keys = [f"k/{i:05d}" for i in range(1003)]  # > 1000: ListObjectsV2 pages and DeleteObjects batches
