@@ -7,7 +7,8 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.io.store import StoreError, is_s3, open_store, split_s3_uri
+from pipeline.config.validate import without_userinfo
+from pipeline.io.store import StoreError, env_endpoint, is_s3, open_store, split_s3_uri
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +26,15 @@ class InputError(ValueError):
 
 def s3_input_note(endpoint_url: str | None) -> str:
     """Added to an error reading an s3:// input: the endpoint comes from output.endpoint_url, the only setting
-    of it, which the input uses too (an input on MinIO or SeaweedFS read without it went to AWS)."""
+    of it, which the input uses too (an input on MinIO or SeaweedFS read without it went to AWS), or where
+    that is unset from boto3's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
     if endpoint_url:
         return f" (the input is read through output.endpoint_url={endpoint_url}, as the output is)"
+    if (variable := env_endpoint()) is not None:
+        return (
+            f" (the input is read through the endpoint in {variable}={without_userinfo(os.environ[variable])}, "
+            "as no output.endpoint_url is set)"
+        )
     return (
         " (the input is read from AWS S3, as no output.endpoint_url is set: for another S3-compatible store "
         "(MinIO, SeaweedFS, R2, ...) set output.endpoint_url=<its URL>, which the input uses too)"

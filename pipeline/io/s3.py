@@ -16,7 +16,16 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from pipeline.io.store import CHUNK, PROBE_PREFIX, PROBE_STALE_S, S3Options, Store, StoreError, split_s3_uri
+from pipeline.io.store import (
+    CHUNK,
+    PROBE_PREFIX,
+    PROBE_STALE_S,
+    S3Options,
+    Store,
+    StoreError,
+    env_endpoint,
+    split_s3_uri,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -222,6 +231,10 @@ class S3Store(Store):
     def check_writable(self, *, create: bool = True) -> None:  # an S3 probe object leaves nothing behind
         probe = f"{PROBE_PREFIX}{os.getpid()}-{random.randrange(1 << 30)}"
         where = f" (endpoint {self.options.endpoint_url})" if self.options.endpoint_url else ""
+        if not where and (variable := env_endpoint()) is not None:
+            from pipeline.config.validate import without_userinfo
+
+            where = f" (endpoint {without_userinfo(os.environ[variable])}, from {variable})"
         try:
             self.write_bytes(probe, b"ok")
             self.delete([probe])

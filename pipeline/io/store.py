@@ -45,6 +45,18 @@ class S3Options:
     read_timeout_s: float = 60.0
 
 
+# Where boto3 takes an S3 endpoint from when it is given none (output.endpoint_url unset), first found first.
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def env_endpoint() -> str | None:
+    """The environment variable that gives boto3 its S3 endpoint when output.endpoint_url is unset, or None
+    (requests go to AWS). For messages: a job on MinIO configured only by the environment is not on AWS."""
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return None
+    return next((name for name in ENDPOINT_VARIABLES if os.environ.get(name)), None)
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """'s3://bucket/a/b' -> ('bucket', 'a/b')."""
     if not uri.startswith("s3://"):

@@ -36,3 +36,24 @@ def test_an_s3_input_read_through_an_endpoint_names_output_endpoint_url(s3_bucke
     assert (
         f"(the input is read through output.endpoint_url={s3_bucket.endpoint}, as the output is)" in message
     )
+
+
+@pytest.mark.s3
+def test_an_s3_input_read_through_the_environments_endpoint_names_it(s3_bucket, monkeypatch):
+    """boto3 takes the endpoint from AWS_ENDPOINT_URL(_S3) when output.endpoint_url is unset: the error said the
+    input was read from AWS S3. It names the variable and its URL, without a user:password@."""
+    host = s3_bucket.endpoint.removeprefix("http://")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://user:CANARY@{host}")  # botocore leaves userinfo unused
+    path = f"{s3_bucket.uri}-absent/in/prompts.jsonl"
+    with pytest.raises(InputError) as error:
+        read_input(DataConfig(path=path))
+    message = str(error.value)
+    assert "NoSuchBucket" in message and "CANARY" not in message
+    assert (
+        f"(the input is read through the endpoint in AWS_ENDPOINT_URL=http://***@{host}, as no "
+        "output.endpoint_url is set)" in message
+    )
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_bucket.endpoint)  # the S3 one first, as boto3 takes it
+    with pytest.raises(InputError) as error:
+        read_input(DataConfig(path=path))
+    assert f"in AWS_ENDPOINT_URL_S3={s3_bucket.endpoint}, as no" in str(error.value)

@@ -574,3 +574,17 @@ def test_seaweed_start_failure_shows_its_log_without_the_secret(tmp_path: Path) 
     assert "weed exited with status 3" in message and "address already in use" in message
     assert '"secretKey": "***"' in message
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["weed-0", "weed-1", "weed-2"]  # retried
+
+
+@pytest.mark.s3
+def test_an_unwritable_s3_output_names_the_environments_endpoint(s3_bucket, monkeypatch) -> None:
+    """With output.endpoint_url unset, boto3 takes AWS_ENDPOINT_URL: the refusal named no endpoint, as if the
+    output were on AWS. It names the URL (without its user:password@) and the variable."""
+    host = s3_bucket.endpoint.removeprefix("http://")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://user:CANARY@{host}")
+    store = S3Store(f"{s3_bucket.uri}-absent/out", S3Options(max_attempts=1))
+    with pytest.raises(StoreError) as error:
+        store.check_writable()
+    message = str(error.value)
+    assert f"{store.uri} (endpoint http://***@{host}, from AWS_ENDPOINT_URL) is not writable" in message
+    assert "NoSuchBucket" in message and "CANARY" not in message
