@@ -176,11 +176,49 @@ def _check_messages(value: Any) -> tuple[str | None, str | None]:
             return None, f"messages[{i}] must be an object with a string 'role'"
         if has_surrogate(message["role"]):
             return None, f"messages[{i}].role is {SURROGATE_HINT}"
-        content, problem = _check_text(message.get("content"), f"messages[{i}].content")
+        content, problem = _check_content(message.get("content"), f"messages[{i}].content")
         if problem:
             return None, problem
         messages.append({"role": message["role"], "content": content})  # binary content as its text
     return _json(messages), None
+
+
+# How the text parts of a message's content are joined: as vLLM's OpenAI-compatible server does for a chat
+# template that takes string content (the OpenAI API leaves it unspecified; a multimodal template that loops
+# over the parts writes them with nothing between, which would run "Hi" and "there" together).
+PARTS_SEPARATOR = "\n"
+TEXT_PART = '{"type": "text", "text": "..."}'
+
+
+def _check_content(value: Any, what: str) -> tuple[str | None, str | None]:
+    """A message's content: a string, or a list of OpenAI-format text parts, their texts joined into one."""
+    if not isinstance(value, (list, tuple)):
+        return _check_text(value, what)
+    if not value:
+        return (
+            None,
+            f"{what} is an empty list of parts; give the text as a string or as text parts, {TEXT_PART}",
+        )
+    texts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            got = (
+                "an object without a string 'type'"
+                if isinstance(part, dict)
+                else ("null" if part is None else f"a {type(part).__name__}")
+            )
+            return None, f"{what}[{j}] is {got}; a content part is an object such as {TEXT_PART}"
+        if kind != "text":
+            return None, (
+                f"{what}[{j}] is a part of type {_valid_text(kind)!r}; only text parts ({TEXT_PART}) are "
+                "supported: drop the other parts from the input, or give what they hold as text"
+            )
+        text, problem = _check_text(part.get("text"), f"{what}[{j}].text", allow_blank=True)
+        if problem:
+            return None, problem
+        texts.append(text)
+    return _check_text(PARTS_SEPARATOR.join(texts), what)
 
 
 def check_prompt_value(value: Any) -> tuple[str | None, bool, str | None]:

@@ -1,0 +1,140 @@
+"""Chat messages as OpenAI and Hugging Face datasets write them: a message's content may be a list of text
+parts, joined into one text; a part of another type (an image, audio) or a malformed part is an error row
+naming it. Inputs whose messages were already accepted give the same records and fingerprint as before."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config.schema import DataConfig
+from pipeline.data.readers import read_input
+from pipeline.data.records import check_prompt_value
+
+
+def _read(tmp_path, rows: list[dict]):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return read_input(DataConfig(path=str(path), messages_column="messages"))
+
+
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _chat(content) -> dict:
+    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]}
+
+
+def test_text_parts_are_joined_into_the_message_text_one_per_line(tmp_path):
+    rows = _read(
+        tmp_path,
+        [_chat([_text("Hi"), _text("there")]), _chat([_text("Add: 1+2")]), _chat("Add: 1+2")],
+    ).table.to_pylist()
+    assert [r["error"] for r in rows] == [None, None, None]
+    assert json.loads(rows[0]["prompt"])[1] == {"role": "user", "content": "Hi\nthere"}
+    assert rows[1]["prompt"] == rows[2]["prompt"], "one text part is the message's text, as a string is"
+
+
+def test_parquet_text_parts_with_the_null_fields_of_other_part_types_are_text(tmp_path):
+    """A Parquet (or Hugging Face) parts column is a struct of every part type's fields: a text part holds
+    image_url: null, which is not an image."""
+    part = pa.struct(
+        [("type", pa.string()), ("text", pa.string()), ("image_url", pa.struct([("url", pa.string())]))]
+    )
+    message = pa.struct([("role", pa.string()), ("content", pa.list_(part))])
+    chats = [
+        [{"role": "user", "content": [{"type": "text", "text": "Add: 1+2", "image_url": None}]}],
+        [{"role": "user", "content": [{"type": "image_url", "text": None, "image_url": {"url": "a.png"}}]}],
+    ]
+    pq.write_table(pa.table({"messages": pa.array(chats, pa.list_(message))}), tmp_path / "in.parquet")
+    rows = read_input(
+        DataConfig(path=str(tmp_path / "in.parquet"), messages_column="messages")
+    ).table.to_pylist()
+    assert json.loads(rows[0]["prompt"]) == [{"role": "user", "content": "Add: 1+2"}]
+    assert rows[1]["error"].startswith(
+        "messages[0].content[0] is a part of type 'image_url'; only text parts"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (
+            [_text("What is in"), {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}],
+            "messages[1].content[1] is a part of type 'image_url'; only text parts "
+            '({"type": "text", "text": "..."}) are supported: drop the other parts from the input, or give '
+            "what they hold as text",
+        ),
+        (
+            [{"type": "input_audio", "input_audio": {"data": "UklGR", "format": "wav"}}],
+            "messages[1].content[0] is a part of type 'input_audio'; only text parts",
+        ),
+        (
+            [_text("a"), "b"],
+            'messages[1].content[1] is a str; a content part is an object such as {"type": "text", "text": "..."}',
+        ),
+        (
+            [{"text": "no type"}],
+            "messages[1].content[0] is an object without a string 'type'; a content part",
+        ),
+        ([None], "messages[1].content[0] is null; a content part"),
+        ([{"type": "text", "text": None}], "messages[1].content[0].text is null"),
+        ([{"type": "text", "text": 7}], "messages[1].content[0].text must be a string, got int"),
+        ([{"type": "text"}], "messages[1].content[0].text is null"),
+        ([], "messages[1].content is an empty list of parts; give the text as a string or as text parts"),
+        ([_text(" "), _text("\u200b")], "messages[1].content is blank: it holds only"),
+        ([_text(""), _text("")], "messages[1].content is empty"),
+    ],
+)
+def test_a_part_that_is_not_text_or_is_malformed_is_an_error_row_naming_it(tmp_path, content, error):
+    rows = _read(tmp_path, [_chat(content), _chat("ok")]).table.to_pylist()
+    assert rows[0]["error"].startswith(error) and rows[0]["raw"]
+    assert rows[1]["error"] is None, "the other rows generate"
+    assert check_prompt_value(_chat(content)["messages"])[2].startswith(error), "the Python API says the same"
+
+
+def test_the_api_takes_text_parts_as_the_job_does(tmp_path):
+    text, is_chat, problem = check_prompt_value([{"role": "user", "content": [_text("Hi"), _text("there")]}])
+    assert (is_chat, problem) == (True, None)
+    assert json.loads(text) == [{"role": "user", "content": "Hi\nthere"}]
+
+
+def test_messages_that_were_accepted_before_keep_their_records_and_fingerprint(tmp_path):
+    """Pinned: the fingerprint names the input in the run's identity, so a change would refuse resuming runs
+    started before. Parquet messages hold every struct field; a null `name` is no key."""
+    rows = [
+        {
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add: 1+2"}],
+            "n": 1,
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "caf\u00e9 \u2603"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": None}]},
+        {"messages": [{"role": "user", "content": 5}]},
+    ]
+    records = _read(tmp_path, rows)
+    assert records.fingerprint == "93b786ca9e24ac57c3c030d5d8cc38657b1de60149f757b6f5d6e881773e8552"
+    assert records.table.column("prompt").to_pylist()[:2] == [
+        '[{"content": "Be brief.", "role": "system"}, {"content": "Add: 1+2", "role": "user"}]',
+        '[{"content": "café ☃", "role": "user"}, {"content": "ok", "role": "assistant"}]',
+    ]
+    message = pa.struct([("role", pa.string()), ("content", pa.binary()), ("name", pa.string())])
+    chats = [
+        [{"role": "user", "content": b"Add: 1+2", "name": None}],
+        [{"role": "system", "content": b"S", "name": None}, {"role": "user", "content": b"hi", "name": None}],
+    ]
+    pq.write_table(pa.table({"chat": pa.array(chats, pa.list_(message))}), tmp_path / "in.parquet")
+    records = read_input(DataConfig(path=str(tmp_path / "in.parquet"), messages_column="chat"))
+    assert records.fingerprint == "f563796f508e9d23142a8f49b42e9d8decc6aacb4de16f0dbfaa4a283ddb7f92"
+    assert records.table.column("prompt").to_pylist() == [
+        '[{"content": "Add: 1+2", "role": "user"}]',
+        '[{"content": "S", "role": "system"}, {"content": "hi", "role": "user"}]',
+    ]
