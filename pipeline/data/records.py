@@ -179,8 +179,39 @@ def _check_messages(value: Any) -> tuple[str | None, str | None]:
         content, problem = _check_content(message.get("content"), f"messages[{i}].content")
         if problem:
             return None, problem
-        messages.append({"role": message["role"], "content": content})  # binary content as its text
+        fields, problem = _other_fields(message, f"messages[{i}]")
+        if problem:
+            return None, problem
+        messages.append({**fields, "role": message["role"], "content": content})  # binary content as its text
     return _json(messages), None
+
+
+def _other_fields(message: dict[Any, Any], what: str) -> tuple[dict[str, Any], str | None]:
+    """The message's keys besides role and content (name, tool_calls, tool_call_id, ...), for the chat
+    template as given; a null one is no key (a Parquet message struct has every message's fields, null where
+    it has none). Or ({}, reason) for a value the records' JSON cannot hold."""
+    fields = {}
+    for key, value in message.items():
+        if key in ("role", "content") or value is None:
+            continue
+        if not isinstance(key, str) or has_surrogate(key):
+            return (
+                {},
+                f"{what} has the key {_valid_text(repr(key))}, which is not a valid JSON key (a string)",
+            )
+        where = f"{what}.{key}"
+        try:
+            text = _json(value)
+        except NotText as e:
+            return {}, f"{where} holds {e}; give it as text"
+        except RecursionError:
+            return {}, f"{where} is nested too deeply to store as JSON; flatten it"
+        except (TypeError, ValueError) as e:
+            return {}, f"{where} is not JSON data ({e})"
+        if has_surrogate(text):
+            return {}, f"{where} is {SURROGATE_HINT}"
+        fields[key] = value
+    return fields, None
 
 
 # How the text parts of a message's content are joined: as vLLM's OpenAI-compatible server does for a chat

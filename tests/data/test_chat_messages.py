@@ -1,18 +1,23 @@
 """Chat messages as OpenAI and Hugging Face datasets write them: a message's content may be a list of text
 parts, joined into one text; a part of another type (an image, audio) or a malformed part is an error row
-naming it. Inputs whose messages were already accepted give the same records and fingerprint as before."""
+naming it. A message's other keys (name, tool_calls, ...) reach the chat template. Inputs whose messages were
+already accepted give the same records and fingerprint as before."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config.schema import DataConfig
+from pipeline.data.prompts import render_prompt
 from pipeline.data.readers import read_input
-from pipeline.data.records import check_prompt_value
+from pipeline.data.records import SURROGATE_HINT, check_prompt_value
+
+ASSETS = Path(__file__).resolve().parents[2] / "pipeline" / "assets" / "tiny-diffusiongemma"
 
 
 def _read(tmp_path, rows: list[dict]):
@@ -138,3 +143,53 @@ def test_messages_that_were_accepted_before_keep_their_records_and_fingerprint(t
         '[{"content": "Add: 1+2", "role": "user"}]',
         '[{"content": "S", "role": "system"}, {"content": "hi", "role": "user"}]',
     ]
+
+
+NAMED = (
+    "{% for m in messages %}{{ m['role'] }}{% if m.name %}({{ m.name }}){% endif %}"
+    "{% if m.tool_calls %}[{{ m.tool_calls[0].function.name }}]{% endif %}"
+    "{% if 'tool_call_id' in m %}<{{ m.tool_call_id }}>{% endif %}:{{ m['content'] }}|{% endfor %}"
+)
+CALL = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+
+
+def test_a_messages_other_keys_reach_the_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    chat = [
+        {"role": "user", "name": "alice", "content": "Add 1 and 2"},
+        {"role": "assistant", "content": "Calling add.", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"},
+    ]
+    rows = _read(tmp_path, [{"messages": chat}]).table.to_pylist()
+    assert json.loads(rows[0]["prompt"]) == chat
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS)
+    tokenizer.chat_template = NAMED
+    text = render_prompt(tokenizer, rows[0]["prompt"], is_chat=True, apply_chat_template=True)
+    assert text == "user(alice):Add 1 and 2|assistant[add]:Calling add.|tool<c1>:3|"
+    assert check_prompt_value(chat)[0] == rows[0]["prompt"], "the Python API passes them on too"
+
+
+def test_a_null_key_of_a_parquet_message_is_no_key_and_a_value_json_cannot_hold_is_an_error_row(tmp_path):
+    message = pa.struct([("role", pa.string()), ("content", pa.string()), ("name", pa.binary())])
+    chats = [
+        [
+            {"role": "user", "content": "Hi", "name": b"alice"},
+            {"role": "user", "content": "Hey", "name": None},
+        ],
+        [{"role": "user", "content": "Hi", "name": b"\xff"}],
+    ]
+    pq.write_table(pa.table({"messages": pa.array(chats, pa.list_(message))}), tmp_path / "in.parquet")
+    rows = read_input(
+        DataConfig(path=str(tmp_path / "in.parquet"), messages_column="messages")
+    ).table.to_pylist()
+    assert json.loads(rows[0]["prompt"]) == [
+        {"role": "user", "content": "Hi", "name": "alice"},
+        {"role": "user", "content": "Hey"},
+    ]
+    assert rows[1]["error"] == (
+        "messages[0].name holds binary data that is not UTF-8 text (byte 0 of the value); give it as text"
+    )
+    assert check_prompt_value([{"role": "user", "content": "Hi", "name": "\ud800"}])[2] == (
+        f"messages[0].name is {SURROGATE_HINT}"
+    )
