@@ -143,7 +143,34 @@ def read_input(
         if builder.rows != first.rows:
             raise _changed(data, f"{first.rows} rows, then {builder.rows}")
     return RecordTable(
-        table=table, fingerprint=builder.fingerprint(), files=files, format=fmt, skipped_files=len(skipped)
+        table=table,
+        fingerprint=builder.fingerprint(),
+        files=files,
+        format=fmt,
+        skipped_files=len(skipped),
+        columns=frozenset(builder.columns_seen),
+    )
+
+
+def unused_id_column(data: DataConfig, columns: frozenset[str]) -> str | None:
+    """A warning for an input with an `id` column (any case) that data.id_column does not name: its rows get
+    derived ids, which is seldom what such an input means. None otherwise, and for the shipped prompts, whose
+    `id` column the shipped config leaves to metadata (their runs' derived ids are what they are)."""
+    if data.id_column or data.path == BUILTIN_PROMPTS:
+        return None
+    prompt = None if data.prompt_template else (data.messages_column or data.prompt_column)
+    names = sorted(name for name in columns if name.lower() == "id" and name != prompt)
+    if not names:
+        return None
+    name = "id" if "id" in names else names[0]
+    if data.metadata_columns is None or name in data.metadata_columns:
+        where = "is carried in metadata as any other column"
+    else:
+        where = "is not carried (data.metadata_columns leaves it out)"
+    return (
+        f"the input has a column {_printable(name)!r}, but data.id_column is unset: the rows get ids derived "
+        f"from their position and content, and {_printable(name)!r} {where}. Set "
+        f"data.id_column={_printable(name)} to use its values as the rows' ids."
     )
 
 

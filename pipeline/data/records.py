@@ -66,6 +66,7 @@ class RecordTable:
     files: list[str]
     format: str
     skipped_files: int = 0  # files of a folder input that are not read (not a data suffix); logged by name
+    columns: frozenset[str] = frozenset()  # the input's columns (of the rows read), read or not
 
     @property
     def num_rows(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.config.schema import ConfigError, JobConfig
 from pipeline.config.validate import is_inside
 from pipeline.data.prompts import check_system_prompt
-from pipeline.data.readers import read_input, resolve_path
+from pipeline.data.readers import read_input, resolve_path, unused_id_column
 from pipeline.generation import GenerationSpec, max_prompt_tokens_for
 from pipeline.io.commit import RunStore
 from pipeline.io.store import is_s3, open_store
@@ -182,6 +182,9 @@ def plan(job: JobConfig) -> Prepared:
         len(records.files),
         f", {records.skipped_files} other file(s) skipped" if records.skipped_files else "",
     )
+    unused_id = unused_id_column(job.data, records.columns)
+    if unused_id:
+        logger.warning("%s", unused_id)
 
     settings_dict = settings.to_dict()
     if stops:  # only when set, so that the identity (and derived run id) of other runs stays
