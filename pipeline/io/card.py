@@ -6,6 +6,8 @@ import datetime as dt
 import json
 from typing import Any
 
+from pipeline.io.parts import OUTPUT_SCHEMA
+
 
 def render_card(run_uri: str, manifest: dict[str, Any], stats: dict[str, Any]) -> str:
     sampler = manifest.get("sampler", {})
@@ -43,12 +45,7 @@ def render_card(run_uri: str, manifest: dict[str, Any], stats: dict[str, Any]) -
         if completions > 1
         else ""
     )
-    extra = manifest.get("columns") or []
-    columns_note = manifest.get("postprocess_columns_note", "")
-    if extra:
-        columns_note += ", and the postprocess columns " + ", ".join(
-            f"`{c['name']}` ({c['type']})" for c in extra
-        )
+    columns_note = manifest.get("postprocess_columns_note", "") + _extra_columns(manifest)
     return f"""---
 configs:
 - config_name: default
@@ -96,6 +93,29 @@ Rejected input rows are in `errors/` with `id`, `source_index`, `stage`, `reason
 ## Loading
 
 {loading}"""
+
+
+def _extra_columns(manifest: dict[str, Any]) -> str:
+    """The parts' columns after `metadata`: drafts (sampler.record_drafts), the postprocess columns with their
+    types, and postprocess columns that no row gave a value (Arrow's null type in every part)."""
+    typed = [c["name"] for c in manifest.get("columns") or []]
+    in_parts = [n for p in manifest.get("parts") or [] for n, _ in p.get("columns") or []]
+    notes = []
+    if "drafts" in in_parts:
+        notes.append(
+            "`drafts` (sampler.record_drafts: for each canvas, its argmax canvas decoded after every step)"
+        )
+    if typed:
+        notes.append(
+            "the postprocess columns "
+            + ", ".join(f"`{c['name']}` ({c['type']})" for c in manifest.get("columns") or [])
+        )
+    base = set(OUTPUT_SCHEMA.names) | {"drafts"} | set(typed)
+    untyped = list(dict.fromkeys(n for n in in_parts if n not in base))
+    if untyped:
+        names = ", ".join(f"`{n}`" for n in untyped)
+        notes.append(f"the postprocess column{'s' if len(untyped) > 1 else ''} {names} (null in every row)")
+    return "".join(f", and {note}" if i == len(notes) - 1 else f", {note}" for i, note in enumerate(notes))
 
 
 def _literal(text: str) -> str:

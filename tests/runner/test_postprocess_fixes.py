@@ -158,6 +158,22 @@ def test_stats_manifest_and_card_describe_data_and_survive_a_resume(tmp_path, ra
     assert sum(w["rows"] + w["error_rows"] for w in this.values()) == again["this_invocation"]["rows"] == 6
 
 
+def test_the_card_names_every_column_the_parts_hold(tmp_path, ray_local):
+    """The card's Columns section left out `drafts` (sampler.record_drafts) and a postprocess column that is
+    None in every row (Arrow's null type in every part, in no manifest `columns`)."""
+    job = one_worker_job(tmp_path, 6, "never_set")
+    job.sampler.record_drafts = True
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    names = read_parts(run_dir).schema.names
+    assert names[names.index("metadata") + 1 :] == ["drafts", "score", "note"]
+    card = (run_dir / "README.md").read_text()
+    columns = re.search(r"## Columns\n(.*?)\n## ", card, re.S).group(1)
+    for name in names:
+        assert f"`{name}`" in columns, name
+    assert "`score` (double)" in columns and "`note` (null in every row)" in columns
+
+
 def test_type_inference_and_conversion_within_a_shard():
     rows = [{"id": str(i), "source_index": i, "prompt": "p", "v": v} for i, v in enumerate([1, "x", None])]
     kept, bad, proposals = conform_rows(rows, {}, shard=3, callable_name="m.f")
