@@ -126,9 +126,10 @@ def _literal(text: str) -> str:
 
 def _loading(run_uri: str, stats: dict[str, Any]) -> str:
     base = run_uri.rstrip("/")
-    if not stats["rows_out"]:  # no shard wrote a data part: there is no data/ to load
-        return f"""This run has no output rows: each of its {stats["rows_in"]} input rows was rejected or dropped, so it
-has no `data/` parts. The rows and the reasons are in `errors/`:
+    if not stats["rows_out"]:  # data/ holds one part without rows (RunStore.write_empty_part)
+        return f"""This run has no output rows: each of its {stats["rows_in"]} input rows was rejected or dropped, so
+`data/` holds one part without rows (the dataset's columns: pyarrow and pandas read an empty table). The rows
+and the reasons are in `errors/`:
 
 ```python
 import pyarrow.dataset as pads

@@ -14,7 +14,8 @@
 A shard's parts are written first and its marker last; objects are written atomically (see store.py). On a
 rerun, shards with a marker are skipped and every data/errors object without one is deleted, so each input
 row ends up exactly once in data/ or errors/. Markers record the parts' sizes, checksums and data schema;
-`finalize` gives every part the run's postprocess column schema before the manifest is written.
+`finalize` gives every part the run's postprocess column schema before the manifest is written (and a run
+whose every row was rejected or dropped one data part without rows).
 """
 
 from __future__ import annotations
@@ -366,12 +367,34 @@ class RunStore:
             )
         return rewritten
 
+    def write_empty_part(self, commits: dict[int, ShardCommit], compression: str = "zstd") -> int | None:
+        """Where no shard wrote a data part (every row rejected or dropped), writes one without rows for the
+        first shard, with the run's schema, and rewrites its marker: readers of data/ (load_dataset,
+        pyarrow.dataset, pandas) and the card's `data_files` then find an empty table with the dataset's
+        columns, not a missing folder. Returns that shard, or None where some shard has a data part."""
+        if not commits or any(c.data_key for c in commits.values()):
+            return None
+        shard = min(commits)
+        table = target_schema(pa.schema([]), read_run_columns(self.store)).empty_table()
+        payload = to_parquet_bytes(table, compression)
+        self.store.write_bytes(data_key(shard), payload)
+        commit = commits[shard]
+        commit.data_key = data_key(shard)
+        commit.data_bytes = len(payload)
+        commit.data_sha256 = hashlib.sha256(payload).hexdigest()
+        commit.columns = schema_signature(table.schema)
+        self.store.write_text(commit_key(shard), commit.to_json())
+        return shard
+
     def finalize(
         self, commits: dict[int, ShardCommit], manifest: dict[str, Any], stats: dict[str, Any], card: str
     ) -> None:
-        """Brings every part (`commits`: the run's markers, every shard's) to the run's schema, then writes
-        manifest, stats and dataset card, then _SUCCESS last."""
-        if self.conform_parts(commits, manifest.get("compression", "zstd")):
+        """Brings every part (`commits`: the run's markers, every shard's) to the run's schema (a run without
+        output rows gets one empty data part), then writes manifest, stats and dataset card, then _SUCCESS
+        last."""
+        compression = manifest.get("compression", "zstd")
+        empty = self.write_empty_part(commits, compression)
+        if self.conform_parts(commits, compression) or empty is not None:
             manifest["parts"] = [vars(commits[s]) for s in sorted(commits)]
         self.store.write_text(MANIFEST, manifest_text(manifest))
         self.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")

@@ -48,7 +48,11 @@ def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 
 def to_parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression=None if compression == "none" else compression)
+    codec = None if compression == "none" else compression
+    if table.num_rows:
+        pq.write_table(table, sink, compression=codec)
+    else:  # no row group: datasets' Parquet reader fails on a row group of 0 rows ("BatchSize must be > 0")
+        pq.ParquetWriter(sink, table.schema, compression=codec).close()
     return sink.getvalue()
 
 

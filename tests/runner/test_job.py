@@ -23,6 +23,7 @@ from pipeline.config.schema import (
     SamplerConfig,
 )
 from pipeline.data.readers import read_input
+from pipeline.io.parts import OUTPUT_SCHEMA
 from pipeline.runner.job import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,14 +227,13 @@ def test_rerun_of_a_complete_run_with_an_unreadable_commit_marker_regenerates_th
 
 
 def test_a_run_whose_every_row_is_rejected_has_a_card_that_reads_its_errors(tmp_path, ray_local, caplog):
-    """No data part is written, so the card's snippet and the closing log line point at errors/, not at a
-    data/ folder that does not exist; the card's own snippet reads the rejected rows back."""
+    """The card's snippet and the closing log line point at errors/, where the rows are; the card's own
+    snippet reads the rejected rows back."""
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": ""}\n{"prompt": null}\n')
     with caplog.at_level("INFO"):
         assert run(make_job(tmp_path, str(data))) == 0
     run_dir = tmp_path / "out" / "test-run"
-    assert not (run_dir / "data").exists()
     assert f"output: no rows; the 2 rejected row(s) and why are in {run_dir}/errors/" in caplog.text
     card = (run_dir / "README.md").read_text()
     assert "This run has no output rows: each of its 2 input rows was rejected" in card
@@ -244,6 +244,43 @@ def test_a_run_whose_every_row_is_rejected_has_a_card_that_reads_its_errors(tmp_
         "prompt (column 'prompt') is null",
     ]
     assert json.loads((run_dir / "stats.json").read_text())["rows_out"] == 0
+
+
+def test_a_run_whose_every_row_is_rejected_reads_as_an_empty_dataset(tmp_path, ray_local):
+    """No shard wrote a data part, so load_dataset over data/*.parquet, pyarrow and pandas over data/ and
+    load_dataset(<run>) through the card's `data_files` failed (no such folder, "No (supported) data files
+    found"). data/ now holds one part without rows, in the output schema, listed in the manifest."""
+    import pandas as pd
+    from datasets import load_dataset
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join('{"prompt": ""}\n' for _ in range(8)))
+    job = make_job(tmp_path, str(data), run__shard_size=3)
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    table = pads.dataset(str(run_dir / "data"), format="parquet").to_table()
+    assert table.num_rows == 0 and table.schema == OUTPUT_SCHEMA
+    assert pq.read_table(run_dir / "data").schema == OUTPUT_SCHEMA
+    frame = pd.read_parquet(run_dir / "data")
+    assert len(frame) == 0 and list(frame.columns) == OUTPUT_SCHEMA.names
+    # datasets builds no split without rows ("Instruction 'train' corresponds to no data!"); streamed, the
+    # files are found and read, through the card's YAML `configs` too.
+    loaded = load_dataset("parquet", data_files=str(run_dir / "data" / "*.parquet"), streaming=True)
+    from_card = load_dataset(str(run_dir), split="train", streaming=True)
+    for streamed in (loaded["train"], from_card):
+        assert list(streamed) == [] and list(streamed.features) == OUTPUT_SCHEMA.names
+    assert read_parts(run_dir, "errors").num_rows == 8
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    parts = {p["data_key"]: p for p in manifest["parts"] if p["data_key"]}
+    assert list(parts) == ["data/part-00000.parquet"] and parts["data/part-00000.parquet"]["rows"] == 0
+    assert (
+        parts["data/part-00000.parquet"]["data_bytes"] == (run_dir / "data/part-00000.parquet").stat().st_size
+    )
+    assert manifest["rows_out"] == 0 and manifest["rows_error"] == 8
+    (run_dir / "_SUCCESS").unlink()  # a rerun finds every part as committed: nothing is regenerated
+    assert run(job) == 0
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["shards"]["committed_this_invocation"] == 0 and stats["rows_error"] == 8
 
 
 def test_resume_regenerates_only_uncommitted_shards(tmp_path, ray_local, caplog):
