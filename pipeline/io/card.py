@@ -50,6 +50,10 @@ def render_card(run_uri: str, manifest: dict[str, Any], stats: dict[str, Any]) -
 configs:
 - config_name: default
   data_files: data/*.parquet
+task_categories:
+- text-generation
+size_categories:
+- {_size_category(stats["rows_out"])}
 tags:
 - synthetic
 - canvasflow
@@ -93,6 +97,15 @@ Rejected input rows are in `errors/` with `id`, `source_index`, `stage`, `reason
 ## Loading
 
 {loading}"""
+
+
+def _size_category(rows: int) -> str:
+    """The Hub's `size_categories` value for a dataset of `rows` rows (n<1K, 1K<n<10K, ..., n>1T)."""
+    bounds = ["1K", "10K", "100K", "1M", "10M", "100M", "1B", "10B", "100B", "1T"]
+    for i, bound in enumerate(bounds):
+        if rows < 1000 * 10**i:
+            return f"n<{bound}" if i == 0 else f"{bounds[i - 1]}<n<{bound}"
+    return "n>1T"
 
 
 def _extra_columns(manifest: dict[str, Any]) -> str:

@@ -100,3 +100,16 @@ def test_card_shows_the_config_fingerprint_completions_and_rows_dropped_after_sa
         "dropped by the postprocess (`errors/`, not in the figures above) | 2 rows, 11 tokens, 5 decoder"
         in card
     )
+
+
+@pytest.mark.parametrize(
+    ("rows_out", "size"),
+    [(0, "n<1K"), (999, "n<1K"), (1000, "1K<n<10K"), (99_999, "10K<n<100K"), (10**6, "1M<n<10M")],
+)
+def test_card_yaml_has_the_hubs_task_and_size_categories(rows_out, size):
+    """The front matter had only `configs` and `tags`: the Hub's task and size filters never found the data."""
+    from huggingface_hub import DatasetCard
+
+    data = DatasetCard(render_card("/data/r1", MANIFEST, {**STATS, "rows_out": rows_out})).data
+    assert data.task_categories == ["text-generation"] and data.size_categories == [size]
+    assert data.configs == [{"config_name": "default", "data_files": "data/*.parquet"}]

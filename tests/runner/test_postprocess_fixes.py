@@ -172,6 +172,9 @@ def test_the_card_names_every_column_the_parts_hold(tmp_path, ray_local):
     for name in names:
         assert f"`{name}`" in columns, name
     assert "`score` (double)" in columns and "`note` (null in every row)" in columns
+    from huggingface_hub import DatasetCard
+
+    assert DatasetCard(card).data.size_categories == ["n<1K"]  # 6 rows
 
 
 def test_type_inference_and_conversion_within_a_shard():
