@@ -24,7 +24,8 @@ from typing import Any
 
 from pipeline.config.schema import BUILTIN_MODEL
 from pipeline.config.validate import CHOICES, check_endpoint, check_no_credentials
-from pipeline.data.records import SURROGATE_HINT, check_prompt_value, derived_id, has_surrogate
+from pipeline.data.records import derived_id
+from pipeline.data.values import SURROGATE_HINT, check_prompt_value, has_surrogate
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES, ModelError
 from pipeline.sampler.settings import (

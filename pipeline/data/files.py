@@ -1,14 +1,19 @@
 """Which files an input location holds (a file, a local folder, an S3 prefix) and which format they are in;
-the files a folder holds that are no data file are named in a warning, never dropped without a word."""
+the files a folder holds that are no data file are named in a warning, never dropped without a word. And a
+local copy of one such file for the readers (an S3 object downloaded to a temporary folder)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.config.validate import without_userinfo
-from pipeline.io.store import StoreError, env_endpoint, is_s3, open_store, split_s3_uri
+from pipeline.io.s3 import S3Store
+from pipeline.io.store import S3Options, StoreError, env_endpoint, is_s3, open_store, split_s3_uri
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +245,25 @@ def _warn_skipped(path: str, skipped: list[str]) -> None:
             ", ".join(skipped[:SKIPPED_NAMED]),
             more,
         )
+
+
+@contextlib.contextmanager
+def local_copy(file: str, endpoint_url: str | None, region: str | None) -> Iterator[str]:
+    """A path on this machine holding `file`: the file itself, or an S3 object downloaded to a temporary one
+    (in a canvasflow-input-* folder, which readers.remove_stale_downloads removes after a killed read)."""
+    try:
+        if not is_s3(file):
+            path = Path(file).expanduser()
+            if not path.is_file():
+                raise StoreError(f"cannot read {file}: no such file")
+            yield str(path)
+            return
+        bucket, key = split_s3_uri(file)
+        store = S3Store(f"s3://{bucket}", S3Options(endpoint_url=endpoint_url, region=region))
+        with tempfile.TemporaryDirectory(prefix="canvasflow-input-") as tmp:
+            local = os.path.join(tmp, "object")
+            store.download_file(key, local)
+            yield local
+    except StoreError as e:
+        note = s3_input_note(endpoint_url) if is_s3(file) else ""
+        raise InputError(f"cannot read input file: {e}{note}") from None

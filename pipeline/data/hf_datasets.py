@@ -1,6 +1,6 @@
 """Hugging Face datasets as input: one saved with `save_to_disk` (a local directory or an S3 prefix, downloaded
-first) and `datasets.load_dataset` arguments (data.format=hf). Each gives an Arrow table; the readers
-(pipeline/data/readers.py) turn its rows into records. Errors are InputError naming the dataset; the values of
+first) and `datasets.load_dataset` arguments (data.format=hf). Each gives an Arrow table, whose rows
+pipeline/data/table_rows.py reads for the readers. Errors are InputError naming the dataset; the values of
 load_dataset's arguments that may be secrets (tokens, storage options) never appear in them.
 """
 

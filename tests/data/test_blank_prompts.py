@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config.schema import DataConfig
 from pipeline.data.readers import read_input
-from pipeline.data.records import check_prompt_value
+from pipeline.data.values import check_prompt_value
 
 BLANK = ["\x00", "\x00\x00 \x00", "\u200b", "\ufeff\n", "\u2060\u200d"]
 

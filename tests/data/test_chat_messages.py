@@ -15,7 +15,7 @@ import pytest
 from pipeline.config.schema import DataConfig
 from pipeline.data.prompts import render_prompt
 from pipeline.data.readers import read_input
-from pipeline.data.records import SURROGATE_HINT, check_prompt_value
+from pipeline.data.values import SURROGATE_HINT, check_prompt_value
 
 ASSETS = Path(__file__).resolve().parents[2] / "pipeline" / "assets" / "tiny-diffusiongemma"
 

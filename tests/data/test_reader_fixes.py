@@ -205,10 +205,10 @@ DOCUMENT_CASES = [
 def test_only_a_file_that_is_one_json_container_is_refused_as_one(tmp_path, monkeypatch, text, kind, block):
     """The check reads the file SCAN_BLOCK bytes at a time (pipeline/data/json_document.py): a value that ends,
     a string or number that goes on, or a second value that starts at any block boundary is found."""
-    from pipeline.data import readers
+    from pipeline.data import jsonl
 
     if block is not None:
-        monkeypatch.setattr(readers, "SCAN_BLOCK", block)
+        monkeypatch.setattr(jsonl, "SCAN_BLOCK", block)
     path = tmp_path / "in.jsonl"
     path.write_bytes((text.encode() if isinstance(text, str) else text) + b"\n")
     if kind is not None:
