@@ -111,7 +111,12 @@ def check_messages(value: Any) -> tuple[str | None, str | None]:
             return None, f"messages[{i}] must be an object with a string 'role'"
         if has_surrogate(message["role"]):
             return None, f"messages[{i}].role is {SURROGATE_HINT}"
-        content, problem = _check_content(message.get("content"), f"messages[{i}].content")
+        calls = message.get("tool_calls")
+        content, problem = _check_content(
+            message.get("content"),
+            f"messages[{i}].content",
+            tool_calls=isinstance(calls, (list, tuple)) and len(calls) > 0,
+        )
         if problem:
             return None, problem
         fields, problem = _other_fields(message, f"messages[{i}]")
@@ -154,12 +159,20 @@ def _other_fields(message: dict[Any, Any], what: str) -> tuple[dict[str, Any], s
 # over the parts writes them with nothing between, which would run "Hi" and "there" together).
 PARTS_SEPARATOR = "\n"
 TEXT_PART = '{"type": "text", "text": "..."}'
+# The content the chat template gets for a tool-call message without text, not None: transformers drops a
+# None key before rendering, and DeepSeek-V3/R1's templates then fail on `'<｜Assistant｜>' + message['content']`
+# (their `content is none` branch renders what "" renders); Llama 4's and Qwen's render "" as no content.
+TOOL_CALL_CONTENT = ""
 
 
-def _check_content(value: Any, what: str) -> tuple[str | None, str | None]:
-    """A message's content: a string, or a list of OpenAI-format text parts, their texts joined into one."""
+def _check_content(value: Any, what: str, *, tool_calls: bool = False) -> tuple[str | None, str | None]:
+    """A message's content: a string, or a list of OpenAI-format text parts, their texts joined into one.
+    With `tool_calls` (a non-empty list of them) it may hold no text: null or absent, as in OpenAI's
+    {"role": "assistant", "content": null, "tool_calls": [...]}, or no parts, is "" (TOOL_CALL_CONTENT)."""
+    if tool_calls and (value is None or (isinstance(value, (list, tuple)) and not value)):
+        return TOOL_CALL_CONTENT, None
     if not isinstance(value, (list, tuple)):
-        return check_text(value, what)
+        return check_text(value, what, allow_blank=tool_calls)
     if not value:
         return (
             None,
@@ -184,7 +197,7 @@ def _check_content(value: Any, what: str) -> tuple[str | None, str | None]:
         if problem:
             return None, problem
         texts.append(text)
-    return check_text(PARTS_SEPARATOR.join(texts), what)
+    return check_text(PARTS_SEPARATOR.join(texts), what, allow_blank=tool_calls)
 
 
 def check_prompt_value(value: Any) -> tuple[str | None, bool, str | None]:

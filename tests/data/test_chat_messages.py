@@ -193,3 +193,79 @@ def test_a_null_key_of_a_parquet_message_is_no_key_and_a_value_json_cannot_hold_
     assert check_prompt_value([{"role": "user", "content": "Hi", "name": "\ud800"}])[2] == (
         f"messages[0].name is {SURROGATE_HINT}"
     )
+
+
+# A template that tells null content from text as DeepSeek-V3/R1's do: transformers drops a null key before
+# rendering, so a tool-call message given content None failed here (UndefinedError) where "" renders.
+CONCATENATED = (
+    "{% for m in messages %}{% if 'tool_calls' in m %}{% if m['content'] is none %}<A><calls>"
+    "{% else %}{{ '<A>' + m['content'] + '<calls>' }}{% endif %}{{ m['tool_calls'][0]['function']['name'] }}"
+    "{% else %}{{ m['role'] + ':' + m['content'] }}{% endif %}|{% endfor %}"
+)
+
+
+def _tool_chat(**content) -> list[dict]:
+    return [
+        {"role": "user", "content": "Add 1 and 2"},
+        {"role": "assistant", **content, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"},
+    ]
+
+
+def test_an_assistant_tool_call_without_text_reaches_the_chat_template_with_empty_content(tmp_path):
+    """OpenAI's tool-call form, {"role": "assistant", "content": null, "tool_calls": [...]}, was an error row
+    ("messages[1].content is null"). With a non-empty tool_calls list, a null, absent or blank content (or no
+    parts) is "": Llama 4's template (shipped with transformers) writes the call, and a template that adds the
+    content to the call's text renders it too."""
+    from transformers import AutoTokenizer
+    from transformers.models.llama4.processing_llama4 import chat_template as llama4_template
+
+    forms = [{"content": None}, {}, {"content": ""}, {"content": []}]
+    rows = _read(tmp_path, [{"messages": _tool_chat(**form)} for form in forms]).table.to_pylist()
+    assert [r["error"] for r in rows] == [None] * 4
+    assert {r["prompt"] for r in rows} == {rows[0]["prompt"]}, "each form is the same record"
+    assert json.loads(rows[0]["prompt"]) == _tool_chat(content="")
+    assert check_prompt_value(_tool_chat(content=None))[0] == rows[0]["prompt"], (
+        "the Python API says the same"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS)
+    tokenizer.chat_template = llama4_template
+    text = render_prompt(tokenizer, rows[0]["prompt"], is_chat=True, apply_chat_template=True)
+    assert '<|python_start|><|python_end|>{"name": "add", "parameters": "{\\"a\\": 1}"}<|eot|>' in text
+    tokenizer.chat_template = CONCATENATED
+    text = render_prompt(tokenizer, rows[0]["prompt"], is_chat=True, apply_chat_template=True)
+    assert text == "user:Add 1 and 2|<A><calls>add|tool:3|"
+
+
+def test_content_null_without_tool_calls_is_still_an_error_row(tmp_path):
+    chats = [
+        [{"role": "assistant", "content": None}],
+        [{"role": "assistant", "content": None, "tool_calls": []}],
+        [{"role": "assistant", "content": None, "tool_calls": None}],
+        [{"role": "assistant", "tool_calls": "add"}],
+        [{"role": "assistant", "content": [_text("a"), {"type": "image_url"}], "tool_calls": [CALL]}],
+    ]
+    rows = _read(tmp_path, [{"messages": chat} for chat in chats]).table.to_pylist()
+    assert [r["error"] for r in rows[:4]] == ["messages[0].content is null"] * 4
+    assert rows[4]["error"].startswith("messages[0].content[1] is a part of type 'image_url'")
+
+
+def test_a_parquet_tool_call_message_with_null_content_is_a_record(tmp_path):
+    """A Parquet messages column holds every message's fields: the tool call's content is null, the other
+    messages' tool_calls are null (no key)."""
+    function = pa.struct([("name", pa.string()), ("arguments", pa.string())])
+    call = pa.struct([("id", pa.string()), ("type", pa.string()), ("function", function)])
+    message = pa.struct([("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.list_(call))])
+    chat = [
+        {"role": "user", "content": "Add 1 and 2", "tool_calls": None},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    ]
+    pq.write_table(pa.table({"messages": pa.array([chat], pa.list_(message))}), tmp_path / "in.parquet")
+    (row,) = read_input(
+        DataConfig(path=str(tmp_path / "in.parquet"), messages_column="messages")
+    ).table.to_pylist()
+    assert row["error"] is None
+    assert json.loads(row["prompt"]) == [
+        {"role": "user", "content": "Add 1 and 2"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    ]
