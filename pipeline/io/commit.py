@@ -6,7 +6,8 @@
       data/part-<shard>.parquet output rows of a shard (attempt-free name: a retry rewrites the same key)
       errors/part-<shard>.parquet rejected rows of a shard, with reasons
       _commits/shard-<shard>.json the commit point: a shard is committed iff this marker exists
-      _columns/<digest>.json    the Arrow type of one postprocess column, fixed once for the run (columns.py)
+      _columns/<digest>.json    the Arrow type of one postprocess column, fixed once for the run (columns.py),
+                                and <digest>.widened.json where an inferred int64 one was widened to double
       _manifest.json, stats.json, README.md, then _SUCCESS (last, only when every shard is committed)
       _lock                     held by the one process writing the run (pipeline/io/lease.py); never deleted
                                 with the run's objects
@@ -339,8 +340,9 @@ class RunStore:
     # ------------------------------------------------------------------------------------------- final
     def conform_parts(self, commits: dict[int, ShardCommit], compression: str = "zstd") -> list[int]:
         """Rewrites the data parts whose schema is not the run's (pipeline/io/columns.py): parts written
-        before a postprocess column first appeared, or while it had no type yet (all-null, Arrow's null
-        type). Only such columns change (nulls added or typed); each rewritten part's marker is rewritten
+        before a postprocess column first appeared, while it had no type yet (all-null, Arrow's null
+        type), or before it was widened from int64 to double. Only such columns change (nulls added, typed
+        or cast to double); each rewritten part's marker is rewritten
         after it (a crash in between leaves a marker whose size does not match: that shard is regenerated),
         and its entry in `commits` (the run's markers) is updated. Returns the rewritten shards."""
         run_columns = read_run_columns(self.store)

@@ -231,10 +231,15 @@ class ShardWorker:
         store = self.run_store.store
         name = self.generator.postprocess_name
         run_columns = fix_columns(store, declared_columns(self.generator.postprocess_columns, name))
-        kept, bad, proposals = conform_rows(rows, run_columns, shard=shard, callable_name=name)
-        if proposals:
+        # New columns are proposed first, then widenings (int64 -> double): each round records some, so the
+        # third call converts at the latest.
+        for _ in range(3):
+            kept, bad, proposals = conform_rows(rows, run_columns, shard=shard, callable_name=name)
+            if not proposals:
+                break
             run_columns = fix_columns(store, proposals)
-            kept, bad, _ = conform_rows(rows, run_columns, shard=shard, callable_name=name)
+        else:
+            raise RuntimeError(f"the postprocess column types of shard {shard} did not settle: {proposals}")
         several = self.generator.completions > 1  # name the completion, as Generator._error does
         errors = [
             self._error_row(

@@ -86,3 +86,11 @@ def calls_an_api(row, endpoint, api_key, headers):
 def never_set(row):
     """A score for every row, and a `note` that is None in every row (no type is ever inferred for it)."""
     return {"score": 0.5, "note": None}
+
+
+def int_then_half(row, path=None, from_index=None):
+    """`score` 1 in shard 0 (ints only), 1 or 0.5 from shard 1 on (0.5 at odd input positions); from input row
+    `from_index` on, deletes the file `path` if it is still there (a part lost before the run is finalized)."""
+    if path is not None and row["source_index"] >= from_index and os.path.exists(path):
+        os.remove(path)
+    return {"score": 1 if row["source_index"] < 6 or row["source_index"] % 2 == 0 else 0.5}

@@ -74,6 +74,54 @@ def test_a_value_of_another_type_than_the_runs_becomes_that_rows_error(tmp_path,
     assert manifest["columns"] == [{"name": "val", "type": "int64", "source": "inferred from shard 0"}]
 
 
+def test_an_int_column_meeting_a_float_in_a_later_shard_is_double_in_every_part(tmp_path, ray_local):
+    """A score that is 1 in some rows and 0.5 in others: when shard 0 (ints only) committed first, its int64 made
+    every later 0.5 an error row ("returned 0.5 (float) for column 'score', which is int64 in this run"), while a
+    run whose first shard held a 0.5 kept them all. The inferred column is widened to double instead."""
+    job = one_worker_job(tmp_path, 12, "int_then_half")  # one worker: shard 0 (ints) fixes int64 first
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    assert read_parts(run_dir, "errors") is None, read_parts(run_dir, "errors").to_pylist()
+    schemas = part_schemas(run_dir)
+    assert len(schemas) == 2 and all(("score", "double") in s for s in schemas.values()), schemas
+    rows = sorted(read_parts(run_dir).to_pylist(), key=lambda r: r["source_index"])
+    assert [r["score"] for r in rows] == [1.0] * 6 + [1.0, 0.5] * 3
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    source = "inferred from shard 0, widened to double by shard 1"
+    assert manifest["columns"] == [{"name": "score", "type": "double", "source": source}]
+    assert manifest["rows_out"] == 12 and manifest["rows_error"] == 0
+    for part in manifest["parts"]:  # shard 0's part was cast at finalize, its marker with it
+        assert part["data_bytes"] == len((run_dir / part["data_key"]).read_bytes())
+        assert ["score", "double"] in part["columns"]
+    assert "`score` (double)" in (run_dir / "README.md").read_text()
+
+    # A resumed run regenerates shard 0 in the widened type.
+    (run_dir / "_commits" / "shard-00000.json").unlink()
+    (run_dir / "_SUCCESS").unlink()
+    assert run(job) == 0
+    assert part_schemas(run_dir) == schemas and read_parts(run_dir, "errors") is None
+    assert json.loads((run_dir / "_manifest.json").read_text())["columns"] == manifest["columns"]
+
+
+def test_a_widening_recorded_before_a_run_failed_is_applied_when_the_rerun_finalizes(tmp_path, ray_local):
+    """The first invocation commits shard 0 in int64 and widens the column in shard 1, then fails before
+    finalizing (shard 2's rows delete shard 1's part): shard 0's part stays int64 on disk. The rerun
+    regenerates shard 1 in double and casts shard 0's part at finalize."""
+    run_dir = tmp_path / "out" / "test-run"
+    job = one_worker_job(tmp_path, 18, "int_then_half")
+    job.postprocess.update(path=str(run_dir / "data" / "part-00001.parquet"), from_index=12)
+    assert run(job) == 1
+    assert not (run_dir / "_SUCCESS").exists()
+    assert ("score", "int64") in part_schemas(run_dir)["part-00000.parquet"]
+    assert len(list((run_dir / "_columns").glob("*.widened.json"))) == 1
+    assert run(job) == 0
+    assert read_parts(run_dir, "errors") is None
+    schemas = part_schemas(run_dir)
+    assert len(schemas) == 3 and all(("score", "double") in s for s in schemas.values()), schemas
+    rows = sorted(read_parts(run_dir).to_pylist(), key=lambda r: r["source_index"])
+    assert [r["score"] for r in rows] == [1.0] * 6 + [1.0, 0.5] * 6
+
+
 def test_every_part_has_the_runs_column_schema_also_after_a_resume(tmp_path, ray_local):
     job = one_worker_job(tmp_path, 12, "late_columns")
     assert run(job) == 0
