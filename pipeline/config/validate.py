@@ -33,6 +33,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+MAX_RESOURCE = 1e14  # Ray refuses a larger amount of a resource (ray.init, actor options)
+MAX_WAIT_S = 1e9  # seconds (about 31 years): ray.get(timeout=inf) raised OverflowError
+
+
 def _get(job: JobConfig, key: str) -> Any:
     node: Any = job
     for part in key.split("."):
@@ -146,14 +150,28 @@ def validate_job(job: JobConfig) -> JobConfig:
         value = _get(job, key)
         if value is not None and value <= 0:
             raise _fail(key, value, "must be a positive integer (or null for the default)")
-    # Written `not value >= 0` so that NaN, which compares false with everything, fails too.
-    if job.cluster.num_gpus_per_worker is not None and not job.cluster.num_gpus_per_worker >= 0:
-        raise _fail("cluster.num_gpus_per_worker", job.cluster.num_gpus_per_worker, "must be >= 0")
-    if not job.cluster.num_cpus_per_worker >= 0:
-        raise _fail("cluster.num_cpus_per_worker", job.cluster.num_cpus_per_worker, "must be >= 0")
-    if not job.cluster.worker_start_timeout_s > 0:
+    # Written `not value >= 0` so that NaN, which compares false with everything, fails too. The upper bounds
+    # are Ray's: a larger (or infinite) amount failed only once Ray had started, with an OverflowError.
+    if (
+        job.cluster.num_gpus_per_worker is not None
+        and not 0 <= job.cluster.num_gpus_per_worker <= MAX_RESOURCE
+    ):
         raise _fail(
-            "cluster.worker_start_timeout_s", job.cluster.worker_start_timeout_s, "must be > 0 (seconds)"
+            "cluster.num_gpus_per_worker",
+            job.cluster.num_gpus_per_worker,
+            f"must be >= 0 and at most {MAX_RESOURCE:g} (Ray's limit)",
+        )
+    if not 0 <= job.cluster.num_cpus_per_worker <= MAX_RESOURCE:
+        raise _fail(
+            "cluster.num_cpus_per_worker",
+            job.cluster.num_cpus_per_worker,
+            f"must be >= 0 and at most {MAX_RESOURCE:g} (Ray's limit)",
+        )
+    if not 0 < job.cluster.worker_start_timeout_s <= MAX_WAIT_S:
+        raise _fail(
+            "cluster.worker_start_timeout_s",
+            job.cluster.worker_start_timeout_s,
+            f"must be > 0 (seconds) and at most {MAX_WAIT_S:g} (Ray's waits take no more)",
         )
     if job.run.shard_timeout_s is not None and not job.run.shard_timeout_s > 0:
         raise _fail("run.shard_timeout_s", job.run.shard_timeout_s, "must be > 0 (or null for no limit)")

@@ -181,6 +181,52 @@ def test_bad_durations_and_resources_fail_at_startup_naming_the_key(override, me
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "cluster.num_cpus_per_worker=inf",
+            "cluster.num_cpus_per_worker=inf must be >= 0 and at most 1e+14 (Ray's limit)",
+        ),
+        (
+            "cluster.num_cpus_per_worker=1e16",
+            "cluster.num_cpus_per_worker=1e+16 must be >= 0 and at most 1e+14 (Ray's limit)",
+        ),
+        (
+            "cluster.num_gpus_per_worker=inf",
+            "cluster.num_gpus_per_worker=inf must be >= 0 and at most 1e+14 (Ray's limit)",
+        ),
+        (
+            "cluster.worker_start_timeout_s=inf",
+            "cluster.worker_start_timeout_s=inf must be > 0 (seconds) and at most 1e+09",
+        ),
+        (
+            "cluster.worker_start_timeout_s=1e300",
+            "cluster.worker_start_timeout_s=1e+300 must be > 0 (seconds) and at most 1e+09",
+        ),
+    ],
+)
+def test_infinite_or_huge_resources_and_start_timeout_fail_at_startup(override, message):
+    """num_cpus_per_worker=inf passed validation, then the job died with a traceback (OverflowError: cannot
+    convert float infinity to integer) as it sized the local Ray instance; worker_start_timeout_s=inf started
+    Ray and the workers, then "worker 0 failed to start: cannot convert float infinity to integer"."""
+    with pytest.raises(ConfigError) as info:
+        to_job_config(_compose("config", override))
+    assert message in str(info.value)
+
+
+def test_the_largest_resources_and_start_timeout_pass():
+    job = to_job_config(
+        _compose(
+            "config",
+            "cluster.num_cpus_per_worker=1e14",
+            "cluster.num_gpus_per_worker=0",
+            "cluster.worker_start_timeout_s=1e9",
+        )
+    )
+    assert job.cluster.worker_start_timeout_s == 1e9
+
+
 def test_a_negative_worker_start_timeout_writes_nothing(tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
