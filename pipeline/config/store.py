@@ -98,14 +98,24 @@ def to_job_config(cfg: Any, schema: type[JobConfig] = JobConfig) -> JobConfig:
 def check_text_overrides(overrides: list[str], schema: type[JobConfig] = JobConfig) -> None:
     """ConfigError for a command-line override of a text key (run.id, output.uri, nightly.run_prefix, ...) whose
     value Hydra read as a number or a boolean that does not read back as it was typed: run.id=1.10 ran as run
-    1.1, run.id=1e3 as 1000.0, run.id=true as True. Quoted, Hydra keeps the text."""
+    1.1, run.id=1e3 as 1000.0, run.id=true as True. Quoted, Hydra keeps the text. And for a boolean key
+    (run.overwrite, run.dry_run, ...) whose value is not true or false."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     for override in OverridesParser.create().parse_overrides(overrides):
         value = override.value()
-        if not isinstance(value, (bool, int, float)) or override.is_delete():
+        if override.is_delete():
             continue
         key, typed = override.key_or_group, override.input_line.split("=", 1)[1]
+        if (
+            _field_type(key, schema) in (bool, bool | None)
+            and not isinstance(value, bool)
+            and value is not None
+        ):
+            # OmegaConf reads any integer and 'yes', 'on', '1' as a boolean: run.overwrite=2 deleted a run.
+            raise ConfigError(f"{key}={typed} is not a boolean: write {key}=true or {key}=false")
+        if not isinstance(value, (bool, int, float)):
+            continue
         if str(value) == typed or _field_type(key, schema) not in (str, str | None):
             continue
         kind = "boolean" if isinstance(value, bool) else "number"

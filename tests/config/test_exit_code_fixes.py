@@ -16,12 +16,15 @@ import pytest
 import pipeline.runner.model_check as model_check
 from pipeline.config.schema import (
     ClusterConfig,
+    ConfigError,
     DataConfig,
     JobConfig,
     ModelConfig,
+    NightlyJobConfig,
     OutputConfig,
     RunConfig,
 )
+from pipeline.config.store import check_text_overrides
 from pipeline.models.loader import resolve_model_dir
 from pipeline.runner.job import run
 
@@ -87,6 +90,31 @@ def test_a_text_key_given_a_number_that_changes_as_text_exits_2(tmp_path, script
             script, f"output.uri={tmp_path / 'out'}", 'run.id="1.10"', "run.dry_run=true", cwd=tmp_path
         )
         assert code == 0 and f"run 1.10 at {tmp_path / 'out' / '1.10'}" in log, log[-2000:]
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["run.overwrite=2", "run.overwrite=-1", "run.dry_run=0", "run.dry_run='yes'", "sampler.cuda_graphs=1.5"],
+)
+def test_a_boolean_key_given_anything_but_true_or_false_is_refused(override):
+    """run.overwrite=2 (or -1, 1.5, 'yes') composed as run.overwrite=True: OmegaConf reads any number and some
+    words as a boolean, and overwrite=True deletes a run whose input or config differ."""
+    key, typed = override.split("=", 1)
+    with pytest.raises(ConfigError) as info:
+        check_text_overrides([override])
+    assert str(info.value) == f"{key}={typed} is not a boolean: write {key}=true or {key}=false"
+
+
+def test_boolean_keys_take_true_false_and_null_where_optional():
+    check_text_overrides(["run.overwrite=true", "run.dry_run=False", "sampler.cuda_graphs=TRUE"])
+    check_text_overrides(["nightly.allow_late=false"], NightlyJobConfig)
+
+
+def test_a_job_given_a_number_for_a_boolean_key_exits_2(tmp_path):
+    code, log = _cli("generate.py", f"output.uri={tmp_path / 'out'}", "run.overwrite=2", cwd=tmp_path)
+    assert code == 2, log[-2000:]
+    assert "run.overwrite=2 is not a boolean: write run.overwrite=true or run.overwrite=false" in log
+    assert "Traceback" not in log and not (tmp_path / "out").exists()
 
 
 # A bug while preparing the run, injected: inspecting the model raises an AttributeError. (Every input that
