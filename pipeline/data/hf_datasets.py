@@ -7,6 +7,7 @@ load_dataset's arguments that may be secrets (tokens, storage options) never app
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import tempfile
@@ -93,6 +94,9 @@ def load_saved(path: str, data: DataConfig, where: str):
     try:
         dataset = load_from_disk(path)
     except Exception as e:  # noqa: BLE001 - surfaced with the path
+        empty = _without_data_files(path)
+        if empty:
+            raise InputError(_empty_message(where, empty, data)) from None
         message = str(e).replace(path, where)
         raise InputError(f"cannot load the saved dataset at {where}: {message}") from None
     from datasets import DatasetDict
@@ -103,6 +107,39 @@ def load_saved(path: str, data: DataConfig, where: str):
             "DatasetDict): unset data.split to read it, or point data.path at the dataset of that split"
         )
     return _select_split(dataset, data, where).data.table
+
+
+def _without_data_files(path: str) -> list[str]:
+    """The folders (relative to `path`, "." for itself) of a saved dataset whose state.json lists no data file:
+    what save_to_disk writes for a dataset of no rows, which load_from_disk fails on ("list index out of
+    range")."""
+    empty = []
+    for state in sorted(Path(path).glob("**/state.json")):
+        try:
+            files = json.loads(state.read_text(encoding="utf-8")).get("_data_files")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if files == []:
+            empty.append(state.parent.relative_to(path).as_posix())
+    return empty
+
+
+def _empty_message(where: str, empty: list[str], data: DataConfig) -> str:
+    if empty == ["."]:
+        return (
+            f"data.path={where!r} holds no rows: the dataset saved there is empty (save_to_disk wrote no data "
+            "file for it)"
+        )
+    splits = ", ".join(repr(name) for name in empty)
+    fix = (
+        f"point data.path at the folder of split {data.split!r} ({where.rstrip('/')}/{data.split})"
+        if data.split and data.split not in empty
+        else "save the dataset again without the empty split(s), or point data.path at another split's folder"
+    )
+    return (
+        f"the dataset saved at {where} has empty split(s) {splits} (save_to_disk wrote no data file for them, "
+        f"and datasets cannot load the dataset back): {fix}"
+    )
 
 
 def load_hub(path: str, data: DataConfig) -> pa.Table:
