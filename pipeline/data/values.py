@@ -211,14 +211,19 @@ def check_prompt_value(value: Any) -> tuple[str | None, bool, str | None]:
     return text, False, problem
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def template_value(value: Any, name: str) -> tuple[str | None, str | None]:
     """(text, None): column `name`'s value as data.prompt_template writes it; or (None, reason)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None, f"column {name!r} is {value} (not a finite number); data.prompt_template needs a value"
-    if isinstance(value, float) and float(np.float32(value)) == value:
-        return min(
-            repr(value), str(np.float32(value)), key=len
-        ), None  # a float32 column's 0.1, not 0.1000000015
+    if isinstance(value, float) and abs(value) <= FLOAT32_MAX and float(np.float32(value)) == value:
+        short = str(np.float32(value))  # a float32 column's 0.1, not 0.1000000015
+        # ... but not for a whole number that repr writes in full and the short text is another number of:
+        # 1099511627776.0 (2**40, a float64 column's or JSON's) was written 1.0995116e+12.
+        if not (value.is_integer() and abs(value) < 1e16 and float(short) != value):
+            return min(repr(value), short, key=len), None
     if isinstance(value, (bool, int, float, Decimal)):  # Decimal: a Parquet decimal column's, "1.50"
         return str(value), None
     if not isinstance(value, (str, bytes)):

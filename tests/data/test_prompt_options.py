@@ -199,6 +199,18 @@ def test_a_float32_column_fills_the_template_as_written(tmp_path):
     assert [r["prompt"] for r in records] == ["0.1 0.1", f"2.5 {1 / 3!r}"]
 
 
+def test_a_whole_number_fills_the_template_as_the_same_number(tmp_path):
+    """A float64 (or JSON) whole number that a float32 holds exactly but writes shorter as another number:
+    1099511627776.0 (2**40) went into the prompt as 1.0995116e+12, i.e. 1099511600000."""
+    path = tmp_path / "in.jsonl"
+    lines = ['{"n": 1099511627776.0}', '{"n": -1099512676352.0}', '{"n": 100000000.0}', '{"n": 1e300}']
+    path.write_text("\n".join(lines) + "\n")
+    records = read_input(DataConfig(path=str(path), prompt_template="{n}")).table.to_pylist()
+    prompts = [r["prompt"] for r in records]
+    assert prompts == ["1099511627776.0", "-1099512676352.0", "1e+08", "1e+300"]
+    assert [float(p) for p in prompts] == [2.0**40, -(2.0**40 + 2**20), 1e8, 1e300]
+
+
 def test_a_decimal_column_fills_the_template_as_written(tmp_path):
     """A Parquet decimal column (SQL DECIMAL / NUMERIC exports) made every row an error row, "column 'price' is
     a Decimal; data.prompt_template fills strings and numbers": a decimal is a number."""
