@@ -74,6 +74,26 @@ def test_a_value_of_another_type_than_the_runs_becomes_that_rows_error(tmp_path,
     assert manifest["columns"] == [{"name": "val", "type": "int64", "source": "inferred from shard 0"}]
 
 
+def test_a_number_for_a_bool_column_is_kept_only_if_it_is_0_or_1(tmp_path, ray_local):
+    """Arrow's safe cast made any number but 0 True, so a 2 or a 0.5 was written as True without an error."""
+    job = one_worker_job(tmp_path, 8, "numbers_as_bools")
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    table = read_parts(run_dir)
+    assert str(table.schema.field("ok").type) == "bool"
+    assert sorted((r["source_index"], r["ok"]) for r in table.to_pylist()) == [
+        (0, False),
+        (1, True),
+        (4, False),
+        (5, True),
+    ]
+    errors = {e["source_index"]: e["reason"] for e in read_parts(run_dir, "errors").to_pylist()}
+    assert sorted(errors) == [2, 3, 6, 7]
+    assert errors[2].startswith(f"{FNS}.numbers_as_bools returned 2 (int) for column 'ok', which is bool")
+    assert "2 is not exactly a bool value: it would be True" in errors[2]
+    assert "0.5 is not exactly a bool value: it would be True" in errors[3]
+
+
 def test_an_int_column_meeting_a_float_in_a_later_shard_is_double_in_every_part(tmp_path, ray_local):
     """A score that is 1 in some rows and 0.5 in others: when shard 0 (ints only) committed first, its int64 made
     every later 0.5 an error row ("returned 0.5 (float) for column 'score', which is int64 in this run"), while a
