@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.io.columns import RunColumn, conform_rows, convert
+from pipeline.io.columns import RunColumn, conform_rows
+from pipeline.io.convert import convert
 
 ERROR = object()
 UTC = dt.timezone.utc

@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io.columns import RunColumn, conform_rows, convert
+from pipeline.io.columns import RunColumn, conform_rows
+from pipeline.io.convert import convert
 from pipeline.runner.job import run
 from pipeline.runner.stream import WORKER_SWITCH_INTERVAL_S
 from tests.runner.test_job import make_job, read_parts, write_prompts
