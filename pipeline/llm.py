@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from numbers import Integral
@@ -369,6 +370,8 @@ def _id_list(ids: Any, count: int) -> list[str]:
         raise ValueError(f"ids has {len(ids)} entries for {count} prompts")
     first: dict[str, int] = {}
     for i, value in enumerate(ids):
+        if isinstance(value, uuid.UUID):
+            value = str(value)  # its canonical text, as a job's UUID id column gives it
         if isinstance(value, bool) or not isinstance(value, (str, Integral)):  # NumPy's integers are Integral
             raise TypeError(f"ids[{i}]={value!r} must be a string or an integer, got {type(value).__name__}")
         text = str(value) if isinstance(value, str) else str(int(value))

@@ -18,6 +18,7 @@ import hashlib
 import mmap
 import os
 import tempfile
+import uuid
 from array import array
 from collections.abc import Set
 from dataclasses import dataclass
@@ -274,8 +275,18 @@ class RecordBuilder:
             return None, f"missing id (column {column!r})"
         if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
             value = int(value)  # a decimal column of integers: SQL NUMBER(38, 0) exports, e.g. Snowflake's
+        if isinstance(value, uuid.UUID):  # a UUID column's (Parquet's UUID type, pyarrow's pa.uuid())
+            value = str(
+                value
+            )  # its canonical text, 8-4-4-4-12 lowercase hex: the id a JSONL string of it gives
         if isinstance(value, bool) or not isinstance(value, (str, int)):
-            return None, f"id in column {column!r} must be a string or an integer, got {type(value).__name__}"
+            got = type(value).__name__
+            if isinstance(value, bytes):
+                got += (
+                    " (a binary column); if its values are UUIDs, write the column with Parquet's UUID type "
+                    "(pyarrow: pa.uuid()) or as text"
+                )
+            return None, f"id in column {column!r} must be a string or an integer, got {got}"
         text = str(value)
         if has_surrogate(text):
             return None, f"id in column {column!r} is {SURROGATE_HINT}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
@@ -33,7 +34,9 @@ def parquet_rows(
                 _check_columns(names, data, file)
                 seen.update(names)
                 name, start = os.path.basename(file), 0
+                uuids = _uuid_columns(reader)
                 for batch in reader.iter_batches(batch_size=4096, columns=_columns_read(names, data)):
+                    batch = _uuids_as_text(batch, uuids)
                     yield from _batch_rows(batch, lambda i, s=start, n=name: f"{n} row {s + i}")
                     start += batch.num_rows
             except InputError:
@@ -43,6 +46,28 @@ def parquet_rows(
                     f"{file} is not a readable Parquet file ({' '.join(str(e).split())}); re-export it, or set "
                     "data.format if it is another format"
                 ) from None
+
+
+def _uuid_columns(reader) -> set[str]:
+    """The top-level columns that the Parquet file types as UUID (DuckDB's, Iceberg's, pyarrow's pa.uuid())
+    but that pyarrow reads as 16 plain bytes (pyarrow before 18 has no UUID type), not as UUIDs."""
+    columns = (reader.schema.column(i) for i in range(len(reader.schema)))
+    named = {c.path for c in columns if "." not in c.path and c.logical_type.type == "UUID"}
+    return {f.name for f in reader.schema_arrow if f.name in named and f.type == pa.binary(16)}
+
+
+def _uuids_as_text(batch, uuids: set[str]):
+    """`batch` with the `uuids` columns as their canonical text, as pyarrow's UUID type gives them (str of a
+    uuid.UUID, 8-4-4-4-12 lowercase hex), so that a row's id and metadata do not depend on pyarrow's version."""
+    if not uuids & set(batch.schema.names):
+        return batch
+    columns = [
+        pa.array([None if b is None else str(uuid.UUID(bytes=b)) for b in array.to_pylist()], pa.string())
+        if name in uuids
+        else array
+        for name, array in zip(batch.schema.names, batch.columns, strict=True)
+    ]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def _check_columns(names: list[str], data: DataConfig, file: str | None = None) -> None:
