@@ -26,7 +26,7 @@ from typing import Any
 from pipeline.config.schema import BUILTIN_MODEL
 from pipeline.config.validate import CHOICES, check_endpoint, check_no_credentials
 from pipeline.data.records import derived_id
-from pipeline.data.values import SURROGATE_HINT, check_prompt_value, has_surrogate
+from pipeline.data.values import SURROGATE_HINT, blank_problem, check_prompt_value, has_surrogate
 from pipeline.generation import GenerationSpec, Generator, PromptRecord
 from pipeline.models.loader import MASK_FAMILIES, ModelError
 from pipeline.sampler.settings import (
@@ -378,8 +378,10 @@ def _id_list(ids: Any, count: int) -> list[str]:
         ids[i] = text
         if has_surrogate(text):
             raise ValueError(f"ids[{i}]={value!r} is {SURROGATE_HINT}")
-        if not text.strip():
-            raise ValueError(f"ids[{i}]={value!r} is empty")
+        if problem := blank_problem(
+            text, f"ids[{i}]={value!r}"
+        ):  # empty, or NUL or zero-width characters only
+            raise ValueError(problem)
         if text in first:
             raise ValueError(
                 f"ids[{i}]={value!r} repeats ids[{first[text]}]: ids key each row's random numbers, so they "

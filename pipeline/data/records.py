@@ -33,6 +33,7 @@ from pipeline.data.values import (
     SURROGATE_HINT,
     NotText,
     binary_problem,
+    blank_problem,
     check_messages,
     check_text,
     has_surrogate,
@@ -292,6 +293,8 @@ class RecordBuilder:
             return None, f"id in column {column!r} is {SURROGATE_HINT}"
         if not text.strip():
             return None, f"empty id (column {column!r})"
+        if problem := blank_problem(text, f"id in column {column!r}"):  # NUL or zero-width characters only
+            return None, problem
         return text, None
 
     def _content(self, row: dict[str, Any]) -> tuple[str | None, bool, str | None]:

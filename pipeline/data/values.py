@@ -87,14 +87,19 @@ def check_text(value: Any, what: str, *, allow_blank: bool = False) -> tuple[str
         return None, f"{what} must be a string, got {type(value).__name__}"
     if has_surrogate(value):
         return None, f"{what} is {SURROGATE_HINT}"
-    if not allow_blank and not value.strip(INVISIBLE):
-        if not value.strip():
-            return None, f"{what} is empty"
-        return (
-            None,
-            f"{what} is blank: it holds only {ascii(value)[1:-1][:60]} (NUL or zero-width characters)",
-        )
+    if not allow_blank and (problem := blank_problem(value, what)):
+        return None, problem
     return value, None
+
+
+def blank_problem(text: str, what: str) -> str | None:
+    """Why `text` (a prompt, an id) shows nothing: empty or whitespace, or only NUL and zero-width characters
+    (which str.strip() keeps); None when it shows something."""
+    if text.strip(INVISIBLE):
+        return None
+    if not text.strip():
+        return f"{what} is empty"
+    return f"{what} is blank: it holds only {ascii(text)[1:-1][:60]} (NUL or zero-width characters)"
 
 
 def check_messages(value: Any) -> tuple[str | None, str | None]:

@@ -46,3 +46,29 @@ def test_the_api_refuses_the_same_prompts(text):
     assert check_prompt_value([{"role": "user", "content": text}])[2].startswith(
         "messages[0].content is blank"
     )
+
+
+def test_an_id_of_only_nul_or_zero_width_characters_is_an_error_row(tmp_path):
+    """data.id_column's "\\u200b" or " \\x00" was taken as the row's id (only an empty or whitespace id was
+    refused): an id that shows nothing, in the output and in errors/. It is an error row as such a prompt is;
+    ids with such characters among others, and the empty id's message, are as before."""
+    rows = _rows(
+        tmp_path,
+        [{"prompt": "Hi", "uid": text} for text in [*BLANK, " ", "a\u200b", "\x00b"]],
+        id_column="uid",
+    )
+    assert (
+        rows[2]["error"]
+        == "id in column 'uid' is blank: it holds only \\u200b (NUL or zero-width characters)"
+    )
+    assert all("is blank: it holds only" in r["error"] for r in rows[: len(BLANK)])
+    assert rows[len(BLANK)]["error"] == "empty id (column 'uid')"
+    assert [(r["id"], r["error"]) for r in rows[len(BLANK) + 1 :]] == [("a\u200b", None), ("\x00b", None)]
+
+
+@pytest.mark.parametrize("text", BLANK)
+def test_the_api_refuses_the_same_ids(text):
+    from pipeline.llm import _id_list
+
+    with pytest.raises(ValueError, match=r"^ids\[1\]=.* is blank: it holds only"):
+        _id_list(["a", text], 2)
