@@ -87,19 +87,26 @@ def _check_columns(names: list[str], data: DataConfig, file: str | None = None) 
         if missing:
             raise InputError(
                 f"the input has no column(s) {', '.join(map(repr, missing))} of data.prompt_template"
-                f"{f' in {file}' if file else ''}; its columns are: {', '.join(names)}. Fix data.prompt_template."
+                f"{f' in {file}' if file else ''}; {_listing(names)}. Fix data.prompt_template."
             )
     column = data.messages_column or data.prompt_column
     if not data.prompt_template and column not in names:
         raise InputError(
-            f"the input has no column {column!r}{f' in {file}' if file else ''}; its columns are: "
-            f"{', '.join(names)}. "
+            f"the input has no column {column!r}{f' in {file}' if file else ''}; {_listing(names)}. "
             f"Set data.{'messages_column' if data.messages_column else 'prompt_column'}."
         )
     if data.id_column and data.id_column not in names:
         raise InputError(
             f"data.id_column={data.id_column!r} is not a column of {file or 'the input'} ({', '.join(names)})"
         )
+
+
+def _listing(names: list[str]) -> str:
+    """The columns `names` for a message: "its columns are: a, b", or that there are none (a Parquet file of
+    an empty schema, which "its columns are: ." did not say)."""
+    if not names:
+        return "it has no columns at all (its schema is empty: write the file with its columns)"
+    return f"its columns are: {', '.join(names)}"
 
 
 def _columns_read(names: list[str], data: DataConfig) -> list[str] | None:

@@ -574,3 +574,17 @@ def test_an_empty_jsonl_gz_holds_no_rows_like_an_empty_jsonl(tmp_path):
         read_input(DataConfig(path=str(tmp_path / "empty.jsonl.gz")))
     (tmp_path / "a.jsonl").write_text('{"prompt": "Add: 1+2"}\n')
     assert read_input(DataConfig(path=str(tmp_path))).num_rows == 1
+
+
+def test_a_parquet_file_of_no_columns_says_so(tmp_path):
+    """A Parquet file of an empty schema failed with "...; its columns are: . Set data.prompt_column.": it says
+    that the file has no columns, for the prompt column and a template's alike."""
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({}), path)
+    none = "it has no columns at all (its schema is empty: write the file with its columns)"
+    with pytest.raises(InputError) as e:
+        read_input(DataConfig(path=str(path)))
+    assert str(e.value) == f"the input has no column 'prompt' in {path}; {none}. Set data.prompt_column."
+    with pytest.raises(InputError, match=r"of data\.prompt_template in .*; it has no columns at all"):
+        read_input(DataConfig(path=str(path), prompt_template="Q: {q}"))
+    assert "its columns are: " not in str(e.value)
