@@ -34,6 +34,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 MAX_RESOURCE = 1e14  # Ray refuses a larger amount of a resource (ray.init, actor options)
+# cluster.num_workers: each worker is a Ray actor (its own process, its own copy of the model). Ray's published
+# scalability envelope (release/benchmarks) runs 10,000 actors in one cluster; a larger count (1e23) went on
+# to ray.init and failed there, "could not start a local Ray instance: ... check that this folder is writable".
+MAX_WORKERS = 10_000
 MAX_WAIT_S = 1e9  # seconds (about 31 years): ray.get(timeout=inf) raised OverflowError
 
 
@@ -142,6 +146,14 @@ def validate_job(job: JobConfig) -> JobConfig:
         value = _get(job, key)
         if value <= 0:
             raise _fail(key, value, "must be a positive integer")
+    if job.cluster.num_workers > MAX_WORKERS:
+        raise _fail(
+            "cluster.num_workers",
+            job.cluster.num_workers,
+            f"is more workers than Ray runs: give at most {MAX_WORKERS:,} (Ray's tested scale is 10,000 actors "
+            "in one cluster, and each worker is one actor holding the model; the job starts no more workers "
+            "than the input has shards)",
+        )
     try:
         check_completions(job.sampler.completions_per_prompt, "sampler.completions_per_prompt")
     except SettingsError as e:

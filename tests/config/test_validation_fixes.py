@@ -215,6 +215,19 @@ def test_infinite_or_huge_resources_and_start_timeout_fail_at_startup(override, 
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("workers", ["100000000000000000000000", "1000000000000000", "10001"])
+def test_an_absurd_worker_count_fails_at_startup_naming_the_key(workers):
+    """cluster.num_workers=10**23 passed validation, then failed as Ray started: "could not start a local Ray
+    instance: ValueError: Resource quantities must be at most 1e14 ... check that this folder is writable"
+    (exit 2, naming neither the key nor the fix); 10**15 the same. It has an upper bound, Ray's scale."""
+    with pytest.raises(ConfigError) as info:
+        to_job_config(_compose("config", f"cluster.num_workers={workers}"))
+    assert str(info.value).startswith(
+        f"cluster.num_workers={workers} is more workers than Ray runs: give at most 10,000"
+    )
+    assert to_job_config(_compose("config", "cluster.num_workers=10000")).cluster.num_workers == 10_000
+
+
 def test_the_largest_resources_and_start_timeout_pass():
     job = to_job_config(
         _compose(
