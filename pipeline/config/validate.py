@@ -179,6 +179,13 @@ def validate_job(job: JobConfig) -> JobConfig:
             job.cluster.num_cpus_per_worker,
             f"must be >= 0 and at most {MAX_RESOURCE:g} (Ray's limit)",
         )
+    local_cpus = job.cluster.num_workers * job.cluster.num_cpus_per_worker + 1  # ray_setup sizes the instance
+    if job.cluster.mode == "local" and local_cpus > MAX_RESOURCE:
+        raise ConfigError(
+            f"cluster.num_workers={job.cluster.num_workers} x cluster.num_cpus_per_worker="
+            f"{job.cluster.num_cpus_per_worker:g} (+1 for the driver) is {local_cpus:g} CPUs for the local Ray "
+            f"instance, more than Ray's limit of {MAX_RESOURCE:g}: lower either"
+        )
     if not 0 < job.cluster.worker_start_timeout_s <= MAX_WAIT_S:
         raise _fail(
             "cluster.worker_start_timeout_s",

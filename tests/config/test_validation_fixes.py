@@ -232,12 +232,31 @@ def test_the_largest_resources_and_start_timeout_pass():
     job = to_job_config(
         _compose(
             "config",
+            "cluster=ray",
             "cluster.num_cpus_per_worker=1e14",
             "cluster.num_gpus_per_worker=0",
             "cluster.worker_start_timeout_s=1e9",
         )
     )
     assert job.cluster.worker_start_timeout_s == 1e9
+
+
+def test_a_local_instance_over_rays_cpu_limit_is_refused_before_ray_starts(tmp_path):
+    """cluster.mode=local sizes the Ray instance to num_workers x num_cpus_per_worker + 1 CPUs: 1e14 per worker
+    (the per-worker limit) passed, and the job failed as Ray refused the instance, saying "could not start a
+    local Ray instance ... check that this folder is writable"."""
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+2"}) + "\n")
+    out = tmp_path / "out"
+    overrides = [f"data.path={data}", f"output.uri={out}", "cluster.num_workers=2"]
+    with pytest.raises(ConfigError) as error:
+        to_job_config(_compose("config", *overrides, "cluster.num_cpus_per_worker=1e14"))
+    assert str(error.value) == (
+        "cluster.num_workers=2 x cluster.num_cpus_per_worker=1e+14 (+1 for the driver) is 2e+14 CPUs for the "
+        "local Ray instance, more than Ray's limit of 1e+14: lower either"
+    )
+    job = to_job_config(_compose("config", *overrides, "cluster.num_cpus_per_worker=1e13"))
+    assert job.cluster.num_cpus_per_worker == 1e13
 
 
 def test_a_negative_worker_start_timeout_writes_nothing(tmp_path):
