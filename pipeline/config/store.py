@@ -111,6 +111,7 @@ def check_text_overrides(overrides: list[str], schema: type[JobConfig] = JobConf
             _field_type(key, schema) in (bool, bool | None)
             and not isinstance(value, bool)
             and value is not None
+            and not (isinstance(value, str) and "${" in value)  # an interpolation: OmegaConf resolves it
         ):
             # OmegaConf reads any integer and 'yes', 'on', '1' as a boolean: run.overwrite=2 deleted a run.
             raise ConfigError(f"{key}={typed} is not a boolean: write {key}=true or {key}=false")

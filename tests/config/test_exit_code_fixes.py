@@ -110,6 +110,14 @@ def test_boolean_keys_take_true_false_and_null_where_optional():
     check_text_overrides(["nightly.allow_late=false"], NightlyJobConfig)
 
 
+def test_a_boolean_key_given_an_interpolation_is_left_to_omegaconf():
+    """run.overwrite=${oc.env:OVERWRITE,false} is a string to Hydra's parser; OmegaConf resolves it to a
+    boolean, as it did before boolean overrides were checked."""
+    check_text_overrides(
+        ["run.overwrite=${oc.env:CANVASFLOW_OVERWRITE,false}", "run.dry_run='${oc.env:X,true}'"]
+    )
+
+
 def test_a_job_given_a_number_for_a_boolean_key_exits_2(tmp_path):
     code, log = _cli("generate.py", f"output.uri={tmp_path / 'out'}", "run.overwrite=2", cwd=tmp_path)
     assert code == 2, log[-2000:]
