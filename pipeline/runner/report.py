@@ -373,7 +373,7 @@ def log_summary(stats: dict[str, Any], uri: str, *, ran: bool = True) -> None:
             dropped.get("denoising_steps", 0),
         )
     base = uri.rstrip("/")
-    # No data part was written: point at the rejected rows, not at a data/ that is not there.
+    # No output rows (data/ holds one part without rows, RunStore.write_empty_part): point at the rejected rows.
     if not stats["rows_out"]:
         logger.info(
             "output: no rows; the %d rejected row(s) and why are in %s/errors/ (dataset card: %s/README.md)",
