@@ -52,7 +52,9 @@ def _fail(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} {why}")
 
 
-_URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^@/\s]*@", re.IGNORECASE)
+# user@ or user:password@ after a scheme; a password may hold '/' (not a valid URL, so a "/" ends no host there:
+# botocore echoes such an AWS_ENDPOINT_URL whole in its "not a valid URI" error).
+_URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)(?:[^@/\s]*|[^@/:\s]*:[^@\s]*)@", re.IGNORECASE)
 
 
 def without_userinfo(text: str) -> str:

@@ -57,3 +57,17 @@ def test_an_s3_input_read_through_the_environments_endpoint_names_it(s3_bucket, 
     with pytest.raises(InputError) as error:
         read_input(DataConfig(path=path))
     assert f"in AWS_ENDPOINT_URL_S3={s3_bucket.endpoint}, as no" in str(error.value)
+
+
+def test_an_environment_endpoint_whose_password_holds_a_slash_is_not_echoed(monkeypatch):
+    """AWS_ENDPOINT_URL=http://KEY:SE/CRET@host: botocore refuses it ("Custom endpoint ... was not a valid
+    URI") and echoes it whole; a user:password@ was dropped only when it held no '/', so the secret was in the
+    error, twice."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://KEY:SE/CANARY@127.0.0.1:1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    with pytest.raises(InputError) as error:
+        read_input(DataConfig(path="s3://bkt/in/p.jsonl"), region="us-east-1")
+    message = str(error.value)
+    assert "CANARY" not in message and "KEY" not in message
+    assert "in AWS_ENDPOINT_URL=http://***@127.0.0.1:1, as no output.endpoint_url is set" in message
