@@ -33,7 +33,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.io.columns import conform_table, read_run_columns, schema_signature, target_schema
+from pipeline.io.columns import (
+    DRAFTS_TYPE,
+    conform_table,
+    read_run_columns,
+    schema_signature,
+    target_schema,
+)
 from pipeline.io.lease import read_holder
 from pipeline.io.parts import ERROR_SCHEMA, from_parquet_bytes, to_parquet_bytes, to_table
 from pipeline.io.store import LocalStore, Store, StoreError
@@ -369,15 +375,19 @@ class RunStore:
             )
         return rewritten
 
-    def write_empty_part(self, commits: dict[int, ShardCommit], compression: str = "zstd") -> int | None:
+    def write_empty_part(
+        self, commits: dict[int, ShardCommit], compression: str = "zstd", *, drafts: bool = False
+    ) -> int | None:
         """Where no shard wrote a data part (every row rejected or dropped), writes one without rows for the
-        first shard, with the run's schema, and rewrites its marker: readers of data/ (load_dataset,
-        pyarrow.dataset, pandas) and the card's `data_files` then find an empty table with the dataset's
-        columns, not a missing folder. Returns that shard, or None where some shard has a data part."""
+        first shard, with the run's schema (`drafts`: sampler.record_drafts, whose column a part with rows
+        has), and rewrites its marker: readers of data/ (load_dataset, pyarrow.dataset, pandas) and the card's
+        `data_files` then find an empty table with the dataset's columns, not a missing folder. Returns that
+        shard, or None where some shard has a data part."""
         if not commits or any(c.data_key for c in commits.values()):
             return None
         shard = min(commits)
-        table = target_schema(pa.schema([]), read_run_columns(self.store)).empty_table()
+        current = pa.schema([pa.field("drafts", DRAFTS_TYPE)] if drafts else [])
+        table = target_schema(current, read_run_columns(self.store)).empty_table()
         payload = to_parquet_bytes(table, compression)
         self.store.write_bytes(data_key(shard), payload)
         commit = commits[shard]
@@ -389,13 +399,19 @@ class RunStore:
         return shard
 
     def finalize(
-        self, commits: dict[int, ShardCommit], manifest: dict[str, Any], stats: dict[str, Any], card: str
+        self,
+        commits: dict[int, ShardCommit],
+        manifest: dict[str, Any],
+        stats: dict[str, Any],
+        card: str,
+        *,
+        drafts: bool = False,
     ) -> None:
         """Brings every part (`commits`: the run's markers, every shard's) to the run's schema (a run without
-        output rows gets one empty data part), then writes manifest, stats and dataset card, then _SUCCESS
-        last."""
+        output rows gets one empty data part; `drafts`: sampler.record_drafts), then writes manifest, stats
+        and dataset card, then _SUCCESS last."""
         compression = manifest.get("compression", "zstd")
-        empty = self.write_empty_part(commits, compression)
+        empty = self.write_empty_part(commits, compression, drafts=drafts)
         if self.conform_parts(commits, compression) or empty is not None:
             manifest["parts"] = [vars(commits[s]) for s in sorted(commits)]
         self.store.write_text(MANIFEST, manifest_text(manifest))

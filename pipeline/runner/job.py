@@ -434,7 +434,8 @@ def _finish(prep: Prepared, started: float, committed, new_commits, failed, work
     from pipeline.io.card import render_card
 
     manifest = build_manifest(prep, all_commits)
-    run_store.finalize(all_commits, manifest, stats, render_card(run_store.uri, manifest, stats))
+    card = render_card(run_store.uri, manifest, stats)
+    run_store.finalize(all_commits, manifest, stats, card, drafts=prep.job.sampler.record_drafts)
     log_summary(stats, run_store.uri)
     return 0
 

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io.columns import (
+    DRAFTS_TYPE,
     RunColumn,
     column_key,
     conform_rows,
@@ -21,7 +22,7 @@ from pipeline.io.columns import (
     read_run_columns,
 )
 from pipeline.io.commit import RunStore, data_key
-from pipeline.io.parts import to_table
+from pipeline.io.parts import OUTPUT_SCHEMA, to_table
 from pipeline.io.store import LocalStore
 
 
@@ -157,3 +158,21 @@ def test_parts_written_in_int64_before_the_widening_are_double_after_finalize(tm
     assert resumed.verify(resumed.committed()) == [], "each rewritten part's marker was rewritten with it"
     assert {dict(c.columns)["score"] for c in resumed.committed().values()} == {"double"}
     assert resumed.conform_parts(resumed.committed()) == []
+
+
+@pytest.mark.parametrize("drafts", [False, True])
+def test_the_empty_part_of_a_run_without_output_rows_has_the_columns_a_part_with_rows_has(tmp_path, drafts):
+    """A run whose every row was rejected gets one data part without rows at finalize; with
+    sampler.record_drafts its parts with rows have a `drafts` column, which the empty part lacked."""
+    store = LocalStore(tmp_path / "run")
+    run = RunStore(store, "r")
+    error = {"id": "a", "stage": "tokenize", "error": "the prompt has no tokens"}
+    run.commit_shard(
+        0, to_table([], OUTPUT_SCHEMA), [error], compression="zstd", stats={}, worker="w", attempt=1
+    )
+    manifest = {"parts": [], "compression": "zstd"}
+    run.finalize(run.committed(), manifest, {}, "card", drafts=drafts)
+    schema = pq.read_schema(tmp_path / "run" / data_key(0))
+    expected = OUTPUT_SCHEMA.append(pa.field("drafts", DRAFTS_TYPE)) if drafts else OUTPUT_SCHEMA
+    assert schema.remove_metadata() == expected
+    assert [p["data_key"] for p in manifest["parts"]] == [data_key(0)]
