@@ -6,6 +6,7 @@ data.prompt_template writes it, and any value as the records' JSON. A check retu
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -40,14 +41,20 @@ def _lossy_default(value: Any) -> Any:
     return str(value)
 
 
+@functools.lru_cache(maxsize=8)
+def _encoder(default: Callable[[Any], Any]) -> json.JSONEncoder:
+    """The encoder json.dumps(ensure_ascii=False, sort_keys=True, default=default, allow_nan=False) makes on
+    every call, made once: its encode() is what dumps returns (and keeps no state between calls)."""
+    return json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=default, allow_nan=False)
+
+
 def to_json(value: Any, default: Callable[[Any], Any] = _text_default) -> str:
     """Strict JSON text: NaN and +-Infinity (which JSON has no spelling for) are written as null."""
+    encode = _encoder(default).encode
     try:
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=default, allow_nan=False)
+        return encode(value)
     except ValueError:  # a non-finite float somewhere
-        return json.dumps(
-            _finite(value), ensure_ascii=False, sort_keys=True, default=default, allow_nan=False
-        )
+        return encode(_finite(value))
 
 
 def _finite(value: Any) -> Any:
