@@ -121,11 +121,22 @@ def check_messages(value: Any) -> tuple[str | None, str | None]:
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             return None, f"messages[{i}] must be an object with a string 'role'"
-        if has_surrogate(message["role"]):
+        role = message["role"]
+        if has_surrogate(role):
             return None, f"messages[{i}].role is {SURROGATE_HINT}"
+        content = message.get("content")
+        # Most messages: {role, content} and a string of text, which the checks below would keep as it is.
+        if (
+            len(message) == 2
+            and type(content) is str
+            and not has_surrogate(content)
+            and content.strip(INVISIBLE)
+        ):
+            messages.append({"role": role, "content": content})
+            continue
         calls = message.get("tool_calls")
         content, problem = _check_content(
-            message.get("content"),
+            content,
             f"messages[{i}].content",
             tool_calls=isinstance(calls, (list, tuple)) and len(calls) > 0,
         )
@@ -134,7 +145,7 @@ def check_messages(value: Any) -> tuple[str | None, str | None]:
         fields, problem = _other_fields(message, f"messages[{i}]")
         if problem:
             return None, problem
-        messages.append({**fields, "role": message["role"], "content": content})  # binary content as its text
+        messages.append({**fields, "role": role, "content": content})  # binary content as its text
     return to_json(messages), None
 
 
