@@ -7,6 +7,7 @@ any URL is dropped, so that the file can be shared with the data it describes.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -33,13 +34,21 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 def is_secret_key(key: Any) -> bool:
-    name = _CAMEL.sub("_", str(key)).lower().replace("-", "_")
+    return _is_secret_name(str(key))
+
+
+# Cached: redact_text asks for each key of each line that Hydra prints before the job starts.
+@functools.lru_cache(maxsize=4096)
+def _is_secret_name(key: str) -> bool:
+    name = _CAMEL.sub("_", key).lower().replace("-", "_")
     return bool(set(re.split(r"[^a-z0-9]+", name)) & SECRET_WORDS) or any(p in name for p in SECRET_PHRASES)
 
 
 # `key=value` (an override) or `key: value` (YAML) in text that Hydra prints before the job starts: a compose
 # error echoing an override, `--cfg job`, `--help`. A `${...}` interpolation is one value.
-_ASSIGNED = re.compile(r"(?P<key>[A-Za-z_][A-Za-z0-9_-]*)(?P<sep>=|:[ \t]+)")
+# A key starts where a run of key characters does (after digits or '-' at most: `--token=`): started at every
+# letter of a long word, the search took time quadratic in its length (a 100 KB word: a minute).
+_ASSIGNED = re.compile(r"(?<![A-Za-z0-9_-])[0-9-]*+(?P<key>[A-Za-z_][A-Za-z0-9_-]*+)(?P<sep>=|:[ \t]+)")
 _VALUE = re.compile(r"\$\{[^}\n]*\}|'[^'\n]*'|\"[^\"\n]*\"|[^\s,}\]]+")
 # In a flow mapping ({a: b, ...}) a plain value runs to the next ',', '}' or ']' (`{Authorization: Bearer X}`);
 # a quoted one only when it ends there (YAML writes a quote in a quoted text as '': ''Bearer X'').
@@ -63,18 +72,28 @@ def redact_text(text: str) -> str:
 
 
 def _redact_assigned(text: str) -> str:
-    parts, pos = [], 0
+    parts, pos, closing = [], 0, None
+    line_start = seen = 0  # where the line of the last key found starts; text up to `seen` looked at for it
     while (match := _ASSIGNED.search(text, pos)) is not None:
         parts.append(text[pos : match.end()])
         # A value that is not redacted is searched too: `a=b.token=SECRET`, `x={key: SECRET}`.
         pos = match.end()
-        key, line = match.group("key"), text[: match.start()].rpartition("\n")[2].rstrip()
-        flow = match.group("sep") != "=" and line.endswith(("{", ","))
-        if match.group("sep") != "=" and line and not flow and line[-1] != "-":
+        key, start = match.group("key"), match.start("key")
+        # The last character before the key on its line, found without going over the line again for each key
+        # on it (that took time quadratic in a line's length: 100 KB of `a: ` in 50 ms, 10 MB in minutes).
+        line_start, seen = text.rfind("\n", seen, start) + 1 or line_start, start
+        before = start
+        while before > line_start and text[before - 1].isspace():
+            before -= 1
+        last = text[before - 1] if before > line_start else ""
+        flow = match.group("sep") != "=" and last in ("{", ",")
+        if match.group("sep") != "=" and last and not flow and last != "-":
             continue  # `key: value` only as YAML has it (a line's first key, in {...}, a list item), not prose
         if key in _NOT_SECRETS or not is_secret_key(key):
             continue
-        end = _bracketed_end(text, match.end())
+        if closing is None and text[match.end() : match.end() + 1] in ("{", "["):
+            closing = _closing_brackets(text)
+        end = _bracketed_end(text, match.end(), closing or {})
         if end is None:
             value = (_FLOW_VALUE if flow else _VALUE).match(text, match.end())
             if value is None:
@@ -88,16 +107,26 @@ def _redact_assigned(text: str) -> str:
     return "".join(parts)
 
 
-def _bracketed_end(text: str, start: int) -> int | None:
+def _closing_brackets(text: str) -> dict[int, int]:
+    """Where each `{` or `[` of `text` that closes is closed (any of `}` and `]` closes either): the position
+    after its closing bracket, by the position of the opening one."""
+    closing, opened = {}, []
+    for match in re.finditer(r"[{}\[\]]", text):
+        if match.group() in "{[":
+            opened.append(match.start())
+        elif opened:
+            closing[opened.pop()] = match.end()
+    return closing
+
+
+def _bracketed_end(text: str, start: int, closing: dict[int, int]) -> int | None:
     """Where the `{...}` or `[...]` starting at `start` ends (the end of its line when it does not close there
-    or below); None when no bracket starts there."""
+    or below); None when no bracket starts there. `closing` is _closing_brackets(text), found once per text:
+    looking for each bracket's end on its own took time quadratic in the number of unclosed ones."""
     if start >= len(text) or text[start] not in "{[":
         return None
-    depth = 0
-    for i in range(start, len(text)):
-        depth += (text[i] in "{[") - (text[i] in "}]")
-        if depth == 0:
-            return i + 1
+    if start in closing:
+        return closing[start]
     newline = text.find("\n", start)
     return len(text) if newline < 0 else newline
 
