@@ -8,6 +8,7 @@ import time
 import pytest
 
 from pipeline.config.redact import REDACTED, redact_text
+from pipeline.config.validate import without_userinfo
 
 
 def _seconds(function, text: str) -> float:
@@ -47,3 +48,21 @@ def test_redaction_finds_the_same_keys_as_before():
     assert redact_text("x={api_key: SECRET, n: 1}") == f"x={{api_key: {REDACTED}, n: 1}}"
     assert redact_text("token=[a, [b]] n=1") == f"token={REDACTED} n=1"
     assert redact_text("- password: hunter22\nsay token: abc") == f"- password: {REDACTED}\nsay token: abc"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a-" * 50_000, "http://" * 15_000, "http://a:" * 11_000, "ftp://x:" + "y/" * 50_000],
+    ids=["dashed-word", "urls", "urls-with-colon", "long-path"],
+)
+def test_without_userinfo_of_100_kb_takes_linear_time(text):
+    # Before: 20 s, 4.7 s, 3.7 s; now a few ms each.
+    assert _seconds(without_userinfo, text) < 0.5
+    assert _seconds(without_userinfo, text * 4) < 2.0  # 400 KB
+
+
+def test_without_userinfo_drops_the_same_user_and_password_as_before():
+    assert without_userinfo("see http://KEY:SE/CRET@host/x") == "see http://***@host/x"
+    assert without_userinfo("s3://u@b/k and https://a:b@c") == "s3://***@b/k and https://***@c"
+    assert without_userinfo("git+ssh://git@github.com/x") == "git+ssh://***@github.com/x"
+    assert without_userinfo("https://host/path?email=a@b") == "https://host/path?email=a@b"
