@@ -48,13 +48,14 @@ def _is_secret_name(key: str) -> bool:
 # error echoing an override, `--cfg job`, `--help`. A `${...}` interpolation is one value.
 # A key starts where a run of key characters does (after digits or '-' at most: `--token=`): started at every
 # letter of a long word, the search took time quadratic in its length (a 100 KB word: a minute).
-_ASSIGNED = re.compile(r"(?<![A-Za-z0-9_-])[0-9-]*+(?P<key>[A-Za-z_][A-Za-z0-9_-]*+)(?P<sep>=|:[ \t]+)")
-_VALUE = re.compile(r"\$\{[^}\n]*\}|'[^'\n]*'|\"[^\"\n]*\"|[^\s,}\]]+")
+# In a flow mapping, `key:value` too (Hydra's `{X-Api-Key:SECRET}`). A quoted value may hold a quote escaped
+# with '\' (Hydra: "pre\" SECRET") or, in single quotes, doubled (YAML: 'it''s SECRET').
+_ASSIGNED = re.compile(r"(?<![A-Za-z0-9_-])[0-9-]*+(?P<key>[A-Za-z_][A-Za-z0-9_-]*+)(?P<sep>=|:[ \t]*)")
+_QUOTED = r"'(?:[^'\\\n]|\\.|'')*'|\"(?:[^\"\\\n]|\\.)*\""
+_VALUE = re.compile(rf"\$\{{[^}}\n]*\}}|{_QUOTED}|[^\s,}}\]]+")
 # In a flow mapping ({a: b, ...}) a plain value runs to the next ',', '}' or ']' (`{Authorization: Bearer X}`);
 # a quoted one only when it ends there (YAML writes a quote in a quoted text as '': ''Bearer X'').
-_FLOW_VALUE = re.compile(
-    r"\$\{[^}\n]*\}|(?:'[^'\n]*'|\"[^\"\n]*\")(?=[ \t]*(?:[,}\]\n]|$))|[^,}\]\n]*[^\s,}\]]"
-)
+_FLOW_VALUE = re.compile(rf"\$\{{[^}}\n]*\}}|(?:{_QUOTED})(?=[ \t]*(?:[,}}\]\n]|$))|[^,}}\]\n]*[^\s,}}\]]")
 # Hydra's label for the key an error is about; the logger that conf/config.yaml sets to WARNING (--cfg hydra)
 _NOT_SECRETS = frozenset({"full_key", "botocore.credentials"})
 # A YAML line as OmegaConf.to_yaml writes it (--cfg, --help, --info): `key: value`, `key:` before a nested block,
@@ -89,6 +90,8 @@ def _redact_assigned(text: str) -> str:
         flow = match.group("sep") != "=" and last in ("{", ",")
         if match.group("sep") != "=" and last and not flow and last != "-":
             continue  # `key: value` only as YAML has it (a line's first key, in {...}, a list item), not prose
+        if match.group("sep") == ":" and not flow:
+            continue  # `key:value` only in {...}: `token:abc` on a line is a text, `http://` no key
         if key in _NOT_SECRETS or not is_secret_key(key):
             continue
         if closing is None and text[match.end() : match.end() + 1] in ("{", "["):

@@ -273,3 +273,28 @@ def test_nested_and_multi_word_secret_values_are_redacted_before_the_job_starts(
     if args == ["--cfg", "all"]:  # the logger botocore.credentials is no secret
         assert "botocore.credentials:\n        level: WARNING" in output, output
     assert "Authorization: <redacted>" in output and "api_key: <redacted>" in output
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        'postprocess.token="pre\\" CANARY-q1"',  # an escaped quote ended the value redacted
+        "postprocess.token='it\\'s CANARY-q2'",
+        "postprocess.headers={X-Api-Key:CANARY-q3,Accept:text/plain}",  # `key:value`, no space, in {...}
+        "postprocess.x=[{secret:CANARY-q4}]",
+    ],
+)
+def test_compose_errors_redact_escaped_quotes_and_flow_keys_without_a_space(override):
+    """Hydra's "To append to your config use +postprocess.token=..." showed the text after an escaped quote
+    (`<redacted> CANARY"`) and the value of `{X-Api-Key:CANARY}`, which Hydra's syntax allows without a space."""
+    overrides = ["postprocess=callable", "postprocess._target_=pipeline.tasks.checker.check_row", override]
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "generate.py"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = shown.stdout + shown.stderr
+    assert shown.returncode == 2, output
+    assert "CANARY" not in output and "To append to your config use +postprocess." in output, output
+    assert REDACTED in output
