@@ -50,7 +50,7 @@ def _is_secret_name(key: str) -> bool:
 # letter of a long word, the search took time quadratic in its length (a 100 KB word: a minute).
 # In a flow mapping, `key:value` too (Hydra's `{X-Api-Key:SECRET}`). A quoted value may hold a quote escaped
 # with '\' (Hydra: "pre\" SECRET") or, in single quotes, doubled (YAML: 'it''s SECRET').
-_ASSIGNED = re.compile(r"(?<![A-Za-z0-9_-])[0-9-]*+(?P<key>[A-Za-z_][A-Za-z0-9_-]*+)(?P<sep>=|:[ \t]*)")
+_ASSIGNED = re.compile(r"(?<![A-Za-z0-9_-])[0-9-]*(?P<key>[A-Za-z_][A-Za-z0-9_-]*)(?P<sep>=|:[ \t]*)")
 _QUOTED = r"'(?:[^'\\\n]|\\.|'')*'|\"(?:[^\"\\\n]|\\.)*\""
 _VALUE = re.compile(rf"\$\{{[^}}\n]*\}}|{_QUOTED}|[^\s,}}\]]+")
 # In a flow mapping ({a: b, ...}) a plain value runs to the next ',', '}' or ']' (`{Authorization: Bearer X}`);

@@ -57,7 +57,7 @@ def _fail(key: str, value: Any, why: str) -> ConfigError:
 # where a run of its characters starts, and a password does not run past another URL's "://": else the search
 # took time quadratic in the length of a word like a-b-c-... or of a text of URLs without '@' (100 KB: 20 s).
 _URL_USERINFO = re.compile(
-    r"(?<![a-z0-9+.-])([0-9+.-]*+[a-z][a-z0-9+.-]*+://)(?:[^@/\s]*+|[^@/:\s]*+:(?:(?!://)[^@\s])*+)@",
+    r"(?<![a-z0-9+.-])([0-9+.-]*[a-z][a-z0-9+.-]*://)(?:[^@/\s]*|[^@/:\s]*:(?:(?!://)[^@\s])*)@",
     re.IGNORECASE,
 )
 
