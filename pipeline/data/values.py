@@ -17,10 +17,14 @@ import numpy as np
 
 
 class NotText(TypeError):
-    """A binary value (bytes, e.g. of a Parquet binary column) that is not UTF-8 text, which JSON cannot hold."""
+    """A binary value (bytes, e.g. of a Parquet binary column) that is not UTF-8 text, or an object without a
+    text form of its own (str() would name its memory address: another text in every process), which JSON
+    cannot hold. `error`: the decoding error, or what the value is."""
 
-    def __init__(self, error: UnicodeDecodeError) -> None:
-        super().__init__(f"binary data that is not UTF-8 text (byte {error.start} of the value)")
+    def __init__(self, error: UnicodeDecodeError | str) -> None:
+        if isinstance(error, UnicodeDecodeError):
+            error = f"binary data that is not UTF-8 text (byte {error.start} of the value)"
+        super().__init__(error)
 
 
 def _text_default(value: Any) -> Any:
@@ -31,6 +35,9 @@ def _text_default(value: Any) -> Any:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as e:
             raise NotText(e) from None
+    kind = type(value)
+    if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
+        raise NotText(f"a {kind.__name__} object, which has no text form (str() gives its memory address)")
     return str(value)
 
 

@@ -269,3 +269,30 @@ def test_a_parquet_tool_call_message_with_null_content_is_a_record(tmp_path):
         {"role": "user", "content": "Add 1 and 2"},
         {"role": "assistant", "content": "", "tool_calls": [CALL]},
     ]
+
+
+class _Opaque:
+    """An object without a text form of its own: str() names its memory address."""
+
+
+def test_a_value_without_a_text_form_is_an_error_row_not_its_memory_address(tmp_path, monkeypatch):
+    """A message key or a metadata value that is an arbitrary Python object (Python API rows) was stored as
+    str(), e.g. "<_Opaque object at 0x7f...>": another prompt text and input fingerprint in every process."""
+    from pipeline.data.records import RecordBuilder
+    from pipeline.data.values import check_messages
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    prompt, problem = check_messages([{"role": "user", "content": "Hi", "extra": _Opaque()}])
+    assert prompt is None
+    assert problem == (
+        "messages[0].extra holds a _Opaque object, which has no text form (str() gives its memory address); "
+        "give it as text"
+    )
+    builder = RecordBuilder(DataConfig())
+    builder.add(0, {"prompt": "Add: 1+2", "tag": _Opaque()}, None, None)
+    builder.add(
+        1, {"prompt": "Add: 1+2", "tag": {"when": Path("/x")}}, None, None
+    )  # a str() of its own: kept
+    rows = builder.finish().to_pylist()
+    assert rows[0]["metadata"] is None and "column 'tag' holds a _Opaque object" in rows[0]["error"]
+    assert rows[1]["error"] is None and json.loads(rows[1]["metadata"]) == {"tag": {"when": "/x"}}
