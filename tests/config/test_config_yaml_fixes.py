@@ -23,6 +23,18 @@ register_configs()
 SECRET = "hf_s3cr3t_Zq81x"
 
 
+def _job(script: str, args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, str]:
+    """jobs/<script> run with `args` and `env` added to this environment: the process and its output."""
+    shown = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / script), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+    return shown, shown.stdout + shown.stderr
+
+
 def _prompts(tmp_path: Path) -> Path:
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Reverse: word{i}"}) + "\n" for i in range(2)))
@@ -194,14 +206,7 @@ def test_what_hydra_prints_before_the_job_starts_redacts_secret_keys(script, arg
     ]
     if code:
         overrides = [o for o in overrides if "api_key" not in o]
-    shown = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / script), *args, *[o.strip("'") for o in overrides]],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_TOKEN": "CANARY-env5"},
-        timeout=120,
-    )
-    output = shown.stdout + shown.stderr
+    shown, output = _job(script, [*args, *[o.strip("'") for o in overrides]], {"HF_TOKEN": "CANARY-env5"})
     assert shown.returncode == code, output
     assert "CANARY" not in output
     assert REDACTED in output
@@ -226,14 +231,7 @@ def test_hydra_full_error_tracebacks_of_compose_errors_are_redacted(override, sh
     traceback after run_cli had restored the streams, "To append to your config use
     +postprocess.api_key=CANARY" with it, and the job exited 1."""
     overrides = ["postprocess=callable", "postprocess._target_=pipeline.tasks.checker.check_row", override]
-    shown_run = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "generate.py"), *overrides],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
-        timeout=120,
-    )
-    output = shown_run.stdout + shown_run.stderr
+    shown_run, output = _job("generate.py", [*overrides], {"HYDRA_FULL_ERROR": "1"})
     assert shown_run.returncode == 2, output
     assert "CANARY" not in output
     assert "Traceback (most recent call last)" in output and shown in output, output
@@ -258,14 +256,7 @@ def test_nested_and_multi_word_secret_values_are_redacted_before_the_job_starts(
         "+postprocess.credentials={profile: [CANARY-n7]}",
         "+postprocess.hf_token=${oc.env:HF_TOKEN}",
     ]
-    shown = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "generate.py"), *args, *overrides],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_TOKEN": "CANARY-env8"},
-        timeout=120,
-    )
-    output = shown.stdout + shown.stderr
+    shown, output = _job("generate.py", [*args, *overrides], {"HF_TOKEN": "CANARY-env8"})
     assert shown.returncode == 0, output
     assert "CANARY" not in output, output
     for kept in ("Accept: text/plain", "region_name: eu-west-1", "hf_token: ${oc.env:HF_TOKEN}"):
@@ -288,13 +279,7 @@ def test_compose_errors_redact_escaped_quotes_and_flow_keys_without_a_space(over
     """Hydra's "To append to your config use +postprocess.token=..." showed the text after an escaped quote
     (`<redacted> CANARY"`) and the value of `{X-Api-Key:CANARY}`, which Hydra's syntax allows without a space."""
     overrides = ["postprocess=callable", "postprocess._target_=pipeline.tasks.checker.check_row", override]
-    shown = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "generate.py"), *overrides],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    output = shown.stdout + shown.stderr
+    shown, output = _job("generate.py", overrides, {})
     assert shown.returncode == 2, output
     assert "CANARY" not in output and "To append to your config use +postprocess." in output, output
     assert REDACTED in output
