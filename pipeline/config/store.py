@@ -11,7 +11,7 @@ import threading
 import traceback
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyJobConfig
@@ -187,7 +187,8 @@ def run_cli(
     streams = sys.stdout, sys.stderr
     # Until the task runs, what Hydra prints (a compose error echoing an override, --cfg job, --help) has the
     # values of secret-like keys redacted, as _config.yaml has.
-    sys.stdout, sys.stderr = (_RedactedUntilStarted(stream, task_started) for stream in streams)
+    wrappers = [_RedactedUntilStarted(stream, task_started) for stream in streams]
+    sys.stdout, sys.stderr = wrappers
     try:
         hydra_main()
     except (
@@ -213,21 +214,46 @@ def run_cli(
         sys.stderr.write(_compose_failure(e, script, schema) + "\n")
         sys.exit(STARTUP_FAILED)
     finally:
+        for wrapper in wrappers:
+            wrapper.flush()
         sys.stdout, sys.stderr = streams
 
 
 class _RedactedUntilStarted:
-    """A text stream whose writes go through redact_text until `started()` (the job's own output, which
-    logs no secret, is left as it is)."""
+    """A text stream whose output goes through redact_text until `started()` (the job's own output, which
+    logs no secret, is left as it is).
+
+    Until then writes are held and redacted together at flush() (a logging handler flushes after each
+    record), when the task starts, or when run_cli restores the streams: print("secret_key:", value) is two
+    writes, and a key and its value redacted apart would let the value through."""
 
     def __init__(self, stream: Any, started: Callable[[], bool]) -> None:
         self._stream, self._started = stream, started
+        self._held: list[str] = []
 
     def write(self, text: str) -> int:
-        from pipeline.config.redact import redact_text
-
-        self._stream.write(text if self._started() else redact_text(text))
+        if self._started():
+            self._release()
+            self._stream.write(text)
+        else:
+            self._held.append(text)
         return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._release()
+        self._stream.flush()
+
+    def _release(self) -> None:
+        if self._held:
+            from pipeline.config.redact import redact_text
+
+            text = "".join(self._held)
+            self._held.clear()
+            self._stream.write(redact_text(text))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

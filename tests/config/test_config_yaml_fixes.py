@@ -283,3 +283,26 @@ def test_compose_errors_redact_escaped_quotes_and_flow_keys_without_a_space(over
     assert shown.returncode == 2, output
     assert "CANARY" not in output and "To append to your config use +postprocess." in output, output
     assert REDACTED in output
+
+
+def test_output_before_the_job_starts_is_redacted_whole_not_write_by_write(capsys):
+    """print("api_key:", value) is two writes (and writelines one per line): each was redacted on its own, so
+    the key and its value were never seen together and the value was printed. Held text is released at
+    flush(), when the task starts, and when run_cli returns."""
+    from pipeline.config.store import run_cli
+
+    started = False
+
+    def main():
+        nonlocal started
+        print("api_key:", "CANARY-w1")
+        sys.stderr.writelines(["--token=", "CANARY-w2\n"])
+        sys.stderr.flush()
+        print("password=", end="", file=sys.stderr)
+        started = True
+        print("the job's own output")
+
+    run_cli(main, lambda: started, "jobs/generate.py")
+    out, err = capsys.readouterr()
+    assert out == f"api_key: {REDACTED}\nthe job's own output\n"
+    assert err == f"--token={REDACTED}\npassword=", "held text is released (a key without a value is kept)"
