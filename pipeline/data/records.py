@@ -312,6 +312,10 @@ class RecordBuilder:
             return None, False, f"missing column {column!r}"
         self.rows_with_prompt += 1
         prompt, problem = check_text(row[column], f"prompt (column {column!r})")
+        if problem and _looks_like_chat(row[column]):
+            problem += (
+                f"; it holds chat messages: set data.messages_column={column} instead of data.prompt_column"
+            )
         return prompt, False, problem
 
     def _templated(self, row: dict[str, Any]) -> tuple[str | None, bool, str | None]:
@@ -358,3 +362,8 @@ class RecordBuilder:
 
     def fingerprint(self) -> str:
         return self.hash.hexdigest()
+
+
+def _looks_like_chat(value: Any) -> bool:
+    """Whether `value` is a list of {"role": ..., ...} messages (a chat given as data.prompt_column)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)

@@ -31,7 +31,7 @@ def parquet_rows(
             try:
                 reader = pq.ParquetFile(f)
                 names = reader.schema_arrow.names
-                _check_columns(names, data, file)
+                _check_columns(reader.schema_arrow, data, file)
                 seen.update(names)
                 name, start = os.path.basename(file), 0
                 uuids = _uuid_columns(reader)
@@ -70,9 +70,11 @@ def _uuids_as_text(batch, uuids: set[str]):
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
-def _check_columns(names: list[str], data: DataConfig, file: str | None = None) -> None:
-    """InputError when the prompt (or messages) column or the declared id column is not among `names` (the
-    columns of `file`, or of the whole input), or when a name occurs twice (a row would keep the last value)."""
+def _check_columns(schema: pa.Schema, data: DataConfig, file: str | None = None) -> None:
+    """InputError when the prompt (or messages) column or the declared id column is not among the columns of
+    `schema` (of `file`, or of the whole input), when a name occurs twice (a row would keep the last value), or
+    when the prompt column's type holds no text (every row would be rejected)."""
+    names = schema.names
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise InputError(
@@ -95,10 +97,87 @@ def _check_columns(names: list[str], data: DataConfig, file: str | None = None) 
             f"the input has no column {column!r}{f' in {file}' if file else ''}; {_listing(names)}. "
             f"Set data.{'messages_column' if data.messages_column else 'prompt_column'}."
         )
+    if not data.prompt_template and not data.messages_column:
+        _check_prompt_type(schema, column, file)
     if data.id_column and data.id_column not in names:
         raise InputError(
             f"data.id_column={data.id_column!r} is not a column of {file or 'the input'} ({', '.join(names)})"
         )
+
+
+def _holds_text(kind: pa.DataType) -> bool:
+    """Whether values of Arrow type `kind` can be prompts: text, bytes (read as UTF-8), text dictionary-encoded
+    (pandas' categoricals), or null (each row is then its own error)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or getattr(pa.types, "is_string_view", lambda _: False)(kind)  # pyarrow >= 16
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or getattr(pa.types, "is_binary_view", lambda _: False)(kind)
+        or pa.types.is_null(kind)
+    )
+
+
+def _check_prompt_type(schema: pa.Schema, column: str, file: str | None) -> None:
+    """InputError when the prompt column's type is not text (a label, a score, a list): rejecting every row
+    one by one would hide a wrong data.prompt_column. Names the columns that hold text."""
+    kind = schema.field(column).type
+    if _holds_text(kind):
+        return
+    labels = _class_labels(schema).get(column)
+    what = f"a column of type {kind}"
+    if labels is not None:
+        shown = ", ".join(repr(name) for name in labels[:5]) + (", ..." if len(labels) > 5 else "")
+        what = f"a class-label column (integers standing for {shown})"
+    if _chat_type(kind):
+        raise InputError(
+            f"data.prompt_column={valid_text(column)!r} holds chat messages (a list of role/content structs)"
+            f"{f' in {file}' if file else ''}, not text: set data.messages_column={valid_text(column)} instead of data.prompt_column"
+        )
+    text = [
+        f.name for f in schema if f.name != column and _holds_text(f.type) and not pa.types.is_null(f.type)
+    ]
+    raise InputError(
+        f"data.prompt_column={valid_text(column)!r} is {what}"
+        f"{f' in {file}' if file else ''}, not text, so every row would be rejected. "
+        + (
+            f"Columns holding text: {valid_text(', '.join(map(repr, text)))}. "
+            if text
+            else "No column holds text. "
+        )
+        + "Set data.prompt_column to the column of the prompts, or build them from columns with "
+        + (
+            "data.prompt_template."
+            if labels is not None
+            else f"data.prompt_template='... {{{valid_text(column)}}} ...'."
+        )
+    )
+
+
+def _chat_type(kind: pa.DataType) -> bool:
+    """Whether Arrow type `kind` is a list of structs with a `role` field: chat messages."""
+    return (
+        (pa.types.is_list(kind) or pa.types.is_large_list(kind))
+        and pa.types.is_struct(kind.value_type)
+        and kind.value_type.get_field_index("role") >= 0
+    )
+
+
+def _class_labels(schema: pa.Schema) -> dict[str, list[str]]:
+    """The names of each Hugging Face ClassLabel column, from the features `datasets` keeps in the schema's
+    metadata; empty when there are none (or the metadata is not what datasets writes)."""
+    try:
+        features = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"]
+        return {
+            name: [str(n) for n in feature["names"]]
+            for name, feature in features.items()
+            if isinstance(feature, dict) and feature.get("_type") == "ClassLabel"
+        }
+    except (KeyError, TypeError, ValueError):
+        return {}
 
 
 def _listing(names: list[str]) -> str:
@@ -126,7 +205,7 @@ def _columns_read(names: list[str], data: DataConfig) -> list[str] | None:
 
 def table_rows(table, data: DataConfig, where: str, seen: set[str]) -> Iterator[tuple]:
     """(row dict | None, error | None, raw | None) per row of a loaded table (a Hugging Face dataset)."""
-    _check_columns(table.column_names, data)
+    _check_columns(table.schema, data)
     seen.update(table.column_names)
     columns = _columns_read(table.column_names, data)
     if columns is not None:
