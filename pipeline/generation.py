@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config.redact import secret_values, without_secrets
+from pipeline.config.redact import environment_secrets, secret_values, without_secrets
 from pipeline.data.prompts import (
     API_NAMES,
     CHARS_BOUND_FACTOR,
@@ -173,7 +173,7 @@ class Generator:
         )
         self.tokenizer = self.loaded.tokenizer
         self.postprocess, self.postprocess_name, self.postprocess_columns = load_postprocess(spec.postprocess)
-        self.postprocess_secrets = secret_values(spec.postprocess)
+        self.postprocess_secrets = _postprocess_secrets(spec.postprocess)
 
     def _init_mask_sampler(self, spec: GenerationSpec) -> None:
         from pipeline.sampler.mask.engine import MaskDiffusionSampler
@@ -202,7 +202,7 @@ class Generator:
         )
         self.tokenizer = self.loaded.tokenizer
         self.postprocess, self.postprocess_name, self.postprocess_columns = load_postprocess(spec.postprocess)
-        self.postprocess_secrets = secret_values(spec.postprocess)
+        self.postprocess_secrets = _postprocess_secrets(spec.postprocess)
 
     def _stop_strings(self, spec: GenerationSpec) -> StopStrings | None:
         """The samplers' stop-string check, with a tokenizer of its own: it runs in the sampler's thread, beside
@@ -417,3 +417,11 @@ class Generator:
             out.rows.append(row)
         out.wall_s = time.perf_counter() - started
         return out
+
+
+def _postprocess_secrets(postprocess: dict[str, Any] | None) -> list[str]:
+    """What a postprocess callable's exception must not show in errors/: the secret-like values it was given
+    and those of this process's environment (an API key it reads from os.environ itself), longest first."""
+    if not postprocess:
+        return []
+    return sorted({*secret_values(postprocess), *environment_secrets()}, key=len, reverse=True)

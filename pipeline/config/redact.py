@@ -8,7 +8,9 @@ any URL is dropped, so that the file can be shared with the data it describes.
 from __future__ import annotations
 
 import functools
+import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from pipeline.config.validate import without_userinfo
@@ -281,6 +283,17 @@ def _scalars(node: Any) -> list[str]:
 
 
 _AUTH_SCHEME = re.compile(r"^(?:bearer|basic|token)\s+(\S.*)$", re.IGNORECASE)
+
+
+def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The values of the environment variables with secret-like names (HF_TOKEN, OPENAI_API_KEY,
+    AWS_SECRET_ACCESS_KEY, ...) of 8 characters or more, longest first: what a postprocess callable may read
+    itself and put into its exception, which errors/ must not show."""
+    environ = os.environ if environ is None else environ
+    found = {
+        value.strip() for name, value in environ.items() if is_secret_key(name) and len(value.strip()) >= 8
+    }
+    return sorted(found, key=len, reverse=True)
 
 
 def without_secrets(text: str, secrets: list[str]) -> str:

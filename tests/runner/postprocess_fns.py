@@ -91,6 +91,13 @@ def calls_an_api(row, endpoint, api_key, headers):
     return {"checked": True}
 
 
+def reads_its_key_from_the_environment(row):
+    """Raises naming the API key it read from the environment itself, as an HTTP client's error would."""
+    import os
+
+    raise RuntimeError(f"401 for https://api.example/v1?key={os.environ['SCORER_API_KEY']}")
+
+
 def never_set(row):
     """A score for every row, and a `note` that is None in every row (no type is ever inferred for it)."""
     return {"score": 0.5, "note": None}

@@ -397,3 +397,19 @@ def test_generate_shows_a_progress_bar_of_the_completions_unless_told_not_to(llm
     assert capsys.readouterr().err == ""
     with pytest.raises(TypeError, match="progress='yes' must be True or False"):
         llm.generate(["Add: 1+2"], progress="yes")
+
+
+def test_a_postprocess_exception_naming_a_secret_from_the_environment_is_recorded_without_it(monkeypatch):
+    """A callable that reads its API key from the environment itself (not given as a postprocess argument) put
+    it into errors/ with its exception: only the values canvasflow handed it were removed."""
+    monkeypatch.setenv("SCORER_API_KEY", "CANARY-env-5e1b9")
+    llm = LLM(
+        "builtin:tiny-diffusiongemma",
+        max_denoising_steps=4,
+        postprocess={"_target_": "tests.runner.postprocess_fns.reads_its_key_from_the_environment"},
+    )
+    (out,) = llm.generate(["Add: 1+2"])
+    assert out.error == (
+        "tests.runner.postprocess_fns.reads_its_key_from_the_environment raised "
+        "RuntimeError('401 for https://api.example/v1?key=<redacted>')"
+    ), out.error
