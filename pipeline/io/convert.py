@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 CONVERT_ERRORS = (pa.ArrowException, OverflowError, TypeError, ValueError)
+INT64_RANGE = (-(2**63), 2**63 - 1)
 
 
 def infer_type(values: list[Any]) -> pa.DataType:
@@ -38,8 +39,9 @@ def convert(value: Any, type_: pa.DataType) -> Any:
       integral into an int64 column (2.0, not 0.5 or NaN), an int beyond 2**53 not into double;
     - 0 and 1 (or 0.0 and 1.0) into a bool column, no other number; a bool into no number type;
     - an int, float, decimal, bool, timestamp, date or time into a string column, as Arrow writes it ("1",
-      "1" for 1.0, "0.5", "1e+16", "nan", "true", "2020-01-01 12:00:00.000000+0100"), and UTF-8 bytes; not a
-      duration ("1000000": the unit is lost); a string into nothing else (strings are not parsed);
+      "1" for 1.0, "0.5", "1e+16", "nan", "true", "2020-01-01 12:00:00.000000+0100"), an int beyond int64
+      (which Arrow cannot hold) in decimal, and UTF-8 bytes; not a duration ("1000000": the unit is lost); a
+      string into nothing else (strings are not parsed);
     - a list into a list type, element by element by these rules;
     - a struct into a struct type holding all its fields (missing ones are null), by field name;
     - a timestamp, date, time or duration into its own kind (a naive datetime not into a zoned column; a
@@ -47,6 +49,8 @@ def convert(value: Any, type_: pa.DataType) -> Any:
     """
     if value is None:
         return None
+    if _is_text(type_) and _beyond_int64(value):
+        return str(value)  # its decimal digits are exact
     try:
         array = pa.array([value])
         source = array.type
@@ -61,6 +65,14 @@ def convert(value: Any, type_: pa.DataType) -> Any:
     if not _exact(value, result, source, type_):
         raise ValueError(f"{short(value)} is not exactly a {type_} value: it would be {short(result)}")
     return result
+
+
+def _beyond_int64(value: Any) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not INT64_RANGE[0] <= value <= INT64_RANGE[1]
+    )
 
 
 def _is_list(type_: pa.DataType) -> bool:
