@@ -7,7 +7,8 @@
       errors/part-<shard>.parquet rejected rows of a shard, with reasons
       _commits/shard-<shard>.json the commit point: a shard is committed iff this marker exists
       _columns/<digest>.json    the Arrow type of one postprocess column, fixed once for the run (columns.py),
-                                and <digest>.widened.json where an inferred int64 one was widened to double
+                                and <digest>.widened.json, <digest>.widened.string.json where an inferred
+                                one was widened to double, to string
       _manifest.json, stats.json, README.md, then _SUCCESS (last, only when every shard is committed)
       _lock                     held by the one process writing the run (pipeline/io/lease.py); never deleted
                                 with the run's objects
@@ -35,10 +36,13 @@ import pyarrow as pa
 
 from pipeline.io.columns import (
     DRAFTS_TYPE,
+    RunColumn,
     conform_table,
+    fix_columns,
     read_run_columns,
     schema_signature,
     target_schema,
+    widen_parts,
 )
 from pipeline.io.lease import read_holder
 from pipeline.io.parts import ERROR_SCHEMA, from_parquet_bytes, to_parquet_bytes, to_table
@@ -344,14 +348,35 @@ class RunStore:
         self.store.delete([commit_key(s) for s in shards])
 
     # ------------------------------------------------------------------------------------------- final
+    def settle_columns(self, commits: dict[int, ShardCommit]) -> dict[str, RunColumn]:
+        """The run's postprocess columns once every shard is committed (`commits`: the run's markers): an
+        inferred column widened to double is widened to string where a part written in int64 before that
+        holds an int beyond 2**53, which a double does not hold exactly (columns.widen_parts). The widening
+        is recorded before any part is rewritten, so a resumed finalize finds it. Call it before the manifest
+        is built: the manifest names the columns' types."""
+        run_columns = read_run_columns(self.store)
+        for shard, commit in sorted(commits.items()):
+            if not commit.data_key or commit.columns is None:
+                continue
+            key = commit.data_key
+            widenings = widen_parts(
+                run_columns,
+                shard,
+                commit.columns,
+                lambda key=key: from_parquet_bytes(self.store.read_bytes(key)),
+            )
+            if widenings:
+                run_columns = fix_columns(self.store, widenings)
+        return run_columns
+
     def conform_parts(self, commits: dict[int, ShardCommit], compression: str = "zstd") -> list[int]:
         """Rewrites the data parts whose schema is not the run's (pipeline/io/columns.py): parts written
         before a postprocess column first appeared, while it had no type yet (all-null, Arrow's null
-        type), or before it was widened from int64 to double. Only such columns change (nulls added, typed
-        or cast to double); each rewritten part's marker is rewritten
+        type), or before it was widened (int64 to double, bool, int64 or double to string). Only such columns
+        change (nulls added, typed or cast to the wider type); each rewritten part's marker is rewritten
         after it (a crash in between leaves a marker whose size does not match: that shard is regenerated),
         and its entry in `commits` (the run's markers) is updated. Returns the rewritten shards."""
-        run_columns = read_run_columns(self.store)
+        run_columns = self.settle_columns(commits)
         rewritten = []
         for shard, commit in sorted(commits.items()):
             if not commit.data_key or commit.columns is None:

@@ -1,6 +1,21 @@
 """A postprocess value converted to its run column's Arrow type, only where that keeps it exactly
-(`convert`), and the type a column's first values give it (`infer_type`). columns.py fixes one type per column
-for a run and turns a value that does not convert into an error row."""
+(`convert`), the type a column's first values give it (`infer_type`), and the type an inferred column widens
+to when it meets other values (`widened_type`). columns.py fixes one type per column for a run and turns a
+value that does not convert into an error row.
+
+The widening lattice of inferred columns, over the values Python gives (bool, int, float, str):
+
+    bool  --------------.
+    int64 --> double --> string
+
+A column's values give it the least type in it that holds all of them exactly: bools bool, ints int64, ints
+and floats double, any other mix of these string (ints beyond 2**63 are string alone: no Arrow integer
+type holds them; ints beyond 2**53 mixed with floats are string: a double does not hold them exactly).
+`infer_type` gives that type for one shard's values and `widened_type` the type a run's column has once a
+later shard's values join it, so the type of a run's column is that of all its values, whichever shard
+committed first. Everything else (lists, structs, dates, bytes, decimals) has no place in the lattice: it is
+Arrow's type of the first values, and a value that does not convert to it is an error row.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +24,67 @@ from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 CONVERT_ERRORS = (pa.ArrowException, OverflowError, TypeError, ValueError)
 INT64_RANGE = (-(2**63), 2**63 - 1)
+DOUBLE_INTS = 2**53  # every int up to this magnitude is a double exactly, not every one beyond
+
+
+def _kind(value: Any) -> str | None:
+    """A value's place in the widening lattice: bool, int, bigint (beyond 2**53, within int64), double,
+    string (also an int beyond int64); None for anything else."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+            return "string"
+        return "int" if -DOUBLE_INTS <= value <= DOUBLE_INTS else "bigint"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    return None
+
+
+# The kinds a column of each lattice type may already hold (what a widening must also hold).
+_TYPE_KINDS = {pa.bool_(): {"bool"}, pa.int64(): {"int"}, pa.float64(): {"double"}, pa.string(): {"string"}}
+
+
+def _join(kinds: set[str]) -> pa.DataType:
+    """The least lattice type that holds every value of `kinds` exactly."""
+    if kinds <= {"bool"}:
+        return pa.bool_()
+    if kinds <= {"int", "bigint"}:
+        return pa.int64()
+    if kinds <= {"int", "double"}:
+        return pa.float64()
+    return pa.string()
+
+
+def widened_type(type_: pa.DataType, values: list[Any]) -> pa.DataType | None:
+    """The type an inferred column of type `type_` widens to when it meets `values` (non-null), or None
+    where it stays: it holds them, or `type_` or a value has no place in the lattice (see the module's
+    docstring). An int64 column widens to double on any float (2.0 too: the run's type does not depend on
+    whether a shard of ints or one with 2.0 came first) and a bool column to string on a number."""
+    if type_ not in _TYPE_KINDS:
+        return None
+    kinds = {k for k in map(_kind, values) if k is not None}
+    target = _join(_TYPE_KINDS[type_] | kinds)
+    return None if target == type_ else target
 
 
 def infer_type(values: list[Any]) -> pa.DataType:
-    """The Arrow type of a column's non-null values: Arrow's inference over all of them (ints and floats
-    give double), else string when they are all scalars (ints and strings mixed), else the first value's."""
+    """The Arrow type of a column's non-null values: where each is a bool, int, float or str, the lattice's
+    (see the module's docstring: ints and floats give double, ints and strings string); else Arrow's
+    inference over all of them, else the first value's."""
+    kinds = {_kind(v) for v in values}
+    if values and None not in kinds:
+        return _join(kinds)
     try:
         return pa.array(values).type
     except CONVERT_ERRORS:
-        pass
-    if all(isinstance(v, (str, int, float, bool)) for v in values):
-        return pa.string()
-    return pa.array(values[:1]).type
+        return pa.array(values[:1]).type
 
 
 def convert(value: Any, type_: pa.DataType) -> Any:
@@ -39,9 +100,11 @@ def convert(value: Any, type_: pa.DataType) -> Any:
       integral into an int64 column (2.0, not 0.5 or NaN), an int beyond 2**53 not into double;
     - 0 and 1 (or 0.0 and 1.0) into a bool column, no other number; a bool into no number type;
     - an int, float, decimal, bool, timestamp, date or time into a string column, as Arrow writes it ("1",
-      "1" for 1.0, "0.5", "1e+16", "nan", "true", "2020-01-01 12:00:00.000000+0100"), an int beyond int64
-      (which Arrow cannot hold) in decimal, and UTF-8 bytes; not a duration ("1000000": the unit is lost); a
-      string into nothing else (strings are not parsed);
+      "0.5", "1e+16", "nan", "true", "2020-01-01 12:00:00.000000+0100"), except that a float that is a whole
+      number up to 2**53 is written as that int ("1" for 1.0, "1000000000000000" for 1e15, where Arrow
+      writes "1e+15": `double_text`); an int beyond int64 (which Arrow cannot hold) in decimal, and UTF-8
+      bytes; not a duration ("1000000": the unit is lost); a string into nothing else (strings are not
+      parsed);
     - a list into a list type, element by element by these rules;
     - a struct into a struct type holding all its fields (missing ones are null), by field name;
     - a timestamp, date, time or duration into its own kind (a naive datetime not into a zoned column; a
@@ -59,7 +122,10 @@ def convert(value: Any, type_: pa.DataType) -> Any:
         why = _refusal(source, type_)
         if why is not None:
             raise ValueError(why)
-        result = array.cast(type_, safe=True)[0].as_py()
+        if source == pa.float64() and _is_text(type_):
+            result = double_text(array).cast(type_)[0].as_py()
+        else:
+            result = array.cast(type_, safe=True)[0].as_py()
     except CONVERT_ERRORS as e:
         raise ValueError(str(e).splitlines()[0][:200]) from None
     if not _exact(value, result, source, type_):
@@ -73,6 +139,18 @@ def _beyond_int64(value: Any) -> bool:
         and not isinstance(value, bool)
         and not INT64_RANGE[0] <= value <= INT64_RANGE[1]
     )
+
+
+def double_text(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Doubles as text: as Arrow writes them ("0.5", "1e+16", "nan", "-0"), but a whole number up to 2**53
+    as the int it is ("1000000000000000", not "1e+15"), so an int and the same value as a double give the same
+    text (an int written into a double part, then widened to string, reads as it would have directly)."""
+    whole = pc.and_(
+        pc.and_(pc.equal(pc.floor(values), values), pc.less_equal(pc.abs(values), float(DOUBLE_INTS))),
+        pc.not_equal(values, 0.0),  # -0.0 stays "-0"; 0.0 is "0" either way
+    )
+    ints = pc.if_else(whole, values, 0.0).cast(pa.int64()).cast(pa.string())
+    return pc.if_else(whole, ints, values.cast(pa.string()))
 
 
 def _is_list(type_: pa.DataType) -> bool:

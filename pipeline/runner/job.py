@@ -433,6 +433,7 @@ def _finish(prep: Prepared, started: float, committed, new_commits, failed, work
     remove_stale_temp(run_store, complete=True)  # also those too young at the start (a quick retry's)
     from pipeline.io.card import render_card
 
+    run_store.settle_columns(all_commits)  # a widening found only now is in the manifest and card too
     manifest = build_manifest(prep, all_commits)
     card = render_card(run_store.uri, manifest, stats)
     run_store.finalize(all_commits, manifest, stats, card, drafts=prep.job.sampler.record_drafts)

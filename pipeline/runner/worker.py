@@ -231,8 +231,8 @@ class ShardWorker:
         store = self.run_store.store
         name = self.generator.postprocess_name
         run_columns = fix_columns(store, declared_columns(self.generator.postprocess_columns, name))
-        # New columns are proposed first, then widenings (int64 -> double): each round records some, so the
-        # third call converts at the latest.
+        # New columns are proposed first, then widenings (int64 -> double -> string, bool -> string; see
+        # pipeline/io/columns.py): each round records some, so the third call converts at the latest.
         for _ in range(3):
             kept, bad, proposals = conform_rows(rows, run_columns, shard=shard, callable_name=name)
             if not proposals:

@@ -76,6 +76,9 @@ PAIRS = [
     (1.0, STRING, "1"),
     (-0.0, STRING, "-0"),
     (1e16, STRING, "1e+16"),
+    (1e15, STRING, "1000000000000000"),  # was "1e+15": a whole double up to 2**53 reads as the int would
+    (float(2**53), STRING, "9007199254740992"),
+    (-123456789012345.0, STRING, "-123456789012345"),
     (1e-7, STRING, "1e-7"),
     (5e-324, STRING, "5e-324"),
     (1.7976931348623157e308, STRING, "1.7976931348623157e+308"),

@@ -18,9 +18,11 @@ def odd_results(row):
     return {"ok": True}
 
 
-def int_then_str(row):
-    """An int for the first six input rows (shard 0), a string for the others."""
-    return {"val": 7 if row["source_index"] < 6 else "seven"}
+def by_prompt(row, low, high):
+    """`val` is `low` for the prompts of input rows 0-5 ("Add: 0+0" to "Add: 5+10"), `high` for the others,
+    wherever they are in the input: an input in reverse order commits `high` first."""
+    n = int(row["prompt"].removeprefix("Add: ").split("+")[0])
+    return {"val": low if n < 6 else high}
 
 
 def late_columns(row):

@@ -58,21 +58,48 @@ def test_results_that_are_not_new_columns_become_that_rows_error(tmp_path, ray_l
     assert stats["rows_out"] == 2 and stats["errors_by_stage"] == {"postprocess": 6}
 
 
-def test_a_value_of_another_type_than_the_runs_becomes_that_rows_error(tmp_path, ray_local):
-    job = one_worker_job(tmp_path, 12, "int_then_str")  # one worker: shard 0 (ints) fixes the type
-    assert run(job) == 0
-    run_dir = tmp_path / "out" / "test-run"
-    table = read_parts(run_dir)
-    assert str(table.schema.field("val").type) == "int64"
-    assert sorted(table.column("source_index").to_pylist()) == list(range(6))
-    errors = read_parts(run_dir, "errors").to_pylist()
-    assert sorted(e["source_index"] for e in errors) == list(range(6, 12))
-    reason = errors[0]["reason"]
-    assert reason.startswith(f"{FNS}.int_then_str returned 'seven' (str) for column 'val'"), reason
-    assert "which is int64 in this run (inferred from shard 0)" in reason
-    assert "declare the column's type" in reason
-    manifest = json.loads((run_dir / "_manifest.json").read_text())
-    assert manifest["columns"] == [{"name": "val", "type": "int64", "source": "inferred from shard 0"}]
+@pytest.mark.parametrize(
+    ("low", "high", "type_", "texts"),
+    [
+        (7, "seven", "string", ["7", "seven"]),
+        (True, 1, "string", ["true", "1"]),
+        (2**53 + 1, 0.5, "string", ["9007199254740993", "0.5"]),
+        (2**63, -1, "string", ["9223372036854775808", "-1"]),
+    ],
+    ids=["int-string", "bool-int", "beyond-2**53-double", "beyond-int64-int"],
+)
+def test_a_column_mixing_types_is_the_same_whichever_shard_commits_first(
+    tmp_path, ray_local, low, high, type_, texts
+):
+    """Shard 0's type won: 7 then "seven" made every "seven" an error row ("returned 'seven' (str) for column
+    'val', which is int64 in this run"), "seven" then 7 kept them all as text; True then 1 wrote 1 as True; an
+    int beyond 2**53 then 0.5 rounded the int at finalize (0.5 then the int: an error row); 2**63 was an error
+    row even in a string column. The input in both orders (one worker commits shard 0 first) now gives the same
+    parts: the column widened to string, every row kept, and the manifest and card name the final type (the
+    int beyond 2**53 widens the column only when the run is finalized)."""
+    results = []
+    for order in ("forward", "reverse"):
+        folder = tmp_path / order
+        folder.mkdir()
+        lines = [json.dumps({"prompt": f"Add: {i}+{2 * i}"}) for i in range(12)]
+        (folder / "p.jsonl").write_text("\n".join(lines if order == "forward" else lines[::-1]) + "\n")
+        job = make_job(folder, str(folder / "p.jsonl"), cluster__num_workers=1)
+        job.run.shards_in_flight = 1
+        job.postprocess = {"_target_": f"{FNS}.by_prompt", "low": low, "high": high}
+        assert run(job) == 0
+        run_dir = folder / "out" / "test-run"
+        assert read_parts(run_dir, "errors") is None, read_parts(run_dir, "errors").to_pylist()
+        schemas = part_schemas(run_dir)
+        assert len(schemas) == 2 and len(set(map(tuple, schemas.values()))) == 1, schemas
+        rows = read_parts(run_dir).to_pylist()
+        manifest = json.loads((run_dir / "_manifest.json").read_text())
+        assert [(c["name"], c["type"]) for c in manifest["columns"]] == [("val", type_)]
+        assert f"`val` ({type_})" in (run_dir / "README.md").read_text()
+        results.append((next(iter(schemas.values())), sorted((r["prompt"], r["val"]) for r in rows)))
+    assert results[0] == results[1]
+    schema, values = results[0]
+    assert ("val", type_) in schema
+    assert values == sorted((f"Add: {i}+{2 * i}", texts[0] if i < 6 else texts[1]) for i in range(12))
 
 
 def test_a_number_for_a_bool_column_is_kept_only_if_it_is_0_or_1(tmp_path, ray_local):
