@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from pipeline.io.s3 import S3Store
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 MARKER = ".canvasflow-complete.json"  # written last into the temporary directory, before the rename
 PARTIAL = ".partial-"  # <name>.partial-XXXX: a download in progress, or left by a killed one
 DOWNLOAD_THREADS = 4  # objects (weight shards) download in parallel: one stream rarely fills the link
+PROGRESS_S = 30.0  # a download longer than this logs how far it got every PROGRESS_S seconds
 
 
 def resolve_model_dir(
@@ -178,8 +179,7 @@ def _download(store: S3Store, target: Path, version: str | None) -> None:
                 for key in sizes
             ]
             try:
-                for future in as_completed(futures):
-                    future.result()
+                _wait_logging_progress(futures, store.uri, tmp, sizes, started)
             except BaseException:
                 for future in futures:
                     future.cancel()  # files not started yet; the running ones end with their object
@@ -203,3 +203,33 @@ def _download(store: S3Store, target: Path, version: str | None) -> None:
         raise
     elapsed = time.monotonic() - started
     logger.info("downloaded %s in %.1fs (%.1f MB/s)", store.uri, elapsed, total / 1e6 / max(elapsed, 1e-6))
+
+
+def _wait_logging_progress(
+    futures: list, uri: str, folder: Path, sizes: dict[str, int], started: float
+) -> None:
+    """Waits for every download (raising the first failure) and logs the bytes on disk every PROGRESS_S
+    seconds: a 50 GB checkpoint takes minutes, which a log that said nothing would look like a hang."""
+    total, pending, logged = sum(sizes.values()), set(futures), time.monotonic()
+    while pending:
+        done, pending = wait(pending, timeout=PROGRESS_S, return_when=FIRST_COMPLETED)
+        for future in done:
+            future.result()
+        if pending and time.monotonic() - logged >= PROGRESS_S:
+            logged = time.monotonic()
+            got = sum(_size(folder / key) for key in sizes)
+            logger.info(
+                "downloading %s: %.1f of %.1f MB (%.0f%%, %.1f MB/s)",
+                uri,
+                got / 1e6,
+                total / 1e6,
+                100 * got / max(total, 1),
+                got / 1e6 / max(logged - started, 1e-6),
+            )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # not started yet
+        return 0

@@ -197,6 +197,45 @@ def test_short_download_is_rejected_and_leaves_nothing(s3_model, s3_env, tmp_pat
 
 
 @pytest.mark.s3
+def test_a_long_download_logs_how_far_it_got(s3_model, s3_env, tmp_path, monkeypatch, caplog) -> None:
+    """A checkpoint of tens of GB took minutes between "downloading" and "downloaded" with nothing logged,
+    which looked like a hang. Here one weight file is held until a progress line is logged."""
+    import logging
+    import threading
+
+    import pipeline.models.fetch as fetch
+
+    logged = threading.Event()
+
+    class Progress(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("downloading ") and " of " in record.getMessage():
+                logged.set()
+
+    real = S3Store.download_file
+
+    def held(self, key, dest, etag=None):
+        size = real(self, key, dest, etag)
+        if key == "model-00001-of-00002.safetensors":
+            assert logged.wait(10), "no progress line while a file was still downloading"
+        return size
+
+    monkeypatch.setattr(S3Store, "download_file", held)
+    monkeypatch.setattr(fetch, "PROGRESS_S", 0.05)
+    handler = Progress()
+    logging.getLogger(fetch.__name__).addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=fetch.__name__):
+            assert_is_the_model(
+                resolve_model_dir(s3_model, cache_dir=str(tmp_path), endpoint_url=s3_env.endpoint)
+            )
+    finally:
+        logging.getLogger(fetch.__name__).removeHandler(handler)
+    progress = [r.getMessage() for r in caplog.records if " of 4.3 MB (" in r.getMessage()]
+    assert progress and all(line.startswith(f"downloading {s3_model}: ") for line in progress), caplog.text
+
+
+@pytest.mark.s3
 def test_damaged_copy_is_fetched_again(s3_model, s3_fault_proxy, tmp_path: Path) -> None:
     options = {"cache_dir": str(tmp_path), "endpoint_url": s3_fault_proxy.endpoint}
     model_dir = Path(resolve_model_dir(s3_model, **options))
