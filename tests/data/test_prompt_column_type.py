@@ -82,3 +82,11 @@ def test_chat_messages_given_as_the_prompt_column_point_to_messages_column(tmp_p
         "prompt (column 'conversation') must be a string, got list; it holds chat messages: set "
         "data.messages_column=conversation instead of data.prompt_column"
     ]
+
+
+@pytest.mark.parametrize("metadata", [b'{"info": {"features": [1, 2]}}', b"not json", b"\xff"])
+def test_metadata_that_datasets_did_not_write_gives_the_plain_type(tmp_path, metadata):
+    table = pa.table({"text": ["a"], "label": [1]}).replace_schema_metadata({b"huggingface": metadata})
+    pq.write_table(table, tmp_path / "in.parquet")
+    with pytest.raises(InputError, match=r"^data.prompt_column='label' is a column of type int64 in "):
+        read_input(DataConfig(path=str(tmp_path / "in.parquet"), prompt_column="label"))
