@@ -353,7 +353,7 @@ def load_model(
         try:
             native = load_mask_model(model_dir, dtype=torch_dtype, device=device_name)
         except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load the weights from {model_dir}: {e}") from e
+            raise _weights_error(model_dir, e) from e
         return LoadedModel(
             info=info, model=native, tokenizer=load_tokenizer(model_dir, remote_code_free=True)
         )
@@ -363,9 +363,15 @@ def load_model(
     try:
         weights = load_text_weights(model_dir, dtype=torch_dtype, device=device_name)
     except Exception as e:  # noqa: BLE001 - surfaced with the path (config, safetensors and shape errors)
-        raise ModelError(f"cannot load the weights from {model_dir}: {e}") from e
+        raise _weights_error(model_dir, e) from e
     try:
         native = DiffusionGemmaTextModel(weights)
     except ValueError as e:  # a config the forward does not run (a bidirectional encoder, ...)
         raise ModelError(f"{model_dir}: {e}") from e
     return LoadedModel(info=info, model=native, tokenizer=load_tokenizer(model_dir))
+
+
+def _weights_error(model_dir: str | os.PathLike[str], e: Exception) -> ModelError:
+    """The ModelError of weights that do not load, naming the directory once (the readers' messages may
+    start with it: "/m: /m: tensor ... has shape ...")."""
+    return ModelError(f"cannot load the weights from {model_dir}: {str(e).removeprefix(f'{model_dir}: ')}")
