@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import signal
@@ -11,7 +12,7 @@ import threading
 import traceback
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyJobConfig
@@ -32,6 +33,44 @@ def on_sigterm(signum, frame) -> None:
     _terminated.set()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_deferred(what: str) -> Iterator[None]:
+    """Runs a step of the job's way out (`what`: stopping Ray, releasing the run lock) to its end though Ctrl-C
+    or SIGTERM arrives meanwhile: the signal is handled as it would have been once the step is done. A Ctrl-C
+    that cut `ray.shutdown()` short (a second one while the first stopped the job) left Ray's agents running and
+    the process exiting 1 ("some shards failed") after saying exit code 130; one that cut the lock's release short
+    left the lock to be waited out. One more signal while deferred stops the step at once. Outside the main
+    thread (no signal handler runs there) the step just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.getsignal(s) for s in signums}
+    received: list[int] = []
+
+    def defer(signum, frame) -> None:
+        if received:  # asked again: stop now, as without the deferral
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            signal.raise_signal(signum)
+            return
+        received.append(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        sys.stderr.write(f"{name}: {what} first (a moment); {name} again to stop at once\n")
+
+    for s in signums:
+        signal.signal(s, defer)
+    try:
+        yield
+    finally:
+        restored = received[:1] if any(signal.getsignal(s) is defer for s in signums) else []
+        for s, handler in previous.items():
+            if signal.getsignal(s) is defer:
+                signal.signal(s, handler)
+        for signum in restored:  # its handler runs now (KeyboardInterrupt for Ctrl-C and, in a job, SIGTERM)
+            signal.raise_signal(signum)
 
 
 def install_sigterm_handler() -> None:

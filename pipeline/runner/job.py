@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.config.redact import config_yaml, with_run_values
 from pipeline.config.schema import ConfigError, JobConfig
+from pipeline.config.store import signals_deferred
 from pipeline.data.readers import InputError
 from pipeline.io.commit import (
     COMMITS,
@@ -176,7 +177,8 @@ def prepare(job: JobConfig, resolved_yaml: str | None = None) -> Prepared:
     try:
         open_run(prep, resolved_yaml)
     finally:
-        lease.release()
+        with signals_deferred("releasing the run lock"):
+            lease.release()
     return prep
 
 
@@ -305,7 +307,8 @@ def run(job: JobConfig, resolved_yaml: str | None = None) -> int:
                 )
         return _resume(job, prep, started, committed)
     finally:
-        lease.release()
+        with signals_deferred("releasing the run lock"):
+            lease.release()
 
 
 FINAL_FILES = ("_manifest.json", "stats.json", "README.md")  # written by RunStore.finalize, before _SUCCESS
@@ -544,4 +547,5 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
         return failed, infos, counters
     finally:
         if started_ray:
-            ray.shutdown()
+            with signals_deferred("stopping Ray"):  # cut short, it leaves Ray's processes and exits 1
+                ray.shutdown()

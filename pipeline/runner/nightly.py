@@ -31,7 +31,7 @@ import time
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pipeline.config.schema import ConfigError, JobConfig, NightlyConfig
-from pipeline.config.store import RESUME_NOTE
+from pipeline.config.store import RESUME_NOTE, signals_deferred
 from pipeline.config.validate import validate_nightly
 from pipeline.io.commit import RUN_FILE, SUCCESS
 from pipeline.io.lease import Lease, Refused, read_holder
@@ -295,7 +295,8 @@ def run_nightly(job: JobConfig, nightly: NightlyConfig, resolved_yaml: str | Non
             logger.error("retention failed (the next night retries it; %s is complete): %s", run_id, e)
         return 0
     finally:
-        lease.release()
+        with signals_deferred("releasing the night's lock"):
+            lease.release()
 
 
 def _late(nightly: NightlyConfig, run_id: str, date: dt.date, latest: dict | None) -> bool:

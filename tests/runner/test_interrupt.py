@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from pipeline.runner.job import run
 from pipeline.runner.nightly import resume_note
 from tests.runner.test_faults import start_job, wait_for
 
@@ -111,3 +112,54 @@ def test_sigterm_while_ray_starts_exits_143_and_releases_the_lock(tmp_path):
     assert proc.returncode == 143, "".join(seen) + log[-3000:]
     assert "terminated by SIGTERM (exit code 143)" in log and "Traceback" not in log
     assert not (run_dir / "_lock").exists()
+
+
+@pytest.mark.ray
+def test_ctrl_c_while_ray_stops_or_the_lock_is_released_lets_each_step_finish_first(
+    tmp_path, ray_local, monkeypatch, capsys
+):
+    """A second Ctrl-C, arriving while the first one's way out stopped Ray, cut `ray.shutdown()` short: Ray's
+    agents were left running and the process exited 1 ("some shards failed") just after saying "exit code 130".
+    One that cut the lock's release short left the lock behind. Each step now ends first, then the signal acts."""
+    import ray
+
+    import pipeline.runner.ray_setup as ray_setup
+    from pipeline.io.lease import Lease
+    from tests.runner.test_job import make_job, write_prompts
+
+    data = write_prompts(tmp_path / "prompts.jsonl", 4)
+    steps = []
+    monkeypatch.setattr(ray_setup, "connect", lambda cluster: True)  # as if this job had started Ray
+
+    def shutdown():  # Ctrl-C while Ray stops
+        signal.raise_signal(signal.SIGINT)
+        steps.append("Ray stopped")
+
+    release = Lease.release
+
+    def interrupted_release(self):  # and again while the run lock is released
+        signal.raise_signal(signal.SIGINT)
+        release(self)
+        steps.append("lock released")
+
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    monkeypatch.setattr(Lease, "release", interrupted_release)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_job(tmp_path, data, cluster__num_workers=1))
+    assert steps == ["Ray stopped", "lock released"]
+    assert not (tmp_path / "out" / "test-run" / "_lock").exists()
+    assert "Ctrl-C: stopping Ray first (a moment); Ctrl-C again to stop at once" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_again_while_a_step_is_deferred_stops_it_at_once():
+    from pipeline.config.store import signals_deferred
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt), signals_deferred("stopping Ray"):
+        signal.raise_signal(signal.SIGINT)
+        steps.append("went on")
+        signal.raise_signal(signal.SIGINT)
+        steps.append("not reached")
+    assert steps == ["went on"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
