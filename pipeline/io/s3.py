@@ -292,6 +292,21 @@ _HINTS = {
 }
 
 
+# Answers that last until someone acts: a retried shard would be refused again (StoreError.refused).
+REFUSED_CODES = frozenset(
+    {
+        "NoSuchBucket",
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "NoCredentialsError",
+        "QuotaExceeded",
+    }
+)
+
+
 def is_retryable(error: Exception) -> bool:
     from botocore.exceptions import (
         ChecksumError,
@@ -336,7 +351,8 @@ def call_with_retries(what: str, fn: Callable[[], T], options: S3Options) -> T:
                 detail = without_userinfo(f"{code}: {e}" if code else str(e))
                 hint = _HINTS.get(code) or _HINTS.get(type(e).__name__)
                 raise StoreError(
-                    f"cannot {what} (after {attempt} attempt(s)): {detail}" + (f" ({hint})" if hint else "")
+                    f"cannot {what} (after {attempt} attempt(s)): {detail}" + (f" ({hint})" if hint else ""),
+                    refused=(code or type(e).__name__) in REFUSED_CODES,
                 ) from e
             pause = delay * (0.5 + random.random())
             reason = _error_code(e) or type(e).__name__

@@ -10,6 +10,7 @@ messages.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -31,7 +32,27 @@ PROBE_STALE_S = 60.0
 
 
 class StoreError(RuntimeError):
-    """A storage operation failed; the message names the location (never the credentials)."""
+    """A storage operation failed; the message names the location (never the credentials).
+
+    `refused`: the location refuses the operation for a reason that retrying does not fix (a full disk or
+    quota, a read-only file system, no permission, a file where a folder should be; on S3 a missing bucket,
+    denied access, credentials not accepted). A job then starts no more shards (pipeline/runner/pool.py): each
+    would be generated in full only to fail at its commit."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        # Kept through pickling (the instance's __dict__): a worker's error reaches the driver with it.
+        self.refused = refused
+
+
+# OS errors of a local store that last until someone acts (frees space, remounts, fixes permissions or paths).
+REFUSED_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+)
+
+
+def _refused(error: OSError) -> bool:
+    return error.errno in REFUSED_ERRNOS
 
 
 @dataclass(frozen=True)
@@ -180,7 +201,7 @@ class LocalStore(Store):
         except OSError as e:
             file = _file_in_the_way(path.parent)
             why = f" ({file} is a file, not a directory)" if file is not None else ""
-            raise StoreError(f"cannot write {path}: {e.strerror or e}{why}") from e
+            raise StoreError(f"cannot write {path}: {e.strerror or e}{why}", refused=_refused(e)) from e
 
     def delete_prefix(self, prefix: str) -> int:
         count = super().delete_prefix(prefix)
@@ -213,7 +234,7 @@ class LocalStore(Store):
             fsync_dir(path.parent)
             return created
         except OSError as e:
-            raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
+            raise StoreError(f"cannot write {path}: {e.strerror or e}", refused=_refused(e)) from e
 
     def read_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -267,7 +288,7 @@ class LocalStore(Store):
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:
-                raise StoreError(f"cannot delete {path}: {e.strerror or e}") from e
+                raise StoreError(f"cannot delete {path}: {e.strerror or e}", refused=_refused(e)) from e
 
     def remove_temp_files(
         self, older_than_s: float, targets: Collection[str] | None = None

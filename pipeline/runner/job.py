@@ -36,7 +36,7 @@ from pipeline.io.store import StoreError
 from pipeline.models.loader import ModelError, dtype_name
 from pipeline.postprocess import PostprocessError
 from pipeline.runner.plan import Prepared, plan, warn_shard_drain
-from pipeline.runner.pool import ShardTask, WorkerStartError
+from pipeline.runner.pool import NOT_STARTED, ShardTask, WorkerStartError
 from pipeline.runner.ray_setup import ClusterConnectError
 from pipeline.runner.report import (
     Progress,
@@ -420,12 +420,14 @@ def _finish(prep: Prepared, started: float, committed, new_commits, failed, work
             run_store.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
         except StoreError as e:  # the failed shards are still the news: say which, and what to do
             logger.error("could not write stats.json: %s", e)
+        refused = any((t.last_error or "").startswith(NOT_STARTED) for t in failed)
         logger.error(
-            "%d shard(s) failed (%s); %d of %d shards are committed and kept. Rerun the same command to retry.",
+            "%d shard(s) failed (%s); %d of %d shards are committed and kept. Rerun the same command to retry%s.",
             len(failed),
             ", ".join(str(t.shard) for t in failed[:10]),
             len(all_commits),
             prep.identity["num_shards"],
+            " once the output location can be written again (free space, permissions)" if refused else "",
         )
         return 1
     try:

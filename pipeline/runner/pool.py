@@ -8,7 +8,10 @@ call on it fails), is killed and replaced by a new one (which loads the model ag
 shard also gets the worker start-up time). A shard that kills its worker on every attempt has the rows that
 do searched for (pipeline/runner/isolate.py) and is committed without them, as error rows; it then gets
 `max_attempts` attempts again, and is given up on, not searched twice, if it still kills its worker alone.
-Shards that keep failing otherwise are returned with their last error; the others are unaffected.
+Shards that keep failing otherwise are returned with their last error; the others are unaffected. Once a
+shard fails because the output location refuses writes for good (a full disk, a read-only file system, denied
+access: StoreError.refused), no more shards start: those in flight finish, and the rest are returned as failed,
+for a rerun once the location can be written again.
 """
 
 from __future__ import annotations
@@ -79,6 +82,18 @@ DEVICE_FAILURES = (
 # CUDA errors that leave the device usable: an allocation that failed ("CUDA error: out of memory",
 # cuBLAS/cuDNN's *_STATUS_ALLOC_FAILED), retried on the same worker as any other error.
 NOT_DEVICE_FAILURES = ("out of memory", "STATUS_ALLOC_FAILED")
+
+
+NOT_STARTED = "not started: "  # the last_error of a shard left unrun once the output location refused writes
+
+
+def output_refused(error: BaseException) -> bool:
+    """Whether `error`, raised by a worker's call, is the output location refusing writes for good (a full disk,
+    a read-only file system, denied access: StoreError.refused): every shard would fail the same way."""
+    from pipeline.io.store import StoreError
+
+    cause = getattr(error, "cause", None) or error  # a Ray task error wraps the worker's exception
+    return isinstance(cause, StoreError) and getattr(cause, "refused", False)
 
 
 def device_failed(error: BaseException) -> bool:
@@ -188,6 +203,7 @@ def run_pool(
     from ray.exceptions import RayActorError
 
     queue = deque(tasks)
+    halted: list[str] = []  # why no more shards start: the output location refuses writes (output_refused)
     held: list[dict[Any, ShardTask]] = [{} for _ in workers]  # per worker: ref -> task, oldest first
     deadline = [float("inf")] * len(workers)  # of each worker's oldest shard
     fresh: set[int] = set()  # replacement workers not yet seen up (their model loaded)
@@ -226,7 +242,7 @@ def run_pool(
         # gets nothing while a worker that is up can take the shard: given to it, the shard waited for its start,
         # up to run.shard_timeout_s + cluster.worker_start_timeout_s, beside idle workers.
         skip_starting = bool(starting) and any(started(i) for i in range(len(workers)))
-        while queue:
+        while queue and not halted:
             open_ = [i for i in range(len(workers)) if room(i, queue[0].alone, skip_starting)]
             if not open_:
                 return
@@ -322,7 +338,7 @@ def run_pool(
         shards = ", ".join(str(t.shard) for t in lost if t is not culprit)
         return f" (shard(s) {shards} it also held are retried)" if shards else ""
 
-    while queue or any(held):
+    while (queue and not halted) or any(held):
         dispatch()
         owner = {ref: i for i, refs in enumerate(held) for ref in refs}
         ready, _ = ray.wait(list(owner), num_returns=1, timeout=tick_s)
@@ -361,6 +377,14 @@ def run_pool(
                 logger.warning(
                     "shard %d failed on worker %d (%s): %s", task.shard, index, attempt(task), task.last_error
                 )
+                if output_refused(e) and not halted:
+                    halted.append(task.last_error)
+                    logger.error(
+                        "the output location refuses writes (%s): starting no more shards, as each would be "
+                        "generated only to fail at its commit; the %d shard(s) in flight finish",
+                        task.last_error,
+                        sum(len(h) for h in held),
+                    )
                 settle(task, fatal=False)
             fresh.discard(index)  # it ran the shard, so its model is loaded
             start_clock(index)
@@ -387,4 +411,18 @@ def run_pool(
                     attempt(head),
                     also_held(lost, head),
                 )
+    if halted:  # what was left fails with the reason; a rerun resumes it once the output can be written
+        shards: dict[int, ShardTask] = {}
+        for task in queue:
+            if task.probe:  # a probe stands for its shard (unless that shard was given up on already)
+                if not search.wanted(task):
+                    continue
+                search.searches[task.shard].over = True
+                task = search.searches[task.shard].task
+            shards.setdefault(task.shard, task)
+        for task in shards.values():
+            if task.attempts == 0:
+                task.last_error = f"{NOT_STARTED}{halted[0]}"
+            failed.append(task)
+        failed.sort(key=lambda t: t.shard)
     return failed

@@ -456,8 +456,11 @@ def test_s3_persistent_fault_gives_up_after_max_attempts(s3_bucket, s3_fault_pro
     store = s3_bucket.store("base", endpoint_url=s3_fault_proxy.endpoint, max_attempts=3)
     s3_fault_proxy.fail_next(100, 503, "SlowDown")
     started = time.monotonic()
-    with pytest.raises(StoreError, match=r"cannot write s3://.*/base/k \(after 3 attempt\(s\)\): SlowDown"):
+    with pytest.raises(
+        StoreError, match=r"cannot write s3://.*/base/k \(after 3 attempt\(s\)\): SlowDown"
+    ) as error:
         store.write_text("k", "v")
+    assert not error.value.refused, "throttling passes: a job goes on starting shards"
     assert s3_fault_proxy.count() == 3
     assert time.monotonic() - started < 5
 
@@ -471,6 +474,7 @@ def test_s3_missing_bucket_fails_fast_naming_it(s3_env) -> None:
     message = str(error.value)
     assert "s3://no-such-bucket-7f3a/prefix/k" in message and "NoSuchBucket" in message
     assert "(after 1 attempt(s))" in message and "bucket does not exist" in message
+    assert error.value.refused, "a missing bucket stays missing: a job starts no more shards"
     with pytest.raises(StoreError, match=r"output location s3://no-such-bucket-7f3a/prefix \(endpoint http"):
         store.check_writable()
     assert time.monotonic() - started < 5

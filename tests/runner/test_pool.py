@@ -41,7 +41,8 @@ class HeldRecorder:
     and `hang` by (shard, attempt); `die` and `hang_rows` by row (the records' `i`), whenever a shard or a probe
     runs that row; `die_together` when it runs all those rows at once; `device_rows` raise a CUDA error, after
     which every call fails; `oom` (by (shard, attempt)) a CUDA out-of-memory error, after which the device works;
-    `start_fails` (seconds) makes it fail to start, after that long, `start_hangs` never end its start."""
+    `start_fails` (seconds) makes it fail to start, after that long, `start_hangs` never end its start; shards in
+    `unwritable` end by writing their part under `output`, a local store that refuses it."""
 
     def __init__(
         self,
@@ -57,6 +58,8 @@ class HeldRecorder:
         exits: tuple = (),
         start_fails: float | None = None,
         start_hangs: bool = False,
+        unwritable: tuple = (),
+        output: str | None = None,
     ) -> None:
         if start_fails is not None:  # as a model load on a GPU that is gone for good: it fails, after a while
             time.sleep(start_fails)
@@ -71,6 +74,7 @@ class HeldRecorder:
         )
         self.device_rows, self.device_broken, self.oom = set(device_rows), False, set(oom)
         self.exits = set(exits)
+        self.unwritable, self.output = set(unwritable), output
         self.lock, self.work = threading.Lock(), threading.Lock()
         self.active: dict[int, int] = {}  # shard -> most shards held while it ran
 
@@ -103,6 +107,10 @@ class HeldRecorder:
                 raise torch.AcceleratorError(cuda_error("out of memory", "cudaErrorMemoryAllocation"))
             if (shard, attempt) in self.fail or rows & self.raise_rows:
                 raise RuntimeError(f"shard {shard} failed on purpose")
+            if shard in self.unwritable:  # its commit: the output location's own error
+                from pipeline.io.store import LocalStore
+
+                LocalStore(self.output).write_bytes(f"data/part-{shard:05d}.parquet", b"")
             if probe:
                 return {"shard": shard, "probe": True, "rows": len(rows)}
             return {
@@ -252,6 +260,31 @@ def test_rows_that_kill_their_worker_are_found_and_their_shard_committed_without
     # The shard's two attempts, the 5-6-row piece and the 2-row piece holding each row, each row's two attempts.
     assert len(replaced) == 2 + 2 + 2 + 4, replaced
     assert "shard 1 runs again without its 2 failing row(s)" in caplog.text
+
+
+def test_once_the_output_location_refuses_writes_no_more_shards_start(ray_local, tmp_path, caplog):
+    """A full disk, a read-only file system or denied access fails every commit from then on: each shard left was
+    generated in full and failed at its commit, on every attempt (a run that filled its disk at 30% went on
+    generating the other 70% three times over before it exited 1). The pool now stops starting shards and
+    returns them as failed, for a rerun once the location can be written."""
+    output = tmp_path / "out"
+    output.write_text("a file where the run's folder should be")  # writes under it fail for good (ENOTDIR)
+    failed = []
+    _run(
+        ray_local,
+        workers=1,
+        shards=6,
+        in_flight=1,
+        seconds=0.1,
+        unwritable=(1, 2, 3, 4, 5),
+        output=str(output),
+        give_up=[1, 2, 3, 4, 5],
+        failed_out=failed,
+    )
+    assert {t.shard: t.attempts for t in failed} == {1: 1, 2: 0, 3: 0, 4: 0, 5: 0}
+    assert "Not a directory" in failed[0].last_error and "not started: " not in failed[0].last_error
+    assert all(t.last_error == f"not started: {failed[0].last_error}" for t in failed[1:]), failed
+    assert "the output location refuses writes (" in caplog.text and "starting no more shards" in caplog.text
 
 
 # Two shards of four rows on two workers, one attempt each, one shard at a time.
