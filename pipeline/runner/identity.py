@@ -116,6 +116,12 @@ def s3_model_identity(model_uri: str, objects: dict[str, dict[str, Any]]) -> str
 
 
 def config_fingerprint(job: JobConfig, model_id: str, sampler_settings: dict[str, Any]) -> str:
+    return _digest(config_settings(job, model_id, sampler_settings))
+
+
+def config_settings(job: JobConfig, model_id: str, sampler_settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that change outputs, which `config_fingerprint` digests: recorded in _run.json, so that a
+    rerun refused for another config can say which setting changed."""
     relevant = {
         "model": {
             "identity": model_id,
@@ -141,7 +147,7 @@ def config_fingerprint(job: JobConfig, model_id: str, sampler_settings: dict[str
     }
     if job.sampler.completions_per_prompt != 1:  # only then, so that other runs keep their identity (and id)
         relevant["completions_per_prompt"] = job.sampler.completions_per_prompt
-    return _digest(relevant)
+    return relevant
 
 
 def derive_run_id(data_path: str, input_fingerprint: str, config_fp: str) -> str:

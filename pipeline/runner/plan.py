@@ -7,6 +7,7 @@ output, input, the run id's identity) and what the run will be (`Prepared`), wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from pipeline.models.loader import (
 from pipeline.postprocess import load_postprocess
 from pipeline.runner.identity import (
     config_fingerprint,
+    config_settings,
     derive_run_id,
 )
 from pipeline.runner.model_check import inspect_job_model
@@ -192,6 +194,7 @@ def plan(job: JobConfig) -> Prepared:
         hint = escape_hint(stops)
         if hint:
             logger.warning("%s", hint)
+    config = config_settings(job, model_id, settings_dict)
     config_fp = config_fingerprint(job, model_id, settings_dict)
     run_id = job.run.id or derive_run_id(resolve_path(job.data.path), records.fingerprint, config_fp)
     run_dir = f"{job.output.uri.rstrip('/')}/{run_id}"
@@ -208,6 +211,8 @@ def plan(job: JobConfig) -> Prepared:
         "input_path": job.data.path,
         "input_fingerprint": records.fingerprint,
         "config_fingerprint": config_fp,
+        # What config_fp digests, as _run.json holds it: a rerun refused for another config names the settings.
+        "config": json.loads(json.dumps(config, default=str)),
         "model": info.name,
         "model_identity": model_id,
         "num_rows": records.num_rows,

@@ -247,8 +247,16 @@ def test_a_committed_part_that_is_missing_or_altered_fails_verification(store, p
     assert run.verify(committed) == [0], f"{part} is missing"
 
 
-@pytest.mark.parametrize("key", ["input_fingerprint", "config_fingerprint", "shard_size", "num_rows"])
-def test_a_run_id_holding_a_run_of_another_shard_plan_or_input_is_a_conflict(store, key):
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [
+        ("input_fingerprint", "the input's content"),
+        ("config_fingerprint", "config_fingerprint c -> other"),  # a run that records no settings
+        ("shard_size", "run.shard_size 6 -> other"),
+        ("num_rows", "input rows 18 -> other"),
+    ],
+)
+def test_a_run_id_holding_a_run_of_another_shard_plan_or_input_is_a_conflict(store, key, said):
     """run.shard_size is not in the config fingerprint: a resume with another one, had it been let through,
     would cut the remaining shards at other rows than the committed ones, so rows would be lost or doubled."""
     run = RunStore(store, "r")
@@ -256,7 +264,7 @@ def test_a_run_id_holding_a_run_of_another_shard_plan_or_input_is_a_conflict(sto
     run.write_run_file(identity)
     assert run.identity_status(dict(identity), overwrite=False) == "resume"
     changed = {**identity, key: "other"}
-    with pytest.raises(RunConflictError, match=rf"started with a different input or config \({key} "):
+    with pytest.raises(RunConflictError, match=rf"started with a different input or config \({said}\)"):
         run.identity_status(changed, overwrite=False)
     assert run.identity_status(changed, overwrite=True) == "replace"
 

@@ -86,7 +86,9 @@ def test_a_changed_model_under_an_explicit_run_id_is_refused(tmp_path, caplog):
     model = _copy_model(tmp_path)
     assert prepare(_job(tmp_path, str(model), id="r1")).status == "new"
     _halve_weights(model / "model.safetensors")
-    with pytest.raises(RunConflictError, match="config_fingerprint"):
+    with pytest.raises(
+        RunConflictError, match=r"\(the model's content \(its weights, config or tokenizer files\)\)"
+    ):
         prepare(_job(tmp_path, str(model), id="r1"))
     assert run(_job(tmp_path, str(model), id="r1")) == 2  # refused at start-up, before any worker
     assert "run.id='r1'" in caplog.text and "different input or config" in caplog.text

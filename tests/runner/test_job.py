@@ -131,9 +131,19 @@ def test_rerun_of_a_complete_run_does_nothing_and_a_changed_config_is_refused(tm
     assert len(done) == 1 and "this run" not in done[0], done  # nothing ran now: no wall time claimed for it
     assert (run_dir / "_SUCCESS").read_text() == before, "a complete run is not redone"
     assert (run_dir / "_config.yaml").read_text() == config, "it keeps the config that made it"
-    changed = make_job(tmp_path, data, sampler__seed=7)
+    changed = make_job(tmp_path, data, sampler__seed=7, sampler__t_min=0.3)
+    caplog.clear()
     assert run(changed) == 2, "a different config under the same run id is refused"
     assert (run_dir / "_SUCCESS").read_text() == before
+    # naming the settings that changed, not two digests ("config_fingerprint c1e61ee4b1e9 -> 7e31f8bed961")
+    assert (
+        "a different input or config (sampler.seed 0 -> 7, sampler.t_min 0.4 -> 0.3). Use a new"
+        in caplog.text
+    )
+    extended = write_prompts(tmp_path / "p2.jsonl", 7)
+    caplog.clear()
+    assert run(make_job(tmp_path, extended)) == 2, "another input too"
+    assert f"(the input's content (data.path {data} -> {extended}), input rows 6 -> 7)" in caplog.text
     assert run(make_job(tmp_path, data, sampler__seed=7, run__overwrite=True)) == 0
     assert read_parts(run_dir).column("seed").to_pylist() == [7] * 6
 
