@@ -48,15 +48,19 @@ def signals_deferred(what: str) -> Iterator[None]:
         return
     signums = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.getsignal(s) for s in signums}
-    received: list[int] = []
+    received: list[int] = []  # the signal deferred, then (a second one) the one that stopped the step
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            if signal.getsignal(s) is defer:  # not one that the step itself put in its place
+                signal.signal(s, handler)
 
     def defer(signum, frame) -> None:
-        if received:  # asked again: stop now, as without the deferral
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        received.append(signum)
+        if len(received) > 1:  # asked again: stop now, as without the deferral
+            restore()
             signal.raise_signal(signum)
             return
-        received.append(signum)
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         sys.stderr.write(f"{name}: {what} first (a moment); {name} again to stop at once\n")
 
@@ -65,12 +69,9 @@ def signals_deferred(what: str) -> Iterator[None]:
     try:
         yield
     finally:
-        restored = received[:1] if any(signal.getsignal(s) is defer for s in signums) else []
-        for s, handler in previous.items():
-            if signal.getsignal(s) is defer:
-                signal.signal(s, handler)
-        for signum in restored:  # its handler runs now (KeyboardInterrupt for Ctrl-C and, in a job, SIGTERM)
-            signal.raise_signal(signum)
+        restore()
+        if len(received) == 1:  # its handler runs now (KeyboardInterrupt for Ctrl-C and, in a job, SIGTERM)
+            signal.raise_signal(received[0])
 
 
 def install_sigterm_handler() -> None:
