@@ -480,7 +480,7 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
     import ray
 
     from pipeline.runner.pool import run_pool, start_workers
-    from pipeline.runner.ray_setup import connect, worker_options
+    from pipeline.runner.ray_setup import connect, shutdown, worker_options
     from pipeline.runner.worker import ProgressBoard, ShardWorker
 
     job = prep.job
@@ -550,4 +550,4 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
     finally:
         if started_ray:
             with signals_deferred("stopping Ray"):  # cut short, it leaves Ray's processes and exits 1
-                ray.shutdown()
+                shutdown(ray)

@@ -48,12 +48,27 @@ def connect(cluster: ClusterConfig) -> bool:
         if e.code == signal.SIGTERM and callable(sigterm):
             signal.signal(signal.SIGTERM, sigterm)
             with contextlib.suppress(Exception):  # what ray.init had started
-                ray.shutdown()
+                shutdown(ray)
             sigterm(signal.SIGTERM, None)
         raise
     if main_thread and callable(sigterm):  # ray.init replaces it with sys.exit(15): keep the job's own
         signal.signal(signal.SIGTERM, sigterm)
     return True
+
+
+def shutdown(ray) -> None:
+    """`ray.shutdown()`, leaving this process's SIGINT and SIGTERM handling as it was. Ray's core worker, as it
+    stops, resets SIGTERM to the default action in the kernel (the uninstall of its failure signal handler)
+    while Python still reports the job's handler: a SIGTERM after the workers had stopped (Kubernetes stopping
+    the pod while the run is finalized or its lock released) killed the process on the spot, with no line
+    and the run lock left behind. The handlers Python holds are given back to the kernel here."""
+    ray.shutdown()
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: not set from Python, nothing to give back
+            signal.signal(signum, handler)
 
 
 def _init(ray, cluster: ClusterConfig) -> None:
@@ -77,7 +92,7 @@ def _init(ray, cluster: ClusterConfig) -> None:
                 )
             except Exception as e:  # noqa: BLE001 - Ray's own (RuntimeError, OSError, ...): the job did not start
                 with contextlib.suppress(Exception):  # what it had started
-                    ray.shutdown()
+                    shutdown(ray)
                 raise ClusterConnectError(
                     f"could not start a local Ray instance: {type(e).__name__}: {e}. Ray writes its session files "
                     f"under {_ray_temp_dir()}/ray: check that this folder is writable and has room (a few hundred "

@@ -9,13 +9,15 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from pipeline.runner.job import run
 from pipeline.runner.nightly import resume_note
-from tests.runner.test_faults import start_job, wait_for
+from tests.runner.test_faults import ROOT, start_job, wait_for
 
 
 def test_ctrl_c_exits_130_with_one_line(capsys):
@@ -163,3 +165,43 @@ def test_ctrl_c_again_while_a_step_is_deferred_stops_it_at_once():
         steps.append("not reached")
     assert steps == ["went on"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+TWO_SIGTERMS = """
+import os, runpy, signal, sys
+import pipeline.runner.job as job
+from pipeline.io.lease import Lease
+
+counters, release = job.sampler_counters, Lease.release
+
+def sampler_counters(*args):  # the workers are done, Ray not yet stopped: SIGTERM (Kubernetes, `kill`)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return counters(*args)
+
+def interrupted_release(self):  # Ray stopped: SIGTERM again, as the run lock is released
+    os.kill(os.getpid(), signal.SIGTERM)
+    release(self)
+    print("lock released", flush=True)
+
+job.sampler_counters, Lease.release = sampler_counters, interrupted_release
+sys.argv = ["jobs/generate.py", *sys.argv[1:]]
+runpy.run_path("jobs/generate.py", run_name="__main__")
+"""
+
+
+@pytest.mark.ray
+def test_a_second_sigterm_after_ray_stopped_is_ignored_as_the_first_one_asked(tmp_path):
+    """The first SIGTERM makes the job ignore any other while it stops (Python's handler table says SIG_IGN);
+    but stopping Ray resets SIGTERM to the default action in the kernel, so a second one after that killed the
+    process on the spot (exit -15, no line), its run lock left behind."""
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Add: {i}+1"}) + "\n" for i in range(4)))
+    args = [f"data.path={data}", f"output.uri={tmp_path / 'out'}", "run.id=r1", "cluster.num_workers=1"]
+    args += ["model.path=builtin:tiny-diffusiongemma-random", "sampler.max_new_tokens=32"]
+    proc = subprocess.run(
+        [sys.executable, "-c", TWO_SIGTERMS, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 143, log[-3000:]
+    assert "lock released" in log and "terminated by SIGTERM (exit code 143)" in log, log[-3000:]
+    assert not (tmp_path / "out" / "r1" / "_lock").exists()
