@@ -109,6 +109,9 @@ def device_failed(error: BaseException) -> bool:
     return any(marker in text for marker in DEVICE_FAILURES)
 
 
+# Why an attempt of a shard did not commit: it raised, its worker died (or its device failed) while it ran, it
+# ran past run.shard_timeout_s, or its worker (a replacement) never started.
+FAILURE_REASONS = ("error", "worker_died", "device_failed", "timeout", "not_started")
 START_REPLACEMENTS = 2  # per worker slot: a worker whose process died while it loaded the model is replaced
 
 
@@ -181,6 +184,7 @@ def run_pool(
     shard_timeout_s: float | None = None,
     start_grace_s: float = 0.0,
     in_flight: int = 1,
+    on_failure: Callable[[ShardTask, int, str], None] | None = None,
 ) -> list[ShardTask]:
     """Runs every task; returns the tasks that failed `max_attempts` times.
 
@@ -198,6 +202,9 @@ def run_pool(
     searched twice). A
     replacement that failed to start, or had not started by its first shard's deadline, fails the shards it
     held as an error does: that says nothing about their rows, which are not searched.
+
+    `on_failure(task, worker index, reason)` is called for each attempt of a shard that did not commit (not for
+    a search's probes), reason one of FAILURE_REASONS.
     """
     import ray
     from ray.exceptions import RayActorError
@@ -325,6 +332,11 @@ def run_pool(
             settle(task, fatal=fatal)
         return lost
 
+    def lost_attempts(tasks: list[ShardTask], index: int, reason: str) -> None:
+        for task in tasks:
+            if on_failure is not None and not task.probe:
+                on_failure(task, index, reason)
+
     def attempt(task: ShardTask) -> str:
         if task.probe:
             return f"rows {task.start}-{task.stop - 1}, attempt {task.attempts}/{max_attempts}, not committed"
@@ -360,7 +372,9 @@ def run_pool(
                         else "its device failed"
                     )
                     task.last_error = f"{what}: {_short(e)}"
+                    reason = ("worker_died" if up else "not_started") if dead else "device_failed"
                     lost = sorted([task, *replace(index, task.last_error, fatal=up)], key=lambda t: t.shard)
+                    lost_attempts(lost, index, reason)
                     # With several shards in flight the row that did it may be in any of them: all are retried.
                     logger.warning(
                         "worker %d %s holding shard(s) %s; started a replacement%s",
@@ -386,6 +400,7 @@ def run_pool(
                         sum(len(h) for h in held),
                     )
                 settle(task, fatal=False)
+                lost_attempts([task], index, "error")
             fresh.discard(index)  # it ran the shard, so its model is loaded
             start_clock(index)
         for index in [i for i in fresh if held[i] and started(i)]:
@@ -402,6 +417,7 @@ def run_pool(
                 if not up:
                     error += f", its worker not started after cluster.worker_start_timeout_s={start_grace_s:g}s more"
                 lost = replace(index, error, fatal=up)
+                lost_attempts(lost, index, "timeout" if up else "not_started")
                 logger.warning(
                     "shard %d on worker %d still running after run.shard_timeout_s=%gs (%s); "
                     "killed the worker and started a replacement%s",

@@ -137,13 +137,16 @@ def _run(
     size=2,
     grace_s=60.0,
     failed_out=None,
+    lost_out=None,
     broken_slots=(),
     broken=None,
     **behaviour,
 ):
-    """`broken_slots`: worker indices whose replacements are made with `broken` (their device is gone)."""
+    """`broken_slots`: worker indices whose replacements are made with `broken` (their device is gone);
+    `lost_out` gets (shard, worker index, reason) of each attempt that did not commit (run_pool's on_failure)."""
     cls = ray.remote(HeldRecorder).options(num_cpus=0, max_concurrency=in_flight + 1)
     made = []
+    lost = [] if lost_out is None else lost_out
 
     def make_worker(index: int):
         replacement = len(made) >= workers
@@ -169,6 +172,7 @@ def _run(
         shard_timeout_s=timeout_s,
         start_grace_s=grace_s,  # a replacement's first shard waits for its start
         in_flight=in_flight,
+        on_failure=lambda task, index, reason: lost.append((task.shard, index, reason)),
     )
     if failed_out is not None:
         failed_out.extend(failed)
@@ -193,8 +197,10 @@ def test_every_worker_gets_a_shard_before_any_gets_a_second(ray_local):
 
 
 def test_a_retried_shard_runs_alone_on_its_worker(ray_local):
-    commits, _ = _run(ray_local, workers=1, shards=5, in_flight=2, seconds=0.3, fail=[(1, 1)])
+    lost = []
+    commits, _ = _run(ray_local, workers=1, shards=5, in_flight=2, seconds=0.3, fail=[(1, 1)], lost_out=lost)
     assert commits[1]["attempt"] == 2 and commits[1]["peak"] == 1, commits[1]
+    assert lost == [(1, 0, "error")]
     assert all(c["attempt"] == 1 for s, c in commits.items() if s != 1)
     assert max(c["peak"] for c in commits.values()) == 2
 
@@ -207,12 +213,14 @@ def test_the_timeout_bounds_the_time_a_worker_goes_without_finishing_a_shard(ray
 
 
 def test_a_hung_worker_takes_every_shard_it_held_down_and_they_are_retried_alone(ray_local, caplog):
+    lost = []
     commits, replaced = _run(
-        ray_local, workers=1, shards=3, in_flight=2, timeout_s=3.0, seconds=0.2, hang=[(0, 1)]
+        ray_local, workers=1, shards=3, in_flight=2, timeout_s=3.0, seconds=0.2, hang=[(0, 1)], lost_out=lost
     )
     assert replaced == [0], "the hung worker was replaced"
     held = re.search(r"\(shard\(s\) (\d+) it also held are retried\)", caplog.text)
     assert held, caplog.text
+    assert sorted(lost) == sorted([(0, 0, "timeout"), (int(held[1]), 0, "timeout")])
     for shard in (0, int(held[1])):
         assert commits[shard]["attempt"] == 2 and commits[shard]["peak"] == 1, "retried, alone"
 
@@ -221,11 +229,17 @@ def test_a_shard_that_kills_its_worker_takes_no_healthy_neighbour_with_it(ray_lo
     """One attempt each (run.max_shard_attempts=1): the shards held beside the killer get an attempt alone;
     the killer, which then kills its worker alone too, has the row that does searched for, and is committed
     without it."""
-    commits, replaced = _run(ray_local, workers=1, shards=4, in_flight=2, attempts=1, seconds=0.5, die=[3])
+    lost = []
+    commits, replaced = _run(
+        ray_local, workers=1, shards=4, in_flight=2, attempts=1, seconds=0.5, die=[3], lost_out=lost
+    )
     assert replaced, "the dead worker was replaced"
     # Each death names every shard the worker held (the row that killed it may be in any of them).
     deaths = re.findall(r"worker 0 died holding shard\(s\) ([^;]*); started a replacement", caplog.text)
     assert len(deaths) == 3 and "1 (attempt 1/1)" in deaths[0], caplog.text
+    # each a lost attempt of a shard; not the search's probe that the third death took
+    shards = sorted(int(s) for s in re.findall(r"(\d+) \(attempt", deaths[0] + deaths[1]))
+    assert sorted(lost) == [(s, 0, "worker_died") for s in shards] and 1 in shards
     assert (
         deaths[1]
         == "1 (attempt 2: one beyond run.max_shard_attempts=1, alone, as an earlier one shared its worker)"
