@@ -489,7 +489,9 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
         count = min(job.cluster.num_workers, len(tasks))
         options, threads = worker_options(job.cluster, count)
         keep_run_dtype(prep, options["num_gpus"])
-        board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+        # It also records the run's metrics (pipeline/runner/metrics.py): the driver tells it of commits and
+        # failed attempts below.
+        board = ray.remote(ProgressBoard).options(num_cpus=0).remote(prep.run_id)
         worker_cls = ray.remote(ShardWorker)
 
         def make_worker(index: int):  # one thread per shard in flight (max_concurrency), one for the rest
@@ -526,8 +528,13 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
         size, total = job.run.shard_size, prep.records.num_rows
 
         def on_commit(commit: dict[str, Any]) -> None:
+            rows = shard_rows(commit["shard"], size, total)
             new_commits[commit["shard"]] = commit
-            progress.shard_done(commit["shard"], shard_rows(commit["shard"], size, total))
+            progress.shard_done(commit["shard"], rows)
+            board.committed.remote(commit, rows)
+
+        def on_failure(task: ShardTask, index: int, reason: str) -> None:
+            board.attempt_failed.remote(f"w{index}", reason)
 
         failed = run_pool(
             workers,
@@ -541,7 +548,10 @@ def _run_workers(prep: Prepared, tasks, new_commits: dict[int, Any], progress: P
             shard_timeout_s=job.run.shard_timeout_s,
             start_grace_s=job.cluster.worker_start_timeout_s,
             in_flight=in_flight,
+            on_failure=on_failure,
         )
+        if failed:
+            board.shards_failed.remote(len(failed))
         progress.final()
         counters = sampler_counters(ray, workers, board)
         for worker in workers:

@@ -155,7 +155,7 @@ def sampler_summary(counters: dict[str, int], row_passes: int, batch_size: int) 
     if not counters:
         return None
     summary: dict[str, Any] = {"counters": counters, "batch_size": batch_size}
-    calls, computed = _passes(counters)
+    calls, computed = sampler_passes(counters)
     if calls and computed is not None:
         summary["computed_rows_per_pass"] = round(computed / calls, 3)  # padding and finished rows included
         summary["live_rows_per_pass"] = round(min(row_passes, computed) / calls, 3)
@@ -164,7 +164,7 @@ def sampler_summary(counters: dict[str, int], row_passes: int, batch_size: int) 
     return summary
 
 
-def _passes(counters: dict[str, int]) -> tuple[int | None, int | None]:
+def sampler_passes(counters: dict[str, int]) -> tuple[int | None, int | None]:
     """(batched passes, rows computed in them): the DiffusionGemma sampler's decoder calls, or the mask
     sampler's steps (a step may run two forwards, the rows that recompute their window and the cached ones)."""
     if "decoder_calls" in counters:
@@ -176,7 +176,7 @@ def _sampler_line(summary: dict[str, Any]) -> str | None:
     counters = summary["counters"]
     if "live_rows_per_pass" not in summary:
         return None
-    calls, _ = _passes(counters)
+    calls, _ = sampler_passes(counters)
     line = (
         f"sampler: {calls} batched passes, {summary['live_rows_per_pass']:.1f} live rows per pass of "
         f"sampler.batch_size={summary['batch_size']} ({summary['computed_rows_per_pass']:.1f} computed)"

@@ -20,9 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 class ProgressBoard:
-    """A tiny Ray actor collecting per-worker counters; workers report, the driver reads."""
+    """A tiny Ray actor collecting per-worker counters; workers report, the driver reads. With `run_id`, it also
+    records the run's metrics (pipeline/runner/metrics.py) from the workers' reports and the driver's calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_id: str | None = None) -> None:
+        from pipeline.runner.metrics import RunMetrics
+
+        self.metrics = RunMetrics(run_id)
         self.workers: dict[str, dict[str, float]] = {}
         self.counters: dict[str, dict[str, int]] = {}  # worker actor instance -> its sampler's counters
         # shard -> [its latest attempt, the rows that attempt reported]
@@ -44,6 +48,7 @@ class ProgressBoard:
         `counters`: the sampler's work counters so far in the actor `instance` (kept when the actor dies);
         `shards`: the rows by (shard, attempt). A shard's later attempt replaces the count of its earlier ones,
         whose rows are done again."""
+        self.metrics.progress(worker, rows, tokens, steps, sampled, instance, counters)
         if instance is not None and counters is not None:
             self.counters[instance] = counters
         for (shard, attempt), done in (shards or {}).items():
@@ -60,6 +65,18 @@ class ProgressBoard:
         entry["steps"] += steps
         entry["sampled"] += sampled
         entry["updated"] = time.time()
+
+    def committed(self, commit: dict[str, Any], input_rows: int) -> None:
+        """The driver: shard `commit["shard"]`, of `input_rows` input rows, was committed."""
+        self.metrics.committed(commit, input_rows)
+
+    def attempt_failed(self, worker: str, reason: str) -> None:
+        """The driver: an attempt of a shard on `worker` did not commit (pool.run_pool's on_failure)."""
+        self.metrics.attempt_failed(worker, reason)
+
+    def shards_failed(self, count: int) -> None:
+        """The driver: `count` shards were given up on."""
+        self.metrics.shards_failed(count)
 
     def snapshot(self) -> dict[str, dict]:
         """Per worker its counters (`workers`), per shard the rows its latest attempt reported (`shards`)."""

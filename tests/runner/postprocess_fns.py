@@ -111,3 +111,12 @@ def int_then_half(row, path=None, from_index=None):
     if path is not None and row["source_index"] >= from_index and os.path.exists(path):
         os.remove(path)
     return {"score": 1 if row["source_index"] < 6 or row["source_index"] % 2 == 0 else 0.5}
+
+
+def reject_or_filter(row):
+    """Rejects the rows at input positions 0, 3, 6, ... (it raises: an error row), filters out those at 1,
+    4, 7, ..., keeps the others (adding no column)."""
+    kind = row["source_index"] % 3
+    if kind == 0:
+        raise ValueError(f"row {row['source_index']} rejected")
+    return None if kind == 1 else {}

@@ -1,6 +1,6 @@
 """Postprocess callables that break their worker on marked rows: it dies on the row (a row that can never be
 generated), dies on it unless it is the first row its process sees (a failure that depends on what ran before
-it, pinned on no single row), or hangs once (a shard that succeeds on its second attempt)."""
+it, pinned on no single row), or hangs or dies once (a shard that succeeds on its second attempt)."""
 
 from __future__ import annotations
 
@@ -36,4 +36,17 @@ def hang_once_on(row: dict[str, Any], *, marker: str, flag: str) -> dict[str, An
             return {}
         os.close(fd)
         time.sleep(3600)
+    return {}
+
+
+def crash_once_on(row: dict[str, Any], *, marker: str, flag: str) -> dict[str, Any]:
+    """Kills its worker on the first marked row it sees in the whole run, recorded by creating the file
+    `flag`; later attempts at that row go through (a worker lost once, as to a node failure)."""
+    if marker in (row.get("prompt") or ""):
+        try:
+            fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return {}
+        os.close(fd)
+        os._exit(17)
     return {}
