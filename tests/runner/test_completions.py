@@ -105,3 +105,17 @@ def test_several_completions_of_a_deterministic_mask_sampler_are_refused_at_star
     sampled = LLM("builtin:tiny-llada", completions_per_prompt=2, mask={"temperature": 0.8})
     first, second = sampled.generate(["Add: 12+30"])[0]
     assert (first.completion_index, second.completion_index) == (0, 1)
+
+
+def test_a_seed_that_a_deterministic_mask_sampler_ignores_is_refused_at_startup(tmp_path, caplog):
+    """sampler.seed=7 with LLaDA's defaults (temperature 0, low_confidence) ran, wrote seed 7 in every row and
+    gave the completions of seed 0: a run meant as a new sample of the data was a copy of the first."""
+    data = write_prompts(tmp_path / "p.jsonl", 3)
+    job = make_job(tmp_path, data, model__path="builtin:tiny-llada", sampler__seed=7)
+    job.sampler.max_denoising_steps, job.sampler.max_new_tokens = None, None  # the model's own settings
+    assert run(job) == 2
+    assert "sampler.seed=7 changes nothing: this mask sampler is deterministic" in caplog.text
+    assert "leave sampler.seed unset (0)" in caplog.text
+    with pytest.raises(ValueError, match=r"^seed=3 changes nothing: .* Set mask\.temperature > 0"):
+        LLM("builtin:tiny-llada", seed=3)
+    assert LLM("builtin:tiny-llada", seed=3, mask={"temperature": 1.0}).settings.seed == 3, "a seed that acts"

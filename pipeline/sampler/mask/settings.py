@@ -193,14 +193,30 @@ class MaskSettings:
         return counts
 
     def check_completions(self, completions: int) -> None:
-        """MaskSettingsError when `completions` > 1 completions of a prompt would all be the same."""
+        """MaskSettingsError when `completions` > 1 completions of a prompt would all be the same, or when a
+        seed other than the default (0) is set for settings that draw no random numbers: every seed would
+        give the completions of seed 0 (a run with another seed, meant as a new sample, a copy)."""
         if completions > 1 and not self.draws_random_numbers:
             raise MaskSettingsError(
                 f"sampler.completions_per_prompt={completions} would give {completions} identical completions: "
-                f"this mask sampler is deterministic (temperature 0, remasking={self.remasking!r}"
-                f"{', alg_temp 0' if self.algorithm == 'dream' else ''}). Set sampler.mask.temperature > 0 "
-                "(or remasking=random, or with algorithm=dream remasking=origin or alg_temp > 0)"
+                f"{self._deterministic()}. {self._sample_hint()}"
             )
+        if self.seed != 0 and not self.draws_random_numbers:
+            raise MaskSettingsError(
+                f"sampler.seed={self.seed} changes nothing: {self._deterministic()}, so every seed gives the "
+                f"completions of seed 0. {self._sample_hint()} to sample, or leave sampler.seed unset (0)"
+            )
+
+    def _deterministic(self) -> str:
+        dream = ", alg_temp 0" if self.algorithm == "dream" else ""
+        return f"this mask sampler is deterministic (temperature 0, remasking={self.remasking!r}{dream})"
+
+    @staticmethod
+    def _sample_hint() -> str:
+        return (
+            "Set sampler.mask.temperature > 0 (or remasking=random, or with algorithm=dream remasking=origin "
+            "or alg_temp > 0)"
+        )
 
     @property
     def num_blocks(self) -> int:
