@@ -177,7 +177,7 @@ class Generator:
 
     def _init_mask_sampler(self, spec: GenerationSpec) -> None:
         from pipeline.sampler.mask.engine import MaskDiffusionSampler
-        from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
+        from pipeline.sampler.mask.settings import check_mask_backend, mask_user_values, resolve_mask_settings
 
         info = self.loaded.info
         self.settings = resolve_mask_settings(
@@ -189,6 +189,7 @@ class Generator:
             pad_token_id=info.pad_token_id,
         )
         self.settings.check_completions(spec.completions_per_prompt)
+        check_mask_backend(self.settings, spec.backend)
         self.max_prompt_tokens = max_prompt_tokens_for(
             spec.max_prompt_tokens, info.context_window, self.settings
         )

@@ -103,7 +103,8 @@ class SamplerConfig:
     # continuous: a finished row leaves its slot at once and a queued row takes it.
     # static: every row runs until the slowest of its batch finishes (the reference's behaviour).
     batching: str = "continuous"
-    # Vocabulary head / step kernels: auto (Triton on CUDA, torch elsewhere), torch or triton.
+    # Vocabulary head / step kernels: auto (Triton on CUDA, torch elsewhere), torch or triton. LLaDA, Dream: the
+    # attention kernels of the block caches (triton with mask.cache=none runs none: refused).
     backend: str = "auto"
     # Stop a canvas early once it is stable and confident; false runs max_denoising_steps every canvas.
     adaptive_stopping: bool = True

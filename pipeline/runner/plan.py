@@ -33,7 +33,7 @@ from pipeline.runner.identity import (
     derive_run_id,
 )
 from pipeline.runner.model_check import inspect_job_model
-from pipeline.sampler.mask.settings import mask_user_values, resolve_mask_settings
+from pipeline.sampler.mask.settings import check_mask_backend, mask_user_values, resolve_mask_settings
 from pipeline.sampler.settings import (
     USER_KNOBS,
     SettingsError,
@@ -148,6 +148,7 @@ def plan(job: JobConfig) -> Prepared:
                 pad_token_id=info.pad_token_id,
             )
             settings.check_completions(job.sampler.completions_per_prompt)
+            check_mask_backend(settings, job.sampler.backend)
         else:
             user = diffusion_gemma_user_values(knobs, info.family)
             settings = resolve_settings(

@@ -156,3 +156,24 @@ def test_llada_startup_errors_name_the_key(tmp_path, caplog, llada_dir, override
         setattr(target, name, value)
     assert run(job) == 2
     assert message in caplog.text
+
+
+def test_a_triton_backend_that_the_exact_path_never_runs_is_refused(tmp_path, caplog, llada_dir, monkeypatch):
+    """A mask model's Triton kernels are the block caches' attention: sampler.backend=triton with
+    sampler.mask.cache=none ran torch alone, while the worker's log said "triton kernels"."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the backend as it is taken on a GPU, on this CPU
+    data = write_prompts(tmp_path / "p.jsonl", 3)
+    job = _llada_job(tmp_path, data, llada_dir, sampler__backend="triton")
+    job.sampler.mask.cache = "none"
+    assert run(job) == 2
+    assert "sampler.backend='triton' chooses the kernels of the block caches' attention" in caplog.text
+    assert "Set sampler.mask.cache=prefix or dual to run them, or leave sampler.backend=auto" in caplog.text
+
+    from pipeline import LLM
+
+    with pytest.raises(ValueError, match=r"^backend='triton' .* with mask\.cache='none'"):
+        LLM(str(llada_dir), backend="triton", max_new_tokens=NEW_TOKENS, mask={"steps": 8, "block_length": 8})
+    cached = LLM(
+        str(llada_dir), backend="triton", max_new_tokens=NEW_TOKENS, mask={"block_length": 8, "cache": "dual"}
+    )
+    assert cached.generator.sampler.backend == "triton"

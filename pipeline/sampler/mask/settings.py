@@ -237,6 +237,18 @@ class MaskSettings:
         return values
 
 
+def check_mask_backend(settings: MaskSettings, backend: str) -> None:
+    """MaskSettingsError when sampler.backend=triton would choose no kernel: a mask model's Triton kernels are
+    the block caches' attention (pipeline/models/bidirectional.py), and the exact path (cache none) runs torch's
+    scaled_dot_product_attention whatever the backend."""
+    if backend == "triton" and settings.cache == "none":
+        raise MaskSettingsError(
+            "sampler.backend='triton' chooses the kernels of the block caches' attention, and with "
+            "sampler.mask.cache='none' (the exact path) a mask model runs no Triton kernel: every step is torch's. "
+            "Set sampler.mask.cache=prefix or dual to run them, or leave sampler.backend=auto"
+        )
+
+
 def check_mask_knobs(values: Mapping[str, Any], prefix: str = "sampler.mask.") -> None:
     """Checks the knobs present (not None) in `values`."""
 
