@@ -45,7 +45,9 @@ def render_card(run_uri: str, manifest: dict[str, Any], stats: dict[str, Any]) -
         if completions > 1
         else ""
     )
-    columns_note = manifest.get("postprocess_columns_note", "") + _extra_columns(manifest)
+    mask = _is_mask_run(manifest)
+    columns_note = manifest.get("postprocess_columns_note", "") + _extra_columns(manifest, mask)
+    sampler_intro, randomness = _sampler_prose(sampler, mask)
     return f"""---
 configs:
 - config_name: default
@@ -79,17 +81,16 @@ language model `{manifest["model"]}` over `{manifest["input"]["path"]}`, complet
 
 ## Sampler settings
 
-| setting | value |
+{sampler_intro}| setting | value |
 |---|---|
 {knobs}
 
-Randomness is keyed by (seed, row id, completion index, canvas, step, position): regenerating a row with the
-same model and settings gives the same completion, whatever batch or machine runs it.
+{randomness}
 
 ## Columns
 
 `id`, `completion_index` (which of the prompt's completions), `prompt`, `completion`, `completion_tokens`,
-`prompt_tokens`, `denoising_steps` (decoder passes spent on the row), `canvases`, `finish_reason` (`eos`,
+`prompt_tokens`, `denoising_steps` (decoder passes spent on the row), `canvases`{" (blocks decoded)" if mask else ""}, `finish_reason` (`eos`,
 `length`, or `stop`: a stop string of the sampler's `stop`, cut off with it), `model`, `seed`, `run_id`, `source_index`, `metadata` ({carried},
 JSON){columns_note}.
 Rejected input rows are in `errors/` with `id`, `source_index`, `stage`, `reason` and the raw input.
@@ -108,7 +109,52 @@ def _size_category(rows: int) -> str:
     return "n>1T"
 
 
-def _extra_columns(manifest: dict[str, Any]) -> str:
+MASK_FAMILIES = ("llada", "dream")  # pipeline/models/loader.py (not imported: the card needs no model code)
+ALGORITHMS = {
+    "llada": "LLaDA's `generate`",
+    "dream": "Dream's `diffusion_generate`",
+}
+
+
+def _is_mask_run(manifest: dict[str, Any]) -> bool:
+    """Whether a mask-diffusion model (LLaDA, Dream) made the run: the manifest's model family, or for a
+    manifest written before it was recorded, mask-sampler settings."""
+    family = manifest.get("model_family")
+    return family in MASK_FAMILIES if family else "mask_token_id" in (manifest.get("sampler") or {})
+
+
+def _sampler_prose(sampler: dict[str, Any], mask: bool) -> tuple[str, str]:
+    """The sentence before the settings table (mask runs: the algorithm, absent from a LLaDA-algorithm run's
+    settings) and the one after it, on the run's randomness."""
+    if not mask:
+        return "", (
+            "Randomness is keyed by (seed, row id, completion index, canvas, step, position): regenerating a row "
+            "with the\nsame model and settings gives the same completion, whatever batch or machine runs it."
+        )
+    algorithm = sampler.get("algorithm", "llada")  # left out of the settings under LLaDA's algorithm
+    intro = (
+        f"Mask diffusion with {ALGORITHMS.get(algorithm, f'the `{algorithm}` algorithm')}: each completion "
+        "starts as `max_new_tokens` mask tokens,\ndecided block by block (`block_length`) from left to right.\n\n"
+    )
+    samples = (
+        sampler.get("temperature")
+        or sampler.get("alg_temp")
+        or sampler.get("remasking") in ("random", "origin")
+    )
+    if samples:
+        randomness = (
+            "Randomness is keyed by (seed, row id, completion index, block, step, position): regenerating a row "
+            "with the\nsame model and settings gives the same completion, whatever batch or machine runs it."
+        )
+    else:
+        randomness = (
+            f"These settings draw no random numbers (temperature 0, remasking {json.dumps(sampler.get('remasking'))}): "
+            "a completion depends on its\nprompt alone, whatever the seed, batch or machine."
+        )
+    return intro, randomness
+
+
+def _extra_columns(manifest: dict[str, Any], mask: bool = False) -> str:
     """The parts' columns after `metadata`: drafts (sampler.record_drafts), the postprocess columns with their
     types, and postprocess columns that no row gave a value (Arrow's null type in every part)."""
     typed = [c["name"] for c in manifest.get("columns") or []]
@@ -116,7 +162,10 @@ def _extra_columns(manifest: dict[str, Any]) -> str:
     notes = []
     if "drafts" in in_parts:
         notes.append(
-            "`drafts` (sampler.record_drafts: for each canvas, its argmax canvas decoded after every step)"
+            "`drafts` (sampler.record_drafts: for each block, the generated region decoded after every step, the "
+            "mask token where undecided)"
+            if mask
+            else "`drafts` (sampler.record_drafts: for each canvas, its argmax canvas decoded after every step)"
         )
     if typed:
         notes.append(

@@ -315,6 +315,7 @@ def build_manifest(prep, all_commits: dict) -> dict[str, Any]:
         "canvasflow_version": __version__,
         "completed_at": time.time(),
         "model": prep.model_info.name,
+        "model_family": prep.model_info.family,  # diffusion_gemma, llada or dream: what `sampler` holds
         "model_identity": prep.identity["model_identity"],
         # the dtype the run's workers load the model in (_run.json: model.dtype=auto resolved once per run);
         # null for a run completed before it was recorded

@@ -113,3 +113,46 @@ def test_card_yaml_has_the_hubs_task_and_size_categories(rows_out, size):
     data = DatasetCard(render_card("/data/r1", MANIFEST, {**STATS, "rows_out": rows_out})).data
     assert data.task_categories == ["text-generation"] and data.size_categories == [size]
     assert data.configs == [{"config_name": "default", "data_files": "data/*.parquet"}]
+
+
+MASK_SAMPLER = {
+    "block_length": 8,
+    "cache": "none",
+    "mask_token_id": 2,
+    "max_new_tokens": 16,
+    "remasking": "low_confidence",
+    "seed": 0,
+    "steps": 16,
+    "temperature": 0.0,
+}
+
+
+@pytest.mark.parametrize("family", ["llada", None], ids=["family", "manifest-before-the-family"])
+def test_the_card_of_a_mask_run_describes_its_sampler_not_diffusiongemmas(family):
+    """A LLaDA run's card keyed its randomness by canvas (it has blocks, and with these settings no random
+    numbers at all), described `drafts` as argmax canvases, and named no algorithm (a LLaDA-algorithm run's
+    settings leave it out)."""
+    manifest = {
+        **MANIFEST,
+        "model_family": family,
+        "sampler": MASK_SAMPLER,
+        "parts": [{"columns": [["id", "string"], ["drafts", "list"]]}],
+    }
+    card = render_card("/data/r1", manifest, STATS)
+    assert (
+        "Mask diffusion with LLaDA's `generate`: each completion starts as `max_new_tokens` mask tokens"
+        in card
+    )
+    assert 'These settings draw no random numbers (temperature 0, remasking "low_confidence")' in card
+    assert "canvas" not in card.replace("canvasflow", "").replace("`canvases` (blocks decoded)", "")
+    assert (
+        "`drafts` (sampler.record_drafts: for each block, the generated region decoded after every step"
+        in card
+    )
+    sampled = {**manifest, "sampler": {**MASK_SAMPLER, "algorithm": "dream", "remasking": "origin"}}
+    card = render_card("/data/r1", sampled, STATS)
+    assert "Mask diffusion with Dream's `diffusion_generate`" in card
+    assert "Randomness is keyed by (seed, row id, completion index, block, step, position)" in card
+    assert "Mask diffusion" not in render_card(
+        "/data/r1", {**MANIFEST, "model_family": "diffusion_gemma"}, STATS
+    )

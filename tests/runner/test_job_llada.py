@@ -56,6 +56,8 @@ def test_llada_job_writes_the_same_schema(tmp_path, ray_local, llada_dir):
     assert 0 < sampler["live_rows_per_pass"] <= sampler["computed_rows_per_pass"] <= 4
     manifest = json.loads((run_dir / "_manifest.json").read_text())
     assert manifest["sampler"]["cache"] == "dual" and manifest["sampler"]["block_length"] == 8
+    assert manifest["model_family"] == "llada", "what the sampler settings are of"
+    assert "Mask diffusion with LLaDA's `generate`" in (run_dir / "README.md").read_text()
 
     from pipeline import LLM
     from pipeline.data.readers import read_input
