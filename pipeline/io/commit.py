@@ -450,6 +450,19 @@ SETTING_NAMES = {"completions_per_prompt": "sampler.completions_per_prompt"}
 _UNSET = object()
 
 
+def _setting_name(key: str, mask: bool) -> str:
+    """The config key of a recorded setting. A mask-diffusion run records its resolved sampler settings flat
+    (`sampler.cache`), where the config sets them under sampler.mask (`sampler.mask.cache`), bar
+    max_new_tokens, seed and record_drafts."""
+    if mask and key.startswith("sampler."):
+        from pipeline.sampler.mask.settings import KNOBS
+
+        knob = key[len("sampler.") :]
+        if knob in KNOBS and knob != "max_new_tokens":
+            return f"sampler.mask.{knob}"
+    return SETTING_NAMES.get(key, key)
+
+
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(value, dict):
         return {prefix: value}
@@ -481,10 +494,11 @@ def identity_changes(existing: dict[str, Any], identity: dict[str, Any], differe
                 if existing.get("model") != identity.get("model")
                 else ""
             )
+            mask = "sampler.mask_token_id" in before.keys() | after.keys()  # a LLaDA / Dream run's settings
             named = [
                 f"the model's content (its weights, config or tokenizer files{model})"
                 if k == "model.identity"
-                else f"{SETTING_NAMES.get(k, k)} {_short(before.get(k, _UNSET))} -> {_short(after.get(k, _UNSET))}"
+                else f"{_setting_name(k, mask)} {_short(before.get(k, _UNSET))} -> {_short(after.get(k, _UNSET))}"
                 for k in names
             ]
             if named:

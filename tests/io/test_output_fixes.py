@@ -269,6 +269,24 @@ def test_a_run_id_holding_a_run_of_another_shard_plan_or_input_is_a_conflict(sto
     assert run.identity_status(changed, overwrite=True) == "replace"
 
 
+def test_a_refused_rerun_of_a_mask_run_names_the_sampler_mask_keys_that_changed(store):
+    """A LLaDA / Dream run records its resolved sampler settings flat: a rerun with sampler.mask.cache=dual was
+    refused naming `sampler.cache none -> dual`, a key the config does not have."""
+    run = RunStore(store, "r")
+    sampler = {"mask_token_id": 2, "max_new_tokens": 16, "seed": 0, "cache": "none", "steps": 16}
+    config = {"sampler": sampler, "data": {"prompt_column": "prompt"}}
+    identity = {"input_fingerprint": "i", "config_fingerprint": "c", "shard_size": 6, "num_rows": 18}
+    run.write_run_file({**identity, "config": config})
+    changed = {"mask_token_id": 2, "max_new_tokens": 32, "seed": 0, "cache": "dual", "steps": 32}
+    rerun = {**identity, "config_fingerprint": "c2", "config": {**config, "sampler": changed}}
+    with pytest.raises(RunConflictError) as err:
+        run.identity_status(rerun, overwrite=False)
+    assert (
+        "(sampler.mask.cache none -> dual, sampler.max_new_tokens 16 -> 32, sampler.mask.steps 16 -> 32)"
+        in str(err.value)
+    )
+
+
 class _MarkerVanishes(LocalStore):
     """A local store on which one commit marker is deleted right after the markers are listed, as a run being
     replaced by another process does between a resume's listing and its reads."""
