@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config.redact import environment_secrets, secret_values, without_secrets
+from pipeline.config.redact import known_secrets, without_secrets
 from pipeline.data.prompts import (
     API_NAMES,
     CHARS_BOUND_FACTOR,
@@ -423,6 +423,4 @@ class Generator:
 def _postprocess_secrets(postprocess: dict[str, Any] | None) -> list[str]:
     """What a postprocess callable's exception must not show in errors/: the secret-like values it was given
     and those of this process's environment (an API key it reads from os.environ itself), longest first."""
-    if not postprocess:
-        return []
-    return sorted({*secret_values(postprocess), *environment_secrets()}, key=len, reverse=True)
+    return known_secrets(postprocess) if postprocess else []

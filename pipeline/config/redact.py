@@ -296,6 +296,22 @@ def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+def known_secrets(node: Any) -> list[str]:
+    """The secret-like values of `node` (secret_values: a postprocess stage's keyword arguments) and of this
+    process's environment (environment_secrets: what `${oc.env:...}` resolves to, and what a callable may read
+    itself), longest first: what no message and no record of a run may show, under whatever key."""
+    return sorted({*secret_values(node), *environment_secrets()}, key=len, reverse=True)
+
+
+def without_secret_texts(node: Any, secrets: list[str]) -> Any:
+    """`node` (JSON-like) with `secrets` removed from each of its texts, at any depth (without_secrets)."""
+    if isinstance(node, dict):
+        return {k: without_secret_texts(v, secrets) for k, v in node.items()}
+    if isinstance(node, list):
+        return [without_secret_texts(v, secrets) for v in node]
+    return without_secrets(node, secrets) if isinstance(node, str) else node
+
+
 def without_secrets(text: str, secrets: list[str]) -> str:
     """`text` with each of `secrets` (from secret_values), also as a URL's query or path encodes it, replaced
     by REDACTED; the user:password@ of URLs dropped."""

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.config.redact import known_secrets, without_secret_texts
 from pipeline.config.schema import ConfigError, JobConfig
 from pipeline.config.validate import is_inside
 from pipeline.data.prompts import check_system_prompt
@@ -213,7 +214,11 @@ def plan(job: JobConfig) -> Prepared:
         "input_fingerprint": records.fingerprint,
         "config_fingerprint": config_fp,
         # What config_fp digests, as _run.json holds it: a rerun refused for another config names the settings.
-        "config": json.loads(json.dumps(config, default=str)),
+        # Resolved, unlike _config.yaml: a `${oc.env:...}` secret may be in any value (a URL's ?key=, a header
+        # in a list), so the values of secret-like keys and variables are removed from every text.
+        "config": without_secret_texts(
+            json.loads(json.dumps(config, default=str)), known_secrets(job.postprocess)
+        ),
         "model": info.name,
         "model_identity": model_id,
         "num_rows": records.num_rows,

@@ -271,3 +271,35 @@ def test_a_postprocess_secret_counts_by_name_not_value_in_the_config_fingerprint
     assert fingerprint(api_key="sk-old", retries=2) != fingerprint(api_key="sk-old", retries=3)
     # a postprocess without secrets keeps the fingerprint (and run id) it had
     assert fingerprint() == "ac7a172df37268974934be92eb3b61ce330720755127b415369cfdc70be204c4"
+
+
+def test_the_settings_recorded_in_the_run_file_hold_no_secret_under_any_key(tmp_path, monkeypatch):
+    """_run.json records the fingerprinted settings resolved: a `${oc.env:...}` API key in a URL's query or in a
+    list of headers (no secret-like key of its own) was written there as is, where _config.yaml writes the
+    reference's text; so was a keyword argument's secret repeated in another value. Both are removed."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config.store import to_job_config
+
+    monkeypatch.setenv("SCORER_API_KEY", "CANARY-env-7d21c")
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Add: 1+1"}) + "\n")
+    postprocess = {
+        "_target_": "tests.runner.postprocess_fns.calls_an_api",
+        "api_key": "CANARY-literal-3f9",
+        "endpoint": "https://scorer.example/v1?key=${oc.env:SCORER_API_KEY}&k2=CANARY-literal-3f9",
+        "headers": ["Authorization: Bearer ${oc.env:SCORER_API_KEY}"],
+    }
+    job = to_job_config(
+        OmegaConf.merge(
+            OmegaConf.structured(_job(tmp_path, "builtin:tiny-diffusiongemma-random")),
+            {"postprocess": postprocess},
+        )
+    )
+    assert prepare(job).status == "new"
+    (run_file,) = (tmp_path / "out").glob("*/_run.json")
+    recorded = run_file.read_text()
+    assert "CANARY" not in recorded, recorded
+    settings = json.loads(recorded)["config"]["postprocess"]
+    assert settings["endpoint"] == "https://scorer.example/v1?key=<redacted>&k2=<redacted>"
+    assert settings["headers"] == ["Authorization: Bearer <redacted>"] and settings["api_key"] == "<redacted>"
