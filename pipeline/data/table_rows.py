@@ -106,9 +106,12 @@ def _check_columns(schema: pa.Schema, data: DataConfig, file: str | None = None)
 
 
 def _holds_text(kind: pa.DataType) -> bool:
-    """Whether values of Arrow type `kind` can be prompts: text, bytes (read as UTF-8), text dictionary-encoded
-    (pandas' categoricals), or null (each row is then its own error)."""
-    if pa.types.is_dictionary(kind):
+    """Whether values of Arrow type `kind` can be prompts: text, bytes (read as UTF-8), text dictionary- or
+    run-end-encoded (pandas' categoricals), text in an extension type (arrow.json: read as its text), or null
+    (each row is then its own error)."""
+    if isinstance(kind, pa.BaseExtensionType):
+        kind = kind.storage_type
+    if pa.types.is_dictionary(kind) or pa.types.is_run_end_encoded(kind):
         kind = kind.value_type
     return (
         pa.types.is_string(kind)

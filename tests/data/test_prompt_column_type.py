@@ -90,3 +90,19 @@ def test_metadata_that_datasets_did_not_write_gives_the_plain_type(tmp_path, met
     pq.write_table(table, tmp_path / "in.parquet")
     with pytest.raises(InputError, match=r"^data.prompt_column='label' is a column of type int64 in "):
         read_input(DataConfig(path=str(tmp_path / "in.parquet"), prompt_column="label"))
+
+
+@pytest.mark.skipif(not hasattr(pa, "json_"), reason="pyarrow < 19 has no JSON extension type")
+def test_text_in_an_extension_type_is_still_read(tmp_path):
+    """A Parquet column that pyarrow reads as its JSON extension type (a table written with pa.json_()) holds
+    text, read as each value's JSON text: the type check refused it as "a column of type extension<arrow.json>,
+    not text", though its rows were read as prompts before. A UUID extension column holds no text."""
+    table = pa.table({"p": pa.array(['{"q": "2+2?"}', '"hi"'], pa.json_()), "u": pa.array([b"\0" * 16] * 2)})
+    table = table.set_column(1, "u", table.column("u").cast(pa.binary(16)).cast(pa.uuid()))
+    pq.write_table(table, tmp_path / "in.parquet")
+    records = read_input(DataConfig(path=str(tmp_path / "in.parquet"), prompt_column="p"))
+    assert records.table.column("prompt").to_pylist() == ['{"q": "2+2?"}', '"hi"']
+    with pytest.raises(
+        InputError, match=r"is a column of type extension<arrow.uuid> .* Columns holding text: 'p'"
+    ):
+        read_input(DataConfig(path=str(tmp_path / "in.parquet"), prompt_column="u"))
