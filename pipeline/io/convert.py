@@ -258,15 +258,6 @@ def _exact(value: Any, result: Any, source: pa.DataType, target: pa.DataType) ->
         return False
 
 
-def is_float(value: Any) -> bool:
-    if isinstance(value, (bool, int, str)):
-        return False
-    try:
-        return pa.types.is_floating(pa.array([value]).type)
-    except CONVERT_ERRORS:
-        return False
-
-
 def short(value: Any) -> str:
     """repr(value), cut to 80 characters, for messages."""
     text = repr(value)
