@@ -64,9 +64,9 @@ def signals_deferred(what: str) -> Iterator[None]:
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         sys.stderr.write(f"{name}: {what} first (a moment); {name} again to stop at once\n")
 
-    for s in signums:
-        signal.signal(s, defer)
     try:
+        for s in signums:  # in the try: a signal between two of these finds the first put back
+            signal.signal(s, defer)
         yield
     finally:
         restore()

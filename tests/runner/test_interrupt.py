@@ -205,3 +205,22 @@ def test_a_second_sigterm_after_ray_stopped_is_ignored_as_the_first_one_asked(tm
     assert proc.returncode == 143, log[-3000:]
     assert "lock released" in log and "terminated by SIGTERM (exit code 143)" in log, log[-3000:]
     assert not (tmp_path / "out" / "r1" / "_lock").exists()
+
+
+def test_a_signal_while_the_deferral_is_set_up_leaves_no_handler_of_it_behind(monkeypatch):
+    """A SIGTERM landing after signals_deferred had put its handler on SIGINT but before SIGTERM raised out of
+    the setup, outside its try: SIGINT kept the deferring handler for good, so every later Ctrl-C of the process
+    was swallowed once ("Ctrl-C: stopping Ray first") before it acted."""
+    from pipeline.config.store import signals_deferred
+
+    real = signal.signal
+
+    def sigterm_arrives(signum, handler):
+        if signum == signal.SIGTERM and getattr(handler, "__name__", "") == "defer":
+            raise KeyboardInterrupt  # what the job's SIGTERM handler raises, here at the worst moment
+        return real(signum, handler)
+
+    monkeypatch.setattr(signal, "signal", sigterm_arrives)
+    with pytest.raises(KeyboardInterrupt), signals_deferred("stopping Ray"):
+        pytest.fail("the step does not run")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
