@@ -285,13 +285,20 @@ def _scalars(node: Any) -> list[str]:
 _AUTH_SCHEME = re.compile(r"^(?:bearer|basic|token)\s+(\S.*)$", re.IGNORECASE)
 
 
+# Secret-like names that the shell sets to no secret: PWD (its "pwd" word is a password's in DB_PWD) is the
+# working directory, a prefix of most paths a message names.
+NOT_SECRET_VARIABLES = frozenset({"PWD"})
+
+
 def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     """The values of the environment variables with secret-like names (HF_TOKEN, OPENAI_API_KEY,
     AWS_SECRET_ACCESS_KEY, ...) of 8 characters or more, longest first: what a postprocess callable may read
     itself and put into its exception, which errors/ must not show."""
     environ = os.environ if environ is None else environ
     found = {
-        value.strip() for name, value in environ.items() if is_secret_key(name) and len(value.strip()) >= 8
+        value.strip()
+        for name, value in environ.items()
+        if is_secret_key(name) and name not in NOT_SECRET_VARIABLES and len(value.strip()) >= 8
     }
     return sorted(found, key=len, reverse=True)
 

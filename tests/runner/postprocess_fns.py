@@ -120,3 +120,10 @@ def reject_or_filter(row):
     if kind == 0:
         raise ValueError(f"row {row['source_index']} rejected")
     return None if kind == 1 else {}
+
+
+def reads_a_file(row, path):
+    """Reads `path`: a missing one raises, naming it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no references at {path}")
+    return {}

@@ -413,3 +413,22 @@ def test_a_postprocess_exception_naming_a_secret_from_the_environment_is_recorde
         "tests.runner.postprocess_fns.reads_its_key_from_the_environment raised "
         "RuntimeError('401 for https://api.example/v1?key=<redacted>')"
     ), out.error
+
+
+def test_a_postprocess_exception_keeps_the_paths_under_the_working_directory(monkeypatch, tmp_path):
+    """PWD (the shell's working directory) has a secret-like name ("pwd", as in db_pwd): its value was removed
+    from every postprocess error as a secret, so a missing file under the directory the job was started in was
+    reported as "no references at <redacted>/refs.json"."""
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.setenv("DB_PWD", "CANARY-pwd-81c3")
+    missing = tmp_path / "refs.json"
+    llm = LLM(
+        "builtin:tiny-diffusiongemma",
+        max_denoising_steps=4,
+        postprocess={"_target_": "tests.runner.postprocess_fns.reads_a_file", "path": str(missing)},
+    )
+    (out,) = llm.generate(["Add: 1+2"])
+    assert out.error.endswith(f"raised FileNotFoundError('no references at {missing}')"), out.error
+    from pipeline.config.redact import environment_secrets
+
+    assert "CANARY-pwd-81c3" in environment_secrets() and str(tmp_path) not in environment_secrets()
