@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import signal
 import sys
@@ -46,7 +47,10 @@ def signals_deferred(what: str) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signums = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    # Not one ignored, nor one whose handler was not set from Python (getsignal gives None: nothing to put back).
+    signums = [
+        s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) not in (signal.SIG_IGN, None)
+    ]
     previous = {s: signal.getsignal(s) for s in signums}
     received: list[int] = []  # the signal deferred, then (a second one) the one that stopped the step
 
@@ -62,7 +66,9 @@ def signals_deferred(what: str) -> Iterator[None]:
             signal.raise_signal(signum)
             return
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        sys.stderr.write(f"{name}: {what} first (a moment); {name} again to stop at once\n")
+        # os.write, not sys.stderr: the signal may land inside a write to that stream (a reentrant call).
+        with contextlib.suppress(OSError):
+            os.write(2, f"{name}: {what} first (a moment); {name} again to stop at once\n".encode())
 
     try:
         for s in signums:  # in the try: a signal between two of these finds the first put back

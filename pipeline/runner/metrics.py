@@ -112,7 +112,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "canvasflow_shards_failed": (
         COUNTER,
         ("run_id",),
-        "Shards given up on after run.max_shard_attempts (rerun the job to retry them)",
+        "Shards that failed: given up on after run.max_shard_attempts, or not started once the output refused "
+        "writes (rerun the job to retry them)",
     ),
 }
 
