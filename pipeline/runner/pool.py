@@ -53,18 +53,45 @@ class WorkerStartError(RuntimeError):
     """A worker could not start (e.g. the model failed to load)."""
 
 
+class WorkerNotStarted(RuntimeError):
+    """Raised by every call on a worker whose start failed with an error that is the user's to fix (a model that
+    does not load, a postprocess that does not import: ShardWorker keeps it rather than letting its __init__
+    raise, which Ray logs with the actor's whole traceback on the driver's console). `error`: that error in one
+    line (`describe`); `traceback`: its traceback, which the driver logs at debug level (start_workers)."""
+
+    def __init__(self, error: str, traceback: str = "") -> None:
+        super().__init__(error, traceback)
+        self.error, self.traceback = error, traceback
+
+    def __str__(self) -> str:
+        return self.error
+
+
+def describe(error: BaseException) -> str:
+    """`error`'s type and its message's first line, as torch's CUDA errors follow theirs with lines of advice,
+    the last of which names no error."""
+    kind = type(error)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    lines = str(error).strip().splitlines()
+    return f"{name}: {lines[0]}"[:500] if lines else name
+
+
+def start_failed(error: BaseException) -> WorkerNotStarted | None:
+    """The WorkerNotStarted that a worker's call raised (a Ray task error wraps it), or None."""
+    cause = getattr(error, "cause", None) or error
+    return cause if isinstance(cause, WorkerNotStarted) else None
+
+
 def _short(error: BaseException) -> str:
     """One line naming `error`, for the log and an error row's reason. A call that raised in a worker (a Ray task
-    error, whose text is the worker's traceback) by the worker's exception: its type and its message's first
-    line, as torch's CUDA errors follow theirs with lines of advice, the last of which names no error."""
+    error, whose text is the worker's traceback) by the worker's exception (`describe`); a worker that did not
+    start by the error it kept (WorkerNotStarted)."""
+    not_started = start_failed(error)
+    if not_started is not None:
+        return not_started.error[:500]
     cause = getattr(error, "cause", None)
-    kind = type(cause)
-    if isinstance(cause, BaseException) and not kind.__module__.startswith("ray."):
-        name = (
-            kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        )
-        lines = str(cause).strip().splitlines()
-        return f"{name}: {lines[0]}"[:500] if lines else name
+    if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray."):
+        return describe(cause)
     text = str(error).strip().splitlines()
     return text[-1][:500] if text else type(error).__name__
 
@@ -152,6 +179,9 @@ def start_workers(
                 ) from None
             except Exception as e:  # noqa: BLE001 - reported with the worker's own message
                 died = isinstance(e, RayActorError) and not e.actor_init_failed
+                not_started = start_failed(e)
+                if not_started is not None:  # one line on the console; its traceback at debug level
+                    logger.debug("worker %d failed to start:\n%s", i, not_started.traceback)
                 if not died or replaced == START_REPLACEMENTS:
                     for w in workers:
                         ray.kill(w)
@@ -361,11 +391,13 @@ def run_pool(
             try:
                 done(task, ray.get(ref))
             except Exception as e:  # noqa: BLE001 - the shard failed inside the worker, or the worker died
-                dead = isinstance(e, RayActorError)
+                # A replacement whose start failed with the user's error (WorkerNotStarted) stands as one whose
+                # start raised in Ray (an actor that died at its creation): its worker failed to start.
+                dead = isinstance(e, RayActorError) or start_failed(e) is not None
                 if dead or device_failed(e):
                     # A replacement that never started failed the call whatever its rows: an error, not a death
                     # to search the rows for (the search would make good rows error rows).
-                    up = started(index)
+                    up = started(index) and start_failed(e) is None
                     what = (
                         ("worker died" if up else "its worker failed to start")
                         if dead

@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from typing import Any
 
@@ -89,10 +90,42 @@ class ProgressBoard:
         return {k: dict(v) for k, v in self.counters.items()}
 
 
+def start_errors() -> tuple[type[Exception], ...]:
+    """The start-up failures that are the user's to fix, whose message says what is wrong and where (weights that
+    do not match their config, a missing tokenizer, a postprocess that does not import, sampler settings the
+    model refuses, a model location that cannot be read): one line on the driver's console, not a traceback.
+    Any other exception (a bug) still fails the actor's creation, which Ray reports with its traceback."""
+    from pipeline.config.schema import ConfigError
+    from pipeline.io.store import StoreError
+    from pipeline.models.loader import ModelError
+    from pipeline.postprocess import PostprocessError
+    from pipeline.sampler.settings import SettingsError
+
+    return (ModelError, PostprocessError, SettingsError, ConfigError, StoreError)
+
+
 class ShardWorker:
+    """Start-up failures in start_errors() do not fail the actor's creation: Ray would print the actor's whole
+    traceback on the driver's console before the driver's own line naming the error. The worker keeps the error
+    and every call raises it as WorkerNotStarted (pipeline/runner/pool.py), which the pool treats as it treats an
+    actor whose creation failed: not replaced at the job's start, "its worker failed to start" later."""
+
     def __init__(
         self, spec, run_store, *, compression: str, name: str, torch_threads: int | None, board=None
     ):
+        self.name = name
+        self.instance = f"{name}:{socket.gethostname()}:{os.getpid()}"  # this actor; a replacement is another
+        self.start_error: tuple[str, str] | None = None  # (the error in one line, its traceback)
+        expected = start_errors()
+        try:
+            self._start(spec, run_store, compression, torch_threads, board)
+        except expected as e:
+            from pipeline.runner.pool import describe
+
+            self.start_error = (describe(e), traceback.format_exc())
+            logger.debug("worker %s failed to start", name, exc_info=True)
+
+    def _start(self, spec, run_store, compression: str, torch_threads: int | None, board) -> None:
         import torch
 
         from pipeline.generation import Generator
@@ -102,8 +135,6 @@ class ShardWorker:
             torch.set_num_threads(torch_threads)
         # The sampler shares this process with the Python work of the shards in flight: hand the GIL over often.
         sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
-        self.name = name
-        self.instance = f"{name}:{socket.gethostname()}:{os.getpid()}"  # this actor; a replacement is another
         self.run_store = run_store
         self.compression = compression
         self.board = board
@@ -119,9 +150,17 @@ class ShardWorker:
         self._report_lock = threading.Lock()  # rows are reported from the sampler's and the shards' threads
         self._commit_lock = threading.Lock()
 
+    def _check_started(self) -> None:
+        """Raises WorkerNotStarted when this worker's start failed (start_errors())."""
+        if self.start_error is not None:
+            from pipeline.runner.pool import WorkerNotStarted
+
+            raise WorkerNotStarted(*self.start_error)
+
     def ready(self) -> dict[str, Any]:
         import torch
 
+        self._check_started()
         device = self.generator.loaded.model.device
         return {
             "worker": self.name,
@@ -139,6 +178,7 @@ class ShardWorker:
         """This actor's id and its sampler's work counters since the model loaded (SamplerStats or
         MaskSamplerStats): batched passes, rows computed in them (padding included), encoder tokens, prompt
         tokens copied. They also go to the progress board with every report (ProgressBoard.report)."""
+        self._check_started()
         return {"instance": self.instance, "counters": dict(vars(self.generator.sampler.stats))}
 
     def _report(
@@ -179,6 +219,7 @@ class ShardWorker:
         them kills the worker; nothing is committed or reported as progress."""
         from pipeline.generation import PromptRecord
 
+        self._check_started()
         started, started_at = time.perf_counter(), time.time()
         rows = records.to_pylist()
         skip = skip or {}

@@ -17,6 +17,7 @@ import pytest
 from pipeline.runner.pool import (
     START_REPLACEMENTS,
     ShardTask,
+    WorkerNotStarted,
     WorkerStartError,
     device_failed,
     run_pool,
@@ -41,7 +42,8 @@ class HeldRecorder:
     and `hang` by (shard, attempt); `die` and `hang_rows` by row (the records' `i`), whenever a shard or a probe
     runs that row; `die_together` when it runs all those rows at once; `device_rows` raise a CUDA error, after
     which every call fails; `oom` (by (shard, attempt)) a CUDA out-of-memory error, after which the device works;
-    `start_fails` (seconds) makes it fail to start, after that long, `start_hangs` never end its start; shards in
+    `start_fails` (seconds) makes it fail to start, after that long, `start_hangs` never end its start,
+    `start_error` keep that error as ShardWorker keeps the user's (every call raises WorkerNotStarted); shards in
     `unwritable` end by writing their part under `output`, a local store that refuses it."""
 
     def __init__(
@@ -58,9 +60,11 @@ class HeldRecorder:
         exits: tuple = (),
         start_fails: float | None = None,
         start_hangs: bool = False,
+        start_error: str | None = None,
         unwritable: tuple = (),
         output: str | None = None,
     ) -> None:
+        self.start_error = start_error
         if start_fails is not None:  # as a model load on a GPU that is gone for good: it fails, after a while
             time.sleep(start_fails)
             raise RuntimeError("CUDA error: uncorrectable ECC error encountered")
@@ -79,9 +83,12 @@ class HeldRecorder:
         self.active: dict[int, int] = {}  # shard -> most shards held while it ran
 
     def ready(self) -> bool:
+        if self.start_error is not None:
+            raise WorkerNotStarted(self.start_error, "Traceback (most recent call last): ...")
         return True
 
     def process(self, shard: int, records, attempt: int, skip=None, probe=False) -> dict:
+        self.ready()
         rows = {v for p, v in enumerate(records.column("i").to_pylist()) if p not in (skip or {})}
         with self.lock:
             self.active[shard] = 0
@@ -497,13 +504,20 @@ def test_a_dead_workers_shards_go_to_a_worker_that_is_up_not_to_a_replacement_th
             "its worker failed to start: RuntimeError: CUDA error: uncorrectable ECC error",
         ),
         ({"start_hangs": True}, 1.0, "its worker not started after cluster.worker_start_timeout_s=1s more"),
+        (
+            {"start_error": "pipeline.models.loader.ModelError: cannot load the weights"},
+            None,
+            "its worker failed to start: pipeline.models.loader.ModelError: cannot load the weights",
+        ),
     ],
+    ids=["start-raises", "start-hangs", "start-error-kept"],
 )
 def test_a_worker_that_cannot_start_makes_no_row_an_error_row(ray_local, caplog, broken, timeout_s, why):
     """Row 2 kills worker 0, whose device is then gone: its replacements fail to start a second after they are
-    made, or never end their start. A probe given to one says nothing about its rows; none of them may become
-    an error row (lost from data/ for good, the run complete): the shard is given up on, to rerun on good
-    devices."""
+    made, or never end their start, or keep the error of their start as ShardWorker keeps the user's (a model
+    that does not load), which every call raises. A probe given to one says nothing about its rows; none of them
+    may become an error row (lost from data/ for good, the run complete): the shard is given up on, to rerun on
+    good devices."""
     failed = []
     _run(
         ray_local,
@@ -595,3 +609,42 @@ def test_a_worker_whose_process_died_while_it_started_is_replaced(
     assert calls == [0] * made
     replaced = [r.getMessage() for r in caplog.records if "died while it started" in r.getMessage()]
     assert len(replaced) == min(deaths, START_REPLACEMENTS)
+
+
+def test_a_worker_whose_model_does_not_load_fails_its_start_in_one_line(ray_local, caplog):
+    """A ShardWorker whose model does not load: its __init__ raised, and Ray printed the actor's ~25-line
+    creation traceback on the driver's console before the job's line 'worker 0 failed to start: ...'. The
+    actor now starts and keeps the error, which its `ready` raises: no creation failure for Ray to print, the
+    same line, not replaced (it would fail again), and the traceback in the driver's log at debug level."""
+    from ray.exceptions import RayActorError
+
+    from pipeline.generation import GenerationSpec
+    from pipeline.runner.worker import ShardWorker
+
+    cls = ray_local.remote(ShardWorker).options(num_cpus=0)
+    spec = GenerationSpec(model_path="/nonexistent/model")
+    made = []
+
+    def make_worker(index: int):
+        made.append(cls.remote(spec, None, compression="zstd", name=f"w{index}", torch_threads=None))
+        return made[-1]
+
+    with (
+        caplog.at_level(logging.DEBUG, logger="pipeline.runner.pool"),
+        pytest.raises(WorkerStartError) as error,
+    ):
+        start_workers(make_worker, 1, 120.0, {"num_cpus": 0, "num_gpus": 0})
+    assert str(error.value) == (
+        "worker 0 failed to start: pipeline.models.loader.ModelError: model.path='/nonexistent/model' is not a "
+        "directory; give a Hugging Face model directory or s3:// URI"
+    )
+    assert len(made) == 1, "a load that raised is not retried"
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("Traceback (most recent call last):" in m and "in load_model" in m for m in debug), debug
+    # The actor's creation succeeded: a call on a fresh one fails with the kept error, not as a dead actor.
+    worker = make_worker(1)
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - Ray's task error wrapping the worker's
+        ray_local.get(worker.ready.remote(), timeout=120)
+    assert not isinstance(raised.value, RayActorError), raised.value
+    assert isinstance(raised.value.cause, WorkerNotStarted), raised.value
+    ray_local.kill(worker)

@@ -155,3 +155,51 @@ def test_stats_and_manifest_count_data_errors_dropped_work_and_this_invocations_
     manifest = build_manifest(prep, all_commits)
     assert (manifest["rows_out"], manifest["rows_error"]) == (10, 10)
     assert [p["shard"] for p in manifest["parts"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        (
+            {"model_path": "/nonexistent/model"},
+            "pipeline.models.loader.ModelError: model.path='/nonexistent/model' is not a directory",
+        ),
+        (
+            {
+                "model_path": "builtin:tiny-diffusiongemma-random",
+                "postprocess": {"_target_": "tests.runner.no_such_module.fn"},
+            },
+            "pipeline.postprocess.PostprocessError: ",
+        ),
+    ],
+    ids=["model", "postprocess"],
+)
+def test_a_start_that_fails_for_the_users_reason_is_kept_and_raised_by_every_call(spec, error):
+    """A model that does not load raised from the actor's __init__: Ray printed the actor's ~25-line creation
+    traceback on the driver's console before the driver's line 'worker 0 failed to start: ...ModelError: ...'.
+    The worker now keeps such an error, and each call raises it as WorkerNotStarted: that line, with the
+    traceback (for the driver's debug log)."""
+    from pipeline.generation import GenerationSpec
+    from pipeline.runner.pool import WorkerNotStarted
+
+    worker = ShardWorker(GenerationSpec(**spec), None, compression="zstd", name="w0", torch_threads=None)
+    for call in (worker.ready, worker.sampler_counters, lambda: worker.process(0, None, 1)):
+        with pytest.raises(WorkerNotStarted) as raised:
+            call()
+        assert str(raised.value).startswith(error), raised.value
+        trace = raised.value.traceback
+        assert trace.startswith("Traceback (most recent call last):") and error in trace, trace
+
+
+def test_a_start_that_fails_for_another_reason_still_fails_the_actors_creation(monkeypatch):
+    """An unexpected exception (a bug) is not kept: Ray reports the failed creation with its traceback."""
+    import pipeline.generation
+
+    def broken(self, spec):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(pipeline.generation.Generator, "__init__", broken)
+    from pipeline.generation import GenerationSpec
+
+    with pytest.raises(KeyError, match="a bug"):
+        ShardWorker(GenerationSpec(model_path="x"), None, compression="zstd", name="w0", torch_threads=None)
