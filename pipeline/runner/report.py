@@ -343,13 +343,19 @@ def build_manifest(prep, all_commits: dict) -> dict[str, Any]:
 
 def log_summary(stats: dict[str, Any], uri: str, *, ran: bool = True) -> None:
     """The closing lines; `ran=False` for a run found complete, whose stats' `this_invocation` is an earlier
-    invocation's and is not reported as this one's."""
+    invocation's and is not reported as this one's. A run that this invocation finalized from shards committed
+    before it (an earlier driver killed while it finalized) is not reported at 0 tok/s either."""
     inv = stats.get("this_invocation", {})
-    this_run = (
-        f"{inv.get('wall_time_s', 0.0):.1f}s this run, {inv.get('tokens_per_s') or 0.0:.1f} tok/s"
-        if ran
-        else "completed earlier, nothing generated now"
-    )
+    committed_before = stats.get("shards", {}).get("skipped_already_committed", 0)
+    if not ran:
+        this_run = "completed earlier, nothing generated now"
+    elif committed_before and not stats["shards"].get("committed_this_invocation"):
+        this_run = (
+            f"nothing generated now: finalized from the {committed_before} shard(s) committed earlier "
+            f"({inv.get('wall_time_s', 0.0):.1f}s)"
+        )
+    else:
+        this_run = f"{inv.get('wall_time_s', 0.0):.1f}s this run, {inv.get('tokens_per_s') or 0.0:.1f} tok/s"
     logger.info(
         "done: %d rows in -> %d rows out, %d rejected | %d tokens, %d decoder passes (%.2f tokens/pass) | %s",
         stats["rows_in"],

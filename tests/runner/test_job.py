@@ -315,6 +315,28 @@ def test_resume_regenerates_only_uncommitted_shards(tmp_path, ray_local, caplog)
     assert {r["id"]: r["completion"] for r in rows} == complete, "exactly once, same content"
 
 
+def test_a_rerun_that_only_finalizes_says_nothing_was_generated_now(tmp_path, ray_local, caplog):
+    """Every shard committed, the driver killed while it finalized (no _SUCCESS, no card): the rerun finalized
+    the run and ended with "0.2s this run, 0.0 tok/s", as if it had generated slowly. It now says that it
+    generated nothing and finalized the run from the shards committed earlier."""
+    data = write_prompts(tmp_path / "p.jsonl", 12)
+    job = make_job(tmp_path, data, cluster__num_workers=1)
+    assert run(job) == 0
+    run_dir = tmp_path / "out" / "test-run"
+    (run_dir / "_SUCCESS").unlink()
+    (run_dir / "README.md").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="canvasflow"):
+        assert run(job) == 0
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done: ")]
+    assert len(done) == 1 and done[0].endswith(
+        "| nothing generated now: finalized from the 2 shard(s) committed earlier"
+        f" ({json.loads((run_dir / 'stats.json').read_text())['this_invocation']['wall_time_s']:.1f}s)"
+    ), done
+    assert "tok/s" not in done[0] and "this run" not in done[0]
+    assert (run_dir / "_SUCCESS").exists() and (run_dir / "README.md").exists()
+
+
 def test_a_resume_with_another_codec_keeps_the_runs_codec(tmp_path, ray_local, caplog):
     """A resume with output.compression=snappy wrote its parts as snappy beside the zstd ones, and
     _manifest.json named snappy for them all; the run keeps the codec it was started with, and says so."""
