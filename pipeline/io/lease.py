@@ -272,9 +272,10 @@ class Lease:
             holder = self._holder()
             if holder is not None and holder.get("token") == self.token:
                 self.store.delete([self.key])
-        except StoreError as e:  # the lock stays; without heartbeats it is taken over once stale
+        except StoreError as e:  # the lock stays: taken over once this process is gone (holder_is_stale)
             logger.warning(
-                "could not release %s (%s); the next run takes it over after %gs",
+                "could not release %s (%s); a next run on this host takes it over as soon as this process has "
+                "exited, one on another host (or in another container) once its last heartbeat is %gs old",
                 self.store.describe(self.key),
                 e,
                 self.stale_s,

@@ -440,3 +440,38 @@ def test_a_location_holding_objects_but_no_run_is_replaced_only_with_overwrite(s
     assert store.exists("notes.txt")
     assert run.check_identity({"run_id": "r"}, overwrite=True) == "new"
     assert store.list() == [RUN_LOCK], "the objects went, the asking process's lock stayed"
+
+
+def test_a_lock_that_could_not_be_released_says_when_the_next_run_takes_it_over(tmp_path, caplog):
+    """A lock whose delete failed said "the next run takes it over after 120s", but a next run on the same host
+    took it over at once (its holder's process gone): the message names both cases, as holder_is_stale judges
+    them."""
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.io.lease import holder_is_stale
+
+    class FailingDelete(LocalStore):
+        def delete(self, keys):
+            raise StoreError(f"cannot delete {keys}: Input/output error")
+
+    store = FailingDelete(tmp_path / "root")
+    lease = Lease(store, RUN_LOCK, "mine", "r", 120.0)
+    lease.acquire()
+    with caplog.at_level(logging.WARNING, logger="canvasflow"):
+        lease.release()
+    assert (
+        f"could not release {store.describe(RUN_LOCK)} (cannot delete ['_lock']: Input/output error); a next run on "
+        "this host takes it over as soon as this process has exited, one on another host (or in another "
+        "container) once its last heartbeat is 120s old"
+    ) in caplog.text
+    lock = json.loads(store.read_text(RUN_LOCK))
+    assert lock["host"] == socket.gethostname()
+    assert not holder_is_stale(store, RUN_LOCK, lock, 120.0), "not while this process lives"
+    exited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    gone = {**lock, "pid": int(exited.stdout), "process_start": None}
+    assert holder_is_stale(store, RUN_LOCK, gone, 120.0), "on this host: at once once it has exited"
+    assert not holder_is_stale(store, RUN_LOCK, {**gone, "host": "another-host"}, 120.0), "elsewhere: 120s"
