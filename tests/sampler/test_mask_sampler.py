@@ -170,6 +170,15 @@ def test_caching_with_one_step_per_block_is_exact(llada_fp32, cache):
     assert {k: r.token_ids for k, r in cached.items()} == {k: r.token_ids for k, r in exact.items()}
 
 
+def test_the_exact_path_reports_the_torch_kernels_it_runs_whatever_the_backend(family_dir):
+    """With cache none no Triton kernel runs (the cached forward's attention is the only one); the sampler
+    said "triton" for backend=auto on a GPU, and the worker's log "triton kernels"."""
+    _, path = family_dir
+    model = load_mask_model(path, dtype=torch.float32)
+    _, exact = _run(model, _prompts(2), backend="triton", steps=4, block_length=8, cache="none")
+    assert exact.backend == "torch" and model.kernel_backend() == "torch"
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_cached_attention_on_triton_gives_the_same_completions(family_dir, cache):
     """The cached forward's attention on the canvas-attention kernel (the interpreter on CPU) decides every

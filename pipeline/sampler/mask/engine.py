@@ -123,7 +123,10 @@ class MaskDiffusionSampler:
         self.stop = stop  # called with a row's tokens as each of its blocks completes (stop strings)
         self.device = model.device
         # The cached forward's attention follows the sampler's kernel choice (the rest of the step is torch).
-        self.backend = resolve_backend(backend, self.device.type)
+        # The exact path (cache none) has no cached forward: torch whatever the choice, and reported so (the
+        # worker's "ready ... (cuda, torch kernels, ...)" line, stats.json's workers).
+        chosen = resolve_backend(backend, self.device.type)
+        self.backend = chosen if settings.cache != "none" else "torch"
         model.set_backend(self.backend)
         self.shift = 1 if model.spec.shift_logits else 0
         self.width = round_up(max_prompt_tokens + settings.max_new_tokens, TOKEN_PAD)
