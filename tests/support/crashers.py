@@ -26,27 +26,28 @@ def crash_on_unless_first(row: dict[str, Any], *, marker: str) -> dict[str, Any]
     return {}
 
 
+def _first_time(row: dict[str, Any], marker: str, flag: str) -> bool:
+    """Whether `row` is the first marked row of the whole run, recorded by creating the file `flag`."""
+    if marker not in (row.get("prompt") or ""):
+        return False
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def hang_once_on(row: dict[str, Any], *, marker: str, flag: str) -> dict[str, Any]:
     """Hangs (as on a stuck device or a call that never returns) on the first marked row it sees in the whole
-    run, recorded by creating the file `flag`; later attempts at that row go through."""
-    if marker in (row.get("prompt") or ""):
-        try:
-            fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return {}
-        os.close(fd)
+    run; later attempts at that row go through."""
+    if _first_time(row, marker, flag):
         time.sleep(3600)
     return {}
 
 
 def crash_once_on(row: dict[str, Any], *, marker: str, flag: str) -> dict[str, Any]:
-    """Kills its worker on the first marked row it sees in the whole run, recorded by creating the file
-    `flag`; later attempts at that row go through (a worker lost once, as to a node failure)."""
-    if marker in (row.get("prompt") or ""):
-        try:
-            fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return {}
-        os.close(fd)
+    """Kills its worker on the first marked row it sees in the whole run; later attempts at that row go
+    through (a worker lost once, as to a node failure)."""
+    if _first_time(row, marker, flag):
         os._exit(17)
     return {}
