@@ -122,6 +122,11 @@ def max_prompt_tokens_for(requested: int | None, context_window: int, settings: 
     return requested
 
 
+class SlotsDoNotFit(MemoryError):
+    """The sampler's slots and KV cache (sampler.batch_size) do not fit on the device: the user's to fix by a
+    smaller batch, so a worker's start fails with this one line (pipeline/runner/worker.py start_errors)."""
+
+
 class Generator:
     def __init__(self, spec: GenerationSpec) -> None:
         from pipeline.models.loader import MASK_FAMILIES, load_model
@@ -228,7 +233,7 @@ class Generator:
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
                 raise
-            raise MemoryError(
+            raise SlotsDoNotFit(
                 f"the sampler's {self.spec.batch_size} slots (sampler.batch_size) and their KV cache do not fit "
                 f"on {self.loaded.model.device}: lower sampler.batch_size (or sampler.canvas_length / "
                 f"model.max_prompt_tokens). {str(e).strip().splitlines()[-1][:300]}"

@@ -93,15 +93,16 @@ class ProgressBoard:
 def start_errors() -> tuple[type[Exception], ...]:
     """The start-up failures that are the user's to fix, whose message says what is wrong and where (weights that
     do not match their config, a missing tokenizer, a postprocess that does not import, sampler settings the
-    model refuses, a model location that cannot be read): one line on the driver's console, not a traceback.
+    model refuses, a model location that cannot be read, a sampler.batch_size the device cannot hold): one line on the driver's console, not a traceback.
     Any other exception (a bug) still fails the actor's creation, which Ray reports with its traceback."""
     from pipeline.config.schema import ConfigError
+    from pipeline.generation import SlotsDoNotFit
     from pipeline.io.store import StoreError
     from pipeline.models.loader import ModelError
     from pipeline.postprocess import PostprocessError
     from pipeline.sampler.settings import SettingsError
 
-    return (ModelError, PostprocessError, SettingsError, ConfigError, StoreError)
+    return (ModelError, PostprocessError, SettingsError, ConfigError, StoreError, SlotsDoNotFit)
 
 
 class ShardWorker:

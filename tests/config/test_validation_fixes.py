@@ -419,12 +419,17 @@ def test_canvases_that_reach_past_the_context_window_exit_2(sampler, model, mess
 
 def test_a_batch_the_device_cannot_hold_fails_the_workers_start_naming_the_setting():
     """sampler.batch_size=100000000 passed start-up and the dry run, then every shard failed three times with
-    'DefaultCPUAllocator: can't allocate memory' and the job asked to be rerun (exit 1)."""
+    'DefaultCPUAllocator: can't allocate memory' and the job asked to be rerun (exit 1). The worker's start
+    fails, in one line: the error is kept and raised by its calls, not by its creation (which Ray reported
+    with the actor's whole traceback)."""
     from pipeline.generation import GenerationSpec
+    from pipeline.runner.pool import WorkerNotStarted
     from pipeline.runner.worker import ShardWorker
 
     spec = GenerationSpec(model_path="builtin:tiny-diffusiongemma-random", batch_size=100_000_000)
+    worker = ShardWorker(spec, None, compression="zstd", name="w0", torch_threads=None)
     with pytest.raises(
-        MemoryError, match=r"the sampler's 100000000 slots \(sampler.batch_size\) and their KV cache"
+        WorkerNotStarted,
+        match=r"^pipeline.generation.SlotsDoNotFit: the sampler's 100000000 slots \(sampler.batch_size\) and ",
     ):
-        ShardWorker(spec, None, compression="zstd", name="w0", torch_threads=None)
+        worker.ready()
