@@ -420,7 +420,7 @@ def _finish(prep: Prepared, started: float, committed, new_commits, failed, work
             run_store.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
         except StoreError as e:  # the failed shards are still the news: say which, and what to do
             logger.error("could not write stats.json: %s", e)
-        refused = any((t.last_error or "").startswith(NOT_STARTED) for t in failed)
+        refused = any(t.refused or (t.last_error or "").startswith(NOT_STARTED) for t in failed)
         logger.error(
             "%d shard(s) failed (%s); %d of %d shards are committed and kept. Rerun the same command to retry%s.",
             len(failed),

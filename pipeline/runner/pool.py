@@ -42,6 +42,7 @@ class ShardTask:
     skip: dict[int, str] = field(default_factory=dict)  # record index -> reason: an error row, not generated
     searched: bool = False  # its failing rows were searched for (and are in `skip`)
     searched_at: int = 0  # its attempts when the search ended: it then gets max_attempts more
+    refused: bool = False  # its last attempt failed because the output location refuses writes for good
 
     @property
     def tries(self) -> int:
@@ -423,7 +424,8 @@ def run_pool(
                 logger.warning(
                     "shard %d failed on worker %d (%s): %s", task.shard, index, attempt(task), task.last_error
                 )
-                if output_refused(e) and not halted:
+                task.refused = output_refused(e)
+                if task.refused and not halted:
                     halted.append(task.last_error)
                     logger.error(
                         "the output location refuses writes (%s): starting no more shards, as each would be "

@@ -304,6 +304,9 @@ def test_once_the_output_location_refuses_writes_no_more_shards_start(ray_local,
     )
     assert {t.shard: t.attempts for t in failed} == {1: 1, 2: 0, 3: 0, 4: 0, 5: 0}
     assert "Not a directory" in failed[0].last_error and "not started: " not in failed[0].last_error
+    # The job's last line says "rerun once the output location can be written again" from this, also where no
+    # shard was left unstarted (the last one, or every one in flight when writes began to fail).
+    assert failed[0].refused and not any(t.refused for t in failed[1:])
     assert all(t.last_error == f"not started: {failed[0].last_error}" for t in failed[1:]), failed
     assert "the output location refuses writes (" in caplog.text and "starting no more shards" in caplog.text
 
