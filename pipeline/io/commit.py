@@ -368,14 +368,20 @@ class RunStore:
                 run_columns = fix_columns(self.store, widenings)
         return run_columns
 
-    def conform_parts(self, commits: dict[int, ShardCommit], compression: str = "zstd") -> list[int]:
+    def conform_parts(
+        self,
+        commits: dict[int, ShardCommit],
+        compression: str = "zstd",
+        run_columns: dict[str, RunColumn] | None = None,
+    ) -> list[int]:
         """Rewrites the data parts whose schema is not the run's (pipeline/io/columns.py): parts written
         before a postprocess column first appeared, while it had no type yet (all-null, Arrow's null
         type), or before it was widened (int64 to double, bool, int64 or double to string). Only such columns
         change (nulls added, typed or cast to the wider type); each rewritten part's marker is rewritten
         after it (a crash in between leaves a marker whose size does not match: that shard is regenerated),
-        and its entry in `commits` (the run's markers) is updated. Returns the rewritten shards."""
-        run_columns = self.settle_columns(commits)
+        and its entry in `commits` (the run's markers) is updated. Returns the rewritten shards.
+        `run_columns`: settle_columns' result where the caller has it (its parts are not read again)."""
+        run_columns = self.settle_columns(commits) if run_columns is None else run_columns
         rewritten = []
         for shard, commit in sorted(commits.items()):
             if not commit.data_key or commit.columns is None:
@@ -430,13 +436,14 @@ class RunStore:
         card: str,
         *,
         drafts: bool = False,
+        run_columns: dict[str, RunColumn] | None = None,
     ) -> None:
         """Brings every part (`commits`: the run's markers, every shard's) to the run's schema (a run without
         output rows gets one empty data part; `drafts`: sampler.record_drafts), then writes manifest, stats
-        and dataset card, then _SUCCESS last."""
+        and dataset card, then _SUCCESS last. `run_columns`: settle_columns' result, if the caller has it."""
         compression = manifest.get("compression", "zstd")
         empty = self.write_empty_part(commits, compression, drafts=drafts)
-        if self.conform_parts(commits, compression) or empty is not None:
+        if self.conform_parts(commits, compression, run_columns) or empty is not None:
             manifest["parts"] = [vars(commits[s]) for s in sorted(commits)]
         self.store.write_text(MANIFEST, manifest_text(manifest))
         self.store.write_text("stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")

@@ -438,10 +438,12 @@ def _finish(prep: Prepared, started: float, committed, new_commits, failed, work
     remove_stale_temp(run_store, complete=True)  # also those too young at the start (a quick retry's)
     from pipeline.io.card import render_card
 
-    run_store.settle_columns(all_commits)  # a widening found only now is in the manifest and card too
+    run_columns = run_store.settle_columns(all_commits)  # a widening found only now: in manifest and card
     manifest = build_manifest(prep, all_commits)
     card = render_card(run_store.uri, manifest, stats)
-    run_store.finalize(all_commits, manifest, stats, card, drafts=prep.job.sampler.record_drafts)
+    run_store.finalize(
+        all_commits, manifest, stats, card, drafts=prep.job.sampler.record_drafts, run_columns=run_columns
+    )
     log_summary(stats, run_store.uri)
     return 0
 
